@@ -1,0 +1,1 @@
+//! warden-api (placeholder)

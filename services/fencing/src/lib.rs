@@ -1,0 +1,1 @@
+//! warden-fencing (placeholder)

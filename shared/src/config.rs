@@ -1,0 +1,766 @@
+//! Configuration: built-in defaults, one TOML file merged over them, then
+//! `WARDEN_<SECTION>_<KEY>` environment variables. Every bad value is
+//! reported at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::subjects::Topology;
+use crate::template::Template;
+
+/// The defaults every config is merged over (`shared/src/defaults.toml`).
+pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
+
+/// Exit status for a configuration error (EX_CONFIG is 78, but sysexits'
+/// EX_USAGE 64 is what STYLE.md asks for: the operator gave bad input).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    pub replicas: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Client name prefix shown in the server's connection list.
+    pub name: String,
+    /// NATS credentials file (user JWT + seed) for this service's role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    /// Bearer token required for writes; none means writes are open (a
+    /// laptop). Production sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where a standalone service serves `/metrics` and `/healthz`; empty
+    /// means not at all (under `warden up` the API serves them).
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub deadletter_max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    pub max_job_bytes: i32,
+}
+
+/// A condition on one body field: a scalar means equality, an array means
+/// "one of".
+pub type Condition = serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    /// Topic pattern with NATS wildcards: `*` one token, `>` the rest.
+    pub topic: String,
+    /// Body field (dotted path) → value or list of values; all must hold.
+    #[serde(default)]
+    pub when: BTreeMap<String, Condition>,
+    pub tasks: Vec<String>,
+    /// Job argument → template over body fields, e.g. `"{name}-{version}"`.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    pub subjects: Vec<String>,
+    pub max_event_bytes: usize,
+    pub batch: usize,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Longest a worker's acquire request is held when nothing waits.
+    #[serde(with = "humantime_serde")]
+    pub acquire_wait: Duration,
+    /// Reports fetched and applied per round.
+    pub report_batch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FencingConfig {
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Empty: `<hostname>-<pid>`.
+    pub bot_id: String,
+    pub pools: Vec<String>,
+    /// Empty: the host name.
+    pub resource: String,
+    pub capacity: u32,
+    /// Where per-job status files and scratch directories go; empty: a
+    /// temporary directory.
+    pub work_dir: String,
+    pub log_tail_bytes: usize,
+    pub status_file_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub acquire_wait: Duration,
+    /// How long in-flight tasks may run on after SIGTERM before they are
+    /// stopped and handed back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+
+fn default_verdicts() -> BTreeMap<String, String> {
+    BTreeMap::from([("0".to_string(), "passed".to_string())])
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// argv; no shell unless the task names one itself.
+    pub command: Vec<String>,
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    #[serde(default)]
+    pub priority: i32,
+    /// Exit code → verdict (`outcome`). Any other exit is a crash.
+    #[serde(default = "default_verdicts")]
+    pub verdicts: BTreeMap<String, String>,
+    /// Kill the task after this long (a crash, `watchdog_timeout` later).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Extra environment for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Who is told when the task is to blame.
+    #[serde(default)]
+    pub owners: Vec<String>,
+}
+
+impl TaskConfig {
+    /// The verdict for `code`, if the task declared one.
+    pub fn verdict(&self, code: i32) -> Option<&str> {
+        self.verdicts.get(&code.to_string()).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub storage: StorageConfig,
+    pub trigger: TriggerConfig,
+    pub scheduler: SchedulerConfig,
+    pub fencing: FencingConfig,
+    pub worker: WorkerConfig,
+    pub tasks: BTreeMap<String, TaskConfig>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { path, source } => vec![format!("{}: {source}", path.display())],
+            ConfigError::Invalid(p) => p.clone(),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "nats",
+    "http",
+    "metrics",
+    "storage",
+    "trigger",
+    "scheduler",
+    "fencing",
+    "worker",
+];
+
+/// Keys that are optional (absent from the defaults) but may still be set
+/// from the environment.
+const OPTIONAL_KEYS: &[(&str, &str)] = &[("nats", "credentials"), ("http", "token")];
+
+/// Environment variables starting with `WARDEN_` that are not config keys.
+const NON_CONFIG_ENV: &[&str] = &[
+    "WARDEN_CONFIG",
+    "WARDEN_LOG",
+    "WARDEN_LOG_FORMAT",
+    "WARDEN_DATA_DIR",
+    "WARDEN_JOB_ID",
+    "WARDEN_STATUS_FILE",
+    "WARDEN_NATS_SERVER",
+];
+
+impl Config {
+    /// The built-in defaults alone.
+    pub fn defaults() -> Config {
+        match Config::from_parts(None, std::iter::empty()) {
+            Ok(c) => c,
+            // The defaults are compiled in and covered by a test.
+            Err(e) => panic!("built-in defaults are invalid: {e}"),
+        }
+    }
+
+    /// Reads `path` (if any) and the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        Config::from_parts(text.as_deref(), std::env::vars())
+    }
+
+    /// Builds a config from file text and environment pairs; tests call
+    /// this with values, never with the process environment.
+    pub fn from_parts(
+        file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut merged: toml::Table = match DEFAULTS_TOML.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "built-in defaults: {e}"
+                )]))
+            }
+        };
+        if let Some(text) = file {
+            match text.parse::<toml::Table>() {
+                Ok(user) => {
+                    for key in user.keys() {
+                        if !SECTIONS.contains(&key.as_str()) && key != "tasks" {
+                            problems.push(format!("unknown section [{key}]"));
+                        }
+                    }
+                    merge(&mut merged, user);
+                }
+                Err(e) => problems.push(format!("config file: {e}")),
+            }
+        }
+        apply_env(&mut merged, env, &mut problems);
+
+        let nats = section::<NatsConfig>(&merged, "nats", &mut problems);
+        let http = section::<HttpConfig>(&merged, "http", &mut problems);
+        let metrics = section::<MetricsConfig>(&merged, "metrics", &mut problems);
+        let storage = section::<StorageConfig>(&merged, "storage", &mut problems);
+        let trigger = section::<TriggerConfig>(&merged, "trigger", &mut problems);
+        let scheduler = section::<SchedulerConfig>(&merged, "scheduler", &mut problems);
+        let fencing = section::<FencingConfig>(&merged, "fencing", &mut problems);
+        let worker = section::<WorkerConfig>(&merged, "worker", &mut problems);
+        let tasks = section::<BTreeMap<String, TaskConfig>>(&merged, "tasks", &mut problems);
+
+        let (
+            Some(nats),
+            Some(http),
+            Some(metrics),
+            Some(storage),
+            Some(trigger),
+            Some(scheduler),
+            Some(fencing),
+            Some(worker),
+            Some(tasks),
+        ) = (
+            nats, http, metrics, storage, trigger, scheduler, fencing, worker, tasks,
+        )
+        else {
+            return Err(ConfigError::Invalid(problems));
+        };
+        let config = Config {
+            nats,
+            http,
+            metrics,
+            storage,
+            trigger,
+            scheduler,
+            fencing,
+            worker,
+            tasks,
+        };
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every semantic problem, not just the first.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let n = &self.nats;
+        if n.url.trim().is_empty() {
+            p.push("nats.url: must not be empty".into());
+        }
+        if !(1..=5).contains(&n.replicas) {
+            p.push(format!(
+                "nats.replicas: {} is not between 1 and 5",
+                n.replicas
+            ));
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "http.listen: {:?} is not an address like 127.0.0.1:8080",
+                self.http.listen
+            ));
+        }
+        if self.http.max_body_bytes < 1024 {
+            p.push("http.max_body_bytes: must be at least 1024".into());
+        }
+        if self.http.token.as_deref().is_some_and(str::is_empty) {
+            p.push("http.token: must not be empty when set".into());
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "metrics.listen: {:?} is not an address",
+                self.metrics.listen
+            ));
+        }
+        if self.storage.max_job_bytes < 4096 {
+            p.push("storage.max_job_bytes: must be at least 4096".into());
+        }
+        if self.storage.duplicate_window.is_zero() {
+            p.push("storage.duplicate_window: must be positive".into());
+        }
+        let t = &self.trigger;
+        if t.subjects.is_empty() {
+            p.push("trigger.subjects: must list at least one subject".into());
+        }
+        for s in &t.subjects {
+            if let Err(e) = check_pattern(s) {
+                p.push(format!("trigger.subjects: {s:?}: {e}"));
+            }
+        }
+        if t.max_event_bytes < 1024 {
+            p.push("trigger.max_event_bytes: must be at least 1024".into());
+        }
+        if t.batch == 0 {
+            p.push("trigger.batch: must be at least 1".into());
+        }
+        let mut names = BTreeSet::new();
+        for (i, r) in t.rules.iter().enumerate() {
+            let at = format!("trigger.rules[{i}] ({})", r.name);
+            if r.name.is_empty() {
+                p.push(format!("{at}: name must not be empty"));
+            } else if !names.insert(r.name.as_str()) {
+                p.push(format!("{at}: duplicate rule name"));
+            }
+            if let Err(e) = check_pattern(&r.topic) {
+                p.push(format!("{at}: topic {:?}: {e}", r.topic));
+            }
+            if r.tasks.is_empty() {
+                p.push(format!("{at}: tasks must name at least one task"));
+            }
+            for task in &r.tasks {
+                if !self.tasks.contains_key(task) {
+                    p.push(format!("{at}: task {task:?} is not defined in [tasks]"));
+                }
+            }
+            for (arg, tmpl) in &r.args {
+                if let Err(e) = Template::parse(tmpl) {
+                    p.push(format!("{at}: args.{arg}: {e}"));
+                }
+                if !valid_name(arg) {
+                    p.push(format!(
+                        "{at}: args.{arg}: argument names are letters, digits and _"
+                    ));
+                }
+            }
+            for (field, cond) in &r.when {
+                if field.is_empty() {
+                    p.push(format!("{at}: when: empty field name"));
+                }
+                if cond.as_array().is_some_and(Vec::is_empty) {
+                    p.push(format!("{at}: when.{field}: an empty list matches nothing"));
+                }
+            }
+            if r.pool.as_deref().is_some_and(str::is_empty) {
+                p.push(format!("{at}: pool must not be empty when set"));
+            }
+        }
+        if self.scheduler.acquire_wait.is_zero() {
+            p.push("scheduler.acquire_wait: must be positive".into());
+        }
+        if self.scheduler.report_batch == 0 {
+            p.push("scheduler.report_batch: must be at least 1".into());
+        }
+        if self.fencing.session_timeout < Duration::from_millis(100) {
+            p.push("fencing.session_timeout: must be at least 100ms".into());
+        }
+        let w = &self.worker;
+        if w.pools.is_empty() || w.pools.iter().any(|x| x.is_empty()) {
+            p.push("worker.pools: must list at least one non-empty pool".into());
+        }
+        if w.capacity == 0 {
+            p.push("worker.capacity: must be at least 1".into());
+        }
+        if w.log_tail_bytes == 0 {
+            p.push("worker.log_tail_bytes: must be at least 1".into());
+        }
+        if w.acquire_wait.is_zero() {
+            p.push("worker.acquire_wait: must be positive".into());
+        }
+        for (name, task) in &self.tasks {
+            let at = format!("tasks.{name}");
+            if !valid_task_name(name) {
+                p.push(format!(
+                    "{at}: task names are letters, digits, '-', '_' and '.'"
+                ));
+            }
+            if task.command.is_empty() || task.command[0].is_empty() {
+                p.push(format!("{at}: command must name a program"));
+            }
+            if task.pool.is_empty() {
+                p.push(format!("{at}: pool must not be empty"));
+            }
+            for (code, outcome) in &task.verdicts {
+                if code.parse::<i32>().is_err() {
+                    p.push(format!("{at}: verdicts: {code:?} is not an exit code"));
+                }
+                if outcome.is_empty() {
+                    p.push(format!("{at}: verdicts.{code}: outcome must not be empty"));
+                }
+            }
+        }
+        p
+    }
+
+    pub fn topology(&self) -> Topology {
+        let mut subjects = self.trigger.subjects.clone();
+        if !subjects.iter().any(|s| s == crate::subjects::LOCAL_EVENTS) {
+            subjects.push(crate::subjects::LOCAL_EVENTS.to_string());
+        }
+        Topology {
+            replicas: self.nats.replicas,
+            event_subjects: subjects,
+            events_max_age: self.storage.events_max_age,
+            deadletter_max_age: self.storage.deadletter_max_age,
+            duplicate_window: self.storage.duplicate_window,
+            max_job_bytes: self.storage.max_job_bytes,
+        }
+    }
+
+    /// The HTTP address (validated at load time).
+    pub fn http_listen(&self) -> SocketAddr {
+        self.http
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// The standalone metrics address, if any (validated at load time).
+    pub fn metrics_listen(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
+    }
+}
+
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub fn valid_task_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// A NATS subject pattern: non-empty tokens, `>` only as the last token.
+pub fn check_pattern(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("empty subject");
+    }
+    let tokens: Vec<&str> = s.split('.').collect();
+    for (i, tok) in tokens.iter().enumerate() {
+        if tok.is_empty() {
+            return Err("empty token");
+        }
+        if tok.chars().any(char::is_whitespace) {
+            return Err("whitespace in subject");
+        }
+        if *tok == ">" && i + 1 != tokens.len() {
+            return Err("'>' must be the last token");
+        }
+        if tok.len() > 1 && (tok.contains('*') || tok.contains('>')) {
+            return Err("wildcards must be whole tokens");
+        }
+    }
+    Ok(())
+}
+
+fn section<T: DeserializeOwned>(
+    table: &toml::Table,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    let value = table
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+    match value.try_into::<T>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.push(format!("[{name}]: {}", e.message().trim()));
+            None
+        }
+    }
+}
+
+/// Tables merge key by key; anything else (arrays included) is replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<String>,
+) {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("WARDEN_"))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        if NON_CONFIG_ENV.contains(&var.as_str()) || var.starts_with("WARDEN_ARG_") {
+            continue;
+        }
+        let rest = &var["WARDEN_".len()..];
+        let Some(section) = SECTIONS.iter().find(|s| {
+            rest.len() > s.len() + 1
+                && rest.starts_with(&s.to_uppercase())
+                && rest.as_bytes()[s.len()] == b'_'
+        }) else {
+            continue;
+        };
+        let key = rest[section.len() + 1..].to_lowercase();
+        let Some(toml::Value::Table(sec)) = table.get_mut(*section) else {
+            continue;
+        };
+        let value = match sec.get(&key) {
+            Some(toml::Value::Integer(_)) => match raw.trim().parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => {
+                    problems.push(format!("{var}: {raw:?} is not an integer"));
+                    continue;
+                }
+            },
+            Some(toml::Value::Boolean(_)) => match raw.trim() {
+                "true" | "1" | "yes" => toml::Value::Boolean(true),
+                "false" | "0" | "no" => toml::Value::Boolean(false),
+                _ => {
+                    problems.push(format!("{var}: {raw:?} is not true or false"));
+                    continue;
+                }
+            },
+            Some(toml::Value::Array(_)) => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.into()))
+                    .collect(),
+            ),
+            Some(toml::Value::String(_)) => toml::Value::String(raw),
+            None if OPTIONAL_KEYS.contains(&(*section, key.as_str())) => toml::Value::String(raw),
+            _ => {
+                problems.push(format!("{var}: [{section}] has no scalar key {key:?}"));
+                continue;
+            }
+        };
+        sec.insert(key, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_have_the_promised_tasks_and_rule() {
+        let c = Config::defaults();
+        for t in ["noop", "sleep", "fail"] {
+            assert!(c.tasks.contains_key(t), "default task {t}");
+        }
+        assert!(c
+            .trigger
+            .rules
+            .iter()
+            .any(|r| r.topic.ends_with("buildsys.build.state.change")));
+        assert_eq!(c.fencing.session_timeout, Duration::from_secs(10));
+        assert_eq!(c.tasks["fail"].verdict(1), Some("failed"));
+        assert_eq!(c.tasks["noop"].verdict(0), Some("passed"));
+        assert_eq!(c.tasks["noop"].verdict(1), None);
+    }
+
+    #[test]
+    fn file_merges_over_defaults_and_env_over_file() {
+        let file = r#"
+            [nats]
+            url = "nats://10.0.0.1:4222"
+            [worker]
+            capacity = 8
+            [tasks.build]
+            command = ["make"]
+            pool = "x86_64"
+        "#;
+        let c = Config::from_parts(
+            Some(file),
+            env(&[
+                ("WARDEN_WORKER_CAPACITY", "3"),
+                ("WARDEN_WORKER_POOLS", "a, b"),
+                ("WARDEN_HTTP_TOKEN", "s3cret"),
+                ("WARDEN_LOG", "debug"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(c.worker.capacity, 3);
+        assert_eq!(c.worker.pools, vec!["a", "b"]);
+        assert_eq!(c.http.token.as_deref(), Some("s3cret"));
+        assert!(c.tasks.contains_key("build") && c.tasks.contains_key("noop"));
+        assert_eq!(c.tasks["build"].verdicts, default_verdicts());
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let file = r#"
+            [nats]
+            replicas = 9
+            [http]
+            listen = "everywhere"
+            [worker]
+            capacity = 0
+            [tasks.empty]
+            command = []
+            verdicts = { x = "passed" }
+            [[trigger.rules]]
+            name = "r"
+            topic = "a.>.b"
+            tasks = ["nope"]
+            args = { nvr = "{name" }
+        "#;
+        let err = Config::from_parts(
+            Some(file),
+            env(&[("WARDEN_SCHEDULER_REPORT_BATCH", "many")]),
+        )
+        .expect_err("invalid");
+        let problems = err.problems();
+        let text = problems.join("\n");
+        for needle in [
+            "WARDEN_SCHEDULER_REPORT_BATCH",
+            "nats.replicas",
+            "http.listen",
+            "worker.capacity",
+            "tasks.empty: command",
+            "tasks.empty: verdicts",
+            "'>' must be the last token",
+            "task \"nope\" is not defined",
+            "args.nvr",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(problems.len() >= 9, "{problems:?}");
+    }
+
+    #[test]
+    fn type_errors_in_separate_sections_are_all_reported() {
+        let file = "[nats]\nreplicas = \"three\"\n[worker]\ncapacity = \"lots\"\n[bogus]\nx = 1\n";
+        let text = Config::from_parts(Some(file), Vec::new())
+            .expect_err("invalid")
+            .problems()
+            .join("\n");
+        assert!(
+            text.contains("[nats]") && text.contains("[worker]") && text.contains("[bogus]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_not_silently_ignored() {
+        let text = Config::from_parts(Some("[worker]\ncapasity = 4\n"), Vec::new())
+            .expect_err("typo")
+            .problems()
+            .join("\n");
+        assert!(text.contains("capasity"), "{text}");
+        let text = Config::from_parts(None, env(&[("WARDEN_WORKER_CAPASITY", "4")]))
+            .expect_err("typo")
+            .problems()
+            .join("\n");
+        assert!(text.contains("WARDEN_WORKER_CAPASITY"), "{text}");
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(check_pattern("org.fedoraproject.*.buildsys.>").is_ok());
+        assert!(check_pattern("a..b").is_err());
+        assert!(check_pattern("a.b*").is_err());
+        assert!(check_pattern(">").is_ok());
+    }
+}

@@ -1,0 +1,395 @@
+//! The job record kept in the `warden_jobs` KV bucket (ExecDB's execution).
+//!
+//! A job's current state *and* its history live in one KV value, so a
+//! transition and its history entry are written by a single compare-and-set:
+//! there is no window in which one exists without the other.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::state::{Action, JobState};
+
+/// Version of the job record schema written by this build.
+pub const JOB_VERSION: u32 = 1;
+
+/// How many history entries a job keeps. Attempts are bounded by the retry
+/// policy, but rejected reports from a zombie bot are not, so the oldest
+/// rejected-report entries are dropped first and counted in
+/// [`Job::history_dropped`].
+pub const MAX_HISTORY: usize = 200;
+
+/// Who should act on a crash (DESIGN.md "Crash classification").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Blame {
+    System,
+    Task,
+    ThirdParty,
+    Unknown,
+}
+
+impl Blame {
+    pub const ALL: [Blame; 4] = [
+        Blame::System,
+        Blame::Task,
+        Blame::ThirdParty,
+        Blame::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blame::System => "system",
+            Blame::Task => "task",
+            Blame::ThirdParty => "third_party",
+            Blame::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Blame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Blame {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Blame::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown blame {s:?} (expected system, task, third_party or unknown)")
+            })
+    }
+}
+
+/// Where a job came from when the trigger made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    /// The bus message id (or a content hash for old fedmsg messages without one).
+    pub message_id: String,
+    /// The subject (topic) the message was published on.
+    pub subject: String,
+    /// The trigger rule that matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// The lease a running attempt holds: a fencing token. Reports must name
+/// the same session and epoch to be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub session: String,
+    pub bot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub epoch: u32,
+    pub leased_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+/// What a worker saw when an attempt crashed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Bounded tail of the task's combined stdout/stderr.
+    #[serde(default)]
+    pub log_tail: String,
+    /// Content of `$WARDEN_STATUS_FILE`, if the task wrote one (bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_file: Option<String>,
+}
+
+/// One entry of a job's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub action: Action,
+    /// Attempt (epoch) the entry is about.
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<JobState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<JobState>,
+    /// Who did it: a session name, `api`, `trigger`, `scheduler`, a user.
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// Outcome, blame/detail or a rejection reason, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The execution record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub version: u32,
+    pub id: Uuid,
+    pub task: String,
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    pub pool: String,
+    #[serde(default)]
+    pub priority: i32,
+    pub state: JobState,
+    /// Number of the current (or last) attempt; also the lease epoch.
+    /// 0 until the first dispatch.
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blame: Option<Blame>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<CrashInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// A delayed retry is not dispatched before this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    /// When the job entered its current SCHEDULED stay (queue age, ordering
+    /// among equal priorities). Equal to `created_at` for a first attempt.
+    pub queued_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub history_dropped: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What is needed to create a job; ids are assigned by [`Job::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewJob {
+    pub task: String,
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+}
+
+impl Job {
+    /// A SCHEDULED job with its creation recorded in the history.
+    pub fn new(
+        id: Uuid,
+        task: String,
+        args: BTreeMap<String, String>,
+        pool: String,
+        priority: i32,
+        source: Option<Source>,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Job {
+        let mut job = Job {
+            version: JOB_VERSION,
+            id,
+            task,
+            args,
+            pool,
+            priority,
+            state: JobState::Scheduled,
+            attempt: 0,
+            lease: None,
+            outcome: None,
+            blame: None,
+            detail: None,
+            description: None,
+            crash: None,
+            source,
+            not_before: None,
+            queued_at: now,
+            created_at: now,
+            updated_at: now,
+            history: Vec::new(),
+            history_dropped: 0,
+        };
+        job.push_history(HistoryEntry {
+            at: now,
+            action: Action::Create,
+            attempt: 0,
+            from: None,
+            to: Some(JobState::Scheduled),
+            actor: actor.to_string(),
+            bot_id: None,
+            resource: None,
+            note: None,
+        });
+        job
+    }
+
+    /// Appends to the history, dropping the oldest rejected-report entries
+    /// (then the oldest entries) once [`MAX_HISTORY`] is reached.
+    pub fn push_history(&mut self, entry: HistoryEntry) {
+        if self.history.len() >= MAX_HISTORY {
+            let victim = self
+                .history
+                .iter()
+                .position(|e| e.action == Action::RejectReport)
+                .unwrap_or(1.min(self.history.len().saturating_sub(1)));
+            self.history.remove(victim);
+            self.history_dropped += 1;
+        }
+        self.history.push(entry);
+    }
+
+    pub fn key(&self) -> String {
+        self.id.to_string()
+    }
+
+    /// The compact view used in listings.
+    pub fn summary(&self) -> JobSummary {
+        JobSummary {
+            id: self.id,
+            task: self.task.clone(),
+            pool: self.pool.clone(),
+            state: self.state,
+            priority: self.priority,
+            attempt: self.attempt,
+            outcome: self.outcome.clone(),
+            blame: self.blame,
+            detail: self.detail.clone(),
+            bot_id: self.lease.as_ref().map(|l| l.bot_id.clone()),
+            source_message_id: self.source.as_ref().map(|s| s.message_id.clone()),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A job without its history and arguments, as listed by search.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: Uuid,
+    pub task: String,
+    pub pool: String,
+    pub state: JobState,
+    pub priority: i32,
+    pub attempt: u32,
+    pub outcome: Option<String>,
+    pub blame: Option<Blame>,
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_message_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Namespace for job ids derived from bus messages (UUID v5).
+const TRIGGER_NAMESPACE: Uuid = Uuid::from_u128(0x5f1c_9a4e_7d2b_4c8a_9e31_0b6d_2f48_a7c3);
+
+/// The job id for `task` triggered by bus message `message_id`: the same
+/// message and task always give the same id, so a redelivered or
+/// re-published message can never create a second job.
+pub fn derived_job_id(message_id: &str, task: &str) -> Uuid {
+    let mut name = Vec::with_capacity(message_id.len() + task.len() + 1);
+    name.extend_from_slice(message_id.as_bytes());
+    name.push(0);
+    name.extend_from_slice(task.as_bytes());
+    Uuid::new_v5(&TRIGGER_NAMESPACE, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let a = derived_job_id("2015-6395fb7a", "rpmlint");
+        assert_eq!(a, derived_job_id("2015-6395fb7a", "rpmlint"));
+        assert_ne!(a, derived_job_id("2015-6395fb7a", "abicheck"));
+        assert_ne!(a, derived_job_id("2015-6395fb7b", "rpmlint"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(derived_job_id("ab", "c"), derived_job_id("a", "bc"));
+    }
+
+    #[test]
+    fn job_round_trips_through_json_with_screaming_states() {
+        let now = Utc::now();
+        let job = Job::new(
+            Uuid::new_v4(),
+            "noop".into(),
+            BTreeMap::from([("seconds".into(), "1".into())]),
+            "default".into(),
+            5,
+            None,
+            "api",
+            now,
+        );
+        let text = serde_json::to_string(&job).expect("serialize");
+        assert!(text.contains("\"state\":\"SCHEDULED\""), "{text}");
+        let back: Job = serde_json::from_str(&text).expect("deserialize");
+        assert_eq!(back, job);
+        assert_eq!(back.history.len(), 1);
+    }
+
+    #[test]
+    fn history_is_bounded_and_drops_rejections_first() {
+        let now = Utc::now();
+        let mut job = Job::new(
+            Uuid::new_v4(),
+            "t".into(),
+            BTreeMap::new(),
+            "p".into(),
+            0,
+            None,
+            "api",
+            now,
+        );
+        for i in 0..(MAX_HISTORY as u32 + 50) {
+            job.push_history(HistoryEntry {
+                at: now,
+                action: if i % 2 == 0 {
+                    Action::RejectReport
+                } else {
+                    Action::Start
+                },
+                attempt: i,
+                from: None,
+                to: None,
+                actor: "x".into(),
+                bot_id: None,
+                resource: None,
+                note: None,
+            });
+        }
+        assert_eq!(job.history.len(), MAX_HISTORY);
+        assert_eq!(job.history_dropped, 51); // 1 creation + 250 pushes - 200 kept
+                                             // The creation entry survives: only rejected reports were dropped.
+        assert_eq!(job.history[0].action, Action::Create);
+    }
+
+    #[test]
+    fn blame_parses_its_own_spelling() {
+        for b in Blame::ALL {
+            assert_eq!(b.as_str().parse::<Blame>(), Ok(b));
+        }
+        assert!("operator".parse::<Blame>().is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! `warden-shared`: the contract between Warden's services in code.
+//!
+//! - [`job`] and [`state`]: the job record and its state machine;
+//! - [`messages`]: every message services exchange, versioned;
+//! - [`subjects`]: every subject, stream, bucket and consumer, and their
+//!   idempotent creation;
+//! - [`config`]: defaults + file + environment, validated all at once;
+//! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`.
+
+pub mod config;
+pub mod job;
+pub mod messages;
+pub mod metrics;
+pub mod runtime;
+pub mod state;
+pub mod subjects;
+pub mod template;
+
+pub use config::Config;
+pub use job::{Blame, Job, JobSummary};
+pub use state::{Action, JobState};

@@ -1,0 +1,245 @@
+//! Every message that crosses the bus between Warden's own services.
+//!
+//! Each carries `version` so that old and new services can share a bus
+//! during a rolling upgrade: readers accept any version they understand and
+//! ignore unknown fields.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::job::{Blame, CrashInfo};
+
+pub const MESSAGE_VERSION: u32 = 1;
+
+fn v1() -> u32 {
+    MESSAGE_VERSION
+}
+
+/// A worker asks the scheduler for work (long poll): request on
+/// [`crate::subjects::ACQUIRE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireRequest {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub session: String,
+    pub bot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub pools: Vec<String>,
+    /// How many leases the worker can take now (free slots).
+    pub max: u32,
+    /// How long the scheduler may hold the request when nothing is waiting.
+    pub wait_ms: u64,
+}
+
+/// One attempt handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub job_id: Uuid,
+    pub epoch: u32,
+    pub task: String,
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    pub pool: String,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireReply {
+    #[serde(default = "v1")]
+    pub version: u32,
+    #[serde(default)]
+    pub leases: Vec<LeaseGrant>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// What a worker says about an attempt. Published durably on
+/// [`crate::subjects::report_subject`] with a message id that makes a
+/// re-sent report a duplicate the stream drops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub job_id: Uuid,
+    pub session: String,
+    pub bot_id: String,
+    pub epoch: u32,
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub kind: ReportKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReportKind {
+    /// The task process started.
+    Started {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
+    },
+    /// The task ran to its end and gave a verdict.
+    Finished { outcome: String, duration_ms: u64 },
+    /// The execution broke.
+    Crashed {
+        #[serde(flatten)]
+        crash: CrashInfo,
+        /// A fault the task declared in its status file, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fault: Option<Fault>,
+    },
+    /// The worker hands the attempt back without running it to the end
+    /// (graceful shutdown): the job is requeued, not counted as a failure.
+    Released { reason: String },
+}
+
+impl ReportKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReportKind::Started { .. } => "started",
+            ReportKind::Finished { .. } => "finished",
+            ReportKind::Crashed { .. } => "crashed",
+            ReportKind::Released { .. } => "released",
+        }
+    }
+}
+
+impl Report {
+    /// JetStream de-duplication id: one report of each kind per attempt.
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}:{}", self.job_id, self.epoch, self.kind.name())
+    }
+}
+
+/// A crash the task itself explained (status file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub blame: Blame,
+    pub detail: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A machine-readable error in a reply: callers branch on `code`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Sessions (fencing service requests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSession {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub bot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub pools: Vec<String>,
+    pub capacity: u32,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReply {
+    #[serde(default = "v1")]
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Leases the bot must stop (their attempt is no longer its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel: Vec<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    pub job_id: Uuid,
+    pub epoch: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub session: String,
+    #[serde(default)]
+    pub leases: Vec<HeldLease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseSession {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub session: String,
+}
+
+/// An event the trigger could not use, kept on the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// Subject the event arrived on.
+    pub subject: String,
+    /// Which service gave up on it.
+    pub service: String,
+    /// Stable reason code (`invalid_json`, `unknown_format`, `too_large`, ...).
+    pub reason: String,
+    /// The error in words.
+    pub error: String,
+    pub at: DateTime<Utc>,
+    /// The original payload, lossily decoded as UTF-8 and bounded.
+    pub payload: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_kind_is_flattened_with_a_tag() {
+        let r = Report {
+            version: 1,
+            job_id: Uuid::nil(),
+            session: "s".into(),
+            bot_id: "b".into(),
+            epoch: 3,
+            at: Utc::now(),
+            kind: ReportKind::Crashed {
+                crash: CrashInfo {
+                    exit_code: Some(2),
+                    log_tail: "boom".into(),
+                    ..Default::default()
+                },
+                fault: None,
+            },
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).expect("json");
+        assert_eq!(v["kind"], "crashed");
+        assert_eq!(v["exit_code"], 2);
+        let back: Report = serde_json::from_value(v).expect("back");
+        assert_eq!(back, r);
+        assert_eq!(r.msg_id(), format!("{}:3:crashed", Uuid::nil()));
+    }
+
+    #[test]
+    fn unknown_fields_from_newer_versions_are_ignored() {
+        let text = r#"{"version":2,"session":"s","leases":[],"future_field":true}"#;
+        let hb: Heartbeat = serde_json::from_str(text).expect("tolerant");
+        assert_eq!(hb.version, 2);
+    }
+}

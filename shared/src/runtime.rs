@@ -1,0 +1,156 @@
+//! What every service does the same way: connect to NATS, log, stop on a
+//! signal, serve `/metrics` and `/healthz`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::subjects::{self, Handles, TopologyError};
+
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("cannot connect to NATS at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot read NATS credentials {path}")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+/// Connects as `<nats.name>-<service>` and keeps reconnecting forever: a
+/// bus outage is something services ride out, not a reason to exit.
+pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Client, ConnectError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("{}-{service}", config.nats.name))
+        .connection_timeout(config.nats.connect_timeout)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| async move {
+            crate::metrics::nats_event(&event);
+            match event {
+                async_nats::Event::Connected => tracing::info!("nats connected"),
+                async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                other => tracing::debug!(event = %other, "nats event"),
+            }
+        });
+    if let Some(path) = &config.nats.credentials {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|source| ConnectError::Credentials {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    let url = config.nats.url.clone();
+    let client = tokio::time::timeout(config.nats.connect_timeout * 6, opts.connect(url.as_str()))
+        .await
+        .map_err(|_| ConnectError::Connect {
+            url: url.clone(),
+            source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+        })?
+        .map_err(|source| ConnectError::Connect { url, source })?;
+    Ok(client)
+}
+
+/// Connects and makes sure every stream and bucket exists.
+pub async fn connect_with_topology(
+    config: &Config,
+    service: &str,
+) -> Result<(async_nats::Client, Handles), ConnectError> {
+    let client = connect(config, service).await?;
+    let js = jetstream::new(client.clone());
+    let handles = subjects::ensure(&js, &config.topology()).await?;
+    Ok((client, handles))
+}
+
+/// Cancels the returned token on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Structured logs to stderr; `WARDEN_LOG` (or `RUST_LOG`) filters,
+/// `WARDEN_LOG_FORMAT=json` switches to JSON lines.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("WARDEN_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("WARDEN_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Waits for `tasks` to end, at most `grace`; then drains the client so
+/// buffered publishes reach the server before the process exits.
+pub async fn drain(
+    client: &async_nats::Client,
+    tracker: &tokio_util::task::TaskTracker,
+    grace: Duration,
+) {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "tasks still running after grace period"
+        );
+    }
+    let _ = client.flush().await;
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+pub async fn serve_metrics(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    axum::serve(listener, crate::metrics::router())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,220 @@
+//! Every subject, stream, KV bucket and durable consumer name, spelled once.
+//!
+//! **Architecture Invariant**: no other module writes a subject or stream
+//! name as a literal; they call into this module.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use thiserror::Error;
+use uuid::Uuid;
+
+/// Stream the trigger consumes: bus events from bridges and publishers.
+pub const EVENTS_STREAM: &str = "WARDEN_EVENTS";
+/// Events nobody could use, with the reason.
+pub const DEADLETTER_STREAM: &str = "WARDEN_DEADLETTER";
+pub const DEADLETTER_PREFIX: &str = "warden.deadletter";
+/// Worker reports about attempts (work-queue retention: gone once applied).
+pub const REPORTS_STREAM: &str = "WARDEN_REPORTS";
+pub const REPORTS_PREFIX: &str = "warden.report";
+
+/// Current state of every job (value: [`crate::job::Job`] as JSON).
+pub const JOBS_BUCKET: &str = "warden_jobs";
+/// Bot sessions, keyed by session name, plus `bot.<bot_id>` → current name.
+pub const SESSIONS_BUCKET: &str = "warden_sessions";
+
+/// Durable consumer names.
+pub const TRIGGER_CONSUMER: &str = "warden-trigger";
+pub const SCHEDULER_REPORTS_CONSUMER: &str = "warden-scheduler-reports";
+
+/// Worker → scheduler: long-poll for leases (queue group across replicas).
+pub const ACQUIRE: &str = "warden.sched.acquire";
+pub const SCHEDULER_QUEUE_GROUP: &str = "warden-scheduler";
+
+/// Fencing service (async-nats service API).
+pub const FENCING_SERVICE: &str = "warden-fencing";
+pub const SESSION_GROUP: &str = "warden.session";
+pub const SESSION_CREATE: &str = "warden.session.create";
+pub const SESSION_HEARTBEAT: &str = "warden.session.heartbeat";
+pub const SESSION_CLOSE: &str = "warden.session.close";
+
+/// API service over NATS (the same operations as HTTP).
+pub const API_SERVICE: &str = "warden-api";
+pub const API_GROUP: &str = "warden.api";
+pub const API_JOB_CREATE: &str = "warden.api.job.create";
+pub const API_JOB_GET: &str = "warden.api.job.get";
+pub const API_JOB_LIST: &str = "warden.api.job.list";
+
+/// Notifications for operators and task owners (later issues).
+pub const NOTIFY_PREFIX: &str = "warden.notify";
+
+/// Subjects every default events stream listens on besides configured ones:
+/// what `warden publish` and webhooks use when no bridge topic applies.
+pub const LOCAL_EVENTS: &str = "warden.events.>";
+
+pub fn report_subject(job_id: &Uuid) -> String {
+    format!("{REPORTS_PREFIX}.{job_id}")
+}
+
+pub fn deadletter_subject(service: &str, reason: &str) -> String {
+    format!("{DEADLETTER_PREFIX}.{service}.{reason}")
+}
+
+/// Sizes and ages of the durable state. The defaults suit one laptop and a
+/// small fleet; production changes replicas (and sync in the server config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    pub replicas: usize,
+    pub event_subjects: Vec<String>,
+    pub events_max_age: Duration,
+    pub deadletter_max_age: Duration,
+    /// Bridges re-publish on reconnect; the stream drops a message id seen
+    /// within this window.
+    pub duplicate_window: Duration,
+    pub max_job_bytes: i32,
+}
+
+impl Topology {
+    pub fn events_stream(&self) -> stream::Config {
+        stream::Config {
+            name: EVENTS_STREAM.into(),
+            description: Some("bus events for the trigger (fedmsg, fedora-messaging)".into()),
+            subjects: self.event_subjects.clone(),
+            retention: stream::RetentionPolicy::Limits,
+            max_age: self.events_max_age,
+            duplicate_window: self.duplicate_window,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub fn deadletter_stream(&self) -> stream::Config {
+        stream::Config {
+            name: DEADLETTER_STREAM.into(),
+            description: Some("events no service could use, with the reason".into()),
+            subjects: vec![format!("{DEADLETTER_PREFIX}.>")],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: self.deadletter_max_age,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub fn reports_stream(&self) -> stream::Config {
+        stream::Config {
+            name: REPORTS_STREAM.into(),
+            description: Some("worker reports about attempts, applied by the scheduler".into()),
+            subjects: vec![format!("{REPORTS_PREFIX}.>")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: self.duplicate_window,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub fn jobs_bucket(&self) -> kv::Config {
+        kv::Config {
+            bucket: JOBS_BUCKET.into(),
+            description: "current state and history of every job".into(),
+            history: 1,
+            max_value_size: self.max_job_bytes,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub fn sessions_bucket(&self) -> kv::Config {
+        kv::Config {
+            bucket: SESSIONS_BUCKET.into(),
+            description: "bot sessions and the current session of each bot".into(),
+            history: 1,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+}
+
+/// The trigger's durable consumer on the events stream.
+pub fn trigger_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(TRIGGER_CONSUMER.into()),
+        description: Some("trigger: events to jobs".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 20,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// The scheduler replicas' shared durable consumer on the reports stream.
+pub fn scheduler_reports_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(SCHEDULER_REPORTS_CONSUMER.into()),
+        description: Some("scheduler: apply worker reports".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TopologyError {
+    #[error("cannot create stream {name}")]
+    Stream {
+        name: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create key-value bucket {name}")]
+    Bucket {
+        name: String,
+        #[source]
+        source: jetstream::context::CreateKeyValueError,
+    },
+}
+
+/// The handles every service works with.
+#[derive(Clone)]
+pub struct Handles {
+    pub js: jetstream::Context,
+    pub jobs: kv::Store,
+    pub sessions: kv::Store,
+}
+
+/// Creates (or brings up to date) every stream and bucket. Safe to run from
+/// every service at every start, concurrently.
+pub async fn ensure(js: &jetstream::Context, topo: &Topology) -> Result<Handles, TopologyError> {
+    for cfg in [
+        topo.events_stream(),
+        topo.deadletter_stream(),
+        topo.reports_stream(),
+    ] {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|source| TopologyError::Stream { name, source })?;
+    }
+    let mut stores = Vec::new();
+    for cfg in [topo.jobs_bucket(), topo.sessions_bucket()] {
+        let name = cfg.bucket.clone();
+        let store = js
+            .create_or_update_key_value(cfg)
+            .await
+            .map_err(|source| TopologyError::Bucket { name, source })?;
+        stores.push(store);
+    }
+    let sessions = stores.pop().expect("two buckets were created");
+    let jobs = stores.pop().expect("two buckets were created");
+    Ok(Handles {
+        js: js.clone(),
+        jobs,
+        sessions,
+    })
+}
