@@ -13,6 +13,7 @@ pub mod messages;
 pub mod metrics;
 pub mod runtime;
 pub mod state;
+pub mod store;
 pub mod subjects;
 pub mod template;
 

@@ -1,0 +1,104 @@
+//! Typed access to the `warden_jobs` bucket: create-if-absent, read with
+//! revision, compare-and-set. Every job write in Warden goes through here.
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::job::Job;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("job {0} already exists")]
+    AlreadyExists(Uuid),
+    #[error("job {0} changed concurrently (revision moved)")]
+    Conflict(Uuid),
+    #[error("job record {key} is not valid JSON")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("job record is larger than the bucket allows")]
+    TooLarge,
+    #[error("job store unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Worth retrying later (the bus is down or slow), as opposed to a
+    /// verdict on the request.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A job as read, with the revision a compare-and-set must name.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub job: Job,
+    pub revision: u64,
+}
+
+#[derive(Clone)]
+pub struct JobStore {
+    kv: kv::Store,
+}
+
+impl JobStore {
+    pub fn new(kv: kv::Store) -> JobStore {
+        JobStore { kv }
+    }
+
+    pub fn kv(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    /// Writes `job` only if no job with its id exists.
+    pub async fn create(&self, job: &Job) -> Result<u64, StoreError> {
+        let bytes = encode(job)?;
+        self.kv.create(job.key(), bytes).await.map_err(|e| match e.kind() {
+            kv::CreateErrorKind::AlreadyExists => StoreError::AlreadyExists(job.id),
+            _ => classify(e),
+        })
+    }
+
+    pub async fn get(&self, id: &Uuid) -> Result<Option<Versioned>, StoreError> {
+        let entry = self.kv.entry(id.to_string()).await.map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some(Versioned { job: decode(&e.key, &e.value)?, revision: e.revision })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes `job` if the stored revision is still `revision`.
+    pub async fn update(&self, job: &Job, revision: u64) -> Result<u64, StoreError> {
+        let bytes = encode(job)?;
+        self.kv.update(job.key(), bytes, revision).await.map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict(job.id),
+            _ => classify(e),
+        })
+    }
+}
+
+fn classify<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
+    let text = e.to_string();
+    // The server answers "wrong last sequence" for a failed CAS; the client
+    // does not always map it to its own kind.
+    if text.contains("wrong last sequence") {
+        return StoreError::Conflict(Uuid::nil());
+    }
+    if text.contains("maximum message size") || text.contains("message size exceeds") {
+        return StoreError::TooLarge;
+    }
+    StoreError::Unavailable(Box::new(e))
+}
+
+pub fn encode(job: &Job) -> Result<Bytes, StoreError> {
+    serde_json::to_vec(job).map(Bytes::from).map_err(|source| StoreError::Corrupt { key: job.key(), source })
+}
+
+pub fn decode(key: &str, bytes: &[u8]) -> Result<Job, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
+}
