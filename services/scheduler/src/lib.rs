@@ -1,1 +1,460 @@
-//! warden-scheduler (placeholder)
+//! `warden-scheduler`: hands SCHEDULED jobs to workers, best first, and
+//! applies what workers report.
+//!
+//! Three loops share one in-memory [`queue::Queue`] (a cache of the jobs
+//! bucket, rebuilt at start):
+//! - **watch**: every change in `warden_jobs` updates the queue;
+//! - **acquire**: workers long-poll [`subjects::ACQUIRE`]; each job handed
+//!   out is first moved SCHEDULED → RUNNING by a compare-and-set on its
+//!   revision, so two replicas can never lease one attempt twice;
+//! - **reports**: a durable consumer, shared by all replicas, applies
+//!   worker reports with compare-and-set, checking session and epoch.
+
+pub mod apply;
+pub mod metrics;
+pub mod queue;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chrono::Utc;
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+use warden_shared::job::{HistoryEntry, Lease};
+use warden_shared::messages::{AcquireReply, AcquireRequest, DeadLetter, ErrorBody, LeaseGrant, Report, MESSAGE_VERSION};
+use warden_shared::runtime;
+use warden_shared::state::{transition, Action};
+use warden_shared::store::{self, JobStore, StoreError, Versioned};
+use warden_shared::{subjects, Config, JobState};
+
+use crate::apply::{decide, record_rejection, Decision};
+use crate::metrics::metrics;
+use crate::queue::Queue;
+
+#[derive(Debug, Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Connect(#[from] runtime::ConnectError),
+    #[error("cannot set up {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+fn setup<E: Into<async_nats::Error>>(what: &'static str) -> impl FnOnce(E) -> SchedulerError {
+    move |e| SchedulerError::Setup { what, source: e.into() }
+}
+
+struct Shared {
+    config: Arc<Config>,
+    store: JobStore,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    // A std mutex: nothing awaits while it is held.
+    queue: Mutex<Queue>,
+    /// Woken whenever jobs become ready.
+    ready: Notify,
+}
+
+impl Shared {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs one scheduler replica until `shutdown`.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+    let (client, handles) = runtime::connect_with_topology(&config, "scheduler").await?;
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        store: JobStore::new(handles.jobs.clone()),
+        js: handles.js.clone(),
+        client: client.clone(),
+        queue: Mutex::new(Queue::default()),
+        ready: Notify::new(),
+    });
+
+    let stream = handles.js.get_stream(subjects::REPORTS_STREAM).await.map_err(setup("reports stream"))?;
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(subjects::SCHEDULER_REPORTS_CONSUMER, subjects::scheduler_reports_consumer())
+        .await
+        .map_err(setup("reports consumer"))?;
+    let acquire = client
+        .queue_subscribe(subjects::ACQUIRE, subjects::SCHEDULER_QUEUE_GROUP.to_string())
+        .await
+        .map_err(setup("acquire subscription"))?;
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(watch_loop(shared.clone(), shutdown.clone()));
+    tracker.spawn(timer_loop(shared.clone(), shutdown.clone()));
+    tracker.spawn(reports_loop(shared.clone(), consumer, shutdown.clone()));
+    tracker.spawn(acquire_loop(shared.clone(), acquire, tracker.clone(), shutdown.clone()));
+    info!("scheduler running");
+    shutdown.cancelled().await;
+    runtime::drain(&client, &tracker, Duration::from_secs(10)).await;
+    info!("scheduler stopped");
+    Ok(())
+}
+
+/// Keeps the queue equal to the SCHEDULED jobs in the bucket. On a watch
+/// error it starts over: the first pass of a watch delivers every key's
+/// latest value, which rebuilds the cache.
+async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut watch = match shared.store.kv().watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch jobs; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watch.next() => n,
+            };
+            let entry = match next {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    warn!(error = %e, "job watch failed; restarting");
+                    break;
+                }
+                None => break,
+            };
+            let Ok(id) = entry.key.parse::<Uuid>() else { continue };
+            if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                shared.queue().remove(&id);
+                continue;
+            }
+            match store::decode(&entry.key, &entry.value) {
+                Ok(job) => {
+                    let scheduled = job.state == JobState::Scheduled;
+                    shared.queue().observe(Versioned { job, revision: entry.revision });
+                    if scheduled {
+                        shared.ready.notify_waiters();
+                    }
+                }
+                Err(e) => warn!(job.id = %id, error = %e, "undecodable job record ignored"),
+            }
+        }
+    }
+}
+
+/// Promotes delayed retries when due and refreshes the queue gauges.
+async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Utc::now();
+        let (promoted, depth, oldest) = {
+            let mut q = shared.queue();
+            (q.promote(now), q.depth(), q.oldest())
+        };
+        if promoted > 0 {
+            shared.ready.notify_waiters();
+        }
+        let m = metrics();
+        m.queue_depth.reset();
+        m.oldest_age.reset();
+        for (pool, n) in depth {
+            m.queue_depth.with_label_values(&[&pool]).set(n as i64);
+        }
+        for (pool, at) in oldest {
+            m.oldest_age.with_label_values(&[&pool]).set((now - at).num_seconds().max(0));
+        }
+    }
+}
+
+async fn acquire_loop(shared: Arc<Shared>, mut sub: async_nats::Subscriber, tracker: TaskTracker, shutdown: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let Some(reply) = msg.reply.clone() else { return };
+            let answer = match serde_json::from_slice::<AcquireRequest>(&msg.payload) {
+                Ok(req) => acquire(&shared, req, &shutdown).await,
+                Err(e) => {
+                    metrics().acquire_requests.with_label_values(&["invalid"]).inc();
+                    AcquireReply {
+                        version: MESSAGE_VERSION,
+                        leases: Vec::new(),
+                        error: Some(ErrorBody::new("invalid_request", format!("cannot decode acquire request: {e}"))),
+                    }
+                }
+            };
+            match serde_json::to_vec(&answer) {
+                Ok(body) => {
+                    if let Err(e) = shared.client.publish(reply, body.into()).await {
+                        warn!(error = %e, "cannot answer acquire request");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot encode acquire reply"),
+            }
+        });
+    }
+    let _ = sub.unsubscribe().await;
+}
+
+/// Leases up to `req.max` jobs to the requesting session, waiting up to
+/// `req.wait_ms` (capped by config) for work to appear.
+async fn acquire(shared: &Shared, req: AcquireRequest, shutdown: &CancellationToken) -> AcquireReply {
+    let wait = Duration::from_millis(req.wait_ms).min(shared.config.scheduler.acquire_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let max = req.max.clamp(1, 1000) as usize;
+    let mut leases = Vec::new();
+    loop {
+        // Register interest before looking, so a job that arrives between
+        // the look and the wait still wakes us.
+        let notified = shared.ready.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let candidates = shared.queue().take(&req.pools, max - leases.len());
+        if !candidates.is_empty() {
+            let results = futures::future::join_all(candidates.into_iter().map(|v| dispatch(shared, v, &req))).await;
+            leases.extend(results.into_iter().flatten());
+            if leases.len() >= max || !leases.is_empty() {
+                break;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    metrics().acquire_requests.with_label_values(&[if leases.is_empty() { "empty" } else { "leased" }]).inc();
+    AcquireReply { version: MESSAGE_VERSION, leases, error: None }
+}
+
+/// SCHEDULED → RUNNING with a new epoch, by compare-and-set. `None` when
+/// another writer got there first (the watch will tell us what happened).
+async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option<LeaseGrant> {
+    let now = Utc::now();
+    let revision = v.revision;
+    let original = v.clone();
+    let mut job = v.job;
+    let to = transition(job.state, Action::Dispatch).ok()?;
+    let from = job.state;
+    job.state = to;
+    job.attempt += 1;
+    job.lease = Some(Lease {
+        session: req.session.clone(),
+        bot_id: req.bot_id.clone(),
+        resource: req.resource.clone(),
+        epoch: job.attempt,
+        leased_at: now,
+        started_at: None,
+    });
+    job.outcome = None;
+    job.blame = None;
+    job.detail = None;
+    job.description = None;
+    job.crash = None;
+    job.not_before = None;
+    job.updated_at = now;
+    job.push_history(HistoryEntry {
+        at: now,
+        action: Action::Dispatch,
+        attempt: job.attempt,
+        from: Some(from),
+        to: Some(to),
+        actor: req.session.clone(),
+        bot_id: Some(req.bot_id.clone()),
+        resource: req.resource.clone(),
+        note: None,
+    });
+    match shared.store.update(&job, revision).await {
+        Ok(_) => {
+            let m = metrics();
+            m.dispatched.inc();
+            m.transitions.with_label_values(&[from.as_str(), to.as_str()]).inc();
+            m.dispatch_latency.observe((now - job.queued_at).num_milliseconds().max(0) as f64 / 1000.0);
+            debug!(job.id = %job.id, epoch = job.attempt, bot.id = %req.bot_id, "job dispatched");
+            Some(LeaseGrant {
+                job_id: job.id,
+                epoch: job.attempt,
+                task: job.task,
+                args: job.args,
+                pool: job.pool,
+                priority: job.priority,
+            })
+        }
+        Err(StoreError::Conflict(_)) => {
+            metrics().dispatch_conflicts.inc();
+            None
+        }
+        Err(e) => {
+            warn!(job.id = %job.id, error = %e, "dispatch failed; job stays queued");
+            // The write did not happen: the job is still SCHEDULED.
+            shared.queue().observe(original);
+            None
+        }
+    }
+}
+
+async fn reports_loop(shared: Arc<Shared>, consumer: PullConsumer, shutdown: CancellationToken) {
+    let batch = shared.config.scheduler.report_batch;
+    while !shutdown.is_cancelled() {
+        let messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot pull reports; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let mut chunks = messages.ready_chunks(batch);
+        loop {
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = chunks.next() => match c { Some(c) => c, None => break },
+            };
+            let mut by_job: Vec<(Uuid, Vec<(jetstream::Message, Report)>)> = Vec::new();
+            for item in chunk {
+                let msg = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(error = %e, "report pull interrupted");
+                        continue;
+                    }
+                };
+                match serde_json::from_slice::<Report>(&msg.payload) {
+                    Ok(r) => match by_job.iter_mut().find(|(id, _)| *id == r.job_id) {
+                        Some((_, list)) => list.push((msg, r)),
+                        None => by_job.push((r.job_id, vec![(msg, r)])),
+                    },
+                    Err(e) => dead_letter_report(&shared, msg, e).await,
+                }
+            }
+            // Reports of one job in order; different jobs concurrently.
+            futures::future::join_all(by_job.into_iter().map(|(_, list)| {
+                let shared = &shared;
+                async move {
+                    for (msg, report) in list {
+                        let disposition = handle_report(shared, &report).await;
+                        let kind = match disposition {
+                            Disposition::Ack => AckKind::Ack,
+                            Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(1))),
+                        };
+                        if let Err(e) = msg.ack_with(kind).await {
+                            debug!(error = %e, "cannot ack report");
+                        }
+                    }
+                }
+            }))
+            .await;
+        }
+    }
+}
+
+enum Disposition {
+    Ack,
+    Retry,
+}
+
+/// Applies one report; the single place a report's fate is decided.
+async fn handle_report(shared: &Shared, report: &Report) -> Disposition {
+    let kind = report.kind.name();
+    let m = metrics();
+    for _ in 0..16 {
+        let current = match shared.store.get(&report.job_id).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                m.reports.with_label_values(&[kind, "rejected"]).inc();
+                m.rejected.with_label_values(&["unknown_job"]).inc();
+                warn!(job.id = %report.job_id, bot.id = %report.bot_id, "report for unknown job rejected");
+                return Disposition::Ack;
+            }
+            Err(e) if e.is_transient() => return Disposition::Retry,
+            Err(e) => {
+                warn!(job.id = %report.job_id, error = %e, "job record unreadable; report dropped");
+                m.reports.with_label_values(&[kind, "rejected"]).inc();
+                m.rejected.with_label_values(&["corrupt_job"]).inc();
+                return Disposition::Ack;
+            }
+        };
+        let now = Utc::now();
+        let (next, result) = match decide(&current.job, report, now) {
+            Decision::Duplicate => {
+                m.reports.with_label_values(&[kind, "duplicate"]).inc();
+                return Disposition::Ack;
+            }
+            Decision::Apply(next) => (next, None),
+            Decision::Reject(reason) => (record_rejection(&current.job, report, reason, now), Some(reason)),
+        };
+        match shared.store.update(&next, current.revision).await {
+            Ok(_) => {
+                match result {
+                    None => {
+                        m.reports.with_label_values(&[kind, "applied"]).inc();
+                        if current.job.state != next.state || kind == "started" {
+                            m.transitions.with_label_values(&[current.job.state.as_str(), next.state.as_str()]).inc();
+                        }
+                        debug!(job.id = %next.id, state = %next.state, "report applied");
+                    }
+                    Some(reason) => {
+                        m.reports.with_label_values(&[kind, "rejected"]).inc();
+                        m.rejected.with_label_values(&[reason.as_str()]).inc();
+                        warn!(job.id = %next.id, bot.id = %report.bot_id, session = %report.session, epoch = report.epoch, reason = reason.as_str(), "report rejected");
+                    }
+                }
+                return Disposition::Ack;
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(StoreError::TooLarge) => {
+                warn!(job.id = %next.id, "job record would exceed the size limit; report dropped");
+                return Disposition::Ack;
+            }
+            Err(e) if e.is_transient() => return Disposition::Retry,
+            Err(e) => {
+                warn!(job.id = %next.id, error = %e, "cannot write job; report dropped");
+                return Disposition::Ack;
+            }
+        }
+    }
+    Disposition::Retry
+}
+
+async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde_json::Error) {
+    metrics().invalid_reports.inc();
+    let letter = DeadLetter {
+        version: MESSAGE_VERSION,
+        subject: msg.subject.to_string(),
+        service: "scheduler".into(),
+        reason: "invalid_report".into(),
+        error: err.to_string(),
+        at: Utc::now(),
+        payload: String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(64 * 1024)]).into_owned(),
+    };
+    warn!(subject = %msg.subject, error = %err, "undecodable report dead-lettered");
+    let Ok(body) = serde_json::to_vec(&letter) else { return };
+    match shared.js.publish(subjects::deadletter_subject("scheduler", "invalid_report"), body.into()).await {
+        Ok(ack) => {
+            if ack.await.is_ok() {
+                let _ = msg.ack().await;
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
+    }
+}

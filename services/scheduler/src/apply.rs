@@ -1,0 +1,289 @@
+//! What a worker report does to a job: a pure decision, so every rule of
+//! fencing and the state machine is tested without a bus.
+
+use chrono::{DateTime, Utc};
+use warden_shared::job::{Blame, CrashInfo, HistoryEntry, Job};
+use warden_shared::messages::{Report, ReportKind};
+use warden_shared::state::{transition, Action};
+use warden_shared::JobState;
+
+/// Longest log tail kept on the job record (the worker bounds it too; this
+/// keeps a misbehaving worker from bloating the record).
+pub const MAX_LOG_TAIL: usize = 16 * 1024;
+pub const MAX_STATUS_FILE: usize = 16 * 1024;
+
+/// Why a report was not applied. Stable codes: metrics labels and history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The report names an older (or future) attempt than the current one.
+    StaleEpoch,
+    /// The attempt is current but leased to another session.
+    WrongSession,
+    /// The job's state does not allow this report (e.g. FINISHED already).
+    IllegalTransition,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 3] = [RejectReason::StaleEpoch, RejectReason::WrongSession, RejectReason::IllegalTransition];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::StaleEpoch => "stale_epoch",
+            RejectReason::WrongSession => "wrong_session",
+            RejectReason::IllegalTransition => "illegal_transition",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Write this job (compare-and-set on the revision read).
+    Apply(Job),
+    /// Already applied (a redelivered report): nothing to write.
+    Duplicate,
+    /// Not applied; record it in the history with this reason.
+    Reject(RejectReason),
+}
+
+fn truncate_tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
+}
+
+fn bounded(mut crash: CrashInfo) -> CrashInfo {
+    crash.log_tail = truncate_tail(&crash.log_tail, MAX_LOG_TAIL);
+    crash.status_file = crash.status_file.map(|s| truncate_tail(&s, MAX_STATUS_FILE));
+    crash
+}
+
+/// Was this report already applied to `job`?
+fn already_applied(job: &Job, r: &Report) -> bool {
+    let same_lease = job.lease.as_ref().is_some_and(|l| l.epoch == r.epoch && l.session == r.session);
+    match &r.kind {
+        ReportKind::Started { .. } => same_lease && job.lease.as_ref().is_some_and(|l| l.started_at.is_some()),
+        ReportKind::Finished { .. } => same_lease && job.state == JobState::Finished,
+        ReportKind::Crashed { .. } => same_lease && job.state == JobState::Crashed,
+        // A release clears the lease; the attempt number stays.
+        ReportKind::Released { .. } => job.lease.is_none() && job.attempt == r.epoch && job.state == JobState::Scheduled,
+    }
+}
+
+pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
+    if already_applied(job, r) {
+        return Decision::Duplicate;
+    }
+    if r.epoch != job.attempt {
+        return Decision::Reject(RejectReason::StaleEpoch);
+    }
+    let Some(lease) = job.lease.as_ref() else {
+        return Decision::Reject(RejectReason::IllegalTransition);
+    };
+    if lease.session != r.session {
+        return Decision::Reject(RejectReason::WrongSession);
+    }
+    let action = match &r.kind {
+        ReportKind::Started { .. } => Action::Start,
+        ReportKind::Finished { .. } => Action::Finish,
+        ReportKind::Crashed { .. } => Action::Crash,
+        ReportKind::Released { .. } => Action::Requeue,
+    };
+    let to = match transition(job.state, action) {
+        Ok(to) => to,
+        Err(_) => return Decision::Reject(RejectReason::IllegalTransition),
+    };
+    let mut next = job.clone();
+    let from = next.state;
+    next.state = to;
+    next.updated_at = now;
+    let mut note = None;
+    match &r.kind {
+        ReportKind::Started { resource } => {
+            if let Some(l) = next.lease.as_mut() {
+                l.started_at = Some(r.at);
+                if resource.is_some() {
+                    l.resource = resource.clone();
+                }
+            }
+        }
+        ReportKind::Finished { outcome, duration_ms } => {
+            next.outcome = Some(outcome.clone());
+            note = Some(format!("outcome {outcome} after {duration_ms} ms"));
+        }
+        ReportKind::Crashed { crash, fault } => {
+            // Classification is a later stage; until then the task's own
+            // fault (status file) is taken as said, anything else unknown.
+            let (blame, detail, description) = match fault {
+                Some(f) => (f.blame, f.detail.clone(), f.description.clone()),
+                None => (Blame::Unknown, "unclassified".to_string(), describe(crash)),
+            };
+            note = Some(format!("{blame}/{detail}: {description}"));
+            next.blame = Some(blame);
+            next.detail = Some(detail);
+            next.description = Some(description);
+            next.crash = Some(bounded(crash.clone()));
+        }
+        ReportKind::Released { reason } => {
+            next.lease = None;
+            next.queued_at = now;
+            note = Some(format!("released by worker: {reason}"));
+        }
+    }
+    next.push_history(HistoryEntry {
+        at: now,
+        action,
+        attempt: r.epoch,
+        from: Some(from),
+        to: Some(to),
+        actor: r.session.clone(),
+        bot_id: Some(r.bot_id.clone()),
+        resource: job.lease.as_ref().and_then(|l| l.resource.clone()),
+        note,
+    });
+    Decision::Apply(next)
+}
+
+/// A crash in words when nobody explained it.
+pub fn describe(c: &CrashInfo) -> String {
+    match (c.exit_code, c.signal) {
+        (_, Some(sig)) => format!("killed by signal {sig} after {} ms", c.duration_ms),
+        (Some(code), None) => format!("exited with code {code} after {} ms", c.duration_ms),
+        (None, None) => "crashed without an exit status".to_string(),
+    }
+}
+
+/// The job with a rejected report recorded (no state change).
+pub fn record_rejection(job: &Job, r: &Report, reason: RejectReason, now: DateTime<Utc>) -> Job {
+    let mut next = job.clone();
+    next.push_history(HistoryEntry {
+        at: now,
+        action: Action::RejectReport,
+        attempt: r.epoch,
+        from: None,
+        to: None,
+        actor: r.session.clone(),
+        bot_id: Some(r.bot_id.clone()),
+        resource: None,
+        note: Some(format!(
+            "{} report rejected: {} (current attempt {}, report for attempt {})",
+            r.kind.name(),
+            reason.as_str(),
+            job.attempt,
+            r.epoch
+        )),
+    });
+    next.updated_at = now;
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use uuid::Uuid;
+    use warden_shared::job::Lease;
+    use warden_shared::messages::Fault;
+
+    fn running(epoch: u32, session: &str) -> Job {
+        let now = Utc::now();
+        let mut j = Job::new(Uuid::new_v4(), "t".into(), BTreeMap::new(), "p".into(), 0, None, "test", now);
+        j.state = JobState::Running;
+        j.attempt = epoch;
+        j.lease = Some(Lease {
+            session: session.into(),
+            bot_id: "bot".into(),
+            resource: None,
+            epoch,
+            leased_at: now,
+            started_at: None,
+        });
+        j
+    }
+
+    fn report(job: &Job, epoch: u32, session: &str, kind: ReportKind) -> Report {
+        Report { version: 1, job_id: job.id, session: session.into(), bot_id: "bot".into(), epoch, at: Utc::now(), kind }
+    }
+
+    fn finished() -> ReportKind {
+        ReportKind::Finished { outcome: "passed".into(), duration_ms: 5 }
+    }
+
+    #[test]
+    fn current_finish_is_applied_with_history() {
+        let j = running(2, "s1");
+        let Decision::Apply(next) = decide(&j, &report(&j, 2, "s1", finished()), Utc::now()) else { panic!("not applied") };
+        assert_eq!(next.state, JobState::Finished);
+        assert_eq!(next.outcome.as_deref(), Some("passed"));
+        let last = next.history.last().expect("history");
+        assert_eq!((last.action, last.attempt, last.to), (Action::Finish, 2, Some(JobState::Finished)));
+    }
+
+    #[test]
+    fn stale_epoch_and_wrong_session_are_rejected() {
+        let j = running(3, "s2");
+        assert_eq!(decide(&j, &report(&j, 2, "s1", finished()), Utc::now()), Decision::Reject(RejectReason::StaleEpoch));
+        assert_eq!(decide(&j, &report(&j, 3, "s1", finished()), Utc::now()), Decision::Reject(RejectReason::WrongSession));
+    }
+
+    #[test]
+    fn reports_for_finished_jobs_are_duplicates_or_rejected() {
+        let j = running(1, "s1");
+        let Decision::Apply(done) = decide(&j, &report(&j, 1, "s1", finished()), Utc::now()) else { panic!() };
+        // Redelivery of the same report: nothing to do.
+        assert_eq!(decide(&done, &report(&done, 1, "s1", finished()), Utc::now()), Decision::Duplicate);
+        // A crash report for the finished attempt is an illegal transition.
+        let crash = ReportKind::Crashed { crash: CrashInfo::default(), fault: None };
+        assert_eq!(decide(&done, &report(&done, 1, "s1", crash), Utc::now()), Decision::Reject(RejectReason::IllegalTransition));
+    }
+
+    #[test]
+    fn crash_without_fault_is_unclassified_and_fault_is_taken() {
+        let j = running(1, "s1");
+        let crash = CrashInfo { exit_code: Some(3), log_tail: "x".repeat(MAX_LOG_TAIL + 10), ..Default::default() };
+        let Decision::Apply(n) = decide(&j, &report(&j, 1, "s1", ReportKind::Crashed { crash: crash.clone(), fault: None }), Utc::now()) else {
+            panic!()
+        };
+        assert_eq!((n.state, n.blame, n.detail.as_deref()), (JobState::Crashed, Some(Blame::Unknown), Some("unclassified")));
+        assert_eq!(n.crash.as_ref().map(|c| c.log_tail.len()), Some(MAX_LOG_TAIL));
+        let fault = Fault { blame: Blame::ThirdParty, detail: "network".into(), description: "koji down".into() };
+        let Decision::Apply(n) = decide(&j, &report(&j, 1, "s1", ReportKind::Crashed { crash, fault: Some(fault) }), Utc::now()) else {
+            panic!()
+        };
+        assert_eq!((n.blame, n.detail.as_deref()), (Some(Blame::ThirdParty), Some("network")));
+    }
+
+    #[test]
+    fn started_is_applied_once() {
+        let j = running(1, "s1");
+        let r = report(&j, 1, "s1", ReportKind::Started { resource: Some("host-a".into()) });
+        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else { panic!() };
+        assert_eq!(n.state, JobState::Running);
+        assert_eq!(n.lease.as_ref().and_then(|l| l.resource.as_deref()), Some("host-a"));
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    #[test]
+    fn release_requeues_without_lease() {
+        let j = running(1, "s1");
+        let r = report(&j, 1, "s1", ReportKind::Released { reason: "worker_shutdown".into() });
+        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else { panic!() };
+        assert_eq!((n.state, n.lease.is_none(), n.attempt), (JobState::Scheduled, true, 1));
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    #[test]
+    fn rejection_is_recorded_without_state_change() {
+        let j = running(2, "s2");
+        let r = report(&j, 1, "s1", finished());
+        let n = record_rejection(&j, &r, RejectReason::StaleEpoch, Utc::now());
+        assert_eq!(n.state, j.state);
+        let last = n.history.last().expect("entry");
+        assert_eq!(last.action, Action::RejectReport);
+        assert!(last.note.as_deref().is_some_and(|s| s.contains("stale_epoch")));
+    }
+}

@@ -1,0 +1,212 @@
+//! The scheduler's in-memory queue of SCHEDULED jobs: a cache rebuilt from
+//! the jobs bucket, never the source of truth. Ordered by priority (higher
+//! first), then job age (older first), across first attempts and retries.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+use warden_shared::job::Job;
+use warden_shared::store::Versioned;
+use warden_shared::JobState;
+
+type Key = (Reverse<i32>, DateTime<Utc>, Uuid);
+
+#[derive(Default)]
+pub struct Queue {
+    /// Ready jobs per pool in dispatch order.
+    ready: HashMap<String, BTreeSet<Key>>,
+    /// Delayed retries by the instant they become ready.
+    delayed: BTreeSet<(DateTime<Utc>, Uuid)>,
+    jobs: HashMap<Uuid, Versioned>,
+}
+
+fn key(job: &Job) -> Key {
+    (Reverse(job.priority), job.created_at, job.id)
+}
+
+impl Queue {
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Takes in the latest version of a job: queued if SCHEDULED, dropped
+    /// otherwise. Older revisions than the one held are ignored.
+    pub fn observe(&mut self, v: Versioned) {
+        if let Some(held) = self.jobs.get(&v.job.id) {
+            if held.revision > v.revision {
+                return;
+            }
+        }
+        self.remove(&v.job.id);
+        if v.job.state != JobState::Scheduled {
+            return;
+        }
+        match v.job.not_before {
+            Some(at) if at > Utc::now() => {
+                self.delayed.insert((at, v.job.id));
+            }
+            _ => {
+                self.ready.entry(v.job.pool.clone()).or_default().insert(key(&v.job));
+            }
+        }
+        self.jobs.insert(v.job.id, v);
+    }
+
+    pub fn remove(&mut self, id: &Uuid) -> Option<Versioned> {
+        let v = self.jobs.remove(id)?;
+        if let Some(set) = self.ready.get_mut(&v.job.pool) {
+            set.remove(&key(&v.job));
+        }
+        if let Some(at) = v.job.not_before {
+            self.delayed.remove(&(at, v.job.id));
+        }
+        Some(v)
+    }
+
+    /// Moves delayed jobs whose time has come to the ready sets; returns
+    /// how many did.
+    pub fn promote(&mut self, now: DateTime<Utc>) -> usize {
+        let mut n = 0;
+        while let Some(&(at, id)) = self.delayed.first() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop_first();
+            if let Some(v) = self.jobs.get(&id) {
+                self.ready.entry(v.job.pool.clone()).or_default().insert(key(&v.job));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// When the next delayed job becomes ready.
+    pub fn next_due(&self) -> Option<DateTime<Utc>> {
+        self.delayed.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns up to `max` ready jobs from `pools`, best first
+    /// across all of them.
+    pub fn take(&mut self, pools: &[String], max: usize) -> Vec<Versioned> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let best = pools
+                .iter()
+                .filter_map(|p| self.ready.get(p).and_then(|s| s.first()).map(|k| (*k, p)))
+                .min_by_key(|(k, _)| *k);
+            let Some((k, pool)) = best else { break };
+            let pool = pool.clone();
+            if let Some(set) = self.ready.get_mut(&pool) {
+                set.remove(&k);
+            }
+            if let Some(v) = self.jobs.remove(&k.2) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// Ready jobs per pool (for the queue-depth gauge).
+    pub fn depth(&self) -> BTreeMap<String, usize> {
+        self.ready.iter().map(|(p, s)| (p.clone(), s.len())).collect()
+    }
+
+    /// Oldest ready job's queue time per pool.
+    pub fn oldest(&self) -> BTreeMap<String, DateTime<Utc>> {
+        let mut out = BTreeMap::new();
+        for (pool, set) in &self.ready {
+            for k in set {
+                if let Some(v) = self.jobs.get(&k.2) {
+                    let e = out.entry(pool.clone()).or_insert(v.job.queued_at);
+                    if v.job.queued_at < *e {
+                        *e = v.job.queued_at;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+    use std::collections::BTreeMap as Map;
+
+    fn job(pool: &str, priority: i32, age_s: i64) -> Versioned {
+        let t = Utc::now() - Duration::seconds(age_s);
+        Versioned {
+            job: Job::new(Uuid::new_v4(), "t".into(), Map::new(), pool.into(), priority, None, "test", t),
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn priority_first_then_oldest() {
+        let mut q = Queue::default();
+        let low_old = job("p", 0, 100);
+        let low_new = job("p", 0, 1);
+        let high_new = job("p", 10, 1);
+        let high_old = job("p", 10, 50);
+        for v in [&low_old, &low_new, &high_new, &high_old] {
+            q.observe(v.clone());
+        }
+        let ids: Vec<Uuid> = q.take(&["p".into()], 10).into_iter().map(|v| v.job.id).collect();
+        assert_eq!(ids, vec![high_old.job.id, high_new.job.id, low_old.job.id, low_new.job.id]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn takes_across_the_workers_pools_only() {
+        let mut q = Queue::default();
+        let a = job("a", 1, 1);
+        let b = job("b", 5, 1);
+        let c = job("c", 9, 1);
+        for v in [&a, &b, &c] {
+            q.observe(v.clone());
+        }
+        let got: Vec<Uuid> = q.take(&["a".into(), "b".into()], 5).into_iter().map(|v| v.job.id).collect();
+        assert_eq!(got, vec![b.job.id, a.job.id]);
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn non_scheduled_and_stale_revisions_are_dropped() {
+        let mut q = Queue::default();
+        let mut v = job("p", 0, 1);
+        v.revision = 5;
+        q.observe(v.clone());
+        let mut old = v.clone();
+        old.revision = 4;
+        old.job.priority = 99;
+        q.observe(old);
+        assert_eq!(q.take(&["p".into()], 1)[0].job.priority, 0);
+        q.observe(v.clone());
+        let mut running = v.clone();
+        running.revision = 6;
+        running.job.state = JobState::Running;
+        q.observe(running);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn delayed_jobs_wait_for_their_time() {
+        let mut q = Queue::default();
+        let mut v = job("p", 0, 1);
+        let due = Utc::now() + Duration::seconds(30);
+        v.job.not_before = Some(due);
+        q.observe(v.clone());
+        assert!(q.take(&["p".into()], 1).is_empty());
+        assert_eq!(q.next_due(), Some(due));
+        assert_eq!(q.promote(Utc::now()), 0);
+        assert_eq!(q.promote(due), 1);
+        assert_eq!(q.take(&["p".into()], 1)[0].job.id, v.job.id);
+    }
+}
