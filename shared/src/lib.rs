@@ -12,6 +12,7 @@ pub mod job;
 pub mod messages;
 pub mod metrics;
 pub mod runtime;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod subjects;

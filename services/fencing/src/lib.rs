@@ -1,1 +1,259 @@
-//! warden-fencing (placeholder)
+//! `warden-fencing`: owns bot sessions (DESIGN.md "Bot sessions and
+//! fencing") and answers session requests over the NATS service API.
+//!
+//! - create: the server names the session; a second session for the same
+//!   `bot_id` quarantines the older one (newest wins);
+//! - heartbeat: keeps a session alive; an unknown or superseded name gets a
+//!   typed error and changes nothing;
+//! - close: the bot leaves.
+
+use std::sync::{Arc, OnceLock};
+
+use async_nats::jetstream::kv;
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use prometheus::{IntCounterVec, Opts};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+use warden_shared::messages::{CloseSession, CreateSession, ErrorBody, Heartbeat, SessionReply, MESSAGE_VERSION};
+use warden_shared::session::{bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
+use warden_shared::{metrics::register, runtime, subjects, Config};
+
+#[derive(Debug, Error)]
+pub enum FencingError {
+    #[error(transparent)]
+    Connect(#[from] runtime::ConnectError),
+    #[error("cannot start the session service")]
+    Service(#[source] async_nats::Error),
+}
+
+struct Metrics {
+    requests: IntCounterVec,
+    rejected: IntCounterVec,
+}
+
+fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| Metrics {
+        requests: register(
+            IntCounterVec::new(Opts::new("warden_fencing_requests_total", "Session requests by operation and result"), &["op", "result"])
+                .expect("valid metric"),
+        ),
+        rejected: register(
+            IntCounterVec::new(Opts::new("warden_fencing_rejected_total", "Session requests rejected, by error code"), &["code"])
+                .expect("valid metric"),
+        ),
+    })
+}
+
+#[derive(Debug, Error)]
+enum OpError {
+    #[error("{1}")]
+    Rejected(&'static str, String),
+    #[error("session store unavailable: {0}")]
+    Store(String),
+}
+
+impl OpError {
+    fn body(&self) -> ErrorBody {
+        match self {
+            OpError::Rejected(code, msg) => ErrorBody::new(*code, msg.clone()),
+            OpError::Store(msg) => ErrorBody::new("unavailable", msg.clone()),
+        }
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> OpError {
+    OpError::Store(e.to_string())
+}
+
+pub struct Sessions {
+    kv: kv::Store,
+}
+
+impl Sessions {
+    pub fn new(kv: kv::Store) -> Sessions {
+        Sessions { kv }
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<(Session, u64)>, String> {
+        match self.kv.entry(session_key(name)).await.map_err(|e| e.to_string())? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let s: Session = serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
+                Ok(Some((s, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn put(&self, s: &Session) -> Result<u64, OpError> {
+        let body = serde_json::to_vec(s).map_err(store_err)?;
+        self.kv.put(session_key(&s.name), Bytes::from(body)).await.map_err(store_err)
+    }
+
+    async fn current_of(&self, bot_id: &str) -> Result<Option<(String, u64)>, OpError> {
+        match self.kv.entry(bot_key(bot_id)).await.map_err(store_err)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((String::from_utf8_lossy(&e.value).into_owned(), e.revision))),
+            Some(e) => Ok(Some((String::new(), e.revision))),
+            None => Ok(None),
+        }
+    }
+
+    async fn create(&self, req: CreateSession) -> Result<String, OpError> {
+        if req.bot_id.trim().is_empty() {
+            return Err(OpError::Rejected("invalid_request", "bot_id must not be empty".into()));
+        }
+        let now = Utc::now();
+        let name = Uuid::new_v4().to_string();
+        let session = Session {
+            version: MESSAGE_VERSION,
+            name: name.clone(),
+            bot_id: req.bot_id.clone(),
+            resource: req.resource.clone(),
+            pools: req.pools.clone(),
+            capacity: req.capacity,
+            agent_version: req.agent_version.clone(),
+            state: SessionState::Active,
+            created_at: now,
+            last_heartbeat: now,
+            superseded_by: None,
+        };
+        self.put(&session).await?;
+        // Point the bot at the new session by compare-and-set, so of two
+        // concurrent creates exactly one is current and the other is told.
+        let previous = loop {
+            let current = self.current_of(&req.bot_id).await?;
+            let res = match &current {
+                None => self.kv.create(bot_key(&req.bot_id), Bytes::from(name.clone())).await.map_err(|e| e.to_string()),
+                Some((_, rev)) => self.kv.update(bot_key(&req.bot_id), Bytes::from(name.clone()), *rev).await.map_err(|e| e.to_string()),
+            };
+            match res {
+                Ok(_) => break current.map(|(n, _)| n).filter(|n| !n.is_empty()),
+                Err(e) if e.contains("wrong last sequence") || e.contains("already exists") || e.contains("key exists") => continue,
+                Err(e) => return Err(OpError::Store(e)),
+            }
+        };
+        if let Some(old) = previous {
+            if let Ok(Some((mut s, _))) = self.get(&old).await {
+                if s.state == SessionState::Active {
+                    s.state = SessionState::Quarantined;
+                    s.superseded_by = Some(name.clone());
+                    self.put(&s).await?;
+                    info!(bot.id = %req.bot_id, old = %old, new = %name, "older session quarantined");
+                }
+            }
+        }
+        info!(bot.id = %req.bot_id, session = %name, "session created");
+        Ok(name)
+    }
+
+    /// The session if it exists and is its bot's current one.
+    async fn current(&self, name: &str) -> Result<(Session, u64), OpError> {
+        let Some((s, rev)) = self.get(name).await.map_err(OpError::Store)? else {
+            return Err(OpError::Rejected(UNKNOWN_SESSION, format!("no session named {name}")));
+        };
+        let pointer = self.current_of(&s.bot_id).await?;
+        let is_current = pointer.as_ref().is_some_and(|(n, _)| n == name);
+        if s.state != SessionState::Active || !is_current {
+            return Err(OpError::Rejected(
+                SESSION_SUPERSEDED,
+                format!("session {name} of bot {} is {} and not current; start a new session", s.bot_id, s.state.as_str()),
+            ));
+        }
+        Ok((s, rev))
+    }
+
+    async fn heartbeat(&self, req: Heartbeat) -> Result<(), OpError> {
+        let (mut s, rev) = self.current(&req.session).await?;
+        s.last_heartbeat = Utc::now();
+        let body = serde_json::to_vec(&s).map_err(store_err)?;
+        // CAS: a concurrent quarantine must not be overwritten by a late
+        // heartbeat of the old session.
+        match self.kv.update(session_key(&s.name), Bytes::from(body), rev).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.current(&req.session).await.map(|_| ())
+            }
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    async fn close(&self, req: CloseSession) -> Result<(), OpError> {
+        let (mut s, _) = self.current(&req.session).await?;
+        s.state = SessionState::Closed;
+        self.put(&s).await?;
+        Ok(())
+    }
+}
+
+/// Runs the session service until `shutdown`.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), FencingError> {
+    let (client, handles) = runtime::connect_with_topology(&config, "fencing").await?;
+    let sessions = Arc::new(Sessions::new(handles.sessions.clone()));
+    let service = client
+        .service_builder()
+        .description("Warden bot sessions")
+        .start(subjects::FENCING_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(FencingError::Service)?;
+    let group = service.group(subjects::SESSION_GROUP);
+    let mut create = group.endpoint("create").await.map_err(FencingError::Service)?;
+    let mut heartbeat = group.endpoint("heartbeat").await.map_err(FencingError::Service)?;
+    let mut close = group.endpoint("close").await.map_err(FencingError::Service)?;
+    info!("fencing service running");
+    loop {
+        let (op, req) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = create.next() => ("create", r),
+            r = heartbeat.next() => ("heartbeat", r),
+            r = close.next() => ("close", r),
+        };
+        let Some(req) = req else { break };
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            let payload = req.message.payload.clone();
+            let result: Result<Option<String>, OpError> = match op {
+                "create" => match serde_json::from_slice::<CreateSession>(&payload) {
+                    Ok(r) => sessions.create(r).await.map(Some),
+                    Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
+                },
+                "heartbeat" => match serde_json::from_slice::<Heartbeat>(&payload) {
+                    Ok(r) => sessions.heartbeat(r).await.map(|_| None),
+                    Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
+                },
+                _ => match serde_json::from_slice::<CloseSession>(&payload) {
+                    Ok(r) => sessions.close(r).await.map(|_| None),
+                    Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
+                },
+            };
+            let m = metrics();
+            let reply = match result {
+                Ok(session) => {
+                    m.requests.with_label_values(&[op, "ok"]).inc();
+                    SessionReply { version: MESSAGE_VERSION, session, cancel: Vec::new(), error: None }
+                }
+                Err(e) => {
+                    let body = e.body();
+                    m.requests.with_label_values(&[op, "error"]).inc();
+                    if let OpError::Rejected(code, _) = &e {
+                        m.rejected.with_label_values(&[code]).inc();
+                    }
+                    warn!(op, code = %body.code, error = %body.message, "session request rejected");
+                    SessionReply { version: MESSAGE_VERSION, session: None, cancel: Vec::new(), error: Some(body) }
+                }
+            };
+            let bytes = serde_json::to_vec(&reply).unwrap_or_default();
+            if let Err(e) = req.respond(Ok(Bytes::from(bytes))).await {
+                warn!(error = %e, "cannot answer session request");
+            }
+        });
+    }
+    let _ = service.stop().await;
+    let _ = client.flush().await;
+    info!("fencing service stopped");
+    Ok(())
+}
