@@ -1,1 +1,185 @@
-fn main() {}
+//! `warden`: runs Warden (`up`), talks to it (`job`, `publish`), runs a
+//! worker agent (`worker`) and measures it (`bench`).
+
+mod bench;
+mod cli;
+mod natsd;
+mod up;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use warden_shared::config::{Config, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(name = "warden", version, about = "Warden: a job-execution hub for CI and test automation on NATS JetStream")]
+pub struct Cli {
+    /// NATS server URL [default: nats.url from the config, nats://127.0.0.1:4222]
+    #[arg(long, global = true, env = "WARDEN_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Config file (TOML), merged over the built-in defaults
+    #[arg(long, global = true, env = "WARDEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run every service and local workers in one process (spawns nats-server unless --nats-url is given)
+    Up(UpArgs),
+    /// Submit, show and list jobs
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Publish a JSON event from FILE on SUBJECT, as a bus bridge would
+    Publish {
+        subject: String,
+        file: PathBuf,
+    },
+    /// Run a worker agent (a bot) on this host
+    Worker(WorkerArgs),
+    /// Run no-op jobs end to end through a real local bus and print throughput and latency
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where nats-server keeps its data
+    #[arg(long, default_value = "./.warden")]
+    pub data_dir: PathBuf,
+    /// HTTP API address [default: http.listen from the config, 127.0.0.1:8080]
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Local workers to run (pool `default`)
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+}
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Create a job; prints its id
+    Submit {
+        task: String,
+        /// Task argument, repeatable
+        #[arg(long = "arg", value_name = "KEY=VALUE")]
+        args: Vec<String>,
+        #[arg(long)]
+        priority: Option<i32>,
+        #[arg(long)]
+        pool: Option<String>,
+        /// Wait until the job ends; exit 0 only if it FINISHED with outcome passed
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Show one job with its history
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub bot_id: Option<String>,
+    /// Pool to serve, repeatable
+    #[arg(long = "pool")]
+    pub pools: Vec<String>,
+    #[arg(long)]
+    pub resource: Option<String>,
+    #[arg(long)]
+    pub capacity: Option<u32>,
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Jobs in the burst
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: usize,
+    /// Jobs running at once across all workers (worker slots)
+    #[arg(long, default_value_t = 256)]
+    pub in_flight: usize,
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Jobs run one at a time for the latency figures
+    #[arg(long, default_value_t = 200)]
+    pub sequential: usize,
+    /// Make nats-server fsync every write (the production durability setting)
+    #[arg(long)]
+    pub sync_always: bool,
+    /// Skip the second run that executes `true` as a real process per job
+    #[arg(long)]
+    pub no_process: bool,
+}
+
+fn load_config(cli: &Cli) -> Config {
+    match Config::load(cli.config.as_deref()) {
+        Ok(mut c) => {
+            if let Some(url) = &cli.nats_url {
+                c.nats.url = url.clone();
+            }
+            c
+        }
+        Err(e) => {
+            eprintln!("warden: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    warden_shared::runtime::init_tracing();
+    let config = load_config(&cli);
+    let result = match &cli.command {
+        Command::Up(args) => up::run(config, cli.nats_url.is_some(), args).await,
+        Command::Job(cmd) => cli::job(&config, cmd).await,
+        Command::Publish { subject, file } => cli::publish(&config, subject, file).await,
+        Command::Worker(args) => {
+            let mut config = config;
+            warden_worker::apply_overrides(
+                &mut config.worker,
+                args.bot_id.clone(),
+                args.pools.clone(),
+                args.resource.clone(),
+                args.capacity,
+            );
+            let problems = config.problems();
+            if !problems.is_empty() {
+                eprintln!("warden: invalid configuration:\n  - {}", problems.join("\n  - "));
+                std::process::exit(EXIT_CONFIG);
+            }
+            let config = Arc::new(config);
+            let shutdown = warden_shared::runtime::shutdown_on_signal();
+            if let Some(addr) = config.metrics_listen() {
+                tokio::spawn(warden_shared::runtime::serve_metrics(addr, shutdown.clone()));
+            }
+            warden_worker::run(config, shutdown).await.map(|_| 0).map_err(anyhow::Error::from)
+        }
+        Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("warden: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

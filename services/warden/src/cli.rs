@@ -1,0 +1,198 @@
+//! Client commands: `warden job …` and `warden publish`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use uuid::Uuid;
+use warden_api::{ApiClient, ListQuery};
+use warden_shared::job::{Job, NewJob};
+use warden_shared::{Config, JobState};
+
+use crate::JobCommand;
+
+/// A short-lived client: a command fails fast instead of waiting forever
+/// for a bus that is not there.
+pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
+    let opts = async_nats::ConnectOptions::new()
+        .name("warden-cli")
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(Some(3));
+    opts.connect(config.nats.url.as_str())
+        .await
+        .with_context(|| format!("cannot reach NATS at {} (is `warden up` running? use --nats-url)", config.nats.url))
+}
+
+pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
+    let client = connect(config).await?;
+    let api = ApiClient::new(client.clone());
+    match cmd {
+        JobCommand::Submit { task, args, priority, pool, wait, timeout } => {
+            let mut map = BTreeMap::new();
+            for a in args {
+                let (k, v) = a.split_once('=').ok_or_else(|| anyhow!("--arg {a:?}: expected KEY=VALUE"))?;
+                if k.is_empty() {
+                    bail!("--arg {a:?}: empty key");
+                }
+                map.insert(k.to_string(), v.to_string());
+            }
+            let job = api
+                .create(NewJob { task: task.clone(), args: map, pool: pool.clone(), priority: *priority })
+                .await
+                .map_err(|e| anyhow!("cannot submit job: {e}"))?;
+            println!("{}", job.id);
+            if !wait {
+                return Ok(0);
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(*timeout);
+            loop {
+                if let Some(j) = api.get(job.id).await.map_err(|e| anyhow!("cannot read job: {e}"))? {
+                    if j.state.is_terminal() {
+                        println!("{}", one_line(&j));
+                        let ok = j.state == JobState::Finished && j.outcome.as_deref() == Some("passed");
+                        return Ok(if ok { 0 } else { 1 });
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    eprintln!("warden: job {} still not done after {timeout}s", job.id);
+                    return Ok(2);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        JobCommand::Show { id, json } => {
+            let id: Uuid = id.parse().map_err(|_| anyhow!("{id:?} is not a job id (a UUID)"))?;
+            let Some(job) = api.get(id).await.map_err(|e| anyhow!("cannot read job: {e}"))? else {
+                eprintln!("warden: no job {id}");
+                return Ok(1);
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                print_job(&job);
+            }
+            Ok(0)
+        }
+        JobCommand::List { state, task, limit, json } => {
+            if let Some(s) = state {
+                s.parse::<JobState>().map_err(|e| anyhow!(e))?;
+            }
+            let query = ListQuery { state: state.clone(), task: task.clone(), limit: Some(*limit), ..Default::default() };
+            let reply = api.list(query).await.map_err(|e| anyhow!("cannot list jobs: {e}"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&reply.jobs)?);
+            } else {
+                println!("{:<36}  {:<10}  {:<16}  {:>4}  {:>3}  {:<10}  CREATED", "ID", "STATE", "TASK", "PRIO", "TRY", "OUTCOME");
+                for j in &reply.jobs {
+                    let outcome = j.outcome.clone().or_else(|| j.detail.clone()).unwrap_or_default();
+                    println!(
+                        "{:<36}  {:<10}  {:<16}  {:>4}  {:>3}  {:<10}  {}",
+                        j.id,
+                        j.state,
+                        j.task,
+                        j.priority,
+                        j.attempt,
+                        outcome,
+                        j.created_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+                println!("({} shown of {})", reply.jobs.len(), reply.total);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn one_line(j: &Job) -> String {
+    match j.state {
+        JobState::Finished => format!("{} FINISHED outcome={}", j.id, j.outcome.as_deref().unwrap_or("?")),
+        s => format!(
+            "{} {s} blame={} detail={} {}",
+            j.id,
+            j.blame.map(|b| b.to_string()).unwrap_or_default(),
+            j.detail.as_deref().unwrap_or(""),
+            j.description.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+fn print_job(j: &Job) {
+    println!("job       {}", j.id);
+    println!("task      {}", j.task);
+    for (k, v) in &j.args {
+        println!("  arg     {k}={v}");
+    }
+    println!("state     {}", j.state);
+    if let Some(o) = &j.outcome {
+        println!("outcome   {o}");
+    }
+    if let Some(b) = j.blame {
+        println!("blame     {b} / {}", j.detail.as_deref().unwrap_or(""));
+        println!("          {}", j.description.as_deref().unwrap_or(""));
+    }
+    println!("pool      {}  priority {}  attempt {}", j.pool, j.priority, j.attempt);
+    if let Some(l) = &j.lease {
+        println!("lease     bot {} session {} epoch {} resource {}", l.bot_id, l.session, l.epoch, l.resource.as_deref().unwrap_or("-"));
+    }
+    if let Some(s) = &j.source {
+        println!("source    {} ({}){}", s.message_id, s.subject, s.rule.as_deref().map(|r| format!(" rule {r}")).unwrap_or_default());
+    }
+    println!("created   {}", j.created_at.to_rfc3339());
+    println!("updated   {}", j.updated_at.to_rfc3339());
+    println!("history:");
+    for h in &j.history {
+        let change = match (h.from, h.to) {
+            (Some(f), Some(t)) => format!("{f} -> {t}"),
+            (None, Some(t)) => format!("-> {t}"),
+            _ => String::new(),
+        };
+        println!(
+            "  {}  #{:<2} {:<13} {:<24} by {}{}{}",
+            h.at.format("%H:%M:%S%.3f"),
+            h.attempt,
+            h.action.as_str(),
+            change,
+            h.bot_id.as_deref().unwrap_or(&h.actor),
+            h.resource.as_deref().map(|r| format!(" on {r}")).unwrap_or_default(),
+            h.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+        );
+    }
+    if j.history_dropped > 0 {
+        println!("  ({} older entries dropped)", j.history_dropped);
+    }
+}
+
+/// Publishes a JSON event durably, with its message id as the JetStream
+/// de-duplication id, the way a bridge would.
+pub async fn publish(config: &Config, subject: &str, file: &Path) -> anyhow::Result<i32> {
+    warden_shared::config::check_pattern(subject).map_err(|e| anyhow!("subject {subject:?}: {e}"))?;
+    if subject.contains('*') || subject.contains('>') {
+        bail!("subject {subject:?}: cannot publish on a wildcard");
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", file.display()))?;
+    let msg_id = ["msg_id", "id"].iter().find_map(|k| value.get(*k).and_then(|v| v.as_str()).map(str::to_string));
+    let client = connect(config).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = &msg_id {
+        headers.insert("Nats-Msg-Id", id.as_str());
+    }
+    let ack = js
+        .publish_with_headers(subject.to_string(), headers, bytes.into())
+        .await
+        .context("cannot publish")?
+        .await
+        .with_context(|| format!("no stream accepted {subject} (is it covered by trigger.subjects?)"))?;
+    println!(
+        "published {subject} msg_id={} stream={} seq={}{}",
+        msg_id.as_deref().unwrap_or("-"),
+        ack.stream,
+        ack.sequence,
+        if ack.duplicate { " (duplicate: already on the bus)" } else { "" }
+    );
+    client.flush().await.ok();
+    Ok(0)
+}

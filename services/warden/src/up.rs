@@ -1,0 +1,118 @@
+//! `warden up`: nats-server (unless given one), every service and N local
+//! workers in one process; Ctrl-C or SIGTERM stops them in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use warden_shared::config::EXIT_CONFIG;
+use warden_shared::{runtime, Config};
+
+use crate::natsd::LocalNats;
+use crate::UpArgs;
+
+/// Default port of a spawned nats-server.
+const LOCAL_NATS_PORT: u16 = 4222;
+
+type ServiceResult = (String, anyhow::Result<()>);
+
+pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyhow::Result<i32> {
+    if let Some(http) = &args.http {
+        config.http.listen = http.clone();
+    }
+    let problems = config.problems();
+    if !problems.is_empty() {
+        eprintln!("warden: invalid configuration:\n  - {}", problems.join("\n  - "));
+        std::process::exit(EXIT_CONFIG);
+    }
+    let mut nats = if external_nats {
+        None
+    } else {
+        let dir = args.data_dir.join("nats");
+        let n = LocalNats::spawn(&dir, LOCAL_NATS_PORT, false).context("cannot start nats-server")?;
+        config.nats.url = n.url();
+        Some(n)
+    };
+
+    let shutdown = runtime::shutdown_on_signal();
+    let config = Arc::new(config);
+    let mut set: JoinSet<ServiceResult> = JoinSet::new();
+    start(&mut set, "trigger", warden_trigger::run(config.clone(), shutdown.clone()));
+    start(&mut set, "scheduler", warden_scheduler::run(config.clone(), shutdown.clone()));
+    start(&mut set, "fencing", warden_fencing::run(config.clone(), shutdown.clone()));
+    start(&mut set, "api", warden_api::run(config.clone(), shutdown.clone()));
+    let mut bots = Vec::new();
+    for i in 1..=args.workers {
+        let mut wc = (*config).clone();
+        wc.worker.bot_id = format!("local-{i}");
+        if wc.worker.work_dir.is_empty() {
+            wc.worker.work_dir = args.data_dir.join("work").join(&wc.worker.bot_id).display().to_string();
+        }
+        bots.push(wc.worker.bot_id.clone());
+        start(&mut set, "worker", warden_worker::run(Arc::new(wc), shutdown.clone()));
+    }
+
+    let http = config.http_listen();
+    println!("Warden is up");
+    match &nats {
+        Some(n) => println!("  NATS      {} (JetStream data in {})", n.url(), n.store_dir.display()),
+        None => println!("  NATS      {} (external)", config.nats.url),
+    }
+    println!("  HTTP API  http://{http}/api/v1/jobs");
+    println!("  metrics   http://{http}/metrics");
+    println!("  workers   {} in pool(s) {} ({})", args.workers, config.worker.pools.join(","), bots.join(", "));
+    println!("  tasks     {}", config.tasks.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!("Try: warden job submit noop --wait     Stop: Ctrl-C");
+
+    let code = supervise(&mut set, &shutdown).await;
+    if let Some(n) = nats.as_mut() {
+        n.stop();
+    }
+    println!("Warden stopped");
+    Ok(code)
+}
+
+fn start<F, E>(set: &mut JoinSet<ServiceResult>, name: &str, fut: F)
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<anyhow::Error>,
+{
+    let name = name.to_string();
+    set.spawn(async move { (name, fut.await.map_err(Into::into)) });
+}
+
+/// Waits for shutdown; a service that ends on its own (an error) takes
+/// everything down, so `up` never runs half a Warden.
+async fn supervise(set: &mut JoinSet<ServiceResult>, shutdown: &CancellationToken) -> i32 {
+    let mut code = 0;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(done) = set.join_next() => {
+            match done {
+                Ok((name, Err(e))) => { error!(service = %name, error = format!("{e:#}"), "service failed; stopping"); code = 1; }
+                Ok((name, Ok(()))) => { error!(service = %name, "service ended unexpectedly; stopping"); code = 1; }
+                Err(e) => { error!(error = %e, "service panicked; stopping"); code = 1; }
+            }
+            shutdown.cancel();
+        }
+    }
+    info!("stopping services");
+    let grace = Duration::from_secs(30);
+    let all = async {
+        while let Some(done) = set.join_next().await {
+            if let Ok((name, Err(e))) = done {
+                error!(service = %name, error = format!("{e:#}"), "service failed while stopping");
+                code = 1;
+            }
+        }
+    };
+    if tokio::time::timeout(grace, all).await.is_err() {
+        error!("services did not stop within {grace:?}");
+        set.abort_all();
+        return 1;
+    }
+    code
+}

@@ -1,0 +1,148 @@
+//! Helpers for end-to-end tests: the real `warden` binary against a real
+//! `nats-server` (from `warden-testsupport`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use warden_testsupport::{eventually, free_port, Cluster, NatsServer};
+
+/// `target/<profile>/warden`, next to the test binary's `deps/` folder.
+/// `scripts/test` builds it before the tests run.
+pub fn warden_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WARDEN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("warden");
+    assert!(bin.exists(), "{} not built: run `cargo build --workspace --bins` first (scripts/test does)", bin.display());
+    bin
+}
+
+/// Fixture path under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// Runs `warden ARGS --nats-url URL` to completion.
+pub fn cli(nats_url: &str, args: &[&str]) -> Output {
+    Command::new(warden_bin())
+        .args(args)
+        .args(["--nats-url", nats_url])
+        .env("WARDEN_LOG", "warn")
+        .output()
+        .expect("run warden")
+}
+
+/// Like [`cli`], asserting success and returning stdout.
+pub fn cli_ok(nats_url: &str, args: &[&str]) -> String {
+    let out = cli(nats_url, args);
+    assert!(
+        out.status.success(),
+        "warden {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `warden up` process on an external nats-server; SIGTERM on drop.
+pub struct Warden {
+    child: Option<Child>,
+    pub http: String,
+    pub nats_url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Warden {
+    /// `config` is TOML text merged over the defaults.
+    pub fn up(nats_url: &str, config: &str, workers: u32) -> Warden {
+        let dir = tempfile::Builder::new().prefix("warden-up-").tempdir().unwrap();
+        let conf = dir.path().join("warden.toml");
+        std::fs::write(&conf, config).unwrap();
+        let port = free_port();
+        let http = format!("127.0.0.1:{port}");
+        let log = dir.path().join("warden.log");
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(warden_bin())
+            .args(["up", "--nats-url", nats_url, "--http", &http, "--workers", &workers.to_string(), "--config"])
+            .arg(&conf)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("WARDEN_LOG", "info,async_nats=warn")
+            .stdout(Stdio::from(logf.try_clone().unwrap()))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .expect("spawn warden up");
+        let w = Warden { child: Some(child), http: format!("http://{http}"), nats_url: nats_url.to_string(), log, _dir: dir };
+        w.wait_healthy();
+        w
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = self.http.trim_start_matches("http://").to_string();
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("warden up did not serve HTTP within 30s; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(45);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.http)
+    }
+}
+
+impl Drop for Warden {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// GET a JSON document.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let resp = reqwest::get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    assert!(status.is_success(), "GET {url}: {status}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+}
+
+pub async fn js(nats_url: &str) -> (async_nats::Client, async_nats::jetstream::Context) {
+    let client = async_nats::connect(nats_url).await.expect("connect");
+    let js = async_nats::jetstream::new(client.clone());
+    (client, js)
+}

@@ -1,0 +1,87 @@
+//! Two scheduler replicas running at once never lease one attempt twice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use warden_e2e::NatsServer;
+use warden_shared::job::Job;
+use warden_shared::messages::{AcquireReply, AcquireRequest};
+use warden_shared::store::JobStore;
+use warden_shared::{runtime, subjects, Config, JobState};
+
+const JOBS: usize = 600;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_never_dispatch_one_job_twice() {
+    let nats = NatsServer::start();
+    let config = Arc::new(Config::from_parts(Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())), Vec::new()).unwrap());
+    let shutdown = CancellationToken::new();
+    let replicas: Vec<_> = (0..2).map(|_| tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone()))).collect();
+
+    let (client, handles) = runtime::connect_with_topology(&config, "test").await.unwrap();
+    let store = JobStore::new(handles.jobs.clone());
+    let mut ids = Vec::new();
+    for _ in 0..JOBS {
+        let job = Job::new(Uuid::new_v4(), "noop".into(), BTreeMap::new(), "default".into(), 0, None, "test", Utc::now());
+        store.create(&job).await.unwrap();
+        ids.push(job.id);
+    }
+
+    // Eight greedy acquirers hammer both replicas (the queue group spreads
+    // requests) and record every lease they are given.
+    let acquirers: Vec<_> = (0..8)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut empty = 0;
+                while empty < 3 {
+                    let req = AcquireRequest {
+                        version: 1,
+                        session: format!("session-{i}"),
+                        bot_id: format!("bot-{i}"),
+                        resource: None,
+                        pools: vec!["default".into()],
+                        max: 7,
+                        wait_ms: 300,
+                    };
+                    let reply = client.request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into()).await.unwrap();
+                    let reply: AcquireReply = serde_json::from_slice(&reply.payload).unwrap();
+                    if reply.leases.is_empty() {
+                        empty += 1;
+                    }
+                    got.extend(reply.leases.into_iter().map(|l| (l.job_id, l.epoch, i)));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut granted: HashMap<Uuid, Vec<(u32, usize)>> = HashMap::new();
+    for a in acquirers {
+        for (id, epoch, who) in a.await.unwrap() {
+            granted.entry(id).or_default().push((epoch, who));
+        }
+    }
+    let twice: Vec<_> = granted.iter().filter(|(_, g)| g.len() > 1).collect();
+    assert!(twice.is_empty(), "jobs leased more than once: {twice:?}");
+    assert_eq!(granted.len(), JOBS, "every job leased exactly once");
+
+    // The bucket agrees: every job RUNNING at attempt 1 with one dispatch.
+    for id in &ids {
+        let v = store.get(id).await.unwrap().unwrap();
+        assert_eq!((v.job.state, v.job.attempt), (JobState::Running, 1));
+        assert_eq!(v.job.history.iter().filter(|h| h.action == warden_shared::Action::Dispatch).count(), 1);
+        let lease = v.job.lease.unwrap();
+        assert_eq!(format!("session-{}", granted[id][0].1), lease.session, "the lease names the acquirer that got it");
+    }
+    shutdown.cancel();
+    for r in replicas {
+        let res = tokio::time::timeout(Duration::from_secs(15), r).await.expect("replica stops on shutdown");
+        res.unwrap().unwrap();
+    }
+}
