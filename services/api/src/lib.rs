@@ -1,1 +1,137 @@
-//! warden-api (placeholder)
+//! `warden-api`: create, get and search jobs over HTTP JSON and over NATS
+//! request/reply, with the same validation and error codes on both.
+//!
+//! - Writes go straight to the jobs bucket through
+//!   [`warden_shared::store::JobStore`]; a get reads the bucket too, so it
+//!   is fresh and carries the full history.
+//! - Searches read [`index::JobIndex`], an in-memory view of the bucket
+//!   that a KV watch keeps current and that every start rebuilds.
+//! - HTTP also serves `/metrics` and `/healthz`.
+//!
+//! [`run`] binds `http.listen`; [`serve`] takes a listener the caller bound
+//! (say on `127.0.0.1:0`) so it can learn the port first.
+
+pub mod client;
+pub mod http;
+pub mod index;
+pub mod metrics;
+pub mod nats;
+pub mod ops;
+pub mod types;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use warden_shared::runtime;
+use warden_shared::store::JobStore;
+use warden_shared::Config;
+
+pub use client::{ApiClient, ClientError};
+pub use types::{ApiReply, CreateJob, ErrorReply, GetRequest, ListQuery, ListReply};
+
+/// How long in-flight requests may take to finish after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Connect(#[from] runtime::ConnectError),
+    #[error("cannot start the api service on NATS")]
+    Service(#[source] async_nats::Error),
+    #[error("http server failed")]
+    Http(#[source] std::io::Error),
+}
+
+/// Binds `http.listen` and serves until `shutdown`.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ApiError> {
+    let listener = TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|source| ApiError::Bind {
+            addr: config.http.listen.clone(),
+            source,
+        })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves HTTP on `listener` (whatever `http.listen` says) and the NATS
+/// endpoints until `shutdown`.
+pub async fn serve(
+    config: Arc<Config>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let addr = listener.local_addr().map_err(ApiError::Http)?;
+    let (client, handles) = runtime::connect_with_topology(&config, "api").await?;
+    let index = Arc::new(index::SharedIndex::default());
+    let ops = Arc::new(ops::Ops {
+        config: config.clone(),
+        client: client.clone(),
+        store: JobStore::new(handles.jobs.clone()),
+        index: index.clone(),
+    });
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(index::watch_loop(
+        handles.jobs.clone(),
+        index,
+        shutdown.clone(),
+    ));
+    let (service, endpoints) = nats::start(&client).await.map_err(ApiError::Service)?;
+    tracker.spawn(nats::serve(
+        ops.clone(),
+        endpoints,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+
+    let server = axum::serve(listener, http::router(ops))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let mut server = tokio::spawn(server);
+    info!(%addr, "api listening");
+
+    let early = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown.cancelled() => None,
+    };
+    let result = match early {
+        // axum only returns when shutdown was asked, so this is a failure.
+        Some(r) => {
+            shutdown.cancel();
+            match r {
+                Ok(Err(e)) => Err(ApiError::Http(e)),
+                Ok(Ok(())) => Ok(()),
+                Err(e) => Err(ApiError::Http(std::io::Error::other(e))),
+            }
+        }
+        None => {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(Ok(Err(e))) => warn!(error = %e, "http server failed while stopping"),
+                Ok(_) => {}
+                Err(_) => {
+                    warn!("http connections still open after grace period");
+                    server.abort();
+                }
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = service.stop().await {
+        warn!(error = %e, "cannot stop the api service cleanly");
+    }
+    runtime::drain(&client, &tracker, SHUTDOWN_GRACE).await;
+    info!("api stopped");
+    result
+}

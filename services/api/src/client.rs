@@ -1,0 +1,112 @@
+//! A small client for the API's NATS endpoints, for the `warden` command
+//! and tests.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+use uuid::Uuid;
+use warden_shared::job::NewJob;
+use warden_shared::messages::ErrorBody;
+use warden_shared::{subjects, Job};
+
+use crate::types::{ApiReply, CreateJob, GetRequest, ListQuery, ListReply};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The API answered with an error (branch on `code`).
+    #[error("api error {}: {}", .0.code, .0.message)]
+    Api(ErrorBody),
+    #[error("no api service is running")]
+    NoResponders,
+    #[error("api request timed out")]
+    Timeout,
+    #[error("api request failed")]
+    Transport(#[source] async_nats::RequestError),
+    #[error("cannot encode api request")]
+    Encode(#[source] serde_json::Error),
+    #[error("invalid api reply")]
+    Decode(#[source] serde_json::Error),
+}
+
+impl ClientError {
+    /// The API's error code, if the API answered with an error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    client: async_nats::Client,
+    timeout: Duration,
+}
+
+impl ApiClient {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn new(client: async_nats::Client) -> Self {
+        ApiClient {
+            client,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub async fn create(&self, job: NewJob) -> Result<Job, ClientError> {
+        self.call(subjects::API_JOB_CREATE, &CreateJob::from(job))
+            .await
+    }
+
+    /// The job with its history; `None` if there is no such job.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Job>, ClientError> {
+        match self.call(subjects::API_JOB_GET, &GetRequest { id }).await {
+            Ok(job) => Ok(Some(job)),
+            Err(ClientError::Api(e)) if e.code == "not_found" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list(&self, query: ListQuery) -> Result<ListReply, ClientError> {
+        self.call(subjects::API_JOB_LIST, &query).await
+    }
+
+    async fn call<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        subject: &'static str,
+        req: &Q,
+    ) -> Result<R, ClientError> {
+        let payload = serde_json::to_vec(req).map_err(ClientError::Encode)?;
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(payload))
+            .timeout(Some(self.timeout));
+        let msg = self
+            .client
+            .send_request(subject, request)
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders,
+                async_nats::RequestErrorKind::TimedOut => ClientError::Timeout,
+                _ => ClientError::Transport(e),
+            })?;
+        match serde_json::from_slice::<ApiReply<R>>(&msg.payload) {
+            Ok(ApiReply::Ok(r)) => Ok(r),
+            Ok(ApiReply::Error(e)) => Err(ClientError::Api(e.error)),
+            // Decode again for the typed error: the untagged enum's own
+            // message only says that no variant matched.
+            Err(_) => match serde_json::from_slice::<R>(&msg.payload) {
+                Ok(r) => Ok(r),
+                Err(e) => Err(ClientError::Decode(e)),
+            },
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! HTTP JSON: the routes, the bearer-token check for writes, and the
+//! mapping of every failure (including axum's own extractor rejections) to
+//! `{"error": {"code", "message"}}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::metrics;
+use crate::ops::{OpError, Ops};
+use crate::types::{CreateJob, ErrorReply, ListQuery};
+
+impl IntoResponse for OpError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorReply { error: self.body })).into_response()
+    }
+}
+
+/// The whole HTTP surface: the job API plus `/metrics` and `/healthz`.
+pub fn router(ops: Arc<Ops>) -> Router {
+    let max_body = ops.config.http.max_body_bytes;
+    let api = Router::new()
+        .route("/api/v1/jobs", get(list_jobs).post(create_job))
+        .route("/api/v1/jobs/{id}", get(get_job))
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(ops);
+    api.merge(warden_shared::metrics::router())
+        .fallback(not_found)
+        .layer(middleware::from_fn(track))
+}
+
+async fn create_job(
+    State(ops): State<Arc<Ops>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpError> {
+    let body = body.map_err(body_rejection)?;
+    let req: CreateJob = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
+    let job = ops.create(req).await?;
+    Ok((StatusCode::CREATED, Json(job)).into_response())
+}
+
+async fn get_job(
+    State(ops): State<Arc<Ops>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, OpError> {
+    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    Ok(Json(ops.get_str(&id).await?).into_response())
+}
+
+async fn list_jobs(
+    State(ops): State<Arc<Ops>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, OpError> {
+    let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
+    Ok(Json(ops.list(q).await?).into_response())
+}
+
+fn body_rejection(e: BytesRejection) -> OpError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        OpError::too_large("request body is larger than http.max_body_bytes")
+    } else {
+        OpError::bad_request("invalid_body", e.body_text())
+    }
+}
+
+async fn not_found() -> OpError {
+    OpError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> OpError {
+    OpError::new(
+        405,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// Writes need `Authorization: Bearer <http.token>` when a token is set;
+/// reads are open. Checked before the body is read.
+async fn require_token(State(ops): State<Arc<Ops>>, req: Request, next: Next) -> Response {
+    let Some(token) = ops.config.http.token.as_deref() else {
+        return next.run(req).await;
+    };
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => {
+            let mut resp = OpError::new(
+                401,
+                "unauthorized",
+                "writes need Authorization: Bearer <token>",
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so response timing
+/// does not tell how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts every request under a bounded route name (never the raw path,
+/// which carries job ids).
+async fn track(req: Request, next: Next) -> Response {
+    let route = route_name(
+        req.method(),
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    );
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    metrics::observe(route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+fn route_name(method: &Method, path: Option<&str>) -> &'static str {
+    match (path, method) {
+        (Some("/api/v1/jobs"), &Method::POST) => "job_create",
+        (Some("/api/v1/jobs"), &Method::GET) => "job_list",
+        (Some("/api/v1/jobs/{id}"), &Method::GET) => "job_get",
+        (Some("/metrics"), _) => "metrics",
+        (Some("/healthz"), _) => "healthz",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

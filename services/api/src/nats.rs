@@ -1,0 +1,164 @@
+//! The same operations over NATS request/reply, as an async-nats service
+//! (`$SRV.PING/INFO/STATS` discovery for free). Replies are the result's
+//! JSON or `{"error": {...}}`; error replies also carry the
+//! `Nats-Service-Error` headers so generic service tooling sees them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::service::{self, Service, ServiceExt};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+use warden_shared::subjects;
+
+use crate::metrics;
+use crate::ops::{OpError, Ops};
+use crate::types::{CreateJob, ErrorReply, ListQuery};
+
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Create,
+    Get,
+    List,
+}
+
+impl Endpoint {
+    fn route(self) -> &'static str {
+        match self {
+            Endpoint::Create => "nats_job_create",
+            Endpoint::Get => "nats_job_get",
+            Endpoint::List => "nats_job_list",
+        }
+    }
+}
+
+/// The body of job.get as received: the id stays a string so a malformed
+/// one is `invalid_id`, as over HTTP, rather than a decoding error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGetRequest {
+    id: String,
+}
+
+/// Registers the service and its three endpoints.
+pub async fn start(
+    client: &async_nats::Client,
+) -> Result<(Service, [service::endpoint::Endpoint; 3]), async_nats::Error> {
+    let svc = client
+        .service_builder()
+        .description("Warden job API: create, get and search jobs")
+        .start(subjects::API_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await?;
+    let create = svc
+        .endpoint_builder()
+        .name("job_create")
+        .add(subjects::API_JOB_CREATE)
+        .await?;
+    let get = svc
+        .endpoint_builder()
+        .name("job_get")
+        .add(subjects::API_JOB_GET)
+        .await?;
+    let list = svc
+        .endpoint_builder()
+        .name("job_list")
+        .add(subjects::API_JOB_LIST)
+        .await?;
+    Ok((svc, [create, get, list]))
+}
+
+/// Answers requests until `shutdown`; each request runs in its own task
+/// so a slow store write does not hold up searches.
+pub async fn serve(
+    ops: Arc<Ops>,
+    endpoints: [service::endpoint::Endpoint; 3],
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let [create, get, list] = endpoints;
+    let mut requests = futures::stream::select_all([
+        create.map(|r| (Endpoint::Create, r)).boxed(),
+        get.map(|r| (Endpoint::Get, r)).boxed(),
+        list.map(|r| (Endpoint::List, r)).boxed(),
+    ]);
+    loop {
+        let (endpoint, req) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = requests.next() => match next {
+                Some(r) => r,
+                None => {
+                    warn!("api service endpoints closed");
+                    return;
+                }
+            },
+        };
+        let ops = ops.clone();
+        tracker.spawn(async move {
+            let start = Instant::now();
+            let result = handle(&ops, endpoint, &req.message.payload).await;
+            let status = match &result {
+                Ok(_) => 200,
+                Err(e) => e.status,
+            };
+            metrics::observe(endpoint.route(), status, start.elapsed());
+            let sent = match result {
+                Ok(body) => req.respond(Ok(body)).await,
+                Err(e) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    // The code, not the message: header values must stay on one line.
+                    headers.insert(service::NATS_SERVICE_ERROR, e.body.code.as_str());
+                    headers.insert(
+                        service::NATS_SERVICE_ERROR_CODE,
+                        e.status.to_string().as_str(),
+                    );
+                    let body = encode(&ErrorReply { error: e.body }).unwrap_or_default();
+                    req.respond_with_headers(Ok(body), headers).await
+                }
+            };
+            if let Err(e) = sent {
+                debug!(error = %e, route = endpoint.route(), "cannot send api reply");
+            }
+        });
+    }
+}
+
+async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, OpError> {
+    if payload.len() > ops.config.http.max_body_bytes {
+        return Err(OpError::too_large(
+            "request is larger than http.max_body_bytes",
+        ));
+    }
+    match endpoint {
+        Endpoint::Create => {
+            let req: CreateJob = decode(payload)?;
+            encode(&ops.create(req).await?)
+        }
+        Endpoint::Get => {
+            let req: RawGetRequest = decode(payload)?;
+            encode(&ops.get_str(&req.id).await?)
+        }
+        Endpoint::List => {
+            // An empty request is a search with no filters.
+            let req: ListQuery = if payload.iter().all(u8::is_ascii_whitespace) {
+                ListQuery::default()
+            } else {
+                decode(payload)?
+            };
+            encode(&ops.list(req).await?)
+        }
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, OpError> {
+    serde_json::from_slice(payload).map_err(|e| OpError::from_json(&e))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, OpError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| OpError::internal(format!("cannot encode reply: {e}")))
+}

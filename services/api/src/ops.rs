@@ -1,0 +1,201 @@
+//! The API's operations, independent of transport: HTTP and NATS both
+//! decode a request, call one of these, and encode the result or the
+//! [`OpError`] the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use uuid::Uuid;
+use warden_shared::config::{valid_name, valid_task_name};
+use warden_shared::messages::ErrorBody;
+use warden_shared::store::{JobStore, StoreError};
+use warden_shared::{Config, Job, JobState};
+
+use crate::index::{Filter, SharedIndex};
+use crate::types::{CreateJob, ListQuery, ListReply, DEFAULT_LIMIT, MAX_LIMIT};
+
+/// Who the history names as the creator of jobs made through the API.
+pub const ACTOR: &str = "api";
+
+/// How long a search waits for the index's first pass after a start.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+/// Why an operation failed: a stable code, an HTTP status and words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub status: u16,
+    pub body: ErrorBody,
+}
+
+impl OpError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        OpError {
+            status,
+            body: ErrorBody::new(code, message),
+        }
+    }
+
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        OpError::new(400, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        OpError::new(404, "not_found", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        OpError::new(413, "too_large", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        OpError::new(503, "unavailable", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        OpError::new(500, "internal", message)
+    }
+
+    /// A request body that is not what the operation takes: broken JSON
+    /// is `invalid_json`, well-formed JSON of the wrong shape (unknown or
+    /// missing fields, wrong types) is `invalid_request`.
+    pub fn from_json(e: &serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => OpError::bad_request("invalid_request", e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => OpError::bad_request(
+                "invalid_json",
+                format!("request body is not valid JSON: {e}"),
+            ),
+        }
+    }
+
+    fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(source) => {
+                tracing::warn!(error = %source, "job store unavailable");
+                OpError::unavailable("the job store is unavailable; try again")
+            }
+            StoreError::TooLarge => {
+                OpError::too_large("the job is larger than the job store allows")
+            }
+            StoreError::AlreadyExists(id) => {
+                OpError::new(409, "conflict", format!("job {id} already exists"))
+            }
+            StoreError::Conflict(id) => {
+                OpError::new(409, "conflict", format!("job {id} changed concurrently"))
+            }
+            StoreError::Corrupt { key, source } => {
+                tracing::error!(job.id = %key, error = %source, "job record is not valid JSON");
+                OpError::internal(format!("job record {key} is corrupt"))
+            }
+        }
+    }
+}
+
+/// What the operations need.
+pub struct Ops {
+    pub config: Arc<Config>,
+    /// Asked for its connection state only: while it is down, requests
+    /// that need the bus get a 503 at once instead of after a timeout.
+    pub client: async_nats::Client,
+    pub store: JobStore,
+    pub index: Arc<SharedIndex>,
+}
+
+impl Ops {
+    fn bus_up(&self) -> Result<(), OpError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(OpError::unavailable("not connected to NATS; try again")),
+        }
+    }
+
+    pub async fn create(&self, req: CreateJob) -> Result<Job, OpError> {
+        let Some(task) = self.config.tasks.get(&req.task) else {
+            let known: Vec<&str> = self.config.tasks.keys().map(String::as_str).collect();
+            return Err(OpError::bad_request(
+                "unknown_task",
+                format!(
+                    "task {:?} is not defined (known: {})",
+                    req.task,
+                    known.join(", ")
+                ),
+            ));
+        };
+        if let Some(bad) = req.args.keys().find(|k| !valid_name(k)) {
+            return Err(OpError::bad_request(
+                "invalid_args",
+                format!("argument name {bad:?}: argument names are letters, digits and _"),
+            ));
+        }
+        let pool = match req.pool {
+            Some(p) if !valid_task_name(&p) => {
+                return Err(OpError::bad_request(
+                    "invalid_pool",
+                    format!("pool {p:?}: pool names are letters, digits, _, - and ."),
+                ))
+            }
+            Some(p) => p,
+            None => task.pool.clone(),
+        };
+        let priority = req.priority.unwrap_or(task.priority);
+        self.bus_up()?;
+        let job = Job::new(
+            Uuid::new_v4(),
+            req.task,
+            req.args,
+            pool,
+            priority,
+            None,
+            ACTOR,
+            Utc::now(),
+        );
+        self.store.create(&job).await.map_err(OpError::from_store)?;
+        tracing::info!(job.id = %job.id, task = %job.task, pool = %job.pool, "job created");
+        Ok(job)
+    }
+
+    /// The job with its history, read from the bucket (never the index,
+    /// which holds summaries and may lag).
+    pub async fn get_str(&self, id: &str) -> Result<Job, OpError> {
+        let id = id.parse::<Uuid>().map_err(|_| {
+            OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)"))
+        })?;
+        self.get(&id).await
+    }
+
+    pub async fn get(&self, id: &Uuid) -> Result<Job, OpError> {
+        self.bus_up()?;
+        match self.store.get(id).await.map_err(OpError::from_store)? {
+            Some(v) => Ok(v.job),
+            None => Err(OpError::not_found(format!("no job {id}"))),
+        }
+    }
+
+    pub async fn list(&self, q: ListQuery) -> Result<ListReply, OpError> {
+        let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+        let state = match nonempty(q.state) {
+            Some(s) => Some(
+                s.trim()
+                    .parse::<JobState>()
+                    .map_err(|e| OpError::bad_request("invalid_state", e))?,
+            ),
+            None => None,
+        };
+        let filter = Filter {
+            state,
+            task: nonempty(q.task),
+            pool: nonempty(q.pool),
+        };
+        let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
+        let offset = q.offset.unwrap_or(0);
+        if !self.index.is_caught_up() && !self.index.wait_caught_up(CATCH_UP_WAIT).await {
+            return Err(OpError::unavailable(
+                "the job index is still loading; try again",
+            ));
+        }
+        let (jobs, total) = self.index.lock().search(&filter, limit, offset);
+        Ok(ListReply { jobs, total })
+    }
+}

@@ -1,0 +1,105 @@
+//! Request and reply bodies of the API, the same over HTTP and NATS.
+//!
+//! Requests reject unknown fields: a misspelt filter or option that was
+//! silently ignored would return (or create) something other than what the
+//! caller asked for.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warden_shared::job::NewJob;
+use warden_shared::messages::ErrorBody;
+use warden_shared::JobSummary;
+
+/// Jobs returned by a search when the caller gives no limit.
+pub const DEFAULT_LIMIT: usize = 100;
+/// The most jobs one search returns; larger limits are lowered to this.
+pub const MAX_LIMIT: usize = 1000;
+
+/// Body of `POST /api/v1/jobs` and of the job.create endpoint: the shared
+/// [`NewJob`] with unknown fields rejected (`NewJob` itself is lenient, as
+/// bus messages must be).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    pub task: String,
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+}
+
+impl From<NewJob> for CreateJob {
+    fn from(n: NewJob) -> Self {
+        CreateJob {
+            task: n.task,
+            args: n.args,
+            pool: n.pool,
+            priority: n.priority,
+        }
+    }
+}
+
+impl From<CreateJob> for NewJob {
+    fn from(c: CreateJob) -> Self {
+        NewJob {
+            task: c.task,
+            args: c.args,
+            pool: c.pool,
+            priority: c.priority,
+        }
+    }
+}
+
+/// Body of the job.get endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetRequest {
+    pub id: Uuid,
+}
+
+/// Search filters and paging: the query string of `GET /api/v1/jobs` and
+/// the body of the job.list endpoint. Empty strings mean "no filter", so
+/// `?state=&task=` is the same as no query at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// A job state in any case (`running`, `RUNNING`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Default [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+}
+
+/// One page of a search, newest job first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub jobs: Vec<JobSummary>,
+    /// How many jobs match the filters, over all pages.
+    pub total: usize,
+}
+
+/// An error reply: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    pub error: ErrorBody,
+}
+
+/// What a NATS endpoint answers: the result itself, or an [`ErrorReply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ApiReply<T> {
+    // Tried first: a result never has exactly one field named `error`.
+    Error(ErrorReply),
+    Ok(T),
+}
