@@ -33,6 +33,12 @@ pub struct NatsConfig {
     /// NATS credentials file (user JWT + seed) for this service's role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
+    /// User and password for servers configured with per-role users
+    /// (`deploy/nats/cluster/accounts.conf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,7 +233,7 @@ const SECTIONS: &[&str] = &[
 
 /// Keys that are optional (absent from the defaults) but may still be set
 /// from the environment.
-const OPTIONAL_KEYS: &[(&str, &str)] = &[("nats", "credentials"), ("http", "token")];
+const OPTIONAL_KEYS: &[(&str, &str)] = &[("nats", "credentials"), ("nats", "user"), ("nats", "password"), ("http", "token")];
 
 /// Environment variables starting with `WARDEN_` that are not config keys.
 const NON_CONFIG_ENV: &[&str] = &[
@@ -345,6 +351,12 @@ impl Config {
         let n = &self.nats;
         if n.url.trim().is_empty() {
             p.push("nats.url: must not be empty".into());
+        }
+        if n.user.is_some() != n.password.is_some() {
+            p.push("nats.user and nats.password: set both or neither".into());
+        }
+        if n.credentials.is_some() && n.user.is_some() {
+            p.push("nats.credentials and nats.user: choose one way to authenticate".into());
         }
         if !(1..=5).contains(&n.replicas) {
             p.push(format!(

@@ -54,6 +54,9 @@ pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Clien
                 source,
             })?;
     }
+    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
     let url = config.nats.url.clone();
     let client = tokio::time::timeout(config.nats.connect_timeout * 6, opts.connect(url.as_str()))
         .await
