@@ -1,1 +1,411 @@
-//! warden-worker (placeholder)
+//! `warden-worker`: the agent on a build host (a "bot").
+//!
+//! It holds a session with the fencing service, long-polls the scheduler
+//! for leases, runs each attempt with an [`Executor`], and publishes
+//! reports durably (JetStream, de-duplicated by `job:epoch:kind`). When its
+//! session is rejected, or it cannot heartbeat for longer than the session
+//! timeout, it kills what it runs: those attempts belong to someone else
+//! by now. On SIGTERM it lets running attempts finish within
+//! `worker.shutdown_grace`, then hands the rest back.
+
+pub mod exec;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chrono::Utc;
+use thiserror::Error;
+use tokio::sync::{RwLock, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+use warden_shared::config::WorkerConfig;
+use warden_shared::messages::{
+    AcquireReply, AcquireRequest, CloseSession, CreateSession, HeldLease, Heartbeat, LeaseGrant, Report, ReportKind, SessionReply,
+    MESSAGE_VERSION,
+};
+use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
+use warden_shared::{runtime, subjects, Config};
+
+pub use exec::{ExecRequest, Execution, Executor, NoopExecutor, ProcessExecutor};
+use metrics::metrics;
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Connect(#[from] runtime::ConnectError),
+}
+
+/// Applies `warden worker` / `warden-worker` command-line flags.
+pub fn apply_overrides(w: &mut WorkerConfig, bot_id: Option<String>, pools: Vec<String>, resource: Option<String>, capacity: Option<u32>) {
+    if let Some(b) = bot_id {
+        w.bot_id = b;
+    }
+    if !pools.is_empty() {
+        w.pools = pools;
+    }
+    if let Some(r) = resource {
+        w.resource = r;
+    }
+    if let Some(c) = capacity {
+        w.capacity = c;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Why a running attempt is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Graceful shutdown: hand it back.
+    Shutdown,
+    /// The session is gone (rejected, or silent too long): report nothing.
+    Fenced,
+}
+
+struct Running {
+    epoch: u32,
+    cancel: CancellationToken,
+    stop: Option<Stop>,
+}
+
+struct Agent {
+    config: Arc<Config>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    executor: Arc<dyn Executor>,
+    bot_id: String,
+    resource: String,
+    session: RwLock<String>,
+    // A std mutex: nothing awaits while it is held.
+    running: Mutex<HashMap<Uuid, Running>>,
+    slots: Arc<Semaphore>,
+    /// Set when the session must be replaced; the heartbeat loop does it.
+    fenced: tokio::sync::Notify,
+}
+
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let executor = Arc::new(ProcessExecutor::new(config.clone()));
+    run_with(config, executor, shutdown).await
+}
+
+pub async fn run_with(config: Arc<Config>, executor: Arc<dyn Executor>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let client = runtime::connect(&config, "worker").await?;
+    let bot_id = if config.worker.bot_id.is_empty() { format!("{}-{}", hostname(), std::process::id()) } else { config.worker.bot_id.clone() };
+    let resource = if config.worker.resource.is_empty() { hostname() } else { config.worker.resource.clone() };
+    let agent = Arc::new(Agent {
+        js: jetstream::new(client.clone()),
+        client: client.clone(),
+        executor,
+        bot_id,
+        resource,
+        session: RwLock::new(String::new()),
+        running: Mutex::new(HashMap::new()),
+        slots: Arc::new(Semaphore::new(config.worker.capacity as usize)),
+        fenced: tokio::sync::Notify::new(),
+        config,
+    });
+    let Some(name) = agent.create_session(&shutdown).await else {
+        return Ok(());
+    };
+    *agent.session.write().await = name;
+
+    let attempts = TaskTracker::new();
+    let heartbeat = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
+    agent.clone().acquire_loop(attempts.clone(), shutdown.clone()).await;
+
+    // Shutdown: let running attempts finish within the grace period, then
+    // stop the rest and hand them back.
+    attempts.close();
+    let grace = agent.config.worker.shutdown_grace;
+    if tokio::time::timeout(grace, attempts.wait()).await.is_err() {
+        let n = agent.stop_all(Stop::Shutdown);
+        info!(attempts = n, "handing back attempts still running after the grace period");
+        attempts.wait().await;
+    }
+    heartbeat.abort();
+    let session = agent.session.read().await.clone();
+    let close = CloseSession { version: MESSAGE_VERSION, session };
+    if let Ok(body) = serde_json::to_vec(&close) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), agent.client.request(subjects::SESSION_CLOSE, body.into())).await;
+    }
+    let _ = agent.client.flush().await;
+    info!(bot.id = %agent.bot_id, "worker stopped");
+    Ok(())
+}
+
+impl Agent {
+    /// Creates a session, retrying until it works or `shutdown`.
+    async fn create_session(&self, shutdown: &CancellationToken) -> Option<String> {
+        let req = CreateSession {
+            version: MESSAGE_VERSION,
+            bot_id: self.bot_id.clone(),
+            resource: Some(self.resource.clone()),
+            pools: self.config.worker.pools.clone(),
+            capacity: self.config.worker.capacity,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let body = serde_json::to_vec(&req).ok()?;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            let res = tokio::time::timeout(Duration::from_secs(5), self.client.request(subjects::SESSION_CREATE, body.clone().into())).await;
+            match res {
+                Ok(Ok(msg)) => match serde_json::from_slice::<SessionReply>(&msg.payload) {
+                    Ok(SessionReply { session: Some(name), .. }) => {
+                        info!(bot.id = %self.bot_id, session = %name, "session created");
+                        return Some(name);
+                    }
+                    Ok(r) => warn!(error = ?r.error, "session refused"),
+                    Err(e) => warn!(error = %e, "bad session reply"),
+                },
+                Ok(Err(e)) => debug!(error = %e, "fencing service not reachable"),
+                Err(_) => debug!("session request timed out"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Heartbeats; replaces the session when it is rejected; stops all
+    /// attempts when the bus has been unreachable past the session timeout.
+    async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let timeout = self.config.fencing.session_timeout;
+        let period = timeout / 3;
+        let mut last_ok = Instant::now();
+        let mut need_new = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+                _ = self.fenced.notified() => need_new = true,
+            }
+            if need_new {
+                self.stop_all(Stop::Fenced);
+                if let Some(name) = self.create_session(&shutdown).await {
+                    *self.session.write().await = name;
+                    last_ok = Instant::now();
+                    need_new = false;
+                }
+                continue;
+            }
+            let hb = Heartbeat { version: MESSAGE_VERSION, session: self.session.read().await.clone(), leases: self.held() };
+            let Ok(body) = serde_json::to_vec(&hb) else { continue };
+            match tokio::time::timeout(period, self.client.request(subjects::SESSION_HEARTBEAT, body.into())).await {
+                Ok(Ok(msg)) => match serde_json::from_slice::<SessionReply>(&msg.payload) {
+                    Ok(reply) => match reply.error {
+                        Some(e) if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED => {
+                            warn!(bot.id = %self.bot_id, code = %e.code, "session rejected; abandoning its work");
+                            metrics().session_resets.with_label_values(&[if e.code == UNKNOWN_SESSION { "unknown_session" } else { "session_superseded" }]).inc();
+                            need_new = true;
+                        }
+                        Some(e) => debug!(code = %e.code, "heartbeat error"),
+                        None => {
+                            last_ok = Instant::now();
+                            for id in reply.cancel {
+                                self.stop_one(&id, Stop::Fenced);
+                            }
+                        }
+                    },
+                    Err(e) => debug!(error = %e, "bad heartbeat reply"),
+                },
+                _ => debug!("heartbeat not answered"),
+            }
+            if !need_new && last_ok.elapsed() > timeout && !self.held().is_empty() {
+                warn!(bot.id = %self.bot_id, silent_ms = last_ok.elapsed().as_millis() as u64, "cannot reach the bus past the session timeout; stopping own tasks");
+                metrics().session_resets.with_label_values(&["self_fenced"]).inc();
+                need_new = true;
+            }
+        }
+    }
+
+    fn held(&self) -> Vec<HeldLease> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.iter().map(|(id, r)| HeldLease { job_id: *id, epoch: r.epoch }).collect()
+    }
+
+    fn stop_one(&self, id: &Uuid, why: Stop) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = running.get_mut(id) {
+            r.stop.get_or_insert(why);
+            r.cancel.cancel();
+        }
+    }
+
+    fn stop_all(&self, why: Stop) -> usize {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for r in running.values_mut() {
+            r.stop.get_or_insert(why);
+            r.cancel.cancel();
+        }
+        running.len()
+    }
+
+    async fn acquire_loop(self: Arc<Self>, attempts: TaskTracker, shutdown: CancellationToken) {
+        let wait = self.config.worker.acquire_wait;
+        let capacity = self.config.worker.capacity as usize;
+        loop {
+            // Wait for one free slot, then take every other free one.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let mut permits = vec![first];
+            while permits.len() < capacity {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let req = AcquireRequest {
+                version: MESSAGE_VERSION,
+                session: self.session.read().await.clone(),
+                bot_id: self.bot_id.clone(),
+                resource: Some(self.resource.clone()),
+                pools: self.config.worker.pools.clone(),
+                max: permits.len() as u32,
+                wait_ms: wait.as_millis() as u64,
+            };
+            let Ok(body) = serde_json::to_vec(&req) else { return };
+            let res = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(wait + Duration::from_secs(2), self.client.request(subjects::ACQUIRE, body.into())) => r,
+            };
+            let reply = match res {
+                Ok(Ok(msg)) => serde_json::from_slice::<AcquireReply>(&msg.payload).ok(),
+                _ => None,
+            };
+            let Some(reply) = reply else {
+                drop(permits);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            };
+            if let Some(e) = &reply.error {
+                if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED {
+                    self.fenced.notify_one();
+                }
+                warn!(code = %e.code, error = %e.message, "acquire refused");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            for lease in reply.leases {
+                let Some(permit) = permits.pop() else {
+                    // The scheduler sent more than asked: run it anyway
+                    // rather than strand a RUNNING lease.
+                    warn!(job.id = %lease.job_id, "more leases than requested");
+                    attempts.spawn(self.clone().attempt(lease, None));
+                    continue;
+                };
+                attempts.spawn(self.clone().attempt(lease, Some(permit)));
+            }
+        }
+    }
+
+    async fn attempt(self: Arc<Self>, lease: LeaseGrant, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+        let _permit = permit;
+        let cancel = CancellationToken::new();
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(lease.job_id, Running { epoch: lease.epoch, cancel: cancel.clone(), stop: None });
+        let m = metrics();
+        m.running.inc();
+        let session = self.session.read().await.clone();
+        let bot_id = self.bot_id.clone();
+        let report = |kind| Report {
+            version: MESSAGE_VERSION,
+            job_id: lease.job_id,
+            session: session.clone(),
+            bot_id: bot_id.clone(),
+            epoch: lease.epoch,
+            at: Utc::now(),
+            kind,
+        };
+        debug!(job.id = %lease.job_id, epoch = lease.epoch, task = %lease.task, "attempt starting");
+        // Started goes out without waiting for its ack: the same connection
+        // keeps it ahead of the final report.
+        let started = self.clone().publish(report(ReportKind::Started { resource: Some(self.resource.clone()) }));
+        let started = tokio::spawn(started);
+        let req = ExecRequest { job_id: lease.job_id, epoch: lease.epoch, task: lease.task.clone(), args: lease.args.clone() };
+        let t0 = Instant::now();
+        let result = self.executor.execute(req, cancel.clone()).await;
+        m.duration.observe(t0.elapsed().as_secs_f64());
+        let stop = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&lease.job_id).and_then(|r| r.stop);
+        m.running.dec();
+        let _ = started.await;
+        let kind = match (stop, result) {
+            (Some(Stop::Fenced), _) => {
+                m.attempts.with_label_values(&["abandoned"]).inc();
+                info!(job.id = %lease.job_id, epoch = lease.epoch, "attempt abandoned: session no longer current");
+                return;
+            }
+            (Some(Stop::Shutdown), _) => {
+                m.attempts.with_label_values(&["released"]).inc();
+                ReportKind::Released { reason: "worker_shutdown".into() }
+            }
+            (None, Execution::Finished { outcome, duration_ms }) => {
+                m.attempts.with_label_values(&["finished"]).inc();
+                ReportKind::Finished { outcome, duration_ms }
+            }
+            (None, Execution::Crashed { crash, fault }) => {
+                m.attempts.with_label_values(&["crashed"]).inc();
+                ReportKind::Crashed { crash, fault }
+            }
+        };
+        self.publish(report(kind)).await;
+    }
+
+    /// Publishes a report and waits for the bus to acknowledge it,
+    /// retrying with backoff: a report is never dropped silently.
+    async fn publish(self: Arc<Self>, report: Report) {
+        let Ok(body) = serde_json::to_vec(&report) else { return };
+        let subject = subjects::report_subject(&report.job_id);
+        let msg_id = report.msg_id();
+        let kind = report.kind.name();
+        let give_up = Instant::now() + Duration::from_secs(3600);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            let res = match self.js.publish_with_headers(subject.clone(), headers, body.clone().into()).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match res {
+                Ok(()) => {
+                    metrics().reports.with_label_values(&[kind]).inc();
+                    return;
+                }
+                Err(e) if Instant::now() > give_up => {
+                    warn!(job.id = %report.job_id, kind, error = %e, "giving up on a report after an hour");
+                    return;
+                }
+                Err(e) => {
+                    metrics().report_retries.inc();
+                    debug!(job.id = %report.job_id, kind, error = %e, "report not acknowledged; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}

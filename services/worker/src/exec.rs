@@ -1,0 +1,346 @@
+//! Running a task as a real process, and DESIGN.md's verdict rules.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use warden_shared::config::TaskConfig;
+use warden_shared::job::{Blame, CrashInfo};
+use warden_shared::messages::Fault;
+use warden_shared::Config;
+
+/// One attempt to run.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub job_id: Uuid,
+    pub epoch: u32,
+    pub task: String,
+    pub args: BTreeMap<String, String>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Execution {
+    Finished { outcome: String, duration_ms: u64 },
+    Crashed { crash: CrashInfo, fault: Option<Fault> },
+}
+
+pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Execution> + Send + 'a>>;
+
+/// Runs attempts. `cancel` means: stop now (the result is then ignored).
+pub trait Executor: Send + Sync {
+    fn execute(&self, req: ExecRequest, cancel: CancellationToken) -> ExecFuture<'_>;
+}
+
+/// Runs nothing and passes at once: `warden bench` uses it to measure
+/// Warden's own cost.
+pub struct NoopExecutor;
+
+impl Executor for NoopExecutor {
+    fn execute(&self, _req: ExecRequest, _cancel: CancellationToken) -> ExecFuture<'_> {
+        Box::pin(async { Execution::Finished { outcome: "passed".into(), duration_ms: 0 } })
+    }
+}
+
+/// Keeps the last `cap` bytes written to it.
+pub struct Tail {
+    buf: VecDeque<u8>,
+    cap: usize,
+}
+
+impl Tail {
+    pub fn new(cap: usize) -> Tail {
+        Tail { buf: VecDeque::with_capacity(cap.min(64 * 1024)), cap }
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        let data = if data.len() > self.cap { &data[data.len() - self.cap..] } else { data };
+        let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
+        self.buf.drain(..overflow);
+        self.buf.extend(data);
+    }
+
+    pub fn text(&self) -> String {
+        let (a, b) = self.buf.as_slices();
+        let mut v = Vec::with_capacity(a.len() + b.len());
+        v.extend_from_slice(a);
+        v.extend_from_slice(b);
+        String::from_utf8_lossy(&v).into_owned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Finished(String),
+    /// A crash; `fault` when the task explained it.
+    Crashed(Option<Fault>),
+}
+
+/// DESIGN.md: the status file first (`OK`, a JSON verdict, or a JSON fault),
+/// then the task's configured exit-code verdicts; a signal, any other exit
+/// code or a malformed status file is a crash. A task killed for running
+/// past its time limit has crashed whatever it wrote.
+pub fn verdict(task: &TaskConfig, exit_code: Option<i32>, signal: Option<i32>, status_file: Option<&str>, timed_out: bool) -> Verdict {
+    if timed_out {
+        return Verdict::Crashed(None);
+    }
+    if let Some(text) = status_file.map(str::trim).filter(|t| !t.is_empty()) {
+        if text == "OK" {
+            return Verdict::Finished("passed".into());
+        }
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(text) else {
+            return Verdict::Crashed(None);
+        };
+        if let Some(outcome) = obj.get("outcome").or_else(|| obj.get("verdict")).and_then(|v| v.as_str()) {
+            if !outcome.is_empty() {
+                return Verdict::Finished(outcome.to_string());
+            }
+        }
+        let blame = obj.get("blame").and_then(|v| v.as_str()).and_then(|b| b.parse::<Blame>().ok());
+        let detail = obj.get("detail").and_then(|v| v.as_str()).filter(|d| !d.is_empty());
+        if let (Some(blame), Some(detail)) = (blame, detail) {
+            let description = obj.get("description").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            return Verdict::Crashed(Some(Fault { blame, detail: detail.to_string(), description }));
+        }
+        return Verdict::Crashed(None);
+    }
+    match (exit_code, signal) {
+        (Some(code), None) => match task.verdict(code) {
+            Some(outcome) => Verdict::Finished(outcome.to_string()),
+            None => Verdict::Crashed(None),
+        },
+        _ => Verdict::Crashed(None),
+    }
+}
+
+/// Runs the task's argv from the worker's config. Arguments are passed as
+/// `WARDEN_ARG_<NAME>` environment variables, never through a shell line.
+pub struct ProcessExecutor {
+    config: Arc<Config>,
+    work_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl ProcessExecutor {
+    pub fn new(config: Arc<Config>) -> ProcessExecutor {
+        let (work_dir, temp) = if config.worker.work_dir.is_empty() {
+            match tempfile::Builder::new().prefix("warden-worker-").tempdir() {
+                Ok(t) => (t.path().to_path_buf(), Some(t)),
+                Err(_) => (std::env::temp_dir(), None),
+            }
+        } else {
+            (PathBuf::from(&config.worker.work_dir), None)
+        };
+        ProcessExecutor { config, work_dir, _temp: temp }
+    }
+
+    fn setup_failed(description: String) -> Execution {
+        Execution::Crashed {
+            crash: CrashInfo { log_tail: description.clone(), ..Default::default() },
+            fault: Some(Fault { blame: Blame::System, detail: "setup_failed".into(), description }),
+        }
+    }
+
+    async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Execution {
+        let Some(task) = self.config.tasks.get(&req.task) else {
+            return Self::setup_failed(format!("task {} is not configured on this worker", req.task));
+        };
+        let dir = self.work_dir.join(format!("{}-{}", req.job_id, req.epoch));
+        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+            return Self::setup_failed(format!("cannot create work dir {}: {e}", dir.display()));
+        }
+        let status_path = dir.join("warden-status");
+        let result = self.spawn_and_wait(task, &req, &dir, &status_path, cancel).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        result
+    }
+
+    async fn spawn_and_wait(
+        &self,
+        task: &TaskConfig,
+        req: &ExecRequest,
+        dir: &std::path::Path,
+        status_path: &std::path::Path,
+        cancel: CancellationToken,
+    ) -> Execution {
+        let mut cmd = tokio::process::Command::new(&task.command[0]);
+        cmd.args(&task.command[1..])
+            .current_dir(dir)
+            .envs(&task.env)
+            .env("WARDEN_JOB_ID", req.job_id.to_string())
+            .env("WARDEN_ATTEMPT", req.epoch.to_string())
+            .env("WARDEN_TASK", &req.task)
+            .env("WARDEN_STATUS_FILE", status_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &req.args {
+            cmd.env(format!("WARDEN_ARG_{}", k.to_uppercase()), v);
+        }
+        #[cfg(unix)]
+        cmd.process_group(0);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0])),
+        };
+        let tail = Arc::new(Mutex::new(Tail::new(self.config.worker.log_tail_bytes)));
+        let readers: Vec<_> = [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|mut r| {
+            let tail = tail.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.lock().unwrap_or_else(|p| p.into_inner()).push(&buf[..n]);
+                }
+            })
+        })
+        .collect();
+        let pgid = child.id();
+        let limit = task.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+        let mut timed_out = false;
+        let status = tokio::select! {
+            s = child.wait() => s,
+            _ = tokio::time::sleep(limit) => {
+                timed_out = true;
+                kill_group(pgid);
+                child.wait().await
+            }
+            _ = cancel.cancelled() => {
+                kill_group(pgid);
+                child.wait().await
+            }
+        };
+        // A background grandchild may keep the pipes open: don't wait forever.
+        for r in readers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (exit_code, signal) = match &status {
+            Ok(s) => (s.code(), exit_signal(s)),
+            Err(_) => (None, None),
+        };
+        let status_file = read_bounded(status_path, self.config.worker.status_file_bytes).await;
+        let log_tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
+        match verdict(task, exit_code, signal, status_file.as_deref(), timed_out) {
+            Verdict::Finished(outcome) => Execution::Finished { outcome, duration_ms },
+            Verdict::Crashed(fault) => {
+                let mut log_tail = log_tail;
+                if timed_out {
+                    log_tail.push_str(&format!("\n[warden] time limit of {limit:?} exceeded: task killed\n"));
+                }
+                Execution::Crashed { crash: CrashInfo { exit_code, signal, duration_ms, log_tail, status_file }, fault }
+            }
+        }
+    }
+}
+
+impl Executor for ProcessExecutor {
+    fn execute(&self, req: ExecRequest, cancel: CancellationToken) -> ExecFuture<'_> {
+        Box::pin(self.run(req, cancel))
+    }
+}
+
+#[cfg(unix)]
+fn exit_signal(s: &std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    s.signal()
+}
+
+#[cfg(not(unix))]
+fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
+    None
+}
+
+/// SIGKILL the task's whole process group, so children die with it.
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn read_bounded(path: &std::path::Path, max: usize) -> Option<String> {
+    let file = tokio::fs::File::open(path).await.ok()?;
+    let mut buf = Vec::new();
+    file.take(max as u64).read_to_end(&mut buf).await.ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(verdicts: &[(i32, &str)]) -> TaskConfig {
+        TaskConfig {
+            command: vec!["true".into()],
+            pool: "default".into(),
+            priority: 0,
+            verdicts: verdicts.iter().map(|(c, o)| (c.to_string(), o.to_string())).collect(),
+            timeout: None,
+            env: BTreeMap::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn exit_codes_map_to_verdicts_or_crashes() {
+        let t = task(&[(0, "passed"), (1, "failed")]);
+        assert_eq!(verdict(&t, Some(0), None, None, false), Verdict::Finished("passed".into()));
+        assert_eq!(verdict(&t, Some(1), None, None, false), Verdict::Finished("failed".into()));
+        assert_eq!(verdict(&t, Some(2), None, None, false), Verdict::Crashed(None));
+        assert_eq!(verdict(&t, None, Some(9), None, false), Verdict::Crashed(None));
+    }
+
+    #[test]
+    fn status_file_comes_first() {
+        let t = task(&[(0, "passed")]);
+        assert_eq!(verdict(&t, Some(3), None, Some("OK\n"), false), Verdict::Finished("passed".into()));
+        assert_eq!(verdict(&t, Some(0), None, Some(r#"{"outcome":"needs_inspection"}"#), false), Verdict::Finished("needs_inspection".into()));
+        let fault = Fault { blame: Blame::ThirdParty, detail: "network".into(), description: "koji unreachable".into() };
+        assert_eq!(
+            verdict(&t, Some(0), None, Some(r#"{"blame":"third_party","detail":"network","description":"koji unreachable"}"#), false),
+            Verdict::Crashed(Some(fault))
+        );
+        // Malformed: a crash without a fault (the content is reported).
+        assert_eq!(verdict(&t, Some(0), None, Some("{nope"), false), Verdict::Crashed(None));
+        assert_eq!(verdict(&t, Some(0), None, Some(r#"{"blame":"gremlins","detail":"x"}"#), false), Verdict::Crashed(None));
+        // Empty status file: ignored.
+        assert_eq!(verdict(&t, Some(0), None, Some("  \n"), false), Verdict::Finished("passed".into()));
+    }
+
+    #[test]
+    fn time_limit_is_a_crash_whatever_the_task_wrote() {
+        let t = task(&[(0, "passed")]);
+        assert_eq!(verdict(&t, None, Some(9), Some("OK"), true), Verdict::Crashed(None));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut t = Tail::new(8);
+        t.push(b"hello ");
+        t.push(b"world!");
+        assert_eq!(t.text(), "o world!");
+        t.push(b"0123456789abc");
+        assert_eq!(t.text(), "56789abc");
+    }
+}
