@@ -64,11 +64,14 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
     let letter = eventually(Duration::from_secs(20), "a dead letter", || {
         let mut dl = dl.clone();
         async move {
-            let info = dl.info().await.ok()?;
-            if info.state.messages == 0 {
+            let (messages, first) = {
+                let info = dl.info().await.ok()?;
+                (info.state.messages, info.state.first_sequence)
+            };
+            if messages == 0 {
                 return None;
             }
-            let m = dl.get_raw_message(info.state.first_sequence).await.ok()?;
+            let m = dl.get_raw_message(first).await.ok()?;
             serde_json::from_slice::<serde_json::Value>(&m.payload).ok()
         }
     })
