@@ -233,7 +233,12 @@ const SECTIONS: &[&str] = &[
 
 /// Keys that are optional (absent from the defaults) but may still be set
 /// from the environment.
-const OPTIONAL_KEYS: &[(&str, &str)] = &[("nats", "credentials"), ("nats", "user"), ("nats", "password"), ("http", "token")];
+const OPTIONAL_KEYS: &[(&str, &str)] = &[
+    ("nats", "credentials"),
+    ("nats", "user"),
+    ("nats", "password"),
+    ("http", "token"),
+];
 
 /// Environment variables starting with `WARDEN_` that are not config keys.
 const NON_CONFIG_ENV: &[&str] = &[
@@ -354,9 +359,6 @@ impl Config {
         }
         if n.user.is_some() != n.password.is_some() {
             p.push("nats.user and nats.password: set both or neither".into());
-        }
-        if n.credentials.is_some() && n.user.is_some() {
-            p.push("nats.credentials and nats.user: choose one way to authenticate".into());
         }
         if !(1..=5).contains(&n.replicas) {
             p.push(format!(

@@ -58,16 +58,26 @@ impl JobStore {
     /// Writes `job` only if no job with its id exists.
     pub async fn create(&self, job: &Job) -> Result<u64, StoreError> {
         let bytes = encode(job)?;
-        self.kv.create(job.key(), bytes).await.map_err(|e| match e.kind() {
-            kv::CreateErrorKind::AlreadyExists => StoreError::AlreadyExists(job.id),
-            _ => classify(e),
-        })
+        self.kv
+            .create(job.key(), bytes)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => StoreError::AlreadyExists(job.id),
+                _ => classify(e),
+            })
     }
 
     pub async fn get(&self, id: &Uuid) -> Result<Option<Versioned>, StoreError> {
-        let entry = self.kv.entry(id.to_string()).await.map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+        let entry = self
+            .kv
+            .entry(id.to_string())
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
         match entry {
-            Some(e) if e.operation == kv::Operation::Put => Ok(Some(Versioned { job: decode(&e.key, &e.value)?, revision: e.revision })),
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
+                job: decode(&e.key, &e.value)?,
+                revision: e.revision,
+            })),
             _ => Ok(None),
         }
     }
@@ -75,10 +85,13 @@ impl JobStore {
     /// Writes `job` if the stored revision is still `revision`.
     pub async fn update(&self, job: &Job, revision: u64) -> Result<u64, StoreError> {
         let bytes = encode(job)?;
-        self.kv.update(job.key(), bytes, revision).await.map_err(|e| match e.kind() {
-            kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict(job.id),
-            _ => classify(e),
-        })
+        self.kv
+            .update(job.key(), bytes, revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict(job.id),
+                _ => classify(e),
+            })
     }
 }
 
@@ -96,9 +109,17 @@ fn classify<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
 }
 
 pub fn encode(job: &Job) -> Result<Bytes, StoreError> {
-    serde_json::to_vec(job).map(Bytes::from).map_err(|source| StoreError::Corrupt { key: job.key(), source })
+    serde_json::to_vec(job)
+        .map(Bytes::from)
+        .map_err(|source| StoreError::Corrupt {
+            key: job.key(),
+            source,
+        })
 }
 
 pub fn decode(key: &str, bytes: &[u8]) -> Result<Job, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
 }

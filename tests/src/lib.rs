@@ -17,13 +17,19 @@ pub fn warden_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("warden");
-    assert!(bin.exists(), "{} not built: run `cargo build --workspace --bins` first (scripts/test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        bin.display()
+    );
     bin
 }
 
 /// Fixture path under `tests/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
 }
 
 /// Runs `warden ARGS --nats-url URL` to completion.
@@ -61,7 +67,10 @@ pub struct Warden {
 impl Warden {
     /// `config` is TOML text merged over the defaults.
     pub fn up(nats_url: &str, config: &str, workers: u32) -> Warden {
-        let dir = tempfile::Builder::new().prefix("warden-up-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("warden-up-")
+            .tempdir()
+            .unwrap();
         let conf = dir.path().join("warden.toml");
         std::fs::write(&conf, config).unwrap();
         let port = free_port();
@@ -69,7 +78,16 @@ impl Warden {
         let log = dir.path().join("warden.log");
         let logf = std::fs::File::create(&log).unwrap();
         let child = Command::new(warden_bin())
-            .args(["up", "--nats-url", nats_url, "--http", &http, "--workers", &workers.to_string(), "--config"])
+            .args([
+                "up",
+                "--nats-url",
+                nats_url,
+                "--http",
+                &http,
+                "--workers",
+                &workers.to_string(),
+                "--config",
+            ])
             .arg(&conf)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -78,7 +96,13 @@ impl Warden {
             .stderr(Stdio::from(logf))
             .spawn()
             .expect("spawn warden up");
-        let w = Warden { child: Some(child), http: format!("http://{http}"), nats_url: nats_url.to_string(), log, _dir: dir };
+        let w = Warden {
+            child: Some(child),
+            http: format!("http://{http}"),
+            nats_url: nats_url.to_string(),
+            log,
+            _dir: dir,
+        };
         w.wait_healthy();
         w
     }
@@ -92,7 +116,10 @@ impl Warden {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("warden up did not serve HTTP within 30s; log:\n{}", self.log_text());
+        panic!(
+            "warden up did not serve HTTP within 30s; log:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -106,7 +133,10 @@ impl Warden {
     /// SIGTERM and wait for a clean exit; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(45);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = c.try_wait() {
@@ -134,7 +164,9 @@ impl Drop for Warden {
 
 /// GET a JSON document.
 pub async fn get_json(url: &str) -> serde_json::Value {
-    let resp = reqwest::get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let resp = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status();
     let body = resp.text().await.unwrap();
     assert!(status.is_success(), "GET {url}: {status}: {body}");

@@ -41,10 +41,14 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
     }
 
     // Three builds ended: three jobs, all FINISHED.
-    let jobs = eventually(Duration::from_secs(60), "three FINISHED rpmlint jobs", || async {
-        let jobs = rpmlint_jobs(&warden).await;
-        (jobs.len() == 3 && jobs.iter().all(|j| j["state"] == "FINISHED")).then_some(jobs)
-    })
+    let jobs = eventually(
+        Duration::from_secs(60),
+        "three FINISHED rpmlint jobs",
+        || async {
+            let jobs = rpmlint_jobs(&warden).await;
+            (jobs.len() == 3 && jobs.iter().all(|j| j["state"] == "FINISHED")).then_some(jobs)
+        },
+    )
     .await;
     for j in &jobs {
         assert_eq!(j["outcome"], "passed", "{j}");
@@ -52,15 +56,33 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
 
     // The same message again, through the bridge path (stream de-dup) and
     // raw without a message id (trigger-level de-dup): no new job.
-    let out = cli_ok(&url, &["publish", SUBJECT, fixture(&format!("{KOJI_DIR}/{COMPLETE}")).to_str().unwrap()]);
+    let out = cli_ok(
+        &url,
+        &[
+            "publish",
+            SUBJECT,
+            fixture(&format!("{KOJI_DIR}/{COMPLETE}")).to_str().unwrap(),
+        ],
+    );
     assert!(out.contains("duplicate"), "{out}");
     let (client, jsx) = js(&url).await;
     let raw = std::fs::read(fixture(&format!("{KOJI_DIR}/{COMPLETE}"))).unwrap();
-    jsx.publish(SUBJECT, raw.into()).await.unwrap().await.unwrap();
+    jsx.publish(SUBJECT, raw.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     // Garbage on the bus: dead-lettered with a reason, nothing crashes.
-    jsx.publish("warden.events.bridge", "{not json".into()).await.unwrap().await.unwrap();
-    let dl = jsx.get_stream(warden_shared::subjects::DEADLETTER_STREAM).await.unwrap();
+    jsx.publish("warden.events.bridge", "{not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dl = jsx
+        .get_stream(warden_shared::subjects::DEADLETTER_STREAM)
+        .await
+        .unwrap();
     let letter = eventually(Duration::from_secs(20), "a dead letter", || {
         let mut dl = dl.clone();
         async move {
@@ -81,35 +103,81 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
     assert!(letter["payload"].as_str().unwrap().contains("{not json"));
 
     // Still three jobs, and Warden still serves new work after the garbage.
-    let id = cli_ok(&url, &["job", "submit", "noop", "--wait", "--timeout", "60"]);
+    let id = cli_ok(
+        &url,
+        &["job", "submit", "noop", "--wait", "--timeout", "60"],
+    );
     assert!(id.contains("FINISHED"), "{id}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rpmlint_jobs(&warden).await.len(), 3);
-    assert!(warden.is_running(), "warden up died:\n{}", warden.log_text());
+    assert!(
+        warden.is_running(),
+        "warden up died:\n{}",
+        warden.log_text()
+    );
 
     // History over HTTP: created, dispatched, started, finished, by whom.
-    let complete = jobs.iter().find(|j| j["source_message_id"] == "2015-6395fb7a-e5a7-4b95-858a-ff7b80410e7f").expect("job of message 10");
+    let complete = jobs
+        .iter()
+        .find(|j| j["source_message_id"] == "2015-6395fb7a-e5a7-4b95-858a-ff7b80410e7f")
+        .expect("job of message 10");
     let id = complete["id"].as_str().unwrap();
     let full = get_json(&w_url(&warden, id)).await;
     assert_eq!(full["args"]["nvr"], "ansible-1.8.3-1.el7");
     assert_eq!(full["source"]["subject"], SUBJECT);
-    let actions: Vec<&str> = full["history"].as_array().unwrap().iter().map(|h| h["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = full["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["create", "dispatch", "start", "finish"], "{full}");
-    assert!(full["history"][1]["bot_id"].as_str().unwrap().starts_with("local-"));
+    assert!(full["history"][1]["bot_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("local-"));
 
     // The same through the CLI.
     let show = cli_ok(&url, &["job", "show", id]);
-    assert!(show.contains("FINISHED") && show.contains("ansible-1.8.3-1.el7") && show.contains("finish"), "{show}");
-    let list: serde_json::Value = serde_json::from_str(&cli_ok(&url, &["job", "list", "--task", "rpmlint", "--json"])).unwrap();
+    assert!(
+        show.contains("FINISHED")
+            && show.contains("ansible-1.8.3-1.el7")
+            && show.contains("finish"),
+        "{show}"
+    );
+    let list: serde_json::Value = serde_json::from_str(&cli_ok(
+        &url,
+        &["job", "list", "--task", "rpmlint", "--json"],
+    ))
+    .unwrap();
     let list = list.as_array().unwrap();
     assert_eq!(list.len(), 3);
-    for key in ["id", "task", "state", "priority", "attempt", "blame", "detail", "created_at", "updated_at"] {
-        assert!(list[0].get(key).is_some(), "job list --json lacks {key}: {}", list[0]);
+    for key in [
+        "id",
+        "task",
+        "state",
+        "priority",
+        "attempt",
+        "blame",
+        "detail",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(
+            list[0].get(key).is_some(),
+            "job list --json lacks {key}: {}",
+            list[0]
+        );
     }
     let bad = cli(&url, &["job", "show", "not-a-uuid"]);
     assert!(!bad.status.success());
 
-    assert_eq!(warden.stop(), Some(0), "warden up did not exit cleanly:\n{}", warden.log_text());
+    assert_eq!(
+        warden.stop(),
+        Some(0),
+        "warden up did not exit cleanly:\n{}",
+        warden.log_text()
+    );
     drop(client);
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
 
 async fn state(w: &Warden, id: &str) -> Option<String> {
-    let r = reqwest::get(w.url(&format!("/api/v1/jobs/{id}"))).await.ok()?;
+    let r = reqwest::get(w.url(&format!("/api/v1/jobs/{id}")))
+        .await
+        .ok()?;
     let v: serde_json::Value = r.json().await.ok()?;
     v["state"].as_str().map(str::to_string)
 }
@@ -23,7 +25,9 @@ async fn jobs_survive_a_restart_of_everything() {
     // No workers: both jobs can only wait.
     let mut warden = Warden::up(&url, CONFIG, 0);
     let waiting = cli_ok(&url, &["job", "submit", "noop"]).trim().to_string();
-    let long = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=5"]).trim().to_string();
+    let long = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=5"])
+        .trim()
+        .to_string();
     assert_eq!(warden.stop(), Some(0), "{}", warden.log_text());
     nats.restart();
 
@@ -31,21 +35,39 @@ async fn jobs_survive_a_restart_of_everything() {
     // the long one is RUNNING.
     let mut warden = Warden::up(&url, CONFIG, 1);
     for (id, want) in [(&waiting, "FINISHED"), (&long, "RUNNING")] {
-        eventually(Duration::from_secs(30), want, || async { (state(&warden, id).await.as_deref() == Some(want)).then_some(()) }).await;
+        eventually(Duration::from_secs(30), want, || async {
+            (state(&warden, id).await.as_deref() == Some(want)).then_some(())
+        })
+        .await;
     }
     assert_eq!(warden.stop(), Some(0), "{}", warden.log_text());
     nats.restart();
 
     // After the second restart the handed-back job runs again and finishes.
     let warden = Warden::up(&url, CONFIG, 2);
-    eventually(Duration::from_secs(60), "long job FINISHED after restart", || async {
-        (state(&warden, &long).await.as_deref() == Some("FINISHED")).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "long job FINISHED after restart",
+        || async { (state(&warden, &long).await.as_deref() == Some("FINISHED")).then_some(()) },
+    )
     .await;
     let job = get_json(&warden.url(&format!("/api/v1/jobs/{long}"))).await;
-    let actions: Vec<&str> = job["history"].as_array().unwrap().iter().map(|h| h["action"].as_str().unwrap()).collect();
-    assert_eq!(actions.iter().filter(|a| **a == "finish").count(), 1, "{actions:?}");
-    assert_eq!(actions.iter().filter(|a| **a == "requeue").count(), 1, "{actions:?}");
+    let actions: Vec<&str> = job["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "finish").count(),
+        1,
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.iter().filter(|a| **a == "requeue").count(),
+        1,
+        "{actions:?}"
+    );
     assert_eq!(job["attempt"], 2, "{job}");
     assert_eq!(state(&warden, &waiting).await.as_deref(), Some("FINISHED"));
 }

@@ -19,15 +19,34 @@ const JOBS: usize = 600;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_never_dispatch_one_job_twice() {
     let nats = NatsServer::start();
-    let config = Arc::new(Config::from_parts(Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())), Vec::new()).unwrap());
+    let config = Arc::new(
+        Config::from_parts(
+            Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())),
+            Vec::new(),
+        )
+        .unwrap(),
+    );
     let shutdown = CancellationToken::new();
-    let replicas: Vec<_> = (0..2).map(|_| tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone()))).collect();
+    let replicas: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone())))
+        .collect();
 
-    let (client, handles) = runtime::connect_with_topology(&config, "test").await.unwrap();
+    let (client, handles) = runtime::connect_with_topology(&config, "test")
+        .await
+        .unwrap();
     let store = JobStore::new(handles.jobs.clone());
     let mut ids = Vec::new();
     for _ in 0..JOBS {
-        let job = Job::new(Uuid::new_v4(), "noop".into(), BTreeMap::new(), "default".into(), 0, None, "test", Utc::now());
+        let job = Job::new(
+            Uuid::new_v4(),
+            "noop".into(),
+            BTreeMap::new(),
+            "default".into(),
+            0,
+            None,
+            "test",
+            Utc::now(),
+        );
         store.create(&job).await.unwrap();
         ids.push(job.id);
     }
@@ -50,7 +69,10 @@ async fn two_replicas_never_dispatch_one_job_twice() {
                         max: 7,
                         wait_ms: 300,
                     };
-                    let reply = client.request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into()).await.unwrap();
+                    let reply = client
+                        .request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into())
+                        .await
+                        .unwrap();
                     let reply: AcquireReply = serde_json::from_slice(&reply.payload).unwrap();
                     if reply.leases.is_empty() {
                         empty += 1;
@@ -75,13 +97,26 @@ async fn two_replicas_never_dispatch_one_job_twice() {
     for id in &ids {
         let v = store.get(id).await.unwrap().unwrap();
         assert_eq!((v.job.state, v.job.attempt), (JobState::Running, 1));
-        assert_eq!(v.job.history.iter().filter(|h| h.action == warden_shared::Action::Dispatch).count(), 1);
+        assert_eq!(
+            v.job
+                .history
+                .iter()
+                .filter(|h| h.action == warden_shared::Action::Dispatch)
+                .count(),
+            1
+        );
         let lease = v.job.lease.unwrap();
-        assert_eq!(format!("session-{}", granted[id][0].1), lease.session, "the lease names the acquirer that got it");
+        assert_eq!(
+            format!("session-{}", granted[id][0].1),
+            lease.session,
+            "the lease names the acquirer that got it"
+        );
     }
     shutdown.cancel();
     for r in replicas {
-        let res = tokio::time::timeout(Duration::from_secs(15), r).await.expect("replica stops on shutdown");
+        let res = tokio::time::timeout(Duration::from_secs(15), r)
+            .await
+            .expect("replica stops on shutdown");
         res.unwrap().unwrap();
     }
 }

@@ -19,8 +19,12 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
-use warden_shared::messages::{CloseSession, CreateSession, ErrorBody, Heartbeat, SessionReply, MESSAGE_VERSION};
-use warden_shared::session::{bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
+use warden_shared::messages::{
+    CloseSession, CreateSession, ErrorBody, Heartbeat, SessionReply, MESSAGE_VERSION,
+};
+use warden_shared::session::{
+    bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION,
+};
 use warden_shared::{metrics::register, runtime, subjects, Config};
 
 #[derive(Debug, Error)]
@@ -40,12 +44,24 @@ fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
         requests: register(
-            IntCounterVec::new(Opts::new("warden_fencing_requests_total", "Session requests by operation and result"), &["op", "result"])
-                .expect("valid metric"),
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_fencing_requests_total",
+                    "Session requests by operation and result",
+                ),
+                &["op", "result"],
+            )
+            .expect("valid metric"),
         ),
         rejected: register(
-            IntCounterVec::new(Opts::new("warden_fencing_rejected_total", "Session requests rejected, by error code"), &["code"])
-                .expect("valid metric"),
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_fencing_rejected_total",
+                    "Session requests rejected, by error code",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
         ),
     })
 }
@@ -81,7 +97,12 @@ impl Sessions {
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<(Session, u64)>, String> {
-        match self.kv.entry(session_key(name)).await.map_err(|e| e.to_string())? {
+        match self
+            .kv
+            .entry(session_key(name))
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(e) if e.operation == kv::Operation::Put => {
                 let s: Session = serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
                 Ok(Some((s, e.revision)))
@@ -92,12 +113,18 @@ impl Sessions {
 
     async fn put(&self, s: &Session) -> Result<u64, OpError> {
         let body = serde_json::to_vec(s).map_err(store_err)?;
-        self.kv.put(session_key(&s.name), Bytes::from(body)).await.map_err(store_err)
+        self.kv
+            .put(session_key(&s.name), Bytes::from(body))
+            .await
+            .map_err(store_err)
     }
 
     async fn current_of(&self, bot_id: &str) -> Result<Option<(String, u64)>, OpError> {
         match self.kv.entry(bot_key(bot_id)).await.map_err(store_err)? {
-            Some(e) if e.operation == kv::Operation::Put => Ok(Some((String::from_utf8_lossy(&e.value).into_owned(), e.revision))),
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                String::from_utf8_lossy(&e.value).into_owned(),
+                e.revision,
+            ))),
             Some(e) => Ok(Some((String::new(), e.revision))),
             None => Ok(None),
         }
@@ -105,7 +132,10 @@ impl Sessions {
 
     async fn create(&self, req: CreateSession) -> Result<String, OpError> {
         if req.bot_id.trim().is_empty() {
-            return Err(OpError::Rejected("invalid_request", "bot_id must not be empty".into()));
+            return Err(OpError::Rejected(
+                "invalid_request",
+                "bot_id must not be empty".into(),
+            ));
         }
         let now = Utc::now();
         let name = Uuid::new_v4().to_string();
@@ -128,12 +158,26 @@ impl Sessions {
         let previous = loop {
             let current = self.current_of(&req.bot_id).await?;
             let res = match &current {
-                None => self.kv.create(bot_key(&req.bot_id), Bytes::from(name.clone())).await.map_err(|e| e.to_string()),
-                Some((_, rev)) => self.kv.update(bot_key(&req.bot_id), Bytes::from(name.clone()), *rev).await.map_err(|e| e.to_string()),
+                None => self
+                    .kv
+                    .create(bot_key(&req.bot_id), Bytes::from(name.clone()))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Some((_, rev)) => self
+                    .kv
+                    .update(bot_key(&req.bot_id), Bytes::from(name.clone()), *rev)
+                    .await
+                    .map_err(|e| e.to_string()),
             };
             match res {
                 Ok(_) => break current.map(|(n, _)| n).filter(|n| !n.is_empty()),
-                Err(e) if e.contains("wrong last sequence") || e.contains("already exists") || e.contains("key exists") => continue,
+                Err(e)
+                    if e.contains("wrong last sequence")
+                        || e.contains("already exists")
+                        || e.contains("key exists") =>
+                {
+                    continue
+                }
                 Err(e) => return Err(OpError::Store(e)),
             }
         };
@@ -154,14 +198,21 @@ impl Sessions {
     /// The session if it exists and is its bot's current one.
     async fn current(&self, name: &str) -> Result<(Session, u64), OpError> {
         let Some((s, rev)) = self.get(name).await.map_err(OpError::Store)? else {
-            return Err(OpError::Rejected(UNKNOWN_SESSION, format!("no session named {name}")));
+            return Err(OpError::Rejected(
+                UNKNOWN_SESSION,
+                format!("no session named {name}"),
+            ));
         };
         let pointer = self.current_of(&s.bot_id).await?;
         let is_current = pointer.as_ref().is_some_and(|(n, _)| n == name);
         if s.state != SessionState::Active || !is_current {
             return Err(OpError::Rejected(
                 SESSION_SUPERSEDED,
-                format!("session {name} of bot {} is {} and not current; start a new session", s.bot_id, s.state.as_str()),
+                format!(
+                    "session {name} of bot {} is {} and not current; start a new session",
+                    s.bot_id,
+                    s.state.as_str()
+                ),
             ));
         }
         Ok((s, rev))
@@ -173,7 +224,11 @@ impl Sessions {
         let body = serde_json::to_vec(&s).map_err(store_err)?;
         // CAS: a concurrent quarantine must not be overwritten by a late
         // heartbeat of the old session.
-        match self.kv.update(session_key(&s.name), Bytes::from(body), rev).await {
+        match self
+            .kv
+            .update(session_key(&s.name), Bytes::from(body), rev)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 self.current(&req.session).await.map(|_| ())
@@ -201,9 +256,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .await
         .map_err(FencingError::Service)?;
     let group = service.group(subjects::SESSION_GROUP);
-    let mut create = group.endpoint("create").await.map_err(FencingError::Service)?;
-    let mut heartbeat = group.endpoint("heartbeat").await.map_err(FencingError::Service)?;
-    let mut close = group.endpoint("close").await.map_err(FencingError::Service)?;
+    let mut create = group
+        .endpoint("create")
+        .await
+        .map_err(FencingError::Service)?;
+    let mut heartbeat = group
+        .endpoint("heartbeat")
+        .await
+        .map_err(FencingError::Service)?;
+    let mut close = group
+        .endpoint("close")
+        .await
+        .map_err(FencingError::Service)?;
     info!("fencing service running");
     loop {
         let (op, req) = tokio::select! {
@@ -234,7 +298,12 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             let reply = match result {
                 Ok(session) => {
                     m.requests.with_label_values(&[op, "ok"]).inc();
-                    SessionReply { version: MESSAGE_VERSION, session, cancel: Vec::new(), error: None }
+                    SessionReply {
+                        version: MESSAGE_VERSION,
+                        session,
+                        cancel: Vec::new(),
+                        error: None,
+                    }
                 }
                 Err(e) => {
                     let body = e.body();
@@ -243,7 +312,12 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                         m.rejected.with_label_values(&[code]).inc();
                     }
                     warn!(op, code = %body.code, error = %body.message, "session request rejected");
-                    SessionReply { version: MESSAGE_VERSION, session: None, cancel: Vec::new(), error: Some(body) }
+                    SessionReply {
+                        version: MESSAGE_VERSION,
+                        session: None,
+                        cancel: Vec::new(),
+                        error: Some(body),
+                    }
                 }
             };
             let bytes = serde_json::to_vec(&reply).unwrap_or_default();

@@ -24,7 +24,11 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [RejectReason::StaleEpoch, RejectReason::WrongSession, RejectReason::IllegalTransition];
+    pub const ALL: [RejectReason; 3] = [
+        RejectReason::StaleEpoch,
+        RejectReason::WrongSession,
+        RejectReason::IllegalTransition,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -38,7 +42,7 @@ impl RejectReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Write this job (compare-and-set on the revision read).
-    Apply(Job),
+    Apply(Box<Job>),
     /// Already applied (a redelivered report): nothing to write.
     Duplicate,
     /// Not applied; record it in the history with this reason.
@@ -58,19 +62,28 @@ fn truncate_tail(s: &str, max: usize) -> String {
 
 fn bounded(mut crash: CrashInfo) -> CrashInfo {
     crash.log_tail = truncate_tail(&crash.log_tail, MAX_LOG_TAIL);
-    crash.status_file = crash.status_file.map(|s| truncate_tail(&s, MAX_STATUS_FILE));
+    crash.status_file = crash
+        .status_file
+        .map(|s| truncate_tail(&s, MAX_STATUS_FILE));
     crash
 }
 
 /// Was this report already applied to `job`?
 fn already_applied(job: &Job, r: &Report) -> bool {
-    let same_lease = job.lease.as_ref().is_some_and(|l| l.epoch == r.epoch && l.session == r.session);
+    let same_lease = job
+        .lease
+        .as_ref()
+        .is_some_and(|l| l.epoch == r.epoch && l.session == r.session);
     match &r.kind {
-        ReportKind::Started { .. } => same_lease && job.lease.as_ref().is_some_and(|l| l.started_at.is_some()),
+        ReportKind::Started { .. } => {
+            same_lease && job.lease.as_ref().is_some_and(|l| l.started_at.is_some())
+        }
         ReportKind::Finished { .. } => same_lease && job.state == JobState::Finished,
         ReportKind::Crashed { .. } => same_lease && job.state == JobState::Crashed,
         // A release clears the lease; the attempt number stays.
-        ReportKind::Released { .. } => job.lease.is_none() && job.attempt == r.epoch && job.state == JobState::Scheduled,
+        ReportKind::Released { .. } => {
+            job.lease.is_none() && job.attempt == r.epoch && job.state == JobState::Scheduled
+        }
     }
 }
 
@@ -111,7 +124,10 @@ pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
                 }
             }
         }
-        ReportKind::Finished { outcome, duration_ms } => {
+        ReportKind::Finished {
+            outcome,
+            duration_ms,
+        } => {
             next.outcome = Some(outcome.clone());
             note = Some(format!("outcome {outcome} after {duration_ms} ms"));
         }
@@ -145,7 +161,7 @@ pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
         resource: job.lease.as_ref().and_then(|l| l.resource.clone()),
         note,
     });
-    Decision::Apply(next)
+    Decision::Apply(Box::new(next))
 }
 
 /// A crash in words when nobody explained it.
@@ -191,7 +207,16 @@ mod tests {
 
     fn running(epoch: u32, session: &str) -> Job {
         let now = Utc::now();
-        let mut j = Job::new(Uuid::new_v4(), "t".into(), BTreeMap::new(), "p".into(), 0, None, "test", now);
+        let mut j = Job::new(
+            Uuid::new_v4(),
+            "t".into(),
+            BTreeMap::new(),
+            "p".into(),
+            0,
+            None,
+            "test",
+            now,
+        );
         j.state = JobState::Running;
         j.attempt = epoch;
         j.lease = Some(Lease {
@@ -206,73 +231,175 @@ mod tests {
     }
 
     fn report(job: &Job, epoch: u32, session: &str, kind: ReportKind) -> Report {
-        Report { version: 1, job_id: job.id, session: session.into(), bot_id: "bot".into(), epoch, at: Utc::now(), kind }
+        Report {
+            version: 1,
+            job_id: job.id,
+            session: session.into(),
+            bot_id: "bot".into(),
+            epoch,
+            at: Utc::now(),
+            kind,
+        }
     }
 
     fn finished() -> ReportKind {
-        ReportKind::Finished { outcome: "passed".into(), duration_ms: 5 }
+        ReportKind::Finished {
+            outcome: "passed".into(),
+            duration_ms: 5,
+        }
     }
 
     #[test]
     fn current_finish_is_applied_with_history() {
         let j = running(2, "s1");
-        let Decision::Apply(next) = decide(&j, &report(&j, 2, "s1", finished()), Utc::now()) else { panic!("not applied") };
+        let Decision::Apply(next) = decide(&j, &report(&j, 2, "s1", finished()), Utc::now()) else {
+            panic!("not applied")
+        };
         assert_eq!(next.state, JobState::Finished);
         assert_eq!(next.outcome.as_deref(), Some("passed"));
         let last = next.history.last().expect("history");
-        assert_eq!((last.action, last.attempt, last.to), (Action::Finish, 2, Some(JobState::Finished)));
+        assert_eq!(
+            (last.action, last.attempt, last.to),
+            (Action::Finish, 2, Some(JobState::Finished))
+        );
     }
 
     #[test]
     fn stale_epoch_and_wrong_session_are_rejected() {
         let j = running(3, "s2");
-        assert_eq!(decide(&j, &report(&j, 2, "s1", finished()), Utc::now()), Decision::Reject(RejectReason::StaleEpoch));
-        assert_eq!(decide(&j, &report(&j, 3, "s1", finished()), Utc::now()), Decision::Reject(RejectReason::WrongSession));
+        assert_eq!(
+            decide(&j, &report(&j, 2, "s1", finished()), Utc::now()),
+            Decision::Reject(RejectReason::StaleEpoch)
+        );
+        assert_eq!(
+            decide(&j, &report(&j, 3, "s1", finished()), Utc::now()),
+            Decision::Reject(RejectReason::WrongSession)
+        );
     }
 
     #[test]
     fn reports_for_finished_jobs_are_duplicates_or_rejected() {
         let j = running(1, "s1");
-        let Decision::Apply(done) = decide(&j, &report(&j, 1, "s1", finished()), Utc::now()) else { panic!() };
+        let Decision::Apply(done) = decide(&j, &report(&j, 1, "s1", finished()), Utc::now()) else {
+            panic!()
+        };
         // Redelivery of the same report: nothing to do.
-        assert_eq!(decide(&done, &report(&done, 1, "s1", finished()), Utc::now()), Decision::Duplicate);
+        assert_eq!(
+            decide(&done, &report(&done, 1, "s1", finished()), Utc::now()),
+            Decision::Duplicate
+        );
         // A crash report for the finished attempt is an illegal transition.
-        let crash = ReportKind::Crashed { crash: CrashInfo::default(), fault: None };
-        assert_eq!(decide(&done, &report(&done, 1, "s1", crash), Utc::now()), Decision::Reject(RejectReason::IllegalTransition));
+        let crash = ReportKind::Crashed {
+            crash: CrashInfo::default(),
+            fault: None,
+        };
+        assert_eq!(
+            decide(&done, &report(&done, 1, "s1", crash), Utc::now()),
+            Decision::Reject(RejectReason::IllegalTransition)
+        );
     }
 
     #[test]
     fn crash_without_fault_is_unclassified_and_fault_is_taken() {
         let j = running(1, "s1");
-        let crash = CrashInfo { exit_code: Some(3), log_tail: "x".repeat(MAX_LOG_TAIL + 10), ..Default::default() };
-        let Decision::Apply(n) = decide(&j, &report(&j, 1, "s1", ReportKind::Crashed { crash: crash.clone(), fault: None }), Utc::now()) else {
+        let crash = CrashInfo {
+            exit_code: Some(3),
+            log_tail: "x".repeat(MAX_LOG_TAIL + 10),
+            ..Default::default()
+        };
+        let Decision::Apply(n) = decide(
+            &j,
+            &report(
+                &j,
+                1,
+                "s1",
+                ReportKind::Crashed {
+                    crash: crash.clone(),
+                    fault: None,
+                },
+            ),
+            Utc::now(),
+        ) else {
             panic!()
         };
-        assert_eq!((n.state, n.blame, n.detail.as_deref()), (JobState::Crashed, Some(Blame::Unknown), Some("unclassified")));
-        assert_eq!(n.crash.as_ref().map(|c| c.log_tail.len()), Some(MAX_LOG_TAIL));
-        let fault = Fault { blame: Blame::ThirdParty, detail: "network".into(), description: "koji down".into() };
-        let Decision::Apply(n) = decide(&j, &report(&j, 1, "s1", ReportKind::Crashed { crash, fault: Some(fault) }), Utc::now()) else {
+        assert_eq!(
+            (n.state, n.blame, n.detail.as_deref()),
+            (
+                JobState::Crashed,
+                Some(Blame::Unknown),
+                Some("unclassified")
+            )
+        );
+        assert_eq!(
+            n.crash.as_ref().map(|c| c.log_tail.len()),
+            Some(MAX_LOG_TAIL)
+        );
+        let fault = Fault {
+            blame: Blame::ThirdParty,
+            detail: "network".into(),
+            description: "koji down".into(),
+        };
+        let Decision::Apply(n) = decide(
+            &j,
+            &report(
+                &j,
+                1,
+                "s1",
+                ReportKind::Crashed {
+                    crash,
+                    fault: Some(fault),
+                },
+            ),
+            Utc::now(),
+        ) else {
             panic!()
         };
-        assert_eq!((n.blame, n.detail.as_deref()), (Some(Blame::ThirdParty), Some("network")));
+        assert_eq!(
+            (n.blame, n.detail.as_deref()),
+            (Some(Blame::ThirdParty), Some("network"))
+        );
     }
 
     #[test]
     fn started_is_applied_once() {
         let j = running(1, "s1");
-        let r = report(&j, 1, "s1", ReportKind::Started { resource: Some("host-a".into()) });
-        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else { panic!() };
+        let r = report(
+            &j,
+            1,
+            "s1",
+            ReportKind::Started {
+                resource: Some("host-a".into()),
+            },
+        );
+        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else {
+            panic!()
+        };
         assert_eq!(n.state, JobState::Running);
-        assert_eq!(n.lease.as_ref().and_then(|l| l.resource.as_deref()), Some("host-a"));
+        assert_eq!(
+            n.lease.as_ref().and_then(|l| l.resource.as_deref()),
+            Some("host-a")
+        );
         assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
     }
 
     #[test]
     fn release_requeues_without_lease() {
         let j = running(1, "s1");
-        let r = report(&j, 1, "s1", ReportKind::Released { reason: "worker_shutdown".into() });
-        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else { panic!() };
-        assert_eq!((n.state, n.lease.is_none(), n.attempt), (JobState::Scheduled, true, 1));
+        let r = report(
+            &j,
+            1,
+            "s1",
+            ReportKind::Released {
+                reason: "worker_shutdown".into(),
+            },
+        );
+        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else {
+            panic!()
+        };
+        assert_eq!(
+            (n.state, n.lease.is_none(), n.attempt),
+            (JobState::Scheduled, true, 1)
+        );
         assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
     }
 
@@ -284,6 +411,9 @@ mod tests {
         assert_eq!(n.state, j.state);
         let last = n.history.last().expect("entry");
         assert_eq!(last.action, Action::RejectReport);
-        assert!(last.note.as_deref().is_some_and(|s| s.contains("stale_epoch")));
+        assert!(last
+            .note
+            .as_deref()
+            .is_some_and(|s| s.contains("stale_epoch")));
     }
 }

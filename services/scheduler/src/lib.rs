@@ -27,7 +27,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::job::{HistoryEntry, Lease};
-use warden_shared::messages::{AcquireReply, AcquireRequest, DeadLetter, ErrorBody, LeaseGrant, Report, MESSAGE_VERSION};
+use warden_shared::messages::{
+    AcquireReply, AcquireRequest, DeadLetter, ErrorBody, LeaseGrant, Report, MESSAGE_VERSION,
+};
 use warden_shared::runtime;
 use warden_shared::state::{transition, Action};
 use warden_shared::store::{self, JobStore, StoreError, Versioned};
@@ -50,7 +52,10 @@ pub enum SchedulerError {
 }
 
 fn setup<E: Into<async_nats::Error>>(what: &'static str) -> impl FnOnce(E) -> SchedulerError {
-    move |e| SchedulerError::Setup { what, source: e.into() }
+    move |e| SchedulerError::Setup {
+        what,
+        source: e.into(),
+    }
 }
 
 struct Shared {
@@ -82,13 +87,23 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         ready: Notify::new(),
     });
 
-    let stream = handles.js.get_stream(subjects::REPORTS_STREAM).await.map_err(setup("reports stream"))?;
+    let stream = handles
+        .js
+        .get_stream(subjects::REPORTS_STREAM)
+        .await
+        .map_err(setup("reports stream"))?;
     let consumer: PullConsumer = stream
-        .get_or_create_consumer(subjects::SCHEDULER_REPORTS_CONSUMER, subjects::scheduler_reports_consumer())
+        .get_or_create_consumer(
+            subjects::SCHEDULER_REPORTS_CONSUMER,
+            subjects::scheduler_reports_consumer(),
+        )
         .await
         .map_err(setup("reports consumer"))?;
     let acquire = client
-        .queue_subscribe(subjects::ACQUIRE, subjects::SCHEDULER_QUEUE_GROUP.to_string())
+        .queue_subscribe(
+            subjects::ACQUIRE,
+            subjects::SCHEDULER_QUEUE_GROUP.to_string(),
+        )
         .await
         .map_err(setup("acquire subscription"))?;
 
@@ -96,7 +111,12 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     tracker.spawn(watch_loop(shared.clone(), shutdown.clone()));
     tracker.spawn(timer_loop(shared.clone(), shutdown.clone()));
     tracker.spawn(reports_loop(shared.clone(), consumer, shutdown.clone()));
-    tracker.spawn(acquire_loop(shared.clone(), acquire, tracker.clone(), shutdown.clone()));
+    tracker.spawn(acquire_loop(
+        shared.clone(),
+        acquire,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     info!("scheduler running");
     shutdown.cancelled().await;
     runtime::drain(&client, &tracker, Duration::from_secs(10)).await;
@@ -132,7 +152,9 @@ async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
                 None => break,
             };
-            let Ok(id) = entry.key.parse::<Uuid>() else { continue };
+            let Ok(id) = entry.key.parse::<Uuid>() else {
+                continue;
+            };
             if entry.operation != async_nats::jetstream::kv::Operation::Put {
                 shared.queue().remove(&id);
                 continue;
@@ -140,7 +162,10 @@ async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             match store::decode(&entry.key, &entry.value) {
                 Ok(job) => {
                     let scheduled = job.state == JobState::Scheduled;
-                    shared.queue().observe(Versioned { job, revision: entry.revision });
+                    shared.queue().observe(Versioned {
+                        job,
+                        revision: entry.revision,
+                    });
                     if scheduled {
                         shared.ready.notify_waiters();
                     }
@@ -174,12 +199,19 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             m.queue_depth.with_label_values(&[&pool]).set(n as i64);
         }
         for (pool, at) in oldest {
-            m.oldest_age.with_label_values(&[&pool]).set((now - at).num_seconds().max(0));
+            m.oldest_age
+                .with_label_values(&[&pool])
+                .set((now - at).num_seconds().max(0));
         }
     }
 }
 
-async fn acquire_loop(shared: Arc<Shared>, mut sub: async_nats::Subscriber, tracker: TaskTracker, shutdown: CancellationToken) {
+async fn acquire_loop(
+    shared: Arc<Shared>,
+    mut sub: async_nats::Subscriber,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -188,15 +220,23 @@ async fn acquire_loop(shared: Arc<Shared>, mut sub: async_nats::Subscriber, trac
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let Some(reply) = msg.reply.clone() else { return };
+            let Some(reply) = msg.reply.clone() else {
+                return;
+            };
             let answer = match serde_json::from_slice::<AcquireRequest>(&msg.payload) {
                 Ok(req) => acquire(&shared, req, &shutdown).await,
                 Err(e) => {
-                    metrics().acquire_requests.with_label_values(&["invalid"]).inc();
+                    metrics()
+                        .acquire_requests
+                        .with_label_values(&["invalid"])
+                        .inc();
                     AcquireReply {
                         version: MESSAGE_VERSION,
                         leases: Vec::new(),
-                        error: Some(ErrorBody::new("invalid_request", format!("cannot decode acquire request: {e}"))),
+                        error: Some(ErrorBody::new(
+                            "invalid_request",
+                            format!("cannot decode acquire request: {e}"),
+                        )),
                     }
                 }
             };
@@ -215,7 +255,11 @@ async fn acquire_loop(shared: Arc<Shared>, mut sub: async_nats::Subscriber, trac
 
 /// Leases up to `req.max` jobs to the requesting session, waiting up to
 /// `req.wait_ms` (capped by config) for work to appear.
-async fn acquire(shared: &Shared, req: AcquireRequest, shutdown: &CancellationToken) -> AcquireReply {
+async fn acquire(
+    shared: &Shared,
+    req: AcquireRequest,
+    shutdown: &CancellationToken,
+) -> AcquireReply {
     let wait = Duration::from_millis(req.wait_ms).min(shared.config.scheduler.acquire_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let max = req.max.clamp(1, 1000) as usize;
@@ -228,7 +272,10 @@ async fn acquire(shared: &Shared, req: AcquireRequest, shutdown: &CancellationTo
         notified.as_mut().enable();
         let candidates = shared.queue().take(&req.pools, max - leases.len());
         if !candidates.is_empty() {
-            let results = futures::future::join_all(candidates.into_iter().map(|v| dispatch(shared, v, &req))).await;
+            let results = futures::future::join_all(
+                candidates.into_iter().map(|v| dispatch(shared, v, &req)),
+            )
+            .await;
             leases.extend(results.into_iter().flatten());
             if leases.len() >= max || !leases.is_empty() {
                 break;
@@ -241,8 +288,15 @@ async fn acquire(shared: &Shared, req: AcquireRequest, shutdown: &CancellationTo
             _ = shutdown.cancelled() => break,
         }
     }
-    metrics().acquire_requests.with_label_values(&[if leases.is_empty() { "empty" } else { "leased" }]).inc();
-    AcquireReply { version: MESSAGE_VERSION, leases, error: None }
+    metrics()
+        .acquire_requests
+        .with_label_values(&[if leases.is_empty() { "empty" } else { "leased" }])
+        .inc();
+    AcquireReply {
+        version: MESSAGE_VERSION,
+        leases,
+        error: None,
+    }
 }
 
 /// SCHEDULED → RUNNING with a new epoch, by compare-and-set. `None` when
@@ -286,8 +340,11 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
         Ok(_) => {
             let m = metrics();
             m.dispatched.inc();
-            m.transitions.with_label_values(&[from.as_str(), to.as_str()]).inc();
-            m.dispatch_latency.observe((now - job.queued_at).num_milliseconds().max(0) as f64 / 1000.0);
+            m.transitions
+                .with_label_values(&[from.as_str(), to.as_str()])
+                .inc();
+            m.dispatch_latency
+                .observe((now - job.queued_at).num_milliseconds().max(0) as f64 / 1000.0);
             debug!(job.id = %job.id, epoch = job.attempt, bot.id = %req.bot_id, "job dispatched");
             Some(LeaseGrant {
                 job_id: job.id,
@@ -400,8 +457,11 @@ async fn handle_report(shared: &Shared, report: &Report) -> Disposition {
                 m.reports.with_label_values(&[kind, "duplicate"]).inc();
                 return Disposition::Ack;
             }
-            Decision::Apply(next) => (next, None),
-            Decision::Reject(reason) => (record_rejection(&current.job, report, reason, now), Some(reason)),
+            Decision::Apply(next) => (*next, None),
+            Decision::Reject(reason) => (
+                record_rejection(&current.job, report, reason, now),
+                Some(reason),
+            ),
         };
         match shared.store.update(&next, current.revision).await {
             Ok(_) => {
@@ -409,7 +469,12 @@ async fn handle_report(shared: &Shared, report: &Report) -> Disposition {
                     None => {
                         m.reports.with_label_values(&[kind, "applied"]).inc();
                         if current.job.state != next.state || kind == "started" {
-                            m.transitions.with_label_values(&[current.job.state.as_str(), next.state.as_str()]).inc();
+                            m.transitions
+                                .with_label_values(&[
+                                    current.job.state.as_str(),
+                                    next.state.as_str(),
+                                ])
+                                .inc();
                         }
                         debug!(job.id = %next.id, state = %next.state, "report applied");
                     }
@@ -445,11 +510,21 @@ async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde
         reason: "invalid_report".into(),
         error: err.to_string(),
         at: Utc::now(),
-        payload: String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(64 * 1024)]).into_owned(),
+        payload: String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(64 * 1024)])
+            .into_owned(),
     };
     warn!(subject = %msg.subject, error = %err, "undecodable report dead-lettered");
-    let Ok(body) = serde_json::to_vec(&letter) else { return };
-    match shared.js.publish(subjects::deadletter_subject("scheduler", "invalid_report"), body.into()).await {
+    let Ok(body) = serde_json::to_vec(&letter) else {
+        return;
+    };
+    match shared
+        .js
+        .publish(
+            subjects::deadletter_subject("scheduler", "invalid_report"),
+            body.into(),
+        )
+        .await
+    {
         Ok(ack) => {
             if ack.await.is_ok() {
                 let _ = msg.ack().await;

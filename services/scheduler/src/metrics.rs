@@ -21,38 +21,76 @@ pub struct Metrics {
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| {
-        let counter = |name: &str, help: &str| register(IntCounter::new(name, help).expect("valid metric"));
-        let counter_vec =
-            |name: &str, help: &str, labels: &[&str]| register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let counter =
+            |name: &str, help: &str| register(IntCounter::new(name, help).expect("valid metric"));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
         Metrics {
-            dispatched: counter("warden_scheduler_dispatched_total", "Attempts leased to workers"),
+            dispatched: counter(
+                "warden_scheduler_dispatched_total",
+                "Attempts leased to workers",
+            ),
             dispatch_conflicts: counter(
                 "warden_scheduler_dispatch_conflicts_total",
                 "Dispatches lost to a concurrent writer (another replica or a state change)",
             ),
-            transitions: counter_vec("warden_scheduler_transitions_total", "Job state transitions applied by the scheduler", &["from", "to"]),
-            reports: counter_vec("warden_scheduler_reports_total", "Worker reports by kind and result", &["kind", "result"]),
-            rejected: counter_vec("warden_scheduler_reports_rejected_total", "Worker reports rejected, by reason", &["reason"]),
-            invalid_reports: counter("warden_scheduler_reports_invalid_total", "Report messages that could not be decoded (dead-lettered)"),
+            transitions: counter_vec(
+                "warden_scheduler_transitions_total",
+                "Job state transitions applied by the scheduler",
+                &["from", "to"],
+            ),
+            reports: counter_vec(
+                "warden_scheduler_reports_total",
+                "Worker reports by kind and result",
+                &["kind", "result"],
+            ),
+            rejected: counter_vec(
+                "warden_scheduler_reports_rejected_total",
+                "Worker reports rejected, by reason",
+                &["reason"],
+            ),
+            invalid_reports: counter(
+                "warden_scheduler_reports_invalid_total",
+                "Report messages that could not be decoded (dead-lettered)",
+            ),
             queue_depth: register(
-                IntGaugeVec::new(Opts::new("warden_scheduler_queue_depth", "SCHEDULED jobs ready for dispatch, per pool"), &["pool"])
-                    .expect("valid metric"),
+                IntGaugeVec::new(
+                    Opts::new(
+                        "warden_scheduler_queue_depth",
+                        "SCHEDULED jobs ready for dispatch, per pool",
+                    ),
+                    &["pool"],
+                )
+                .expect("valid metric"),
             ),
             oldest_age: register(
                 IntGaugeVec::new(
-                    Opts::new("warden_scheduler_oldest_waiting_seconds", "Age of the oldest ready job, per pool"),
+                    Opts::new(
+                        "warden_scheduler_oldest_waiting_seconds",
+                        "Age of the oldest ready job, per pool",
+                    ),
                     &["pool"],
                 )
                 .expect("valid metric"),
             ),
             dispatch_latency: register(
                 Histogram::with_opts(
-                    HistogramOpts::new("warden_scheduler_dispatch_latency_seconds", "From queued to leased")
-                        .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0]),
+                    HistogramOpts::new(
+                        "warden_scheduler_dispatch_latency_seconds",
+                        "From queued to leased",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+                    ]),
                 )
                 .expect("valid metric"),
             ),
-            acquire_requests: counter_vec("warden_scheduler_acquire_requests_total", "Worker acquire requests by result", &["result"]),
+            acquire_requests: counter_vec(
+                "warden_scheduler_acquire_requests_total",
+                "Worker acquire requests by result",
+                &["result"],
+            ),
         }
     })
 }

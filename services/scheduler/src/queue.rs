@@ -52,7 +52,10 @@ impl Queue {
                 self.delayed.insert((at, v.job.id));
             }
             _ => {
-                self.ready.entry(v.job.pool.clone()).or_default().insert(key(&v.job));
+                self.ready
+                    .entry(v.job.pool.clone())
+                    .or_default()
+                    .insert(key(&v.job));
             }
         }
         self.jobs.insert(v.job.id, v);
@@ -79,7 +82,10 @@ impl Queue {
             }
             self.delayed.pop_first();
             if let Some(v) = self.jobs.get(&id) {
-                self.ready.entry(v.job.pool.clone()).or_default().insert(key(&v.job));
+                self.ready
+                    .entry(v.job.pool.clone())
+                    .or_default()
+                    .insert(key(&v.job));
                 n += 1;
             }
         }
@@ -114,7 +120,10 @@ impl Queue {
 
     /// Ready jobs per pool (for the queue-depth gauge).
     pub fn depth(&self) -> BTreeMap<String, usize> {
-        self.ready.iter().map(|(p, s)| (p.clone(), s.len())).collect()
+        self.ready
+            .iter()
+            .map(|(p, s)| (p.clone(), s.len()))
+            .collect()
     }
 
     /// Oldest ready job's queue time per pool.
@@ -143,7 +152,16 @@ mod tests {
     fn job(pool: &str, priority: i32, age_s: i64) -> Versioned {
         let t = Utc::now() - Duration::seconds(age_s);
         Versioned {
-            job: Job::new(Uuid::new_v4(), "t".into(), Map::new(), pool.into(), priority, None, "test", t),
+            job: Job::new(
+                Uuid::new_v4(),
+                "t".into(),
+                Map::new(),
+                pool.into(),
+                priority,
+                None,
+                "test",
+                t,
+            ),
             revision: 1,
         }
     }
@@ -158,8 +176,20 @@ mod tests {
         for v in [&low_old, &low_new, &high_new, &high_old] {
             q.observe(v.clone());
         }
-        let ids: Vec<Uuid> = q.take(&["p".into()], 10).into_iter().map(|v| v.job.id).collect();
-        assert_eq!(ids, vec![high_old.job.id, high_new.job.id, low_old.job.id, low_new.job.id]);
+        let ids: Vec<Uuid> = q
+            .take(&["p".into()], 10)
+            .into_iter()
+            .map(|v| v.job.id)
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                high_old.job.id,
+                high_new.job.id,
+                low_old.job.id,
+                low_new.job.id
+            ]
+        );
         assert!(q.is_empty());
     }
 
@@ -172,7 +202,11 @@ mod tests {
         for v in [&a, &b, &c] {
             q.observe(v.clone());
         }
-        let got: Vec<Uuid> = q.take(&["a".into(), "b".into()], 5).into_iter().map(|v| v.job.id).collect();
+        let got: Vec<Uuid> = q
+            .take(&["a".into(), "b".into()], 5)
+            .into_iter()
+            .map(|v| v.job.id)
+            .collect();
         assert_eq!(got, vec![b.job.id, a.job.id]);
         assert_eq!(q.len(), 1);
     }

@@ -42,7 +42,10 @@ impl DecodeError {
 
 pub fn decode(subject: &str, payload: &[u8], max: usize) -> Result<Event, DecodeError> {
     if payload.len() > max {
-        return Err(DecodeError::TooLarge { size: payload.len(), max });
+        return Err(DecodeError::TooLarge {
+            size: payload.len(),
+            max,
+        });
     }
     let value: Value = serde_json::from_slice(payload).map_err(DecodeError::InvalidJson)?;
     let Value::Object(obj) = &value else {
@@ -57,7 +60,13 @@ pub fn decode(subject: &str, payload: &[u8], max: usize) -> Result<Event, Decode
     };
     let body = match body {
         Some(b @ Value::Object(_)) => b.clone(),
-        _ => return Err(DecodeError::InvalidField(if id_field == "id" { "body" } else { "msg" })),
+        _ => {
+            return Err(DecodeError::InvalidField(if id_field == "id" {
+                "body"
+            } else {
+                "msg"
+            }))
+        }
     };
     let topic = match obj.get("topic") {
         Some(Value::String(t)) if !t.is_empty() => t.clone(),
@@ -67,9 +76,19 @@ pub fn decode(subject: &str, payload: &[u8], max: usize) -> Result<Event, Decode
     let message_id = match obj.get(id_field) {
         Some(Value::String(id)) if !id.is_empty() => id.clone(),
         None | Some(Value::Null) => content_id(&value),
-        Some(_) => return Err(DecodeError::InvalidField(if id_field == "id" { "id" } else { "msg_id" })),
+        Some(_) => {
+            return Err(DecodeError::InvalidField(if id_field == "id" {
+                "id"
+            } else {
+                "msg_id"
+            }))
+        }
     };
-    Ok(Event { message_id, topic, body })
+    Ok(Event {
+        message_id,
+        topic,
+        body,
+    })
 }
 
 /// `sha256:<hex>` of the message in canonical form (keys sorted at every
@@ -122,14 +141,26 @@ mod tests {
     use serde_json::Map;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/../../tests/fixtures/messages/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+        std::fs::read(format!(
+            "{}/../../tests/fixtures/messages/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture")
     }
 
     #[test]
     fn fedmsg_with_msg_id() {
-        let e = decode("x", &fixture("10_buildsys.build.state.change__TestKojiBuildStateChangeComplete.json"), 1 << 20).expect("decode");
+        let e = decode(
+            "x",
+            &fixture("10_buildsys.build.state.change__TestKojiBuildStateChangeComplete.json"),
+            1 << 20,
+        )
+        .expect("decode");
         assert_eq!(e.message_id, "2015-6395fb7a-e5a7-4b95-858a-ff7b80410e7f");
-        assert_eq!(e.topic, "org.fedoraproject.prod.buildsys.build.state.change");
+        assert_eq!(
+            e.topic,
+            "org.fedoraproject.prod.buildsys.build.state.change"
+        );
         assert_eq!(e.body["name"], "ansible");
     }
 
@@ -145,32 +176,75 @@ mod tests {
         for (k, v) in m.into_iter().rev() {
             rev.insert(k, v);
         }
-        let b = decode("x", serde_json::to_string_pretty(&Value::Object(rev)).expect("json").as_bytes(), 1 << 20).expect("decode");
+        let b = decode(
+            "x",
+            serde_json::to_string_pretty(&Value::Object(rev))
+                .expect("json")
+                .as_bytes(),
+            1 << 20,
+        )
+        .expect("decode");
         assert_eq!(a.message_id, b.message_id);
-        let other = fixture("07_buildsys.build.state.change__TestKojiBuildStateChangeStartNoOwner.json");
-        assert_ne!(a.message_id, decode("x", &other, 1 << 20).expect("decode").message_id);
+        let other =
+            fixture("07_buildsys.build.state.change__TestKojiBuildStateChangeStartNoOwner.json");
+        assert_ne!(
+            a.message_id,
+            decode("x", &other, 1 << 20).expect("decode").message_id
+        );
     }
 
     #[test]
     fn fedora_messaging_envelope() {
-        let e = decode("org.fedoraproject.prod.buildsys.tag", &fixture("fedora_messaging_envelope.json"), 1 << 20).expect("decode");
+        let e = decode(
+            "org.fedoraproject.prod.buildsys.tag",
+            &fixture("fedora_messaging_envelope.json"),
+            1 << 20,
+        )
+        .expect("decode");
         assert!(!e.message_id.is_empty());
         assert!(e.body.is_object());
     }
 
     #[test]
     fn garbage_is_rejected_with_a_reason() {
-        assert_eq!(decode("x", b"{not json", 1000).expect_err("bad").reason(), "invalid_json");
-        assert_eq!(decode("x", b"[1,2]", 1000).expect_err("bad").reason(), "unknown_format");
-        assert_eq!(decode("x", br#"{"hello":"world"}"#, 1000).expect_err("bad").reason(), "unknown_format");
-        assert_eq!(decode("x", br#"{"msg":"text"}"#, 1000).expect_err("bad").reason(), "invalid_field");
-        assert_eq!(decode("x", br#"{"msg":{},"msg_id":5}"#, 1000).expect_err("bad").reason(), "invalid_field");
-        assert_eq!(decode("x", &[b' '; 2000], 1000).expect_err("bad").reason(), "too_large");
+        assert_eq!(
+            decode("x", b"{not json", 1000).expect_err("bad").reason(),
+            "invalid_json"
+        );
+        assert_eq!(
+            decode("x", b"[1,2]", 1000).expect_err("bad").reason(),
+            "unknown_format"
+        );
+        assert_eq!(
+            decode("x", br#"{"hello":"world"}"#, 1000)
+                .expect_err("bad")
+                .reason(),
+            "unknown_format"
+        );
+        assert_eq!(
+            decode("x", br#"{"msg":"text"}"#, 1000)
+                .expect_err("bad")
+                .reason(),
+            "invalid_field"
+        );
+        assert_eq!(
+            decode("x", br#"{"msg":{},"msg_id":5}"#, 1000)
+                .expect_err("bad")
+                .reason(),
+            "invalid_field"
+        );
+        assert_eq!(
+            decode("x", &[b' '; 2000], 1000).expect_err("bad").reason(),
+            "too_large"
+        );
     }
 
     #[test]
     fn topic_falls_back_to_the_subject() {
         let e = decode("warden.events.x", br#"{"id":"1","body":{"a":1}}"#, 1000).expect("decode");
-        assert_eq!((e.topic.as_str(), e.message_id.as_str()), ("warden.events.x", "1"));
+        assert_eq!(
+            (e.topic.as_str(), e.message_id.as_str()),
+            ("warden.events.x", "1")
+        );
     }
 }

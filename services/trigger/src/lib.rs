@@ -57,7 +57,11 @@ enum Disposition {
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), TriggerError> {
     let (client, handles) = runtime::connect_with_topology(&config, "trigger").await?;
-    let stream = handles.js.get_stream(subjects::EVENTS_STREAM).await.map_err(|e| TriggerError::Consumer(e.into()))?;
+    let stream = handles
+        .js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .map_err(|e| TriggerError::Consumer(e.into()))?;
     let consumer: PullConsumer = stream
         .get_or_create_consumer(subjects::TRIGGER_CONSUMER, subjects::trigger_consumer())
         .await
@@ -112,11 +116,14 @@ impl Trigger {
     async fn handle(&self, msg: &jetstream::Message) -> Disposition {
         let m = metrics();
         let subject = msg.subject.as_str();
-        let event = match decode::decode(subject, &msg.payload, self.config.trigger.max_event_bytes) {
+        let event = match decode::decode(subject, &msg.payload, self.config.trigger.max_event_bytes)
+        {
             Ok(e) => e,
             Err(e) => {
                 warn!(subject, reason = e.reason(), error = %e, "undecodable event");
-                return self.dead_letter(subject, e.reason(), &e.to_string(), &msg.payload).await;
+                return self
+                    .dead_letter(subject, e.reason(), &e.to_string(), &msg.payload)
+                    .await;
             }
         };
         let plan = self.rules.plan(&event);
@@ -134,7 +141,16 @@ impl Trigger {
         let now = Utc::now();
         let mut created = 0;
         for p in plan.jobs {
-            let job = Job::new(p.id, p.task.clone(), p.args, p.pool, p.priority, Some(p.source), "trigger", now);
+            let job = Job::new(
+                p.id,
+                p.task.clone(),
+                p.args,
+                p.pool,
+                p.priority,
+                Some(p.source),
+                "trigger",
+                now,
+            );
             match self.store.create(&job).await {
                 Ok(_) => {
                     created += 1;
@@ -145,7 +161,14 @@ impl Trigger {
                     debug!(job.id = %job.id, message.id = %event.message_id, "job exists: duplicate event");
                 }
                 Err(StoreError::TooLarge) => {
-                    return self.dead_letter(subject, "job_too_large", "the job this event asks for exceeds storage.max_job_bytes", &msg.payload).await;
+                    return self
+                        .dead_letter(
+                            subject,
+                            "job_too_large",
+                            "the job this event asks for exceeds storage.max_job_bytes",
+                            &msg.payload,
+                        )
+                        .await;
                 }
                 Err(e) => {
                     warn!(message.id = %event.message_id, error = %e, "cannot create job; will retry the event");
@@ -154,11 +177,19 @@ impl Trigger {
                 }
             }
         }
-        m.events.with_label_values(&[if created > 0 { "matched" } else { "duplicate" }]).inc();
+        m.events
+            .with_label_values(&[if created > 0 { "matched" } else { "duplicate" }])
+            .inc();
         Disposition::Ack
     }
 
-    async fn dead_letter(&self, subject: &str, reason: &str, error: &str, payload: &[u8]) -> Disposition {
+    async fn dead_letter(
+        &self,
+        subject: &str,
+        reason: &str,
+        error: &str,
+        payload: &[u8],
+    ) -> Disposition {
         let letter = DeadLetter {
             version: MESSAGE_VERSION,
             subject: subject.to_string(),
@@ -166,10 +197,17 @@ impl Trigger {
             reason: reason.to_string(),
             error: error.to_string(),
             at: Utc::now(),
-            payload: String::from_utf8_lossy(&payload[..payload.len().min(DEAD_LETTER_PAYLOAD)]).into_owned(),
+            payload: String::from_utf8_lossy(&payload[..payload.len().min(DEAD_LETTER_PAYLOAD)])
+                .into_owned(),
         };
-        let Ok(body) = serde_json::to_vec(&letter) else { return Disposition::Retry };
-        let res = match self.js.publish(subjects::deadletter_subject("trigger", reason), body.into()).await {
+        let Ok(body) = serde_json::to_vec(&letter) else {
+            return Disposition::Retry;
+        };
+        let res = match self
+            .js
+            .publish(subjects::deadletter_subject("trigger", reason), body.into())
+            .await
+        {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

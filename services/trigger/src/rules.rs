@@ -37,7 +37,9 @@ fn json_eq(a: &Value, b: &Value) -> bool {
 
 /// A condition holds when the field equals the value, or is one of the list.
 pub fn condition_holds(body: &Value, field: &str, expected: &Value) -> bool {
-    let Some(actual) = lookup(body, field) else { return false };
+    let Some(actual) = lookup(body, field) else {
+        return false;
+    };
     match expected {
         Value::Array(options) => options.iter().any(|o| json_eq(actual, o)),
         single => json_eq(actual, single),
@@ -82,7 +84,11 @@ impl Rules {
             .iter()
             .map(|r| Compiled {
                 rule: r.clone(),
-                args: r.args.iter().filter_map(|(k, t)| Template::parse(t).ok().map(|t| (k.clone(), t))).collect(),
+                args: r
+                    .args
+                    .iter()
+                    .filter_map(|(k, t)| Template::parse(t).ok().map(|t| (k.clone(), t)))
+                    .collect(),
             })
             .collect();
         Rules { rules, config }
@@ -95,7 +101,11 @@ impl Rules {
             if !subject_matches(&r.topic, &event.topic) {
                 continue;
             }
-            if !r.when.iter().all(|(field, expected)| condition_holds(&event.body, field, expected)) {
+            if !r
+                .when
+                .iter()
+                .all(|(field, expected)| condition_holds(&event.body, field, expected))
+            {
                 continue;
             }
             let mut args = BTreeMap::new();
@@ -116,7 +126,9 @@ impl Rules {
                 continue;
             }
             for task in &r.tasks {
-                let Some(tc) = self.config.tasks.get(task) else { continue };
+                let Some(tc) = self.config.tasks.get(task) else {
+                    continue;
+                };
                 let id = derived_job_id(&event.message_id, task);
                 if plan.jobs.iter().any(|j| j.id == id) {
                     continue;
@@ -127,7 +139,11 @@ impl Rules {
                     args: args.clone(),
                     pool: r.pool.clone().unwrap_or_else(|| tc.pool.clone()),
                     priority: r.priority.unwrap_or(tc.priority),
-                    source: Source { message_id: event.message_id.clone(), subject: event.topic.clone(), rule: Some(r.name.clone()) },
+                    source: Source {
+                        message_id: event.message_id.clone(),
+                        subject: event.topic.clone(),
+                        rule: Some(r.name.clone()),
+                    },
                 });
             }
         }
@@ -143,9 +159,18 @@ mod tests {
 
     #[test]
     fn wildcards() {
-        assert!(subject_matches("org.fedoraproject.*.buildsys.build.state.change", "org.fedoraproject.prod.buildsys.build.state.change"));
-        assert!(!subject_matches("org.fedoraproject.*.buildsys.build.state.change", "org.fedoraproject.prod.buildsys.tag"));
-        assert!(subject_matches("org.fedoraproject.>", "org.fedoraproject.prod.buildsys.tag"));
+        assert!(subject_matches(
+            "org.fedoraproject.*.buildsys.build.state.change",
+            "org.fedoraproject.prod.buildsys.build.state.change"
+        ));
+        assert!(!subject_matches(
+            "org.fedoraproject.*.buildsys.build.state.change",
+            "org.fedoraproject.prod.buildsys.tag"
+        ));
+        assert!(subject_matches(
+            "org.fedoraproject.>",
+            "org.fedoraproject.prod.buildsys.tag"
+        ));
         assert!(!subject_matches("org.fedoraproject.>", "org.fedoraproject"));
         assert!(!subject_matches("a.b", "a.b.c"));
         assert!(!subject_matches("a.b.c", "a.b"));
@@ -155,7 +180,10 @@ mod tests {
     fn conditions() {
         let body = json!({"new": 1, "instance": "primary", "info": {"arch": "noarch"}, "f": 1.0});
         assert!(condition_holds(&body, "new", &json!(1)));
-        assert!(!condition_holds(&body, "new", &json!("1")), "no string/number coercion");
+        assert!(
+            !condition_holds(&body, "new", &json!("1")),
+            "no string/number coercion"
+        );
         assert!(condition_holds(&body, "new", &json!([1, 3, 4])));
         assert!(!condition_holds(&body, "new", &json!([0, 2])));
         assert!(condition_holds(&body, "info.arch", &json!("noarch")));
@@ -182,7 +210,11 @@ pool = "x86_64"
     }
 
     fn event(body: serde_json::Value) -> Event {
-        Event { message_id: "m1".into(), topic: "org.fedoraproject.prod.buildsys.build.state.change".into(), body }
+        Event {
+            message_id: "m1".into(),
+            topic: "org.fedoraproject.prod.buildsys.build.state.change".into(),
+            body,
+        }
     }
 
     #[test]
@@ -202,10 +234,15 @@ tasks = ["rpmlint"]
 priority = 9
 "#,
         );
-        let plan = r.plan(&event(json!({"new": 1, "name": "ansible", "version": "1.8.3", "release": "1.el7"})));
+        let plan = r.plan(&event(
+            json!({"new": 1, "name": "ansible", "version": "1.8.3", "release": "1.el7"}),
+        ));
         assert_eq!(plan.jobs.len(), 2, "{plan:?}");
         assert_eq!(plan.jobs[0].args["nvr"], "ansible-1.8.3-1.el7");
-        assert_eq!((plan.jobs[0].pool.as_str(), plan.jobs[0].priority), ("default", 3));
+        assert_eq!(
+            (plan.jobs[0].pool.as_str(), plan.jobs[0].priority),
+            ("default", 3)
+        );
         assert_eq!(plan.jobs[1].pool, "x86_64");
         assert_eq!(plan.jobs[0].id, derived_job_id("m1", "rpmlint"));
         assert_eq!(plan.jobs[0].source.rule.as_deref(), Some("a"));
@@ -228,6 +265,9 @@ args = { owner = "{owner}" }
         );
         let plan = r.plan(&event(json!({"name": "x"})));
         assert!(plan.jobs.is_empty());
-        assert_eq!(plan.incomplete, vec![("needs-owner".to_string(), "owner".to_string())]);
+        assert_eq!(
+            plan.incomplete,
+            vec![("needs-owner".to_string(), "owner".to_string())]
+        );
     }
 }

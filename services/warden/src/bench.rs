@@ -22,11 +22,18 @@ use warden_worker::{Executor, NoopExecutor};
 use crate::natsd::{free_port, LocalNats};
 use crate::BenchArgs;
 
-pub async fn run(mut config: Config, nats_url: Option<String>, args: BenchArgs) -> anyhow::Result<i32> {
+pub async fn run(
+    mut config: Config,
+    nats_url: Option<String>,
+    args: BenchArgs,
+) -> anyhow::Result<i32> {
     if args.jobs == 0 || args.workers == 0 || args.in_flight == 0 {
         bail!("--jobs, --workers and --in-flight must be at least 1");
     }
-    let dir = tempfile::Builder::new().prefix("warden-bench-").tempdir().context("cannot create temp dir")?;
+    let dir = tempfile::Builder::new()
+        .prefix("warden-bench-")
+        .tempdir()
+        .context("cannot create temp dir")?;
     let _nats = match nats_url {
         Some(url) => {
             config.nats.url = url;
@@ -46,24 +53,39 @@ pub async fn run(mut config: Config, nats_url: Option<String>, args: BenchArgs) 
         args.workers,
         config.worker.capacity,
         config.nats.url,
-        if args.sync_always { "always" } else { "server default" }
+        if args.sync_always {
+            "always"
+        } else {
+            "server default"
+        }
     );
     let noop: Arc<dyn Executor> = Arc::new(NoopExecutor);
     phase(&config, &args, "no-op executor", noop).await?;
     if !args.no_process {
-        let process: Arc<dyn Executor> = Arc::new(warden_worker::ProcessExecutor::new(Arc::new(config.clone())));
+        let process: Arc<dyn Executor> = Arc::new(warden_worker::ProcessExecutor::new(Arc::new(
+            config.clone(),
+        )));
         phase(&config, &args, "process `true`", process).await?;
     }
     Ok(0)
 }
 
-async fn phase(config: &Config, args: &BenchArgs, label: &str, executor: Arc<dyn Executor>) -> anyhow::Result<()> {
+async fn phase(
+    config: &Config,
+    args: &BenchArgs,
+    label: &str,
+    executor: Arc<dyn Executor>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config.clone());
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     {
         let (c, s) = (config.clone(), shutdown.clone());
-        tasks.spawn(async move { warden_scheduler::run(c, s).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            warden_scheduler::run(c, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
         let (c, s) = (config.clone(), shutdown.clone());
         tasks.spawn(async move { warden_fencing::run(c, s).await.map_err(anyhow::Error::from) });
     }
@@ -71,7 +93,11 @@ async fn phase(config: &Config, args: &BenchArgs, label: &str, executor: Arc<dyn
         let mut wc = (*config).clone();
         wc.worker.bot_id = format!("bench-{i}");
         let (c, s, e) = (Arc::new(wc), shutdown.clone(), executor.clone());
-        tasks.spawn(async move { warden_worker::run_with(c, e, s).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            warden_worker::run_with(c, e, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
 
     let (client, handles) = runtime::connect_with_topology(&config, "bench").await?;
@@ -83,9 +109,14 @@ async fn phase(config: &Config, args: &BenchArgs, label: &str, executor: Arc<dyn
         let mut watch = handles.jobs.watch(">").await.context("cannot watch jobs")?;
         tokio::spawn(async move {
             while let Some(Ok(entry)) = watch.next().await {
-                let Ok(job) = store::decode(&entry.key, &entry.value) else { continue };
+                let Ok(job) = store::decode(&entry.key, &entry.value) else {
+                    continue;
+                };
                 if job.state.is_terminal() {
-                    finished.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id, Instant::now());
+                    finished
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(job.id, Instant::now());
                     notify.notify_waiters();
                 }
             }
@@ -102,8 +133,20 @@ async fn phase(config: &Config, args: &BenchArgs, label: &str, executor: Arc<dyn
         .map(|_| {
             let (store, submitted) = (store.clone(), submitted.clone());
             async move {
-                let job = Job::new(Uuid::new_v4(), "noop".into(), BTreeMap::new(), "default".into(), 0, None, "bench", Utc::now());
-                submitted.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id, Instant::now());
+                let job = Job::new(
+                    Uuid::new_v4(),
+                    "noop".into(),
+                    BTreeMap::new(),
+                    "default".into(),
+                    0,
+                    None,
+                    "bench",
+                    Utc::now(),
+                );
+                submitted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job.id, Instant::now());
                 store.create(&job).await.map(|_| job.id)
             }
         })
@@ -111,8 +154,17 @@ async fn phase(config: &Config, args: &BenchArgs, label: &str, executor: Arc<dyn
         .collect::<Vec<_>>()
         .await;
     let submit_elapsed = start.elapsed();
-    let ids: Vec<Uuid> = results.into_iter().collect::<Result<_, _>>().context("cannot submit")?;
-    wait_all(&finished, &notify, &ids, Duration::from_secs(60 + n as u64 / 100)).await?;
+    let ids: Vec<Uuid> = results
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .context("cannot submit")?;
+    wait_all(
+        &finished,
+        &notify,
+        &ids,
+        Duration::from_secs(60 + n as u64 / 100),
+    )
+    .await?;
     let total = start.elapsed();
     let lat = latencies(&submitted, &finished, &ids);
     println!(
@@ -129,9 +181,21 @@ async fn phase(config: &Config, args: &BenchArgs, label: &str, executor: Arc<dyn
     let mut seq = Vec::with_capacity(m);
     let seq_start = Instant::now();
     for _ in 0..m {
-        let job = Job::new(Uuid::new_v4(), "noop".into(), BTreeMap::new(), "default".into(), 0, None, "bench", Utc::now());
+        let job = Job::new(
+            Uuid::new_v4(),
+            "noop".into(),
+            BTreeMap::new(),
+            "default".into(),
+            0,
+            None,
+            "bench",
+            Utc::now(),
+        );
         let t0 = Instant::now();
-        submitted.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id, t0);
+        submitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.id, t0);
         store.create(&job).await.context("cannot submit")?;
         wait_all(&finished, &notify, &[job.id], Duration::from_secs(30)).await?;
         seq.push(job.id);
@@ -191,12 +255,23 @@ async fn wait_all(
     }
 }
 
-fn latencies(submitted: &Mutex<HashMap<Uuid, Instant>>, finished: &Mutex<HashMap<Uuid, Instant>>, ids: &[Uuid]) -> Vec<f64> {
+fn latencies(
+    submitted: &Mutex<HashMap<Uuid, Instant>>,
+    finished: &Mutex<HashMap<Uuid, Instant>>,
+    ids: &[Uuid],
+) -> Vec<f64> {
     let s = submitted.lock().unwrap_or_else(|p| p.into_inner());
     let f = finished.lock().unwrap_or_else(|p| p.into_inner());
     let mut v: Vec<f64> = ids
         .iter()
-        .filter_map(|id| Some(f.get(id)?.saturating_duration_since(*s.get(id)?).as_secs_f64() * 1000.0))
+        .filter_map(|id| {
+            Some(
+                f.get(id)?
+                    .saturating_duration_since(*s.get(id)?)
+                    .as_secs_f64()
+                    * 1000.0,
+            )
+        })
         .collect();
     v.sort_by(f64::total_cmp);
     v

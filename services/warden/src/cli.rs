@@ -21,24 +21,43 @@ pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
         .max_reconnects(Some(3));
     opts.connect(config.nats.url.as_str())
         .await
-        .with_context(|| format!("cannot reach NATS at {} (is `warden up` running? use --nats-url)", config.nats.url))
+        .with_context(|| {
+            format!(
+                "cannot reach NATS at {} (is `warden up` running? use --nats-url)",
+                config.nats.url
+            )
+        })
 }
 
 pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
     let client = connect(config).await?;
     let api = ApiClient::new(client.clone());
     match cmd {
-        JobCommand::Submit { task, args, priority, pool, wait, timeout } => {
+        JobCommand::Submit {
+            task,
+            args,
+            priority,
+            pool,
+            wait,
+            timeout,
+        } => {
             let mut map = BTreeMap::new();
             for a in args {
-                let (k, v) = a.split_once('=').ok_or_else(|| anyhow!("--arg {a:?}: expected KEY=VALUE"))?;
+                let (k, v) = a
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--arg {a:?}: expected KEY=VALUE"))?;
                 if k.is_empty() {
                     bail!("--arg {a:?}: empty key");
                 }
                 map.insert(k.to_string(), v.to_string());
             }
             let job = api
-                .create(NewJob { task: task.clone(), args: map, pool: pool.clone(), priority: *priority })
+                .create(NewJob {
+                    task: task.clone(),
+                    args: map,
+                    pool: pool.clone(),
+                    priority: *priority,
+                })
                 .await
                 .map_err(|e| anyhow!("cannot submit job: {e}"))?;
             println!("{}", job.id);
@@ -47,10 +66,15 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             }
             let deadline = tokio::time::Instant::now() + Duration::from_secs(*timeout);
             loop {
-                if let Some(j) = api.get(job.id).await.map_err(|e| anyhow!("cannot read job: {e}"))? {
+                if let Some(j) = api
+                    .get(job.id)
+                    .await
+                    .map_err(|e| anyhow!("cannot read job: {e}"))?
+                {
                     if j.state.is_terminal() {
                         println!("{}", one_line(&j));
-                        let ok = j.state == JobState::Finished && j.outcome.as_deref() == Some("passed");
+                        let ok =
+                            j.state == JobState::Finished && j.outcome.as_deref() == Some("passed");
                         return Ok(if ok { 0 } else { 1 });
                     }
                 }
@@ -62,8 +86,14 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             }
         }
         JobCommand::Show { id, json } => {
-            let id: Uuid = id.parse().map_err(|_| anyhow!("{id:?} is not a job id (a UUID)"))?;
-            let Some(job) = api.get(id).await.map_err(|e| anyhow!("cannot read job: {e}"))? else {
+            let id: Uuid = id
+                .parse()
+                .map_err(|_| anyhow!("{id:?} is not a job id (a UUID)"))?;
+            let Some(job) = api
+                .get(id)
+                .await
+                .map_err(|e| anyhow!("cannot read job: {e}"))?
+            else {
                 eprintln!("warden: no job {id}");
                 return Ok(1);
             };
@@ -74,18 +104,38 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        JobCommand::List { state, task, limit, json } => {
+        JobCommand::List {
+            state,
+            task,
+            limit,
+            json,
+        } => {
             if let Some(s) = state {
                 s.parse::<JobState>().map_err(|e| anyhow!(e))?;
             }
-            let query = ListQuery { state: state.clone(), task: task.clone(), limit: Some(*limit), ..Default::default() };
-            let reply = api.list(query).await.map_err(|e| anyhow!("cannot list jobs: {e}"))?;
+            let query = ListQuery {
+                state: state.clone(),
+                task: task.clone(),
+                limit: Some(*limit),
+                ..Default::default()
+            };
+            let reply = api
+                .list(query)
+                .await
+                .map_err(|e| anyhow!("cannot list jobs: {e}"))?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&reply.jobs)?);
             } else {
-                println!("{:<36}  {:<10}  {:<16}  {:>4}  {:>3}  {:<10}  CREATED", "ID", "STATE", "TASK", "PRIO", "TRY", "OUTCOME");
+                println!(
+                    "{:<36}  {:<10}  {:<16}  {:>4}  {:>3}  {:<10}  CREATED",
+                    "ID", "STATE", "TASK", "PRIO", "TRY", "OUTCOME"
+                );
                 for j in &reply.jobs {
-                    let outcome = j.outcome.clone().or_else(|| j.detail.clone()).unwrap_or_default();
+                    let outcome = j
+                        .outcome
+                        .clone()
+                        .or_else(|| j.detail.clone())
+                        .unwrap_or_default();
                     println!(
                         "{:<36}  {:<10}  {:<16}  {:>4}  {:>3}  {:<10}  {}",
                         j.id,
@@ -106,7 +156,11 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
 
 fn one_line(j: &Job) -> String {
     match j.state {
-        JobState::Finished => format!("{} FINISHED outcome={}", j.id, j.outcome.as_deref().unwrap_or("?")),
+        JobState::Finished => format!(
+            "{} FINISHED outcome={}",
+            j.id,
+            j.outcome.as_deref().unwrap_or("?")
+        ),
         s => format!(
             "{} {s} blame={} detail={} {}",
             j.id,
@@ -131,12 +185,29 @@ fn print_job(j: &Job) {
         println!("blame     {b} / {}", j.detail.as_deref().unwrap_or(""));
         println!("          {}", j.description.as_deref().unwrap_or(""));
     }
-    println!("pool      {}  priority {}  attempt {}", j.pool, j.priority, j.attempt);
+    println!(
+        "pool      {}  priority {}  attempt {}",
+        j.pool, j.priority, j.attempt
+    );
     if let Some(l) = &j.lease {
-        println!("lease     bot {} session {} epoch {} resource {}", l.bot_id, l.session, l.epoch, l.resource.as_deref().unwrap_or("-"));
+        println!(
+            "lease     bot {} session {} epoch {} resource {}",
+            l.bot_id,
+            l.session,
+            l.epoch,
+            l.resource.as_deref().unwrap_or("-")
+        );
     }
     if let Some(s) = &j.source {
-        println!("source    {} ({}){}", s.message_id, s.subject, s.rule.as_deref().map(|r| format!(" rule {r}")).unwrap_or_default());
+        println!(
+            "source    {} ({}){}",
+            s.message_id,
+            s.subject,
+            s.rule
+                .as_deref()
+                .map(|r| format!(" rule {r}"))
+                .unwrap_or_default()
+        );
     }
     println!("created   {}", j.created_at.to_rfc3339());
     println!("updated   {}", j.updated_at.to_rfc3339());
@@ -154,8 +225,14 @@ fn print_job(j: &Job) {
             h.action.as_str(),
             change,
             h.bot_id.as_deref().unwrap_or(&h.actor),
-            h.resource.as_deref().map(|r| format!(" on {r}")).unwrap_or_default(),
-            h.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+            h.resource
+                .as_deref()
+                .map(|r| format!(" on {r}"))
+                .unwrap_or_default(),
+            h.note
+                .as_deref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default()
         );
     }
     if j.history_dropped > 0 {
@@ -166,14 +243,17 @@ fn print_job(j: &Job) {
 /// Publishes a JSON event durably, with its message id as the JetStream
 /// de-duplication id, the way a bridge would.
 pub async fn publish(config: &Config, subject: &str, file: &Path) -> anyhow::Result<i32> {
-    warden_shared::config::check_pattern(subject).map_err(|e| anyhow!("subject {subject:?}: {e}"))?;
+    warden_shared::config::check_pattern(subject)
+        .map_err(|e| anyhow!("subject {subject:?}: {e}"))?;
     if subject.contains('*') || subject.contains('>') {
         bail!("subject {subject:?}: cannot publish on a wildcard");
     }
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", file.display()))?;
-    let msg_id = ["msg_id", "id"].iter().find_map(|k| value.get(*k).and_then(|v| v.as_str()).map(str::to_string));
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not JSON", file.display()))?;
+    let msg_id = ["msg_id", "id"]
+        .iter()
+        .find_map(|k| value.get(*k).and_then(|v| v.as_str()).map(str::to_string));
     let client = connect(config).await?;
     let js = async_nats::jetstream::new(client.clone());
     let mut headers = async_nats::HeaderMap::new();
@@ -185,13 +265,19 @@ pub async fn publish(config: &Config, subject: &str, file: &Path) -> anyhow::Res
         .await
         .context("cannot publish")?
         .await
-        .with_context(|| format!("no stream accepted {subject} (is it covered by trigger.subjects?)"))?;
+        .with_context(|| {
+            format!("no stream accepted {subject} (is it covered by trigger.subjects?)")
+        })?;
     println!(
         "published {subject} msg_id={} stream={} seq={}{}",
         msg_id.as_deref().unwrap_or("-"),
         ack.stream,
         ack.sequence,
-        if ack.duplicate { " (duplicate: already on the bus)" } else { "" }
+        if ack.duplicate {
+            " (duplicate: already on the bus)"
+        } else {
+            ""
+        }
     );
     client.flush().await.ok();
     Ok(0)

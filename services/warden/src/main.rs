@@ -13,7 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use warden_shared::config::{Config, EXIT_CONFIG};
 
 #[derive(Parser)]
-#[command(name = "warden", version, about = "Warden: a job-execution hub for CI and test automation on NATS JetStream")]
+#[command(
+    name = "warden",
+    version,
+    about = "Warden: a job-execution hub for CI and test automation on NATS JetStream"
+)]
 pub struct Cli {
     /// NATS server URL [default: nats.url from the config, nats://127.0.0.1:4222]
     #[arg(long, global = true, env = "WARDEN_NATS_URL")]
@@ -33,10 +37,7 @@ pub enum Command {
     #[command(subcommand)]
     Job(JobCommand),
     /// Publish a JSON event from FILE on SUBJECT, as a bus bridge would
-    Publish {
-        subject: String,
-        file: PathBuf,
-    },
+    Publish { subject: String, file: PathBuf },
     /// Run a worker agent (a bot) on this host
     Worker(WorkerArgs),
     /// Run no-op jobs end to end through a real local bus and print throughput and latency
@@ -163,15 +164,24 @@ async fn main() {
             );
             let problems = config.problems();
             if !problems.is_empty() {
-                eprintln!("warden: invalid configuration:\n  - {}", problems.join("\n  - "));
+                eprintln!(
+                    "warden: invalid configuration:\n  - {}",
+                    problems.join("\n  - ")
+                );
                 std::process::exit(EXIT_CONFIG);
             }
             let config = Arc::new(config);
             let shutdown = warden_shared::runtime::shutdown_on_signal();
             if let Some(addr) = config.metrics_listen() {
-                tokio::spawn(warden_shared::runtime::serve_metrics(addr, shutdown.clone()));
+                tokio::spawn(warden_shared::runtime::serve_metrics(
+                    addr,
+                    shutdown.clone(),
+                ));
             }
-            warden_worker::run(config, shutdown).await.map(|_| 0).map_err(anyhow::Error::from)
+            warden_worker::run(config, shutdown)
+                .await
+                .map(|_| 0)
+                .map_err(anyhow::Error::from)
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
     };

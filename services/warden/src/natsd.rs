@@ -8,7 +8,9 @@ use anyhow::{bail, Context};
 
 /// `$WARDEN_NATS_SERVER`, else `nats-server` on PATH.
 pub fn binary() -> PathBuf {
-    std::env::var_os("WARDEN_NATS_SERVER").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("nats-server"))
+    std::env::var_os("WARDEN_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
 pub struct LocalNats {
@@ -25,7 +27,8 @@ impl LocalNats {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             bail!("port {port} is already in use: another nats-server runs there? Stop it, or pass --nats-url to use it");
         }
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         let store_dir = dir.join("jetstream");
         let conf = dir.join("nats-server.conf");
         let mut text = format!(
@@ -37,8 +40,11 @@ impl LocalNats {
         }
         text.push_str("}\nmax_payload: 8MB\n");
         std::fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
-        let log = std::fs::File::create(dir.join("nats-server.log")).context("cannot create nats-server.log")?;
-        let log2 = log.try_clone().context("cannot open nats-server.log twice")?;
+        let log = std::fs::File::create(dir.join("nats-server.log"))
+            .context("cannot create nats-server.log")?;
+        let log2 = log
+            .try_clone()
+            .context("cannot open nats-server.log twice")?;
         let mut child = Command::new(binary())
             .arg("-c")
             .arg(&conf)
@@ -54,7 +60,10 @@ impl LocalNats {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                bail!("nats-server exited with {status}; see {}", dir.join("nats-server.log").display());
+                bail!(
+                    "nats-server exited with {status}; see {}",
+                    dir.join("nats-server.log").display()
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -62,7 +71,11 @@ impl LocalNats {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(LocalNats { child: Some(child), port, store_dir })
+        Ok(LocalNats {
+            child: Some(child),
+            port,
+            store_dir,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -72,7 +85,10 @@ impl LocalNats {
     /// SIGTERM and wait, so JetStream flushes its store.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -94,5 +110,7 @@ impl Drop for LocalNats {
 
 /// A free loopback port.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

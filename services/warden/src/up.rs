@@ -25,14 +25,18 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     }
     let problems = config.problems();
     if !problems.is_empty() {
-        eprintln!("warden: invalid configuration:\n  - {}", problems.join("\n  - "));
+        eprintln!(
+            "warden: invalid configuration:\n  - {}",
+            problems.join("\n  - ")
+        );
         std::process::exit(EXIT_CONFIG);
     }
     let mut nats = if external_nats {
         None
     } else {
         let dir = args.data_dir.join("nats");
-        let n = LocalNats::spawn(&dir, LOCAL_NATS_PORT, false).context("cannot start nats-server")?;
+        let n =
+            LocalNats::spawn(&dir, LOCAL_NATS_PORT, false).context("cannot start nats-server")?;
         config.nats.url = n.url();
         Some(n)
     };
@@ -40,31 +44,68 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     let shutdown = runtime::shutdown_on_signal();
     let config = Arc::new(config);
     let mut set: JoinSet<ServiceResult> = JoinSet::new();
-    start(&mut set, "trigger", warden_trigger::run(config.clone(), shutdown.clone()));
-    start(&mut set, "scheduler", warden_scheduler::run(config.clone(), shutdown.clone()));
-    start(&mut set, "fencing", warden_fencing::run(config.clone(), shutdown.clone()));
-    start(&mut set, "api", warden_api::run(config.clone(), shutdown.clone()));
+    start(
+        &mut set,
+        "trigger",
+        warden_trigger::run(config.clone(), shutdown.clone()),
+    );
+    start(
+        &mut set,
+        "scheduler",
+        warden_scheduler::run(config.clone(), shutdown.clone()),
+    );
+    start(
+        &mut set,
+        "fencing",
+        warden_fencing::run(config.clone(), shutdown.clone()),
+    );
+    start(
+        &mut set,
+        "api",
+        warden_api::run(config.clone(), shutdown.clone()),
+    );
     let mut bots = Vec::new();
     for i in 1..=args.workers {
         let mut wc = (*config).clone();
         wc.worker.bot_id = format!("local-{i}");
         if wc.worker.work_dir.is_empty() {
-            wc.worker.work_dir = args.data_dir.join("work").join(&wc.worker.bot_id).display().to_string();
+            wc.worker.work_dir = args
+                .data_dir
+                .join("work")
+                .join(&wc.worker.bot_id)
+                .display()
+                .to_string();
         }
         bots.push(wc.worker.bot_id.clone());
-        start(&mut set, "worker", warden_worker::run(Arc::new(wc), shutdown.clone()));
+        start(
+            &mut set,
+            "worker",
+            warden_worker::run(Arc::new(wc), shutdown.clone()),
+        );
     }
 
     let http = config.http_listen();
     println!("Warden is up");
     match &nats {
-        Some(n) => println!("  NATS      {} (JetStream data in {})", n.url(), n.store_dir.display()),
+        Some(n) => println!(
+            "  NATS      {} (JetStream data in {})",
+            n.url(),
+            n.store_dir.display()
+        ),
         None => println!("  NATS      {} (external)", config.nats.url),
     }
     println!("  HTTP API  http://{http}/api/v1/jobs");
     println!("  metrics   http://{http}/metrics");
-    println!("  workers   {} in pool(s) {} ({})", args.workers, config.worker.pools.join(","), bots.join(", "));
-    println!("  tasks     {}", config.tasks.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!(
+        "  workers   {} in pool(s) {} ({})",
+        args.workers,
+        config.worker.pools.join(","),
+        bots.join(", ")
+    );
+    println!(
+        "  tasks     {}",
+        config.tasks.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
     println!("Try: warden job submit noop --wait     Stop: Ctrl-C");
 
     let code = supervise(&mut set, &shutdown).await;
@@ -92,6 +133,8 @@ async fn supervise(set: &mut JoinSet<ServiceResult>, shutdown: &CancellationToke
         _ = shutdown.cancelled() => {}
         Some(done) = set.join_next() => {
             match done {
+                // Ended because shutdown began at the same moment: normal.
+                Ok((_, Ok(()))) if shutdown.is_cancelled() => {}
                 Ok((name, Err(e))) => { error!(service = %name, error = format!("{e:#}"), "service failed; stopping"); code = 1; }
                 Ok((name, Ok(()))) => { error!(service = %name, "service ended unexpectedly; stopping"); code = 1; }
                 Err(e) => { error!(error = %e, "service panicked; stopping"); code = 1; }

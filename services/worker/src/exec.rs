@@ -28,8 +28,14 @@ pub struct ExecRequest {
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Execution {
-    Finished { outcome: String, duration_ms: u64 },
-    Crashed { crash: CrashInfo, fault: Option<Fault> },
+    Finished {
+        outcome: String,
+        duration_ms: u64,
+    },
+    Crashed {
+        crash: CrashInfo,
+        fault: Option<Fault>,
+    },
 }
 
 pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Execution> + Send + 'a>>;
@@ -45,7 +51,12 @@ pub struct NoopExecutor;
 
 impl Executor for NoopExecutor {
     fn execute(&self, _req: ExecRequest, _cancel: CancellationToken) -> ExecFuture<'_> {
-        Box::pin(async { Execution::Finished { outcome: "passed".into(), duration_ms: 0 } })
+        Box::pin(async {
+            Execution::Finished {
+                outcome: "passed".into(),
+                duration_ms: 0,
+            }
+        })
     }
 }
 
@@ -57,11 +68,18 @@ pub struct Tail {
 
 impl Tail {
     pub fn new(cap: usize) -> Tail {
-        Tail { buf: VecDeque::with_capacity(cap.min(64 * 1024)), cap }
+        Tail {
+            buf: VecDeque::with_capacity(cap.min(64 * 1024)),
+            cap,
+        }
     }
 
     pub fn push(&mut self, data: &[u8]) {
-        let data = if data.len() > self.cap { &data[data.len() - self.cap..] } else { data };
+        let data = if data.len() > self.cap {
+            &data[data.len() - self.cap..]
+        } else {
+            data
+        };
         let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
         self.buf.drain(..overflow);
         self.buf.extend(data);
@@ -87,7 +105,13 @@ pub enum Verdict {
 /// then the task's configured exit-code verdicts; a signal, any other exit
 /// code or a malformed status file is a crash. A task killed for running
 /// past its time limit has crashed whatever it wrote.
-pub fn verdict(task: &TaskConfig, exit_code: Option<i32>, signal: Option<i32>, status_file: Option<&str>, timed_out: bool) -> Verdict {
+pub fn verdict(
+    task: &TaskConfig,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    status_file: Option<&str>,
+    timed_out: bool,
+) -> Verdict {
     if timed_out {
         return Verdict::Crashed(None);
     }
@@ -95,19 +119,38 @@ pub fn verdict(task: &TaskConfig, exit_code: Option<i32>, signal: Option<i32>, s
         if text == "OK" {
             return Verdict::Finished("passed".into());
         }
-        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(text) else {
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(text)
+        else {
             return Verdict::Crashed(None);
         };
-        if let Some(outcome) = obj.get("outcome").or_else(|| obj.get("verdict")).and_then(|v| v.as_str()) {
+        if let Some(outcome) = obj
+            .get("outcome")
+            .or_else(|| obj.get("verdict"))
+            .and_then(|v| v.as_str())
+        {
             if !outcome.is_empty() {
                 return Verdict::Finished(outcome.to_string());
             }
         }
-        let blame = obj.get("blame").and_then(|v| v.as_str()).and_then(|b| b.parse::<Blame>().ok());
-        let detail = obj.get("detail").and_then(|v| v.as_str()).filter(|d| !d.is_empty());
+        let blame = obj
+            .get("blame")
+            .and_then(|v| v.as_str())
+            .and_then(|b| b.parse::<Blame>().ok());
+        let detail = obj
+            .get("detail")
+            .and_then(|v| v.as_str())
+            .filter(|d| !d.is_empty());
         if let (Some(blame), Some(detail)) = (blame, detail) {
-            let description = obj.get("description").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-            return Verdict::Crashed(Some(Fault { blame, detail: detail.to_string(), description }));
+            let description = obj
+                .get("description")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            return Verdict::Crashed(Some(Fault {
+                blame,
+                detail: detail.to_string(),
+                description,
+            }));
         }
         return Verdict::Crashed(None);
     }
@@ -138,26 +181,42 @@ impl ProcessExecutor {
         } else {
             (PathBuf::from(&config.worker.work_dir), None)
         };
-        ProcessExecutor { config, work_dir, _temp: temp }
+        ProcessExecutor {
+            config,
+            work_dir,
+            _temp: temp,
+        }
     }
 
     fn setup_failed(description: String) -> Execution {
         Execution::Crashed {
-            crash: CrashInfo { log_tail: description.clone(), ..Default::default() },
-            fault: Some(Fault { blame: Blame::System, detail: "setup_failed".into(), description }),
+            crash: CrashInfo {
+                log_tail: description.clone(),
+                ..Default::default()
+            },
+            fault: Some(Fault {
+                blame: Blame::System,
+                detail: "setup_failed".into(),
+                description,
+            }),
         }
     }
 
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Execution {
         let Some(task) = self.config.tasks.get(&req.task) else {
-            return Self::setup_failed(format!("task {} is not configured on this worker", req.task));
+            return Self::setup_failed(format!(
+                "task {} is not configured on this worker",
+                req.task
+            ));
         };
         let dir = self.work_dir.join(format!("{}-{}", req.job_id, req.epoch));
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
             return Self::setup_failed(format!("cannot create work dir {}: {e}", dir.display()));
         }
         let status_path = dir.join("warden-status");
-        let result = self.spawn_and_wait(task, &req, &dir, &status_path, cancel).await;
+        let result = self
+            .spawn_and_wait(task, &req, &dir, &status_path, cancel)
+            .await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         result
     }
@@ -190,12 +249,20 @@ impl ProcessExecutor {
         let started = Instant::now();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0])),
+            Err(e) => {
+                return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0]))
+            }
         };
         let tail = Arc::new(Mutex::new(Tail::new(self.config.worker.log_tail_bytes)));
         let readers: Vec<_> = [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()
@@ -207,7 +274,9 @@ impl ProcessExecutor {
                     if n == 0 {
                         break;
                     }
-                    tail.lock().unwrap_or_else(|p| p.into_inner()).push(&buf[..n]);
+                    tail.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(&buf[..n]);
                 }
             })
         })
@@ -239,13 +308,27 @@ impl ProcessExecutor {
         let status_file = read_bounded(status_path, self.config.worker.status_file_bytes).await;
         let log_tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
         match verdict(task, exit_code, signal, status_file.as_deref(), timed_out) {
-            Verdict::Finished(outcome) => Execution::Finished { outcome, duration_ms },
+            Verdict::Finished(outcome) => Execution::Finished {
+                outcome,
+                duration_ms,
+            },
             Verdict::Crashed(fault) => {
                 let mut log_tail = log_tail;
                 if timed_out {
-                    log_tail.push_str(&format!("\n[warden] time limit of {limit:?} exceeded: task killed\n"));
+                    log_tail.push_str(&format!(
+                        "\n[warden] time limit of {limit:?} exceeded: task killed\n"
+                    ));
                 }
-                Execution::Crashed { crash: CrashInfo { exit_code, signal, duration_ms, log_tail, status_file }, fault }
+                Execution::Crashed {
+                    crash: CrashInfo {
+                        exit_code,
+                        signal,
+                        duration_ms,
+                        log_tail,
+                        status_file,
+                    },
+                    fault,
+                }
             }
         }
     }
@@ -295,7 +378,10 @@ mod tests {
             command: vec!["true".into()],
             pool: "default".into(),
             priority: 0,
-            verdicts: verdicts.iter().map(|(c, o)| (c.to_string(), o.to_string())).collect(),
+            verdicts: verdicts
+                .iter()
+                .map(|(c, o)| (c.to_string(), o.to_string()))
+                .collect(),
             timeout: None,
             env: BTreeMap::new(),
             owners: Vec::new(),
@@ -305,33 +391,87 @@ mod tests {
     #[test]
     fn exit_codes_map_to_verdicts_or_crashes() {
         let t = task(&[(0, "passed"), (1, "failed")]);
-        assert_eq!(verdict(&t, Some(0), None, None, false), Verdict::Finished("passed".into()));
-        assert_eq!(verdict(&t, Some(1), None, None, false), Verdict::Finished("failed".into()));
-        assert_eq!(verdict(&t, Some(2), None, None, false), Verdict::Crashed(None));
-        assert_eq!(verdict(&t, None, Some(9), None, false), Verdict::Crashed(None));
+        assert_eq!(
+            verdict(&t, Some(0), None, None, false),
+            Verdict::Finished("passed".into())
+        );
+        assert_eq!(
+            verdict(&t, Some(1), None, None, false),
+            Verdict::Finished("failed".into())
+        );
+        assert_eq!(
+            verdict(&t, Some(2), None, None, false),
+            Verdict::Crashed(None)
+        );
+        assert_eq!(
+            verdict(&t, None, Some(9), None, false),
+            Verdict::Crashed(None)
+        );
     }
 
     #[test]
     fn status_file_comes_first() {
         let t = task(&[(0, "passed")]);
-        assert_eq!(verdict(&t, Some(3), None, Some("OK\n"), false), Verdict::Finished("passed".into()));
-        assert_eq!(verdict(&t, Some(0), None, Some(r#"{"outcome":"needs_inspection"}"#), false), Verdict::Finished("needs_inspection".into()));
-        let fault = Fault { blame: Blame::ThirdParty, detail: "network".into(), description: "koji unreachable".into() };
         assert_eq!(
-            verdict(&t, Some(0), None, Some(r#"{"blame":"third_party","detail":"network","description":"koji unreachable"}"#), false),
+            verdict(&t, Some(3), None, Some("OK\n"), false),
+            Verdict::Finished("passed".into())
+        );
+        assert_eq!(
+            verdict(
+                &t,
+                Some(0),
+                None,
+                Some(r#"{"outcome":"needs_inspection"}"#),
+                false
+            ),
+            Verdict::Finished("needs_inspection".into())
+        );
+        let fault = Fault {
+            blame: Blame::ThirdParty,
+            detail: "network".into(),
+            description: "koji unreachable".into(),
+        };
+        assert_eq!(
+            verdict(
+                &t,
+                Some(0),
+                None,
+                Some(
+                    r#"{"blame":"third_party","detail":"network","description":"koji unreachable"}"#
+                ),
+                false
+            ),
             Verdict::Crashed(Some(fault))
         );
         // Malformed: a crash without a fault (the content is reported).
-        assert_eq!(verdict(&t, Some(0), None, Some("{nope"), false), Verdict::Crashed(None));
-        assert_eq!(verdict(&t, Some(0), None, Some(r#"{"blame":"gremlins","detail":"x"}"#), false), Verdict::Crashed(None));
+        assert_eq!(
+            verdict(&t, Some(0), None, Some("{nope"), false),
+            Verdict::Crashed(None)
+        );
+        assert_eq!(
+            verdict(
+                &t,
+                Some(0),
+                None,
+                Some(r#"{"blame":"gremlins","detail":"x"}"#),
+                false
+            ),
+            Verdict::Crashed(None)
+        );
         // Empty status file: ignored.
-        assert_eq!(verdict(&t, Some(0), None, Some("  \n"), false), Verdict::Finished("passed".into()));
+        assert_eq!(
+            verdict(&t, Some(0), None, Some("  \n"), false),
+            Verdict::Finished("passed".into())
+        );
     }
 
     #[test]
     fn time_limit_is_a_crash_whatever_the_task_wrote() {
         let t = task(&[(0, "passed")]);
-        assert_eq!(verdict(&t, None, Some(9), Some("OK"), true), Verdict::Crashed(None));
+        assert_eq!(
+            verdict(&t, None, Some(9), Some("OK"), true),
+            Verdict::Crashed(None)
+        );
     }
 
     #[test]

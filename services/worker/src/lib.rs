@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::config::WorkerConfig;
 use warden_shared::messages::{
-    AcquireReply, AcquireRequest, CloseSession, CreateSession, HeldLease, Heartbeat, LeaseGrant, Report, ReportKind, SessionReply,
-    MESSAGE_VERSION,
+    AcquireReply, AcquireRequest, CloseSession, CreateSession, Heartbeat, HeldLease, LeaseGrant,
+    Report, ReportKind, SessionReply, MESSAGE_VERSION,
 };
 use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::{runtime, subjects, Config};
@@ -41,7 +41,13 @@ pub enum WorkerError {
 }
 
 /// Applies `warden worker` / `warden-worker` command-line flags.
-pub fn apply_overrides(w: &mut WorkerConfig, bot_id: Option<String>, pools: Vec<String>, resource: Option<String>, capacity: Option<u32>) {
+pub fn apply_overrides(
+    w: &mut WorkerConfig,
+    bot_id: Option<String>,
+    pools: Vec<String>,
+    resource: Option<String>,
+    capacity: Option<u32>,
+) {
     if let Some(b) = bot_id {
         w.bot_id = b;
     }
@@ -100,10 +106,22 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     run_with(config, executor, shutdown).await
 }
 
-pub async fn run_with(config: Arc<Config>, executor: Arc<dyn Executor>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+pub async fn run_with(
+    config: Arc<Config>,
+    executor: Arc<dyn Executor>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let client = runtime::connect(&config, "worker").await?;
-    let bot_id = if config.worker.bot_id.is_empty() { format!("{}-{}", hostname(), std::process::id()) } else { config.worker.bot_id.clone() };
-    let resource = if config.worker.resource.is_empty() { hostname() } else { config.worker.resource.clone() };
+    let bot_id = if config.worker.bot_id.is_empty() {
+        format!("{}-{}", hostname(), std::process::id())
+    } else {
+        config.worker.bot_id.clone()
+    };
+    let resource = if config.worker.resource.is_empty() {
+        hostname()
+    } else {
+        config.worker.resource.clone()
+    };
     let agent = Arc::new(Agent {
         js: jetstream::new(client.clone()),
         client: client.clone(),
@@ -123,7 +141,10 @@ pub async fn run_with(config: Arc<Config>, executor: Arc<dyn Executor>, shutdown
 
     let attempts = TaskTracker::new();
     let heartbeat = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
-    agent.clone().acquire_loop(attempts.clone(), shutdown.clone()).await;
+    agent
+        .clone()
+        .acquire_loop(attempts.clone(), shutdown.clone())
+        .await;
 
     // Shutdown: let running attempts finish within the grace period, then
     // stop the rest and hand them back.
@@ -131,14 +152,24 @@ pub async fn run_with(config: Arc<Config>, executor: Arc<dyn Executor>, shutdown
     let grace = agent.config.worker.shutdown_grace;
     if tokio::time::timeout(grace, attempts.wait()).await.is_err() {
         let n = agent.stop_all(Stop::Shutdown);
-        info!(attempts = n, "handing back attempts still running after the grace period");
+        info!(
+            attempts = n,
+            "handing back attempts still running after the grace period"
+        );
         attempts.wait().await;
     }
     heartbeat.abort();
     let session = agent.session.read().await.clone();
-    let close = CloseSession { version: MESSAGE_VERSION, session };
+    let close = CloseSession {
+        version: MESSAGE_VERSION,
+        session,
+    };
     if let Ok(body) = serde_json::to_vec(&close) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), agent.client.request(subjects::SESSION_CLOSE, body.into())).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            agent.client.request(subjects::SESSION_CLOSE, body.into()),
+        )
+        .await;
     }
     let _ = agent.client.flush().await;
     info!(bot.id = %agent.bot_id, "worker stopped");
@@ -162,10 +193,18 @@ impl Agent {
             if shutdown.is_cancelled() {
                 return None;
             }
-            let res = tokio::time::timeout(Duration::from_secs(5), self.client.request(subjects::SESSION_CREATE, body.clone().into())).await;
+            let res = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.client
+                    .request(subjects::SESSION_CREATE, body.clone().into()),
+            )
+            .await;
             match res {
                 Ok(Ok(msg)) => match serde_json::from_slice::<SessionReply>(&msg.payload) {
-                    Ok(SessionReply { session: Some(name), .. }) => {
+                    Ok(SessionReply {
+                        session: Some(name),
+                        ..
+                    }) => {
                         info!(bot.id = %self.bot_id, session = %name, "session created");
                         return Some(name);
                     }
@@ -205,14 +244,33 @@ impl Agent {
                 }
                 continue;
             }
-            let hb = Heartbeat { version: MESSAGE_VERSION, session: self.session.read().await.clone(), leases: self.held() };
-            let Ok(body) = serde_json::to_vec(&hb) else { continue };
-            match tokio::time::timeout(period, self.client.request(subjects::SESSION_HEARTBEAT, body.into())).await {
+            let hb = Heartbeat {
+                version: MESSAGE_VERSION,
+                session: self.session.read().await.clone(),
+                leases: self.held(),
+            };
+            let Ok(body) = serde_json::to_vec(&hb) else {
+                continue;
+            };
+            match tokio::time::timeout(
+                period,
+                self.client
+                    .request(subjects::SESSION_HEARTBEAT, body.into()),
+            )
+            .await
+            {
                 Ok(Ok(msg)) => match serde_json::from_slice::<SessionReply>(&msg.payload) {
                     Ok(reply) => match reply.error {
                         Some(e) if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED => {
                             warn!(bot.id = %self.bot_id, code = %e.code, "session rejected; abandoning its work");
-                            metrics().session_resets.with_label_values(&[if e.code == UNKNOWN_SESSION { "unknown_session" } else { "session_superseded" }]).inc();
+                            metrics()
+                                .session_resets
+                                .with_label_values(&[if e.code == UNKNOWN_SESSION {
+                                    "unknown_session"
+                                } else {
+                                    "session_superseded"
+                                }])
+                                .inc();
                             need_new = true;
                         }
                         Some(e) => debug!(code = %e.code, "heartbeat error"),
@@ -229,7 +287,10 @@ impl Agent {
             }
             if !need_new && last_ok.elapsed() > timeout && !self.held().is_empty() {
                 warn!(bot.id = %self.bot_id, silent_ms = last_ok.elapsed().as_millis() as u64, "cannot reach the bus past the session timeout; stopping own tasks");
-                metrics().session_resets.with_label_values(&["self_fenced"]).inc();
+                metrics()
+                    .session_resets
+                    .with_label_values(&["self_fenced"])
+                    .inc();
                 need_new = true;
             }
         }
@@ -237,7 +298,13 @@ impl Agent {
 
     fn held(&self) -> Vec<HeldLease> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.iter().map(|(id, r)| HeldLease { job_id: *id, epoch: r.epoch }).collect()
+        running
+            .iter()
+            .map(|(id, r)| HeldLease {
+                job_id: *id,
+                epoch: r.epoch,
+            })
+            .collect()
     }
 
     fn stop_one(&self, id: &Uuid, why: Stop) {
@@ -282,7 +349,9 @@ impl Agent {
                 max: permits.len() as u32,
                 wait_ms: wait.as_millis() as u64,
             };
-            let Ok(body) = serde_json::to_vec(&req) else { return };
+            let Ok(body) = serde_json::to_vec(&req) else {
+                return;
+            };
             let res = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = tokio::time::timeout(wait + Duration::from_secs(2), self.client.request(subjects::ACQUIRE, body.into())) => r,
@@ -320,13 +389,24 @@ impl Agent {
         }
     }
 
-    async fn attempt(self: Arc<Self>, lease: LeaseGrant, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+    async fn attempt(
+        self: Arc<Self>,
+        lease: LeaseGrant,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let _permit = permit;
         let cancel = CancellationToken::new();
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(lease.job_id, Running { epoch: lease.epoch, cancel: cancel.clone(), stop: None });
+            .insert(
+                lease.job_id,
+                Running {
+                    epoch: lease.epoch,
+                    cancel: cancel.clone(),
+                    stop: None,
+                },
+            );
         let m = metrics();
         m.running.inc();
         let session = self.session.read().await.clone();
@@ -343,13 +423,25 @@ impl Agent {
         debug!(job.id = %lease.job_id, epoch = lease.epoch, task = %lease.task, "attempt starting");
         // Started goes out without waiting for its ack: the same connection
         // keeps it ahead of the final report.
-        let started = self.clone().publish(report(ReportKind::Started { resource: Some(self.resource.clone()) }));
+        let started = self.clone().publish(report(ReportKind::Started {
+            resource: Some(self.resource.clone()),
+        }));
         let started = tokio::spawn(started);
-        let req = ExecRequest { job_id: lease.job_id, epoch: lease.epoch, task: lease.task.clone(), args: lease.args.clone() };
+        let req = ExecRequest {
+            job_id: lease.job_id,
+            epoch: lease.epoch,
+            task: lease.task.clone(),
+            args: lease.args.clone(),
+        };
         let t0 = Instant::now();
         let result = self.executor.execute(req, cancel.clone()).await;
         m.duration.observe(t0.elapsed().as_secs_f64());
-        let stop = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&lease.job_id).and_then(|r| r.stop);
+        let stop = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease.job_id)
+            .and_then(|r| r.stop);
         m.running.dec();
         let _ = started.await;
         let kind = match (stop, result) {
@@ -360,11 +452,22 @@ impl Agent {
             }
             (Some(Stop::Shutdown), _) => {
                 m.attempts.with_label_values(&["released"]).inc();
-                ReportKind::Released { reason: "worker_shutdown".into() }
+                ReportKind::Released {
+                    reason: "worker_shutdown".into(),
+                }
             }
-            (None, Execution::Finished { outcome, duration_ms }) => {
+            (
+                None,
+                Execution::Finished {
+                    outcome,
+                    duration_ms,
+                },
+            ) => {
                 m.attempts.with_label_values(&["finished"]).inc();
-                ReportKind::Finished { outcome, duration_ms }
+                ReportKind::Finished {
+                    outcome,
+                    duration_ms,
+                }
             }
             (None, Execution::Crashed { crash, fault }) => {
                 m.attempts.with_label_values(&["crashed"]).inc();
@@ -377,7 +480,9 @@ impl Agent {
     /// Publishes a report and waits for the bus to acknowledge it,
     /// retrying with backoff: a report is never dropped silently.
     async fn publish(self: Arc<Self>, report: Report) {
-        let Ok(body) = serde_json::to_vec(&report) else { return };
+        let Ok(body) = serde_json::to_vec(&report) else {
+            return;
+        };
         let subject = subjects::report_subject(&report.job_id);
         let msg_id = report.msg_id();
         let kind = report.kind.name();
@@ -386,7 +491,11 @@ impl Agent {
         loop {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", msg_id.as_str());
-            let res = match self.js.publish_with_headers(subject.clone(), headers, body.clone().into()).await {
+            let res = match self
+                .js
+                .publish_with_headers(subject.clone(), headers, body.clone().into())
+                .await
+            {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };

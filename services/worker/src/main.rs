@@ -34,7 +34,13 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(EXIT_CONFIG);
         }
     };
-    warden_worker::apply_overrides(&mut config.worker, args.bot_id, args.pools, args.resource, args.capacity);
+    warden_worker::apply_overrides(
+        &mut config.worker,
+        args.bot_id,
+        args.pools,
+        args.resource,
+        args.capacity,
+    );
     let problems = config.problems();
     if !problems.is_empty() {
         eprintln!("invalid configuration:\n  - {}", problems.join("\n  - "));

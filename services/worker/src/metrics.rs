@@ -17,25 +17,52 @@ pub struct Metrics {
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
-        running: register(IntGauge::new("warden_worker_tasks_running", "Attempts running on this worker").expect("valid metric")),
+        running: register(
+            IntGauge::new(
+                "warden_worker_tasks_running",
+                "Attempts running on this worker",
+            )
+            .expect("valid metric"),
+        ),
         attempts: register(
-            IntCounterVec::new(Opts::new("warden_worker_attempts_total", "Attempts ended, by result"), &["result"]).expect("valid metric"),
+            IntCounterVec::new(
+                Opts::new("warden_worker_attempts_total", "Attempts ended, by result"),
+                &["result"],
+            )
+            .expect("valid metric"),
         ),
         reports: register(
-            IntCounterVec::new(Opts::new("warden_worker_reports_published_total", "Reports acknowledged by the bus, by kind"), &["kind"])
-                .expect("valid metric"),
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_worker_reports_published_total",
+                    "Reports acknowledged by the bus, by kind",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
         ),
         report_retries: register(
-            IntCounter::new("warden_worker_report_publish_retries_total", "Report publishes retried after a failure").expect("valid metric"),
+            IntCounter::new(
+                "warden_worker_report_publish_retries_total",
+                "Report publishes retried after a failure",
+            )
+            .expect("valid metric"),
         ),
         session_resets: register(
-            IntCounterVec::new(Opts::new("warden_worker_session_resets_total", "Sessions abandoned, by reason"), &["reason"])
-                .expect("valid metric"),
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_worker_session_resets_total",
+                    "Sessions abandoned, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
         ),
         duration: register(
             Histogram::with_opts(
-                HistogramOpts::new("warden_worker_task_duration_seconds", "Task run time")
-                    .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0]),
+                HistogramOpts::new("warden_worker_task_duration_seconds", "Task run time").buckets(
+                    vec![0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0],
+                ),
             )
             .expect("valid metric"),
         ),
