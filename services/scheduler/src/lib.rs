@@ -404,17 +404,18 @@ async fn reports_loop(shared: Arc<Shared>, consumer: PullConsumer, shutdown: Can
                     Err(e) => dead_letter_report(&shared, msg, e).await,
                 }
             }
-            // Reports of one job in order; different jobs concurrently.
+            // Reports of one job are folded into one write, in order;
+            // different jobs are written concurrently.
             futures::future::join_all(by_job.into_iter().map(|(_, list)| {
                 let shared = &shared;
                 async move {
-                    for (msg, report) in list {
-                        let disposition = handle_report(shared, &report).await;
-                        let kind = match disposition {
-                            Disposition::Ack => AckKind::Ack,
-                            Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(1))),
-                        };
-                        if let Err(e) = msg.ack_with(kind).await {
+                    let reports: Vec<&Report> = list.iter().map(|(_, r)| r).collect();
+                    let kind = match handle_reports(shared, &reports).await {
+                        Disposition::Ack => AckKind::Ack,
+                        Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(1))),
+                    };
+                    for (msg, _) in &list {
+                        if let Err(e) = msg.ack_with(kind.clone()).await {
                             debug!(error = %e, "cannot ack report");
                         }
                     }
@@ -430,70 +431,99 @@ enum Disposition {
     Retry,
 }
 
-/// Applies one report; the single place a report's fate is decided.
-async fn handle_report(shared: &Shared, report: &Report) -> Disposition {
-    let kind = report.kind.name();
+/// Applies the reports of one job, in order, with a single
+/// compare-and-set: the single place a report's fate is decided.
+async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
+    let Some(first) = reports.first() else {
+        return Disposition::Ack;
+    };
+    let job_id = first.job_id;
     let m = metrics();
     for _ in 0..16 {
-        let current = match shared.store.get(&report.job_id).await {
+        let current = match shared.store.get(&job_id).await {
             Ok(Some(v)) => v,
             Ok(None) => {
-                m.reports.with_label_values(&[kind, "rejected"]).inc();
-                m.rejected.with_label_values(&["unknown_job"]).inc();
-                warn!(job.id = %report.job_id, bot.id = %report.bot_id, "report for unknown job rejected");
+                for r in reports {
+                    m.reports
+                        .with_label_values(&[r.kind.name(), "rejected"])
+                        .inc();
+                    m.rejected.with_label_values(&["unknown_job"]).inc();
+                    warn!(job.id = %job_id, bot.id = %r.bot_id, "report for unknown job rejected");
+                }
                 return Disposition::Ack;
             }
             Err(e) if e.is_transient() => return Disposition::Retry,
             Err(e) => {
-                warn!(job.id = %report.job_id, error = %e, "job record unreadable; report dropped");
-                m.reports.with_label_values(&[kind, "rejected"]).inc();
-                m.rejected.with_label_values(&["corrupt_job"]).inc();
+                warn!(job.id = %job_id, error = %e, "job record unreadable; reports dropped");
+                for r in reports {
+                    m.reports
+                        .with_label_values(&[r.kind.name(), "rejected"])
+                        .inc();
+                    m.rejected.with_label_values(&["corrupt_job"]).inc();
+                }
                 return Disposition::Ack;
             }
         };
         let now = Utc::now();
-        let (next, result) = match decide(&current.job, report, now) {
-            Decision::Duplicate => {
-                m.reports.with_label_values(&[kind, "duplicate"]).inc();
-                return Disposition::Ack;
+        let mut job = current.job.clone();
+        let mut results = Vec::with_capacity(reports.len());
+        for r in reports {
+            match decide(&job, r, now) {
+                Decision::Duplicate => results.push((r, "duplicate", None)),
+                Decision::Apply(next) => {
+                    results.push((r, "applied", Some((job.state, next.state))));
+                    job = *next;
+                }
+                Decision::Reject(reason) => {
+                    job = record_rejection(&job, r, reason, now);
+                    results.push((r, reason.as_str(), None));
+                }
             }
-            Decision::Apply(next) => (*next, None),
-            Decision::Reject(reason) => (
-                record_rejection(&current.job, report, reason, now),
-                Some(reason),
-            ),
-        };
-        match shared.store.update(&next, current.revision).await {
+        }
+        if results.iter().all(|(_, res, _)| *res == "duplicate") {
+            for (r, _, _) in &results {
+                m.reports
+                    .with_label_values(&[r.kind.name(), "duplicate"])
+                    .inc();
+            }
+            return Disposition::Ack;
+        }
+        match shared.store.update(&job, current.revision).await {
             Ok(_) => {
-                match result {
-                    None => {
-                        m.reports.with_label_values(&[kind, "applied"]).inc();
-                        if current.job.state != next.state || kind == "started" {
-                            m.transitions
-                                .with_label_values(&[
-                                    current.job.state.as_str(),
-                                    next.state.as_str(),
-                                ])
+                for (r, res, change) in results {
+                    match (res, change) {
+                        ("applied", Some((from, to))) => {
+                            m.reports
+                                .with_label_values(&[r.kind.name(), "applied"])
                                 .inc();
+                            m.transitions
+                                .with_label_values(&[from.as_str(), to.as_str()])
+                                .inc();
+                            debug!(job.id = %job_id, state = %to, "report applied");
                         }
-                        debug!(job.id = %next.id, state = %next.state, "report applied");
-                    }
-                    Some(reason) => {
-                        m.reports.with_label_values(&[kind, "rejected"]).inc();
-                        m.rejected.with_label_values(&[reason.as_str()]).inc();
-                        warn!(job.id = %next.id, bot.id = %report.bot_id, session = %report.session, epoch = report.epoch, reason = reason.as_str(), "report rejected");
+                        ("duplicate", _) => m
+                            .reports
+                            .with_label_values(&[r.kind.name(), "duplicate"])
+                            .inc(),
+                        (reason, _) => {
+                            m.reports
+                                .with_label_values(&[r.kind.name(), "rejected"])
+                                .inc();
+                            m.rejected.with_label_values(&[reason]).inc();
+                            warn!(job.id = %job_id, bot.id = %r.bot_id, session = %r.session, epoch = r.epoch, reason, "report rejected");
+                        }
                     }
                 }
                 return Disposition::Ack;
             }
             Err(StoreError::Conflict(_)) => continue,
             Err(StoreError::TooLarge) => {
-                warn!(job.id = %next.id, "job record would exceed the size limit; report dropped");
+                warn!(job.id = %job_id, "job record would exceed the size limit; reports dropped");
                 return Disposition::Ack;
             }
             Err(e) if e.is_transient() => return Disposition::Retry,
             Err(e) => {
-                warn!(job.id = %next.id, error = %e, "cannot write job; report dropped");
+                warn!(job.id = %job_id, error = %e, "cannot write job; reports dropped");
                 return Disposition::Ack;
             }
         }
