@@ -58,7 +58,11 @@ pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Clien
         opts = opts.user_and_password(user.clone(), password.clone());
     }
     let url = config.nats.url.clone();
-    let client = tokio::time::timeout(config.nats.connect_timeout * 6, opts.connect(url.as_str()))
+    let addrs = server_addrs(&url).map_err(|source| ConnectError::Connect {
+        url: url.clone(),
+        source,
+    })?;
+    let client = tokio::time::timeout(config.nats.connect_timeout * 6, opts.connect(addrs))
         .await
         .map_err(|_| ConnectError::Connect {
             url: url.clone(),
@@ -66,6 +70,20 @@ pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Clien
         })?
         .map_err(|source| ConnectError::Connect { url, source })?;
     Ok(client)
+}
+
+/// `nats.url` may list several servers separated by commas (a cluster);
+/// the client fails over between them.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<async_nats::ServerAddr>().map_err(|e| {
+                async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
+            })
+        })
+        .collect()
 }
 
 /// Connects and makes sure every stream and bucket exists.
@@ -156,4 +174,17 @@ pub async fn serve_metrics(addr: SocketAddr, shutdown: CancellationToken) -> std
     axum::serve(listener, crate::metrics::router())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn several_servers_separated_by_commas() {
+        let a = super::server_addrs(
+            "nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://127.0.0.1:4224",
+        )
+        .expect("valid");
+        assert_eq!(a.len(), 3);
+        assert!(super::server_addrs("nats://127.0.0.1:99999").is_err());
+    }
 }

@@ -415,7 +415,7 @@ async fn reports_loop(shared: Arc<Shared>, consumer: PullConsumer, shutdown: Can
                         Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(1))),
                     };
                     for (msg, _) in &list {
-                        if let Err(e) = msg.ack_with(kind.clone()).await {
+                        if let Err(e) = msg.ack_with(kind).await {
                             debug!(error = %e, "cannot ack report");
                         }
                     }

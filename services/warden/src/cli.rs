@@ -19,14 +19,14 @@ pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
         .name("warden-cli")
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(Some(3));
-    opts.connect(config.nats.url.as_str())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach NATS at {} (is `warden up` running? use --nats-url)",
-                config.nats.url
-            )
-        })
+    let addrs = warden_shared::runtime::server_addrs(&config.nats.url)
+        .with_context(|| format!("bad NATS URL {:?}", config.nats.url))?;
+    opts.connect(addrs).await.with_context(|| {
+        format!(
+            "cannot reach NATS at {} (is `warden up` running? use --nats-url)",
+            config.nats.url
+        )
+    })
 }
 
 pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
