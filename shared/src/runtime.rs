@@ -131,6 +131,46 @@ async fn wait_for_signal() {
     }
 }
 
+/// Exits with [`crate::config::EXIT_CONFIG`] listing every problem, if any.
+/// For configs changed after loading (command-line overrides).
+pub fn exit_on_problems(config: &Config, program: &str) {
+    let problems = config.problems();
+    if !problems.is_empty() {
+        eprintln!(
+            "{program}: invalid configuration:\n  - {}",
+            problems.join("\n  - ")
+        );
+        std::process::exit(crate::config::EXIT_CONFIG);
+    }
+}
+
+/// Loads the config (file + environment) or exits with every problem.
+pub fn load_or_exit(path: Option<&std::path::Path>, program: &str) -> Config {
+    match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::exit(crate::config::EXIT_CONFIG);
+        }
+    }
+}
+
+/// What every standalone service binary does before `run`: logs, a
+/// shutdown token cancelled by SIGINT/SIGTERM, and `/metrics` on
+/// `metrics.listen` when set.
+pub fn start_service(config: Config) -> (std::sync::Arc<Config>, CancellationToken) {
+    let shutdown = shutdown_on_signal();
+    if let Some(addr) = config.metrics_listen() {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(addr, s).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics");
+            }
+        });
+    }
+    (std::sync::Arc::new(config), shutdown)
+}
+
 /// Structured logs to stderr; `WARDEN_LOG` (or `RUST_LOG`) filters,
 /// `WARDEN_LOG_FORMAT=json` switches to JSON lines.
 pub fn init_tracing() {

@@ -1,15 +1,18 @@
-//! `warden-scheduler`: the trigger as its own process.
+//! `warden-trigger`: the trigger as its own process.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Parser;
-use warden_shared::config::{Config, EXIT_CONFIG};
 use warden_shared::runtime;
 
 #[derive(Parser)]
-#[command(version, about = "Warden trigger (events to jobs)")]
+#[command(
+    name = "warden-trigger",
+    version,
+    about = "Warden trigger (events to jobs)"
+)]
 struct Args {
+    /// Config file (TOML), merged over the built-in defaults
     #[arg(long, env = "WARDEN_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -18,17 +21,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     runtime::init_tracing();
-    let config = match Config::load(args.config.as_deref()) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    };
-    let shutdown = runtime::shutdown_on_signal();
-    if let Some(addr) = config.metrics_listen() {
-        tokio::spawn(runtime::serve_metrics(addr, shutdown.clone()));
-    }
+    let (config, shutdown) = runtime::start_service(runtime::load_or_exit(
+        args.config.as_deref(),
+        "warden-trigger",
+    ));
     warden_trigger::run(config, shutdown).await?;
     Ok(())
 }

@@ -7,10 +7,9 @@ mod natsd;
 mod up;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use warden_shared::config::{Config, EXIT_CONFIG};
+use warden_shared::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -130,18 +129,11 @@ pub struct BenchArgs {
 }
 
 fn load_config(cli: &Cli) -> Config {
-    match Config::load(cli.config.as_deref()) {
-        Ok(mut c) => {
-            if let Some(url) = &cli.nats_url {
-                c.nats.url = url.clone();
-            }
-            c
-        }
-        Err(e) => {
-            eprintln!("warden: {e}");
-            std::process::exit(EXIT_CONFIG);
-        }
+    let mut c = warden_shared::runtime::load_or_exit(cli.config.as_deref(), "warden");
+    if let Some(url) = &cli.nats_url {
+        c.nats.url = url.clone();
     }
+    c
 }
 
 #[tokio::main]
@@ -162,22 +154,8 @@ async fn main() {
                 args.resource.clone(),
                 args.capacity,
             );
-            let problems = config.problems();
-            if !problems.is_empty() {
-                eprintln!(
-                    "warden: invalid configuration:\n  - {}",
-                    problems.join("\n  - ")
-                );
-                std::process::exit(EXIT_CONFIG);
-            }
-            let config = Arc::new(config);
-            let shutdown = warden_shared::runtime::shutdown_on_signal();
-            if let Some(addr) = config.metrics_listen() {
-                tokio::spawn(warden_shared::runtime::serve_metrics(
-                    addr,
-                    shutdown.clone(),
-                ));
-            }
+            warden_shared::runtime::exit_on_problems(&config, "warden");
+            let (config, shutdown) = warden_shared::runtime::start_service(config);
             warden_worker::run(config, shutdown)
                 .await
                 .map(|_| 0)

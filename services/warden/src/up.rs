@@ -8,7 +8,6 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use warden_shared::config::EXIT_CONFIG;
 use warden_shared::{runtime, Config};
 
 use crate::natsd::LocalNats;
@@ -23,14 +22,7 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     if let Some(http) = &args.http {
         config.http.listen = http.clone();
     }
-    let problems = config.problems();
-    if !problems.is_empty() {
-        eprintln!(
-            "warden: invalid configuration:\n  - {}",
-            problems.join("\n  - ")
-        );
-        std::process::exit(EXIT_CONFIG);
-    }
+    runtime::exit_on_problems(&config, "warden");
     let mut nats = if external_nats {
         None
     } else {

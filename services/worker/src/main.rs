@@ -1,10 +1,8 @@
 //! `warden-worker`: the worker agent as its own process.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Parser;
-use warden_shared::config::{Config, EXIT_CONFIG};
 use warden_shared::runtime;
 
 #[derive(Parser)]
@@ -27,13 +25,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     runtime::init_tracing();
-    let mut config = match Config::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    };
+    let mut config = runtime::load_or_exit(args.config.as_deref(), "warden-worker");
     warden_worker::apply_overrides(
         &mut config.worker,
         args.bot_id,
@@ -41,16 +33,8 @@ async fn main() -> anyhow::Result<()> {
         args.resource,
         args.capacity,
     );
-    let problems = config.problems();
-    if !problems.is_empty() {
-        eprintln!("invalid configuration:\n  - {}", problems.join("\n  - "));
-        std::process::exit(EXIT_CONFIG);
-    }
-    let config = Arc::new(config);
-    let shutdown = runtime::shutdown_on_signal();
-    if let Some(addr) = config.metrics_listen() {
-        tokio::spawn(runtime::serve_metrics(addr, shutdown.clone()));
-    }
+    runtime::exit_on_problems(&config, "warden-worker");
+    let (config, shutdown) = runtime::start_service(config);
     warden_worker::run(config, shutdown).await?;
     Ok(())
 }
