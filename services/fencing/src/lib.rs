@@ -38,6 +38,7 @@ pub enum FencingError {
 struct Metrics {
     requests: IntCounterVec,
     rejected: IntCounterVec,
+    expired: prometheus::IntCounter,
 }
 
 fn metrics() -> &'static Metrics {
@@ -60,6 +61,13 @@ fn metrics() -> &'static Metrics {
                     "Session requests rejected, by error code",
                 ),
                 &["code"],
+            )
+            .expect("valid metric"),
+        ),
+        expired: register(
+            prometheus::IntCounter::new(
+                "warden_fencing_sessions_expired_total",
+                "Sessions expired for missing heartbeats",
             )
             .expect("valid metric"),
         ),
@@ -237,11 +245,91 @@ impl Sessions {
         }
     }
 
+    /// Marks active sessions silent for longer than `timeout` (counting
+    /// from `since` at the earliest) as expired; returns (bot, session).
+    async fn sweep(
+        &self,
+        timeout: std::time::Duration,
+        since: chrono::DateTime<Utc>,
+    ) -> Result<Vec<(String, String)>, String> {
+        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| e.to_string())?;
+            if let Some(name) = k.strip_prefix("session.") {
+                names.push(name.to_string());
+            }
+        }
+        let limit = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(10));
+        let now = Utc::now();
+        let mut expired = Vec::new();
+        for name in names {
+            let Some((mut s, rev)) = self.get(&name).await? else {
+                continue;
+            };
+            if s.state != SessionState::Active || now - s.last_heartbeat.max(since) <= limit {
+                continue;
+            }
+            s.state = SessionState::Expired;
+            let body = serde_json::to_vec(&s).map_err(|e| e.to_string())?;
+            // CAS: a heartbeat that lands meanwhile wins.
+            if self
+                .kv
+                .update(session_key(&name), Bytes::from(body), rev)
+                .await
+                .is_ok()
+            {
+                expired.push((s.bot_id, name));
+            }
+        }
+        Ok(expired)
+    }
+
     async fn close(&self, req: CloseSession) -> Result<(), OpError> {
         let (mut s, _) = self.current(&req.session).await?;
         s.state = SessionState::Closed;
         self.put(&s).await?;
         Ok(())
+    }
+}
+
+/// Expires sessions silent past the timeout. The clock only counts time
+/// during which this service could see the bus: after its own start, or
+/// after a sweep failed (the bus was unreachable), every session gets a full
+/// timeout to heartbeat again, so an outage never evicts the whole fleet.
+async fn sweep_loop(
+    sessions: Arc<Sessions>,
+    timeout: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut available_since = Utc::now();
+    let mut healthy = true;
+    let period = (timeout / 4).max(std::time::Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match sessions.sweep(timeout, available_since).await {
+            Ok(expired) => {
+                if !healthy {
+                    // The bus is back: restart every session's clock.
+                    available_since = Utc::now();
+                    healthy = true;
+                    info!("session store reachable again; grace period for every session");
+                }
+                for (bot, name) in expired {
+                    metrics().expired.inc();
+                    warn!(bot.id = %bot, session = %name, "session expired: no heartbeat within the timeout");
+                }
+            }
+            Err(e) => {
+                if healthy {
+                    warn!(error = %e, "cannot sweep sessions");
+                }
+                healthy = false;
+            }
+        }
     }
 }
 
@@ -268,6 +356,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .endpoint("close")
         .await
         .map_err(FencingError::Service)?;
+    tokio::spawn(sweep_loop(
+        sessions.clone(),
+        config.fencing.session_timeout,
+        shutdown.clone(),
+    ));
     info!("fencing service running");
     loop {
         let (op, req) = tokio::select! {

@@ -31,6 +31,7 @@ use warden_shared::messages::{
     AcquireReply, AcquireRequest, DeadLetter, ErrorBody, LeaseGrant, Report, MESSAGE_VERSION,
 };
 use warden_shared::runtime;
+use warden_shared::session::{Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::state::{transition, Action};
 use warden_shared::store::{self, JobStore, StoreError, Versioned};
 use warden_shared::{subjects, Config, JobState};
@@ -67,6 +68,51 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Woken whenever jobs become ready.
     ready: Notify,
+    sessions_kv: async_nats::jetstream::kv::Store,
+    /// Running attempts by session, and the state of every session seen.
+    leases: Mutex<LeaseIndex>,
+}
+
+/// Which session holds which running job, and which sessions are dead: a
+/// cache of the two buckets, enough to requeue a dead session's work.
+#[derive(Default)]
+struct LeaseIndex {
+    by_session: std::collections::HashMap<String, std::collections::HashSet<Uuid>>,
+    session_of: std::collections::HashMap<Uuid, String>,
+    states: std::collections::HashMap<String, SessionState>,
+}
+
+impl LeaseIndex {
+    fn observe_job(&mut self, job: &warden_shared::Job) {
+        if let Some(old) = self.session_of.remove(&job.id) {
+            if let Some(set) = self.by_session.get_mut(&old) {
+                set.remove(&job.id);
+            }
+        }
+        if let (JobState::Running, Some(lease)) = (job.state, &job.lease) {
+            self.session_of.insert(job.id, lease.session.clone());
+            self.by_session
+                .entry(lease.session.clone())
+                .or_default()
+                .insert(job.id);
+        }
+    }
+
+    /// Why work leased to `session` must go back, if it must.
+    fn dead(&self, session: &str) -> Option<&'static str> {
+        match self.states.get(session)? {
+            SessionState::Active => None,
+            SessionState::Expired => Some("worker_lost"),
+            SessionState::Quarantined => Some("session_superseded"),
+            SessionState::Closed => Some("session_closed"),
+        }
+    }
+}
+
+impl Shared {
+    fn leases(&self) -> std::sync::MutexGuard<'_, LeaseIndex> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Shared {
@@ -85,6 +131,8 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         client: client.clone(),
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
+        sessions_kv: handles.sessions.clone(),
+        leases: Mutex::new(LeaseIndex::default()),
     });
 
     let stream = handles
@@ -110,6 +158,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let tracker = TaskTracker::new();
     tracker.spawn(watch_loop(shared.clone(), shutdown.clone()));
     tracker.spawn(timer_loop(shared.clone(), shutdown.clone()));
+    tracker.spawn(sessions_loop(
+        shared.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     tracker.spawn(reports_loop(shared.clone(), consumer, shutdown.clone()));
     tracker.spawn(acquire_loop(
         shared.clone(),
@@ -161,6 +214,21 @@ async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             match store::decode(&entry.key, &entry.value) {
                 Ok(job) => {
+                    let dead = {
+                        let mut l = shared.leases();
+                        l.observe_job(&job);
+                        match (&job.state, &job.lease) {
+                            (JobState::Running, Some(lease)) => {
+                                l.dead(&lease.session).map(|r| (lease.session.clone(), r))
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some((session, reason)) = dead {
+                        let shared = shared.clone();
+                        let id = job.id;
+                        tokio::spawn(async move { requeue(&shared, id, &session, reason).await });
+                    }
                     let scheduled = job.state == JobState::Scheduled;
                     shared.queue().observe(Versioned {
                         job,
@@ -171,6 +239,104 @@ async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                     }
                 }
                 Err(e) => warn!(job.id = %id, error = %e, "undecodable job record ignored"),
+            }
+        }
+    }
+}
+
+/// Follows the sessions bucket; when a session stops being active, its
+/// running attempts go back to the queue.
+async fn sessions_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut watch = match shared.sessions_kv.watch_with_history("session.>").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch sessions; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
+            };
+            let Ok(session) = serde_json::from_slice::<Session>(&entry.value) else {
+                continue;
+            };
+            let doomed: Vec<Uuid> = {
+                let mut l = shared.leases();
+                l.states.insert(session.name.clone(), session.state);
+                match l.dead(&session.name) {
+                    Some(_) => l
+                        .by_session
+                        .get(&session.name)
+                        .map(|s| s.iter().copied().collect())
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                }
+            };
+            if let Some(reason) = shared.leases().dead(&session.name) {
+                for id in doomed {
+                    let shared = shared.clone();
+                    let name = session.name.clone();
+                    tracker.spawn(async move { requeue(&shared, id, &name, reason).await });
+                }
+            }
+        }
+    }
+}
+
+/// RUNNING → SCHEDULED for an attempt whose session is gone. Several
+/// replicas may try; compare-and-set lets one win, the others see the job
+/// moved on and stop.
+async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str) {
+    for _ in 0..8 {
+        let Ok(Some(current)) = shared.store.get(&id).await else {
+            return;
+        };
+        let job = &current.job;
+        if job.state != JobState::Running
+            || job.lease.as_ref().map(|l| l.session.as_str()) != Some(session)
+        {
+            return;
+        }
+        let Ok(to) = transition(job.state, Action::Requeue) else {
+            return;
+        };
+        let now = Utc::now();
+        let mut next = job.clone();
+        let lease = next.lease.take();
+        next.state = to;
+        next.queued_at = now;
+        next.updated_at = now;
+        next.push_history(HistoryEntry {
+            at: now,
+            action: Action::Requeue,
+            attempt: job.attempt,
+            from: Some(JobState::Running),
+            to: Some(to),
+            actor: "scheduler".into(),
+            bot_id: lease.as_ref().map(|l| l.bot_id.clone()),
+            resource: lease.as_ref().and_then(|l| l.resource.clone()),
+            note: Some(format!("{reason}: session {session} is no longer current")),
+        });
+        match shared.store.update(&next, current.revision).await {
+            Ok(_) => {
+                let m = metrics();
+                m.requeued.with_label_values(&[reason]).inc();
+                m.transitions
+                    .with_label_values(&["RUNNING", "SCHEDULED"])
+                    .inc();
+                info!(job.id = %id, session, reason, "lease requeued");
+                return;
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => {
+                warn!(job.id = %id, error = %e, "cannot requeue; will retry on the next change");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
@@ -260,6 +426,29 @@ async fn acquire(
     req: AcquireRequest,
     shutdown: &CancellationToken,
 ) -> AcquireReply {
+    // A session this replica knows to be dead gets nothing; one it has not
+    // seen yet (just created) is served: its leases are requeued if it
+    // turns out dead.
+    let dead = shared.leases().dead(&req.session);
+    if let Some(reason) = dead {
+        metrics()
+            .acquire_requests
+            .with_label_values(&["rejected"])
+            .inc();
+        let code = if reason == "session_superseded" {
+            SESSION_SUPERSEDED
+        } else {
+            UNKNOWN_SESSION
+        };
+        return AcquireReply {
+            version: MESSAGE_VERSION,
+            leases: Vec::new(),
+            error: Some(ErrorBody::new(
+                code,
+                format!("session {} is no longer current ({reason})", req.session),
+            )),
+        };
+    }
     let wait = Duration::from_millis(req.wait_ms).min(shared.config.scheduler.acquire_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let max = req.max.clamp(1, 1000) as usize;

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub oldest_age: IntGaugeVec,
     pub dispatch_latency: Histogram,
     pub acquire_requests: IntCounterVec,
+    pub requeued: IntCounterVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -85,6 +86,11 @@ pub fn metrics() -> &'static Metrics {
                     ]),
                 )
                 .expect("valid metric"),
+            ),
+            requeued: counter_vec(
+                "warden_scheduler_leases_requeued_total",
+                "Running attempts put back in the queue because their session ended, by reason",
+                &["reason"],
             ),
             acquire_requests: counter_vec(
                 "warden_scheduler_acquire_requests_total",
