@@ -1,0 +1,230 @@
+//! BuildGrid's three quarantine scenarios (reference/remoteworkers/
+//! BUILDGRID.md) against the real fencing service and a real nats-server:
+//! the errors are typed, nothing changes state on a rejected request, and a
+//! superseded session's leases go back to the queue through the scheduler.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
+use warden_shared::session::{
+    bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION,
+};
+use warden_shared::{runtime, subjects, Config};
+use warden_testsupport::{eventually, NatsServer};
+
+async fn request<T: serde::Serialize>(
+    client: &async_nats::Client,
+    subject: &'static str,
+    body: &T,
+) -> SessionReply {
+    let msg = client
+        .request(subject, serde_json::to_vec(body).unwrap().into())
+        .await
+        .unwrap();
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+async fn create(client: &async_nats::Client, bot: &str) -> String {
+    let req = CreateSession {
+        version: 1,
+        bot_id: bot.into(),
+        resource: Some("host-1".into()),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+    };
+    request(client, subjects::SESSION_CREATE, &req)
+        .await
+        .session
+        .expect("a session name")
+}
+
+async fn heartbeat(client: &async_nats::Client, session: &str) -> SessionReply {
+    request(
+        client,
+        subjects::SESSION_HEARTBEAT,
+        &Heartbeat {
+            version: 1,
+            session: session.into(),
+            leases: Vec::new(),
+        },
+    )
+    .await
+}
+
+async fn session(kv: &async_nats::jetstream::kv::Store, name: &str) -> (Session, u64) {
+    let e = kv.entry(session_key(name)).await.unwrap().unwrap();
+    (serde_json::from_slice(&e.value).unwrap(), e.revision)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
+    let nats = NatsServer::start();
+    let config = Arc::new(
+        Config::from_parts(
+            Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())),
+            Vec::new(),
+        )
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    let (client, handles) = runtime::connect_with_topology(&config, "test")
+        .await
+        .unwrap();
+    let kv = handles.sessions.clone();
+    eventually(Duration::from_secs(10), "fencing service answers", || {
+        let client = client.clone();
+        async move {
+            client
+                .request(subjects::SESSION_HEARTBEAT, "{}".into())
+                .await
+                .ok()
+        }
+    })
+    .await;
+
+    // (1) A bot that never registered.
+    let r = heartbeat(&client, "no-such-session").await;
+    assert_eq!(r.error.map(|e| e.code).as_deref(), Some(UNKNOWN_SESSION));
+    assert!(
+        kv.entry(session_key("no-such-session"))
+            .await
+            .unwrap()
+            .is_none(),
+        "a rejected update created nothing"
+    );
+
+    // (2) An old instance whose name no longer matches the one on file.
+    let old = create(&client, "bot-1").await;
+    assert!(heartbeat(&client, &old).await.error.is_none());
+    let new = create(&client, "bot-1").await;
+    assert_ne!(old, new);
+    let (old_rec, _) = session(&kv, &old).await;
+    assert_eq!(old_rec.state, SessionState::Quarantined);
+    assert_eq!(old_rec.superseded_by.as_deref(), Some(new.as_str()));
+    let (new_before, new_rev) = session(&kv, &new).await;
+    let r = heartbeat(&client, &old).await;
+    assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
+    let (new_after, new_rev_after) = session(&kv, &new).await;
+    assert_eq!(
+        (new_before, new_rev),
+        (new_after, new_rev_after),
+        "the old instance did not touch the new session"
+    );
+    let (old_after, _) = session(&kv, &old).await;
+    assert_eq!(
+        old_after.last_heartbeat, old_rec.last_heartbeat,
+        "a rejected heartbeat renews nothing"
+    );
+
+    // (3) Two bots with the same id and different names, both updating:
+    // only the one on file is accepted, every time.
+    let pointer =
+        String::from_utf8(kv.get(bot_key("bot-1")).await.unwrap().unwrap().to_vec()).unwrap();
+    assert_eq!(pointer, new);
+    for _ in 0..3 {
+        assert!(heartbeat(&client, &new).await.error.is_none());
+        let r = heartbeat(&client, &old).await;
+        assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
+    }
+
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
+    let nats = NatsServer::start();
+    let config = Arc::new(
+        Config::from_parts(
+            Some(&format!(
+                "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"600ms\"\n",
+                nats.url()
+            )),
+            Vec::new(),
+        )
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    let (client, handles) = runtime::connect_with_topology(&config, "test")
+        .await
+        .unwrap();
+    let kv = handles.sessions.clone();
+    let quiet = eventually(Duration::from_secs(10), "a session", || {
+        let client = client.clone();
+        async move {
+            let req = CreateSession {
+                version: 1,
+                bot_id: "quiet".into(),
+                resource: None,
+                pools: vec!["default".into()],
+                capacity: 1,
+                agent_version: String::new(),
+            };
+            let msg = client
+                .request(
+                    subjects::SESSION_CREATE,
+                    serde_json::to_vec(&req).unwrap().into(),
+                )
+                .await
+                .ok()?;
+            serde_json::from_slice::<SessionReply>(&msg.payload)
+                .ok()?
+                .session
+        }
+    })
+    .await;
+    // Silent: expires after the timeout.
+    eventually(Duration::from_secs(10), "the silent session expired", || {
+        let kv = kv.clone();
+        let quiet = quiet.clone();
+        async move { (session(&kv, &quiet).await.0.state == SessionState::Expired).then_some(()) }
+    })
+    .await;
+
+    // A session that heartbeats, then the fencing service is down for
+    // longer than the timeout: after it comes back, the session has a full
+    // timeout to heartbeat again and is not expired.
+    let busy = create(&client, "busy").await;
+    assert!(heartbeat(&client, &busy).await.error.is_none());
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = eventually(Duration::from_secs(5), "heartbeat after restart", || {
+        let client = client.clone();
+        let busy = busy.clone();
+        async move {
+            let msg = client
+                .request(
+                    subjects::SESSION_HEARTBEAT,
+                    serde_json::to_vec(&Heartbeat {
+                        version: 1,
+                        session: busy,
+                        leases: Vec::new(),
+                    })
+                    .unwrap()
+                    .into(),
+                )
+                .await
+                .ok()?;
+            serde_json::from_slice::<SessionReply>(&msg.payload).ok()
+        }
+    })
+    .await;
+    assert!(
+        r.error.is_none(),
+        "healthy session evicted after a fencing outage: {:?}",
+        r.error
+    );
+    assert_eq!(session(&kv, &busy).await.0.state, SessionState::Active);
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
