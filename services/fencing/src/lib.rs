@@ -97,11 +97,12 @@ fn store_err(e: impl std::fmt::Display) -> OpError {
 
 pub struct Sessions {
     kv: kv::Store,
+    jobs: warden_shared::store::JobStore,
 }
 
 impl Sessions {
-    pub fn new(kv: kv::Store) -> Sessions {
-        Sessions { kv }
+    pub fn new(kv: kv::Store, jobs: warden_shared::store::JobStore) -> Sessions {
+        Sessions { kv, jobs }
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<(Session, u64)>, String> {
@@ -226,7 +227,32 @@ impl Sessions {
         Ok((s, rev))
     }
 
-    async fn heartbeat(&self, req: Heartbeat) -> Result<(), OpError> {
+    /// Leases the bot reports holding that are no longer its own (the job
+    /// moved to another attempt or session): it must stop them.
+    async fn stale_leases(&self, req: &Heartbeat) -> Vec<uuid::Uuid> {
+        let mut cancel = Vec::new();
+        for held in &req.leases {
+            let Ok(Some(v)) = self.jobs.get(&held.job_id).await else {
+                continue;
+            };
+            let ours = v.job.state == warden_shared::JobState::Running
+                && v.job
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.session == req.session && l.epoch == held.epoch);
+            if !ours {
+                cancel.push(held.job_id);
+            }
+        }
+        cancel
+    }
+
+    async fn heartbeat(&self, req: Heartbeat) -> Result<Vec<uuid::Uuid>, OpError> {
+        self.renew(&req).await?;
+        Ok(self.stale_leases(&req).await)
+    }
+
+    async fn renew(&self, req: &Heartbeat) -> Result<(), OpError> {
         let (mut s, rev) = self.current(&req.session).await?;
         s.last_heartbeat = Utc::now();
         let body = serde_json::to_vec(&s).map_err(store_err)?;
@@ -336,7 +362,10 @@ async fn sweep_loop(
 /// Runs the session service until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), FencingError> {
     let (client, handles) = runtime::connect_with_topology(&config, "fencing").await?;
-    let sessions = Arc::new(Sessions::new(handles.sessions.clone()));
+    let sessions = Arc::new(Sessions::new(
+        handles.sessions.clone(),
+        warden_shared::store::JobStore::new(handles.jobs.clone()),
+    ));
     let service = client
         .service_builder()
         .description("Warden bot sessions")
@@ -373,28 +402,28 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let sessions = sessions.clone();
         tokio::spawn(async move {
             let payload = req.message.payload.clone();
-            let result: Result<Option<String>, OpError> = match op {
+            let result: Result<(Option<String>, Vec<uuid::Uuid>), OpError> = match op {
                 "create" => match serde_json::from_slice::<CreateSession>(&payload) {
-                    Ok(r) => sessions.create(r).await.map(Some),
+                    Ok(r) => sessions.create(r).await.map(|n| (Some(n), Vec::new())),
                     Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
                 },
                 "heartbeat" => match serde_json::from_slice::<Heartbeat>(&payload) {
-                    Ok(r) => sessions.heartbeat(r).await.map(|_| None),
+                    Ok(r) => sessions.heartbeat(r).await.map(|c| (None, c)),
                     Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
                 },
                 _ => match serde_json::from_slice::<CloseSession>(&payload) {
-                    Ok(r) => sessions.close(r).await.map(|_| None),
+                    Ok(r) => sessions.close(r).await.map(|_| (None, Vec::new())),
                     Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
                 },
             };
             let m = metrics();
             let reply = match result {
-                Ok(session) => {
+                Ok((session, cancel)) => {
                     m.requests.with_label_values(&[op, "ok"]).inc();
                     SessionReply {
                         version: MESSAGE_VERSION,
                         session,
-                        cancel: Vec::new(),
+                        cancel,
                         error: None,
                     }
                 }

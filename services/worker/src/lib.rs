@@ -445,10 +445,22 @@ impl Agent {
         m.running.dec();
         let _ = started.await;
         let kind = match (stop, result) {
-            (Some(Stop::Fenced), _) => {
+            // The attempt is no longer ours. Its report still goes out: the
+            // scheduler rejects it by epoch (it can never change the job)
+            // and records it, which shows operators a stale bot was alive.
+            (Some(Stop::Fenced), result) => {
                 m.attempts.with_label_values(&["abandoned"]).inc();
                 info!(job.id = %lease.job_id, epoch = lease.epoch, "attempt abandoned: session no longer current");
-                return;
+                match result {
+                    Execution::Finished {
+                        outcome,
+                        duration_ms,
+                    } => ReportKind::Finished {
+                        outcome,
+                        duration_ms,
+                    },
+                    Execution::Crashed { crash, fault } => ReportKind::Crashed { crash, fault },
+                }
             }
             (Some(Stop::Shutdown), _) => {
                 m.attempts.with_label_values(&["released"]).inc();

@@ -1,0 +1,137 @@
+//! A worker SIGSTOPped mid-job past its session timeout: the job is
+//! requeued and finished by another worker; when the stopped one resumes,
+//! its late report is rejected and recorded, and it re-registers. The
+//! final state and outcome are the second worker's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use warden_e2e::{cli_ok, eventually, get_json, warden_bin, NatsServer, Warden};
+
+const CONFIG: &str = "[fencing]\nsession_timeout = \"1s\"\n";
+
+fn worker(url: &str, conf: &std::path::Path, bot: &str) -> Child {
+    Command::new(warden_bin())
+        .args(["worker", "--bot-id", bot, "--nats-url", url, "--config"])
+        .arg(conf)
+        .env("WARDEN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker")
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_worker_cannot_overwrite_the_retry() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("warden.toml");
+    std::fs::write(&conf, CONFIG).unwrap();
+    let warden = Warden::up(&url, CONFIG, 0);
+
+    let mut a = worker(&url, &conf, "zombie");
+    let id = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=2"])
+        .trim()
+        .to_string();
+    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
+    eventually(
+        Duration::from_secs(30),
+        "job RUNNING on the first worker",
+        || async {
+            let j = get_json(&job_url).await;
+            (j["state"] == "RUNNING" && j["lease"]["bot_id"] == "zombie").then_some(())
+        },
+    )
+    .await;
+    signal(&a, "-STOP");
+    let mut b = worker(&url, &conf, "healthy");
+    let done = eventually(
+        Duration::from_secs(30),
+        "job FINISHED by the second worker",
+        || async {
+            let j = get_json(&job_url).await;
+            (j["state"] == "FINISHED").then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(done["lease"]["bot_id"], "healthy");
+
+    // Resume the zombie: its attempt-1 report arrives late and is rejected.
+    signal(&a, "-CONT");
+    let job = eventually(
+        Duration::from_secs(30),
+        "the zombie's report rejected and recorded",
+        || async {
+            let j = get_json(&job_url).await;
+            let rejected = j["history"]
+                .as_array()?
+                .iter()
+                .any(|h| h["action"] == "reject_report" && h["bot_id"] == "zombie");
+            rejected.then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(job["state"], "FINISHED");
+    assert_eq!(job["outcome"], "passed");
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(
+        job["lease"]["bot_id"], "healthy",
+        "the final state is the second worker's"
+    );
+    let history = job["history"].as_array().unwrap();
+    let rejection = history
+        .iter()
+        .find(|h| h["action"] == "reject_report")
+        .unwrap();
+    assert_eq!(rejection["attempt"], 1);
+    assert!(
+        rejection["note"].as_str().unwrap().contains("stale_epoch"),
+        "{rejection}"
+    );
+    let dispatched: Vec<&str> = history
+        .iter()
+        .filter(|h| h["action"] == "dispatch")
+        .map(|h| h["bot_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(dispatched, ["zombie", "healthy"]);
+
+    // The zombie re-registers: a new active session for its bot id.
+    let (client, js) = warden_e2e::js(&url).await;
+    let kv = js
+        .get_key_value(warden_shared::subjects::SESSIONS_BUCKET)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "the zombie re-registered", || {
+        let kv = kv.clone();
+        async move {
+            let name = kv
+                .get(warden_shared::session::bot_key("zombie"))
+                .await
+                .ok()??;
+            let rec = kv
+                .get(warden_shared::session::session_key(
+                    std::str::from_utf8(&name).ok()?,
+                ))
+                .await
+                .ok()??;
+            let s: warden_shared::session::Session = serde_json::from_slice(&rec).ok()?;
+            (s.state == warden_shared::session::SessionState::Active).then_some(())
+        }
+    })
+    .await;
+    drop(client);
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
