@@ -273,11 +273,15 @@ impl Sessions {
 
     /// Marks active sessions silent for longer than `timeout` (counting
     /// from `since` at the earliest) as expired; returns (bot, session).
+    /// `None` when listing the sessions took longer than `max_listing`:
+    /// the view may be stale (the bus was away), so nothing is expired.
     async fn sweep(
         &self,
         timeout: std::time::Duration,
         since: chrono::DateTime<Utc>,
-    ) -> Result<Vec<(String, String)>, String> {
+        max_listing: std::time::Duration,
+    ) -> Result<Option<Vec<(String, String)>>, String> {
+        let started = std::time::Instant::now();
         let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
         let mut names = Vec::new();
         while let Some(k) = keys.next().await {
@@ -285,6 +289,9 @@ impl Sessions {
             if let Some(name) = k.strip_prefix("session.") {
                 names.push(name.to_string());
             }
+        }
+        if started.elapsed() > max_listing {
+            return Ok(None);
         }
         let limit = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(10));
         let now = Utc::now();
@@ -308,7 +315,7 @@ impl Sessions {
                 expired.push((s.bot_id, name));
             }
         }
-        Ok(expired)
+        Ok(Some(expired))
     }
 
     async fn close(&self, req: CloseSession) -> Result<(), OpError> {
@@ -320,41 +327,45 @@ impl Sessions {
 }
 
 /// Expires sessions silent past the timeout. The clock only counts time
-/// during which this service could see the bus: after its own start, or
-/// after a sweep failed (the bus was unreachable), every session gets a full
-/// timeout to heartbeat again, so an outage never evicts the whole fleet.
+/// during which this service could see the bus: after its own start, and
+/// after any stretch in which it was blind (disconnected, sweeps failing or
+/// stalled), every session gets a full timeout to heartbeat again, so an
+/// outage of NATS or of this service never evicts the whole fleet.
 async fn sweep_loop(
+    client: async_nats::Client,
     sessions: Arc<Sessions>,
     timeout: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let mut available_since = Utc::now();
-    let mut healthy = true;
     let period = (timeout / 4).max(std::time::Duration::from_millis(50));
+    let mut available_since = Utc::now();
+    let mut last_good = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        match sessions.sweep(timeout, available_since).await {
-            Ok(expired) => {
-                if !healthy {
-                    // The bus is back: restart every session's clock.
-                    available_since = Utc::now();
-                    healthy = true;
-                    info!("session store reachable again; grace period for every session");
-                }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        if last_good.elapsed() > period * 3 {
+            available_since = Utc::now();
+            info!(
+                blind_ms = last_good.elapsed().as_millis() as u64,
+                "bus visible again; grace period for every session"
+            );
+        }
+        match sessions.sweep(timeout, available_since, period).await {
+            Ok(Some(expired)) => {
+                last_good = std::time::Instant::now();
                 for (bot, name) in expired {
                     metrics().expired.inc();
                     warn!(bot.id = %bot, session = %name, "session expired: no heartbeat within the timeout");
                 }
             }
-            Err(e) => {
-                if healthy {
-                    warn!(error = %e, "cannot sweep sessions");
-                }
-                healthy = false;
-            }
+            // Too slow to trust: the bus may have been away meanwhile.
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot sweep sessions"),
         }
     }
 }
@@ -386,6 +397,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .await
         .map_err(FencingError::Service)?;
     tokio::spawn(sweep_loop(
+        client.clone(),
         sessions.clone(),
         config.fencing.session_timeout,
         shutdown.clone(),

@@ -228,3 +228,98 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
     shutdown.cancel();
     service.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
+    let mut nats = NatsServer::start();
+    let config = Arc::new(
+        Config::from_parts(
+            Some(&format!(
+                "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"600ms\"\n",
+                nats.url()
+            )),
+            Vec::new(),
+        )
+        .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    let (client, handles) = runtime::connect_with_topology(&config, "test")
+        .await
+        .unwrap();
+    let kv = handles.sessions.clone();
+    let name = eventually(Duration::from_secs(10), "a session", || {
+        let client = client.clone();
+        async move {
+            let req = CreateSession {
+                version: 1,
+                bot_id: "steady".into(),
+                resource: None,
+                pools: vec!["default".into()],
+                capacity: 1,
+                agent_version: String::new(),
+            };
+            let msg = client
+                .request(
+                    subjects::SESSION_CREATE,
+                    serde_json::to_vec(&req).unwrap().into(),
+                )
+                .await
+                .ok()?;
+            serde_json::from_slice::<SessionReply>(&msg.payload)
+                .ok()?
+                .session
+        }
+    })
+    .await;
+    // A well-behaved bot: heartbeats every 400 ms (inside the 600 ms
+    // timeout) and keeps trying through the outage.
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bot = {
+        let (client, name, errors) = (client.clone(), name.clone(), errors.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let hb = Heartbeat {
+                    version: 1,
+                    session: name.clone(),
+                    leases: Vec::new(),
+                };
+                let res = tokio::time::timeout(
+                    Duration::from_millis(300),
+                    client.request(
+                        subjects::SESSION_HEARTBEAT,
+                        serde_json::to_vec(&hb).unwrap().into(),
+                    ),
+                )
+                .await;
+                if let Ok(Ok(msg)) = res {
+                    if let Ok(SessionReply { error: Some(e), .. }) =
+                        serde_json::from_slice::<SessionReply>(&msg.payload)
+                    {
+                        errors.lock().unwrap().push(e.code);
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.start_again();
+    // Let the fleet come back and several sweeps run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bot.abort();
+    assert_eq!(
+        session(&kv, &name).await.0.state,
+        SessionState::Active,
+        "a healthy session was evicted by the outage"
+    );
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "heartbeats rejected after the outage: {:?}",
+        errors.lock().unwrap()
+    );
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
