@@ -45,6 +45,9 @@ pub struct Session {
     pub last_heartbeat: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<String>,
+    /// Leases the bot said it held at its last heartbeat.
+    #[serde(default)]
+    pub leases: Vec<crate::messages::HeldLease>,
 }
 
 pub fn session_key(name: &str) -> String {

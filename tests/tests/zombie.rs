@@ -83,7 +83,7 @@ async fn zombie_worker_cannot_overwrite_the_retry() {
     .await;
     assert_eq!(job["state"], "FINISHED");
     assert_eq!(job["outcome"], "passed");
-    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["attempt"], 2, "{job:#}");
     assert_eq!(
         job["lease"]["bot_id"], "healthy",
         "the final state is the second worker's"
@@ -130,6 +130,33 @@ async fn zombie_worker_cannot_overwrite_the_retry() {
     })
     .await;
     drop(client);
+
+    // Operators see it: two sessions of the zombie bot, one of them dead,
+    // and the counters the alerts read.
+    let bots: serde_json::Value =
+        serde_json::from_str(&warden_e2e::cli_ok(&url, &["bots", "--json"])).unwrap();
+    let zombie: Vec<&serde_json::Value> = bots
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["bot_id"] == "zombie")
+        .collect();
+    assert_eq!(zombie.len(), 2, "{bots}");
+    assert_eq!(zombie[0]["state"], "active", "newest first: {bots}");
+    assert_eq!(zombie[1]["state"], "expired", "{bots}");
+    let text = reqwest::get(warden.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "warden_scheduler_reports_rejected_total{reason=\"stale_epoch\"}",
+        "warden_scheduler_leases_requeued_total{reason=\"worker_lost\"}",
+        "warden_fencing_sessions{state=\"active\"}",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}");
+    }
     for c in [&mut a, &mut b] {
         let _ = c.kill();
         let _ = c.wait();

@@ -39,6 +39,7 @@ struct Metrics {
     requests: IntCounterVec,
     rejected: IntCounterVec,
     expired: prometheus::IntCounter,
+    sessions: prometheus::IntGaugeVec,
 }
 
 fn metrics() -> &'static Metrics {
@@ -61,6 +62,16 @@ fn metrics() -> &'static Metrics {
                     "Session requests rejected, by error code",
                 ),
                 &["code"],
+            )
+            .expect("valid metric"),
+        ),
+        sessions: register(
+            prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "warden_fencing_sessions",
+                    "Bot sessions on record, by state",
+                ),
+                &["state"],
             )
             .expect("valid metric"),
         ),
@@ -160,6 +171,7 @@ impl Sessions {
             created_at: now,
             last_heartbeat: now,
             superseded_by: None,
+            leases: Vec::new(),
         };
         self.put(&session).await?;
         // Point the bot at the new session by compare-and-set, so of two
@@ -255,6 +267,7 @@ impl Sessions {
     async fn renew(&self, req: &Heartbeat) -> Result<(), OpError> {
         let (mut s, rev) = self.current(&req.session).await?;
         s.last_heartbeat = Utc::now();
+        s.leases = req.leases.clone();
         let body = serde_json::to_vec(&s).map_err(store_err)?;
         // CAS: a concurrent quarantine must not be overwritten by a late
         // heartbeat of the old session.
@@ -294,12 +307,21 @@ impl Sessions {
             return Ok(None);
         }
         let limit = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(10));
+        let mut by_state: std::collections::HashMap<&'static str, i64> =
+            std::collections::HashMap::new();
         let now = Utc::now();
         let mut expired = Vec::new();
         for name in names {
             let Some((mut s, rev)) = self.get(&name).await? else {
                 continue;
             };
+            let counted =
+                if s.state == SessionState::Active && now - s.last_heartbeat.max(since) > limit {
+                    "expired"
+                } else {
+                    s.state.as_str()
+                };
+            *by_state.entry(counted).or_default() += 1;
             if s.state != SessionState::Active || now - s.last_heartbeat.max(since) <= limit {
                 continue;
             }
@@ -314,6 +336,12 @@ impl Sessions {
             {
                 expired.push((s.bot_id, name));
             }
+        }
+        for state in ["active", "quarantined", "expired", "closed"] {
+            metrics()
+                .sessions
+                .with_label_values(&[state])
+                .set(by_state.get(state).copied().unwrap_or(0));
         }
         Ok(Some(expired))
     }

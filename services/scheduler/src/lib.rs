@@ -426,29 +426,6 @@ async fn acquire(
     req: AcquireRequest,
     shutdown: &CancellationToken,
 ) -> AcquireReply {
-    // A session this replica knows to be dead gets nothing; one it has not
-    // seen yet (just created) is served: its leases are requeued if it
-    // turns out dead.
-    let dead = shared.leases().dead(&req.session);
-    if let Some(reason) = dead {
-        metrics()
-            .acquire_requests
-            .with_label_values(&["rejected"])
-            .inc();
-        let code = if reason == "session_superseded" {
-            SESSION_SUPERSEDED
-        } else {
-            UNKNOWN_SESSION
-        };
-        return AcquireReply {
-            version: MESSAGE_VERSION,
-            leases: Vec::new(),
-            error: Some(ErrorBody::new(
-                code,
-                format!("session {} is no longer current ({reason})", req.session),
-            )),
-        };
-    }
     let wait = Duration::from_millis(req.wait_ms).min(shared.config.scheduler.acquire_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let max = req.max.clamp(1, 1000) as usize;
@@ -459,6 +436,29 @@ async fn acquire(
         let notified = shared.ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // A session this replica knows to be dead gets nothing, checked on
+        // every wake-up: a long poll parked before its bot died must not
+        // take work. A session not seen yet (just created) is served; its
+        // leases are requeued if it turns out dead.
+        if let Some(reason) = shared.leases().dead(&req.session) {
+            metrics()
+                .acquire_requests
+                .with_label_values(&["rejected"])
+                .inc();
+            let code = if reason == "session_superseded" {
+                SESSION_SUPERSEDED
+            } else {
+                UNKNOWN_SESSION
+            };
+            return AcquireReply {
+                version: MESSAGE_VERSION,
+                leases,
+                error: Some(ErrorBody::new(
+                    code,
+                    format!("session {} is no longer current ({reason})", req.session),
+                )),
+            };
+        }
         let candidates = shared.queue().take(&req.pools, max - leases.len());
         if !candidates.is_empty() {
             let results = futures::future::join_all(

@@ -39,6 +39,11 @@ pub enum Command {
     Publish { subject: String, file: PathBuf },
     /// Run a worker agent (a bot) on this host
     Worker(WorkerArgs),
+    /// List bot sessions: bot id, session, resource, pools, state, leases, last heartbeat
+    Bots {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run no-op jobs end to end through a real local bus and print throughput and latency
     Bench(BenchArgs),
 }
@@ -145,6 +150,7 @@ async fn main() {
         Command::Up(args) => up::run(config, cli.nats_url.is_some(), args).await,
         Command::Job(cmd) => cli::job(&config, cmd).await,
         Command::Publish { subject, file } => cli::publish(&config, subject, file).await,
+        Command::Bots { json } => cli::bots(&config, *json).await,
         Command::Worker(args) => {
             let mut config = config;
             warden_worker::apply_overrides(
