@@ -107,8 +107,48 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
     assert_eq!(old_rec.state, SessionState::Quarantined);
     assert_eq!(old_rec.superseded_by.as_deref(), Some(new.as_str()));
     let (new_before, new_rev) = session(&kv, &new).await;
+    // A job leased to the current session: nothing the old one says moves it.
+    let jobs = warden_shared::store::JobStore::new(handles.jobs.clone());
+    let now = chrono::Utc::now();
+    let mut job = warden_shared::Job::new(
+        uuid::Uuid::new_v4(),
+        "noop".into(),
+        Default::default(),
+        "default".into(),
+        0,
+        None,
+        "test",
+        now,
+    );
+    job.state = warden_shared::JobState::Running;
+    job.attempt = 1;
+    job.lease = Some(warden_shared::job::Lease {
+        session: new.clone(),
+        bot_id: "bot-1".into(),
+        resource: None,
+        epoch: 1,
+        leased_at: now,
+        started_at: None,
+    });
+    let job_rev = jobs.create(&job).await.unwrap();
+    let claim = Heartbeat {
+        version: 1,
+        session: old.clone(),
+        leases: vec![warden_shared::messages::HeldLease {
+            job_id: job.id,
+            epoch: 1,
+        }],
+    };
+    let r = request(&client, subjects::SESSION_HEARTBEAT, &claim).await;
+    assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
     let r = heartbeat(&client, &old).await;
     assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
+    let after = jobs.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.revision, &after.job),
+        (job_rev, &job),
+        "the job is untouched"
+    );
     let (new_after, new_rev_after) = session(&kv, &new).await;
     assert_eq!(
         (new_before, new_rev),
@@ -119,6 +159,33 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
     assert_eq!(
         old_after.last_heartbeat, old_rec.last_heartbeat,
         "a rejected heartbeat renews nothing"
+    );
+
+    // The current session holding it is told nothing to cancel.
+    let mine = Heartbeat {
+        version: 1,
+        session: new.clone(),
+        leases: vec![warden_shared::messages::HeldLease {
+            job_id: job.id,
+            epoch: 1,
+        }],
+    };
+    let r = request(&client, subjects::SESSION_HEARTBEAT, &mine).await;
+    assert!(r.error.is_none() && r.cancel.is_empty(), "{r:?}");
+    // A lease for an attempt that is not current must be stopped.
+    let stale = Heartbeat {
+        version: 1,
+        session: new.clone(),
+        leases: vec![warden_shared::messages::HeldLease {
+            job_id: job.id,
+            epoch: 0,
+        }],
+    };
+    assert_eq!(
+        request(&client, subjects::SESSION_HEARTBEAT, &stale)
+            .await
+            .cancel,
+        vec![job.id]
     );
 
     // (3) Two bots with the same id and different names, both updating:
