@@ -178,3 +178,22 @@ pub async fn js(nats_url: &str) -> (async_nats::Client, async_nats::jetstream::C
     let js = async_nats::jetstream::new(client.clone());
     (client, js)
 }
+
+/// A `warden worker` process (SIGKILL or SIGSTOP it in failure tests).
+pub fn spawn_worker(nats_url: &str, config: &Path, bot_id: &str) -> Child {
+    Command::new(warden_bin())
+        .args([
+            "worker",
+            "--bot-id",
+            bot_id,
+            "--nats-url",
+            nats_url,
+            "--config",
+        ])
+        .arg(config)
+        .env("WARDEN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn warden worker")
+}

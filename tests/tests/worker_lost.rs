@@ -3,23 +3,11 @@
 //! history shows both attempts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, get_json, warden_bin, NatsServer, Warden};
+use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
 
 const CONFIG: &str = "[fencing]\nsession_timeout = \"1s\"\n";
-
-fn worker(url: &str, conf: &std::path::Path, bot: &str) -> Child {
-    Command::new(warden_bin())
-        .args(["worker", "--bot-id", bot, "--nats-url", url, "--config"])
-        .arg(conf)
-        .env("WARDEN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn worker")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_job_is_requeued_and_finished_elsewhere() {
@@ -30,7 +18,7 @@ async fn killed_worker_job_is_requeued_and_finished_elsewhere() {
     std::fs::write(&conf, CONFIG).unwrap();
     let warden = Warden::up(&url, CONFIG, 0);
 
-    let mut a = worker(&url, &conf, "bot-a");
+    let mut a = warden_e2e::spawn_worker(&url, &conf, "bot-a");
     let id = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=3"])
         .trim()
         .to_string();
@@ -43,7 +31,7 @@ async fn killed_worker_job_is_requeued_and_finished_elsewhere() {
     a.kill().unwrap();
     a.wait().unwrap();
 
-    let mut b = worker(&url, &conf, "bot-b");
+    let mut b = warden_e2e::spawn_worker(&url, &conf, "bot-b");
     let job = eventually(Duration::from_secs(30), "job FINISHED on bot-b", || async {
         let j = get_json(&job_url).await;
         (j["state"] == "FINISHED").then_some(j)

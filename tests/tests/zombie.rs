@@ -4,23 +4,12 @@
 //! final state and outcome are the second worker's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, get_json, warden_bin, NatsServer, Warden};
+use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
 
 const CONFIG: &str = "[fencing]\nsession_timeout = \"1s\"\n";
-
-fn worker(url: &str, conf: &std::path::Path, bot: &str) -> Child {
-    Command::new(warden_bin())
-        .args(["worker", "--bot-id", bot, "--nats-url", url, "--config"])
-        .arg(conf)
-        .env("WARDEN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn worker")
-}
 
 fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill")
@@ -39,7 +28,7 @@ async fn zombie_worker_cannot_overwrite_the_retry() {
     std::fs::write(&conf, CONFIG).unwrap();
     let warden = Warden::up(&url, CONFIG, 0);
 
-    let mut a = worker(&url, &conf, "zombie");
+    let mut a = warden_e2e::spawn_worker(&url, &conf, "zombie");
     let id = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=2"])
         .trim()
         .to_string();
@@ -54,7 +43,7 @@ async fn zombie_worker_cannot_overwrite_the_retry() {
     )
     .await;
     signal(&a, "-STOP");
-    let mut b = worker(&url, &conf, "healthy");
+    let mut b = warden_e2e::spawn_worker(&url, &conf, "healthy");
     let done = eventually(
         Duration::from_secs(30),
         "job FINISHED by the second worker",

@@ -60,32 +60,68 @@ async fn session(kv: &async_nats::jetstream::kv::Store, name: &str) -> (Session,
     (serde_json::from_slice(&e.value).unwrap(), e.revision)
 }
 
+const TIMEOUT_600MS: &str = "[fencing]\nsession_timeout = \"600ms\"\n";
+
+/// A fencing service on `nats` plus a client, ready to answer.
+struct Fixture {
+    config: Arc<Config>,
+    client: async_nats::Client,
+    handles: warden_shared::subjects::Handles,
+    shutdown: CancellationToken,
+    service: Option<tokio::task::JoinHandle<Result<(), warden_fencing::FencingError>>>,
+}
+
+impl Fixture {
+    /// `extra` is TOML appended to the config (e.g. a short timeout).
+    async fn start(nats: &NatsServer, extra: &str) -> Fixture {
+        let text = format!("[nats]\nurl = \"{}\"\n{extra}", nats.url());
+        let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
+        let (client, handles) = runtime::connect_with_topology(&config, "test")
+            .await
+            .unwrap();
+        let mut f = Fixture {
+            config,
+            client,
+            handles,
+            shutdown: CancellationToken::new(),
+            service: None,
+        };
+        f.start_service().await;
+        f
+    }
+
+    async fn start_service(&mut self) {
+        self.shutdown = CancellationToken::new();
+        self.service = Some(tokio::spawn(warden_fencing::run(
+            self.config.clone(),
+            self.shutdown.clone(),
+        )));
+        eventually(Duration::from_secs(10), "fencing service answers", || {
+            let client = self.client.clone();
+            async move {
+                client
+                    .request(subjects::SESSION_HEARTBEAT, "{}".into())
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+
+    async fn stop_service(&mut self) {
+        self.shutdown.cancel();
+        if let Some(s) = self.service.take() {
+            s.await.unwrap().unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
     let nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())),
-            Vec::new(),
-        )
-        .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
+    let mut f = Fixture::start(&nats, "").await;
+    let (client, handles) = (f.client.clone(), f.handles.clone());
     let kv = handles.sessions.clone();
-    eventually(Duration::from_secs(10), "fencing service answers", || {
-        let client = client.clone();
-        async move {
-            client
-                .request(subjects::SESSION_HEARTBEAT, "{}".into())
-                .await
-                .ok()
-        }
-    })
-    .await;
 
     // (1) A bot that never registered.
     let r = heartbeat(&client, "no-such-session").await;
@@ -199,53 +235,15 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
     }
 
-    shutdown.cancel();
-    service.await.unwrap().unwrap();
+    f.stop_service().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
     let nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!(
-                "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"600ms\"\n",
-                nats.url()
-            )),
-            Vec::new(),
-        )
-        .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
-    let kv = handles.sessions.clone();
-    let quiet = eventually(Duration::from_secs(10), "a session", || {
-        let client = client.clone();
-        async move {
-            let req = CreateSession {
-                version: 1,
-                bot_id: "quiet".into(),
-                resource: None,
-                pools: vec!["default".into()],
-                capacity: 1,
-                agent_version: String::new(),
-            };
-            let msg = client
-                .request(
-                    subjects::SESSION_CREATE,
-                    serde_json::to_vec(&req).unwrap().into(),
-                )
-                .await
-                .ok()?;
-            serde_json::from_slice::<SessionReply>(&msg.payload)
-                .ok()?
-                .session
-        }
-    })
-    .await;
+    let mut f = Fixture::start(&nats, TIMEOUT_600MS).await;
+    let (client, kv) = (f.client.clone(), f.handles.sessions.clone());
+    let quiet = create(&client, "quiet").await;
     // Silent: expires after the timeout.
     eventually(Duration::from_secs(10), "the silent session expired", || {
         let kv = kv.clone();
@@ -259,11 +257,9 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
     // timeout to heartbeat again and is not expired.
     let busy = create(&client, "busy").await;
     assert!(heartbeat(&client, &busy).await.error.is_none());
-    shutdown.cancel();
-    service.await.unwrap().unwrap();
+    f.stop_service().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    f.start_service().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = eventually(Duration::from_secs(5), "heartbeat after restart", || {
         let client = client.clone();
@@ -292,53 +288,15 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
         r.error
     );
     assert_eq!(session(&kv, &busy).await.0.state, SessionState::Active);
-    shutdown.cancel();
-    service.await.unwrap().unwrap();
+    f.stop_service().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
     let mut nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!(
-                "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"600ms\"\n",
-                nats.url()
-            )),
-            Vec::new(),
-        )
-        .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
-    let kv = handles.sessions.clone();
-    let name = eventually(Duration::from_secs(10), "a session", || {
-        let client = client.clone();
-        async move {
-            let req = CreateSession {
-                version: 1,
-                bot_id: "steady".into(),
-                resource: None,
-                pools: vec!["default".into()],
-                capacity: 1,
-                agent_version: String::new(),
-            };
-            let msg = client
-                .request(
-                    subjects::SESSION_CREATE,
-                    serde_json::to_vec(&req).unwrap().into(),
-                )
-                .await
-                .ok()?;
-            serde_json::from_slice::<SessionReply>(&msg.payload)
-                .ok()?
-                .session
-        }
-    })
-    .await;
+    let mut f = Fixture::start(&nats, TIMEOUT_600MS).await;
+    let (client, kv) = (f.client.clone(), f.handles.sessions.clone());
+    let name = create(&client, "steady").await;
     // A well-behaved bot: heartbeats every 400 ms (inside the 600 ms
     // timeout) and keeps trying through the outage.
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -387,6 +345,5 @@ async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
         "heartbeats rejected after the outage: {:?}",
         errors.lock().unwrap()
     );
-    shutdown.cancel();
-    service.await.unwrap().unwrap();
+    f.stop_service().await;
 }
