@@ -133,16 +133,7 @@ async fn phase(
         .map(|_| {
             let (store, submitted) = (store.clone(), submitted.clone());
             async move {
-                let job = Job::new(
-                    Uuid::new_v4(),
-                    "noop".into(),
-                    BTreeMap::new(),
-                    "default".into(),
-                    0,
-                    None,
-                    "bench",
-                    Utc::now(),
-                );
+                let job = noop_job();
                 submitted
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -181,16 +172,7 @@ async fn phase(
     let mut seq = Vec::with_capacity(m);
     let seq_start = Instant::now();
     for _ in 0..m {
-        let job = Job::new(
-            Uuid::new_v4(),
-            "noop".into(),
-            BTreeMap::new(),
-            "default".into(),
-            0,
-            None,
-            "bench",
-            Utc::now(),
-        );
+        let job = noop_job();
         let t0 = Instant::now();
         submitted
             .lock()
@@ -227,6 +209,20 @@ async fn phase(
         bail!("{not_finished} sampled jobs did not end FINISHED");
     }
     Ok(())
+}
+
+/// A fresh job for the built-in `noop` task in pool `default`.
+fn noop_job() -> Job {
+    Job::new(
+        Uuid::new_v4(),
+        "noop".into(),
+        BTreeMap::new(),
+        "default".into(),
+        0,
+        None,
+        "bench",
+        Utc::now(),
+    )
 }
 
 async fn wait_all(
