@@ -181,8 +181,11 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-/// What is needed to create a job; ids are assigned by [`Job::new`].
+/// What is needed to create a job (the API's create body); ids are
+/// assigned by [`Job::new`]. Unknown fields are rejected: a misspelt option
+/// silently ignored would create something other than what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewJob {
     pub task: String,
     #[serde(default)]

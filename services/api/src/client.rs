@@ -12,7 +12,7 @@ use warden_shared::job::NewJob;
 use warden_shared::messages::ErrorBody;
 use warden_shared::{subjects, Job};
 
-use crate::types::{ApiReply, CreateJob, GetRequest, ListQuery, ListReply};
+use crate::types::{ApiReply, GetRequest, ListQuery, ListReply};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -63,8 +63,7 @@ impl ApiClient {
     }
 
     pub async fn create(&self, job: NewJob) -> Result<Job, ClientError> {
-        self.call(subjects::API_JOB_CREATE, &CreateJob::from(job))
-            .await
+        self.call(subjects::API_JOB_CREATE, &job).await
     }
 
     /// The job with its history; `None` if there is no such job.

@@ -16,7 +16,8 @@ use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CreateJob, ErrorReply, ListQuery};
+use crate::types::{ErrorReply, ListQuery};
+use warden_shared::job::NewJob;
 
 impl IntoResponse for OpError {
     fn into_response(self) -> Response {
@@ -45,7 +46,7 @@ async fn create_job(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpError> {
     let body = body.map_err(body_rejection)?;
-    let req: CreateJob = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
+    let req: NewJob = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
     let job = ops.create(req).await?;
     Ok((StatusCode::CREATED, Json(job)).into_response())
 }

@@ -33,7 +33,7 @@ use warden_shared::store::JobStore;
 use warden_shared::Config;
 
 pub use client::{ApiClient, ClientError};
-pub use types::{ApiReply, CreateJob, ErrorReply, GetRequest, ListQuery, ListReply};
+pub use types::{ApiReply, ErrorReply, GetRequest, ListQuery, ListReply};
 
 /// How long in-flight requests may take to finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

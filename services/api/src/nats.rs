@@ -17,7 +17,8 @@ use warden_shared::subjects;
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CreateJob, ErrorReply, ListQuery};
+use crate::types::{ErrorReply, ListQuery};
+use warden_shared::job::NewJob;
 
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
@@ -134,7 +135,7 @@ async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, 
     }
     match endpoint {
         Endpoint::Create => {
-            let req: CreateJob = decode(payload)?;
+            let req: NewJob = decode(payload)?;
             encode(&ops.create(req).await?)
         }
         Endpoint::Get => {

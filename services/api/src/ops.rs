@@ -13,7 +13,8 @@ use warden_shared::store::{JobStore, StoreError};
 use warden_shared::{Config, Job, JobState};
 
 use crate::index::{Filter, SharedIndex};
-use crate::types::{CreateJob, ListQuery, ListReply, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::types::{ListQuery, ListReply, DEFAULT_LIMIT, MAX_LIMIT};
+use warden_shared::job::NewJob;
 
 /// Who the history names as the creator of jobs made through the API.
 pub const ACTOR: &str = "api";
@@ -111,7 +112,7 @@ impl Ops {
         }
     }
 
-    pub async fn create(&self, req: CreateJob) -> Result<Job, OpError> {
+    pub async fn create(&self, req: NewJob) -> Result<Job, OpError> {
         let Some(task) = self.config.tasks.get(&req.task) else {
             let known: Vec<&str> = self.config.tasks.keys().map(String::as_str).collect();
             return Err(OpError::bad_request(

@@ -4,11 +4,8 @@
 //! silently ignored would return (or create) something other than what the
 //! caller asked for.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use warden_shared::job::NewJob;
 use warden_shared::messages::ErrorBody;
 use warden_shared::JobSummary;
 
@@ -16,43 +13,6 @@ use warden_shared::JobSummary;
 pub const DEFAULT_LIMIT: usize = 100;
 /// The most jobs one search returns; larger limits are lowered to this.
 pub const MAX_LIMIT: usize = 1000;
-
-/// Body of `POST /api/v1/jobs` and of the job.create endpoint: the shared
-/// [`NewJob`] with unknown fields rejected (`NewJob` itself is lenient, as
-/// bus messages must be).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateJob {
-    pub task: String,
-    #[serde(default)]
-    pub args: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub priority: Option<i32>,
-}
-
-impl From<NewJob> for CreateJob {
-    fn from(n: NewJob) -> Self {
-        CreateJob {
-            task: n.task,
-            args: n.args,
-            pool: n.pool,
-            priority: n.priority,
-        }
-    }
-}
-
-impl From<CreateJob> for NewJob {
-    fn from(c: CreateJob) -> Self {
-        NewJob {
-            task: c.task,
-            args: c.args,
-            pool: c.pool,
-            priority: c.priority,
-        }
-    }
-}
 
 /// Body of the job.get endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
