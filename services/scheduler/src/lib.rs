@@ -266,24 +266,25 @@ async fn sessions_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: Canc
             let Ok(session) = serde_json::from_slice::<Session>(&entry.value) else {
                 continue;
             };
-            let doomed: Vec<Uuid> = {
+            let (reason, doomed) = {
                 let mut l = shared.leases();
                 l.states.insert(session.name.clone(), session.state);
-                match l.dead(&session.name) {
+                let reason = l.dead(&session.name);
+                let doomed: Vec<Uuid> = match reason {
                     Some(_) => l
                         .by_session
                         .get(&session.name)
                         .map(|s| s.iter().copied().collect())
                         .unwrap_or_default(),
                     None => Vec::new(),
-                }
+                };
+                (reason, doomed)
             };
-            if let Some(reason) = shared.leases().dead(&session.name) {
-                for id in doomed {
-                    let shared = shared.clone();
-                    let name = session.name.clone();
-                    tracker.spawn(async move { requeue(&shared, id, &name, reason).await });
-                }
+            let Some(reason) = reason else { continue };
+            for id in doomed {
+                let shared = shared.clone();
+                let name = session.name.clone();
+                tracker.spawn(async move { requeue(&shared, id, &name, reason).await });
             }
         }
     }
