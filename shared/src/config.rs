@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::retry::{RetryOverride, RetryPolicy};
 use crate::subjects::Topology;
 use crate::template::Template;
 
@@ -177,6 +178,9 @@ pub struct TaskConfig {
     /// Who is told when the task is to blame.
     #[serde(default)]
     pub owners: Vec<String>,
+    /// This task's changes to `[retry]`.
+    #[serde(default)]
+    pub retry: RetryOverride,
 }
 
 impl TaskConfig {
@@ -196,6 +200,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub fencing: FencingConfig,
     pub worker: WorkerConfig,
+    pub retry: RetryPolicy,
     pub tasks: BTreeMap<String, TaskConfig>,
 }
 
@@ -229,6 +234,7 @@ const SECTIONS: &[&str] = &[
     "scheduler",
     "fencing",
     "worker",
+    "retry",
 ];
 
 /// Keys that are optional (absent from the defaults) but may still be set
@@ -313,6 +319,7 @@ impl Config {
         let scheduler = section::<SchedulerConfig>(&merged, "scheduler", &mut problems);
         let fencing = section::<FencingConfig>(&merged, "fencing", &mut problems);
         let worker = section::<WorkerConfig>(&merged, "worker", &mut problems);
+        let retry = section::<RetryPolicy>(&merged, "retry", &mut problems);
         let tasks = section::<BTreeMap<String, TaskConfig>>(&merged, "tasks", &mut problems);
 
         let (
@@ -324,9 +331,10 @@ impl Config {
             Some(scheduler),
             Some(fencing),
             Some(worker),
+            Some(retry),
             Some(tasks),
         ) = (
-            nats, http, metrics, storage, trigger, scheduler, fencing, worker, tasks,
+            nats, http, metrics, storage, trigger, scheduler, fencing, worker, retry, tasks,
         )
         else {
             return Err(ConfigError::Invalid(problems));
@@ -340,6 +348,7 @@ impl Config {
             scheduler,
             fencing,
             worker,
+            retry,
             tasks,
         };
         problems.extend(config.problems());
@@ -468,8 +477,14 @@ impl Config {
         if w.acquire_wait.is_zero() {
             p.push("worker.acquire_wait: must be positive".into());
         }
+        p.extend(self.retry.problems("retry"));
         for (name, task) in &self.tasks {
             let at = format!("tasks.{name}");
+            p.extend(
+                self.retry
+                    .with(&task.retry)
+                    .problems(&format!("{at}.retry")),
+            );
             if !valid_task_name(name) {
                 p.push(format!(
                     "{at}: task names are letters, digits, '-', '_' and '.'"
@@ -491,6 +506,16 @@ impl Config {
             }
         }
         p
+    }
+
+    /// The retry policy of `task`: `[retry]` with the task's overrides.
+    /// An unknown task (its config was removed while jobs waited) gets
+    /// `[retry]` alone.
+    pub fn retry_policy(&self, task: &str) -> RetryPolicy {
+        match self.tasks.get(task) {
+            Some(t) => self.retry.with(&t.retry),
+            None => self.retry.clone(),
+        }
     }
 
     pub fn topology(&self) -> Topology {
@@ -616,6 +641,13 @@ fn apply_env(
                 Ok(n) => toml::Value::Integer(n),
                 Err(_) => {
                     problems.push(format!("{var}: {raw:?} is not an integer"));
+                    continue;
+                }
+            },
+            Some(toml::Value::Float(_)) => match raw.trim().parse::<f64>() {
+                Ok(x) => toml::Value::Float(x),
+                Err(_) => {
+                    problems.push(format!("{var}: {raw:?} is not a number"));
                     continue;
                 }
             },

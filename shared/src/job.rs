@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::state::{Action, JobState};
+use crate::state::{transition, Action, IllegalTransition, JobState};
 
 /// Version of the job record schema written by this build.
 pub const JOB_VERSION: u32 = 1;
@@ -175,16 +175,39 @@ pub struct Job {
     pub history: Vec<HistoryEntry>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub history_dropped: u32,
+    /// Whether the retry policy may retry this job (`false`: it opted out
+    /// at submission).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub retry: bool,
+    /// The job's own attempt limit, over its task's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The attempt number the current budget started after: attempts used
+    /// are `attempt - budget_from`. A person's retry sets it to `attempt`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub budget_from: u32,
+    /// Distinct bots whose loss (worker gone, resource broken) ended an
+    /// attempt of this job in the current budget: the poison count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_workers: Vec<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// What is needed to create a job (the API's create body); ids are
 /// assigned by [`Job::new`]. Unknown fields are rejected: a misspelt option
 /// silently ignored would create something other than what was asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewJob {
     pub task: String,
@@ -194,6 +217,13 @@ pub struct NewJob {
     pub pool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
+    /// `false`: never retry this job automatically, whatever the failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<bool>,
+    /// Attempts this job may use before it is shelved, over its task's
+    /// `retry.max_attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 impl Job {
@@ -233,6 +263,10 @@ impl Job {
             updated_at: now,
             history: Vec::new(),
             history_dropped: 0,
+            retry: true,
+            max_attempts: None,
+            budget_from: 0,
+            lost_workers: Vec::new(),
         };
         job.push_history(HistoryEntry {
             at: now,
@@ -261,6 +295,66 @@ impl Job {
             self.history_dropped += 1;
         }
         self.history.push(entry);
+    }
+
+    /// A person's retry: a SHELVED, CRASHED or CANCELLED job goes back to
+    /// SCHEDULED at once with a fresh attempt budget and poison count. The
+    /// last failure's blame and detail stay until the next dispatch.
+    pub fn retry_by(&mut self, actor: &str, now: DateTime<Utc>) -> Result<(), IllegalTransition> {
+        let from = self.state;
+        let to = transition(from, Action::Retry)?;
+        self.state = to;
+        self.lease = None;
+        self.not_before = None;
+        self.queued_at = now;
+        self.updated_at = now;
+        self.budget_from = self.attempt;
+        self.lost_workers.clear();
+        self.push_history(HistoryEntry {
+            at: now,
+            action: Action::Retry,
+            attempt: self.attempt,
+            from: Some(from),
+            to: Some(to),
+            actor: actor.to_string(),
+            bot_id: None,
+            resource: None,
+            note: Some("retried by hand with a fresh attempt budget".into()),
+        });
+        Ok(())
+    }
+
+    /// Stops a SCHEDULED or RUNNING job. A running attempt keeps its lease
+    /// on the record so its worker is told to stop (at its next heartbeat)
+    /// and its late report is recognised as the cancelled attempt's.
+    pub fn cancel_by(
+        &mut self,
+        actor: &str,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), IllegalTransition> {
+        let from = self.state;
+        let to = transition(from, Action::Cancel)?;
+        self.state = to;
+        self.not_before = None;
+        self.updated_at = now;
+        let bot_id = self.lease.as_ref().map(|l| l.bot_id.clone());
+        self.push_history(HistoryEntry {
+            at: now,
+            action: Action::Cancel,
+            attempt: self.attempt,
+            from: Some(from),
+            to: Some(to),
+            actor: actor.to_string(),
+            bot_id: if from == JobState::Running {
+                bot_id
+            } else {
+                None
+            },
+            resource: None,
+            note: reason.map(str::to_string),
+        });
+        Ok(())
     }
 
     pub fn key(&self) -> String {
@@ -389,6 +483,64 @@ mod tests {
         assert_eq!(job.history_dropped, 51); // 1 creation + 250 pushes - 200 kept
                                              // The creation entry survives: only rejected reports were dropped.
         assert_eq!(job.history[0].action, Action::Create);
+    }
+
+    #[test]
+    fn retry_by_hand_gives_a_fresh_budget_and_cancel_keeps_the_lease() {
+        let now = Utc::now();
+        let mut j = Job::new(
+            Uuid::new_v4(),
+            "t".into(),
+            BTreeMap::new(),
+            "p".into(),
+            0,
+            None,
+            "api",
+            now,
+        );
+        assert!(
+            j.retry_by("alice", now).is_err(),
+            "a SCHEDULED job is not retried"
+        );
+        j.state = JobState::Shelved;
+        j.attempt = 4;
+        j.lost_workers = vec!["a".into(), "b".into()];
+        j.not_before = Some(now);
+        j.retry_by("alice", now).expect("shelved jobs retry");
+        assert_eq!(
+            (j.state, j.budget_from, j.lost_workers.len(), j.not_before),
+            (JobState::Scheduled, 4, 0, None)
+        );
+        j.cancel_by("bob", Some("not needed"), now).expect("cancel");
+        assert_eq!(j.state, JobState::Cancelled);
+        let last = j.history.last().expect("entry");
+        assert_eq!(
+            (last.action, last.actor.as_str(), last.note.as_deref()),
+            (Action::Cancel, "bob", Some("not needed"))
+        );
+        assert!(j.cancel_by("bob", None, now).is_err(), "cancelled twice");
+    }
+
+    #[test]
+    fn old_records_read_with_retry_on() {
+        let now = Utc::now();
+        let j = Job::new(
+            Uuid::new_v4(),
+            "t".into(),
+            BTreeMap::new(),
+            "p".into(),
+            0,
+            None,
+            "api",
+            now,
+        );
+        let text = serde_json::to_string(&j).expect("json");
+        assert!(
+            !text.contains("\"retry\""),
+            "defaults are not written: {text}"
+        );
+        let back: Job = serde_json::from_str(&text).expect("parse");
+        assert!(back.retry);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod job;
 pub mod messages;
 pub mod metrics;
+pub mod retry;
 pub mod runtime;
 pub mod session;
 pub mod state;

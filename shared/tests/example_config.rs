@@ -87,6 +87,7 @@ fn example_config_documents_every_default_key() {
         "\ntimeout = ",
         "\nenv = ",
         "\nowners = ",
+        "\nretry = {",
     ] {
         if !text.contains(needle) {
             missing.push(needle.trim().to_string());

@@ -141,8 +141,14 @@ impl Ops {
             None => task.pool.clone(),
         };
         let priority = req.priority.unwrap_or(task.priority);
+        if req.max_attempts == Some(0) {
+            return Err(OpError::bad_request(
+                "invalid_max_attempts",
+                "max_attempts must be at least 1",
+            ));
+        }
         self.bus_up()?;
-        let job = Job::new(
+        let mut job = Job::new(
             Uuid::new_v4(),
             req.task,
             req.args,
@@ -152,6 +158,8 @@ impl Ops {
             ACTOR,
             Utc::now(),
         );
+        job.retry = req.retry.unwrap_or(true);
+        job.max_attempts = req.max_attempts;
         self.store.create(&job).await.map_err(OpError::from_store)?;
         tracing::info!(job.id = %job.id, task = %job.task, pool = %job.pool, "job created");
         Ok(job)

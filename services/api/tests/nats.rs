@@ -15,8 +15,7 @@ fn new_job(task: &str) -> NewJob {
     NewJob {
         task: task.into(),
         args: BTreeMap::from([("seconds".to_string(), "1".to_string())]),
-        pool: None,
-        priority: None,
+        ..Default::default()
     }
 }
 

@@ -57,6 +57,7 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
                     args: map,
                     pool: pool.clone(),
                     priority: *priority,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|e| anyhow!("cannot submit job: {e}"))?;
