@@ -385,6 +385,7 @@ mod tests {
             timeout: None,
             env: BTreeMap::new(),
             owners: Vec::new(),
+            retry: Default::default(),
         }
     }
 
