@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
 
-const CONFIG: &str = "[fencing]\nsession_timeout = \"1s\"\n";
+const CONFIG: &str = "[fencing]\nsession_timeout = \"1s\"\n[retry]\ninitial_delay = \"200ms\"\n";
 
 fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill")

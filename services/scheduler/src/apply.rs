@@ -21,13 +21,17 @@ pub enum RejectReason {
     WrongSession,
     /// The job's state does not allow this report (e.g. FINISHED already).
     IllegalTransition,
+    /// The attempt is current but its lease was taken back (the worker was
+    /// declared lost and the job requeued or shelved): a zombie reports.
+    LeaseLost,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 4] = [
         RejectReason::StaleEpoch,
         RejectReason::WrongSession,
         RejectReason::IllegalTransition,
+        RejectReason::LeaseLost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +39,7 @@ impl RejectReason {
             RejectReason::StaleEpoch => "stale_epoch",
             RejectReason::WrongSession => "wrong_session",
             RejectReason::IllegalTransition => "illegal_transition",
+            RejectReason::LeaseLost => "lease_lost",
         }
     }
 }
@@ -47,6 +52,9 @@ pub enum Decision {
     Duplicate,
     /// Not applied; record it in the history with this reason.
     Reject(RejectReason),
+    /// The cancelled attempt's own worker reporting how the stopped task
+    /// ended: expected, recorded in the history, not a rejection.
+    AfterCancel,
 }
 
 fn truncate_tail(s: &str, max: usize) -> String {
@@ -68,23 +76,36 @@ fn bounded(mut crash: CrashInfo) -> CrashInfo {
     crash
 }
 
-/// Was this report already applied to `job`?
+/// Was this report already applied to `job`? Judged from the history, as
+/// the state may have moved on since (a crash already retried by policy).
 fn already_applied(job: &Job, r: &Report) -> bool {
-    let same_lease = job
-        .lease
-        .as_ref()
-        .is_some_and(|l| l.epoch == r.epoch && l.session == r.session);
-    match &r.kind {
-        ReportKind::Started { .. } => {
-            same_lease && job.lease.as_ref().is_some_and(|l| l.started_at.is_some())
-        }
-        ReportKind::Finished { .. } => same_lease && job.state == JobState::Finished,
-        ReportKind::Crashed { .. } => same_lease && job.state == JobState::Crashed,
-        // A release clears the lease; the attempt number stays.
-        ReportKind::Released { .. } => {
-            job.lease.is_none() && job.attempt == r.epoch && job.state == JobState::Scheduled
-        }
+    let action = match &r.kind {
+        ReportKind::Started { .. } => Action::Start,
+        ReportKind::Finished { .. } => Action::Finish,
+        ReportKind::Crashed { .. } => Action::Crash,
+        ReportKind::Released { .. } => Action::Requeue,
+    };
+    // A release the scheduler beat to it (the session closed first).
+    if matches!(r.kind, ReportKind::Released { .. })
+        && job.lease.is_none()
+        && job.attempt == r.epoch
+        && job.state == JobState::Scheduled
+    {
+        return true;
     }
+    job.history.iter().rev().any(|e| {
+        e.attempt == r.epoch
+            && e.actor == r.session
+            && (e.action == action
+                || (e.action == Action::RejectReport
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with(&after_cancel_prefix(r)))))
+    })
+}
+
+fn after_cancel_prefix(r: &Report) -> String {
+    format!("{} report after cancel", r.kind.name())
 }
 
 pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
@@ -95,8 +116,14 @@ pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
         return Decision::Reject(RejectReason::StaleEpoch);
     }
     let Some(lease) = job.lease.as_ref() else {
-        return Decision::Reject(RejectReason::IllegalTransition);
+        return Decision::Reject(match job.state {
+            JobState::Scheduled | JobState::Shelved | JobState::Crashed => RejectReason::LeaseLost,
+            _ => RejectReason::IllegalTransition,
+        });
     };
+    if job.state == JobState::Cancelled && lease.session == r.session {
+        return Decision::AfterCancel;
+    }
     if lease.session != r.session {
         return Decision::Reject(RejectReason::WrongSession);
     }
@@ -171,6 +198,30 @@ pub fn describe(c: &CrashInfo) -> String {
         (Some(code), None) => format!("exited with code {code} after {} ms", c.duration_ms),
         (None, None) => "crashed without an exit status".to_string(),
     }
+}
+
+/// The job with the cancelled attempt's late report recorded.
+pub fn record_after_cancel(job: &Job, r: &Report, now: DateTime<Utc>) -> Job {
+    let mut next = job.clone();
+    let how = match &r.kind {
+        ReportKind::Finished { outcome, .. } => format!("outcome {outcome}"),
+        ReportKind::Crashed { crash, .. } => describe(crash),
+        ReportKind::Started { .. } => "started".into(),
+        ReportKind::Released { reason } => format!("released: {reason}"),
+    };
+    next.push_history(HistoryEntry {
+        at: now,
+        action: Action::RejectReport,
+        attempt: r.epoch,
+        from: None,
+        to: None,
+        actor: r.session.clone(),
+        bot_id: Some(r.bot_id.clone()),
+        resource: None,
+        note: Some(format!("{}: {how}", after_cancel_prefix(r))),
+    });
+    next.updated_at = now;
+    next
 }
 
 /// The job with a rejected report recorded (no state change).
@@ -401,6 +452,62 @@ mod tests {
             (JobState::Scheduled, true, 1)
         );
         assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    fn crash_report(job: &Job, epoch: u32, session: &str) -> Report {
+        report(
+            job,
+            epoch,
+            session,
+            ReportKind::Crashed {
+                crash: CrashInfo::default(),
+                fault: Some(Fault {
+                    blame: Blame::ThirdParty,
+                    detail: "network".into(),
+                    description: "mirror down".into(),
+                }),
+            },
+        )
+    }
+
+    #[test]
+    fn redelivered_crash_after_a_policy_retry_is_a_duplicate() {
+        let j = running(1, "s1");
+        let r = crash_report(&j, 1, "s1");
+        let Decision::Apply(mut n) = decide(&j, &r, Utc::now()) else {
+            panic!()
+        };
+        // The retry policy moved it on in the same write.
+        n.state = JobState::Scheduled;
+        n.lease = None;
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    #[test]
+    fn zombie_report_after_its_lease_was_taken_back_is_lease_lost() {
+        let mut j = running(1, "s1");
+        j.state = JobState::Scheduled;
+        j.lease = None;
+        assert_eq!(
+            decide(&j, &report(&j, 1, "s1", finished()), Utc::now()),
+            Decision::Reject(RejectReason::LeaseLost)
+        );
+    }
+
+    #[test]
+    fn cancelled_attempts_report_is_recorded_once_and_not_a_rejection() {
+        let mut j = running(1, "s1");
+        j.cancel_by("api", None, Utc::now()).expect("cancel");
+        let r = crash_report(&j, 1, "s1");
+        assert_eq!(decide(&j, &r, Utc::now()), Decision::AfterCancel);
+        let n = record_after_cancel(&j, &r, Utc::now());
+        assert_eq!(n.state, JobState::Cancelled);
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+        // Another session's report for it is still a rejection.
+        assert_eq!(
+            decide(&n, &crash_report(&n, 1, "s9"), Utc::now()),
+            Decision::Reject(RejectReason::WrongSession)
+        );
     }
 
     #[test]

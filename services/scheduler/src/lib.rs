@@ -30,13 +30,14 @@ use warden_shared::job::{HistoryEntry, Lease};
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, DeadLetter, ErrorBody, LeaseGrant, Report, MESSAGE_VERSION,
 };
+use warden_shared::retry::{self, Fate, Loss};
 use warden_shared::runtime;
 use warden_shared::session::{Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::state::{transition, Action};
 use warden_shared::store::{self, JobStore, StoreError, Versioned};
 use warden_shared::{subjects, Config, JobState};
 
-use crate::apply::{decide, record_rejection, Decision};
+use crate::apply::{decide, record_after_cancel, record_rejection, Decision};
 use crate::metrics::metrics;
 use crate::queue::Queue;
 
@@ -290,10 +291,18 @@ async fn sessions_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: Canc
     }
 }
 
-/// RUNNING → SCHEDULED for an attempt whose session is gone. Several
-/// replicas may try; compare-and-set lets one win, the others see the job
-/// moved on and stop.
+/// Takes a dead session's lease back. A lost worker (expired, or replaced
+/// by its own restart) ends the attempt as `system/worker_lost` under the
+/// retry policy: a delayed retry, or SHELVED (budget spent, or poison). A
+/// closed session's lease goes straight back to the queue, costing
+/// nothing. Several replicas may try; compare-and-set lets one win, the
+/// others see the job moved on and stop.
 async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str) {
+    let loss = match reason {
+        "worker_lost" => Some(Loss::WorkerLost),
+        "session_superseded" => Some(Loss::SessionSuperseded),
+        _ => None,
+    };
     for _ in 0..8 {
         let Ok(Some(current)) = shared.store.get(&id).await else {
             return;
@@ -304,34 +313,53 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
         {
             return;
         }
-        let Ok(to) = transition(job.state, Action::Requeue) else {
-            return;
-        };
         let now = Utc::now();
         let mut next = job.clone();
-        let lease = next.lease.take();
-        next.state = to;
-        next.queued_at = now;
         next.updated_at = now;
-        next.push_history(HistoryEntry {
-            at: now,
-            action: Action::Requeue,
-            attempt: job.attempt,
-            from: Some(JobState::Running),
-            to: Some(to),
-            actor: "scheduler".into(),
-            bot_id: lease.as_ref().map(|l| l.bot_id.clone()),
-            resource: lease.as_ref().and_then(|l| l.resource.clone()),
-            note: Some(format!("{reason}: session {session} is no longer current")),
-        });
+        let fate = match loss {
+            Some(loss) => {
+                let policy = shared.config.retry_policy(&next.task);
+                let words = format!(
+                    "session {session} {}",
+                    match loss {
+                        Loss::WorkerLost => "expired",
+                        Loss::SessionSuperseded => "was superseded by a new session of its bot",
+                    }
+                );
+                Some(retry::after_loss(&mut next, &policy, loss, &words, now))
+            }
+            None => {
+                let Ok(to) = transition(job.state, Action::Requeue) else {
+                    return;
+                };
+                let lease = next.lease.take();
+                next.state = to;
+                next.queued_at = now;
+                next.push_history(HistoryEntry {
+                    at: now,
+                    action: Action::Requeue,
+                    attempt: job.attempt,
+                    from: Some(JobState::Running),
+                    to: Some(to),
+                    actor: "scheduler".into(),
+                    bot_id: lease.as_ref().map(|l| l.bot_id.clone()),
+                    resource: lease.as_ref().and_then(|l| l.resource.clone()),
+                    note: Some(format!("{reason}: session {session} is no longer current")),
+                });
+                None
+            }
+        };
         match shared.store.update(&next, current.revision).await {
             Ok(_) => {
                 let m = metrics();
                 m.requeued.with_label_values(&[reason]).inc();
                 m.transitions
-                    .with_label_values(&["RUNNING", "SCHEDULED"])
+                    .with_label_values(&["RUNNING", next.state.as_str()])
                     .inc();
-                info!(job.id = %id, session, reason, "lease requeued");
+                if let Some(fate) = fate {
+                    count_fate(fate, next.blame);
+                }
+                info!(job.id = %id, session, reason, state = %next.state, "lease taken back");
                 return;
             }
             Err(StoreError::Conflict(_)) => continue,
@@ -343,32 +371,60 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
     }
 }
 
-/// Promotes delayed retries when due and refreshes the queue gauges.
+/// Counts what the retry policy did with a failed attempt.
+fn count_fate(fate: Fate, blame: Option<warden_shared::Blame>) {
+    let m = metrics();
+    match fate {
+        Fate::Retried => m
+            .retries
+            .with_label_values(&[blame.map(|b| b.as_str()).unwrap_or("unknown")])
+            .inc(),
+        Fate::ShelvedRetriesExhausted | Fate::ShelvedPoison => {
+            m.shelved.with_label_values(&[fate.as_str()]).inc()
+        }
+        Fate::Kept => {}
+    }
+}
+
+/// Promotes delayed retries when due (within 100 ms) and refreshes the
+/// queue gauges every second.
 async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = Utc::now();
-        let (promoted, depth, oldest) = {
-            let mut q = shared.queue();
-            (q.promote(now), q.depth(), q.oldest())
-        };
-        if promoted > 0 {
+        let due = shared.queue().next_due().is_some_and(|at| at <= now);
+        if due && shared.queue().promote(now) > 0 {
             shared.ready.notify_waiters();
         }
+        n += 1;
+        if n % 10 != 1 {
+            continue;
+        }
+        let (waiting, delayed) = {
+            let q = shared.queue();
+            (q.waiting(), q.delayed())
+        };
         let m = metrics();
         m.queue_depth.reset();
         m.oldest_age.reset();
-        for (pool, n) in depth {
-            m.queue_depth.with_label_values(&[&pool]).set(n as i64);
-        }
-        for (pool, at) in oldest {
+        m.delayed.reset();
+        for ((pool, priority), (count, oldest)) in waiting {
+            let priority = priority.to_string();
+            m.queue_depth
+                .with_label_values(&[&pool, &priority])
+                .set(count as i64);
             m.oldest_age
-                .with_label_values(&[&pool])
-                .set((now - at).num_seconds().max(0));
+                .with_label_values(&[&pool, &priority])
+                .set((now - oldest).num_seconds().max(0));
+        }
+        for (pool, count) in delayed {
+            m.delayed.with_label_values(&[&pool]).set(count as i64);
         }
     }
 }
@@ -657,12 +713,25 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
         let now = Utc::now();
         let mut job = current.job.clone();
         let mut results = Vec::with_capacity(reports.len());
+        let mut fates = Vec::new();
         for r in reports {
             match decide(&job, r, now) {
                 Decision::Duplicate => results.push((r, "duplicate", None)),
-                Decision::Apply(next) => {
-                    results.push((r, "applied", Some((job.state, next.state))));
+                Decision::Apply(mut next) => {
+                    let from = job.state;
+                    // A crash and what the retry policy makes of it are one
+                    // write: no restart can leave a crash unanswered.
+                    if next.state == JobState::Crashed {
+                        let policy = shared.config.retry_policy(&next.task);
+                        let fate = retry::after_crash(&mut next, &policy, now);
+                        fates.push((fate, next.blame));
+                    }
+                    results.push((r, "applied", Some((from, next.state))));
                     job = *next;
+                }
+                Decision::AfterCancel => {
+                    job = record_after_cancel(&job, r, now);
+                    results.push((r, "after_cancel", None));
                 }
                 Decision::Reject(reason) => {
                     job = record_rejection(&job, r, reason, now);
@@ -680,6 +749,9 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
         }
         match shared.store.update(&job, current.revision).await {
             Ok(_) => {
+                for (fate, blame) in fates {
+                    count_fate(fate, blame);
+                }
                 for (r, res, change) in results {
                     match (res, change) {
                         ("applied", Some((from, to))) => {
@@ -691,10 +763,9 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
                                 .inc();
                             debug!(job.id = %job_id, state = %to, "report applied");
                         }
-                        ("duplicate", _) => m
-                            .reports
-                            .with_label_values(&[r.kind.name(), "duplicate"])
-                            .inc(),
+                        ("duplicate" | "after_cancel", _) => {
+                            m.reports.with_label_values(&[r.kind.name(), res]).inc()
+                        }
                         (reason, _) => {
                             m.reports
                                 .with_label_values(&[r.kind.name(), "rejected"])

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub dispatch_latency: Histogram,
     pub acquire_requests: IntCounterVec,
     pub requeued: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub shelved: IntCounterVec,
+    pub delayed: IntGaugeVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -59,9 +62,9 @@ pub fn metrics() -> &'static Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "warden_scheduler_queue_depth",
-                        "SCHEDULED jobs ready for dispatch, per pool",
+                        "SCHEDULED jobs ready for dispatch, per pool and priority",
                     ),
-                    &["pool"],
+                    &["pool", "priority"],
                 )
                 .expect("valid metric"),
             ),
@@ -69,9 +72,9 @@ pub fn metrics() -> &'static Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "warden_scheduler_oldest_waiting_seconds",
-                        "Age of the oldest ready job, per pool",
+                        "How long the oldest ready job has waited, per pool and priority (starvation)",
                     ),
-                    &["pool"],
+                    &["pool", "priority"],
                 )
                 .expect("valid metric"),
             ),
@@ -91,6 +94,26 @@ pub fn metrics() -> &'static Metrics {
                 "warden_scheduler_leases_requeued_total",
                 "Running attempts put back in the queue because their session ended, by reason",
                 &["reason"],
+            ),
+            retries: counter_vec(
+                "warden_scheduler_retries_total",
+                "Failed attempts the retry policy scheduled again (after a delay), by blame",
+                &["blame"],
+            ),
+            shelved: counter_vec(
+                "warden_scheduler_shelved_total",
+                "Jobs shelved by the retry policy: retries_exhausted or worker_crash_loop (poison)",
+                &["reason"],
+            ),
+            delayed: register(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "warden_scheduler_delayed_jobs",
+                        "SCHEDULED jobs waiting for their retry delay, per pool",
+                    ),
+                    &["pool"],
+                )
+                .expect("valid metric"),
             ),
             acquire_requests: counter_vec(
                 "warden_scheduler_acquire_requests_total",

@@ -118,25 +118,31 @@ impl Queue {
         out
     }
 
-    /// Ready jobs per pool (for the queue-depth gauge).
-    pub fn depth(&self) -> BTreeMap<String, usize> {
-        self.ready
-            .iter()
-            .map(|(p, s)| (p.clone(), s.len()))
-            .collect()
-    }
-
-    /// Oldest ready job's queue time per pool.
-    pub fn oldest(&self) -> BTreeMap<String, DateTime<Utc>> {
-        let mut out = BTreeMap::new();
+    /// Ready jobs and the oldest one's queue time, per pool and priority
+    /// (the queue-depth and starvation gauges).
+    pub fn waiting(&self) -> BTreeMap<(String, i32), (usize, DateTime<Utc>)> {
+        let mut out: BTreeMap<(String, i32), (usize, DateTime<Utc>)> = BTreeMap::new();
         for (pool, set) in &self.ready {
             for k in set {
-                if let Some(v) = self.jobs.get(&k.2) {
-                    let e = out.entry(pool.clone()).or_insert(v.job.queued_at);
-                    if v.job.queued_at < *e {
-                        *e = v.job.queued_at;
-                    }
-                }
+                let Some(v) = self.jobs.get(&k.2) else {
+                    continue;
+                };
+                let e = out
+                    .entry((pool.clone(), v.job.priority))
+                    .or_insert((0, v.job.queued_at));
+                e.0 += 1;
+                e.1 = e.1.min(v.job.queued_at);
+            }
+        }
+        out
+    }
+
+    /// Jobs waiting for their retry delay, per pool.
+    pub fn delayed(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (_, id) in &self.delayed {
+            if let Some(v) = self.jobs.get(id) {
+                *out.entry(v.job.pool.clone()).or_insert(0) += 1;
             }
         }
         out
@@ -228,6 +234,26 @@ mod tests {
         running.job.state = JobState::Running;
         q.observe(running);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn waiting_is_counted_per_pool_and_priority_with_the_oldest_age() {
+        let mut q = Queue::default();
+        let old_low = job("p", 0, 100);
+        for v in [&old_low, &job("p", 0, 5), &job("p", 7, 1), &job("q", 0, 1)] {
+            q.observe(v.clone());
+        }
+        let mut d = job("p", 0, 1);
+        d.job.not_before = Some(Utc::now() + Duration::seconds(60));
+        q.observe(d);
+        let w = q.waiting();
+        assert_eq!(w.len(), 3);
+        assert_eq!(
+            w.get(&("p".to_string(), 0)).copied(),
+            Some((2, old_low.job.queued_at))
+        );
+        assert_eq!(w.get(&("p".to_string(), 7)).map(|x| x.0), Some(1));
+        assert_eq!(q.delayed().get("p"), Some(&1));
     }
 
     #[test]
