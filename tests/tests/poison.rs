@@ -1,0 +1,105 @@
+//! A poison job: its task SIGKILLs the worker that runs it, every time.
+//! After it has taken down two distinct workers it is SHELVED with blame
+//! `task`, detail `worker_crash_loop`, and never dispatched again; the
+//! surviving worker keeps serving other jobs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
+
+const CONFIG: &str = r#"
+[fencing]
+session_timeout = "1s"
+
+[worker]
+capacity = 1
+
+[retry]
+initial_delay = "200ms"
+jitter = 0.0
+max_attempts = 10
+
+# The worker runs the command itself, so the shell's parent is the worker.
+[tasks.poison]
+command = ["sh", "-c", "kill -9 $PPID; sleep 2"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_job_is_shelved_after_two_workers_and_the_rest_keep_working() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("warden.toml");
+    std::fs::write(&conf, CONFIG).unwrap();
+    let warden = Warden::up(&url, CONFIG, 0);
+    let bots = ["bot-a", "bot-b", "bot-c"];
+    let mut workers: Vec<_> = bots
+        .iter()
+        .map(|b| warden_e2e::spawn_worker(&url, &conf, b))
+        .collect();
+
+    let id = cli_ok(&url, &["job", "submit", "poison"])
+        .trim()
+        .to_string();
+    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
+    let job = eventually(Duration::from_secs(60), "poison job SHELVED", || async {
+        let j = get_json(&job_url).await;
+        (j["state"] == "SHELVED").then_some(j)
+    })
+    .await;
+    assert_eq!(job["blame"], "task", "{job:#}");
+    assert_eq!(job["detail"], "worker_crash_loop");
+    assert_eq!(
+        job["attempt"], 2,
+        "shelved after the second lost worker: {job:#}"
+    );
+    let lost: Vec<String> = job["lost_workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(lost.len(), 2, "{job:#}");
+    assert!(job["description"]
+        .as_str()
+        .unwrap()
+        .contains("2 distinct workers"));
+
+    // Exactly the two workers it ran on are dead.
+    let mut alive = Vec::new();
+    for (bot, w) in bots.iter().zip(workers.iter_mut()) {
+        if w.try_wait().unwrap().is_none() {
+            alive.push(bot.to_string());
+        }
+    }
+    assert_eq!(alive.len(), 1, "alive: {alive:?}, lost: {lost:?}");
+    assert!(!lost.contains(&alive[0]));
+
+    // The survivor serves other jobs; the shelved job stays shelved.
+    for _ in 0..3 {
+        let out = cli_ok(
+            &url,
+            &["job", "submit", "noop", "--wait", "--timeout", "30"],
+        );
+        assert!(out.contains("FINISHED outcome=passed"), "{out}");
+    }
+    let still = get_json(&job_url).await;
+    assert_eq!(still["state"], "SHELVED");
+    assert_eq!(still["attempt"], 2, "never dispatched again");
+
+    let metrics = reqwest::get(warden.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("warden_scheduler_shelved_total{reason=\"worker_crash_loop\"} 1"),
+        "{metrics}"
+    );
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
