@@ -14,10 +14,11 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use warden_shared::job::Job;
+use warden_shared::job::{Blame, CrashInfo, Job};
+use warden_shared::messages::Fault;
 use warden_shared::store::{self, JobStore};
 use warden_shared::{runtime, Config, JobState};
-use warden_worker::{Executor, NoopExecutor};
+use warden_worker::{ExecFuture, ExecRequest, Execution, Executor, NoopExecutor};
 
 use crate::natsd::{free_port, LocalNats};
 use crate::BenchArgs;
@@ -29,6 +30,9 @@ pub async fn run(
 ) -> anyhow::Result<i32> {
     if args.jobs == 0 || args.workers == 0 || args.in_flight == 0 {
         bail!("--jobs, --workers and --in-flight must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        bail!("--fail-rate must be between 0 and 1");
     }
     let dir = tempfile::Builder::new()
         .prefix("warden-bench-")
@@ -60,14 +64,61 @@ pub async fn run(
         }
     );
     let noop: Arc<dyn Executor> = Arc::new(NoopExecutor);
-    phase(&config, &args, "no-op executor", noop).await?;
+    let clean = phase(&config, &args, "no-op executor", noop, true).await?;
+    if args.fail_rate > 0.0 {
+        // Retried jobs: a share of first attempts crash with a retryable
+        // third-party fault and come back after the retry delay.
+        let mut flaky_config = config.clone();
+        let delay = Duration::from_millis(args.retry_delay_ms);
+        flaky_config.retry.initial_delay = delay;
+        flaky_config.retry.max_delay = flaky_config.retry.max_delay.max(delay);
+        let flaky: Arc<dyn Executor> = Arc::new(FailFirstAttempt {
+            rate: args.fail_rate,
+        });
+        let label = format!("{:.0}% fail once", args.fail_rate * 100.0);
+        let with_retries = phase(&flaky_config, &args, &label, flaky, false).await?;
+        println!(
+            "{label:>16} burst throughput is {:.0}% of the clean run (retry delay {:?})",
+            100.0 * with_retries / clean,
+            delay
+        );
+    }
     if !args.no_process {
         let process: Arc<dyn Executor> = Arc::new(warden_worker::ProcessExecutor::new(Arc::new(
             config.clone(),
         )));
-        phase(&config, &args, "process `true`", process).await?;
+        phase(&config, &args, "process `true`", process, true).await?;
     }
     Ok(0)
+}
+
+/// Crashes the first attempt of about `rate` of all jobs (chosen by job
+/// id) with a retryable third-party fault; every later attempt passes.
+struct FailFirstAttempt {
+    rate: f64,
+}
+
+impl Executor for FailFirstAttempt {
+    fn execute(&self, req: ExecRequest, _cancel: CancellationToken) -> ExecFuture<'_> {
+        let unlucky = (req.job_id.as_u128() % 10_000) < (self.rate * 10_000.0) as u128;
+        Box::pin(async move {
+            if unlucky && req.epoch == 1 {
+                Execution::Crashed {
+                    crash: CrashInfo::default(),
+                    fault: Some(Fault {
+                        blame: Blame::ThirdParty,
+                        detail: "network".into(),
+                        description: "bench: transient failure".into(),
+                    }),
+                }
+            } else {
+                Execution::Finished {
+                    outcome: "passed".into(),
+                    duration_ms: 0,
+                }
+            }
+        })
+    }
 }
 
 async fn phase(
@@ -75,7 +126,8 @@ async fn phase(
     args: &BenchArgs,
     label: &str,
     executor: Arc<dyn Executor>,
-) -> anyhow::Result<()> {
+    sequential: bool,
+) -> anyhow::Result<f64> {
     let config = Arc::new(config.clone());
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -157,6 +209,7 @@ async fn phase(
     )
     .await?;
     let total = start.elapsed();
+    let throughput = n as f64 / total.as_secs_f64();
     let lat = latencies(&submitted, &finished, &ids);
     println!(
         "{label:>16} burst:      {n} jobs in {:.2} s = {:.0} jobs/s (submit {:.0} jobs/s); submit->FINISHED p50 {:.1} ms p99 {:.1} ms",
@@ -168,7 +221,11 @@ async fn phase(
     );
 
     // One at a time.
-    let m = args.sequential.min(n).max(1);
+    let m = if sequential {
+        args.sequential.min(n).max(1)
+    } else {
+        0
+    };
     let mut seq = Vec::with_capacity(m);
     let seq_start = Instant::now();
     for _ in 0..m {
@@ -182,24 +239,35 @@ async fn phase(
         wait_all(&finished, &notify, &[job.id], Duration::from_secs(30)).await?;
         seq.push(job.id);
     }
-    let seq_total = seq_start.elapsed();
-    let lat = latencies(&submitted, &finished, &seq);
-    println!(
-        "{label:>16} sequential: {m} jobs in {:.2} s = {:.0} jobs/s; submit->FINISHED p50 {:.1} ms p99 {:.1} ms",
-        seq_total.as_secs_f64(),
-        m as f64 / seq_total.as_secs_f64(),
-        pct(&lat, 0.50),
-        pct(&lat, 0.99)
-    );
+    if m > 0 {
+        let seq_total = seq_start.elapsed();
+        let lat = latencies(&submitted, &finished, &seq);
+        println!(
+            "{label:>16} sequential: {m} jobs in {:.2} s = {:.0} jobs/s; submit->FINISHED p50 {:.1} ms p99 {:.1} ms",
+            seq_total.as_secs_f64(),
+            m as f64 / seq_total.as_secs_f64(),
+            pct(&lat, 0.50),
+            pct(&lat, 0.99)
+        );
+    }
 
     // Every job must have ended FINISHED: a benchmark that loses jobs is a bug report.
     let mut not_finished = 0;
+    let mut retried = 0;
+    let mut sampled = 0;
     for id in ids.iter().chain(seq.iter()).take(2000) {
         if let Ok(Some(v)) = store.get(id).await {
+            sampled += 1;
             if v.job.state != JobState::Finished {
                 not_finished += 1;
             }
+            if v.job.attempt > 1 {
+                retried += 1;
+            }
         }
+    }
+    if retried > 0 {
+        println!("{label:>16} {retried} of {sampled} sampled jobs needed a retry; all finished");
     }
     watcher.abort();
     shutdown.cancel();
@@ -208,7 +276,7 @@ async fn phase(
     if not_finished > 0 {
         bail!("{not_finished} sampled jobs did not end FINISHED");
     }
-    Ok(())
+    Ok(throughput)
 }
 
 /// A fresh job for the built-in `noop` task in pool `default`.

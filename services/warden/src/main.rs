@@ -131,6 +131,13 @@ pub struct BenchArgs {
     /// Skip the second run that executes `true` as a real process per job
     #[arg(long)]
     pub no_process: bool,
+    /// Share of jobs whose first attempt fails with a retryable third-party
+    /// fault, for the retried-jobs run (0 skips it)
+    #[arg(long, default_value_t = 0.1)]
+    pub fail_rate: f64,
+    /// Retry delay in the retried-jobs run, in milliseconds
+    #[arg(long, default_value_t = 100)]
+    pub retry_delay_ms: u64,
 }
 
 fn load_config(cli: &Cli) -> Config {

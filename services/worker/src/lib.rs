@@ -31,7 +31,7 @@ use warden_shared::messages::{
 use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::{runtime, subjects, Config};
 
-pub use exec::{ExecRequest, Execution, Executor, NoopExecutor, ProcessExecutor};
+pub use exec::{ExecFuture, ExecRequest, Execution, Executor, NoopExecutor, ProcessExecutor};
 use metrics::metrics;
 
 #[derive(Debug, Error)]
