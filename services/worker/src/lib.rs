@@ -450,7 +450,7 @@ impl Agent {
             // and records it, which shows operators a stale bot was alive.
             (Some(Stop::Fenced), result) => {
                 m.attempts.with_label_values(&["abandoned"]).inc();
-                info!(job.id = %lease.job_id, epoch = lease.epoch, "attempt abandoned: session no longer current");
+                info!(job.id = %lease.job_id, epoch = lease.epoch, "attempt stopped: the lease is no longer ours (cancelled, taken back, or the session was replaced)");
                 match result {
                     Execution::Finished {
                         outcome,
