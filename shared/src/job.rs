@@ -109,6 +109,9 @@ pub struct CrashInfo {
     /// Content of `$WARDEN_STATUS_FILE`, if the task wrote one (bounded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_file: Option<String>,
+    /// The worker killed the task for running past its time limit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
 }
 
 /// One entry of a job's timeline.

@@ -326,6 +326,7 @@ impl ProcessExecutor {
                         duration_ms,
                         log_tail,
                         status_file,
+                        timed_out,
                     },
                     fault,
                 }
