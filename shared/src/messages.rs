@@ -57,6 +57,108 @@ pub struct AcquireReply {
     pub error: Option<ErrorBody>,
 }
 
+/// Who is told about a crash (the catalogue's `notify`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Party {
+    /// The people who run the fleet (system and third-party trouble).
+    #[default]
+    Operators,
+    /// The task's owners (`[tasks.NAME] owners`).
+    Owners,
+    /// Nobody.
+    None,
+}
+
+impl Party {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Party::Operators => "operators",
+            Party::Owners => "owners",
+            Party::None => "none",
+        }
+    }
+}
+
+/// The scheduler asks the classifier (request on
+/// [`crate::subjects::CLASSIFY`]) why an attempt crashed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifyRequest {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub job_id: Uuid,
+    pub task: String,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    pub crash: CrashInfo,
+}
+
+/// The classifier's decision and what the catalogue says to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Classification {
+    pub blame: Blame,
+    pub detail: String,
+    pub description: String,
+    /// The rule that decided (`status_file`, a rule name, or `fallback`).
+    pub rule: String,
+    #[serde(default)]
+    pub notify: Party,
+    /// The resource the attempt ran on may be at fault: check it.
+    #[serde(default)]
+    pub suspect_resource: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassifyReply {
+    #[serde(default = "v1")]
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<Classification>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Published on [`crate::subjects::notify_subject`] when a crash needs
+/// someone's attention: operators for system and third-party trouble, the
+/// task's owners when the task is to blame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub party: Party,
+    /// The task's owners when `party` is owners; empty otherwise.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    pub job_id: Uuid,
+    pub task: String,
+    pub attempt: u32,
+    pub blame: Blame,
+    pub detail: String,
+    pub description: String,
+    /// What the retry policy made of it: CRASHED, SCHEDULED or SHELVED.
+    pub state: crate::JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// Where to look: the API path of the job and the CLI command.
+    #[serde(default)]
+    pub links: Vec<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Published on [`crate::subjects::suspect_subject`] when an attempt's
+/// failure may be its resource's fault (the health service checks it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSuspect {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub resource: String,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub detail: String,
+    pub at: DateTime<Utc>,
+}
+
 /// What a worker says about an attempt. Published durably on
 /// [`crate::subjects::report_subject`] with a message id that makes a
 /// re-sent report a duplicate the stream drops.

@@ -45,8 +45,18 @@ pub const API_JOB_CREATE: &str = "warden.api.job.create";
 pub const API_JOB_GET: &str = "warden.api.job.get";
 pub const API_JOB_LIST: &str = "warden.api.job.list";
 
-/// Notifications for operators and task owners (later issues).
+/// Crash classifier (async-nats service API; replicas share the queue
+/// group the service API gives every endpoint).
+pub const CLASSIFIER_SERVICE: &str = "warden-classifier";
+pub const CLASSIFY: &str = "warden.classify";
+
+/// Notifications for operators and task owners: `warden.notify.<party>`,
+/// kept in [`NOTIFY_STREAM`] for whatever delivers them (mail, chat).
 pub const NOTIFY_PREFIX: &str = "warden.notify";
+pub const NOTIFY_STREAM: &str = "WARDEN_NOTIFY";
+/// Resources an attempt's failure may be the fault of:
+/// `warden.resource.suspect.<resource>`, kept in [`NOTIFY_STREAM`] too.
+pub const SUSPECT_PREFIX: &str = "warden.resource.suspect";
 
 /// Subjects every default events stream listens on besides configured ones:
 /// what `warden publish` and webhooks use when no bridge topic applies.
@@ -54,6 +64,22 @@ pub const LOCAL_EVENTS: &str = "warden.events.>";
 
 pub fn report_subject(job_id: &Uuid) -> String {
     format!("{REPORTS_PREFIX}.{job_id}")
+}
+
+pub fn notify_subject(party: crate::messages::Party) -> String {
+    format!("{NOTIFY_PREFIX}.{}", party.as_str())
+}
+
+/// The resource name as one subject token (dots and wildcards replaced).
+pub fn suspect_subject(resource: &str) -> String {
+    let token: String = resource
+        .chars()
+        .map(|c| match c {
+            '.' | '*' | '>' | ' ' | '\t' | '\r' | '\n' => '_',
+            c => c,
+        })
+        .collect();
+    format!("{SUSPECT_PREFIX}.{token}")
 }
 
 pub fn deadletter_subject(service: &str, reason: &str) -> String {
@@ -108,6 +134,22 @@ impl Topology {
             description: Some("worker reports about attempts, applied by the scheduler".into()),
             subjects: vec![format!("{REPORTS_PREFIX}.>")],
             retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: self.duplicate_window,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub fn notify_stream(&self) -> stream::Config {
+        stream::Config {
+            name: NOTIFY_STREAM.into(),
+            description: Some(
+                "crash notifications for operators and task owners; suspect resources".into(),
+            ),
+            subjects: vec![format!("{NOTIFY_PREFIX}.>"), format!("{SUSPECT_PREFIX}.>")],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: self.deadletter_max_age,
             duplicate_window: self.duplicate_window,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
@@ -195,6 +237,7 @@ pub async fn ensure(js: &jetstream::Context, topo: &Topology) -> Result<Handles,
         topo.events_stream(),
         topo.deadletter_stream(),
         topo.reports_stream(),
+        topo.notify_stream(),
     ] {
         let name = cfg.name.clone();
         js.create_or_update_stream(cfg)
