@@ -12,7 +12,7 @@ use warden_shared::job::NewJob;
 use warden_shared::messages::ErrorBody;
 use warden_shared::{subjects, Job};
 
-use crate::types::{ApiReply, GetRequest, ListQuery, ListReply};
+use crate::types::{ApiReply, CancelRequest, GetRequest, ListQuery, ListReply};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -73,6 +73,20 @@ impl ApiClient {
             Err(ClientError::Api(e)) if e.code == "not_found" => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Puts a SHELVED, CRASHED or CANCELLED job back to SCHEDULED.
+    pub async fn retry(&self, id: Uuid) -> Result<Job, ClientError> {
+        self.call(subjects::API_JOB_RETRY, &GetRequest { id }).await
+    }
+
+    /// Cancels a SCHEDULED or RUNNING job.
+    pub async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<Job, ClientError> {
+        let req = CancelRequest {
+            id: id.to_string(),
+            reason,
+        };
+        self.call(subjects::API_JOB_CANCEL, &req).await
     }
 
     pub async fn list(&self, query: ListQuery) -> Result<ListReply, ClientError> {

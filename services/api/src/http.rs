@@ -11,12 +11,12 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{ErrorReply, ListQuery};
+use crate::types::{CancelBody, ErrorReply, ListQuery};
 use warden_shared::job::NewJob;
 
 impl IntoResponse for OpError {
@@ -32,6 +32,8 @@ pub fn router(ops: Arc<Ops>) -> Router {
     let api = Router::new()
         .route("/api/v1/jobs", get(list_jobs).post(create_job))
         .route("/api/v1/jobs/{id}", get(get_job))
+        .route("/api/v1/jobs/{id}/retry", post(retry_job))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
@@ -57,6 +59,36 @@ async fn get_job(
 ) -> Result<Response, OpError> {
     let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
     Ok(Json(ops.get_str(&id).await?).into_response())
+}
+
+async fn retry_job(
+    State(ops): State<Arc<Ops>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpError> {
+    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let body = body.map_err(body_rejection)?;
+    // No options yet; an empty body or `{}`.
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let _: serde::de::IgnoredAny =
+            serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
+    }
+    Ok(Json(ops.retry(&id).await?).into_response())
+}
+
+async fn cancel_job(
+    State(ops): State<Arc<Ops>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpError> {
+    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let body = body.map_err(body_rejection)?;
+    let req: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?
+    };
+    Ok(Json(ops.cancel(&id, req.reason).await?).into_response())
 }
 
 async fn list_jobs(
@@ -149,6 +181,8 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
         (Some("/api/v1/jobs"), &Method::POST) => "job_create",
         (Some("/api/v1/jobs"), &Method::GET) => "job_list",
         (Some("/api/v1/jobs/{id}"), &Method::GET) => "job_get",
+        (Some("/api/v1/jobs/{id}/retry"), &Method::POST) => "job_retry",
+        (Some("/api/v1/jobs/{id}/cancel"), &Method::POST) => "job_cancel",
         (Some("/metrics"), _) => "metrics",
         (Some("/healthz"), _) => "healthz",
         _ => "other",

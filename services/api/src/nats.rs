@@ -17,7 +17,7 @@ use warden_shared::subjects;
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{ErrorReply, ListQuery};
+use crate::types::{CancelRequest, ErrorReply, ListQuery};
 use warden_shared::job::NewJob;
 
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +25,8 @@ enum Endpoint {
     Create,
     Get,
     List,
+    Retry,
+    Cancel,
 }
 
 impl Endpoint {
@@ -33,6 +35,8 @@ impl Endpoint {
             Endpoint::Create => "nats_job_create",
             Endpoint::Get => "nats_job_get",
             Endpoint::List => "nats_job_list",
+            Endpoint::Retry => "nats_job_retry",
+            Endpoint::Cancel => "nats_job_cancel",
         }
     }
 }
@@ -45,13 +49,13 @@ struct RawGetRequest {
     id: String,
 }
 
-/// Registers the service and its three endpoints.
+/// Registers the service and its endpoints.
 pub async fn start(
     client: &async_nats::Client,
-) -> Result<(Service, [service::endpoint::Endpoint; 3]), async_nats::Error> {
+) -> Result<(Service, [service::endpoint::Endpoint; 5]), async_nats::Error> {
     let svc = client
         .service_builder()
-        .description("Warden job API: create, get and search jobs")
+        .description("Warden job API: create, get, search, retry and cancel jobs")
         .start(subjects::API_SERVICE, env!("CARGO_PKG_VERSION"))
         .await?;
     let create = svc
@@ -69,22 +73,34 @@ pub async fn start(
         .name("job_list")
         .add(subjects::API_JOB_LIST)
         .await?;
-    Ok((svc, [create, get, list]))
+    let retry = svc
+        .endpoint_builder()
+        .name("job_retry")
+        .add(subjects::API_JOB_RETRY)
+        .await?;
+    let cancel = svc
+        .endpoint_builder()
+        .name("job_cancel")
+        .add(subjects::API_JOB_CANCEL)
+        .await?;
+    Ok((svc, [create, get, list, retry, cancel]))
 }
 
 /// Answers requests until `shutdown`; each request runs in its own task
 /// so a slow store write does not hold up searches.
 pub async fn serve(
     ops: Arc<Ops>,
-    endpoints: [service::endpoint::Endpoint; 3],
+    endpoints: [service::endpoint::Endpoint; 5],
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let [create, get, list] = endpoints;
+    let [create, get, list, retry, cancel] = endpoints;
     let mut requests = futures::stream::select_all([
         create.map(|r| (Endpoint::Create, r)).boxed(),
         get.map(|r| (Endpoint::Get, r)).boxed(),
         list.map(|r| (Endpoint::List, r)).boxed(),
+        retry.map(|r| (Endpoint::Retry, r)).boxed(),
+        cancel.map(|r| (Endpoint::Cancel, r)).boxed(),
     ]);
     loop {
         let (endpoint, req) = tokio::select! {
@@ -150,6 +166,14 @@ async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, 
                 decode(payload)?
             };
             encode(&ops.list(req).await?)
+        }
+        Endpoint::Retry => {
+            let req: RawGetRequest = decode(payload)?;
+            encode(&ops.retry(&req.id).await?)
+        }
+        Endpoint::Cancel => {
+            let req: CancelRequest = decode(payload)?;
+            encode(&ops.cancel(&req.id, req.reason).await?)
         }
     }
 }

@@ -9,6 +9,7 @@ use chrono::Utc;
 use uuid::Uuid;
 use warden_shared::config::{valid_name, valid_task_name};
 use warden_shared::messages::ErrorBody;
+use warden_shared::state::IllegalTransition;
 use warden_shared::store::{JobStore, StoreError};
 use warden_shared::{Config, Job, JobState};
 
@@ -18,6 +19,9 @@ use warden_shared::job::NewJob;
 
 /// Who the history names as the creator of jobs made through the API.
 pub const ACTOR: &str = "api";
+
+/// Longest cancel reason kept in the history.
+pub const MAX_REASON: usize = 1000;
 
 /// How long a search waits for the index's first pass after a start.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
@@ -180,6 +184,68 @@ impl Ops {
             Some(v) => Ok(v.job),
             None => Err(OpError::not_found(format!("no job {id}"))),
         }
+    }
+
+    /// A person's retry: SHELVED, CRASHED or CANCELLED → SCHEDULED with a
+    /// fresh attempt budget.
+    pub async fn retry(&self, id: &str) -> Result<Job, OpError> {
+        self.change(id, "retried", |job, now| job.retry_by(ACTOR, now))
+            .await
+    }
+
+    /// SCHEDULED or RUNNING → CANCELLED; a running worker is told to stop
+    /// at its next heartbeat.
+    pub async fn cancel(&self, id: &str, reason: Option<String>) -> Result<Job, OpError> {
+        if reason
+            .as_ref()
+            .is_some_and(|r| r.chars().count() > MAX_REASON)
+        {
+            return Err(OpError::bad_request(
+                "invalid_request",
+                format!("reason is longer than {MAX_REASON} characters"),
+            ));
+        }
+        let reason = reason.filter(|r| !r.trim().is_empty());
+        self.change(id, "cancelled", |job, now| {
+            job.cancel_by(ACTOR, reason.as_deref(), now)
+        })
+        .await
+    }
+
+    /// Reads, changes and compare-and-sets one job; re-reads on a
+    /// concurrent write. Nothing is written when `f` refuses.
+    async fn change(
+        &self,
+        id: &str,
+        what: &'static str,
+        f: impl Fn(&mut Job, chrono::DateTime<Utc>) -> Result<(), IllegalTransition>,
+    ) -> Result<Job, OpError> {
+        let id = id.parse::<Uuid>().map_err(|_| {
+            OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)"))
+        })?;
+        self.bus_up()?;
+        for _ in 0..8 {
+            let Some(current) = self.store.get(&id).await.map_err(OpError::from_store)? else {
+                return Err(OpError::not_found(format!("no job {id}")));
+            };
+            let mut job = current.job;
+            let from = job.state;
+            f(&mut job, Utc::now())
+                .map_err(|e| OpError::new(409, "illegal_transition", e.to_string()))?;
+            match self.store.update(&job, current.revision).await {
+                Ok(_) => {
+                    tracing::info!(job.id = %id, from = %from, to = %job.state, "job {what}");
+                    return Ok(job);
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(OpError::from_store(e)),
+            }
+        }
+        Err(OpError::new(
+            409,
+            "conflict",
+            format!("job {id} keeps changing; try again"),
+        ))
     }
 
     pub async fn list(&self, q: ListQuery) -> Result<ListReply, OpError> {

@@ -14,6 +14,24 @@ pub const DEFAULT_LIMIT: usize = 100;
 /// The most jobs one search returns; larger limits are lowered to this.
 pub const MAX_LIMIT: usize = 1000;
 
+/// Body of `POST /api/v1/jobs/{id}/cancel` (optional) and, with `id`, of
+/// the job.cancel endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Body of the job.cancel endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Body of the job.get endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetRequest {

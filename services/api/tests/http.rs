@@ -376,3 +376,187 @@ async fn unavailable_when_nats_is_down() {
     api.nats.start_again();
     api.stop().await;
 }
+
+/// Puts `job` into the bucket in `state`, as the scheduler would have.
+async fn set_state(api: &Api, job: &Job, state: JobState, attempt: u32) -> u64 {
+    let store = api.store().await;
+    let current = store.get(&job.id).await.expect("get").expect("exists");
+    let mut j = current.job;
+    j.state = state;
+    j.attempt = attempt;
+    j.lost_workers = vec!["bot-a".into()];
+    store.update(&j, current.revision).await.expect("update")
+}
+
+async fn post(api: &Api, path: &str, body: Option<&str>) -> reqwest::Response {
+    let mut req = api.http.post(api.url(path));
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    req.send().await.expect("send")
+}
+
+#[tokio::test]
+async fn retry_gives_a_shelved_job_a_fresh_budget() {
+    let mut api = Api::start().await;
+    let job = create(&api, json!({"task": "build"})).await;
+    set_state(&api, &job, JobState::Shelved, 4).await;
+    let r = post(&api, &format!("/api/v1/jobs/{}/retry", job.id), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let back: Job = r.json().await.expect("job");
+    assert_eq!(back.state, JobState::Scheduled);
+    assert_eq!(back.budget_from, 4);
+    assert!(back.lost_workers.is_empty());
+    let last = back.history.last().expect("history");
+    assert_eq!((last.action, last.actor.as_str()), (Action::Retry, "api"));
+    // What the bucket holds is what was returned.
+    let stored = api.store().await.get(&job.id).await.unwrap().unwrap().job;
+    assert_eq!(stored, back);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn illegal_retry_and_cancel_are_409_and_change_nothing() {
+    let mut api = Api::start().await;
+    let job = create(&api, json!({"task": "build"})).await;
+    let rev = set_state(&api, &job, JobState::Finished, 1).await;
+    for (path, body) in [
+        (format!("/api/v1/jobs/{}/retry", job.id), None),
+        (
+            format!("/api/v1/jobs/{}/cancel", job.id),
+            Some("{\"reason\": \"x\"}"),
+        ),
+    ] {
+        let r = post(&api, &path, body).await;
+        assert_eq!(
+            error_code(r, StatusCode::CONFLICT).await,
+            "illegal_transition",
+            "{path}"
+        );
+    }
+    let store = api.store().await;
+    assert_eq!(store.get(&job.id).await.unwrap().unwrap().revision, rev);
+
+    // A SCHEDULED job is not retried either.
+    let fresh = create(&api, json!({"task": "build"})).await;
+    let r = post(&api, &format!("/api/v1/jobs/{}/retry", fresh.id), None).await;
+    assert_eq!(
+        error_code(r, StatusCode::CONFLICT).await,
+        "illegal_transition"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_records_the_reason_and_refuses_twice() {
+    let mut api = Api::start().await;
+    let job = create(&api, json!({"task": "build"})).await;
+    let path = format!("/api/v1/jobs/{}/cancel", job.id);
+    let r = post(
+        &api,
+        &path,
+        Some(r#"{"reason": "duplicate of another build"}"#),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let cancelled: Job = r.json().await.expect("job");
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let last = cancelled.history.last().expect("entry");
+    assert_eq!(last.action, Action::Cancel);
+    assert_eq!(last.note.as_deref(), Some("duplicate of another build"));
+    let r = post(&api, &path, None).await;
+    assert_eq!(
+        error_code(r, StatusCode::CONFLICT).await,
+        "illegal_transition"
+    );
+    // And a cancelled job can be retried.
+    let r = post(&api, &format!("/api/v1/jobs/{}/retry", job.id), Some("{}")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn bad_retry_and_cancel_requests_are_4xx_json() {
+    let mut api = Api::start_with_token(Some("s3cret")).await;
+    let job = {
+        let r = api
+            .http
+            .post(api.url("/api/v1/jobs"))
+            .bearer_auth("s3cret")
+            .json(&json!({"task": "build"}))
+            .send()
+            .await
+            .expect("send");
+        r.json::<Job>().await.expect("job")
+    };
+    let store = api.store().await;
+    let rev = store.get(&job.id).await.unwrap().unwrap().revision;
+    let cancel = format!("/api/v1/jobs/{}/cancel", job.id);
+
+    // No token: 401, nothing changed.
+    let r = post(&api, &cancel, None).await;
+    assert_eq!(
+        error_code(r, StatusCode::UNAUTHORIZED).await,
+        "unauthorized"
+    );
+
+    let authed = |path: String, body: Option<&'static str>| {
+        let mut req = api.http.post(api.url(&path)).bearer_auth("s3cret");
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        req.send()
+    };
+    let cases: Vec<(String, Option<&'static str>, StatusCode, &str)> = vec![
+        (
+            cancel.clone(),
+            Some("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            cancel.clone(),
+            Some(r#"{"reasn": "typo"}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/api/v1/jobs/not-a-uuid/cancel".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            format!("/api/v1/jobs/{}/retry", uuid::Uuid::new_v4()),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let r = authed(path.clone(), body).await.expect("send");
+        assert_eq!(error_code(r, status).await, code, "{path} {body:?}");
+    }
+    let long = format!("{{\"reason\": \"{}\"}}", "x".repeat(2000));
+    let r = api
+        .http
+        .post(api.url(&cancel))
+        .bearer_auth("s3cret")
+        .header("content-type", "application/json")
+        .body(long)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        error_code(r, StatusCode::BAD_REQUEST).await,
+        "invalid_request"
+    );
+    assert_eq!(
+        store.get(&job.id).await.unwrap().unwrap().revision,
+        rev,
+        "nothing changed"
+    );
+    api.stop().await;
+}

@@ -116,3 +116,46 @@ async fn no_responders_when_the_api_is_down() {
         other => panic!("expected NoResponders, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn retry_and_cancel_over_nats() {
+    let mut api = Api::start().await;
+    let client = api.api_client().await;
+    let job = client.create(new_job("build")).await.expect("create");
+
+    // SCHEDULED cannot be retried: a typed error, nothing changed.
+    let err = client.retry(job.id).await.expect_err("illegal");
+    assert_eq!(err.code(), Some("illegal_transition"));
+
+    let cancelled = client
+        .cancel(job.id, Some("no longer wanted".into()))
+        .await
+        .expect("cancel");
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(
+        cancelled.history.last().and_then(|h| h.note.as_deref()),
+        Some("no longer wanted")
+    );
+    let err = client.cancel(job.id, None).await.expect_err("twice");
+    assert_eq!(err.code(), Some("illegal_transition"));
+
+    let again = client.retry(job.id).await.expect("retry");
+    assert_eq!(again.state, JobState::Scheduled);
+    assert_eq!(again.history.last().map(|h| h.action), Some(Action::Retry));
+
+    let err = client
+        .retry(uuid::Uuid::new_v4())
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Some("not_found"));
+
+    // A malformed id in a raw request is a typed error too.
+    let raw = api.nats_client().await;
+    let reply = raw
+        .request(subjects::API_JOB_CANCEL, r#"{"id": "nope"}"#.into())
+        .await
+        .expect("reply");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+    assert_eq!(v["error"]["code"], "invalid_id", "{v}");
+    api.stop().await;
+}
