@@ -107,17 +107,31 @@ impl Warden {
         w
     }
 
+    /// Waits until `/healthz` answers 200. The port accepts connections as
+    /// soon as it is bound, before the services behind it (the API's NATS
+    /// endpoints among them) are registered; an HTTP answer comes only
+    /// after they are.
     fn wait_healthy(&self) {
+        use std::io::{Read, Write};
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = self.http.trim_start_matches("http://").to_string();
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(&addr).is_ok() {
-                return;
+            if let Ok(mut conn) = std::net::TcpStream::connect(&addr) {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut answer = String::new();
+                if conn
+                    .write_all(b"GET /healthz HTTP/1.0\r\nHost: warden\r\n\r\n")
+                    .is_ok()
+                    && conn.read_to_string(&mut answer).is_ok()
+                    && (answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+                {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "warden up did not serve HTTP within 30s; log:\n{}",
+            "warden up did not answer /healthz within 30s; log:\n{}",
             self.log_text()
         );
     }

@@ -38,6 +38,8 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             args,
             priority,
             pool,
+            no_retry,
+            max_attempts,
             wait,
             timeout,
         } => {
@@ -57,7 +59,8 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
                     args: map,
                     pool: pool.clone(),
                     priority: *priority,
-                    ..Default::default()
+                    retry: no_retry.then_some(false),
+                    max_attempts: *max_attempts,
                 })
                 .await
                 .map_err(|e| anyhow!("cannot submit job: {e}"))?;
@@ -105,9 +108,30 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        JobCommand::Retry { id } => {
+            let id = parse_id(id)?;
+            match api.retry(id).await {
+                Ok(job) => {
+                    println!("{}", one_line(&job));
+                    Ok(0)
+                }
+                Err(e) => refused("retry", e),
+            }
+        }
+        JobCommand::Cancel { id, reason } => {
+            let id = parse_id(id)?;
+            match api.cancel(id, reason.clone()).await {
+                Ok(job) => {
+                    println!("{}", one_line(&job));
+                    Ok(0)
+                }
+                Err(e) => refused("cancel", e),
+            }
+        }
         JobCommand::List {
             state,
             task,
+            pool,
             limit,
             json,
         } => {
@@ -117,6 +141,7 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             let query = ListQuery {
                 state: state.clone(),
                 task: task.clone(),
+                pool: pool.clone(),
                 limit: Some(*limit),
                 ..Default::default()
             };
@@ -155,6 +180,23 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
     }
 }
 
+fn parse_id(id: &str) -> anyhow::Result<Uuid> {
+    id.parse()
+        .map_err(|_| anyhow!("{id:?} is not a job id (a UUID)"))
+}
+
+/// An API refusal (illegal transition, unknown job) is the operator's
+/// answer, not a failure of the command: one line, exit 1.
+fn refused(what: &str, e: warden_api::ClientError) -> anyhow::Result<i32> {
+    match e {
+        warden_api::ClientError::Api(body) => {
+            eprintln!("warden: cannot {what}: {}", body.message);
+            Ok(1)
+        }
+        other => Err(anyhow!("cannot {what}: {other}")),
+    }
+}
+
 fn one_line(j: &Job) -> String {
     match j.state {
         JobState::Finished => format!(
@@ -183,8 +225,25 @@ fn print_job(j: &Job) {
         println!("outcome   {o}");
     }
     if let Some(b) = j.blame {
-        println!("blame     {b} / {}", j.detail.as_deref().unwrap_or(""));
+        let label = if j.state == JobState::Scheduled {
+            "last fail"
+        } else {
+            "blame    "
+        };
+        println!("{label} {b} / {}", j.detail.as_deref().unwrap_or(""));
         println!("          {}", j.description.as_deref().unwrap_or(""));
+    }
+    if let Some(at) = j.not_before {
+        println!("retry     not before {}", at.to_rfc3339());
+    }
+    if !j.retry {
+        println!("retry     off for this job");
+    }
+    if let Some(n) = j.max_attempts {
+        println!("attempts  at most {n} per budget");
+    }
+    if !j.lost_workers.is_empty() {
+        println!("lost on   {}", j.lost_workers.join(", "));
     }
     println!(
         "pool      {}  priority {}  attempt {}",

@@ -73,6 +73,12 @@ pub enum JobCommand {
         priority: Option<i32>,
         #[arg(long)]
         pool: Option<String>,
+        /// Never retry this job automatically, whatever the failure
+        #[arg(long)]
+        no_retry: bool,
+        /// Attempts this job may use before it is shelved (over the task's retry.max_attempts)
+        #[arg(long)]
+        max_attempts: Option<u32>,
         /// Wait until the job ends; exit 0 only if it FINISHED with outcome passed
         #[arg(long)]
         wait: bool,
@@ -86,12 +92,23 @@ pub enum JobCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Put a SHELVED, CRASHED or CANCELLED job back in the queue with a fresh attempt budget
+    Retry { id: String },
+    /// Cancel a SCHEDULED or RUNNING job (a running task is stopped)
+    Cancel {
+        id: String,
+        /// Why, recorded in the job's history
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// List jobs, newest first
     List {
         #[arg(long)]
         state: Option<String>,
         #[arg(long)]
         task: Option<String>,
+        #[arg(long)]
+        pool: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         #[arg(long)]

@@ -1,0 +1,93 @@
+//! `warden job cancel` on a running job: CANCELLED at once, the worker is
+//! told to stop the task at its next heartbeat, the stopped attempt's
+//! report is recorded as the cancelled attempt's (not as a stale bot), and
+//! the freed slot runs the next job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use warden_e2e::{cli, cli_ok, eventually, get_json, NatsServer, Warden};
+
+const CONFIG: &str = r#"
+[fencing]
+session_timeout = "1500ms"
+
+[worker]
+capacity = 1
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_stops_its_task_and_frees_the_worker() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let warden = Warden::up(&url, CONFIG, 1);
+
+    let id = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=60"])
+        .trim()
+        .to_string();
+    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
+    eventually(Duration::from_secs(30), "job RUNNING", || async {
+        (get_json(&job_url).await["state"] == "RUNNING").then_some(())
+    })
+    .await;
+    let cancelled_at = Instant::now();
+    let out = cli_ok(
+        &url,
+        &[
+            "job",
+            "cancel",
+            &id,
+            "--reason",
+            "superseded by a newer build",
+        ],
+    );
+    assert!(out.contains("CANCELLED"), "{out}");
+
+    // The task is stopped long before its 60 s, and its report recorded.
+    let job = eventually(
+        Duration::from_secs(15),
+        "the stopped attempt's report",
+        || async {
+            let j = get_json(&job_url).await;
+            let seen = j["history"].as_array()?.iter().any(|h| {
+                h["action"] == "reject_report"
+                    && h["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("report after cancel"))
+            });
+            seen.then_some(j)
+        },
+    )
+    .await;
+    assert!(cancelled_at.elapsed() < Duration::from_secs(15));
+    assert_eq!(job["state"], "CANCELLED", "{job:#}");
+    let cancel = job["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["action"] == "cancel")
+        .unwrap();
+    assert_eq!(cancel["from"], "RUNNING");
+    assert_eq!(cancel["note"], "superseded by a newer build");
+
+    // The one slot is free again.
+    let next = cli_ok(
+        &url,
+        &["job", "submit", "noop", "--wait", "--timeout", "30"],
+    );
+    assert!(next.contains("FINISHED outcome=passed"), "{next}");
+
+    // Cancelling again is refused and changes nothing.
+    let again = cli(&url, &["job", "cancel", &id]);
+    assert_eq!(again.status.code(), Some(1));
+    let metrics = reqwest::get(warden.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("warden_scheduler_reports_rejected_total{"),
+        "a cancelled attempt's report is not a rejection:\n{metrics}"
+    );
+}
