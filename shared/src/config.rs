@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::classify::ClassifierConfig;
 use crate::retry::{RetryOverride, RetryPolicy};
 use crate::subjects::Topology;
 use crate::template::Template;
@@ -201,6 +202,7 @@ pub struct Config {
     pub fencing: FencingConfig,
     pub worker: WorkerConfig,
     pub retry: RetryPolicy,
+    pub classifier: ClassifierConfig,
     pub tasks: BTreeMap<String, TaskConfig>,
 }
 
@@ -235,6 +237,7 @@ const SECTIONS: &[&str] = &[
     "fencing",
     "worker",
     "retry",
+    "classifier",
 ];
 
 /// Keys that are optional (absent from the defaults) but may still be set
@@ -320,6 +323,7 @@ impl Config {
         let fencing = section::<FencingConfig>(&merged, "fencing", &mut problems);
         let worker = section::<WorkerConfig>(&merged, "worker", &mut problems);
         let retry = section::<RetryPolicy>(&merged, "retry", &mut problems);
+        let classifier = section::<ClassifierConfig>(&merged, "classifier", &mut problems);
         let tasks = section::<BTreeMap<String, TaskConfig>>(&merged, "tasks", &mut problems);
 
         let (
@@ -332,9 +336,11 @@ impl Config {
             Some(fencing),
             Some(worker),
             Some(retry),
+            Some(classifier),
             Some(tasks),
         ) = (
-            nats, http, metrics, storage, trigger, scheduler, fencing, worker, retry, tasks,
+            nats, http, metrics, storage, trigger, scheduler, fencing, worker, retry, classifier,
+            tasks,
         )
         else {
             return Err(ConfigError::Invalid(problems));
@@ -349,6 +355,7 @@ impl Config {
             fencing,
             worker,
             retry,
+            classifier,
             tasks,
         };
         problems.extend(config.problems());
@@ -478,6 +485,10 @@ impl Config {
             p.push("worker.acquire_wait: must be positive".into());
         }
         p.extend(self.retry.problems("retry"));
+        p.extend(
+            self.classifier
+                .problems("classifier.rules", &self.classifier.rules),
+        );
         for (name, task) in &self.tasks {
             let at = format!("tasks.{name}");
             p.extend(

@@ -7,6 +7,7 @@
 //! - [`config`]: defaults + file + environment, validated all at once;
 //! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`.
 
+pub mod classify;
 pub mod config;
 pub mod job;
 pub mod messages;

@@ -60,7 +60,9 @@ fn example_config_documents_every_default_key() {
             continue;
         };
         for key in keys.keys() {
-            if section == "trigger" && key == "rules" {
+            if (section == "trigger" && key == "rules")
+                || (section == "classifier" && (key == "rules" || key == "details"))
+            {
                 continue;
             }
             if !text.contains(&format!("\n{key} = ")) {
@@ -88,6 +90,8 @@ fn example_config_documents_every_default_key() {
         "\nenv = ",
         "\nowners = ",
         "\nretry = {",
+        "[[classifier.rules]]",
+        "[classifier.details.",
     ] {
         if !text.contains(needle) {
             missing.push(needle.trim().to_string());
