@@ -191,7 +191,8 @@ impl ProcessExecutor {
     fn setup_failed(description: String) -> Execution {
         Execution::Crashed {
             crash: CrashInfo {
-                log_tail: description.clone(),
+                // The classifier's setup_failed rule matches this prefix.
+                log_tail: format!("[warden] setup failed: {description}\n"),
                 ..Default::default()
             },
             fault: Some(Fault {

@@ -1,0 +1,528 @@
+//! `warden-classifier`: why did an attempt crash, and who should act?
+//!
+//! [`Classifier::classify`] decides, in this order:
+//! 1. a fault the task wrote to its status file (`{"blame", "detail",
+//!    "description"}`): the task knows best (rule `status_file`);
+//! 2. the configured rules, the user's first, then the shipped ones
+//!    (`deploy/classifier/rules.toml`); the first whose every condition
+//!    holds decides;
+//! 3. a status file that is neither `OK`, a verdict nor a fault: the task
+//!    broke its own contract (`task/status_file_invalid`);
+//! 4. `unknown/unclassified` (rule `fallback`).
+//!
+//! Matching uses the `regex` crate, whose matching time is linear in the
+//! input whatever the pattern, on at most `classifier.max_scan_bytes` of
+//! the log; compiled patterns are size-limited. No input can hang or take
+//! down the classifier.
+
+pub mod metrics;
+pub mod service;
+
+use std::collections::BTreeMap;
+
+use regex::{Regex, RegexBuilder};
+use serde::Deserialize;
+use warden_shared::classify::{signal_name, ClassifyRule, DetailEntry};
+use warden_shared::job::{Blame, CrashInfo};
+use warden_shared::messages::{Classification, Party};
+use warden_shared::Config;
+
+/// The shipped rule set, appended after the user's rules.
+pub const DEFAULT_RULES_TOML: &str = include_str!("../../../deploy/classifier/rules.toml");
+
+/// Longest description a classification carries.
+pub const MAX_DESCRIPTION: usize = 1000;
+/// Longest excerpt (`{match}`, a bad status file) quoted in a description.
+const MAX_EXCERPT: usize = 300;
+/// Compiled size limit of one pattern.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// What the classifier looks at.
+pub struct CrashInput<'a> {
+    pub task: &'a str,
+    pub crash: &'a CrashInfo,
+    pub resource: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    rules: Vec<ClassifyRule>,
+}
+
+struct Compiled {
+    rule: ClassifyRule,
+    blame: Blame,
+    tasks: Vec<String>,
+    codes: Vec<(i64, i64)>,
+    signals: Vec<i32>,
+    log: Option<Regex>,
+    status: Option<Regex>,
+}
+
+/// Compiled rules and the catalogue.
+pub struct Classifier {
+    rules: Vec<Compiled>,
+    catalogue: BTreeMap<String, DetailEntry>,
+    max_scan: usize,
+}
+
+fn compile(pattern: &str, what: &str, at: &str) -> Result<Regex, String> {
+    RegexBuilder::new(pattern)
+        .multi_line(true)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(4 * REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| {
+            let e = e.to_string();
+            let first = e.lines().last().unwrap_or_default();
+            format!("{at}: {what} pattern: {first}")
+        })
+}
+
+impl Classifier {
+    /// The user's rules, then (with `default_rules`) the shipped ones,
+    /// compiled; every problem reported at once.
+    pub fn from_config(config: &Config) -> Result<Classifier, Vec<String>> {
+        let c = &config.classifier;
+        let mut problems = Vec::new();
+        let mut sources: Vec<(String, Vec<ClassifyRule>)> =
+            vec![("classifier.rules".into(), c.rules.clone())];
+        if c.default_rules {
+            match toml::from_str::<RuleFile>(DEFAULT_RULES_TOML) {
+                Ok(f) => {
+                    problems.extend(c.problems("default rules", &f.rules));
+                    sources.push(("default rules".into(), f.rules));
+                }
+                Err(e) => problems.push(format!("default rules: {e}")),
+            }
+        }
+        let mut rules = Vec::new();
+        for (from, list) in sources {
+            for (i, rule) in list.into_iter().enumerate() {
+                let at = format!("{from}[{i}] ({})", rule.name);
+                let log = rule.log.as_deref().map(|p| compile(p, "log", &at));
+                let status = rule.status.as_deref().map(|p| compile(p, "status", &at));
+                let (log, status) = match (log.transpose(), status.transpose()) {
+                    (Ok(l), Ok(s)) => (l, s),
+                    (l, s) => {
+                        problems.extend(l.err());
+                        problems.extend(s.err());
+                        continue;
+                    }
+                };
+                let blame = rule
+                    .blame
+                    .or_else(|| c.details.get(&rule.detail).map(|d| d.blame))
+                    .unwrap_or(Blame::Unknown);
+                rules.push(Compiled {
+                    blame,
+                    tasks: rule
+                        .task
+                        .as_ref()
+                        .map(|t| t.items().to_vec())
+                        .unwrap_or_default(),
+                    codes: rule
+                        .exit_code
+                        .iter()
+                        .flat_map(|c| c.items())
+                        .filter_map(|c| c.range().ok())
+                        .collect(),
+                    signals: rule
+                        .signal
+                        .iter()
+                        .flat_map(|s| s.items())
+                        .filter_map(|s| s.number())
+                        .collect(),
+                    log,
+                    status,
+                    rule,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(Classifier {
+                rules,
+                catalogue: c.details.clone(),
+                max_scan: c.max_scan_bytes,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn catalogue(&self) -> &BTreeMap<String, DetailEntry> {
+        &self.catalogue
+    }
+
+    /// Rules in the order they are tried.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.rule.name.as_str())
+    }
+
+    /// Who is told, and whether the resource is suspect, for `detail`.
+    fn finish(
+        &self,
+        blame: Blame,
+        detail: String,
+        description: String,
+        rule: String,
+    ) -> Classification {
+        let entry = self.catalogue.get(&detail);
+        let notify = match entry {
+            Some(e) => e.notify,
+            None if blame == Blame::Task => Party::Owners,
+            None => Party::Operators,
+        };
+        Classification {
+            blame,
+            description: bounded(&description, MAX_DESCRIPTION),
+            detail,
+            rule,
+            notify,
+            suspect_resource: entry.is_some_and(|e| e.suspect_resource),
+        }
+    }
+
+    /// Never panics; time and memory are bounded by `max_scan_bytes`.
+    pub fn classify(&self, input: &CrashInput) -> Classification {
+        let crash = input.crash;
+        let status = crash.status_file.as_deref().map(str::trim).unwrap_or("");
+        let status_verdict = read_status(status);
+        if let StatusFile::Fault {
+            blame,
+            detail,
+            description,
+        } = &status_verdict
+        {
+            return self.finish(
+                *blame,
+                detail.clone(),
+                if description.is_empty() {
+                    format!("the task reported {blame}/{detail}")
+                } else {
+                    description.clone()
+                },
+                "status_file".into(),
+            );
+        }
+        let log = tail(&crash.log_tail, self.max_scan);
+        let status_scan = tail(status, self.max_scan);
+        for r in &self.rules {
+            if let Some(found) = self.matches(r, input, log, status_scan) {
+                let description = render(&r.rule.description, &found, input);
+                return self.finish(
+                    r.blame,
+                    r.rule.detail.clone(),
+                    description,
+                    r.rule.name.clone(),
+                );
+            }
+        }
+        if let StatusFile::Invalid(why) = status_verdict {
+            return self.finish(
+                Blame::Task,
+                "status_file_invalid".into(),
+                format!(
+                    "the status file is not OK, a verdict or a fault ({why}): {}",
+                    excerpt(status)
+                ),
+                "status_file_invalid".into(),
+            );
+        }
+        self.finish(
+            Blame::Unknown,
+            "unclassified".into(),
+            format!("no rule recognised this crash ({})", how_it_ended(crash)),
+            "fallback".into(),
+        )
+    }
+
+    /// The matched line (or "" when the rule has no pattern) if every
+    /// condition of `r` holds.
+    fn matches(&self, r: &Compiled, input: &CrashInput, log: &str, status: &str) -> Option<String> {
+        let c = input.crash;
+        if !r.tasks.is_empty() && !r.tasks.iter().any(|t| t == input.task) {
+            return None;
+        }
+        if !r.codes.is_empty() {
+            let code = i64::from(c.exit_code?);
+            if !r.codes.iter().any(|(a, b)| (*a..=*b).contains(&code)) {
+                return None;
+            }
+        }
+        if !r.signals.is_empty() && !r.signals.contains(&c.signal?) {
+            return None;
+        }
+        if let Some(t) = r.rule.timed_out {
+            if c.timed_out != t {
+                return None;
+            }
+        }
+        let mut found = String::new();
+        if let Some(re) = &r.status {
+            let m = re.find(status)?;
+            found = line_of(status, m.start(), m.end());
+        }
+        if let Some(re) = &r.log {
+            // The last match: the line nearest the end is the likeliest cause.
+            let m = re.find_iter(log).last()?;
+            found = line_of(log, m.start(), m.end());
+        }
+        Some(found)
+    }
+}
+
+enum StatusFile {
+    None,
+    Verdict,
+    Fault {
+        blame: Blame,
+        detail: String,
+        description: String,
+    },
+    Invalid(&'static str),
+}
+
+/// DESIGN.md's status file: `OK`, a JSON verdict, or a JSON fault.
+fn read_status(text: &str) -> StatusFile {
+    if text.is_empty() {
+        return StatusFile::None;
+    }
+    if text == "OK" {
+        return StatusFile::Verdict;
+    }
+    let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return StatusFile::Invalid("not JSON");
+    };
+    if obj
+        .get("outcome")
+        .or_else(|| obj.get("verdict"))
+        .and_then(|v| v.as_str())
+        .is_some_and(|s| !s.is_empty())
+    {
+        return StatusFile::Verdict;
+    }
+    let blame = obj.get("blame").and_then(|v| v.as_str());
+    let detail = obj.get("detail").and_then(|v| v.as_str());
+    match (blame, detail) {
+        (Some(b), Some(d)) => {
+            let Ok(blame) = b.parse::<Blame>() else {
+                return StatusFile::Invalid("unknown blame");
+            };
+            if d.is_empty() || d.len() > 64 || !warden_shared::config::valid_name(d) {
+                return StatusFile::Invalid("detail is not a code of letters, digits and _");
+            }
+            let description = obj
+                .get("description")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            StatusFile::Fault {
+                blame,
+                detail: d.to_string(),
+                description: bounded(&clean(description), MAX_DESCRIPTION),
+            }
+        }
+        _ => StatusFile::Invalid("a JSON object without outcome, or blame and detail"),
+    }
+}
+
+/// The last `max` bytes of `s`, cut at a character boundary.
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The whole line around a match, trimmed and bounded.
+fn line_of(text: &str, start: usize, end: usize) -> String {
+    let from = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let to = text[end..].find('\n').map_or(text.len(), |i| end + i);
+    excerpt(&text[from..to.max(end)])
+}
+
+/// Control characters replaced, so a description is one printable line.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn bounded(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+fn excerpt(s: &str) -> String {
+    bounded(clean(s).trim(), MAX_EXCERPT)
+}
+
+fn how_it_ended(c: &CrashInfo) -> String {
+    match (c.exit_code, c.signal) {
+        (_, Some(sig)) => format!("killed by {} after {} ms", signal_name(sig), c.duration_ms),
+        (Some(code), None) => format!("exit code {code} after {} ms", c.duration_ms),
+        (None, None) => "no exit status".into(),
+    }
+}
+
+fn render(template: &str, found: &str, input: &CrashInput) -> String {
+    let c = input.crash;
+    template
+        .replace("{match}", found)
+        .replace(
+            "{exit_code}",
+            &c.exit_code
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "-".into()),
+        )
+        .replace(
+            "{signal}",
+            &c.signal.map(signal_name).unwrap_or_else(|| "-".into()),
+        )
+        .replace("{task}", input.task)
+        .replace("{duration}", &format!("{} ms", c.duration_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classifier(extra: &str) -> Classifier {
+        let config = Config::from_parts(Some(extra), Vec::new()).expect("config");
+        Classifier::from_config(&config).expect("rules compile")
+    }
+
+    fn crash(log: &str, exit: Option<i32>, signal: Option<i32>) -> CrashInfo {
+        CrashInfo {
+            exit_code: exit,
+            signal,
+            log_tail: log.into(),
+            ..Default::default()
+        }
+    }
+
+    fn run(c: &Classifier, info: &CrashInfo) -> Classification {
+        c.classify(&CrashInput {
+            task: "t",
+            crash: info,
+            resource: None,
+        })
+    }
+
+    #[test]
+    fn status_file_fault_wins_over_rules() {
+        let c = classifier("");
+        let mut info = crash("Could not resolve host: example.org", Some(3), None);
+        info.status_file = Some(
+            r#"{"blame":"task","detail":"task_failure","description":"3 tests failed"}"#.into(),
+        );
+        let got = run(&c, &info);
+        assert_eq!(
+            (got.blame, got.detail.as_str(), got.rule.as_str()),
+            (Blame::Task, "task_failure", "status_file")
+        );
+        assert_eq!(got.notify, Party::Owners);
+    }
+
+    #[test]
+    fn malformed_status_file_is_classified_not_fatal() {
+        let c = classifier("");
+        for bad in [
+            "{not json",
+            r#"{"blame":"gremlins","detail":"x"}"#,
+            "[1,2]",
+            "\u{0}\u{1}garbage",
+        ] {
+            let mut info = crash("", Some(2), None);
+            info.status_file = Some(bad.into());
+            let got = run(&c, &info);
+            assert_eq!(got.detail, "status_file_invalid", "{bad:?}: {got:?}");
+            assert_eq!(got.blame, Blame::Task);
+            assert!(!got.description.contains('\u{0}'));
+        }
+    }
+
+    #[test]
+    fn user_rules_come_first_and_fill_templates() {
+        let c = classifier(
+            r#"
+[[classifier.rules]]
+name = "ours"
+task = "t"
+exit_code = "100-110"
+log = "mirror (\\S+) is down"
+detail = "network"
+description = "{task} exit {exit_code}: {match}"
+"#,
+        );
+        let got = run(
+            &c,
+            &crash("x\nmirror a.example is down today\ny", Some(105), None),
+        );
+        assert_eq!(got.rule, "ours");
+        assert_eq!(got.blame, Blame::ThirdParty, "the catalogue's blame");
+        assert_eq!(
+            got.description,
+            "t exit 105: mirror a.example is down today"
+        );
+        // The exit code is outside the range: the rule does not match.
+        assert_ne!(
+            run(&c, &crash("mirror a is down", Some(99), None)).rule,
+            "ours"
+        );
+    }
+
+    #[test]
+    fn nothing_known_is_unclassified() {
+        let c = classifier("");
+        let got = run(&c, &crash("all good here\n", Some(42), None));
+        assert_eq!(
+            (got.blame, got.detail.as_str(), got.rule.as_str()),
+            (Blame::Unknown, "unclassified", "fallback")
+        );
+    }
+
+    #[test]
+    fn bad_patterns_are_reported_with_the_rule_name() {
+        let config = Config::from_parts(
+            Some(
+                r#"
+[[classifier.rules]]
+name = "broken"
+log = "(unclosed"
+detail = "network"
+description = "x"
+
+[[classifier.rules]]
+name = "huge"
+log = "\\w{1000}\\w{1000}\\w{1000}"
+detail = "network"
+description = "x"
+"#,
+            ),
+            Vec::new(),
+        )
+        .expect("config");
+        let Err(problems) = Classifier::from_config(&config) else {
+            panic!("accepted")
+        };
+        assert!(
+            problems.iter().any(|p| p.contains("(broken)")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("(huge)")),
+            "{problems:?}"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! The classifier as a NATS service: requests on
+//! [`subjects::CLASSIFY`], answered by whichever replica the service API's
+//! queue group picks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use futures::StreamExt;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use warden_shared::messages::{ClassifyReply, ClassifyRequest, ErrorBody, MESSAGE_VERSION};
+use warden_shared::{runtime, subjects, Config};
+
+use crate::metrics::metrics;
+use crate::{Classifier, CrashInput};
+
+#[derive(Debug, Error)]
+pub enum ClassifierError {
+    #[error("invalid classifier rules:\n  - {}", .0.join("\n  - "))]
+    Rules(Vec<String>),
+    #[error(transparent)]
+    Connect(#[from] runtime::ConnectError),
+    #[error("cannot register the classifier service")]
+    Service(#[source] async_nats::Error),
+}
+
+/// Runs one classifier replica until `shutdown`.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ClassifierError> {
+    let classifier = Arc::new(Classifier::from_config(&config).map_err(ClassifierError::Rules)?);
+    let client = runtime::connect(&config, "classifier").await?;
+    let service = client
+        .service_builder()
+        .description("Warden crash classifier")
+        .start(subjects::CLASSIFIER_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(ClassifierError::Service)?;
+    let mut requests = service
+        .endpoint_builder()
+        .name("classify")
+        .add(subjects::CLASSIFY)
+        .await
+        .map_err(ClassifierError::Service)?;
+    info!(
+        rules = classifier.rule_names().count(),
+        "classifier running"
+    );
+    loop {
+        let req = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = requests.next() => match r { Some(r) => r, None => break },
+        };
+        let classifier = classifier.clone();
+        tokio::spawn(async move {
+            let reply = answer(classifier, &req.message.payload).await;
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
+                debug!(error = %e, "cannot answer classify request");
+            }
+        });
+    }
+    let _ = service.stop().await;
+    let _ = client.flush().await;
+    info!("classifier stopped");
+    Ok(())
+}
+
+async fn answer(classifier: Arc<Classifier>, payload: &[u8]) -> ClassifyReply {
+    let m = metrics();
+    let req: ClassifyRequest = match serde_json::from_slice(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            m.invalid.inc();
+            warn!(error = %e, "undecodable classify request");
+            return ClassifyReply {
+                version: MESSAGE_VERSION,
+                classification: None,
+                error: Some(ErrorBody::new("invalid_request", e.to_string())),
+            };
+        }
+    };
+    let started = Instant::now();
+    // Bounded work, but CPU work: keep it off the I/O threads.
+    let decided = tokio::task::spawn_blocking(move || {
+        let c = classifier.classify(&CrashInput {
+            task: &req.task,
+            crash: &req.crash,
+            resource: req.resource.as_deref(),
+        });
+        let known = classifier.catalogue().contains_key(&c.detail);
+        (c, known, req)
+    })
+    .await;
+    m.duration.observe(started.elapsed().as_secs_f64());
+    match decided {
+        Ok((c, known, req)) => {
+            m.classified
+                .with_label_values(&[c.blame.as_str(), if known { &c.detail } else { "other" }])
+                .inc();
+            debug!(job.id = %req.job_id, attempt = req.attempt, blame = %c.blame, detail = %c.detail, rule = %c.rule, "crash classified");
+            ClassifyReply {
+                version: MESSAGE_VERSION,
+                classification: Some(c),
+                error: None,
+            }
+        }
+        Err(e) => ClassifyReply {
+            version: MESSAGE_VERSION,
+            classification: None,
+            error: Some(ErrorBody::new(
+                "internal",
+                format!("classification failed: {e}"),
+            )),
+        },
+    }
+}
