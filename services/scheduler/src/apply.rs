@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use warden_shared::job::{Blame, CrashInfo, HistoryEntry, Job};
-use warden_shared::messages::{Report, ReportKind};
+use warden_shared::messages::{Classification, Report, ReportKind};
 use warden_shared::state::{transition, Action};
 use warden_shared::JobState;
 
@@ -108,7 +108,29 @@ fn after_cancel_prefix(r: &Report) -> String {
     format!("{} report after cancel", r.kind.name())
 }
 
+/// [`decide_with`] without a classification (the task's own fault, else
+/// `unknown/unclassified`).
 pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
+    decide_with(job, r, None, now)
+}
+
+/// Would this report record a crash on `job` (so it needs classifying)?
+pub fn crash_to_classify(job: &Job, r: &Report) -> bool {
+    matches!(r.kind, ReportKind::Crashed { .. })
+        && job.state == JobState::Running
+        && r.epoch == job.attempt
+        && job.lease.as_ref().is_some_and(|l| l.session == r.session)
+        && !already_applied(job, r)
+}
+
+/// What `r` does to `job`; a crash takes its blame, detail and
+/// description from `classification` when there is one.
+pub fn decide_with(
+    job: &Job,
+    r: &Report,
+    classification: Option<&Classification>,
+    now: DateTime<Utc>,
+) -> Decision {
     if already_applied(job, r) {
         return Decision::Duplicate;
     }
@@ -159,13 +181,27 @@ pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
             note = Some(format!("outcome {outcome} after {duration_ms} ms"));
         }
         ReportKind::Crashed { crash, fault } => {
-            // Classification is a later stage; until then the task's own
-            // fault (status file) is taken as said, anything else unknown.
-            let (blame, detail, description) = match fault {
-                Some(f) => (f.blame, f.detail.clone(), f.description.clone()),
-                None => (Blame::Unknown, "unclassified".to_string(), describe(crash)),
+            // The classifier's word; without it, the task's own fault
+            // (status file) as said, anything else unknown.
+            let (blame, detail, description, rule) = match (classification, fault) {
+                (Some(c), _) => (
+                    c.blame,
+                    c.detail.clone(),
+                    c.description.clone(),
+                    Some(c.rule.as_str()),
+                ),
+                (None, Some(f)) => (f.blame, f.detail.clone(), f.description.clone(), None),
+                (None, None) => (
+                    Blame::Unknown,
+                    "unclassified".to_string(),
+                    describe(crash),
+                    None,
+                ),
             };
-            note = Some(format!("{blame}/{detail}: {description}"));
+            note = Some(match rule {
+                Some(rule) => format!("{blame}/{detail} (rule {rule}): {description}"),
+                None => format!("{blame}/{detail}: {description}"),
+            });
             next.blame = Some(blame);
             next.detail = Some(detail);
             next.description = Some(description);

@@ -28,7 +28,9 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::job::{HistoryEntry, Lease};
 use warden_shared::messages::{
-    AcquireReply, AcquireRequest, DeadLetter, ErrorBody, LeaseGrant, Report, MESSAGE_VERSION,
+    AcquireReply, AcquireRequest, Classification, ClassifyReply, ClassifyRequest, DeadLetter,
+    ErrorBody, LeaseGrant, Notification, Party, Report, ReportKind, ResourceSuspect,
+    MESSAGE_VERSION,
 };
 use warden_shared::retry::{self, Fate, Loss};
 use warden_shared::runtime;
@@ -37,7 +39,9 @@ use warden_shared::state::{transition, Action};
 use warden_shared::store::{self, JobStore, StoreError, Versioned};
 use warden_shared::{subjects, Config, JobState};
 
-use crate::apply::{decide, record_after_cancel, record_rejection, Decision};
+use crate::apply::{
+    crash_to_classify, decide_with, record_after_cancel, record_rejection, Decision,
+};
 use crate::metrics::metrics;
 use crate::queue::Queue;
 
@@ -656,7 +660,12 @@ async fn reports_loop(shared: Arc<Shared>, consumer: PullConsumer, shutdown: Can
                 let shared = &shared;
                 async move {
                     let reports: Vec<&Report> = list.iter().map(|(_, r)| r).collect();
-                    let kind = match handle_reports(shared, &reports).await {
+                    let deliveries = list
+                        .iter()
+                        .filter_map(|(m, _)| m.info().ok().map(|i| i.delivered))
+                        .max()
+                        .unwrap_or(1);
+                    let kind = match handle_reports(shared, &reports, deliveries).await {
                         Disposition::Ack => AckKind::Ack,
                         Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(1))),
                     };
@@ -679,12 +688,15 @@ enum Disposition {
 
 /// Applies the reports of one job, in order, with a single
 /// compare-and-set: the single place a report's fate is decided.
-async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
+async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -> Disposition {
     let Some(first) = reports.first() else {
         return Disposition::Ack;
     };
     let job_id = first.job_id;
     let m = metrics();
+    // Classifications by report index, kept across compare-and-set retries.
+    let mut classified: std::collections::HashMap<usize, Classification> =
+        std::collections::HashMap::new();
     for _ in 0..16 {
         let current = match shared.store.get(&job_id).await {
             Ok(Some(v)) => v,
@@ -710,12 +722,26 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
                 return Disposition::Ack;
             }
         };
+        // Crashes are classified before anything is decided, so the retry
+        // policy acts on the classifier's blame and detail.
+        for (i, r) in reports.iter().enumerate() {
+            if classified.contains_key(&i) || !crash_to_classify(&current.job, r) {
+                continue;
+            }
+            match classify(shared, &current.job, r, deliveries).await {
+                Some(c) => {
+                    classified.insert(i, c);
+                }
+                None => return Disposition::Retry,
+            }
+        }
         let now = Utc::now();
         let mut job = current.job.clone();
         let mut results = Vec::with_capacity(reports.len());
         let mut fates = Vec::new();
-        for r in reports {
-            match decide(&job, r, now) {
+        let mut crashes = Vec::new();
+        for (i, r) in reports.iter().enumerate() {
+            match decide_with(&job, r, classified.get(&i), now) {
                 Decision::Duplicate => results.push((r, "duplicate", None)),
                 Decision::Apply(mut next) => {
                     let from = job.state;
@@ -723,8 +749,13 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
                     // write: no restart can leave a crash unanswered.
                     if next.state == JobState::Crashed {
                         let policy = shared.config.retry_policy(&next.task);
+                        let resource = job.lease.as_ref().and_then(|l| l.resource.clone());
+                        let attempt = next.attempt;
                         let fate = retry::after_crash(&mut next, &policy, now);
                         fates.push((fate, next.blame));
+                        if let Some(c) = classified.get(&i) {
+                            crashes.push((c.clone(), attempt, resource, next.state));
+                        }
                     }
                     results.push((r, "applied", Some((from, next.state))));
                     job = *next;
@@ -751,6 +782,9 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
             Ok(_) => {
                 for (fate, blame) in fates {
                     count_fate(fate, blame);
+                }
+                for (c, attempt, resource, state) in crashes {
+                    act_on_classification(shared, &job, &c, attempt, resource, state).await;
                 }
                 for (r, res, change) in results {
                     match (res, change) {
@@ -790,6 +824,177 @@ async fn handle_reports(shared: &Shared, reports: &[&Report]) -> Disposition {
         }
     }
     Disposition::Retry
+}
+
+/// How long one classification may take before the report is retried.
+const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// After this many deliveries of a crash report without an answer from
+/// the classifier, the crash is recorded unclassified (the task's own
+/// fault if it declared one) rather than leave the job RUNNING forever.
+const CLASSIFY_GIVE_UP: i64 = 20;
+
+/// Asks the classifier about the crash in `r`; `None` when it did not
+/// answer (the report is retried), a stand-in when it never will.
+async fn classify(
+    shared: &Shared,
+    job: &warden_shared::Job,
+    r: &Report,
+    deliveries: i64,
+) -> Option<Classification> {
+    let ReportKind::Crashed { crash, fault } = &r.kind else {
+        return None;
+    };
+    let req = ClassifyRequest {
+        version: MESSAGE_VERSION,
+        job_id: job.id,
+        task: job.task.clone(),
+        attempt: r.epoch,
+        resource: job.lease.as_ref().and_then(|l| l.resource.clone()),
+        crash: crash.clone(),
+    };
+    let m = metrics();
+    let failure = match serde_json::to_vec(&req) {
+        Err(e) => format!("cannot encode: {e}"),
+        Ok(body) => {
+            match tokio::time::timeout(
+                CLASSIFY_TIMEOUT,
+                shared.client.request(subjects::CLASSIFY, body.into()),
+            )
+            .await
+            {
+                Ok(Ok(msg)) => match serde_json::from_slice::<ClassifyReply>(&msg.payload) {
+                    Ok(ClassifyReply {
+                        classification: Some(c),
+                        ..
+                    }) => return Some(c),
+                    Ok(ClassifyReply { error, .. }) => format!(
+                        "classifier error: {}",
+                        error.map(|e| e.message).unwrap_or_default()
+                    ),
+                    Err(e) => format!("bad classifier reply: {e}"),
+                },
+                Ok(Err(e)) => format!("classifier request failed: {e}"),
+                Err(_) => "classifier did not answer in time".to_string(),
+            }
+        }
+    };
+    m.classify_failures.inc();
+    if deliveries < CLASSIFY_GIVE_UP {
+        debug!(job.id = %job.id, deliveries, failure, "crash not classified yet; will retry");
+        return None;
+    }
+    warn!(job.id = %job.id, deliveries, failure, "classifier unavailable; crash recorded without classification");
+    let (blame, detail, description) = match fault {
+        Some(f) => (f.blame, f.detail.clone(), f.description.clone()),
+        None => (
+            warden_shared::Blame::Unknown,
+            "unclassified".to_string(),
+            format!("{} (the classifier did not answer)", apply::describe(crash)),
+        ),
+    };
+    Some(Classification {
+        blame,
+        detail,
+        description,
+        rule: "classifier_unavailable".into(),
+        notify: Party::Operators,
+        suspect_resource: false,
+    })
+}
+
+/// After a classified crash is written: tell the party the catalogue names
+/// and flag the resource when it may be at fault. Both are durable
+/// publishes with a message id per attempt, so a retried write never
+/// notifies twice; a failed publish is logged and counted, the crash stays
+/// recorded.
+async fn act_on_classification(
+    shared: &Shared,
+    job: &warden_shared::Job,
+    c: &Classification,
+    attempt: u32,
+    resource: Option<String>,
+    state: JobState,
+) {
+    let m = metrics();
+    let now = Utc::now();
+    if c.notify != Party::None {
+        let recipients = match c.notify {
+            Party::Owners => shared
+                .config
+                .tasks
+                .get(&job.task)
+                .map(|t| t.owners.clone())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let n = Notification {
+            version: MESSAGE_VERSION,
+            party: c.notify,
+            recipients,
+            job_id: job.id,
+            task: job.task.clone(),
+            attempt,
+            blame: c.blame,
+            detail: c.detail.clone(),
+            description: c.description.clone(),
+            state,
+            resource: resource.clone(),
+            links: vec![
+                format!("/api/v1/jobs/{}", job.id),
+                format!("warden job show {}", job.id),
+            ],
+            at: now,
+        };
+        let id = format!("{}:{attempt}:notify", job.id);
+        let ok = publish_durable(shared, subjects::notify_subject(c.notify), &id, &n).await;
+        m.notifications
+            .with_label_values(&[c.notify.as_str(), if ok { "published" } else { "failed" }])
+            .inc();
+    }
+    if let (true, Some(resource)) = (c.suspect_resource, resource) {
+        let s = ResourceSuspect {
+            version: MESSAGE_VERSION,
+            resource: resource.clone(),
+            job_id: job.id,
+            attempt,
+            detail: c.detail.clone(),
+            at: now,
+        };
+        let id = format!("{}:{attempt}:suspect", job.id);
+        if publish_durable(shared, subjects::suspect_subject(&resource), &id, &s).await {
+            m.suspects.inc();
+        }
+    }
+}
+
+async fn publish_durable<T: serde::Serialize>(
+    shared: &Shared,
+    subject: String,
+    msg_id: &str,
+    body: &T,
+) -> bool {
+    let Ok(payload) = serde_json::to_vec(body) else {
+        return false;
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    match shared
+        .js
+        .publish_with_headers(subject.clone(), headers, payload.into())
+        .await
+    {
+        Ok(ack) => match ack.await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(subject, error = %e, "publish not acknowledged");
+                false
+            }
+        },
+        Err(e) => {
+            warn!(subject, error = %e, "cannot publish");
+            false
+        }
+    }
 }
 
 async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde_json::Error) {

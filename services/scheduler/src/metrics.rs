@@ -20,6 +20,9 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub shelved: IntCounterVec,
     pub delayed: IntGaugeVec,
+    pub classify_failures: IntCounter,
+    pub notifications: IntCounterVec,
+    pub suspects: IntCounter,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -114,6 +117,19 @@ pub fn metrics() -> &'static Metrics {
                     &["pool"],
                 )
                 .expect("valid metric"),
+            ),
+            classify_failures: counter(
+                "warden_scheduler_classify_failures_total",
+                "Crash classifications that failed (classifier down or slow); the report is retried",
+            ),
+            notifications: counter_vec(
+                "warden_scheduler_notifications_total",
+                "Crash notifications published, by party and result",
+                &["party", "result"],
+            ),
+            suspects: counter(
+                "warden_scheduler_resource_suspects_total",
+                "Resources flagged suspicious after a crash that may be their fault",
             ),
             acquire_requests: counter_vec(
                 "warden_scheduler_acquire_requests_total",

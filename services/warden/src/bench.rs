@@ -140,6 +140,12 @@ async fn phase(
         });
         let (c, s) = (config.clone(), shutdown.clone());
         tasks.spawn(async move { warden_fencing::run(c, s).await.map_err(anyhow::Error::from) });
+        let (c, s) = (config.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            warden_classifier::service::run(c, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     for i in 0..args.workers {
         let mut wc = (*config).clone();

@@ -56,6 +56,11 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         "api",
         warden_api::run(config.clone(), shutdown.clone()),
     );
+    start(
+        &mut set,
+        "classifier",
+        warden_classifier::service::run(config.clone(), shutdown.clone()),
+    );
     let mut bots = Vec::new();
     for i in 1..=args.workers {
         let mut wc = (*config).clone();
