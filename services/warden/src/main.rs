@@ -2,6 +2,7 @@
 //! worker agent (`worker`) and measures it (`bench`).
 
 mod bench;
+mod classify;
 mod cli;
 mod natsd;
 mod up;
@@ -46,6 +47,8 @@ pub enum Command {
     },
     /// Run no-op jobs end to end through a real local bus and print throughput and latency
     Bench(BenchArgs),
+    /// Classify a crash from its log (and status file, exit code, signal) without a bus
+    Classify(classify::ClassifyArgs),
 }
 
 #[derive(Args)]
@@ -192,6 +195,7 @@ async fn main() {
                 .map_err(anyhow::Error::from)
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
+        Command::Classify(args) => classify::run(&config, args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,100 @@
+//! `warden classify`: run the classifier on a log without a bus, so an
+//! operator can test rules before deploying them.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use warden_classifier::{Classifier, CrashInput};
+use warden_shared::classify::signal_number;
+use warden_shared::job::CrashInfo;
+use warden_shared::Config;
+
+#[derive(clap::Args)]
+pub struct ClassifyArgs {
+    /// The task's output (the end of it is what the worker would send)
+    #[arg(long)]
+    pub log: PathBuf,
+    /// The task's status file
+    #[arg(long)]
+    pub status: Option<PathBuf>,
+    #[arg(long)]
+    pub exit_code: Option<i32>,
+    /// Signal that ended the task: a number or a name (9, KILL, SIGKILL)
+    #[arg(long)]
+    pub signal: Option<String>,
+    /// Task name, for rules that match on it
+    #[arg(long, default_value = "")]
+    pub task: String,
+    /// The worker killed the task for its time limit
+    #[arg(long)]
+    pub timed_out: bool,
+    /// Print a JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Bytes as text: invalid UTF-8 replaced, as the worker does.
+fn read_text(path: &PathBuf) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+pub fn run(config: &Config, args: &ClassifyArgs) -> anyhow::Result<i32> {
+    let classifier = match Classifier::from_config(config) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!(
+                "warden: invalid classifier rules:\n  - {}",
+                problems.join("\n  - ")
+            );
+            return Ok(warden_shared::config::EXIT_CONFIG);
+        }
+    };
+    let signal = match &args.signal {
+        Some(s) => match signal_number(s) {
+            Some(n) => Some(n),
+            None => {
+                eprintln!("warden: --signal {s:?} is not a signal number or name");
+                return Ok(warden_shared::config::EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    let (log, status) = match (
+        read_text(&args.log),
+        args.status.as_ref().map(read_text).transpose(),
+    ) {
+        (Ok(l), Ok(s)) => (l, s),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("warden: {e:#}");
+            return Ok(warden_shared::config::EXIT_CONFIG);
+        }
+    };
+    let crash = CrashInfo {
+        exit_code: args.exit_code,
+        signal,
+        duration_ms: 0,
+        log_tail: log,
+        status_file: status,
+        timed_out: args.timed_out,
+    };
+    let c = classifier.classify(&CrashInput {
+        task: &args.task,
+        crash: &crash,
+        resource: None,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        println!("blame:       {}", c.blame);
+        println!("detail:      {}", c.detail);
+        println!("description: {}", c.description);
+        println!("rule:        {}", c.rule);
+        println!("notify:      {}", c.notify.as_str());
+        println!(
+            "suspect:     {}",
+            if c.suspect_resource { "resource" } else { "no" }
+        );
+    }
+    Ok(0)
+}
