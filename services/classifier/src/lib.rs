@@ -274,6 +274,44 @@ impl Classifier {
     }
 }
 
+/// `docs/crash-details.md`: the catalogue as operators read it, generated
+/// from the config so it cannot drift (a test compares the checked-in
+/// file). "Retried" is the retry policy's answer for the default blame.
+pub fn catalogue_markdown(config: &Config) -> String {
+    let mut out = String::from(
+        "# Crash details\n\n\
+         Generated from the built-in configuration by `warden-classifier`'s tests\n\
+         (`WARDEN_BLESS=1 cargo test -p warden-classifier --test catalogue`); do\n\
+         not edit by hand. Add a code with a `[classifier.details.CODE]` table in\n\
+         the config: no schema change is needed.\n\n\
+         A crash's blame and detail come from, in order: a fault the task wrote\n\
+         to its status file; the first matching rule (an operator's, then the\n\
+         shipped ones in `deploy/classifier/rules.toml`); an invalid status file;\n\
+         else `unknown/unclassified`. A rule may give another blame than the\n\
+         default below (`dependency_missing` is `task` when the repository\n\
+         answered and the package is not there). *Retried* follows `[retry]\n\
+         retryable` for the default blame; *suspect resource* means the\n\
+         resource the attempt ran on is checked (health service).\n\n\
+         | code | default blame | meaning | notified | retried | suspect resource |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for (code, d) in &config.classifier.details {
+        out.push_str(&format!(
+            "| `{code}` | {} | {} | {} | {} | {} |\n",
+            d.blame,
+            d.meaning.replace('|', "\\|"),
+            d.notify.as_str(),
+            if config.retry.is_retryable(d.blame, code) {
+                "yes"
+            } else {
+                "no"
+            },
+            if d.suspect_resource { "yes" } else { "no" },
+        ));
+    }
+    out
+}
+
 enum StatusFile {
     None,
     Verdict,
