@@ -46,6 +46,7 @@ pub const API_JOB_GET: &str = "warden.api.job.get";
 pub const API_JOB_LIST: &str = "warden.api.job.list";
 pub const API_JOB_RETRY: &str = "warden.api.job.retry";
 pub const API_JOB_CANCEL: &str = "warden.api.job.cancel";
+pub const API_STATS: &str = "warden.api.stats";
 
 /// Crash classifier (async-nats service API; replicas share the queue
 /// group the service API gives every endpoint).

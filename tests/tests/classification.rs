@@ -83,6 +83,41 @@ async fn real_failures_get_the_right_blame_detail_and_policy() {
         );
     }
 
+    // Search and statistics by blame and detail.
+    let found: Vec<Value> = serde_json::from_str(&cli_ok(
+        &url,
+        &[
+            "job",
+            "list",
+            "--blame",
+            "task",
+            "--detail",
+            "task_exception",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["id"], buggy.as_str());
+    let http = get_json(&warden.url("/api/v1/jobs?blame=system&limit=10")).await;
+    assert_eq!(http["total"], 2, "oom and disk_full: {http:#}");
+    let stats: Value =
+        serde_json::from_str(&cli_ok(&url, &["stats", "--window", "1h", "--json"])).unwrap();
+    assert_eq!(stats["jobs"], 4, "{stats:#}");
+    assert_eq!(stats["by_blame"]["system"], 2, "{stats:#}");
+    assert_eq!(stats["by_detail"]["third_party/network"], 1, "{stats:#}");
+    assert_eq!(stats["by_detail"]["task/task_exception"], 1, "{stats:#}");
+    assert_eq!(stats["shelved"], 1);
+    assert_eq!(stats["retried"], 1);
+    let bad = reqwest::get(warden.url("/api/v1/stats?window=forever"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let bad = reqwest::get(warden.url("/api/v1/jobs?blame=gremlins"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
     // The task's owners were told about the task's own bug; operators
     // about the rest; nobody twice.
     let (client, js) = warden_e2e::js(&url).await;

@@ -12,7 +12,8 @@ use warden_shared::job::NewJob;
 use warden_shared::messages::ErrorBody;
 use warden_shared::{subjects, Job};
 
-use crate::types::{ApiReply, CancelRequest, GetRequest, ListQuery, ListReply};
+use crate::index::Stats;
+use crate::types::{ApiReply, CancelRequest, GetRequest, ListQuery, ListReply, StatsQuery};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -87,6 +88,11 @@ impl ApiClient {
             reason,
         };
         self.call(subjects::API_JOB_CANCEL, &req).await
+    }
+
+    /// Counts by state, blame and detail over a window.
+    pub async fn stats(&self, query: StatsQuery) -> Result<Stats, ClientError> {
+        self.call(subjects::API_STATS, &query).await
     }
 
     pub async fn list(&self, query: ListQuery) -> Result<ListReply, ClientError> {

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CancelBody, ErrorReply, ListQuery};
+use crate::types::{CancelBody, ErrorReply, ListQuery, StatsQuery};
 use warden_shared::job::NewJob;
 
 impl IntoResponse for OpError {
@@ -34,6 +34,7 @@ pub fn router(ops: Arc<Ops>) -> Router {
         .route("/api/v1/jobs/{id}", get(get_job))
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/stats", get(stats))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
@@ -89,6 +90,14 @@ async fn cancel_job(
         serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?
     };
     Ok(Json(ops.cancel(&id, req.reason).await?).into_response())
+}
+
+async fn stats(
+    State(ops): State<Arc<Ops>>,
+    query: Result<Query<StatsQuery>, QueryRejection>,
+) -> Result<Response, OpError> {
+    let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
+    Ok(Json(ops.stats(q).await?).into_response())
 }
 
 async fn list_jobs(
@@ -183,6 +192,7 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
         (Some("/api/v1/jobs/{id}"), &Method::GET) => "job_get",
         (Some("/api/v1/jobs/{id}/retry"), &Method::POST) => "job_retry",
         (Some("/api/v1/jobs/{id}/cancel"), &Method::POST) => "job_cancel",
+        (Some("/api/v1/stats"), &Method::GET) => "stats",
         (Some("/metrics"), _) => "metrics",
         (Some("/healthz"), _) => "healthz",
         _ => "other",

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::store;
-use warden_shared::{JobState, JobSummary};
+use warden_shared::{Blame, JobState, JobSummary};
 
 use crate::metrics;
 
@@ -28,6 +28,12 @@ pub struct Filter {
     pub state: Option<JobState>,
     pub task: Option<String>,
     pub pool: Option<String>,
+    pub blame: Option<Blame>,
+    pub detail: Option<String>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Created before.
+    pub until: Option<DateTime<Utc>>,
 }
 
 impl Filter {
@@ -35,7 +41,31 @@ impl Filter {
         self.state.is_none_or(|s| s == j.state)
             && self.task.as_deref().is_none_or(|t| t == j.task)
             && self.pool.as_deref().is_none_or(|p| p == j.pool)
+            && self.blame.is_none_or(|b| Some(b) == j.blame)
+            && self
+                .detail
+                .as_deref()
+                .is_none_or(|d| Some(d) == j.detail.as_deref())
+            && self.since.is_none_or(|t| j.created_at >= t)
+            && self.until.is_none_or(|t| j.created_at < t)
     }
+}
+
+/// Counts over the jobs last changed within a window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Jobs whose last change falls in the window.
+    pub jobs: usize,
+    pub by_state: BTreeMap<String, usize>,
+    /// Jobs carrying a blame (crashed, shelved, or waiting for a retry).
+    pub by_blame: BTreeMap<String, usize>,
+    /// `blame/detail` → count.
+    pub by_detail: BTreeMap<String, usize>,
+    /// Jobs in the window that needed more than one attempt.
+    pub retried: usize,
+    pub shelved: usize,
 }
 
 /// Every job's summary plus an order by creation time, newest first.
@@ -81,6 +111,35 @@ impl JobIndex {
             *n = n.saturating_sub(1);
         }
         Some(old)
+    }
+
+    /// Counts by state, blame and detail over the jobs last changed in
+    /// `[since, until)`.
+    pub fn stats(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Stats {
+        let mut s = Stats {
+            since: Some(since),
+            until: Some(until),
+            ..Stats::default()
+        };
+        for j in self.jobs.values() {
+            if j.updated_at < since || j.updated_at >= until {
+                continue;
+            }
+            s.jobs += 1;
+            *s.by_state.entry(j.state.as_str().to_string()).or_default() += 1;
+            if let Some(b) = j.blame {
+                *s.by_blame.entry(b.as_str().to_string()).or_default() += 1;
+                let d = j.detail.as_deref().unwrap_or("unclassified");
+                *s.by_detail.entry(format!("{b}/{d}")).or_default() += 1;
+            }
+            if j.attempt > 1 {
+                s.retried += 1;
+            }
+            if j.state == JobState::Shelved {
+                s.shelved += 1;
+            }
+        }
+        s
     }
 
     /// One page of the jobs matching `filter`, newest first, and how many
@@ -272,6 +331,36 @@ async fn watch_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_count_the_window_by_state_blame_and_detail() {
+        let mut idx = JobIndex::default();
+        let mut a = job(1, 10, JobState::Crashed, "t", "p");
+        a.blame = Some(Blame::Task);
+        a.detail = Some("task_exception".into());
+        let mut b = job(2, 20, JobState::Shelved, "t", "p");
+        b.blame = Some(Blame::ThirdParty);
+        b.detail = Some("network".into());
+        b.attempt = 3;
+        let c = job(3, 30, JobState::Finished, "t", "p");
+        let old = job(4, -1000, JobState::Finished, "t", "p");
+        for j in [a, b, c, old.clone()] {
+            idx.upsert(j);
+        }
+        let since = old.updated_at + chrono::Duration::seconds(1);
+        let until = since + chrono::Duration::days(1);
+        let s = idx.stats(since, until);
+        assert_eq!(s.jobs, 3, "the old job is outside the window");
+        assert_eq!(s.by_state.get("FINISHED"), Some(&1));
+        assert_eq!(s.by_blame.get("task"), Some(&1));
+        assert_eq!(s.by_detail.get("third_party/network"), Some(&1));
+        assert_eq!((s.retried, s.shelved), (1, 1));
+        let filter = Filter {
+            blame: Some(Blame::ThirdParty),
+            ..Filter::default()
+        };
+        assert_eq!(idx.search(&filter, 10, 0).1, 1);
+    }
     use chrono::TimeZone;
 
     fn job(n: u128, secs: i64, state: JobState, task: &str, pool: &str) -> JobSummary {
@@ -320,7 +409,7 @@ mod tests {
         let f = Filter {
             state: Some(JobState::Running),
             task: Some("a".into()),
-            pool: None,
+            ..Filter::default()
         };
         let (page, total) = idx.search(&f, 100, 0);
         assert_eq!(total, 2);

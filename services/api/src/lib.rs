@@ -33,7 +33,8 @@ use warden_shared::store::JobStore;
 use warden_shared::Config;
 
 pub use client::{ApiClient, ClientError};
-pub use types::{ApiReply, ErrorReply, GetRequest, ListQuery, ListReply};
+pub use index::Stats;
+pub use types::{ApiReply, ErrorReply, GetRequest, ListQuery, ListReply, StatsQuery};
 
 /// How long in-flight requests may take to finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

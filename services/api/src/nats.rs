@@ -17,7 +17,7 @@ use warden_shared::subjects;
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CancelRequest, ErrorReply, ListQuery};
+use crate::types::{CancelRequest, ErrorReply, ListQuery, StatsQuery};
 use warden_shared::job::NewJob;
 
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +27,7 @@ enum Endpoint {
     List,
     Retry,
     Cancel,
+    Stats,
 }
 
 impl Endpoint {
@@ -37,6 +38,7 @@ impl Endpoint {
             Endpoint::List => "nats_job_list",
             Endpoint::Retry => "nats_job_retry",
             Endpoint::Cancel => "nats_job_cancel",
+            Endpoint::Stats => "nats_stats",
         }
     }
 }
@@ -52,10 +54,10 @@ struct RawGetRequest {
 /// Registers the service and its endpoints.
 pub async fn start(
     client: &async_nats::Client,
-) -> Result<(Service, [service::endpoint::Endpoint; 5]), async_nats::Error> {
+) -> Result<(Service, [service::endpoint::Endpoint; 6]), async_nats::Error> {
     let svc = client
         .service_builder()
-        .description("Warden job API: create, get, search, retry and cancel jobs")
+        .description("Warden job API: create, get, search, retry and cancel jobs; statistics")
         .start(subjects::API_SERVICE, env!("CARGO_PKG_VERSION"))
         .await?;
     let create = svc
@@ -83,24 +85,30 @@ pub async fn start(
         .name("job_cancel")
         .add(subjects::API_JOB_CANCEL)
         .await?;
-    Ok((svc, [create, get, list, retry, cancel]))
+    let stats = svc
+        .endpoint_builder()
+        .name("stats")
+        .add(subjects::API_STATS)
+        .await?;
+    Ok((svc, [create, get, list, retry, cancel, stats]))
 }
 
 /// Answers requests until `shutdown`; each request runs in its own task
 /// so a slow store write does not hold up searches.
 pub async fn serve(
     ops: Arc<Ops>,
-    endpoints: [service::endpoint::Endpoint; 5],
+    endpoints: [service::endpoint::Endpoint; 6],
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let [create, get, list, retry, cancel] = endpoints;
+    let [create, get, list, retry, cancel, stats] = endpoints;
     let mut requests = futures::stream::select_all([
         create.map(|r| (Endpoint::Create, r)).boxed(),
         get.map(|r| (Endpoint::Get, r)).boxed(),
         list.map(|r| (Endpoint::List, r)).boxed(),
         retry.map(|r| (Endpoint::Retry, r)).boxed(),
         cancel.map(|r| (Endpoint::Cancel, r)).boxed(),
+        stats.map(|r| (Endpoint::Stats, r)).boxed(),
     ]);
     loop {
         let (endpoint, req) = tokio::select! {
@@ -174,6 +182,14 @@ async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, 
         Endpoint::Cancel => {
             let req: CancelRequest = decode(payload)?;
             encode(&ops.cancel(&req.id, req.reason).await?)
+        }
+        Endpoint::Stats => {
+            let req: StatsQuery = if payload.iter().all(u8::is_ascii_whitespace) {
+                StatsQuery::default()
+            } else {
+                decode(payload)?
+            };
+            encode(&ops.stats(req).await?)
         }
     }
 }

@@ -5,16 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 use warden_shared::config::{valid_name, valid_task_name};
 use warden_shared::messages::ErrorBody;
 use warden_shared::state::IllegalTransition;
 use warden_shared::store::{JobStore, StoreError};
-use warden_shared::{Config, Job, JobState};
+use warden_shared::{Blame, Config, Job, JobState};
 
-use crate::index::{Filter, SharedIndex};
-use crate::types::{ListQuery, ListReply, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::index::{Filter, SharedIndex, Stats};
+use crate::types::{ListQuery, ListReply, StatsQuery, DEFAULT_LIMIT, MAX_LIMIT};
 use warden_shared::job::NewJob;
 
 /// Who the history names as the creator of jobs made through the API.
@@ -186,6 +186,32 @@ impl Ops {
         }
     }
 
+    /// Counts by state, blame and detail over the jobs last changed within
+    /// `window` (default 24 hours) of now.
+    pub async fn stats(&self, q: StatsQuery) -> Result<Stats, OpError> {
+        let window = match q.window.as_deref().map(str::trim).filter(|w| !w.is_empty()) {
+            Some(w) => humantime_serde::re::humantime::parse_duration(w).map_err(|e| {
+                OpError::bad_request(
+                    "invalid_window",
+                    format!("window {w:?} is not a duration like 1h or 7days: {e}"),
+                )
+            })?,
+            None => Duration::from_secs(24 * 3600),
+        };
+        let window = chrono::Duration::from_std(window)
+            .map_err(|_| OpError::bad_request("invalid_window", "window is too long"))?;
+        if !self.index.is_caught_up() && !self.index.wait_caught_up(CATCH_UP_WAIT).await {
+            return Err(OpError::unavailable(
+                "the job index is still loading; try again",
+            ));
+        }
+        let now = Utc::now();
+        let since = now
+            .checked_sub_signed(window)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        Ok(self.index.lock().stats(since, now))
+    }
+
     /// A person's retry: SHELVED, CRASHED or CANCELLED → SCHEDULED with a
     /// fresh attempt budget.
     pub async fn retry(&self, id: &str) -> Result<Job, OpError> {
@@ -258,10 +284,35 @@ impl Ops {
             ),
             None => None,
         };
+        let blame = match nonempty(q.blame) {
+            Some(b) => Some(
+                b.trim()
+                    .parse::<Blame>()
+                    .map_err(|e| OpError::bad_request("invalid_blame", e))?,
+            ),
+            None => None,
+        };
+        let instant = |what: &str, s: Option<String>| -> Result<Option<DateTime<Utc>>, OpError> {
+            match nonempty(s) {
+                Some(t) => DateTime::parse_from_rfc3339(t.trim())
+                    .map(|t| Some(t.with_timezone(&Utc)))
+                    .map_err(|e| {
+                        OpError::bad_request(
+                            "invalid_time",
+                            format!("{what} {t:?} is not an RFC 3339 time: {e}"),
+                        )
+                    }),
+                None => Ok(None),
+            }
+        };
         let filter = Filter {
             state,
             task: nonempty(q.task),
             pool: nonempty(q.pool),
+            blame,
+            detail: nonempty(q.detail),
+            since: instant("since", q.since)?,
+            until: instant("until", q.until)?,
         };
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
         let offset = q.offset.unwrap_or(0);

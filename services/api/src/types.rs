@@ -51,11 +51,32 @@ pub struct ListQuery {
     pub task: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// `system`, `task`, `third_party` or `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blame: Option<String>,
+    /// A detail code (`oom`, `network`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Jobs created at or after this instant (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Jobs created before this instant (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
     /// Default [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<usize>,
+}
+
+/// The query of `GET /api/v1/stats` and the body of the stats endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// How far back from now, e.g. `24h`, `7days` (default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
 }
 
 /// One page of a search, newest job first.

@@ -132,16 +132,25 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             state,
             task,
             pool,
+            blame,
+            detail,
+            since,
             limit,
             json,
         } => {
             if let Some(s) = state {
                 s.parse::<JobState>().map_err(|e| anyhow!(e))?;
             }
+            if let Some(b) = blame {
+                b.parse::<warden_shared::Blame>().map_err(|e| anyhow!(e))?;
+            }
             let query = ListQuery {
                 state: state.clone(),
                 task: task.clone(),
                 pool: pool.clone(),
+                blame: blame.clone(),
+                detail: detail.clone(),
+                since: since.clone(),
                 limit: Some(*limit),
                 ..Default::default()
             };
@@ -178,6 +187,44 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `warden stats`: counts by state, blame and detail over a window.
+pub async fn stats(config: &Config, window: &str, json: bool) -> anyhow::Result<i32> {
+    let client = connect(config).await?;
+    let api = ApiClient::new(client);
+    let s = match api
+        .stats(warden_api::StatsQuery {
+            window: Some(window.to_string()),
+        })
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return refused("read statistics", e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(0);
+    }
+    println!(
+        "{} jobs changed in the last {window} ({} retried, {} shelved)",
+        s.jobs, s.retried, s.shelved
+    );
+    println!("by state:");
+    for (k, n) in &s.by_state {
+        println!("  {k:<12} {n:>8}");
+    }
+    if !s.by_blame.is_empty() {
+        println!("by blame:");
+        for (k, n) in &s.by_blame {
+            println!("  {k:<12} {n:>8}");
+        }
+        println!("by blame/detail:");
+        for (k, n) in &s.by_detail {
+            println!("  {k:<32} {n:>8}");
+        }
+    }
+    Ok(0)
 }
 
 fn parse_id(id: &str) -> anyhow::Result<Uuid> {

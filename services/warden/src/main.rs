@@ -47,6 +47,14 @@ pub enum Command {
     },
     /// Run no-op jobs end to end through a real local bus and print throughput and latency
     Bench(BenchArgs),
+    /// Counts by state, blame and detail over a window (jobs last changed in it)
+    Stats {
+        /// How far back: 1h, 24h, 7days
+        #[arg(long, default_value = "24h")]
+        window: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Classify a crash from its log (and status file, exit code, signal) without a bus
     Classify(classify::ClassifyArgs),
 }
@@ -112,6 +120,15 @@ pub enum JobCommand {
         task: Option<String>,
         #[arg(long)]
         pool: Option<String>,
+        /// system, task, third_party or unknown
+        #[arg(long)]
+        blame: Option<String>,
+        /// A detail code (oom, network, ...); see docs/crash-details.md
+        #[arg(long)]
+        detail: Option<String>,
+        /// Jobs created at or after this RFC 3339 time
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         #[arg(long)]
@@ -196,6 +213,7 @@ async fn main() {
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
         Command::Classify(args) => classify::run(&config, args),
+        Command::Stats { window, json } => cli::stats(&config, window, *json).await,
     };
     match result {
         Ok(code) => std::process::exit(code),
