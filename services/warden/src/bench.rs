@@ -103,8 +103,16 @@ impl Executor for FailFirstAttempt {
         let unlucky = (req.job_id.as_u128() % 10_000) < (self.rate * 10_000.0) as u128;
         Box::pin(async move {
             if unlucky && req.epoch == 1 {
+                // As a task says it: in its status file, which is what the
+                // classifier reads.
                 Execution::Crashed {
-                    crash: CrashInfo::default(),
+                    crash: CrashInfo {
+                        status_file: Some(
+                            r#"{"blame":"third_party","detail":"network","description":"bench: transient failure"}"#
+                                .into(),
+                        ),
+                        ..CrashInfo::default()
+                    },
                     fault: Some(Fault {
                         blame: Blame::ThirdParty,
                         detail: "network".into(),
