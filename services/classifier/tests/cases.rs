@@ -1,7 +1,11 @@
-//! The shipped rules against real failure logs (tests/fixtures/cases.toml,
-//! each with its public source): every case must get its expected blame and
-//! detail. All mismatches are reported at once.
+//! The shipped rules against failure logs (tests/fixtures/cases.toml, each
+//! log in tests/fixtures/logs/ with the public report it comes from): every
+//! case must get its expected blame and detail. All mismatches are
+//! reported at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
 
 use serde::Deserialize;
 use warden_classifier::{Classifier, CrashInput};
@@ -11,40 +15,54 @@ use warden_shared::Config;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Case {
+    file: String,
     source: String,
+    #[serde(default)]
+    constructed: bool,
     #[serde(default)]
     exit_code: Option<i32>,
     #[serde(default)]
     signal: Option<i32>,
     #[serde(default)]
     timed_out: bool,
-    expect: String,
-    log: String,
+    blame: String,
+    detail: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    note: Option<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Cases {
     case: Vec<Case>,
 }
 
+fn fixtures() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixtures().join("cases.toml")).expect("read cases.toml");
+    toml::from_str::<Cases>(&text)
+        .expect("cases.toml parses")
+        .case
+}
+
 #[test]
-fn shipped_rules_classify_every_real_log() {
-    let text = include_str!("fixtures/cases.toml");
-    let cases: Cases = toml::from_str(text).expect("cases.toml parses");
-    assert!(cases.case.len() >= 25, "only {} cases", cases.case.len());
+fn shipped_rules_classify_every_fixture() {
     let classifier = Classifier::from_config(&Config::defaults()).expect("shipped rules compile");
+    let cases = cases();
     let mut wrong = Vec::new();
-    for c in &cases.case {
-        assert!(
-            c.source.starts_with("https://"),
-            "{}: cite a source",
-            c.source
-        );
+    for c in &cases {
+        // Bytes as the worker reads them: invalid UTF-8 replaced.
+        let bytes = std::fs::read(fixtures().join("logs").join(&c.file))
+            .unwrap_or_else(|e| panic!("{}: {e}", c.file));
         let crash = CrashInfo {
             exit_code: c.exit_code,
             signal: c.signal,
             timed_out: c.timed_out,
-            log_tail: c.log.clone(),
+            log_tail: String::from_utf8_lossy(&bytes).into_owned(),
             ..Default::default()
         };
         let got = classifier.classify(&CrashInput {
@@ -52,18 +70,62 @@ fn shipped_rules_classify_every_real_log() {
             crash: &crash,
             resource: None,
         });
-        let said = format!("{}/{}", got.blame, got.detail);
-        if said != c.expect {
+        let (said, want) = (
+            format!("{}/{}", got.blame, got.detail),
+            format!("{}/{}", c.blame, c.detail),
+        );
+        if said != want {
             wrong.push(format!(
-                "{}: expected {}, got {said} (rule {}: {})",
-                c.source, c.expect, got.rule, got.description
+                "{} ({}): expected {want}, got {said} (rule {}: {})",
+                c.file, c.source, got.rule, got.description
             ));
         }
     }
     assert!(
         wrong.is_empty(),
-        "{} misclassified:\n{}",
+        "{} of {} misclassified:\n{}",
         wrong.len(),
+        cases.len(),
         wrong.join("\n")
     );
+}
+
+/// At least 25 real logs, each citing a public source; constructed cases a
+/// small minority; every log file used, every detail the rules give covered.
+#[test]
+fn the_manifest_is_honest_and_complete() {
+    let cases = cases();
+    let real: Vec<&Case> = cases.iter().filter(|c| !c.constructed).collect();
+    assert!(real.len() >= 25, "only {} real cases", real.len());
+    assert!(
+        cases.len() - real.len() <= real.len() / 5,
+        "constructed cases must stay a small minority"
+    );
+    for c in &cases {
+        if c.constructed {
+            assert_eq!(c.source, "constructed", "{}", c.file);
+        } else {
+            assert!(
+                c.source.starts_with("https://") && !c.source.contains(' '),
+                "{}: cite the public report as a URL",
+                c.file
+            );
+        }
+    }
+    let used: BTreeSet<&str> = cases.iter().map(|c| c.file.as_str()).collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(fixtures().join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let on_disk: BTreeSet<&str> = on_disk.iter().map(String::as_str).collect();
+    assert_eq!(used, on_disk, "every log has a case and every case a log");
+    let covered: BTreeSet<&str> = real.iter().map(|c| c.detail.as_str()).collect();
+    let rules: toml::Table = toml::from_str(warden_classifier::DEFAULT_RULES_TOML).unwrap();
+    for r in rules["rules"].as_array().unwrap() {
+        let detail = r["detail"].as_str().unwrap();
+        assert!(
+            covered.contains(detail),
+            "no real log exercises a rule giving {detail}"
+        );
+    }
 }
