@@ -14,6 +14,12 @@
 //! input whatever the pattern, on at most `classifier.max_scan_bytes` of
 //! the log; compiled patterns are size-limited. No input can hang or take
 //! down the classifier.
+//!
+//! A bare SIGKILL (signal 9, or exit 137 with nothing in the log) is not
+//! called `oom`: operators, runners and time limits send it too. The
+//! shipped rules want evidence (a kernel OOM line, an allocation failure,
+//! or a shell's `Killed` with exit 137); a site where SIGKILL does mean OOM
+//! can add its own rule.
 
 pub mod metrics;
 pub mod service;
@@ -24,8 +30,16 @@ use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 use warden_shared::classify::{signal_name, ClassifyRule, DetailEntry};
 use warden_shared::job::{Blame, CrashInfo};
-use warden_shared::messages::{Classification, Party};
+use warden_shared::messages::Party;
 use warden_shared::Config;
+
+/// What [`Classifier::classify`] decides (with the catalogue's party and
+/// suspect flag, so callers need not look the detail up again).
+pub use warden_shared::messages::Classification;
+
+/// The detail catalogue: code → default blame, meaning, who is told,
+/// whether the resource is suspect. Read from `[classifier.details.CODE]`.
+pub type Catalogue = BTreeMap<String, DetailEntry>;
 
 /// The shipped rule set, appended after the user's rules.
 pub const DEFAULT_RULES_TOML: &str = include_str!("../../../deploy/classifier/rules.toml");
@@ -64,7 +78,7 @@ struct Compiled {
 /// Compiled rules and the catalogue.
 pub struct Classifier {
     rules: Vec<Compiled>,
-    catalogue: BTreeMap<String, DetailEntry>,
+    catalogue: Catalogue,
     max_scan: usize,
 }
 
@@ -152,7 +166,7 @@ impl Classifier {
         }
     }
 
-    pub fn catalogue(&self) -> &BTreeMap<String, DetailEntry> {
+    pub fn catalogue(&self) -> &Catalogue {
         &self.catalogue
     }
 
@@ -226,7 +240,7 @@ impl Classifier {
                 "status_file_invalid".into(),
                 format!(
                     "the status file is not OK, a verdict or a fault ({why}): {}",
-                    excerpt(status)
+                    escaped_excerpt(status)
                 ),
                 "status_file_invalid".into(),
             );
@@ -405,6 +419,28 @@ fn excerpt(s: &str) -> String {
     bounded(clean(s).trim(), MAX_EXCERPT)
 }
 
+/// A bounded excerpt with control characters shown escaped (`\n`,
+/// `\u{0}`), so a description says exactly what a bad status file held
+/// and is still one printable line.
+fn escaped_excerpt(s: &str) -> String {
+    // Bound first so escaping a huge input costs no more than the excerpt.
+    let head: String = s.trim().chars().take(MAX_EXCERPT).collect();
+    let mut out = String::new();
+    for c in head.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    let cut = s.trim().chars().nth(MAX_EXCERPT).is_some();
+    let mut out = bounded(&out, MAX_EXCERPT);
+    if cut && !out.ends_with('…') {
+        out.push('…');
+    }
+    out
+}
+
 fn how_it_ended(c: &CrashInfo) -> String {
     match (c.exit_code, c.signal) {
         (_, Some(sig)) => format!("killed by {} after {} ms", signal_name(sig), c.duration_ms),
@@ -486,8 +522,73 @@ mod tests {
             let got = run(&c, &info);
             assert_eq!(got.detail, "status_file_invalid", "{bad:?}: {got:?}");
             assert_eq!(got.blame, Blame::Task);
-            assert!(!got.description.contains('\u{0}'));
+            assert!(!got.description.chars().any(char::is_control));
         }
+        // What was wrong is shown, escaped.
+        let mut info = crash("", Some(2), None);
+        info.status_file = Some("\u{0}\u{1}garbage\nmore".into());
+        let got = run(&c, &info);
+        assert!(
+            got.description
+                .ends_with(r"(not JSON): \u{0}\u{1}garbage\nmore"),
+            "{}",
+            got.description
+        );
+    }
+
+    #[test]
+    fn catalogue_has_every_promised_code() {
+        let c = classifier("");
+        for code in [
+            "oom",
+            "disk_full",
+            "watchdog_timeout",
+            "network",
+            "dependency_missing",
+            "upstream_error",
+            "setup_failed",
+            "worker_lost",
+            "task_exception",
+            "task_failure",
+            "unclassified",
+            "worker_crash_loop",
+            "status_file_invalid",
+        ] {
+            assert!(c.catalogue().contains_key(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_bare_sigkill_is_not_called_oom() {
+        let c = classifier("");
+        let got = run(&c, &crash("", None, Some(9)));
+        assert_eq!(
+            (got.blame, got.detail.as_str()),
+            (Blame::Unknown, "unclassified")
+        );
+        let got = run(&c, &crash("compiling...\n", Some(137), None));
+        assert_eq!(got.detail, "unclassified");
+        // With the shell's "Killed" it is.
+        let got = run(&c, &crash("compiling...\nKilled\n", Some(137), None));
+        assert_eq!(
+            (got.detail.as_str(), got.rule.as_str()),
+            ("oom", "sigkill-killed")
+        );
+        // A site can decide otherwise with its own rule.
+        let c = classifier(
+            r#"
+[[classifier.rules]]
+name = "sigkill-is-oom-here"
+signal = "KILL"
+detail = "oom"
+description = "killed by {signal}"
+"#,
+        );
+        let got = run(&c, &crash("", None, Some(9)));
+        assert_eq!(
+            (got.detail.as_str(), got.description.as_str()),
+            ("oom", "killed by SIGKILL")
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `warden classify`: run the classifier on a log without a bus, so an
 //! operator can test rules before deploying them.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use warden_classifier::{Classifier, CrashInput};
@@ -11,10 +13,12 @@ use warden_shared::Config;
 
 #[derive(clap::Args)]
 pub struct ClassifyArgs {
-    /// The task's output (the end of it is what the worker would send)
+    /// The task's output; only its last classifier.max_scan_bytes are read,
+    /// as only those are scanned
     #[arg(long)]
     pub log: PathBuf,
-    /// The task's status file
+    /// The task's status file; only its first worker.status_file_bytes are
+    /// read, as the worker does
     #[arg(long)]
     pub status: Option<PathBuf>,
     #[arg(long)]
@@ -33,9 +37,30 @@ pub struct ClassifyArgs {
     pub json: bool,
 }
 
-/// Bytes as text: invalid UTF-8 replaced, as the worker does.
-fn read_text(path: &PathBuf) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// The last `max` bytes of a file as text (invalid UTF-8 replaced, as the
+/// worker does), so a log of any size costs at most `max` of memory.
+fn read_tail(path: &Path, max: usize) -> anyhow::Result<String> {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max as u64)))?;
+        let mut buf = Vec::new();
+        file.take(max as u64).read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    let bytes = read().with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The first `max` bytes of a file as text, as the worker reads a status
+/// file.
+fn read_head(path: &Path, max: usize) -> anyhow::Result<String> {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        File::open(path)?.take(max as u64).read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    let bytes = read().with_context(|| format!("cannot read {}", path.display()))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -61,8 +86,11 @@ pub fn run(config: &Config, args: &ClassifyArgs) -> anyhow::Result<i32> {
         None => None,
     };
     let (log, status) = match (
-        read_text(&args.log),
-        args.status.as_ref().map(read_text).transpose(),
+        read_tail(&args.log, config.classifier.max_scan_bytes),
+        args.status
+            .as_deref()
+            .map(|p| read_head(p, config.worker.status_file_bytes))
+            .transpose(),
     ) {
         (Ok(l), Ok(s)) => (l, s),
         (Err(e), _) | (_, Err(e)) => {
