@@ -107,6 +107,15 @@ impl Classifier {
             match toml::from_str::<RuleFile>(DEFAULT_RULES_TOML) {
                 Ok(f) => {
                     problems.extend(c.problems("default rules", &f.rules));
+                    // A decision names its rule: it must say which one.
+                    for (i, r) in c.rules.iter().enumerate() {
+                        if f.rules.iter().any(|s| s.name == r.name) {
+                            problems.push(format!(
+                                "classifier.rules[{i}] ({}): a shipped rule has this name; choose another",
+                                r.name
+                            ));
+                        }
+                    }
                     sources.push(("default rules".into(), f.rules));
                 }
                 Err(e) => problems.push(format!("default rules: {e}")),
@@ -663,5 +672,33 @@ description = "x"
             problems.iter().any(|p| p.contains("(huge)")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn a_user_rule_may_not_take_a_shipped_rules_name() {
+        let config = Config::from_parts(
+            Some(
+                r#"
+[[classifier.rules]]
+name = "network"
+log = "x"
+detail = "network"
+description = "x"
+"#,
+            ),
+            Vec::new(),
+        )
+        .expect("config");
+        let Err(problems) = Classifier::from_config(&config) else {
+            panic!("accepted")
+        };
+        assert!(
+            problems[0].contains("classifier.rules[0] (network): a shipped rule has this name"),
+            "{problems:?}"
+        );
+        // Without the shipped rules the name is free.
+        let mut config = config;
+        config.classifier.default_rules = false;
+        assert!(Classifier::from_config(&config).is_ok());
     }
 }
