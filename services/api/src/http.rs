@@ -16,7 +16,7 @@ use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CancelBody, ErrorReply, ListQuery, StatsQuery};
+use crate::types::{CancelBody, ErrorReply, ListQuery, RetryBody, StatsQuery};
 use warden_shared::job::NewJob;
 
 impl IntoResponse for OpError {
@@ -69,10 +69,8 @@ async fn retry_job(
 ) -> Result<Response, OpError> {
     let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
     let body = body.map_err(body_rejection)?;
-    // No options yet; an empty body or `{}`.
     if !body.iter().all(u8::is_ascii_whitespace) {
-        let _: serde::de::IgnoredAny =
-            serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
+        let _: RetryBody = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
     }
     Ok(Json(ops.retry(&id).await?).into_response())
 }
@@ -202,6 +200,19 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_are_named_without_ids() {
+        for (method, path, name) in [
+            (Method::POST, "/api/v1/jobs/{id}/retry", "job_retry"),
+            (Method::POST, "/api/v1/jobs/{id}/cancel", "job_cancel"),
+            (Method::GET, "/api/v1/jobs/{id}", "job_get"),
+            (Method::GET, "/api/v1/jobs/{id}/retry", "other"),
+        ] {
+            assert_eq!(route_name(&method, Some(path)), name, "{method} {path}");
+        }
+        assert_eq!(route_name(&Method::POST, None), "other");
+    }
 
     #[test]
     fn token_comparison() {

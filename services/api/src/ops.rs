@@ -23,6 +23,12 @@ pub const ACTOR: &str = "api";
 /// Longest cancel reason kept in the history.
 pub const MAX_REASON: usize = 1000;
 
+/// Reads a retry or cancel makes before it gives up on a job that other
+/// writers (the scheduler, a second API replica) keep changing under it:
+/// each conflict means someone else's write landed, so a few are normal
+/// and many mean the caller should look again.
+const CHANGE_ATTEMPTS: usize = 8;
+
 /// How long a search waits for the index's first pass after a start.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -215,7 +221,7 @@ impl Ops {
     /// A person's retry: SHELVED, CRASHED or CANCELLED → SCHEDULED with a
     /// fresh attempt budget.
     pub async fn retry(&self, id: &str) -> Result<Job, OpError> {
-        self.change(id, "retried", |job, now| job.retry_by(ACTOR, now))
+        self.change(id, "retry", |job, now| job.retry_by(ACTOR, now))
             .await
     }
 
@@ -232,7 +238,7 @@ impl Ops {
             ));
         }
         let reason = reason.filter(|r| !r.trim().is_empty());
-        self.change(id, "cancelled", |job, now| {
+        self.change(id, "cancel", |job, now| {
             job.cancel_by(ACTOR, reason.as_deref(), now)
         })
         .await
@@ -250,17 +256,19 @@ impl Ops {
             OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)"))
         })?;
         self.bus_up()?;
-        for _ in 0..8 {
+        for _ in 0..CHANGE_ATTEMPTS {
             let Some(current) = self.store.get(&id).await.map_err(OpError::from_store)? else {
                 return Err(OpError::not_found(format!("no job {id}")));
             };
             let mut job = current.job;
             let from = job.state;
-            f(&mut job, Utc::now())
-                .map_err(|e| OpError::new(409, "illegal_transition", e.to_string()))?;
+            if let Err(e) = f(&mut job, Utc::now()) {
+                tracing::debug!(job.id = %id, from = %from, action = what, "job change refused");
+                return Err(OpError::new(409, "illegal_transition", e.to_string()));
+            }
             match self.store.update(&job, current.revision).await {
                 Ok(_) => {
-                    tracing::info!(job.id = %id, from = %from, to = %job.state, "job {what}");
+                    tracing::info!(job.id = %id, from = %from, to = %job.state, action = what, "job changed by hand");
                     return Ok(job);
                 }
                 Err(StoreError::Conflict(_)) => continue,

@@ -14,6 +14,12 @@ pub const DEFAULT_LIMIT: usize = 100;
 /// The most jobs one search returns; larger limits are lowered to this.
 pub const MAX_LIMIT: usize = 1000;
 
+/// Body of `POST /api/v1/jobs/{id}/retry` (optional): no options yet, so
+/// only `{}`; a field is rejected rather than ignored, as everywhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBody {}
+
 /// Body of `POST /api/v1/jobs/{id}/cancel` (optional) and, with `id`, of
 /// the job.cancel endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -377,19 +377,20 @@ async fn unavailable_when_nats_is_down() {
     api.stop().await;
 }
 
-/// Puts `job` into the bucket in `state`, as the scheduler would have.
-async fn set_state(api: &Api, job: &Job, state: JobState, attempt: u32) -> u64 {
-    let store = api.store().await;
-    let current = store.get(&job.id).await.expect("get").expect("exists");
-    let mut j = current.job;
-    j.state = state;
-    j.attempt = attempt;
-    j.lost_workers = vec!["bot-a".into()];
-    store.update(&j, current.revision).await.expect("update")
+async fn post(api: &Api, path: &str, body: Option<&str>) -> reqwest::Response {
+    post_as(api, None, path, body).await
 }
 
-async fn post(api: &Api, path: &str, body: Option<&str>) -> reqwest::Response {
+async fn post_as(
+    api: &Api,
+    token: Option<&str>,
+    path: &str,
+    body: Option<&str>,
+) -> reqwest::Response {
     let mut req = api.http.post(api.url(path));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
     if let Some(b) = body {
         req = req
             .header("content-type", "application/json")
@@ -398,54 +399,79 @@ async fn post(api: &Api, path: &str, body: Option<&str>) -> reqwest::Response {
     req.send().await.expect("send")
 }
 
+/// Asserts the JSON error shape and returns (code, message).
+async fn error_of(r: reqwest::Response, status: StatusCode) -> (String, String) {
+    assert_eq!(r.status(), status);
+    let v: Value = r.json().await.expect("json error body");
+    (
+        v["error"]["code"].as_str().expect("code").to_string(),
+        v["error"]["message"].as_str().expect("message").to_string(),
+    )
+}
+
+fn retry_path(id: impl std::fmt::Display) -> String {
+    format!("/api/v1/jobs/{id}/retry")
+}
+
+fn cancel_path(id: impl std::fmt::Display) -> String {
+    format!("/api/v1/jobs/{id}/cancel")
+}
+
 #[tokio::test]
-async fn retry_gives_a_shelved_job_a_fresh_budget() {
+async fn retry_gives_a_stopped_job_a_fresh_budget() {
     let mut api = Api::start().await;
-    let job = create(&api, json!({"task": "build"})).await;
-    set_state(&api, &job, JobState::Shelved, 4).await;
-    let r = post(&api, &format!("/api/v1/jobs/{}/retry", job.id), None).await;
-    assert_eq!(r.status(), StatusCode::OK);
-    let back: Job = r.json().await.expect("job");
-    assert_eq!(back.state, JobState::Scheduled);
-    assert_eq!(back.budget_from, 4);
-    assert!(back.lost_workers.is_empty());
-    let last = back.history.last().expect("history");
-    assert_eq!((last.action, last.actor.as_str()), (Action::Retry, "api"));
-    // What the bucket holds is what was returned.
-    let stored = api.store().await.get(&job.id).await.unwrap().unwrap().job;
-    assert_eq!(stored, back);
+    for (state, body) in [
+        (JobState::Shelved, None),
+        (JobState::Crashed, Some("{}")),
+        (JobState::Cancelled, Some("  ")),
+    ] {
+        let (job, rev) = api.put_job(state, 3).await;
+        let r = post(&api, &retry_path(job.id), body).await;
+        assert_eq!(r.status(), StatusCode::OK, "{state}");
+        let back: Job = r.json().await.expect("job");
+        assert_eq!(back.state, JobState::Scheduled, "{state}");
+        assert_eq!(back.attempt, 3, "the attempt count is kept");
+        assert_eq!(back.budget_from, back.attempt, "a fresh budget");
+        assert!(back.lost_workers.is_empty(), "a fresh poison count");
+        assert_eq!(back.not_before, None, "due at once");
+        let last = back.history.last().expect("history");
+        assert_eq!(
+            (last.action, last.actor.as_str(), last.from, last.to),
+            (Action::Retry, "api", Some(state), Some(JobState::Scheduled))
+        );
+        assert_eq!(back.history.len(), job.history.len() + 1);
+        // What the bucket holds is what was returned, in one new revision.
+        let stored = api.store().await.get(&job.id).await.unwrap().unwrap();
+        assert_eq!(stored.job, back);
+        assert!(stored.revision > rev);
+    }
     api.stop().await;
 }
 
 #[tokio::test]
 async fn illegal_retry_and_cancel_are_409_and_change_nothing() {
     let mut api = Api::start().await;
-    let job = create(&api, json!({"task": "build"})).await;
-    let rev = set_state(&api, &job, JobState::Finished, 1).await;
-    for (path, body) in [
-        (format!("/api/v1/jobs/{}/retry", job.id), None),
-        (
-            format!("/api/v1/jobs/{}/cancel", job.id),
-            Some("{\"reason\": \"x\"}"),
-        ),
-    ] {
-        let r = post(&api, &path, body).await;
+    let cases = [
+        (JobState::Finished, "retry"),
+        (JobState::Finished, "cancel"),
+        (JobState::Scheduled, "retry"),
+        (JobState::Running, "retry"),
+        (JobState::Crashed, "cancel"),
+        (JobState::Shelved, "cancel"),
+        (JobState::Cancelled, "cancel"),
+    ];
+    for (state, action) in cases {
+        let (job, rev) = api.put_job(state, 1).await;
+        let path = format!("/api/v1/jobs/{}/{action}", job.id);
+        let body = (action == "cancel").then_some(r#"{"reason": "x"}"#);
+        let (code, message) = error_of(post(&api, &path, body).await, StatusCode::CONFLICT).await;
+        assert_eq!(code, "illegal_transition", "{action} {state}");
         assert_eq!(
-            error_code(r, StatusCode::CONFLICT).await,
-            "illegal_transition",
-            "{path}"
+            message,
+            format!("illegal transition: cannot {action} a {state} job")
         );
+        assert_eq!(api.revision(&job.id).await, rev, "{action} {state} wrote");
     }
-    let store = api.store().await;
-    assert_eq!(store.get(&job.id).await.unwrap().unwrap().revision, rev);
-
-    // A SCHEDULED job is not retried either.
-    let fresh = create(&api, json!({"task": "build"})).await;
-    let r = post(&api, &format!("/api/v1/jobs/{}/retry", fresh.id), None).await;
-    assert_eq!(
-        error_code(r, StatusCode::CONFLICT).await,
-        "illegal_transition"
-    );
     api.stop().await;
 }
 
@@ -453,7 +479,7 @@ async fn illegal_retry_and_cancel_are_409_and_change_nothing() {
 async fn cancel_records_the_reason_and_refuses_twice() {
     let mut api = Api::start().await;
     let job = create(&api, json!({"task": "build"})).await;
-    let path = format!("/api/v1/jobs/{}/cancel", job.id);
+    let path = cancel_path(job.id);
     let r = post(
         &api,
         &path,
@@ -464,99 +490,266 @@ async fn cancel_records_the_reason_and_refuses_twice() {
     let cancelled: Job = r.json().await.expect("job");
     assert_eq!(cancelled.state, JobState::Cancelled);
     let last = cancelled.history.last().expect("entry");
-    assert_eq!(last.action, Action::Cancel);
-    assert_eq!(last.note.as_deref(), Some("duplicate of another build"));
-    let r = post(&api, &path, None).await;
     assert_eq!(
-        error_code(r, StatusCode::CONFLICT).await,
-        "illegal_transition"
+        (
+            last.action,
+            last.actor.as_str(),
+            last.from,
+            last.note.as_deref()
+        ),
+        (
+            Action::Cancel,
+            "api",
+            Some(JobState::Scheduled),
+            Some("duplicate of another build")
+        )
     );
-    // And a cancelled job can be retried.
-    let r = post(&api, &format!("/api/v1/jobs/{}/retry", job.id), Some("{}")).await;
+    let rev = api.revision(&job.id).await;
+    assert_eq!(
+        api.store().await.get(&job.id).await.unwrap().unwrap().job,
+        cancelled
+    );
+
+    let (code, message) = error_of(post(&api, &path, None).await, StatusCode::CONFLICT).await;
+    assert_eq!(code, "illegal_transition");
+    assert_eq!(message, "illegal transition: cannot cancel a CANCELLED job");
+    assert_eq!(api.revision(&job.id).await, rev, "the second cancel wrote");
+
+    // An empty body and `{}` are a cancel without a reason.
+    let (other, _) = api.put_job(JobState::Scheduled, 0).await;
+    let r = post(&api, &cancel_path(other.id), Some("{}")).await;
     assert_eq!(r.status(), StatusCode::OK);
+    let j: Job = r.json().await.expect("job");
+    assert_eq!(j.history.last().and_then(|h| h.note.clone()), None);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_of_a_running_job_keeps_its_lease() {
+    let mut api = Api::start().await;
+    let (job, _) = api.put_job(JobState::Running, 2).await;
+    let r = post(&api, &cancel_path(job.id), Some(r#"{"reason": "stop"}"#)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let j: Job = r.json().await.expect("job");
+    assert_eq!(j.state, JobState::Cancelled);
+    // The worker learns at its next heartbeat; its late report must still
+    // be recognised as this attempt's.
+    assert_eq!(j.lease, job.lease);
+    let last = j.history.last().expect("entry");
+    assert_eq!(
+        (last.attempt, last.bot_id.as_deref(), last.from),
+        (2, Some("bot-c"), Some(JobState::Running))
+    );
+    api.stop().await;
+}
+
+/// Many cancels of the same jobs at once: every loser of a compare-and-set
+/// re-reads and finds the job already CANCELLED, so it answers
+/// `illegal_transition`, never `conflict`, and each job is changed once.
+/// (Whether a given run races is up to the scheduler of threads; with this
+/// many requests, nearly every run does.)
+#[tokio::test]
+async fn concurrent_cancels_change_each_job_once() {
+    const JOBS: usize = 6;
+    const PER_JOB: usize = 16;
+    let mut api = Api::start().await;
+    let mut jobs = Vec::new();
+    for _ in 0..JOBS {
+        jobs.push(api.put_job(JobState::Scheduled, 0).await.0);
+    }
+    let requests = jobs.iter().flat_map(|job| {
+        let path = cancel_path(job.id);
+        (0..PER_JOB).map(move |i| {
+            (
+                job.id,
+                path.clone(),
+                format!("{{\"reason\": \"cancel {i}\"}}"),
+            )
+        })
+    });
+    let replies = futures::future::join_all(requests.map(|(id, path, body)| {
+        let req = api
+            .http
+            .post(api.url(&path))
+            .header("content-type", "application/json")
+            .body(body);
+        async move { (id, req.send().await.expect("send")) }
+    }))
+    .await;
+    let mut wins = std::collections::HashMap::new();
+    for (id, r) in replies {
+        if r.status() == StatusCode::OK {
+            *wins.entry(id).or_insert(0) += 1;
+        } else {
+            let (code, message) = error_of(r, StatusCode::CONFLICT).await;
+            assert_eq!(code, "illegal_transition", "{message}");
+        }
+    }
+    for job in &jobs {
+        assert_eq!(wins.get(&job.id), Some(&1), "exactly one cancel wins");
+        let stored = api.store().await.get(&job.id).await.unwrap().unwrap().job;
+        let cancels = stored
+            .history
+            .iter()
+            .filter(|h| h.action == Action::Cancel)
+            .count();
+        assert_eq!(cancels, 1, "{:?}", stored.history);
+    }
     api.stop().await;
 }
 
 #[tokio::test]
 async fn bad_retry_and_cancel_requests_are_4xx_json() {
-    let mut api = Api::start_with_token(Some("s3cret")).await;
-    let job = {
-        let r = api
-            .http
-            .post(api.url("/api/v1/jobs"))
-            .bearer_auth("s3cret")
-            .json(&json!({"task": "build"}))
-            .send()
-            .await
-            .expect("send");
-        r.json::<Job>().await.expect("job")
-    };
-    let store = api.store().await;
-    let rev = store.get(&job.id).await.unwrap().unwrap().revision;
-    let cancel = format!("/api/v1/jobs/{}/cancel", job.id);
-
-    // No token: 401, nothing changed.
-    let r = post(&api, &cancel, None).await;
-    assert_eq!(
-        error_code(r, StatusCode::UNAUTHORIZED).await,
-        "unauthorized"
-    );
-
-    let authed = |path: String, body: Option<&'static str>| {
-        let mut req = api.http.post(api.url(&path)).bearer_auth("s3cret");
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        req.send()
-    };
-    let cases: Vec<(String, Option<&'static str>, StatusCode, &str)> = vec![
+    let mut api = Api::start().await;
+    let (job, rev) = api.put_job(JobState::Scheduled, 0).await;
+    let (shelved, shelved_rev) = api.put_job(JobState::Shelved, 2).await;
+    let unknown = uuid::Uuid::new_v4();
+    let cases: Vec<(String, Option<&str>, StatusCode, &str)> = vec![
         (
-            cancel.clone(),
+            cancel_path(job.id),
             Some("{not json"),
             StatusCode::BAD_REQUEST,
             "invalid_json",
         ),
         (
-            cancel.clone(),
+            retry_path(shelved.id),
+            Some("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            cancel_path(job.id),
             Some(r#"{"reasn": "typo"}"#),
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
         (
-            "/api/v1/jobs/not-a-uuid/cancel".into(),
+            cancel_path(job.id),
+            Some(r#"{"reason": 5}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            retry_path(shelved.id),
+            Some(r#"{"force": true}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            cancel_path("not-a-uuid"),
             None,
             StatusCode::BAD_REQUEST,
             "invalid_id",
         ),
         (
-            format!("/api/v1/jobs/{}/retry", uuid::Uuid::new_v4()),
+            retry_path("not-a-uuid"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            cancel_path(unknown),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            retry_path(unknown),
             None,
             StatusCode::NOT_FOUND,
             "not_found",
         ),
     ];
-    for (path, body, status, code) in cases {
-        let r = authed(path.clone(), body).await.expect("send");
-        assert_eq!(error_code(r, status).await, code, "{path} {body:?}");
+    for (path, body, status, want) in cases {
+        let r = post(&api, &path, body).await;
+        assert_eq!(error_code(r, status).await, want, "{path} {body:?}");
     }
-    let long = format!("{{\"reason\": \"{}\"}}", "x".repeat(2000));
     let r = api
         .http
-        .post(api.url(&cancel))
-        .bearer_auth("s3cret")
-        .header("content-type", "application/json")
-        .body(long)
+        .get(api.url(&retry_path(shelved.id)))
         .send()
         .await
         .expect("send");
     assert_eq!(
+        error_code(r, StatusCode::METHOD_NOT_ALLOWED).await,
+        "method_not_allowed"
+    );
+
+    // The reason is bounded in characters, not bytes.
+    let too_long = json!({ "reason": "x".repeat(1001) }).to_string();
+    let r = post(&api, &cancel_path(job.id), Some(&too_long)).await;
+    assert_eq!(
         error_code(r, StatusCode::BAD_REQUEST).await,
         "invalid_request"
     );
+    assert_eq!(api.revision(&job.id).await, rev, "nothing changed");
     assert_eq!(
-        store.get(&job.id).await.unwrap().unwrap().revision,
-        rev,
+        api.revision(&shelved.id).await,
+        shelved_rev,
         "nothing changed"
+    );
+    assert!(api.store().await.get(&unknown).await.unwrap().is_none());
+
+    let longest = "é".repeat(1000);
+    let r = post(
+        &api,
+        &cancel_path(job.id),
+        Some(&json!({ "reason": longest }).to_string()),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let j: Job = r.json().await.expect("job");
+    assert_eq!(j.history.last().and_then(|h| h.note.clone()), Some(longest));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn retry_and_cancel_need_the_token() {
+    let mut api = Api::start_with_token(Some("s3cret")).await;
+    let (scheduled, scheduled_rev) = api.put_job(JobState::Scheduled, 0).await;
+    let (shelved, shelved_rev) = api.put_job(JobState::Shelved, 2).await;
+    let cancel = cancel_path(scheduled.id);
+    let retry = retry_path(shelved.id);
+    for token in [None, Some("wrong"), Some("s3cret2"), Some("")] {
+        for path in [&cancel, &retry] {
+            let r = post_as(&api, token, path, Some("{}")).await;
+            assert_eq!(
+                r.headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok()),
+                Some("Bearer")
+            );
+            assert_eq!(
+                error_code(r, StatusCode::UNAUTHORIZED).await,
+                "unauthorized",
+                "{path} {token:?}"
+            );
+        }
+    }
+    // The token is checked before the id or the body: no probing.
+    let r = post_as(&api, None, &cancel_path("nope"), Some("{oops")).await;
+    assert_eq!(
+        error_code(r, StatusCode::UNAUTHORIZED).await,
+        "unauthorized"
+    );
+    assert_eq!(
+        api.revision(&scheduled.id).await,
+        scheduled_rev,
+        "no cancel"
+    );
+    assert_eq!(api.revision(&shelved.id).await, shelved_rev, "no retry");
+
+    let r = post_as(&api, Some("s3cret"), &cancel, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Job>().await.expect("job").state,
+        JobState::Cancelled
+    );
+    let r = post_as(&api, Some("s3cret"), &retry, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Job>().await.expect("job").state,
+        JobState::Scheduled
     );
     api.stop().await;
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use common::Api;
 use serde_json::Value;
-use warden_api::{ClientError, ListQuery};
+use warden_api::{ApiClient, ClientError, ListQuery};
 use warden_shared::job::NewJob;
 use warden_shared::{subjects, Action, JobState};
 
@@ -126,45 +126,305 @@ async fn no_responders_when_the_api_is_down() {
     }
 }
 
+/// A raw request, as the nats CLI would send it: the reply's JSON and the
+/// service-error status header (None on success).
+async fn raw(
+    client: &async_nats::Client,
+    subject: &'static str,
+    body: &str,
+) -> (Value, Option<String>) {
+    let reply = client
+        .request(subject, body.to_string().into())
+        .await
+        .expect("reply");
+    let v: Value = serde_json::from_slice(&reply.payload).expect("json");
+    let status = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|s| s.as_str().to_string());
+    (v, status)
+}
+
 #[tokio::test]
-async fn retry_and_cancel_over_nats() {
+async fn retry_over_nats_gives_a_shelved_job_a_fresh_budget() {
+    let mut api = Api::start().await;
+    let client = api.api_client().await;
+    let (job, rev) = api.put_job(JobState::Shelved, 4).await;
+    let back = client.retry(job.id).await.expect("retry");
+    assert_eq!(back.state, JobState::Scheduled);
+    assert_eq!((back.attempt, back.budget_from), (4, 4));
+    assert!(back.lost_workers.is_empty());
+    let last = back.history.last().expect("entry");
+    assert_eq!(
+        (last.action, last.actor.as_str(), last.from),
+        (Action::Retry, "api", Some(JobState::Shelved))
+    );
+    let stored = api.store().await.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(stored.job, back);
+    assert!(stored.revision > rev);
+
+    // The raw form: {"id": "..."}.
+    let (crashed, _) = api.put_job(JobState::Crashed, 1).await;
+    let (v, status) = raw(
+        &api.nats_client().await,
+        subjects::API_JOB_RETRY,
+        &format!(r#"{{"id": "{}"}}"#, crashed.id),
+    )
+    .await;
+    assert_eq!(
+        (v["state"].as_str(), status),
+        (Some("SCHEDULED"), None),
+        "{v}"
+    );
+    assert_eq!(v["budget_from"], 1, "{v}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn illegal_changes_over_nats_are_409_and_change_nothing() {
+    let mut api = Api::start().await;
+    let client = api.api_client().await;
+    let raw_client = api.nats_client().await;
+    for (state, action) in [
+        (JobState::Finished, "retry"),
+        (JobState::Scheduled, "retry"),
+        (JobState::Finished, "cancel"),
+        (JobState::Shelved, "cancel"),
+    ] {
+        let (job, rev) = api.put_job(state, 1).await;
+        let err = if action == "retry" {
+            client.retry(job.id).await.expect_err("illegal")
+        } else {
+            client
+                .cancel(job.id, Some("x".into()))
+                .await
+                .expect_err("illegal")
+        };
+        match err {
+            ClientError::Api(e) => {
+                assert_eq!(e.code, "illegal_transition");
+                assert_eq!(
+                    e.message,
+                    format!("illegal transition: cannot {action} a {state} job")
+                );
+            }
+            other => panic!("expected an api error, got {other:?}"),
+        }
+        let subject = if action == "retry" {
+            subjects::API_JOB_RETRY
+        } else {
+            subjects::API_JOB_CANCEL
+        };
+        let (v, status) = raw(&raw_client, subject, &format!(r#"{{"id": "{}"}}"#, job.id)).await;
+        assert_eq!(v["error"]["code"], "illegal_transition", "{v}");
+        assert_eq!(status.as_deref(), Some("409"));
+        assert_eq!(api.revision(&job.id).await, rev, "{action} {state} wrote");
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_over_nats_records_the_reason_once() {
     let mut api = Api::start().await;
     let client = api.api_client().await;
     let job = client.create(new_job("build")).await.expect("create");
-
-    // SCHEDULED cannot be retried: a typed error, nothing changed.
-    let err = client.retry(job.id).await.expect_err("illegal");
-    assert_eq!(err.code(), Some("illegal_transition"));
-
     let cancelled = client
         .cancel(job.id, Some("no longer wanted".into()))
         .await
         .expect("cancel");
     assert_eq!(cancelled.state, JobState::Cancelled);
+    let last = cancelled.history.last().expect("entry");
     assert_eq!(
-        cancelled.history.last().and_then(|h| h.note.as_deref()),
-        Some("no longer wanted")
+        (last.action, last.actor.as_str(), last.note.as_deref()),
+        (Action::Cancel, "api", Some("no longer wanted"))
     );
+    let rev = api.revision(&job.id).await;
     let err = client.cancel(job.id, None).await.expect_err("twice");
     assert_eq!(err.code(), Some("illegal_transition"));
+    assert_eq!(api.revision(&job.id).await, rev, "the second cancel wrote");
 
+    // A cancelled job can be retried, over NATS as over HTTP.
     let again = client.retry(job.id).await.expect("retry");
     assert_eq!(again.state, JobState::Scheduled);
-    assert_eq!(again.history.last().map(|h| h.action), Some(Action::Retry));
+    api.stop().await;
+}
 
-    let err = client
-        .retry(uuid::Uuid::new_v4())
-        .await
-        .expect_err("unknown");
-    assert_eq!(err.code(), Some("not_found"));
+#[tokio::test]
+async fn bad_retry_and_cancel_requests_over_nats() {
+    let mut api = Api::start().await;
+    let client = api.api_client().await;
+    let unknown = uuid::Uuid::new_v4();
+    for r in [
+        client.retry(unknown).await.map(|_| ()),
+        client.cancel(unknown, None).await.map(|_| ()),
+    ] {
+        assert_eq!(r.expect_err("unknown").code(), Some("not_found"));
+    }
+    let (job, rev) = api.put_job(JobState::Scheduled, 0).await;
+    let id = job.id;
+    let long = "x".repeat(1001);
+    let raw_client = api.nats_client().await;
+    let cases: Vec<(&'static str, String, &str, &str)> = vec![
+        (
+            subjects::API_JOB_RETRY,
+            format!(r#"{{"id": "{unknown}"}}"#),
+            "404",
+            "not_found",
+        ),
+        (
+            subjects::API_JOB_CANCEL,
+            r#"{"id": "nope"}"#.into(),
+            "400",
+            "invalid_id",
+        ),
+        (
+            subjects::API_JOB_RETRY,
+            r#"{"id": "nope"}"#.into(),
+            "400",
+            "invalid_id",
+        ),
+        (
+            subjects::API_JOB_CANCEL,
+            "{oops".into(),
+            "400",
+            "invalid_json",
+        ),
+        (
+            subjects::API_JOB_RETRY,
+            "{oops".into(),
+            "400",
+            "invalid_json",
+        ),
+        (subjects::API_JOB_RETRY, "".into(), "400", "invalid_json"),
+        (
+            subjects::API_JOB_CANCEL,
+            "{}".into(),
+            "400",
+            "invalid_request",
+        ),
+        (
+            subjects::API_JOB_CANCEL,
+            format!(r#"{{"id": "{id}", "reasn": "typo"}}"#),
+            "400",
+            "invalid_request",
+        ),
+        (
+            subjects::API_JOB_RETRY,
+            format!(r#"{{"id": "{id}", "force": true}}"#),
+            "400",
+            "invalid_request",
+        ),
+        (
+            subjects::API_JOB_CANCEL,
+            format!(r#"{{"id": "{id}", "reason": "{long}"}}"#),
+            "400",
+            "invalid_request",
+        ),
+    ];
+    for (subject, body, status, code) in cases {
+        let (v, got) = raw(&raw_client, subject, &body).await;
+        assert_eq!(v["error"]["code"], code, "{subject} {body}: {v}");
+        assert_eq!(got.as_deref(), Some(status), "{subject} {body}");
+    }
+    assert_eq!(api.revision(&id).await, rev, "nothing changed");
+    api.stop().await;
+}
 
-    // A malformed id in a raw request is a typed error too.
-    let raw = api.nats_client().await;
-    let reply = raw
-        .request(subjects::API_JOB_CANCEL, r#"{"id": "nope"}"#.into())
+/// The deploy's per-role users (`deploy/nats/cluster/accounts.conf`) with
+/// the passwords it reads from the environment filled in.
+fn accounts_conf(dir: &std::path::Path) -> std::path::PathBuf {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/nats/cluster/accounts.conf");
+    let mut text = std::fs::read_to_string(&source).expect("accounts.conf");
+    for (var, password) in [
+        ("$NATS_WARDEN_SERVICE_PASSWORD", "\"service-pw\""),
+        ("$NATS_WARDEN_WORKER_PASSWORD", "\"worker-pw\""),
+        ("$NATS_WARDEN_PUBLISHER_PASSWORD", "\"publisher-pw\""),
+        ("$NATS_WARDEN_READONLY_PASSWORD", "\"readonly-pw\""),
+    ] {
+        assert!(text.contains(var), "{var} in accounts.conf");
+        text = text.replace(var, password);
+    }
+    let path = dir.join("accounts.conf");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+async fn connect_as(api: &Api, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(api.nats.url())
         .await
-        .expect("reply");
-    let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
-    assert_eq!(v["error"]["code"], "invalid_id", "{v}");
+        .expect("connect")
+}
+
+/// Writes over NATS have no token: the deploy's permissions keep them to
+/// the services' user.
+#[tokio::test]
+async fn only_the_service_user_may_retry_or_cancel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = accounts_conf(dir.path());
+    let nats = warden_testsupport::NatsServer::start_with_args(&[
+        "-c",
+        conf.to_str().expect("utf-8 path"),
+    ]);
+    let mut api = Api::start_on(nats, None, Some(("warden-service", "service-pw"))).await;
+    let service = connect_as(&api, "warden-service", "service-pw").await;
+    let store = common::store_of(service.clone()).await;
+    let (shelved, _) = api.put_job_in(&store, JobState::Shelved, 2).await;
+    let (scheduled, _) = api.put_job_in(&store, JobState::Scheduled, 0).await;
+    let revision = |id| {
+        let store = store.clone();
+        async move { store.get(&id).await.unwrap().unwrap().revision }
+    };
+    let before = (revision(shelved.id).await, revision(scheduled.id).await);
+
+    for (user, password) in [
+        ("warden-readonly", "readonly-pw"),
+        ("warden-worker", "worker-pw"),
+        ("warden-publisher", "publisher-pw"),
+    ] {
+        let client = ApiClient::new(connect_as(&api, user, password).await)
+            .with_timeout(std::time::Duration::from_millis(500));
+        let retried = client.retry(shelved.id).await;
+        assert!(
+            matches!(retried, Err(ref e) if e.code().is_none()),
+            "{user} retried: {retried:?}"
+        );
+        let cancelled = client.cancel(scheduled.id, None).await;
+        assert!(
+            matches!(cancelled, Err(ref e) if e.code().is_none()),
+            "{user} cancelled: {cancelled:?}"
+        );
+    }
+    assert_eq!(
+        (revision(shelved.id).await, revision(scheduled.id).await),
+        before,
+        "nothing changed"
+    );
+
+    // The read-only user still reads (so the refusals above were the
+    // permissions, not a broken connection); the services' user writes.
+    let readonly = ApiClient::new(connect_as(&api, "warden-readonly", "readonly-pw").await);
+    let seen =
+        warden_testsupport::eventually(std::time::Duration::from_secs(10), "read-only get", || {
+            let c = readonly.clone();
+            async move { c.get(shelved.id).await.ok().flatten() }
+        })
+        .await;
+    assert_eq!(seen.state, JobState::Shelved);
+    let writer = ApiClient::new(service);
+    assert_eq!(
+        writer.retry(shelved.id).await.expect("retry").state,
+        JobState::Scheduled
+    );
+    assert_eq!(
+        writer
+            .cancel(scheduled.id, None)
+            .await
+            .expect("cancel")
+            .state,
+        JobState::Cancelled
+    );
     api.stop().await;
 }

@@ -15,10 +15,22 @@ use crate::JobCommand;
 /// A short-lived client: a command fails fast instead of waiting forever
 /// for a bus that is not there.
 pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
-    let opts = async_nats::ConnectOptions::new()
+    let mut opts = async_nats::ConnectOptions::new()
         .name("warden-cli")
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(Some(3));
+    // A cluster with per-role users (deploy/nats/cluster/accounts.conf)
+    // lets only the services' user submit, retry or cancel; the command
+    // logs in as the config says, like the services do.
+    if let Some(path) = &config.nats.credentials {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("cannot read NATS credentials {}", path.display()))?;
+    }
+    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
     let addrs = warden_shared::runtime::server_addrs(&config.nats.url)
         .with_context(|| format!("bad NATS URL {:?}", config.nats.url))?;
     opts.connect(addrs).await.with_context(|| {
@@ -233,11 +245,12 @@ fn parse_id(id: &str) -> anyhow::Result<Uuid> {
 }
 
 /// An API refusal (illegal transition, unknown job) is the operator's
-/// answer, not a failure of the command: one line, exit 1.
+/// answer, not a failure of the command: the API's own words on one line,
+/// exit 1. Anything else (no API running, a timeout) says what was tried.
 fn refused(what: &str, e: warden_api::ClientError) -> anyhow::Result<i32> {
     match e {
         warden_api::ClientError::Api(body) => {
-            eprintln!("warden: cannot {what}: {}", body.message);
+            eprintln!("warden: {}", body.message);
             Ok(1)
         }
         other => Err(anyhow!("cannot {what}: {other}")),
@@ -251,62 +264,98 @@ fn one_line(j: &Job) -> String {
             j.id,
             j.outcome.as_deref().unwrap_or("?")
         ),
-        s => format!(
-            "{} {s} blame={} detail={} {}",
-            j.id,
-            j.blame.map(|b| b.to_string()).unwrap_or_default(),
-            j.detail.as_deref().unwrap_or(""),
-            j.description.as_deref().unwrap_or("")
-        ),
+        s => {
+            let mut line = format!("{} {s}", j.id);
+            // A job without a failure (a fresh or cancelled one) has
+            // nothing more to say.
+            if let Some(b) = j.blame {
+                line.push_str(&format!(
+                    " blame={b} detail={}",
+                    j.detail.as_deref().unwrap_or("")
+                ));
+            }
+            if let Some(d) = j.description.as_deref().filter(|d| !d.is_empty()) {
+                line.push(' ');
+                line.push_str(d);
+            }
+            line
+        }
     }
 }
 
 fn print_job(j: &Job) {
-    println!("job       {}", j.id);
-    println!("task      {}", j.task);
+    print!("{}", describe(j, chrono::Utc::now()));
+}
+
+/// `warden job show`: the job, why it stands where it is (a job waiting
+/// for a retry shows the failure it is retried for and when), and its
+/// history.
+fn describe(j: &Job, now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line(format!("job       {}", j.id));
+    line(format!("task      {}", j.task));
     for (k, v) in &j.args {
-        println!("  arg     {k}={v}");
+        line(format!("  arg     {k}={v}"));
     }
-    println!("state     {}", j.state);
+    line(format!("state     {}", j.state));
     if let Some(o) = &j.outcome {
-        println!("outcome   {o}");
+        line(format!("outcome   {o}"));
     }
     if let Some(b) = j.blame {
+        // A SCHEDULED job keeps the failure it is being retried for until
+        // its next dispatch.
         let label = if j.state == JobState::Scheduled {
             "last fail"
         } else {
             "blame    "
         };
-        println!("{label} {b} / {}", j.detail.as_deref().unwrap_or(""));
-        println!("          {}", j.description.as_deref().unwrap_or(""));
+        let mut text = format!("{label} {b}/{}", j.detail.as_deref().unwrap_or("?"));
+        if let Some(d) = j.description.as_deref().filter(|d| !d.is_empty()) {
+            text.push_str(": ");
+            text.push_str(d);
+        }
+        line(text);
     }
     if let Some(at) = j.not_before {
-        println!("retry     not before {}", at.to_rfc3339());
+        let wait = (at - now).num_milliseconds();
+        let due = if wait > 0 {
+            format!(" (in {:.1}s)", wait as f64 / 1000.0)
+        } else {
+            " (due)".to_string()
+        };
+        line(format!("retry not before {}{due}", at.to_rfc3339()));
     }
     if !j.retry {
-        println!("retry     off for this job");
+        line("retry     off for this job (retry: false)".to_string());
     }
     if let Some(n) = j.max_attempts {
-        println!("attempts  at most {n} per budget");
+        line(format!("attempts  at most {n} per budget (max_attempts)"));
     }
     if !j.lost_workers.is_empty() {
-        println!("lost on   {}", j.lost_workers.join(", "));
+        line(format!(
+            "lost on   {} (lost_workers, the poison count)",
+            j.lost_workers.join(", ")
+        ));
     }
-    println!(
+    line(format!(
         "pool      {}  priority {}  attempt {}",
         j.pool, j.priority, j.attempt
-    );
+    ));
     if let Some(l) = &j.lease {
-        println!(
+        line(format!(
             "lease     bot {} session {} epoch {} resource {}",
             l.bot_id,
             l.session,
             l.epoch,
             l.resource.as_deref().unwrap_or("-")
-        );
+        ));
     }
     if let Some(s) = &j.source {
-        println!(
+        line(format!(
             "source    {} ({}){}",
             s.message_id,
             s.subject,
@@ -314,18 +363,18 @@ fn print_job(j: &Job) {
                 .as_deref()
                 .map(|r| format!(" rule {r}"))
                 .unwrap_or_default()
-        );
+        ));
     }
-    println!("created   {}", j.created_at.to_rfc3339());
-    println!("updated   {}", j.updated_at.to_rfc3339());
-    println!("history:");
+    line(format!("created   {}", j.created_at.to_rfc3339()));
+    line(format!("updated   {}", j.updated_at.to_rfc3339()));
+    line("history:".to_string());
     for h in &j.history {
         let change = match (h.from, h.to) {
             (Some(f), Some(t)) => format!("{f} -> {t}"),
             (None, Some(t)) => format!("-> {t}"),
             _ => String::new(),
         };
-        println!(
+        line(format!(
             "  {}  #{:<2} {:<13} {:<24} by {}{}{}",
             h.at.format("%H:%M:%S%.3f"),
             h.attempt,
@@ -340,11 +389,12 @@ fn print_job(j: &Job) {
                 .as_deref()
                 .map(|n| format!(": {n}"))
                 .unwrap_or_default()
-        );
+        ));
     }
     if j.history_dropped > 0 {
-        println!("  ({} older entries dropped)", j.history_dropped);
+        line(format!("  ({} older entries dropped)", j.history_dropped));
     }
+    out
 }
 
 /// Publishes a JSON event durably, with its message id as the JetStream
@@ -441,4 +491,107 @@ pub async fn bots(config: &Config, json: bool) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_shared::messages::ErrorBody;
+    use warden_shared::Blame;
+
+    fn job() -> Job {
+        Job::new(
+            Uuid::new_v4(),
+            "build".into(),
+            BTreeMap::new(),
+            "builders".into(),
+            0,
+            None,
+            "api",
+            chrono::Utc::now(),
+        )
+    }
+
+    #[test]
+    fn a_fresh_job_shows_no_retry_state() {
+        let text = describe(&job(), chrono::Utc::now());
+        for absent in ["blame", "last fail", "retry", "lost on", "attempts"] {
+            assert!(!text.contains(absent), "{absent:?} in\n{text}");
+        }
+        assert!(text.contains("state     SCHEDULED\n"), "{text}");
+    }
+
+    #[test]
+    fn a_job_waiting_for_a_retry_shows_why_and_when() {
+        let now = chrono::Utc::now();
+        let mut j = job();
+        j.attempt = 2;
+        j.blame = Some(Blame::ThirdParty);
+        j.detail = Some("network".into());
+        j.description = Some("a network service did not answer".into());
+        j.not_before = Some(now + chrono::Duration::seconds(30));
+        j.lost_workers = vec!["bot-a".into(), "bot-b".into()];
+        let text = describe(&j, now);
+        assert!(
+            text.contains("last fail third_party/network: a network service did not answer\n"),
+            "{text}"
+        );
+        let due = j.not_before.map(|t| t.to_rfc3339()).unwrap_or_default();
+        assert!(
+            text.contains(&format!("retry not before {due} (in 30.0s)\n")),
+            "{text}"
+        );
+        assert!(text.contains("lost on   bot-a, bot-b"), "{text}");
+    }
+
+    #[test]
+    fn a_shelved_job_shows_its_blame_and_limits() {
+        let mut j = job();
+        j.state = JobState::Shelved;
+        j.blame = Some(Blame::Task);
+        j.detail = Some("worker_crash_loop".into());
+        j.retry = false;
+        j.max_attempts = Some(2);
+        let text = describe(&j, chrono::Utc::now());
+        assert!(
+            text.contains("blame     task/worker_crash_loop\n"),
+            "no description, no colon: {text}"
+        );
+        assert!(text.contains("retry: false"), "{text}");
+        assert!(text.contains("at most 2 per budget"), "{text}");
+        assert!(!text.contains("not before"), "{text}");
+    }
+
+    #[test]
+    fn one_line_names_a_failure_only_when_there_is_one() {
+        let mut j = job();
+        j.state = JobState::Cancelled;
+        assert_eq!(one_line(&j), format!("{} CANCELLED", j.id));
+        j.state = JobState::Scheduled;
+        j.blame = Some(Blame::ThirdParty);
+        j.detail = Some("network".into());
+        j.description = Some("no answer".into());
+        assert_eq!(
+            one_line(&j),
+            format!(
+                "{} SCHEDULED blame=third_party detail=network no answer",
+                j.id
+            )
+        );
+        j.state = JobState::Finished;
+        j.outcome = Some("passed".into());
+        assert_eq!(one_line(&j), format!("{} FINISHED outcome=passed", j.id));
+    }
+
+    #[test]
+    fn api_refusals_exit_1_and_transport_failures_are_errors() {
+        let refusal = warden_api::ClientError::Api(ErrorBody::new(
+            "illegal_transition",
+            "illegal transition: cannot retry a FINISHED job",
+        ));
+        assert_eq!(refused("retry", refusal).ok(), Some(1));
+        let down = refused("retry", warden_api::ClientError::NoResponders)
+            .expect_err("no api is an error");
+        assert_eq!(down.to_string(), "cannot retry: no api service is running");
+    }
 }

@@ -1,4 +1,4 @@
-//! `warden`: runs Warden (`up`), talks to it (`job`, `publish`), runs a
+//! `warden`: runs Warden (`up`), talks to it (`job`, `publish`, `stats`), runs a
 //! worker agent (`worker`) and measures it (`bench`).
 
 mod bench;
@@ -33,7 +33,7 @@ pub struct Cli {
 pub enum Command {
     /// Run every service and local workers in one process (spawns nats-server unless --nats-url is given)
     Up(UpArgs),
-    /// Submit, show and list jobs
+    /// Submit, show, list, retry and cancel jobs
     #[command(subcommand)]
     Job(JobCommand),
     /// Publish a JSON event from FILE on SUBJECT, as a bus bridge would

@@ -1,14 +1,19 @@
 //! One API instance on a real nats-server, bound to 127.0.0.1:0.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use chrono::Utc;
+use uuid::Uuid;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warden_api::{ApiClient, ApiError};
+use warden_shared::job::Lease;
 use warden_shared::store::JobStore;
-use warden_shared::{subjects, Config};
+use warden_shared::{subjects, Blame, Config, Job, JobState};
 use warden_testsupport::{eventually, NatsServer};
 
 pub const MAX_BODY: usize = 4096;
@@ -28,11 +33,23 @@ impl Api {
     }
 
     pub async fn start_with_token(token: Option<&str>) -> Api {
-        let nats = NatsServer::start();
-        let mut toml = format!(
-            "[nats]\nurl = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = {MAX_BODY}\n",
-            nats.url()
-        );
+        Api::start_on(NatsServer::start(), token, None).await
+    }
+
+    /// On `nats` (say one configured with per-role users), logging in as
+    /// `user` = (name, password) when given.
+    pub async fn start_on(
+        nats: NatsServer,
+        token: Option<&str>,
+        user: Option<(&str, &str)>,
+    ) -> Api {
+        let mut toml = format!("[nats]\nurl = {:?}\n", nats.url());
+        if let Some((name, password)) = user {
+            toml.push_str(&format!("user = {name:?}\npassword = {password:?}\n"));
+        }
+        toml.push_str(&format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = {MAX_BODY}\n"
+        ));
         if let Some(t) = token {
             toml.push_str(&format!("token = {t:?}\n"));
         }
@@ -81,12 +98,60 @@ impl Api {
     }
 
     pub async fn store(&self) -> JobStore {
-        let js = async_nats::jetstream::new(self.nats_client().await);
-        JobStore::new(
-            js.get_key_value(subjects::JOBS_BUCKET)
-                .await
-                .expect("jobs bucket"),
-        )
+        store_of(self.nats_client().await).await
+    }
+
+    /// A job record written straight into the bucket, as the scheduler
+    /// would have left it: `state` after `attempt` attempts, the last one
+    /// failed as third_party/network on `bot-a` and `bot-b`.
+    pub async fn put_job(&self, state: JobState, attempt: u32) -> (Job, u64) {
+        self.put_job_in(&self.store().await, state, attempt).await
+    }
+
+    /// [`Api::put_job`] through `store` (a client with its own login).
+    pub async fn put_job_in(&self, store: &JobStore, state: JobState, attempt: u32) -> (Job, u64) {
+        let now = Utc::now();
+        let mut job = Job::new(
+            Uuid::new_v4(),
+            "build".into(),
+            BTreeMap::new(),
+            "builders".into(),
+            7,
+            None,
+            "test",
+            now,
+        );
+        job.state = state;
+        job.attempt = attempt;
+        if attempt > 0 {
+            job.blame = Some(Blame::ThirdParty);
+            job.detail = Some("network".into());
+            job.description = Some("a network service did not answer".into());
+            job.lost_workers = vec!["bot-a".into(), "bot-b".into()];
+        }
+        if state == JobState::Running {
+            job.lease = Some(Lease {
+                session: "session-1".into(),
+                bot_id: "bot-c".into(),
+                resource: None,
+                epoch: attempt,
+                leased_at: now,
+                started_at: Some(now),
+            });
+        }
+        let revision = store.create(&job).await.expect("create");
+        (job, revision)
+    }
+
+    /// The job's current revision in the bucket.
+    pub async fn revision(&self, id: &Uuid) -> u64 {
+        self.store()
+            .await
+            .get(id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .revision
     }
 
     pub async fn api_client(&self) -> ApiClient {
@@ -112,6 +177,15 @@ impl Api {
             r.expect("api ran cleanly");
         }
     }
+}
+
+pub async fn store_of(client: async_nats::Client) -> JobStore {
+    let js = async_nats::jetstream::new(client);
+    JobStore::new(
+        js.get_key_value(subjects::JOBS_BUCKET)
+            .await
+            .expect("jobs bucket"),
+    )
 }
 
 impl Drop for Api {
