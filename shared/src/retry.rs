@@ -237,6 +237,32 @@ fn entry(
     }
 }
 
+/// Moves `job` by `action` and records it in the history (by
+/// `retry-policy`, about the lost `bot` if any); a shelved job keeps no
+/// lease and no retry time. False, and nothing changed, when the job's
+/// state does not allow `action`.
+fn step(
+    job: &mut Job,
+    action: Action,
+    note: String,
+    bot: Option<String>,
+    now: DateTime<Utc>,
+) -> bool {
+    let from = job.state;
+    let Ok(to) = transition(from, action) else {
+        return false;
+    };
+    job.state = to;
+    if action == Action::Shelve {
+        job.lease = None;
+        job.not_before = None;
+    }
+    let mut e = entry(job, action, from, to, now, note);
+    e.bot_id = bot;
+    job.push_history(e);
+    true
+}
+
 /// Moves `job` from `from` (CRASHED or RUNNING) to SCHEDULED after the
 /// policy's delay, or to SHELVED when its budget is spent.
 fn retry_or_shelve(job: &mut Job, policy: &RetryPolicy, now: DateTime<Utc>) -> Fate {
@@ -249,16 +275,11 @@ fn retry_or_shelve(job: &mut Job, policy: &RetryPolicy, now: DateTime<Utc>) -> F
         job.detail.as_deref().unwrap_or("unclassified")
     );
     if used >= max {
-        let Ok(to) = transition(from, Action::Shelve) else {
-            return Fate::Kept;
-        };
-        job.state = to;
-        job.lease = None;
-        job.not_before = None;
         let note = format!("retries used up: {used} of {max} attempts failed; last {what}");
-        let e = entry(job, Action::Shelve, from, to, now, note);
-        job.push_history(e);
-        return Fate::ShelvedRetriesExhausted;
+        return match step(job, Action::Shelve, note, None, now) {
+            true => Fate::ShelvedRetriesExhausted,
+            false => Fate::Kept,
+        };
     }
     let Ok(to) = transition(from, Action::Retry).or_else(|_| transition(from, Action::Requeue))
     else {
@@ -333,13 +354,9 @@ pub fn after_loss(
     job.updated_at = now;
     let lost = job.lost_workers.len() as u32;
     if policy.poison_limit > 0 && lost >= policy.poison_limit {
-        let Ok(to) = transition(job.state, Action::Shelve) else {
+        if transition(job.state, Action::Shelve).is_err() {
             return Fate::Kept;
-        };
-        let from = job.state;
-        job.state = to;
-        job.lease = None;
-        job.not_before = None;
+        }
         job.blame = Some(Blame::Task);
         job.detail = Some(WORKER_CRASH_LOOP.into());
         job.description = Some(format!(
@@ -351,21 +368,12 @@ pub fn after_loss(
             job.lost_workers.join(", "),
             policy.poison_limit
         );
-        let mut e = entry(job, Action::Shelve, from, to, now, note);
-        e.bot_id = bot;
-        job.push_history(e);
+        step(job, Action::Shelve, note, bot, now);
         return Fate::ShelvedPoison;
     }
     if !job.retry || !policy.is_retryable(Blame::System, WORKER_LOST) {
-        let Ok(to) = transition(job.state, Action::Crash) else {
-            return Fate::Kept;
-        };
-        let from = job.state;
-        job.state = to;
         let note = format!("system/{WORKER_LOST}: {reason}; not retried");
-        let mut e = entry(job, Action::Crash, from, to, now, note);
-        e.bot_id = bot;
-        job.push_history(e);
+        step(job, Action::Crash, note, bot, now);
         return Fate::Kept;
     }
     let fate = retry_or_shelve(job, policy, now);

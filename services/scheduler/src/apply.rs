@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use warden_shared::job::{Blame, CrashInfo, HistoryEntry, Job};
-use warden_shared::messages::{Classification, Report, ReportKind};
+use warden_shared::messages::{Classification, Fault, Report, ReportKind};
 use warden_shared::state::{transition, Action};
 use warden_shared::JobState;
 
@@ -190,13 +190,10 @@ pub fn decide_with(
                     c.description.clone(),
                     Some(c.rule.as_str()),
                 ),
-                (None, Some(f)) => (f.blame, f.detail.clone(), f.description.clone(), None),
-                (None, None) => (
-                    Blame::Unknown,
-                    "unclassified".to_string(),
-                    describe(crash),
-                    None,
-                ),
+                (None, fault) => {
+                    let (blame, detail, description) = unclassified(crash, fault.as_ref());
+                    (blame, detail, description, None)
+                }
             };
             note = Some(match rule {
                 Some(rule) => format!("{blame}/{detail} (rule {rule}): {description}"),
@@ -225,6 +222,15 @@ pub fn decide_with(
         note,
     });
     Decision::Apply(Box::new(next))
+}
+
+/// Blame, detail and description of a crash nobody classified: the task's
+/// own fault (status file) as said, anything else `unknown/unclassified`.
+pub fn unclassified(crash: &CrashInfo, fault: Option<&Fault>) -> (Blame, String, String) {
+    match fault {
+        Some(f) => (f.blame, f.detail.clone(), f.description.clone()),
+        None => (Blame::Unknown, "unclassified".to_string(), describe(crash)),
+    }
 }
 
 /// A crash in words when nobody explained it.

@@ -402,8 +402,7 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = Utc::now();
-        let due = shared.queue().next_due().is_some_and(|at| at <= now);
-        if due && shared.queue().promote(now) > 0 {
+        if shared.queue().promote(now) > 0 {
             shared.ready.notify_waiters();
         }
         n += 1;
@@ -884,14 +883,10 @@ async fn classify(
         return None;
     }
     warn!(job.id = %job.id, deliveries, failure, "classifier unavailable; crash recorded without classification");
-    let (blame, detail, description) = match fault {
-        Some(f) => (f.blame, f.detail.clone(), f.description.clone()),
-        None => (
-            warden_shared::Blame::Unknown,
-            "unclassified".to_string(),
-            format!("{} (the classifier did not answer)", apply::describe(crash)),
-        ),
-    };
+    let (blame, detail, mut description) = apply::unclassified(crash, fault.as_ref());
+    if fault.is_none() {
+        description.push_str(" (the classifier did not answer)");
+    }
     Some(Classification {
         blame,
         detail,
