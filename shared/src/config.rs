@@ -144,6 +144,56 @@ pub struct WorkerConfig {
     /// stopped and handed back.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Resources on this host besides the host itself (`resource`), e.g.
+    /// a working copy; each depends on the host unless it names another.
+    #[serde(default)]
+    pub resources: Vec<crate::resource::ResourceDecl>,
+}
+
+/// Resource health (DESIGN.md "Resources and health").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A check with no answer within this is a failed one.
+    #[serde(with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// Suspicions are remembered this long (flapping detection).
+    #[serde(with = "humantime_serde")]
+    pub flap_window: Duration,
+    /// This many suspicions within the window break the resource without
+    /// a check (0: never).
+    pub flap_limit: u32,
+    /// A resource suspected again within the window after passing a check
+    /// waits this long before its next check, doubled each further time.
+    #[serde(with = "humantime_serde")]
+    pub recheck_backoff: Duration,
+    /// Checks by resource kind; the agent on the resource runs them.
+    #[serde(default)]
+    pub checks: BTreeMap<String, Vec<CheckSpec>>,
+}
+
+/// One health check: exactly one of `command`, `min_free_mb`, `dns`.
+/// `{path}` and `{name}` in a command's arguments become the resource's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    pub name: String,
+    /// argv, run without a shell; exit 0 passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Free space in the file system of the resource's path, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_mb: Option<u64>,
+    /// A host name that must resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    /// This check's own limit (default: `health.check_timeout`).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
 }
 
 fn default_pool() -> String {
@@ -184,6 +234,51 @@ pub struct TaskConfig {
     pub retry: RetryOverride,
 }
 
+impl HealthConfig {
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.check_timeout.is_zero() {
+            p.push("health.check_timeout: must be positive".into());
+        }
+        if self.flap_window.is_zero() {
+            p.push("health.flap_window: must be positive".into());
+        }
+        for (kind, checks) in &self.checks {
+            let mut names = BTreeSet::new();
+            for (i, c) in checks.iter().enumerate() {
+                let at = format!("health.checks.{kind}[{i}] ({})", c.name);
+                if c.name.trim().is_empty() {
+                    p.push(format!("{at}: name must not be empty"));
+                } else if !names.insert(c.name.as_str()) {
+                    p.push(format!("{at}: duplicate check name"));
+                }
+                let set = [
+                    c.command.is_some(),
+                    c.min_free_mb.is_some(),
+                    c.dns.is_some(),
+                ];
+                if set.iter().filter(|x| **x).count() != 1 {
+                    p.push(format!(
+                        "{at}: give exactly one of command, min_free_mb, dns"
+                    ));
+                }
+                if c.command.as_ref().is_some_and(|argv| {
+                    argv.first().map(String::as_str).unwrap_or("").is_empty()
+                }) {
+                    p.push(format!("{at}: command must name a program"));
+                }
+                if c.dns.as_deref().is_some_and(|d| d.trim().is_empty()) {
+                    p.push(format!("{at}: dns must name a host"));
+                }
+                if c.timeout.is_some_and(|t| t.is_zero()) {
+                    p.push(format!("{at}: timeout must be positive"));
+                }
+            }
+        }
+        p
+    }
+}
+
 impl TaskConfig {
     /// The verdict for `code`, if the task declared one.
     pub fn verdict(&self, code: i32) -> Option<&str> {
@@ -201,6 +296,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub fencing: FencingConfig,
     pub worker: WorkerConfig,
+    pub health: HealthConfig,
     pub retry: RetryPolicy,
     pub classifier: ClassifierConfig,
     pub tasks: BTreeMap<String, TaskConfig>,
@@ -236,6 +332,7 @@ const SECTIONS: &[&str] = &[
     "scheduler",
     "fencing",
     "worker",
+    "health",
     "retry",
     "classifier",
 ];
@@ -322,6 +419,7 @@ impl Config {
         let scheduler = section::<SchedulerConfig>(&merged, "scheduler", &mut problems);
         let fencing = section::<FencingConfig>(&merged, "fencing", &mut problems);
         let worker = section::<WorkerConfig>(&merged, "worker", &mut problems);
+        let health = section::<HealthConfig>(&merged, "health", &mut problems);
         let retry = section::<RetryPolicy>(&merged, "retry", &mut problems);
         let classifier = section::<ClassifierConfig>(&merged, "classifier", &mut problems);
         let tasks = section::<BTreeMap<String, TaskConfig>>(&merged, "tasks", &mut problems);
@@ -335,12 +433,13 @@ impl Config {
             Some(scheduler),
             Some(fencing),
             Some(worker),
+            Some(health),
             Some(retry),
             Some(classifier),
             Some(tasks),
         ) = (
-            nats, http, metrics, storage, trigger, scheduler, fencing, worker, retry, classifier,
-            tasks,
+            nats, http, metrics, storage, trigger, scheduler, fencing, worker, health, retry,
+            classifier, tasks,
         )
         else {
             return Err(ConfigError::Invalid(problems));
@@ -354,6 +453,7 @@ impl Config {
             scheduler,
             fencing,
             worker,
+            health,
             retry,
             classifier,
             tasks,
@@ -484,6 +584,19 @@ impl Config {
         if w.acquire_wait.is_zero() {
             p.push("worker.acquire_wait: must be positive".into());
         }
+        let mut declared = BTreeSet::new();
+        for (i, r) in w.resources.iter().enumerate() {
+            let at = format!("worker.resources[{i}] ({})", r.name);
+            if r.name.trim().is_empty() {
+                p.push(format!("{at}: name must not be empty"));
+            } else if !declared.insert(r.name.as_str()) || r.name == w.resource {
+                p.push(format!("{at}: declared twice (or the host's own name)"));
+            }
+            if r.kind.trim().is_empty() {
+                p.push(format!("{at}: kind must not be empty"));
+            }
+        }
+        p.extend(self.health.problems());
         p.extend(self.retry.problems("retry"));
         p.extend(
             self.classifier

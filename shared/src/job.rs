@@ -88,6 +88,10 @@ pub struct Lease {
     pub bot_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
+    /// Every resource the attempt runs on (host first); all of them are
+    /// suspected when it fails in a way that may be theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
     pub epoch: u32,
     pub leased_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod job;
 pub mod messages;
 pub mod metrics;
+pub mod resource;
 pub mod retry;
 pub mod runtime;
 pub mod session;

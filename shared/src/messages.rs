@@ -28,6 +28,10 @@ pub struct AcquireRequest {
     pub bot_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
+    /// Every resource the session runs on (host first); no lease is given
+    /// while one of them is not open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
     pub pools: Vec<String>,
     /// How many leases the worker can take now (free slots).
     pub max: u32,
@@ -249,6 +253,13 @@ pub struct CreateSession {
     pub bot_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
+    /// The resources the bot runs on (its host first), registered by the
+    /// health service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<crate::resource::ResourceDecl>,
+    /// New at every start of the agent process.
+    #[serde(default)]
+    pub agent_instance: String,
     pub pools: Vec<String>,
     pub capacity: u32,
     #[serde(default)]
@@ -288,6 +299,84 @@ pub struct CloseSession {
     #[serde(default = "v1")]
     pub version: u32,
     pub session: String,
+}
+
+/// The health service asks a bot's agent to check one of its resources
+/// (request on [`crate::subjects::agent_check_subject`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRequest {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub resource: String,
+    pub kind: String,
+}
+
+/// One configured check's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    /// What was seen (bounded): command output, free space, addresses.
+    pub detail: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReply {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub passed: bool,
+    #[serde(default)]
+    pub results: Vec<CheckResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Published on [`crate::subjects::recycle_subject`] when a resource is
+/// recycled: a provisioner replaces it (`warden recycle-hook`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRecycle {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub resource: String,
+    pub kind: String,
+    pub incarnation: u32,
+    /// A [`crate::resource::reason`] code.
+    pub reason: String,
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depends_on: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// An operator asks the health service to check or close a resource
+/// ([`crate::subjects::HEALTH_CHECK`], [`crate::subjects::HEALTH_CLOSE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRequest {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub resource: String,
+    /// Why (close only), recorded on the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReply {
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// The resource after the operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<crate::resource::Resource>,
+    /// The check that ran (check only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckReply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
 }
 
 /// An event the trigger could not use, kept on the dead-letter stream.

@@ -175,6 +175,9 @@ pub enum Fate {
     ShelvedPoison,
     /// Left as it is (CRASHED): not retryable, or the job opted out.
     Kept,
+    /// Back to SCHEDULED at once, the attempt not counted against the
+    /// task: its resource was recycled under it.
+    Requeued,
 }
 
 impl Fate {
@@ -185,6 +188,7 @@ impl Fate {
             Fate::ShelvedRetriesExhausted => "retries_exhausted",
             Fate::ShelvedPoison => "worker_crash_loop",
             Fate::Kept => "kept",
+            Fate::Requeued => "requeued",
         }
     }
 }
@@ -197,6 +201,10 @@ pub enum Loss {
     /// The bot started a new session (it restarted) while this one held
     /// the lease.
     SessionSuperseded,
+    /// The resource the attempt ran on was found broken (or closed by
+    /// hand) and recycled: not the task's fault, so the attempt is not
+    /// counted against its budget; the bot still counts towards poison.
+    ResourceBroken,
 }
 
 impl Loss {
@@ -204,6 +212,7 @@ impl Loss {
         match self {
             Loss::WorkerLost => "worker_lost",
             Loss::SessionSuperseded => "session_superseded",
+            Loss::ResourceBroken => "resource_broken",
         }
     }
 }
@@ -349,6 +358,7 @@ pub fn after_loss(
         match loss {
             Loss::WorkerLost => "the worker stopped heartbeating while running the attempt",
             Loss::SessionSuperseded => "the worker restarted while running the attempt",
+            Loss::ResourceBroken => "the resource running the attempt was recycled",
         }
     ));
     job.updated_at = now;
@@ -370,6 +380,33 @@ pub fn after_loss(
         );
         step(job, Action::Shelve, note, bot, now);
         return Fate::ShelvedPoison;
+    }
+    if loss == Loss::ResourceBroken {
+        // Not the task's doing: this attempt does not count, and the job
+        // may run at once on another resource.
+        let from = job.state;
+        let Ok(to) = transition(from, Action::Requeue) else {
+            return Fate::Kept;
+        };
+        job.budget_from = job.budget_from.saturating_add(1);
+        job.state = to;
+        job.lease = None;
+        job.not_before = None;
+        job.queued_at = now;
+        job.blame = None;
+        job.detail = None;
+        job.description = None;
+        let mut e = entry(
+            job,
+            Action::Requeue,
+            from,
+            to,
+            now,
+            format!("{reason}; requeued, the attempt not counted"),
+        );
+        e.bot_id = bot;
+        job.push_history(e);
+        return Fate::Requeued;
     }
     if !job.retry || !policy.is_retryable(Blame::System, WORKER_LOST) {
         let note = format!("system/{WORKER_LOST}: {reason}; not retried");
@@ -419,6 +456,7 @@ mod tests {
             session: format!("s-{bot}"),
             bot_id: bot.into(),
             resource: None,
+            resources: Vec::new(),
             epoch: attempt,
             leased_at: now,
             started_at: None,
@@ -557,6 +595,33 @@ mod tests {
             )
         );
         assert_eq!(j.lost_workers, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_recycled_resource_requeues_without_spending_the_budget() {
+        let p = RetryPolicy {
+            max_attempts: 1,
+            ..policy()
+        };
+        let now = Utc::now();
+        let mut j = running(1, "a");
+        assert_eq!(
+            after_loss(&mut j, &p, Loss::ResourceBroken, "host-a closed", now),
+            Fate::Requeued
+        );
+        // One attempt allowed, one made: still runnable, at once.
+        assert_eq!(j.state, JobState::Scheduled);
+        assert_eq!(attempts_used(&j), 0);
+        assert!(j.not_before.is_none() && j.lease.is_none() && j.blame.is_none());
+        assert_eq!(j.lost_workers, ["a"]);
+        // The poison rule still applies: a second bot lost with it shelves.
+        j.state = JobState::Running;
+        j.attempt = 2;
+        j.lease = running(2, "b").lease;
+        assert_eq!(
+            after_loss(&mut j, &p, Loss::ResourceBroken, "host-b closed", now),
+            Fate::ShelvedPoison
+        );
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub struct Session {
     pub bot_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
+    /// Every resource the bot declared (its host first); the health
+    /// service registers them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<crate::resource::ResourceDecl>,
+    /// The agent process (new at every start): a closed resource declared
+    /// by a new agent process is registered as a new incarnation.
+    #[serde(default)]
+    pub agent_instance: String,
     pub pools: Vec<String>,
     pub capacity: u32,
     #[serde(default)]
@@ -56,14 +64,24 @@ pub fn session_key(name: &str) -> String {
 
 /// Bot ids are free text; KV keys are not, so the id is hex-encoded.
 pub fn bot_key(bot_id: &str) -> String {
-    let mut k = String::with_capacity(4 + bot_id.len() * 2);
-    k.push_str("bot.");
-    for b in bot_id.as_bytes() {
-        k.push_str(&format!("{b:02x}"));
-    }
-    k
+    format!("bot.{}", crate::subjects::hex_token(bot_id))
 }
 
 /// Stable error codes a bot acts on.
 pub const UNKNOWN_SESSION: &str = "unknown_session";
 pub const SESSION_SUPERSEDED: &str = "session_superseded";
+/// Acquire refused for now: one of the session's resources is not open
+/// (suspicious, broken or closed). Not a fencing error: the session lives.
+pub const RESOURCE_UNAVAILABLE: &str = "resource_unavailable";
+
+impl Session {
+    /// Names of the resources the session runs on (the declared ones, or
+    /// its single `resource` from before resources were declared).
+    pub fn resource_names(&self) -> Vec<String> {
+        if self.resources.is_empty() {
+            self.resource.iter().cloned().collect()
+        } else {
+            self.resources.iter().map(|r| r.name.clone()).collect()
+        }
+    }
+}

@@ -22,10 +22,13 @@ pub const REPORTS_PREFIX: &str = "warden.report";
 pub const JOBS_BUCKET: &str = "warden_jobs";
 /// Bot sessions, keyed by session name, plus `bot.<bot_id>` → current name.
 pub const SESSIONS_BUCKET: &str = "warden_sessions";
+/// Resources and their health (value: [`crate::resource::Resource`]).
+pub const RESOURCES_BUCKET: &str = "warden_resources";
 
 /// Durable consumer names.
 pub const TRIGGER_CONSUMER: &str = "warden-trigger";
 pub const SCHEDULER_REPORTS_CONSUMER: &str = "warden-scheduler-reports";
+pub const HEALTH_SUSPECTS_CONSUMER: &str = "warden-health-suspects";
 
 /// Worker → scheduler: long-poll for leases (queue group across replicas).
 pub const ACQUIRE: &str = "warden.sched.acquire";
@@ -61,6 +64,18 @@ pub const NOTIFY_STREAM: &str = "WARDEN_NOTIFY";
 /// `warden.resource.suspect.<resource>`, kept in [`NOTIFY_STREAM`] too.
 pub const SUSPECT_PREFIX: &str = "warden.resource.suspect";
 
+/// Resources recycled (broken or closed): `warden.resource.recycle.<r>`,
+/// kept in [`NOTIFY_STREAM`] for a provisioner (`warden recycle-hook`).
+pub const RECYCLE_PREFIX: &str = "warden.resource.recycle";
+/// The durable consumer `warden recycle-hook` uses unless told otherwise.
+pub const RECYCLE_HOOK_CONSUMER: &str = "warden-recycle-hook";
+
+/// Health service (async-nats service API): operators' checks and closes.
+pub const HEALTH_SERVICE: &str = "warden-health";
+pub const HEALTH_GROUP: &str = "warden.health";
+pub const HEALTH_CHECK: &str = "warden.health.check";
+pub const HEALTH_CLOSE: &str = "warden.health.close";
+
 /// Subjects every default events stream listens on besides configured ones:
 /// what `warden publish` and webhooks use when no bridge topic applies.
 pub const LOCAL_EVENTS: &str = "warden.events.>";
@@ -73,16 +88,36 @@ pub fn notify_subject(party: crate::messages::Party) -> String {
     format!("{NOTIFY_PREFIX}.{}", party.as_str())
 }
 
-/// The resource name as one subject token (dots and wildcards replaced).
-pub fn suspect_subject(resource: &str) -> String {
-    let token: String = resource
-        .chars()
+/// A resource name as one subject token (dots and wildcards replaced).
+fn subject_token(name: &str) -> String {
+    name.chars()
         .map(|c| match c {
             '.' | '*' | '>' | ' ' | '\t' | '\r' | '\n' => '_',
             c => c,
         })
-        .collect();
-    format!("{SUSPECT_PREFIX}.{token}")
+        .collect()
+}
+
+pub fn suspect_subject(resource: &str) -> String {
+    format!("{SUSPECT_PREFIX}.{}", subject_token(resource))
+}
+
+pub fn recycle_subject(resource: &str) -> String {
+    format!("{RECYCLE_PREFIX}.{}", subject_token(resource))
+}
+
+/// Where the health service asks a bot's agent to check its resources.
+pub fn agent_check_subject(bot_id: &str) -> String {
+    format!("warden.agent.{}.check", hex_token(bot_id))
+}
+
+/// Free text as a key or subject token: lowercase hex of its bytes.
+pub fn hex_token(s: &str) -> String {
+    let mut k = String::with_capacity(s.len() * 2);
+    for b in s.as_bytes() {
+        k.push_str(&format!("{b:02x}"));
+    }
+    k
 }
 
 pub fn deadletter_subject(service: &str, reason: &str) -> String {
@@ -148,9 +183,14 @@ impl Topology {
         stream::Config {
             name: NOTIFY_STREAM.into(),
             description: Some(
-                "crash notifications for operators and task owners; suspect resources".into(),
+                "crash notifications for operators and task owners; suspect and recycled resources"
+                    .into(),
             ),
-            subjects: vec![format!("{NOTIFY_PREFIX}.>"), format!("{SUSPECT_PREFIX}.>")],
+            subjects: vec![
+                format!("{NOTIFY_PREFIX}.>"),
+                format!("{SUSPECT_PREFIX}.>"),
+                format!("{RECYCLE_PREFIX}.>"),
+            ],
             retention: stream::RetentionPolicy::Limits,
             max_age: self.deadletter_max_age,
             duplicate_window: self.duplicate_window,
@@ -166,6 +206,17 @@ impl Topology {
             description: "current state and history of every job".into(),
             history: 1,
             max_value_size: self.max_job_bytes,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub fn resources_bucket(&self) -> kv::Config {
+        kv::Config {
+            bucket: RESOURCES_BUCKET.into(),
+            description: "resources (hosts, working copies) and their health".into(),
+            history: 1,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -209,6 +260,30 @@ pub fn scheduler_reports_consumer() -> consumer::pull::Config {
     }
 }
 
+/// The health service replicas' durable consumer of suspect resources.
+pub fn health_suspects_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(HEALTH_SUSPECTS_CONSUMER.into()),
+        description: Some("health: resources suspected after failed attempts".into()),
+        filter_subject: format!("{SUSPECT_PREFIX}.>"),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+/// A provisioner's durable consumer of recycle events.
+pub fn recycle_hook_consumer(name: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.into()),
+        description: Some("recycle hook: a provisioner replaces recycled resources".into()),
+        filter_subject: format!("{RECYCLE_PREFIX}.>"),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(300),
+        ..Default::default()
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum TopologyError {
     #[error("cannot create stream {name}")]
@@ -231,6 +306,7 @@ pub struct Handles {
     pub js: jetstream::Context,
     pub jobs: kv::Store,
     pub sessions: kv::Store,
+    pub resources: kv::Store,
 }
 
 /// Creates (or brings up to date) every stream and bucket. Safe to run from
@@ -247,20 +323,16 @@ pub async fn ensure(js: &jetstream::Context, topo: &Topology) -> Result<Handles,
             .await
             .map_err(|source| TopologyError::Stream { name, source })?;
     }
-    let mut stores = Vec::new();
-    for cfg in [topo.jobs_bucket(), topo.sessions_bucket()] {
+    let bucket = |cfg: kv::Config| async move {
         let name = cfg.bucket.clone();
-        let store = js
-            .create_or_update_key_value(cfg)
+        js.create_or_update_key_value(cfg)
             .await
-            .map_err(|source| TopologyError::Bucket { name, source })?;
-        stores.push(store);
-    }
-    let sessions = stores.pop().expect("two buckets were created");
-    let jobs = stores.pop().expect("two buckets were created");
+            .map_err(|source| TopologyError::Bucket { name, source })
+    };
     Ok(Handles {
         js: js.clone(),
-        jobs,
-        sessions,
+        jobs: bucket(topo.jobs_bucket()).await?,
+        sessions: bucket(topo.sessions_bucket()).await?,
+        resources: bucket(topo.resources_bucket()).await?,
     })
 }

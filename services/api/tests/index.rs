@@ -81,6 +81,7 @@ async fn writes_by_other_services_show_up_in_searches() {
         session: "s1".into(),
         bot_id: "bot-1".into(),
         resource: None,
+        resources: Vec::new(),
         epoch: 1,
         leased_at: at,
         started_at: None,

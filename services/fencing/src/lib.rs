@@ -164,6 +164,8 @@ impl Sessions {
             name: name.clone(),
             bot_id: req.bot_id.clone(),
             resource: req.resource.clone(),
+            resources: req.resources.clone(),
+            agent_instance: req.agent_instance.clone(),
             pools: req.pools.clone(),
             capacity: req.capacity,
             agent_version: req.agent_version.clone(),

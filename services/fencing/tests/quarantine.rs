@@ -162,6 +162,7 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         session: new.clone(),
         bot_id: "bot-1".into(),
         resource: None,
+        resources: Vec::new(),
         epoch: 1,
         leased_at: now,
         started_at: None,

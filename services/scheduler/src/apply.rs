@@ -316,6 +316,7 @@ mod tests {
             session: session.into(),
             bot_id: "bot".into(),
             resource: None,
+            resources: Vec::new(),
             epoch,
             leased_at: now,
             started_at: None,

@@ -134,6 +134,7 @@ impl Api {
                 session: "session-1".into(),
                 bot_id: "bot-c".into(),
                 resource: None,
+                resources: Vec::new(),
                 epoch: attempt,
                 leased_at: now,
                 started_at: Some(now),
