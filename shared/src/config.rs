@@ -262,9 +262,10 @@ impl HealthConfig {
                         "{at}: give exactly one of command, min_free_mb, dns"
                     ));
                 }
-                if c.command.as_ref().is_some_and(|argv| {
-                    argv.first().map(String::as_str).unwrap_or("").is_empty()
-                }) {
+                if c.command
+                    .as_ref()
+                    .is_some_and(|argv| argv.first().map(String::as_str).unwrap_or("").is_empty())
+                {
                     p.push(format!("{at}: command must name a program"));
                 }
                 if c.dns.as_deref().is_some_and(|d| d.trim().is_empty()) {

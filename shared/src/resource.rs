@@ -127,6 +127,13 @@ pub struct ResourceDecl {
     pub depends_on: Option<String>,
 }
 
+/// An active session on a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSession {
+    pub session: String,
+    pub bot_id: String,
+}
+
 /// One health check as recorded on the resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckRecord {
@@ -178,9 +185,9 @@ pub struct Resource {
     pub agent: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bot_id: Option<String>,
-    /// Active sessions that declared it.
+    /// Active sessions that declared it, with their bots.
     #[serde(default)]
-    pub sessions: Vec<String>,
+    pub sessions: Vec<ResourceSession>,
     /// Pools those sessions serve.
     #[serde(default)]
     pub pools: Vec<String>,
@@ -295,6 +302,61 @@ impl Resource {
         self.suspicions.push(now);
         self.suspicions.len()
     }
+}
+
+/// Every resource in the bucket, by name (a few thousand at most: read
+/// directly, no index needed).
+pub async fn list(
+    kv: &async_nats::jetstream::kv::Store,
+) -> Result<Vec<Resource>, async_nats::Error> {
+    use futures::StreamExt;
+    let mut keys = kv.keys().await?;
+    let mut names = Vec::new();
+    while let Some(k) = keys.next().await {
+        names.push(k?);
+    }
+    let mut all = Vec::with_capacity(names.len());
+    for k in names {
+        if let Some(v) = kv.get(&k).await? {
+            if let Ok(r) = serde_json::from_slice::<Resource>(&v) {
+                all.push(r);
+            }
+        }
+    }
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(all)
+}
+
+/// The resources that depend on `name`, directly or not.
+pub fn dependents<'a>(all: &'a [Resource], name: &str) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    let mut frontier = vec![name.to_string()];
+    while let Some(n) = frontier.pop() {
+        for r in all {
+            if r.depends_on.as_deref() == Some(n.as_str()) && !out.contains(&r.name.as_str()) {
+                out.push(&r.name);
+                frontier.push(r.name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Resources as the API and `warden resources --json` show them: each
+/// record with its `dependents`.
+pub fn listing(all: &[Resource]) -> Vec<serde_json::Value> {
+    all.iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "dependents".into(),
+                    serde_json::json!(dependents(all, &r.name)),
+                );
+            }
+            v
+        })
+        .collect()
 }
 
 /// KV key of a resource: names are free text, keys are not.

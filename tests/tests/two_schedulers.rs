@@ -65,6 +65,7 @@ async fn two_replicas_never_dispatch_one_job_twice() {
                         session: format!("session-{i}"),
                         bot_id: format!("bot-{i}"),
                         resource: None,
+                        resources: Vec::new(),
                         pools: vec!["default".into()],
                         max: 7,
                         wait_ms: 300,

@@ -35,6 +35,7 @@ pub fn router(ops: Arc<Ops>) -> Router {
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/resources", get(resources))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
@@ -96,6 +97,10 @@ async fn stats(
 ) -> Result<Response, OpError> {
     let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
     Ok(Json(ops.stats(q).await?).into_response())
+}
+
+async fn resources(State(ops): State<Arc<Ops>>) -> Result<Response, OpError> {
+    Ok(Json(ops.resources().await?).into_response())
 }
 
 async fn list_jobs(
@@ -191,6 +196,7 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
         (Some("/api/v1/jobs/{id}/retry"), &Method::POST) => "job_retry",
         (Some("/api/v1/jobs/{id}/cancel"), &Method::POST) => "job_cancel",
         (Some("/api/v1/stats"), &Method::GET) => "stats",
+        (Some("/api/v1/resources"), &Method::GET) => "resources",
         (Some("/metrics"), _) => "metrics",
         (Some("/healthz"), _) => "healthz",
         _ => "other",

@@ -81,6 +81,7 @@ pub async fn serve(
         client: client.clone(),
         store: JobStore::new(handles.jobs.clone()),
         index: index.clone(),
+        resources: handles.resources.clone(),
     });
 
     let tracker = TaskTracker::new();

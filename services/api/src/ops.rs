@@ -112,9 +112,21 @@ pub struct Ops {
     pub client: async_nats::Client,
     pub store: JobStore,
     pub index: Arc<SharedIndex>,
+    /// The resources bucket (a few thousand records at most: read as is).
+    pub resources: async_nats::jetstream::kv::Store,
 }
 
 impl Ops {
+    /// Every resource with its state, reason, since, dependents, sessions
+    /// and recent checks.
+    pub async fn resources(&self) -> Result<Vec<serde_json::Value>, OpError> {
+        self.bus_up()?;
+        let all = warden_shared::resource::list(&self.resources)
+            .await
+            .map_err(|e| OpError::unavailable(format!("cannot read resources: {e}")))?;
+        Ok(warden_shared::resource::listing(&all))
+    }
+
     fn bus_up(&self) -> Result<(), OpError> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),

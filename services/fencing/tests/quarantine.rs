@@ -32,6 +32,8 @@ async fn create(client: &async_nats::Client, bot: &str) -> String {
         version: 1,
         bot_id: bot.into(),
         resource: Some("host-1".into()),
+        resources: Vec::new(),
+        agent_instance: String::new(),
         pools: vec!["default".into()],
         capacity: 1,
         agent_version: "test".into(),

@@ -32,9 +32,12 @@ use warden_shared::messages::{
     ErrorBody, LeaseGrant, Notification, Party, Report, ReportKind, ResourceSuspect,
     MESSAGE_VERSION,
 };
+use warden_shared::resource::{Resource, ResourceState};
 use warden_shared::retry::{self, Fate, Loss};
 use warden_shared::runtime;
-use warden_shared::session::{Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
+use warden_shared::session::{
+    Session, SessionState, RESOURCE_UNAVAILABLE, SESSION_SUPERSEDED, UNKNOWN_SESSION,
+};
 use warden_shared::state::{transition, Action};
 use warden_shared::store::{self, JobStore, StoreError, Versioned};
 use warden_shared::{subjects, Config, JobState};
@@ -74,6 +77,7 @@ struct Shared {
     /// Woken whenever jobs become ready.
     ready: Notify,
     sessions_kv: async_nats::jetstream::kv::Store,
+    resources_kv: async_nats::jetstream::kv::Store,
     /// Running attempts by session, and the state of every session seen.
     leases: Mutex<LeaseIndex>,
 }
@@ -85,6 +89,12 @@ struct LeaseIndex {
     by_session: std::collections::HashMap<String, std::collections::HashSet<Uuid>>,
     session_of: std::collections::HashMap<Uuid, String>,
     states: std::collections::HashMap<String, SessionState>,
+    /// Pools and resources of every active session.
+    active: std::collections::HashMap<String, (Vec<String>, Vec<String>)>,
+    /// Running attempts by resource, and the state of every resource.
+    by_resource: std::collections::HashMap<String, std::collections::HashSet<Uuid>>,
+    resources_of: std::collections::HashMap<Uuid, Vec<String>>,
+    resource_states: std::collections::HashMap<String, ResourceState>,
 }
 
 impl LeaseIndex {
@@ -94,13 +104,54 @@ impl LeaseIndex {
                 set.remove(&job.id);
             }
         }
+        for r in self.resources_of.remove(&job.id).unwrap_or_default() {
+            if let Some(set) = self.by_resource.get_mut(&r) {
+                set.remove(&job.id);
+            }
+        }
         if let (JobState::Running, Some(lease)) = (job.state, &job.lease) {
             self.session_of.insert(job.id, lease.session.clone());
             self.by_session
                 .entry(lease.session.clone())
                 .or_default()
                 .insert(job.id);
+            let resources = lease_resources(lease);
+            for r in &resources {
+                self.by_resource
+                    .entry(r.clone())
+                    .or_default()
+                    .insert(job.id);
+            }
+            self.resources_of.insert(job.id, resources);
         }
+    }
+
+    /// The first of `resources` known not to be open, with its state. A
+    /// resource the health service has not registered yet is not refused.
+    fn unavailable<'a>(&self, resources: &'a [String]) -> Option<(&'a str, ResourceState)> {
+        resources
+            .iter()
+            .find_map(|r| match self.resource_states.get(r) {
+                Some(s) if !s.leasable() => Some((r.as_str(), *s)),
+                _ => None,
+            })
+    }
+
+    /// Whether a running attempt sits on a closed resource.
+    fn on_closed_resource(&self, job: &Uuid) -> bool {
+        self.resources_of.get(job).is_some_and(|rs| {
+            rs.iter()
+                .any(|r| self.resource_states.get(r) == Some(&ResourceState::Closed))
+        })
+    }
+
+    /// Pools some active session on open resources serves.
+    fn served_pools(&self) -> std::collections::HashSet<String> {
+        self.active
+            .values()
+            .filter(|(_, resources)| self.unavailable(resources).is_none())
+            .flat_map(|(pools, _)| pools.iter().cloned())
+            .collect()
     }
 
     /// Why work leased to `session` must go back, if it must.
@@ -111,6 +162,15 @@ impl LeaseIndex {
             SessionState::Quarantined => Some("session_superseded"),
             SessionState::Closed => Some("session_closed"),
         }
+    }
+}
+
+/// Every resource a lease runs on (its host alone for older records).
+fn lease_resources(lease: &Lease) -> Vec<String> {
+    if lease.resources.is_empty() {
+        lease.resource.iter().cloned().collect()
+    } else {
+        lease.resources.clone()
     }
 }
 
@@ -137,6 +197,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
         sessions_kv: handles.sessions.clone(),
+        resources_kv: handles.resources.clone(),
         leases: Mutex::new(LeaseIndex::default()),
     });
 
@@ -164,6 +225,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     tracker.spawn(watch_loop(shared.clone(), shutdown.clone()));
     tracker.spawn(timer_loop(shared.clone(), shutdown.clone()));
     tracker.spawn(sessions_loop(
+        shared.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(resources_loop(
         shared.clone(),
         tracker.clone(),
         shutdown.clone(),
@@ -223,9 +289,12 @@ async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                         let mut l = shared.leases();
                         l.observe_job(&job);
                         match (&job.state, &job.lease) {
-                            (JobState::Running, Some(lease)) => {
-                                l.dead(&lease.session).map(|r| (lease.session.clone(), r))
-                            }
+                            (JobState::Running, Some(lease)) => l
+                                .dead(&lease.session)
+                                .or_else(|| {
+                                    l.on_closed_resource(&job.id).then_some(RESOURCE_CLOSED)
+                                })
+                                .map(|r| (lease.session.clone(), r)),
                             _ => None,
                         }
                     };
@@ -274,6 +343,14 @@ async fn sessions_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: Canc
             let (reason, doomed) = {
                 let mut l = shared.leases();
                 l.states.insert(session.name.clone(), session.state);
+                if session.state == SessionState::Active {
+                    l.active.insert(
+                        session.name.clone(),
+                        (session.pools.clone(), session.resource_names()),
+                    );
+                } else {
+                    l.active.remove(&session.name);
+                }
                 let reason = l.dead(&session.name);
                 let doomed: Vec<Uuid> = match reason {
                     Some(_) => l
@@ -295,6 +372,60 @@ async fn sessions_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: Canc
     }
 }
 
+/// Why a lease goes back when its resource was closed.
+const RESOURCE_CLOSED: &str = "resource_closed";
+
+/// Follows the resources bucket: a resource that is no longer open gets no
+/// new lease (checked in `acquire`); one that is closed loses its running
+/// attempts, requeued without counting against their jobs. Any change
+/// wakes parked acquire requests, so a resource that opens again gets work
+/// at once.
+async fn resources_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut watch = match shared.resources_kv.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch resources; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
+            };
+            let Ok(resource) = serde_json::from_slice::<Resource>(&entry.value) else {
+                continue;
+            };
+            let doomed: Vec<(Uuid, String)> = {
+                let mut l = shared.leases();
+                l.resource_states
+                    .insert(resource.name.clone(), resource.state);
+                if resource.state == ResourceState::Closed {
+                    l.by_resource
+                        .get(&resource.name)
+                        .map(|jobs| {
+                            jobs.iter()
+                                .filter_map(|id| l.session_of.get(id).map(|s| (*id, s.clone())))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                }
+            };
+            shared.ready.notify_waiters();
+            for (id, session) in doomed {
+                let shared = shared.clone();
+                tracker.spawn(async move { requeue(&shared, id, &session, RESOURCE_CLOSED).await });
+            }
+        }
+    }
+}
+
 /// Takes a dead session's lease back. A lost worker (expired, or replaced
 /// by its own restart) ends the attempt as `system/worker_lost` under the
 /// retry policy: a delayed retry, or SHELVED (budget spent, or poison). A
@@ -305,6 +436,7 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
     let loss = match reason {
         "worker_lost" => Some(Loss::WorkerLost),
         "session_superseded" => Some(Loss::SessionSuperseded),
+        RESOURCE_CLOSED => Some(Loss::ResourceBroken),
         _ => None,
     };
     for _ in 0..8 {
@@ -323,13 +455,26 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
         let fate = match loss {
             Some(loss) => {
                 let policy = shared.config.retry_policy(&next.task);
-                let words = format!(
-                    "session {session} {}",
-                    match loss {
-                        Loss::WorkerLost => "expired",
-                        Loss::SessionSuperseded => "was superseded by a new session of its bot",
+                let words = match loss {
+                    Loss::WorkerLost => format!("session {session} expired"),
+                    Loss::SessionSuperseded => {
+                        format!("session {session} was superseded by a new session of its bot")
                     }
-                );
+                    Loss::ResourceBroken => {
+                        let closed: Vec<String> = job
+                            .lease
+                            .as_ref()
+                            .map(lease_resources)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|r| {
+                                shared.leases().resource_states.get(r)
+                                    == Some(&ResourceState::Closed)
+                            })
+                            .collect();
+                        format!("resource {} was closed", closed.join(", "))
+                    }
+                };
                 Some(retry::after_loss(&mut next, &policy, loss, &words, now))
             }
             None => {
@@ -386,7 +531,7 @@ fn count_fate(fate: Fate, blame: Option<warden_shared::Blame>) {
         Fate::ShelvedRetriesExhausted | Fate::ShelvedPoison => {
             m.shelved.with_label_values(&[fate.as_str()]).inc()
         }
-        Fate::Kept => {}
+        Fate::Kept | Fate::Requeued => {}
     }
 }
 
@@ -417,17 +562,31 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
         m.queue_depth.reset();
         m.oldest_age.reset();
         m.delayed.reset();
-        for ((pool, priority), (count, oldest)) in waiting {
+        for ((pool, priority), (count, oldest)) in &waiting {
             let priority = priority.to_string();
             m.queue_depth
-                .with_label_values(&[&pool, &priority])
-                .set(count as i64);
+                .with_label_values(&[pool, &priority])
+                .set(*count as i64);
             m.oldest_age
-                .with_label_values(&[&pool, &priority])
-                .set((now - oldest).num_seconds().max(0));
+                .with_label_values(&[pool, &priority])
+                .set((now - *oldest).num_seconds().max(0));
         }
         for (pool, count) in delayed {
             m.delayed.with_label_values(&[&pool]).set(count as i64);
+        }
+        let served = shared.leases().served_pools();
+        let mut unserved: std::collections::BTreeMap<String, i64> = Default::default();
+        for ((pool, _), (count, _)) in &waiting {
+            let e = unserved.entry(pool.clone()).or_default();
+            if !served.contains(pool) {
+                *e += *count as i64;
+            }
+        }
+        m.waiting_for_resource.reset();
+        for (pool, count) in unserved {
+            m.waiting_for_resource
+                .with_label_values(&[&pool])
+                .set(count);
         }
     }
 }
@@ -490,6 +649,8 @@ async fn acquire(
     let deadline = tokio::time::Instant::now() + wait;
     let max = req.max.clamp(1, 1000) as usize;
     let mut leases = Vec::new();
+    let resources = request_resources(&req);
+    let mut blocked: Option<String>;
     loop {
         // Register interest before looking, so a job that arrives between
         // the look and the wait still wakes us.
@@ -519,7 +680,19 @@ async fn acquire(
                 )),
             };
         }
-        let candidates = shared.queue().take(&req.pools, max - leases.len());
+        // No new lease for a session on a resource that is not open
+        // (suspicious, broken, closed): its jobs wait for others, and this
+        // request is held like an empty one, so a resource that opens
+        // again is served at once.
+        blocked = shared
+            .leases()
+            .unavailable(&resources)
+            .map(|(r, state)| format!("resource {r} is {state}"));
+        let candidates = if blocked.is_some() {
+            Vec::new()
+        } else {
+            shared.queue().take(&req.pools, max - leases.len())
+        };
         if !candidates.is_empty() {
             let results = futures::future::join_all(
                 candidates.into_iter().map(|v| dispatch(shared, v, &req)),
@@ -537,6 +710,17 @@ async fn acquire(
             _ = shutdown.cancelled() => break,
         }
     }
+    if let (Some(why), true) = (blocked, leases.is_empty()) {
+        metrics()
+            .acquire_requests
+            .with_label_values(&["resource_unavailable"])
+            .inc();
+        return AcquireReply {
+            version: MESSAGE_VERSION,
+            leases,
+            error: Some(ErrorBody::new(RESOURCE_UNAVAILABLE, why)),
+        };
+    }
     metrics()
         .acquire_requests
         .with_label_values(&[if leases.is_empty() { "empty" } else { "leased" }])
@@ -545,6 +729,16 @@ async fn acquire(
         version: MESSAGE_VERSION,
         leases,
         error: None,
+    }
+}
+
+/// The resources an acquire request runs on (its host alone for agents
+/// that do not declare resources).
+fn request_resources(req: &AcquireRequest) -> Vec<String> {
+    if req.resources.is_empty() {
+        req.resource.iter().cloned().collect()
+    } else {
+        req.resources.clone()
     }
 }
 
@@ -563,6 +757,7 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
         session: req.session.clone(),
         bot_id: req.bot_id.clone(),
         resource: req.resource.clone(),
+        resources: request_resources(req),
         epoch: job.attempt,
         leased_at: now,
         started_at: None,
@@ -748,12 +943,12 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     // write: no restart can leave a crash unanswered.
                     if next.state == JobState::Crashed {
                         let policy = shared.config.retry_policy(&next.task);
-                        let resource = job.lease.as_ref().and_then(|l| l.resource.clone());
+                        let resources = job.lease.as_ref().map(lease_resources).unwrap_or_default();
                         let attempt = next.attempt;
                         let fate = retry::after_crash(&mut next, &policy, now);
                         fates.push((fate, next.blame));
                         if let Some(c) = classified.get(&i) {
-                            crashes.push((c.clone(), attempt, resource, next.state));
+                            crashes.push((c.clone(), attempt, resources, next.state));
                         }
                     }
                     results.push((r, "applied", Some((from, next.state))));
@@ -782,8 +977,8 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                 for (fate, blame) in fates {
                     count_fate(fate, blame);
                 }
-                for (c, attempt, resource, state) in crashes {
-                    act_on_classification(shared, &job, &c, attempt, resource, state).await;
+                for (c, attempt, resources, state) in crashes {
+                    act_on_classification(shared, &job, &c, attempt, &resources, state).await;
                 }
                 for (r, res, change) in results {
                     match (res, change) {
@@ -898,7 +1093,7 @@ async fn classify(
 }
 
 /// After a classified crash is written: tell the party the catalogue names
-/// and flag the resource when it may be at fault. Both are durable
+/// and flag every resource the attempt ran on when they may be at fault. Both are durable
 /// publishes with a message id per attempt, so a retried write never
 /// notifies twice; a failed publish is logged and counted, the crash stays
 /// recorded.
@@ -907,10 +1102,11 @@ async fn act_on_classification(
     job: &warden_shared::Job,
     c: &Classification,
     attempt: u32,
-    resource: Option<String>,
+    resources: &[String],
     state: JobState,
 ) {
     let m = metrics();
+    let resource = resources.first().cloned();
     let now = Utc::now();
     if c.notify != Party::None {
         let recipients = match c.notify {
@@ -946,7 +1142,10 @@ async fn act_on_classification(
             .with_label_values(&[c.notify.as_str(), if ok { "published" } else { "failed" }])
             .inc();
     }
-    if let (true, Some(resource)) = (c.suspect_resource, resource) {
+    if !c.suspect_resource {
+        return;
+    }
+    for resource in resources {
         let s = ResourceSuspect {
             version: MESSAGE_VERSION,
             resource: resource.clone(),
@@ -955,8 +1154,8 @@ async fn act_on_classification(
             detail: c.detail.clone(),
             at: now,
         };
-        let id = format!("{}:{attempt}:suspect", job.id);
-        if publish_durable(shared, subjects::suspect_subject(&resource), &id, &s).await {
+        let id = format!("{}:{attempt}:suspect:{resource}", job.id);
+        if publish_durable(shared, subjects::suspect_subject(resource), &id, &s).await {
             m.suspects.inc();
         }
     }

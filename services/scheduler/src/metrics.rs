@@ -23,6 +23,7 @@ pub struct Metrics {
     pub classify_failures: IntCounter,
     pub notifications: IntCounterVec,
     pub suspects: IntCounter,
+    pub waiting_for_resource: IntGaugeVec,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -95,7 +96,7 @@ pub fn metrics() -> &'static Metrics {
             ),
             requeued: counter_vec(
                 "warden_scheduler_leases_requeued_total",
-                "Running attempts put back in the queue because their session ended, by reason",
+                "Running attempts taken back because their session ended or their resource was closed, by reason",
                 &["reason"],
             ),
             retries: counter_vec(
@@ -113,6 +114,16 @@ pub fn metrics() -> &'static Metrics {
                     Opts::new(
                         "warden_scheduler_delayed_jobs",
                         "SCHEDULED jobs waiting for their retry delay, per pool",
+                    ),
+                    &["pool"],
+                )
+                .expect("valid metric"),
+            ),
+            waiting_for_resource: register(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "warden_scheduler_jobs_waiting_for_resource",
+                        "Ready jobs in a pool no active session on open resources serves, per pool",
                     ),
                     &["pool"],
                 )

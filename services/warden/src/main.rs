@@ -5,6 +5,7 @@ mod bench;
 mod classify;
 mod cli;
 mod natsd;
+mod resources;
 mod up;
 
 use std::path::PathBuf;
@@ -44,6 +45,23 @@ pub enum Command {
     Bots {
         #[arg(long)]
         json: bool,
+    },
+    /// List resources (hosts, working copies): state, reason, since, dependents, sessions, last check
+    Resources {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or close one resource
+    #[command(subcommand)]
+    Resource(ResourceCommand),
+    /// Run a command for every recycled resource (a provisioner's hook); the event is in its environment and on stdin
+    RecycleHook {
+        /// Durable consumer name: hooks sharing one share the events
+        #[arg(long, default_value = warden_shared::subjects::RECYCLE_HOOK_CONSUMER)]
+        consumer: String,
+        /// The command and its arguments, after `--`
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
     },
     /// Run no-op jobs end to end through a real local bus and print throughput and latency
     Bench(BenchArgs),
@@ -136,6 +154,25 @@ pub enum JobCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum ResourceCommand {
+    /// Have the agent on the resource run its checks now; exit 1 if they fail (the resource is then recycled)
+    Check {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close a resource (and what depends on it) by hand: its leases are taken back and a recycle event is published
+    Close {
+        name: String,
+        /// Why, recorded on the resource and in the recycle event
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Args)]
 pub struct WorkerArgs {
     #[arg(long)]
@@ -210,6 +247,16 @@ async fn main() {
                 .await
                 .map(|_| 0)
                 .map_err(anyhow::Error::from)
+        }
+        Command::Resources { json } => resources::list(&config, *json).await,
+        Command::Resource(ResourceCommand::Check { name, json }) => {
+            resources::act(&config, "check", name, None, *json).await
+        }
+        Command::Resource(ResourceCommand::Close { name, reason, json }) => {
+            resources::act(&config, "close", name, reason.clone(), *json).await
+        }
+        Command::RecycleHook { consumer, command } => {
+            resources::hook(&config, consumer, command).await
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
         Command::Classify(args) => classify::run(&config, args),

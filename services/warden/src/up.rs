@@ -58,6 +58,11 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     );
     start(
         &mut set,
+        "health",
+        warden_health::run(config.clone(), shutdown.clone()),
+    );
+    start(
+        &mut set,
         "classifier",
         warden_classifier::service::run(config.clone(), shutdown.clone()),
     );

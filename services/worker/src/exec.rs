@@ -245,6 +245,11 @@ impl ProcessExecutor {
         for (k, v) in &req.args {
             cmd.env(format!("WARDEN_ARG_{}", k.to_uppercase()), v);
         }
+        for r in &self.config.worker.resources {
+            if let Some(path) = &r.path {
+                cmd.env(resource_env(&r.kind), path);
+            }
+        }
         #[cfg(unix)]
         cmd.process_group(0);
         let started = Instant::now();
@@ -334,6 +339,21 @@ impl ProcessExecutor {
             }
         }
     }
+}
+
+/// `WARDEN_RESOURCE_<KIND>`: where a task finds a resource of that kind.
+pub fn resource_env(kind: &str) -> String {
+    let kind: String = kind
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("WARDEN_RESOURCE_{kind}")
 }
 
 impl Executor for ProcessExecutor {

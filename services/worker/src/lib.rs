@@ -8,6 +8,7 @@
 //! by now. On SIGTERM it lets running attempts finish within
 //! `worker.shutdown_grace`, then hands the rest back.
 
+pub mod checks;
 pub mod exec;
 pub mod metrics;
 
@@ -24,11 +25,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::config::WorkerConfig;
+use warden_shared::messages::CheckRequest;
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, CloseSession, CreateSession, Heartbeat, HeldLease, LeaseGrant,
     Report, ReportKind, SessionReply, MESSAGE_VERSION,
 };
-use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
+use warden_shared::resource::ResourceDecl;
+use warden_shared::session::{RESOURCE_UNAVAILABLE, SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::{runtime, subjects, Config};
 
 pub use exec::{ExecFuture, ExecRequest, Execution, Executor, NoopExecutor, ProcessExecutor};
@@ -93,6 +96,10 @@ struct Agent {
     executor: Arc<dyn Executor>,
     bot_id: String,
     resource: String,
+    /// Every resource this agent runs on, its host first.
+    resources: Vec<ResourceDecl>,
+    /// New at every start: tells the health service this is a new agent.
+    agent_instance: String,
     session: RwLock<String>,
     // A std mutex: nothing awaits while it is held.
     running: Mutex<HashMap<Uuid, Running>>,
@@ -122,18 +129,36 @@ pub async fn run_with(
     } else {
         config.worker.resource.clone()
     };
+    let resources = declared_resources(&config.worker, &resource);
     let agent = Arc::new(Agent {
         js: jetstream::new(client.clone()),
         client: client.clone(),
         executor,
         bot_id,
         resource,
+        resources,
+        agent_instance: Uuid::new_v4().to_string(),
         session: RwLock::new(String::new()),
         running: Mutex::new(HashMap::new()),
         slots: Arc::new(Semaphore::new(config.worker.capacity as usize)),
         fenced: tokio::sync::Notify::new(),
         config,
     });
+    // Answer health checks before the resources are registered, so the
+    // first check can never find nobody listening.
+    let checks = match agent
+        .client
+        .subscribe(subjects::agent_check_subject(&agent.bot_id))
+        .await
+    {
+        Ok(sub) => Some(tokio::spawn(
+            agent.clone().check_loop(sub, shutdown.clone()),
+        )),
+        Err(e) => {
+            warn!(error = %e, "cannot answer health checks; they will fail");
+            None
+        }
+    };
     let Some(name) = agent.create_session(&shutdown).await else {
         return Ok(());
     };
@@ -159,6 +184,9 @@ pub async fn run_with(
         attempts.wait().await;
     }
     heartbeat.abort();
+    if let Some(c) = checks {
+        c.abort();
+    }
     let session = agent.session.read().await.clone();
     let close = CloseSession {
         version: MESSAGE_VERSION,
@@ -176,13 +204,97 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The host (kind `host`, path: where tasks run) and the configured
+/// resources on it, each depending on the host unless it says otherwise.
+fn declared_resources(w: &WorkerConfig, host: &str) -> Vec<ResourceDecl> {
+    let host_path = if w.work_dir.is_empty() {
+        std::env::temp_dir().display().to_string()
+    } else {
+        w.work_dir.clone()
+    };
+    let mut all = vec![ResourceDecl {
+        name: host.to_string(),
+        kind: "host".into(),
+        path: Some(host_path),
+        depends_on: None,
+    }];
+    for r in &w.resources {
+        let mut r = r.clone();
+        if r.depends_on.is_none() {
+            r.depends_on = Some(host.to_string());
+        }
+        all.push(r);
+    }
+    all
+}
+
 impl Agent {
+    /// Runs the configured checks of a resource when the health service
+    /// asks; each request in its own task, so a slow check holds nothing.
+    async fn check_loop(
+        self: Arc<Self>,
+        mut sub: async_nats::Subscriber,
+        shutdown: CancellationToken,
+    ) {
+        use futures::StreamExt;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = sub.next() => match m { Some(m) => m, None => return },
+            };
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let Some(reply) = msg.reply.clone() else {
+                    return;
+                };
+                let answer = match serde_json::from_slice::<CheckRequest>(&msg.payload) {
+                    Ok(req) => match agent.resources.iter().find(|r| r.name == req.resource) {
+                        Some(decl) => {
+                            let specs = agent
+                                .config
+                                .health
+                                .checks
+                                .get(&decl.kind)
+                                .cloned()
+                                .unwrap_or_default();
+                            let r =
+                                checks::run_all(&specs, decl, agent.config.health.check_timeout)
+                                    .await;
+                            info!(resource = %decl.name, passed = r.passed, "health check run");
+                            metrics()
+                                .checks
+                                .with_label_values(&[if r.passed { "passed" } else { "failed" }])
+                                .inc();
+                            r
+                        }
+                        None => checks::unknown_resource(&req.resource),
+                    },
+                    Err(e) => {
+                        let mut r = checks::unknown_resource("");
+                        r.error = Some(warden_shared::messages::ErrorBody::new(
+                            "invalid_request",
+                            format!("cannot decode check request: {e}"),
+                        ));
+                        r
+                    }
+                };
+                if let Ok(body) = serde_json::to_vec(&answer) {
+                    if let Err(e) = agent.client.publish(reply, body.into()).await {
+                        warn!(error = %e, "cannot answer health check");
+                    }
+                }
+            });
+        }
+    }
+
     /// Creates a session, retrying until it works or `shutdown`.
     async fn create_session(&self, shutdown: &CancellationToken) -> Option<String> {
         let req = CreateSession {
             version: MESSAGE_VERSION,
             bot_id: self.bot_id.clone(),
             resource: Some(self.resource.clone()),
+            resources: self.resources.clone(),
+            agent_instance: self.agent_instance.clone(),
             pools: self.config.worker.pools.clone(),
             capacity: self.config.worker.capacity,
             agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -327,6 +439,7 @@ impl Agent {
     async fn acquire_loop(self: Arc<Self>, attempts: TaskTracker, shutdown: CancellationToken) {
         let wait = self.config.worker.acquire_wait;
         let capacity = self.config.worker.capacity as usize;
+        let mut unavailable = false;
         loop {
             // Wait for one free slot, then take every other free one.
             let first = tokio::select! {
@@ -345,6 +458,7 @@ impl Agent {
                 session: self.session.read().await.clone(),
                 bot_id: self.bot_id.clone(),
                 resource: Some(self.resource.clone()),
+                resources: self.resources.iter().map(|r| r.name.clone()).collect(),
                 pools: self.config.worker.pools.clone(),
                 max: permits.len() as u32,
                 wait_ms: wait.as_millis() as u64,
@@ -369,12 +483,31 @@ impl Agent {
                 continue;
             };
             if let Some(e) = &reply.error {
+                if e.code == RESOURCE_UNAVAILABLE {
+                    // Not an error of ours: a resource is being checked or
+                    // was recycled. The scheduler held the request; ask
+                    // again, saying so once per stretch.
+                    if !unavailable {
+                        info!(bot.id = %self.bot_id, reason = %e.message, "no leases while a resource is not open");
+                        unavailable = true;
+                    }
+                    metrics().acquire_unavailable.inc();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    continue;
+                }
                 if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED {
                     self.fenced.notify_one();
                 }
                 warn!(code = %e.code, error = %e.message, "acquire refused");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
+            }
+            if unavailable {
+                info!(bot.id = %self.bot_id, "resources open again; taking leases");
+                unavailable = false;
             }
             for lease in reply.leases {
                 let Some(permit) = permits.pop() else {

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub report_retries: IntCounter,
     pub session_resets: IntCounterVec,
     pub duration: Histogram,
+    pub checks: IntCounterVec,
+    pub acquire_unavailable: IntCounter,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -63,6 +65,23 @@ pub fn metrics() -> &'static Metrics {
                 HistogramOpts::new("warden_worker_task_duration_seconds", "Task run time").buckets(
                     vec![0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0],
                 ),
+            )
+            .expect("valid metric"),
+        ),
+        checks: register(
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_worker_health_checks_total",
+                    "Health checks of this worker's resources run on request, by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        ),
+        acquire_unavailable: register(
+            IntCounter::new(
+                "warden_worker_acquire_unavailable_total",
+                "Acquire requests answered with no lease because a resource is not open",
             )
             .expect("valid metric"),
         ),

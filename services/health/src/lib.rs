@@ -1,0 +1,1085 @@
+//! `warden-health`: owns resources and their health (DESIGN.md "Resources
+//! and health"; Phabricator Drydock's rule: check after failure, not
+//! before every use).
+//!
+//! - **registration**: follows `warden_sessions`; the resources an active
+//!   session declares are registered (a closed one declared by a new agent
+//!   process becomes a new incarnation). A resource whose last session
+//!   *expired* vanished: it is broken, as if its check failed. Fencing
+//!   expires sessions only for silence it could see (its grace rule), so a
+//!   bus outage does not break every resource at once.
+//! - **suspicion**: consumes `warden.resource.suspect.*` (published by the
+//!   scheduler after a crash the catalogue marks `suspect_resource`): open
+//!   → suspicious. Suspected again soon after passing a check, it waits a
+//!   back-off before its check; `flap_limit` suspicions within the window
+//!   break it outright.
+//! - **checks**: a suspicious resource is claimed by one replica (a
+//!   compare-and-set on the record) and checked by the agent on it, in its
+//!   own task; pass → open, fail or no answer in `check_timeout` → broken.
+//! - **recycling**: a broken resource gets a recycle event (durable, one
+//!   per incarnation) and is closed, then everything that depends on it.
+//!   The scheduler takes back the leases of closed resources.
+//!
+//! Every write is a compare-and-set on the record's revision, so replicas
+//! can run side by side.
+
+mod metrics;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, kv};
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+use warden_shared::messages::{
+    CheckReply, CheckRequest, DeadLetter, ErrorBody, HealthReply, HealthRequest, ResourceRecycle,
+    ResourceSuspect, MESSAGE_VERSION,
+};
+use warden_shared::resource::{
+    reason, resource_key, CheckRecord, PendingCheck, Resource, ResourceDecl, ResourceSession,
+    ResourceState,
+};
+use warden_shared::session::{Session, SessionState};
+use warden_shared::{runtime, subjects, Config};
+
+use crate::metrics::metrics;
+
+#[derive(Debug, Error)]
+pub enum HealthError {
+    #[error(transparent)]
+    Connect(#[from] runtime::ConnectError),
+    #[error("cannot set up {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+fn setup<E: Into<async_nats::Error>>(what: &'static str) -> impl FnOnce(E) -> HealthError {
+    move |e| HealthError::Setup {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Why an operation on a resource did not happen.
+#[derive(Debug, Error)]
+enum OpError {
+    #[error("no resource named {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("resource store: {0}")]
+    Store(String),
+}
+
+impl OpError {
+    fn body(&self) -> ErrorBody {
+        let code = match self {
+            OpError::NotFound(_) => "not_found",
+            OpError::Refused(_) => "illegal_transition",
+            OpError::Store(_) => "unavailable",
+        };
+        ErrorBody::new(code, self.to_string())
+    }
+}
+
+/// What a check came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    Failed,
+    Timeout,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Failed => "failed",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+pub struct Health {
+    config: Arc<Config>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    kv: kv::Store,
+    /// This replica, in check claims.
+    id: String,
+    /// Every resource, from a watch of the bucket.
+    cache: Mutex<BTreeMap<String, Resource>>,
+    /// Checks and recycles this replica has under way.
+    busy: Mutex<HashSet<String>>,
+}
+
+impl Health {
+    fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Resource>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `name` busy; false when it already was.
+    fn start(&self, name: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string())
+    }
+
+    fn done(&self, name: &str) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<(Resource, u64)>, OpError> {
+        match self
+            .kv
+            .entry(resource_key(name))
+            .await
+            .map_err(|e| OpError::Store(e.to_string()))?
+        {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let r = serde_json::from_slice(&e.value)
+                    .map_err(|e| OpError::Store(format!("undecodable record of {name}: {e}")))?;
+                Ok(Some((r, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Read, change, compare-and-set, retried on conflict. `change` gets
+    /// the current record (`None`: absent) and returns the new one, or
+    /// `None` to write nothing. Returns what was written.
+    async fn modify<F>(&self, name: &str, mut change: F) -> Result<Option<Resource>, OpError>
+    where
+        F: FnMut(Option<Resource>) -> Option<Resource>,
+    {
+        for _ in 0..16 {
+            let current = self.get(name).await?;
+            let revision = current.as_ref().map(|(_, rev)| *rev);
+            let Some(next) = change(current.map(|(r, _)| r)) else {
+                return Ok(None);
+            };
+            let body =
+                Bytes::from(serde_json::to_vec(&next).map_err(|e| OpError::Store(e.to_string()))?);
+            let key = resource_key(name);
+            let written = match revision {
+                None => self.kv.create(&key, body).await.map(|_| ()).map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+                Some(rev) => self
+                    .kv
+                    .update(&key, body, rev)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+            };
+            match written {
+                Ok(()) => {
+                    self.cache().insert(next.name.clone(), next.clone());
+                    return Ok(Some(next));
+                }
+                Err((true, _)) => continue,
+                Err((false, e)) => return Err(OpError::Store(e)),
+            }
+        }
+        Err(OpError::Store(format!(
+            "{name}: too many concurrent changes"
+        )))
+    }
+
+    // --- registration and vanishing -------------------------------------
+
+    async fn on_session(self: &Arc<Self>, s: &Session) {
+        let decls: Vec<ResourceDecl> = if s.resources.is_empty() {
+            s.resource
+                .iter()
+                .map(|r| ResourceDecl {
+                    name: r.clone(),
+                    kind: "host".into(),
+                    path: None,
+                    depends_on: None,
+                })
+                .collect()
+        } else {
+            s.resources.clone()
+        };
+        for d in decls {
+            let res = match s.state {
+                SessionState::Active => self.register(s, &d).await,
+                SessionState::Expired => self.leave(s, &d.name, true).await,
+                SessionState::Quarantined | SessionState::Closed => {
+                    self.leave(s, &d.name, false).await
+                }
+            };
+            if let Err(e) = res {
+                warn!(resource = %d.name, session = %s.name, error = %e, "cannot record the session on its resource");
+            }
+        }
+    }
+
+    async fn register(&self, s: &Session, d: &ResourceDecl) -> Result<(), OpError> {
+        let now = Utc::now();
+        let me = ResourceSession {
+            session: s.name.clone(),
+            bot_id: s.bot_id.clone(),
+        };
+        let written = self
+            .modify(&d.name, |current| match current {
+                None => {
+                    let mut r = Resource::register(
+                        d,
+                        1,
+                        &s.agent_instance,
+                        &s.bot_id,
+                        format!("registered by bot {} (session {})", s.bot_id, s.name),
+                        now,
+                    );
+                    r.sessions.push(me.clone());
+                    r.pools = s.pools.clone();
+                    Some(r)
+                }
+                Some(old) if old.state == ResourceState::Closed => {
+                    // The agent that saw it closed is not a replacement;
+                    // a new agent process after recycling is.
+                    if old.agent == s.agent_instance || old.sessions.contains(&me) {
+                        return None;
+                    }
+                    let mut r = Resource::register(
+                        d,
+                        old.incarnation + 1,
+                        &s.agent_instance,
+                        &s.bot_id,
+                        format!(
+                            "registered again by a new agent of bot {} after it was closed: incarnation {}",
+                            s.bot_id,
+                            old.incarnation + 1
+                        ),
+                        now,
+                    );
+                    let mut changes = old.changes;
+                    changes.append(&mut r.changes);
+                    r.changes = changes;
+                    r.checks = old.checks;
+                    r.sessions.push(me.clone());
+                    r.pools = s.pools.clone();
+                    Some(r)
+                }
+                Some(mut r) => {
+                    let known = r.sessions.contains(&me)
+                        && s.pools.iter().all(|p| r.pools.contains(p))
+                        && r.kind == d.kind
+                        && r.path == d.path
+                        && r.depends_on == d.depends_on;
+                    if known {
+                        return None;
+                    }
+                    if !r.sessions.contains(&me) {
+                        r.sessions.push(me.clone());
+                    }
+                    for p in &s.pools {
+                        if !r.pools.contains(p) {
+                            r.pools.push(p.clone());
+                        }
+                    }
+                    r.kind = d.kind.clone();
+                    r.path = d.path.clone();
+                    r.depends_on = d.depends_on.clone();
+                    r.bot_id = Some(s.bot_id.clone());
+                    r.agent = s.agent_instance.clone();
+                    Some(r)
+                }
+            })
+            .await?;
+        if let Some(r) = written {
+            info!(resource = %r.name, kind = %r.kind, state = %r.state, incarnation = r.incarnation, bot.id = %s.bot_id, "resource registered");
+        }
+        Ok(())
+    }
+
+    /// A session leaves its resource; when it expired and was the last one
+    /// there, the resource vanished: broken, then recycled.
+    async fn leave(
+        self: &Arc<Self>,
+        s: &Session,
+        name: &str,
+        expired: bool,
+    ) -> Result<(), OpError> {
+        let now = Utc::now();
+        let written = self
+            .modify(name, |current| {
+                let mut r = current?;
+                let before = r.sessions.len();
+                r.sessions.retain(|x| x.session != s.name);
+                if r.sessions.len() == before {
+                    return None;
+                }
+                if expired
+                    && r.sessions.is_empty()
+                    && matches!(r.state, ResourceState::Open | ResourceState::Suspicious)
+                {
+                    let why = format!(
+                        "{}: session {} of bot {} expired without heartbeats",
+                        reason::VANISHED,
+                        s.name,
+                        s.bot_id
+                    );
+                    r.set_state(ResourceState::Broken, why, now).ok()?;
+                }
+                Some(r)
+            })
+            .await?;
+        if let Some(r) = written {
+            if r.state == ResourceState::Broken {
+                warn!(resource = %r.name, bot.id = %s.bot_id, "resource vanished: its agent stopped heartbeating");
+                self.recycle(name, reason::VANISHED, &r.reason).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // --- suspicion --------------------------------------------------------
+
+    async fn on_suspect(self: &Arc<Self>, s: &ResourceSuspect) -> Result<&'static str, OpError> {
+        let cfg = &self.config.health;
+        let now = Utc::now();
+        let why = format!(
+            "job {} attempt {} failed with {} (may be the resource's fault)",
+            s.job_id, s.attempt, s.detail
+        );
+        let mut result = "unknown";
+        let written = self
+            .modify(&s.resource, |current| {
+                let mut r = current?;
+                result = match r.state {
+                    ResourceState::Broken | ResourceState::Closed => "ignored",
+                    // Already waiting for its check: one incident, not a
+                    // new suspicion (a host whose every job hit the same
+                    // OOM is not flapping).
+                    ResourceState::Suspicious => "noted",
+                    ResourceState::Open => {
+                        let n = r.note_suspicion(now, cfg.flap_window) as u32;
+                        if cfg.flap_limit > 0 && n >= cfg.flap_limit {
+                            let reason = format!(
+                                "{}: suspected {n} times within {:?}; last: {why}",
+                                reason::FLAPPING,
+                                cfg.flap_window
+                            );
+                            r.set_state(ResourceState::Broken, reason, now).ok()?;
+                            "flapping"
+                        } else {
+                            r.set_state(ResourceState::Suspicious, why.clone(), now)
+                                .ok()?;
+                            if n > 1 {
+                                // Suspected again soon after passing a
+                                // check: out of service for longer.
+                                let wait = cfg.recheck_backoff.saturating_mul(1 << (n - 2).min(16));
+                                r.check_after = Some(
+                                    now + chrono::Duration::from_std(wait)
+                                        .unwrap_or(chrono::Duration::hours(1)),
+                                );
+                            }
+                            "suspicious"
+                        }
+                    }
+                };
+                if result == "ignored" {
+                    return None;
+                }
+                if result == "noted" {
+                    r.reason = format!(
+                        "{}; also: {why}",
+                        r.reason.split("; also:").next().unwrap_or("")
+                    );
+                }
+                Some(r)
+            })
+            .await?;
+        if let Some(r) = written {
+            match result {
+                "flapping" => {
+                    warn!(resource = %r.name, "resource flapping: broken without a check");
+                    self.recycle(&r.name, reason::FLAPPING, &r.reason).await?;
+                }
+                "suspicious" => {
+                    info!(resource = %r.name, job.id = %s.job_id, detail = %s.detail, check_after = ?r.check_after, "resource suspicious")
+                }
+                _ => {}
+            }
+        }
+        Ok(result)
+    }
+
+    // --- checks -----------------------------------------------------------
+
+    fn claimable(&self, r: &Resource, now: DateTime<Utc>) -> bool {
+        let stale = chrono::Duration::from_std(self.config.health.check_timeout * 2)
+            .unwrap_or(chrono::Duration::minutes(1));
+        r.state == ResourceState::Suspicious
+            && r.check_after.is_none_or(|t| t <= now)
+            && r.check.as_ref().is_none_or(|c| now - c.started_at > stale)
+    }
+
+    /// Claims and runs a check of `name`; `manual` when an operator asked
+    /// (any open or suspicious resource, now), else only a due suspicious
+    /// one. Returns the record after it and the agent's answer.
+    async fn check(
+        self: &Arc<Self>,
+        name: &str,
+        manual: bool,
+    ) -> Result<(Resource, Option<CheckReply>), OpError> {
+        let now = Utc::now();
+        let trigger = if manual { "manual" } else { "suspicion" };
+        let mut refusal = None;
+        let claimed = self
+            .modify(name, |current| {
+                let mut r = current?;
+                let ok = match (manual, r.state) {
+                    (true, ResourceState::Open | ResourceState::Suspicious) => true,
+                    (false, _) => self.claimable(&r, now),
+                    _ => false,
+                };
+                if !ok {
+                    refusal = Some(format!(
+                        "resource {name} is {} and cannot be checked",
+                        r.state
+                    ));
+                    return None;
+                }
+                r.check = Some(PendingCheck {
+                    by: self.id.clone(),
+                    started_at: now,
+                    trigger: trigger.into(),
+                });
+                Some(r)
+            })
+            .await?;
+        let Some(r) = claimed else {
+            return Err(match refusal {
+                Some(why) => OpError::Refused(why),
+                None => OpError::NotFound(name.into()),
+            });
+        };
+        let started = std::time::Instant::now();
+        let (outcome, summary, reply) = self.ask_agent(&r).await;
+        metrics()
+            .checks
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        let record = CheckRecord {
+            at: Utc::now(),
+            result: outcome.as_str().into(),
+            summary: summary.clone(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            trigger: trigger.into(),
+        };
+        let incarnation = r.incarnation;
+        let code = match outcome {
+            Outcome::Timeout => reason::CHECK_TIMEOUT,
+            _ => reason::CHECK_FAILED,
+        };
+        let after = self
+            .modify(name, |current| {
+                let mut r = current?;
+                if r.incarnation != incarnation || r.state == ResourceState::Closed {
+                    return None;
+                }
+                r.record_check(record.clone());
+                let now = Utc::now();
+                match (outcome, r.state) {
+                    (Outcome::Passed, ResourceState::Suspicious) => {
+                        r.set_state(ResourceState::Open, format!("check passed: {summary}"), now)
+                            .ok()?;
+                    }
+                    (Outcome::Passed, _) => {}
+                    (_, ResourceState::Open | ResourceState::Suspicious) => {
+                        r.set_state(ResourceState::Broken, format!("{code}: {summary}"), now)
+                            .ok()?;
+                    }
+                    _ => {}
+                }
+                Some(r)
+            })
+            .await?;
+        let Some(after) = after else {
+            return Err(OpError::Refused(format!(
+                "resource {name} changed while it was checked"
+            )));
+        };
+        info!(resource = %name, result = outcome.as_str(), state = %after.state, summary = %summary, "resource checked");
+        if after.state == ResourceState::Broken {
+            let why = after.reason.clone();
+            self.recycle(name, code, &why).await?;
+            let closed = self.get(name).await?.map(|(r, _)| r).unwrap_or(after);
+            return Ok((closed, reply));
+        }
+        Ok((after, reply))
+    }
+
+    /// Asks the agent of record to run the resource's checks.
+    async fn ask_agent(&self, r: &Resource) -> (Outcome, String, Option<CheckReply>) {
+        let limit = self.config.health.check_timeout;
+        let Some(bot) = r
+            .sessions
+            .last()
+            .map(|s| s.bot_id.clone())
+            .or(r.bot_id.clone())
+        else {
+            return (Outcome::Timeout, "no agent on record".into(), None);
+        };
+        let req = CheckRequest {
+            version: MESSAGE_VERSION,
+            resource: r.name.clone(),
+            kind: r.kind.clone(),
+        };
+        let Ok(body) = serde_json::to_vec(&req) else {
+            return (
+                Outcome::Failed,
+                "cannot encode the check request".into(),
+                None,
+            );
+        };
+        let answer = tokio::time::timeout(
+            limit,
+            self.client
+                .request(subjects::agent_check_subject(&bot), body.into()),
+        )
+        .await;
+        match answer {
+            Err(_) => (
+                Outcome::Timeout,
+                format!("bot {bot} did not answer within {limit:?}"),
+                None,
+            ),
+            Ok(Err(e)) => (
+                Outcome::Timeout,
+                format!("bot {bot} cannot be reached: {e}"),
+                None,
+            ),
+            Ok(Ok(msg)) => match serde_json::from_slice::<CheckReply>(&msg.payload) {
+                Err(e) => (
+                    Outcome::Failed,
+                    format!("bad answer from bot {bot}: {e}"),
+                    None,
+                ),
+                Ok(reply) => {
+                    let summary = if let Some(e) = &reply.error {
+                        format!("bot {bot}: {}", e.message)
+                    } else if reply.passed {
+                        let names: Vec<&str> =
+                            reply.results.iter().map(|c| c.name.as_str()).collect();
+                        if names.is_empty() {
+                            format!(
+                                "bot {bot} answered (no checks configured for kind {})",
+                                r.kind
+                            )
+                        } else {
+                            format!("{} passed on bot {bot}", names.join(", "))
+                        }
+                    } else {
+                        let failed: Vec<String> = reply
+                            .results
+                            .iter()
+                            .filter(|c| !c.passed)
+                            .map(|c| format!("{}: {}", c.name, c.detail))
+                            .collect();
+                        format!("{} (bot {bot})", failed.join("; "))
+                    };
+                    let outcome = if reply.passed && reply.error.is_none() {
+                        Outcome::Passed
+                    } else {
+                        Outcome::Failed
+                    };
+                    (outcome, truncate(summary, 1000), Some(reply))
+                }
+            },
+        }
+    }
+
+    // --- recycling --------------------------------------------------------
+
+    /// Publishes a recycle event for `name` (once per incarnation) and
+    /// closes it, then everything that depends on it.
+    async fn recycle(&self, name: &str, code: &str, why: &str) -> Result<(), OpError> {
+        let mut work = vec![(name.to_string(), code.to_string(), why.to_string())];
+        while let Some((name, code, why)) = work.pop() {
+            let Some((r, _)) = self.get(&name).await? else {
+                continue;
+            };
+            if r.state != ResourceState::Closed {
+                let event = ResourceRecycle {
+                    version: MESSAGE_VERSION,
+                    resource: r.name.clone(),
+                    kind: r.kind.clone(),
+                    incarnation: r.incarnation,
+                    reason: code.clone(),
+                    description: why.clone(),
+                    bot_id: r.bot_id.clone(),
+                    path: r.path.clone(),
+                    depends_on: r.depends_on.clone(),
+                    at: Utc::now(),
+                };
+                // Published before the close: a crash in between leaves it
+                // broken, and the retry's event is the same message id.
+                self.publish_recycle(&event).await?;
+                let incarnation = r.incarnation;
+                let closed = self
+                    .modify(&name, |current| {
+                        let mut r = current?;
+                        if r.incarnation != incarnation || r.state == ResourceState::Closed {
+                            return None;
+                        }
+                        let now = Utc::now();
+                        if r.state != ResourceState::Broken {
+                            // Closed by hand or with what it depends on.
+                            r.set_state(ResourceState::Broken, format!("{code}: {why}"), now)
+                                .ok()?;
+                        }
+                        r.set_state(
+                            ResourceState::Closed,
+                            format!("recycled ({code}): {why}"),
+                            now,
+                        )
+                        .ok()?;
+                        Some(r)
+                    })
+                    .await?;
+                if closed.is_some() {
+                    metrics().recycles.with_label_values(&[&code]).inc();
+                    warn!(resource = %name, reason = %code, why = %why, "resource recycled");
+                }
+            }
+            let dependents: Vec<String> = {
+                let all: Vec<Resource> = self.cache().values().cloned().collect();
+                warden_shared::resource::dependents(&all, &name)
+                    .into_iter()
+                    .filter(|d| {
+                        all.iter()
+                            .any(|r| r.name == *d && r.state != ResourceState::Closed)
+                    })
+                    .map(str::to_string)
+                    .collect()
+            };
+            for d in dependents {
+                work.push((
+                    d,
+                    reason::DEPENDENCY.to_string(),
+                    format!("{name}, which it depends on, was closed ({code})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_recycle(&self, event: &ResourceRecycle) -> Result<(), OpError> {
+        let body = serde_json::to_vec(event).map_err(|e| OpError::Store(e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        let id = format!("{}:{}:recycle", event.resource, event.incarnation);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(
+                subjects::recycle_subject(&event.resource),
+                headers,
+                body.into(),
+            )
+            .await
+            .map_err(|e| OpError::Store(format!("cannot publish the recycle event: {e}")))?;
+        ack.await
+            .map_err(|e| OpError::Store(format!("recycle event not acknowledged: {e}")))?;
+        Ok(())
+    }
+
+    /// Closes a resource by hand (and what depends on it).
+    async fn close(&self, name: &str, why: Option<String>) -> Result<Resource, OpError> {
+        let Some((r, _)) = self.get(name).await? else {
+            return Err(OpError::NotFound(name.into()));
+        };
+        if r.state == ResourceState::Closed {
+            return Err(OpError::Refused(format!(
+                "resource {name} is already closed"
+            )));
+        }
+        let why = why
+            .filter(|w| !w.trim().is_empty())
+            .unwrap_or_else(|| "closed by an operator".into());
+        self.recycle(name, reason::MANUAL, &truncate(why, 1000))
+            .await?;
+        self.get(name)
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| OpError::NotFound(name.into()))
+    }
+
+    // --- the periodic pass ------------------------------------------------
+
+    /// Starts due checks, finishes interrupted recycles, closes resources
+    /// whose dependency was closed.
+    fn tick(self: &Arc<Self>, tracker: &TaskTracker) {
+        let now = Utc::now();
+        let all: Vec<Resource> = self.cache().values().cloned().collect();
+        let closed: HashSet<&str> = all
+            .iter()
+            .filter(|r| r.state == ResourceState::Closed)
+            .map(|r| r.name.as_str())
+            .collect();
+        for r in &all {
+            let job: Option<(&'static str, String)> = match r.state {
+                ResourceState::Suspicious if self.claimable(r, now) => {
+                    Some(("check", String::new()))
+                }
+                ResourceState::Broken => Some(("recycle", r.reason.clone())),
+                ResourceState::Open | ResourceState::Suspicious
+                    if r.depends_on.as_deref().is_some_and(|d| closed.contains(d)) =>
+                {
+                    Some(("dependency", String::new()))
+                }
+                _ => None,
+            };
+            let Some((what, why)) = job else { continue };
+            if !self.start(&r.name) {
+                continue;
+            }
+            let me = self.clone();
+            let r = r.clone();
+            tracker.spawn(async move {
+                let res = match what {
+                    "check" => me.check(&r.name, false).await.map(|_| ()),
+                    "recycle" => {
+                        let code = reason::ALL
+                            .into_iter()
+                            .find(|c| why.starts_with(&format!("{c}:")))
+                            .unwrap_or(reason::CHECK_FAILED);
+                        me.recycle(&r.name, code, &why).await
+                    }
+                    _ => {
+                        let dep = r.depends_on.clone().unwrap_or_default();
+                        me.recycle(
+                            &r.name,
+                            reason::DEPENDENCY,
+                            &format!("{dep}, which it depends on, was closed"),
+                        )
+                        .await
+                    }
+                };
+                match res {
+                    Ok(()) | Err(OpError::Refused(_)) => {}
+                    Err(e) => warn!(resource = %r.name, what, error = %e, "health step failed; will retry"),
+                }
+                me.done(&r.name);
+            });
+        }
+    }
+
+    fn export_gauges(&self) {
+        let all: Vec<Resource> = self.cache().values().cloned().collect();
+        let m = metrics();
+        for state in ResourceState::ALL {
+            let n = all.iter().filter(|r| r.state == state).count();
+            m.resources
+                .with_label_values(&[state.as_str()])
+                .set(n as i64);
+        }
+        let mut pools: BTreeMap<String, BTreeMap<ResourceState, i64>> = BTreeMap::new();
+        for t in self.config.tasks.values() {
+            pools.entry(t.pool.clone()).or_default();
+        }
+        for r in &all {
+            for p in &r.pools {
+                let e = pools.entry(p.clone()).or_default();
+                // Open without an agent is no capacity.
+                if r.state == ResourceState::Open && r.sessions.is_empty() {
+                    continue;
+                }
+                *e.entry(r.state).or_default() += 1;
+            }
+        }
+        for (pool, counts) in pools {
+            for state in ResourceState::ALL {
+                m.pool_resources
+                    .with_label_values(&[&pool, state.as_str()])
+                    .set(counts.get(&state).copied().unwrap_or(0));
+            }
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// Runs one health replica until `shutdown`.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), HealthError> {
+    let (client, handles) = runtime::connect_with_topology(&config, "health").await?;
+    let health = Arc::new(Health {
+        config: config.clone(),
+        client: client.clone(),
+        js: handles.js.clone(),
+        kv: handles.resources.clone(),
+        id: Uuid::new_v4().to_string(),
+        cache: Mutex::new(BTreeMap::new()),
+        busy: Mutex::new(HashSet::new()),
+    });
+    let consumer: PullConsumer = handles
+        .js
+        .get_stream(subjects::NOTIFY_STREAM)
+        .await
+        .map_err(setup("notify stream"))?
+        .get_or_create_consumer(
+            subjects::HEALTH_SUSPECTS_CONSUMER,
+            subjects::health_suspects_consumer(),
+        )
+        .await
+        .map_err(setup("suspects consumer"))?;
+    let service = client
+        .service_builder()
+        .description("Warden resource health")
+        .start(subjects::HEALTH_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(setup("health service"))?;
+    let group = service.group(subjects::HEALTH_GROUP);
+    let mut check_ep = group
+        .endpoint("check")
+        .await
+        .map_err(setup("check endpoint"))?;
+    let mut close_ep = group
+        .endpoint("close")
+        .await
+        .map_err(setup("close endpoint"))?;
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(watch_loop(health.clone(), shutdown.clone()));
+    tracker.spawn(sessions_loop(
+        health.clone(),
+        handles.sessions.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(suspects_loop(health.clone(), consumer, shutdown.clone()));
+    tracker.spawn(tick_loop(health.clone(), tracker.clone(), shutdown.clone()));
+    info!("health service running");
+    loop {
+        let (op, req) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = check_ep.next() => ("check", r),
+            r = close_ep.next() => ("close", r),
+        };
+        let Some(req) = req else { break };
+        let health = health.clone();
+        tracker.spawn(async move {
+            let reply = match serde_json::from_slice::<HealthRequest>(&req.message.payload) {
+                Err(e) => Err(ErrorBody::new(
+                    "invalid_request",
+                    format!("cannot decode request: {e}"),
+                )),
+                Ok(r) if r.resource.trim().is_empty() => Err(ErrorBody::new(
+                    "invalid_request",
+                    "resource must not be empty",
+                )),
+                Ok(r) => match op {
+                    "check" => health.check(&r.resource, true).await.map_err(|e| e.body()),
+                    _ => health
+                        .close(&r.resource, r.reason)
+                        .await
+                        .map(|res| (res, None))
+                        .map_err(|e| e.body()),
+                },
+            };
+            let reply = match reply {
+                Ok((resource, check)) => HealthReply {
+                    version: MESSAGE_VERSION,
+                    resource: Some(resource),
+                    check,
+                    error: None,
+                },
+                Err(e) => {
+                    warn!(op, code = %e.code, error = %e.message, "health request refused");
+                    HealthReply {
+                        version: MESSAGE_VERSION,
+                        resource: None,
+                        check: None,
+                        error: Some(e),
+                    }
+                }
+            };
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
+                warn!(error = %e, "cannot answer health request");
+            }
+        });
+    }
+    let _ = service.stop().await;
+    runtime::drain(&client, &tracker, Duration::from_secs(10)).await;
+    info!("health service stopped");
+    Ok(())
+}
+
+/// Keeps the cache equal to the bucket (rebuilt by the watch's first pass).
+async fn watch_loop(health: Arc<Health>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut watch = match health.kv.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch resources; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if let Ok(r) = serde_json::from_slice::<Resource>(&entry.value) {
+                health.cache().insert(r.name.clone(), r);
+            }
+        }
+    }
+}
+
+async fn sessions_loop(health: Arc<Health>, sessions: kv::Store, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut watch = match sessions.watch_with_history("session.>").await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch sessions; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
+            };
+            if let Ok(s) = serde_json::from_slice::<Session>(&entry.value) {
+                health.on_session(&s).await;
+            }
+        }
+    }
+}
+
+async fn suspects_loop(health: Arc<Health>, consumer: PullConsumer, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot pull suspect events; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = messages.next() => match m { Some(Ok(m)) => m, Some(Err(e)) => { debug!(error = %e, "suspect pull interrupted"); continue } None => break },
+            };
+            let m = metrics();
+            match serde_json::from_slice::<ResourceSuspect>(&msg.payload) {
+                Ok(s) => match health.on_suspect(&s).await {
+                    Ok(result) => {
+                        m.suspects.with_label_values(&[result]).inc();
+                        if result == "unknown" {
+                            warn!(resource = %s.resource, job.id = %s.job_id, "suspect event for a resource never registered");
+                        }
+                        let _ = msg.ack().await;
+                    }
+                    Err(e) => {
+                        warn!(resource = %s.resource, error = %e, "cannot record suspicion; will retry");
+                        let _ = msg
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
+                },
+                Err(e) => {
+                    m.suspects.with_label_values(&["invalid"]).inc();
+                    if dead_letter(&health, &msg, &e.to_string()).await {
+                        let _ = msg.ack().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn dead_letter(health: &Health, msg: &jetstream::Message, error: &str) -> bool {
+    let letter = DeadLetter {
+        version: MESSAGE_VERSION,
+        subject: msg.subject.to_string(),
+        service: "health".into(),
+        reason: "invalid_suspect".into(),
+        error: error.to_string(),
+        at: Utc::now(),
+        payload: String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(64 * 1024)])
+            .into_owned(),
+    };
+    warn!(subject = %msg.subject, error, "undecodable suspect event dead-lettered");
+    let Ok(body) = serde_json::to_vec(&letter) else {
+        return false;
+    };
+    match health
+        .js
+        .publish(
+            subjects::deadletter_subject("health", "invalid_suspect"),
+            body.into(),
+        )
+        .await
+    {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn tick_loop(health: Arc<Health>, tracker: TaskTracker, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        health.tick(&tracker);
+        n += 1;
+        if n % 5 == 1 {
+            health.export_gauges();
+        }
+    }
+}
