@@ -574,8 +574,18 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
         for (pool, count) in delayed {
             m.delayed.with_label_values(&[&pool]).set(count as i64);
         }
-        let served = shared.leases().served_pools();
-        let mut unserved: std::collections::BTreeMap<String, i64> = Default::default();
+        let (served, known) = {
+            let l = shared.leases();
+            let known: Vec<String> = l
+                .active
+                .values()
+                .flat_map(|(pools, _)| pools.iter().cloned())
+                .collect();
+            (l.served_pools(), known)
+        };
+        // Every pool a worker serves is exported, 0 when nothing waits.
+        let mut unserved: std::collections::BTreeMap<String, i64> =
+            known.into_iter().map(|p| (p, 0)).collect();
         for ((pool, _), (count, _)) in &waiting {
             let e = unserved.entry(pool.clone()).or_default();
             if !served.contains(pool) {

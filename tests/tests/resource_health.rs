@@ -1,0 +1,417 @@
+//! Resource health with real processes (DESIGN.md "Resources and health";
+//! Drydock's rule: check after failure).
+//!
+//! - The Drydock case: a task deletes the marker its working copy's check
+//!   needs and crashes; the working copy turns suspicious, gets no lease,
+//!   fails its check, is closed and recycled (the recycle hook runs); the
+//!   job finishes on another host. A crash for an unrelated reason on a
+//!   healthy host leaves it open after its check.
+//! - A host vanishes (SIGKILL of its agent): host and working copy are
+//!   broken and closed after the heartbeat timeout, its jobs finish on
+//!   another host.
+//! - The only resource of a pool is suspicious while its check runs: that
+//!   pool's jobs wait (and the metric says so), other pools keep flowing,
+//!   and the waiting jobs run once the check passes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use warden_e2e::{cli_ok, eventually, get_json, warden_bin, NatsServer, Warden};
+
+const BASE: &str = r#"
+[fencing]
+session_timeout = "2s"
+
+[retry]
+initial_delay = "500ms"
+jitter = 0.0
+
+[health]
+check_timeout = "30s"
+
+[[health.checks.workcopy]]
+name = "checkout"
+command = ["test", "-f", "{path}/.git-ok"]
+
+# First attempt: wreck the working copy (as a test that deletes .git
+# would), then fail the way the next checkout there would.
+[tasks.mangle]
+command = ["sh", "-c", "if [ \"$WARDEN_ATTEMPT\" = 1 ]; then rm -f \"$WARDEN_RESOURCE_WORKCOPY/.git-ok\"; echo 'fatal: not a git repository (or any of the parent directories): .git' >&2; exit 128; fi; echo built"]
+
+# Looks like the host's fault, is not.
+[tasks.diskfull]
+command = ["sh", "-c", "echo 'cp: error writing out/app.bin: No space left on device' >&2; exit 2"]
+
+[tasks.sleepy]
+command = ["sh", "-c", "if [ \"$WARDEN_ATTEMPT\" = 1 ]; then exec sleep 60; fi; echo done"]
+
+[tasks.solo-diskfull]
+command = ["sh", "-c", "echo 'write error: No space left on device' >&2; exit 2"]
+pool = "solo"
+"#;
+
+/// A worker's config: BASE plus its host, pools, work dir and (optional)
+/// working copy with the marker its check wants.
+fn worker_conf(dir: &Path, bot: &str, host: &str, pools: &[&str], extra: &str) -> PathBuf {
+    let work = dir.join(format!("{bot}-work"));
+    std::fs::create_dir_all(&work).unwrap();
+    let pools: Vec<String> = pools.iter().map(|p| format!("{p:?}")).collect();
+    let text = format!(
+        "{BASE}{extra}\n[worker]\nresource = {host:?}\npools = [{}]\nwork_dir = {:?}\ncapacity = 2\n",
+        pools.join(", "),
+        work.display().to_string(),
+    );
+    let conf = dir.join(format!("{bot}.toml"));
+    std::fs::write(&conf, text).unwrap();
+    conf
+}
+
+fn with_checkout(dir: &Path, bot: &str, host: &str, pools: &[&str], extra: &str) -> PathBuf {
+    let wc = dir.join(format!("{bot}-checkout"));
+    std::fs::create_dir_all(&wc).unwrap();
+    std::fs::write(wc.join(".git-ok"), "").unwrap();
+    let conf = worker_conf(dir, bot, host, pools, extra);
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!(
+        "\n[[worker.resources]]\nname = \"{host}/checkout\"\nkind = \"workcopy\"\npath = {:?}\n",
+        wc.display().to_string()
+    ));
+    std::fs::write(&conf, text).unwrap();
+    conf
+}
+
+async fn resource(w: &Warden, name: &str) -> Option<serde_json::Value> {
+    let all = get_json(&w.url("/api/v1/resources")).await;
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+}
+
+async fn wait_state(w: &Warden, name: &str, state: &str, secs: u64) -> serde_json::Value {
+    eventually(
+        Duration::from_secs(secs),
+        &format!("{name} {state}"),
+        || async { resource(w, name).await.filter(|r| r["state"] == state) },
+    )
+    .await
+}
+
+async fn job(w: &Warden, id: &str) -> serde_json::Value {
+    get_json(&w.url(&format!("/api/v1/jobs/{id}"))).await
+}
+
+async fn wait_job(w: &Warden, id: &str, state: &str, secs: u64) -> serde_json::Value {
+    eventually(
+        Duration::from_secs(secs),
+        &format!("job {id} {state}"),
+        || async {
+            let j = job(w, id).await;
+            (j["state"] == state).then_some(j)
+        },
+    )
+    .await
+}
+
+async fn metrics(w: &Warden) -> String {
+    reqwest::get(w.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one sample line, e.g. `warden_health_recycles_total{reason="vanished"}`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// The states a resource went through, oldest first.
+fn states(r: &serde_json::Value) -> Vec<String> {
+    r["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["to"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn submit(url: &str, args: &[&str]) -> String {
+    let mut all = vec!["job", "submit"];
+    all.extend_from_slice(args);
+    cli_ok(url, &all).trim().to_string()
+}
+
+struct Killed(Vec<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let warden = Warden::up(&url, BASE, 0);
+    // The provisioner's hook, as deploy/systemd runs it.
+    let recycled = dir.path().join("recycled.txt");
+    let hook = Command::new(warden_bin())
+        .args(["recycle-hook", "--nats-url", &url, "--", "sh", "-c"])
+        .arg(format!(
+            "echo \"$WARDEN_RESOURCE $WARDEN_RESOURCE_KIND $WARDEN_RECYCLE_REASON\" >> {}",
+            recycled.display()
+        ))
+        .env("WARDEN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let conf_a = with_checkout(dir.path(), "bot-a", "host-a", &["default"], "");
+    let conf_b = with_checkout(dir.path(), "bot-b", "host-b", &["default"], "");
+    let mut procs = Killed(vec![hook, warden_e2e::spawn_worker(&url, &conf_a, "bot-a")]);
+
+    let wc = wait_state(&warden, "host-a/checkout", "open", 30).await;
+    assert_eq!(wc["kind"], "workcopy");
+    assert_eq!(wc["depends_on"], "host-a");
+    let host = resource(&warden, "host-a").await.unwrap();
+    assert_eq!(host["dependents"], serde_json::json!(["host-a/checkout"]));
+    assert_eq!(host["sessions"][0]["bot_id"], "bot-a");
+
+    let id = submit(&url, &["mangle"]);
+    // The crash is system/setup_failed (retryable): the retry waits for a
+    // healthy resource. The mangled working copy fails its check and is
+    // closed; its host passes its own and stays usable.
+    let wc = wait_state(&warden, "host-a/checkout", "closed", 30).await;
+    assert_eq!(states(&wc), ["open", "suspicious", "broken", "closed"], "{wc}");
+    let last = &wc["checks"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["result"], "failed", "{wc}");
+    assert!(
+        last["summary"].as_str().unwrap().contains("checkout: test -f"),
+        "{wc}"
+    );
+    assert!(
+        wc["reason"].as_str().unwrap().contains("check_failed"),
+        "{wc}"
+    );
+    let host = wait_state(&warden, "host-a", "open", 30).await;
+    assert_eq!(
+        host["checks"].as_array().unwrap().last().unwrap()["result"],
+        "passed",
+        "{host}"
+    );
+
+    // No further lease goes to host-a: bot-a is idle and asking, yet the
+    // job, due long since, stays waiting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = job(&warden, &id).await;
+    assert_eq!(waiting["state"], "SCHEDULED", "{waiting}");
+    assert_eq!(waiting["attempt"], 1, "{waiting}");
+    assert_eq!(waiting["detail"], "setup_failed", "{waiting}");
+
+    procs
+        .0
+        .push(warden_e2e::spawn_worker(&url, &conf_b, "bot-b"));
+    let done = wait_job(&warden, &id, "FINISHED", 60).await;
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(done["lease"]["bot_id"], "bot-b", "{done}");
+    assert_eq!(
+        done["lease"]["resources"],
+        serde_json::json!(["host-b", "host-b/checkout"])
+    );
+
+    // The recycle event reached the hook, once.
+    let lines = eventually(Duration::from_secs(20), "recycle hook ran", || async {
+        std::fs::read_to_string(&recycled).ok().filter(|t| !t.is_empty())
+    })
+    .await;
+    assert_eq!(lines.trim(), "host-a/checkout workcopy check_failed");
+
+    // An unrelated failure on a healthy host: both of its resources are
+    // suspected, checked, and open again; work still goes there.
+    let crash = submit(&url, &["diskfull"]);
+    let crashed = wait_job(&warden, &crash, "CRASHED", 60).await;
+    assert_eq!(crashed["detail"], "disk_full", "{crashed}");
+    for name in ["host-b", "host-b/checkout"] {
+        let r = eventually(Duration::from_secs(30), "checked and open", || async {
+            resource(&warden, name)
+                .await
+                .filter(|r| r["state"] == "open" && !r["checks"].as_array().unwrap().is_empty())
+        })
+        .await;
+        assert_eq!(states(&r), ["open", "suspicious", "open"], "{r}");
+        assert!(r["reason"].as_str().unwrap().starts_with("check passed"), "{r}");
+    }
+    let after = submit(&url, &["noop"]);
+    let after = wait_job(&warden, &after, "FINISHED", 30).await;
+    assert_eq!(after["lease"]["bot_id"], "bot-b");
+
+    let m = metrics(&warden).await;
+    assert_eq!(
+        sample(&m, "warden_health_recycles_total{reason=\"check_failed\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(sample(&m, "warden_health_checks_total{result=\"passed\"}").unwrap() >= 3.0);
+    assert_eq!(sample(&m, "warden_health_checks_total{result=\"failed\"}"), Some(1.0));
+    eventually(Duration::from_secs(5), "resource gauges", || async {
+        let m = metrics(&warden).await;
+        (sample(&m, "warden_health_resources{state=\"closed\"}") == Some(1.0)
+            && sample(&m, "warden_health_resources{state=\"open\"}") == Some(3.0))
+        .then_some(())
+    })
+    .await;
+
+    // `warden resources` shows the same, for people.
+    let table = cli_ok(&url, &["resources"]);
+    assert!(table.contains("host-a/checkout"), "{table}");
+    assert!(table.contains("closed"), "{table}");
+    assert!(table.contains("dependents: host-a/checkout"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_host_and_its_working_copy_are_recycled_and_jobs_finish_elsewhere() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let warden = Warden::up(&url, BASE, 0);
+    let conf_v = with_checkout(dir.path(), "bot-v", "host-v", &["default"], "");
+    let conf_w = with_checkout(dir.path(), "bot-w", "host-w", &["default"], "");
+    let mut v = warden_e2e::spawn_worker(&url, &conf_v, "bot-v");
+    wait_state(&warden, "host-v/checkout", "open", 30).await;
+
+    let ids = [submit(&url, &["sleepy"]), submit(&url, &["sleepy"])];
+    for id in &ids {
+        let j = wait_job(&warden, id, "RUNNING", 30).await;
+        assert_eq!(j["lease"]["bot_id"], "bot-v");
+    }
+    let _w = Killed(vec![warden_e2e::spawn_worker(&url, &conf_w, "bot-w")]);
+    wait_state(&warden, "host-w", "open", 30).await;
+    v.kill().unwrap();
+    v.wait().unwrap();
+
+    let host = wait_state(&warden, "host-v", "closed", 30).await;
+    assert_eq!(states(&host), ["open", "broken", "closed"], "{host}");
+    assert!(
+        host["reason"].as_str().unwrap().contains("vanished"),
+        "{host}"
+    );
+    let wc = wait_state(&warden, "host-v/checkout", "closed", 30).await;
+    assert!(
+        wc["reason"].as_str().unwrap().contains("host-v"),
+        "the working copy goes with its host: {wc}"
+    );
+    for id in &ids {
+        let j = wait_job(&warden, id, "FINISHED", 60).await;
+        assert_eq!(j["lease"]["bot_id"], "bot-w", "{j}");
+        assert_eq!(j["attempt"], 2, "{j}");
+    }
+    assert_eq!(resource(&warden, "host-w").await.unwrap()["state"], "open");
+    let m = metrics(&warden).await;
+    assert_eq!(
+        sample(&m, "warden_health_recycles_total{reason=\"vanished\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "warden_health_recycles_total{reason=\"dependency\"}"),
+        Some(1.0),
+        "{m}"
+    );
+
+    // The agent comes back (a new process after recycling): its resources
+    // register as a new incarnation, open.
+    let _v2 = Killed(vec![warden_e2e::spawn_worker(&url, &conf_v, "bot-v")]);
+    let again = wait_state(&warden, "host-v", "open", 30).await;
+    assert_eq!(again["incarnation"], 2, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_only_resource_under_check_holds_its_jobs_and_nothing_else() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    // The host check waits while a `hold` file exists in its work dir.
+    let gate = r#"
+[[health.checks.host]]
+name = "gate"
+command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
+"#;
+    let config = format!("{BASE}{gate}");
+    let warden = Warden::up(&url, &config, 0);
+    let conf_s = worker_conf(dir.path(), "bot-s", "host-s", &["solo"], gate);
+    let conf_d = worker_conf(dir.path(), "bot-d", "host-d", &["default"], gate);
+    let hold = dir.path().join("bot-s-work").join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let _workers = Killed(vec![
+        warden_e2e::spawn_worker(&url, &conf_s, "bot-s"),
+        warden_e2e::spawn_worker(&url, &conf_d, "bot-d"),
+    ]);
+    wait_state(&warden, "host-s", "open", 30).await;
+    wait_state(&warden, "host-d", "open", 30).await;
+
+    let crash = submit(&url, &["solo-diskfull"]);
+    wait_job(&warden, &crash, "CRASHED", 60).await;
+    let r = eventually(Duration::from_secs(30), "host-s under check", || async {
+        resource(&warden, "host-s")
+            .await
+            .filter(|r| r["state"] == "suspicious" && r["check"].is_object())
+    })
+    .await;
+    assert_eq!(r["check"]["trigger"], "suspicion", "{r}");
+
+    let held: Vec<String> = (0..3)
+        .map(|_| submit(&url, &["noop", "--pool", "solo"]))
+        .collect();
+    let flowing: Vec<String> = (0..5).map(|_| submit(&url, &["noop"])).collect();
+    for id in &flowing {
+        wait_job(&warden, id, "FINISHED", 60).await;
+    }
+    eventually(Duration::from_secs(10), "waiting jobs counted", || async {
+        let m = metrics(&warden).await;
+        (sample(
+            &m,
+            "warden_scheduler_jobs_waiting_for_resource{pool=\"solo\"}",
+        ) == Some(3.0)
+            && sample(
+                &m,
+                "warden_health_pool_resources{pool=\"solo\",state=\"suspicious\"}",
+            ) == Some(1.0)
+            && sample(
+                &m,
+                "warden_health_pool_resources{pool=\"solo\",state=\"open\"}",
+            ) == Some(0.0))
+        .then_some(())
+    })
+    .await;
+    for id in &held {
+        assert_eq!(job(&warden, id).await["state"], "SCHEDULED");
+    }
+
+    std::fs::remove_file(&hold).unwrap();
+    let r = wait_state(&warden, "host-s", "open", 30).await;
+    assert!(r["reason"].as_str().unwrap().starts_with("check passed"), "{r}");
+    for id in &held {
+        let j = wait_job(&warden, id, "FINISHED", 60).await;
+        assert_eq!(j["lease"]["bot_id"], "bot-s");
+    }
+    eventually(Duration::from_secs(10), "gauge back to 0", || async {
+        let m = metrics(&warden).await;
+        (sample(
+            &m,
+            "warden_scheduler_jobs_waiting_for_resource{pool=\"solo\"}",
+        ) == Some(0.0))
+        .then_some(())
+    })
+    .await;
+}
