@@ -160,6 +160,10 @@ pub struct ResourceSuspect {
     pub job_id: Uuid,
     pub attempt: u32,
     pub detail: String,
+    /// When the failed attempt was leased: a failure of an attempt that
+    /// began before the resource last passed a check is not flapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased_at: Option<DateTime<Utc>>,
     pub at: DateTime<Utc>,
 }
 

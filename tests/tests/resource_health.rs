@@ -193,11 +193,18 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     // healthy resource. The mangled working copy fails its check and is
     // closed; its host passes its own and stays usable.
     let wc = wait_state(&warden, "host-a/checkout", "closed", 30).await;
-    assert_eq!(states(&wc), ["open", "suspicious", "broken", "closed"], "{wc}");
+    assert_eq!(
+        states(&wc),
+        ["open", "suspicious", "broken", "closed"],
+        "{wc}"
+    );
     let last = &wc["checks"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["result"], "failed", "{wc}");
     assert!(
-        last["summary"].as_str().unwrap().contains("checkout: test -f"),
+        last["summary"]
+            .as_str()
+            .unwrap()
+            .contains("checkout: test -f"),
         "{wc}"
     );
     assert!(
@@ -232,7 +239,9 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
 
     // The recycle event reached the hook, once.
     let lines = eventually(Duration::from_secs(20), "recycle hook ran", || async {
-        std::fs::read_to_string(&recycled).ok().filter(|t| !t.is_empty())
+        std::fs::read_to_string(&recycled)
+            .ok()
+            .filter(|t| !t.is_empty())
     })
     .await;
     assert_eq!(lines.trim(), "host-a/checkout workcopy check_failed");
@@ -250,7 +259,10 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         })
         .await;
         assert_eq!(states(&r), ["open", "suspicious", "open"], "{r}");
-        assert!(r["reason"].as_str().unwrap().starts_with("check passed"), "{r}");
+        assert!(
+            r["reason"].as_str().unwrap().starts_with("check passed"),
+            "{r}"
+        );
     }
     let after = submit(&url, &["noop"]);
     let after = wait_job(&warden, &after, "FINISHED", 30).await;
@@ -263,7 +275,10 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         "{m}"
     );
     assert!(sample(&m, "warden_health_checks_total{result=\"passed\"}").unwrap() >= 3.0);
-    assert_eq!(sample(&m, "warden_health_checks_total{result=\"failed\"}"), Some(1.0));
+    assert_eq!(
+        sample(&m, "warden_health_checks_total{result=\"failed\"}"),
+        Some(1.0)
+    );
     eventually(Duration::from_secs(5), "resource gauges", || async {
         let m = metrics(&warden).await;
         (sample(&m, "warden_health_resources{state=\"closed\"}") == Some(1.0)
@@ -400,7 +415,10 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
 
     std::fs::remove_file(&hold).unwrap();
     let r = wait_state(&warden, "host-s", "open", 30).await;
-    assert!(r["reason"].as_str().unwrap().starts_with("check passed"), "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().starts_with("check passed"),
+        "{r}"
+    );
     for id in &held {
         let j = wait_job(&warden, id, "FINISHED", 60).await;
         assert_eq!(j["lease"]["bot_id"], "bot-s");

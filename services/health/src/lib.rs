@@ -122,6 +122,9 @@ pub struct Health {
     cache: Mutex<BTreeMap<String, Resource>>,
     /// Checks and recycles this replica has under way.
     busy: Mutex<HashSet<String>>,
+    /// (session, resource) pairs registered since this replica started:
+    /// heartbeats rewrite session records, and need not re-read these.
+    registered: Mutex<HashSet<(String, String)>>,
 }
 
 impl Health {
@@ -226,6 +229,20 @@ impl Health {
             s.resources.clone()
         };
         for d in decls {
+            let pair = (s.name.clone(), d.name.clone());
+            let seen = {
+                let mut r = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+                match s.state {
+                    SessionState::Active => !r.insert(pair.clone()),
+                    _ => {
+                        r.remove(&pair);
+                        false
+                    }
+                }
+            };
+            if seen {
+                continue;
+            }
             let res = match s.state {
                 SessionState::Active => self.register(s, &d).await,
                 SessionState::Expired => self.leave(s, &d.name, true).await,
@@ -235,6 +252,11 @@ impl Health {
             };
             if let Err(e) = res {
                 warn!(resource = %d.name, session = %s.name, error = %e, "cannot record the session on its resource");
+                // Try again at the session's next heartbeat.
+                self.registered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&pair);
             }
         }
     }
@@ -287,27 +309,25 @@ impl Health {
                     Some(r)
                 }
                 Some(mut r) => {
-                    let known = r.sessions.contains(&me)
-                        && s.pools.iter().all(|p| r.pools.contains(p))
-                        && r.kind == d.kind
-                        && r.path == d.path
-                        && r.depends_on == d.depends_on;
-                    if known {
+                    // Several bots may share one host (each with its own
+                    // work dir): the record keeps what its latest new
+                    // session declared.
+                    if r.sessions.contains(&me) && s.pools.iter().all(|p| r.pools.contains(p)) {
                         return None;
                     }
                     if !r.sessions.contains(&me) {
                         r.sessions.push(me.clone());
+                        r.kind = d.kind.clone();
+                        r.path = d.path.clone();
+                        r.depends_on = d.depends_on.clone();
+                        r.bot_id = Some(s.bot_id.clone());
+                        r.agent = s.agent_instance.clone();
                     }
                     for p in &s.pools {
                         if !r.pools.contains(p) {
                             r.pools.push(p.clone());
                         }
                     }
-                    r.kind = d.kind.clone();
-                    r.path = d.path.clone();
-                    r.depends_on = d.depends_on.clone();
-                    r.bot_id = Some(s.bot_id.clone());
-                    r.agent = s.agent_instance.clone();
                     Some(r)
                 }
             })
@@ -378,6 +398,14 @@ impl Health {
                     // new suspicion (a host whose every job hit the same
                     // OOM is not flapping).
                     ResourceState::Suspicious => "noted",
+                    // An attempt leased before the resource last passed a
+                    // check belongs to the incident that check covered: a
+                    // new check, but no flapping count and no back-off.
+                    ResourceState::Open if s.leased_at.is_some_and(|t| t < r.since) => {
+                        r.set_state(ResourceState::Suspicious, why.clone(), now)
+                            .ok()?;
+                        "suspicious"
+                    }
                     ResourceState::Open => {
                         let n = r.note_suspicion(now, cfg.flap_window) as u32;
                         if cfg.flap_limit > 0 && n >= cfg.flap_limit {
@@ -848,6 +876,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         id: Uuid::new_v4().to_string(),
         cache: Mutex::new(BTreeMap::new()),
         busy: Mutex::new(HashSet::new()),
+        registered: Mutex::new(HashSet::new()),
     });
     let consumer: PullConsumer = handles
         .js

@@ -954,11 +954,12 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     if next.state == JobState::Crashed {
                         let policy = shared.config.retry_policy(&next.task);
                         let resources = job.lease.as_ref().map(lease_resources).unwrap_or_default();
+                        let leased_at = job.lease.as_ref().map(|l| l.leased_at);
                         let attempt = next.attempt;
                         let fate = retry::after_crash(&mut next, &policy, now);
                         fates.push((fate, next.blame));
                         if let Some(c) = classified.get(&i) {
-                            crashes.push((c.clone(), attempt, resources, next.state));
+                            crashes.push((c.clone(), attempt, resources, leased_at, next.state));
                         }
                     }
                     results.push((r, "applied", Some((from, next.state))));
@@ -987,8 +988,9 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                 for (fate, blame) in fates {
                     count_fate(fate, blame);
                 }
-                for (c, attempt, resources, state) in crashes {
-                    act_on_classification(shared, &job, &c, attempt, &resources, state).await;
+                for (c, attempt, resources, leased_at, state) in crashes {
+                    let lease = (attempt, resources.as_slice(), leased_at);
+                    act_on_classification(shared, &job, &c, lease, state).await;
                 }
                 for (r, res, change) in results {
                     match (res, change) {
@@ -1111,8 +1113,7 @@ async fn act_on_classification(
     shared: &Shared,
     job: &warden_shared::Job,
     c: &Classification,
-    attempt: u32,
-    resources: &[String],
+    (attempt, resources, leased_at): (u32, &[String], Option<chrono::DateTime<Utc>>),
     state: JobState,
 ) {
     let m = metrics();
@@ -1162,6 +1163,7 @@ async fn act_on_classification(
             job_id: job.id,
             attempt,
             detail: c.detail.clone(),
+            leased_at,
             at: now,
         };
         let id = format!("{}:{attempt}:suspect:{resource}", job.id);

@@ -113,7 +113,13 @@ async fn command(argv: &[String]) -> (bool, String) {
 }
 
 async fn free_disk(path: &Path, min_mb: u64) -> (bool, String) {
-    let p = path.to_path_buf();
+    // A directory not made yet lives on its nearest existing ancestor's
+    // file system.
+    let p = path
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
     let stat = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&p)).await;
     match stat {
         Ok(Ok(s)) => {
@@ -166,6 +172,10 @@ mod tests {
             min_free_mb: Some(1),
             ..spec("disk")
         };
+        // Where tasks will run need not exist yet.
+        let later = decl(&dir.path().join("not/made/yet"));
+        let r = run_all(std::slice::from_ref(&disk), &later, Duration::from_secs(5)).await;
+        assert!(r.passed, "{r:?}");
         let huge = CheckSpec {
             min_free_mb: Some(u64::MAX / 2),
             ..spec("huge")

@@ -179,7 +179,12 @@ impl ProcessExecutor {
                 Err(_) => (std::env::temp_dir(), None),
             }
         } else {
-            (PathBuf::from(&config.worker.work_dir), None)
+            let dir = PathBuf::from(&config.worker.work_dir);
+            // Made now, so its health checks look at the right disk.
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot create the work dir");
+            }
+            (dir, None)
         };
         ProcessExecutor {
             config,
