@@ -12,6 +12,8 @@
 //! - The only resource of a pool is suspicious while its check runs: that
 //!   pool's jobs wait (and the metric says so), other pools keep flowing,
 //!   and the waiting jobs run once the check passes.
+//! - Closed by hand while a job runs there: the job is requeued at once,
+//!   the attempt not counted, and finishes on another host.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -432,4 +434,71 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
         .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_resource_by_hand_requeues_its_running_job_without_spending_its_budget() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let warden = Warden::up(&url, BASE, 0);
+    let conf_x = worker_conf(dir.path(), "bot-x", "host-x", &["default"], "");
+    let conf_y = worker_conf(dir.path(), "bot-y", "host-y", &["default"], "");
+    let mut workers = Killed(vec![warden_e2e::spawn_worker(&url, &conf_x, "bot-x")]);
+    wait_state(&warden, "host-x", "open", 30).await;
+    // One attempt allowed: a second one can only come from a requeue that
+    // does not count.
+    let id = submit(&url, &["sleepy", "--max-attempts", "1"]);
+    let j = wait_job(&warden, &id, "RUNNING", 30).await;
+    assert_eq!(j["lease"]["bot_id"], "bot-x");
+    workers
+        .0
+        .push(warden_e2e::spawn_worker(&url, &conf_y, "bot-y"));
+    wait_state(&warden, "host-y", "open", 30).await;
+
+    let out = cli_ok(
+        &url,
+        &["resource", "close", "host-x", "--reason", "disk replaced"],
+    );
+    assert!(out.contains("host-x is closed"), "{out}");
+    let done = wait_job(&warden, &id, "FINISHED", 60).await;
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(done["lease"]["bot_id"], "bot-y", "{done}");
+    let requeue = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["action"] == "requeue")
+        .unwrap_or_else(|| panic!("a requeue in {done}"))
+        .clone();
+    assert!(
+        requeue["note"]
+            .as_str()
+            .unwrap()
+            .contains("resource host-x was closed"),
+        "{requeue}"
+    );
+    let r = resource(&warden, "host-x").await.unwrap();
+    assert!(
+        r["reason"].as_str().unwrap().contains("disk replaced"),
+        "{r}"
+    );
+    let m = metrics(&warden).await;
+    assert_eq!(
+        sample(&m, "warden_health_recycles_total{reason=\"manual\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "warden_scheduler_leases_requeued_total{reason=\"resource_closed\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // Closing it again is refused, with a reason, exit 2.
+    let again = warden_e2e::cli(&url, &["resource", "close", "host-x"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already closed"));
 }
