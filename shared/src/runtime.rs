@@ -11,6 +11,104 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::subjects::{self, Handles, TopologyError};
 
+/// Follows `filter` in a KV bucket until `shutdown`, giving `on_entry`
+/// each entry in order: first every key's latest value (so a cache
+/// rebuilds), then every change. A watch that fails or ends is started
+/// again, and its first pass brings back what was missed; one that cannot
+/// be started is tried again a second later.
+pub async fn follow_kv<F, Fut>(
+    kv: &jetstream::kv::Store,
+    filter: &str,
+    what: &str,
+    shutdown: &CancellationToken,
+    mut on_entry: F,
+) where
+    F: FnMut(jetstream::kv::Entry) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::StreamExt;
+    while !shutdown.is_cancelled() {
+        let mut watch = match kv.watch_with_history(filter).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(what, error = %e, "cannot watch; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = watch.next() => n,
+            };
+            match next {
+                Some(Ok(entry)) => on_entry(entry).await,
+                Some(Err(e)) => {
+                    tracing::warn!(what, error = %e, "watch failed; restarting");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Publishes `body` as JSON into its stream with a de-duplication id (a
+/// second publish with the same id within the stream's window is dropped);
+/// `Ok` once the stream has acknowledged it.
+pub async fn publish_with_id<T: serde::Serialize>(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    body: &T,
+) -> Result<(), String> {
+    let payload = serde_json::to_vec(body).map_err(|e| format!("cannot encode: {e}"))?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    js.publish_with_headers(subject, headers, payload.into())
+        .await
+        .map_err(|e| format!("cannot publish: {e}"))?
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("not acknowledged: {e}"))
+}
+
+/// Bytes of a dead-lettered payload kept (lossily decoded as UTF-8).
+pub const DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
+
+/// Keeps what `service` could not use on the dead-letter stream
+/// (`warden.deadletter.<service>.<reason>`) with the reason and the error;
+/// `Ok` once the stream has acknowledged it, so the caller may ack the
+/// original only then.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    service: &str,
+    reason: &str,
+    subject: &str,
+    error: &str,
+    payload: &[u8],
+) -> Result<(), String> {
+    let letter = crate::messages::DeadLetter {
+        version: crate::messages::MESSAGE_VERSION,
+        subject: subject.to_string(),
+        service: service.to_string(),
+        reason: reason.to_string(),
+        error: error.to_string(),
+        at: chrono::Utc::now(),
+        payload: String::from_utf8_lossy(&payload[..payload.len().min(DEAD_LETTER_PAYLOAD)])
+            .into_owned(),
+    };
+    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    js.publish(subjects::deadletter_subject(service, reason), body.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Error)]
 pub enum ConnectError {
     #[error("cannot connect to NATS at {url}")]

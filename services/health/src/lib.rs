@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::messages::{
-    CheckReply, CheckRequest, DeadLetter, ErrorBody, HealthReply, HealthRequest, ResourceRecycle,
+    CheckReply, CheckRequest, ErrorBody, HealthReply, HealthRequest, ResourceRecycle,
     ResourceSuspect, MESSAGE_VERSION,
 };
 use warden_shared::resource::{
@@ -721,22 +721,15 @@ impl Health {
     }
 
     async fn publish_recycle(&self, event: &ResourceRecycle) -> Result<(), OpError> {
-        let body = serde_json::to_vec(event).map_err(|e| OpError::Store(e.to_string()))?;
-        let mut headers = async_nats::HeaderMap::new();
         let id = format!("{}:{}:recycle", event.resource, event.incarnation);
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        let ack = self
-            .js
-            .publish_with_headers(
-                subjects::recycle_subject(&event.resource),
-                headers,
-                body.into(),
-            )
-            .await
-            .map_err(|e| OpError::Store(format!("cannot publish the recycle event: {e}")))?;
-        ack.await
-            .map_err(|e| OpError::Store(format!("recycle event not acknowledged: {e}")))?;
-        Ok(())
+        runtime::publish_with_id(
+            &self.js,
+            subjects::recycle_subject(&event.resource),
+            &id,
+            event,
+        )
+        .await
+        .map_err(|e| OpError::Store(format!("recycle event: {e}")))
     }
 
     /// Closes a resource by hand (and what depends on it).
@@ -973,54 +966,27 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 
 /// Keeps the cache equal to the bucket (rebuilt by the watch's first pass).
 async fn watch_loop(health: Arc<Health>, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut watch = match health.kv.watch_with_history(">").await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "cannot watch resources; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
-            };
-            if entry.operation != kv::Operation::Put {
-                continue;
-            }
+    runtime::follow_kv(&health.kv, ">", "resources", &shutdown, |entry| {
+        if entry.operation == kv::Operation::Put {
             if let Ok(r) = serde_json::from_slice::<Resource>(&entry.value) {
                 health.cache().insert(r.name.clone(), r);
             }
         }
-    }
+        std::future::ready(())
+    })
+    .await;
 }
 
 async fn sessions_loop(health: Arc<Health>, sessions: kv::Store, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut watch = match sessions.watch_with_history("session.>").await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "cannot watch sessions; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
-            };
+    runtime::follow_kv(&sessions, "session.>", "sessions", &shutdown, |entry| {
+        let health = health.clone();
+        async move {
             if let Ok(s) = serde_json::from_slice::<Session>(&entry.value) {
                 health.on_session(&s).await;
             }
         }
-    }
+    })
+    .await;
 }
 
 async fn suspects_loop(health: Arc<Health>, consumer: PullConsumer, shutdown: CancellationToken) {
@@ -1069,31 +1035,18 @@ async fn suspects_loop(health: Arc<Health>, consumer: PullConsumer, shutdown: Ca
 }
 
 async fn dead_letter(health: &Health, msg: &jetstream::Message, error: &str) -> bool {
-    let letter = DeadLetter {
-        version: MESSAGE_VERSION,
-        subject: msg.subject.to_string(),
-        service: "health".into(),
-        reason: "invalid_suspect".into(),
-        error: error.to_string(),
-        at: Utc::now(),
-        payload: String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(64 * 1024)])
-            .into_owned(),
-    };
     warn!(subject = %msg.subject, error, "undecodable suspect event dead-lettered");
-    let Ok(body) = serde_json::to_vec(&letter) else {
-        return false;
-    };
-    match health
-        .js
-        .publish(
-            subjects::deadletter_subject("health", "invalid_suspect"),
-            body.into(),
-        )
-        .await
-    {
-        Ok(ack) => ack.await.is_ok(),
-        Err(_) => false,
-    }
+    let subject = msg.subject.to_string();
+    runtime::dead_letter(
+        &health.js,
+        "health",
+        "invalid_suspect",
+        &subject,
+        error,
+        &msg.payload,
+    )
+    .await
+    .is_ok()
 }
 
 async fn tick_loop(health: Arc<Health>, tracker: TaskTracker, shutdown: CancellationToken) {

@@ -28,9 +28,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::job::{HistoryEntry, Lease};
 use warden_shared::messages::{
-    AcquireReply, AcquireRequest, Classification, ClassifyReply, ClassifyRequest, DeadLetter,
-    ErrorBody, LeaseGrant, Notification, Party, Report, ReportKind, ResourceSuspect,
-    MESSAGE_VERSION,
+    AcquireReply, AcquireRequest, Classification, ClassifyReply, ClassifyRequest, ErrorBody,
+    LeaseGrant, Notification, Party, Report, ReportKind, ResourceSuspect, MESSAGE_VERSION,
 };
 use warden_shared::resource::{Resource, ResourceState};
 use warden_shared::retry::{self, Fate, Loss};
@@ -252,123 +251,103 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 /// error it starts over: the first pass of a watch delivers every key's
 /// latest value, which rebuilds the cache.
 async fn watch_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut watch = match shared.store.kv().watch_with_history(">").await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "cannot watch jobs; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+    runtime::follow_kv(shared.store.kv(), ">", "jobs", &shutdown, |entry| {
+        on_job_entry(&shared, entry);
+        std::future::ready(())
+    })
+    .await;
+}
+
+fn on_job_entry(shared: &Arc<Shared>, entry: async_nats::jetstream::kv::Entry) {
+    let Ok(id) = entry.key.parse::<Uuid>() else {
+        return;
+    };
+    if entry.operation != async_nats::jetstream::kv::Operation::Put {
+        shared.queue().remove(&id);
+        return;
+    }
+    match store::decode(&entry.key, &entry.value) {
+        Ok(job) => {
+            let dead = {
+                let mut l = shared.leases();
+                l.observe_job(&job);
+                match (&job.state, &job.lease) {
+                    (JobState::Running, Some(lease)) => l
+                        .dead(&lease.session)
+                        .or_else(|| l.on_closed_resource(&job.id).then_some(RESOURCE_CLOSED))
+                        .map(|r| (lease.session.clone(), r)),
+                    _ => None,
                 }
+            };
+            if let Some((session, reason)) = dead {
+                let shared = shared.clone();
+                let id = job.id;
+                tokio::spawn(async move { requeue(&shared, id, &session, reason).await });
             }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = watch.next() => n,
-            };
-            let entry = match next {
-                Some(Ok(e)) => e,
-                Some(Err(e)) => {
-                    warn!(error = %e, "job watch failed; restarting");
-                    break;
-                }
-                None => break,
-            };
-            let Ok(id) = entry.key.parse::<Uuid>() else {
-                continue;
-            };
-            if entry.operation != async_nats::jetstream::kv::Operation::Put {
-                shared.queue().remove(&id);
-                continue;
-            }
-            match store::decode(&entry.key, &entry.value) {
-                Ok(job) => {
-                    let dead = {
-                        let mut l = shared.leases();
-                        l.observe_job(&job);
-                        match (&job.state, &job.lease) {
-                            (JobState::Running, Some(lease)) => l
-                                .dead(&lease.session)
-                                .or_else(|| {
-                                    l.on_closed_resource(&job.id).then_some(RESOURCE_CLOSED)
-                                })
-                                .map(|r| (lease.session.clone(), r)),
-                            _ => None,
-                        }
-                    };
-                    if let Some((session, reason)) = dead {
-                        let shared = shared.clone();
-                        let id = job.id;
-                        tokio::spawn(async move { requeue(&shared, id, &session, reason).await });
-                    }
-                    let scheduled = job.state == JobState::Scheduled;
-                    shared.queue().observe(Versioned {
-                        job,
-                        revision: entry.revision,
-                    });
-                    if scheduled {
-                        shared.ready.notify_waiters();
-                    }
-                }
-                Err(e) => warn!(job.id = %id, error = %e, "undecodable job record ignored"),
+            let scheduled = job.state == JobState::Scheduled;
+            shared.queue().observe(Versioned {
+                job,
+                revision: entry.revision,
+            });
+            if scheduled {
+                shared.ready.notify_waiters();
             }
         }
+        Err(e) => warn!(job.id = %id, error = %e, "undecodable job record ignored"),
     }
 }
 
 /// Follows the sessions bucket; when a session stops being active, its
 /// running attempts go back to the queue.
 async fn sessions_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut watch = match shared.sessions_kv.watch_with_history("session.>").await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "cannot watch sessions; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
-            };
-            let Ok(session) = serde_json::from_slice::<Session>(&entry.value) else {
-                continue;
-            };
-            let (reason, doomed) = {
-                let mut l = shared.leases();
-                l.states.insert(session.name.clone(), session.state);
-                if session.state == SessionState::Active {
-                    l.active.insert(
-                        session.name.clone(),
-                        (session.pools.clone(), session.resource_names()),
-                    );
-                } else {
-                    l.active.remove(&session.name);
-                }
-                let reason = l.dead(&session.name);
-                let doomed: Vec<Uuid> = match reason {
-                    Some(_) => l
-                        .by_session
-                        .get(&session.name)
-                        .map(|s| s.iter().copied().collect())
-                        .unwrap_or_default(),
-                    None => Vec::new(),
-                };
-                (reason, doomed)
-            };
-            let Some(reason) = reason else { continue };
-            for id in doomed {
-                let shared = shared.clone();
-                let name = session.name.clone();
-                tracker.spawn(async move { requeue(&shared, id, &name, reason).await });
-            }
+    runtime::follow_kv(
+        &shared.sessions_kv,
+        "session.>",
+        "sessions",
+        &shutdown,
+        |entry| {
+            on_session_entry(&shared, &tracker, entry);
+            std::future::ready(())
+        },
+    )
+    .await;
+}
+
+fn on_session_entry(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    entry: async_nats::jetstream::kv::Entry,
+) {
+    let Ok(session) = serde_json::from_slice::<Session>(&entry.value) else {
+        return;
+    };
+    let (reason, doomed) = {
+        let mut l = shared.leases();
+        l.states.insert(session.name.clone(), session.state);
+        if session.state == SessionState::Active {
+            l.active.insert(
+                session.name.clone(),
+                (session.pools.clone(), session.resource_names()),
+            );
+        } else {
+            l.active.remove(&session.name);
         }
+        let reason = l.dead(&session.name);
+        let doomed: Vec<Uuid> = match reason {
+            Some(_) => l
+                .by_session
+                .get(&session.name)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        (reason, doomed)
+    };
+    let Some(reason) = reason else { return };
+    for id in doomed {
+        let shared = shared.clone();
+        let name = session.name.clone();
+        tracker.spawn(async move { requeue(&shared, id, &name, reason).await });
     }
 }
 
@@ -381,48 +360,42 @@ const RESOURCE_CLOSED: &str = "resource_closed";
 /// wakes parked acquire requests, so a resource that opens again gets work
 /// at once.
 async fn resources_loop(shared: Arc<Shared>, tracker: TaskTracker, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut watch = match shared.resources_kv.watch_with_history(">").await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "cannot watch resources; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = watch.next() => match n { Some(Ok(e)) => e, _ => break },
-            };
-            let Ok(resource) = serde_json::from_slice::<Resource>(&entry.value) else {
-                continue;
-            };
-            let doomed: Vec<(Uuid, String)> = {
-                let mut l = shared.leases();
-                l.resource_states
-                    .insert(resource.name.clone(), resource.state);
-                if resource.state == ResourceState::Closed {
-                    l.by_resource
-                        .get(&resource.name)
-                        .map(|jobs| {
-                            jobs.iter()
-                                .filter_map(|id| l.session_of.get(id).map(|s| (*id, s.clone())))
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                }
-            };
-            shared.ready.notify_waiters();
-            for (id, session) in doomed {
-                let shared = shared.clone();
-                tracker.spawn(async move { requeue(&shared, id, &session, RESOURCE_CLOSED).await });
-            }
+    runtime::follow_kv(&shared.resources_kv, ">", "resources", &shutdown, |entry| {
+        on_resource_entry(&shared, &tracker, entry);
+        std::future::ready(())
+    })
+    .await;
+}
+
+fn on_resource_entry(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    entry: async_nats::jetstream::kv::Entry,
+) {
+    let Ok(resource) = serde_json::from_slice::<Resource>(&entry.value) else {
+        return;
+    };
+    let doomed: Vec<(Uuid, String)> = {
+        let mut l = shared.leases();
+        l.resource_states
+            .insert(resource.name.clone(), resource.state);
+        if resource.state == ResourceState::Closed {
+            l.by_resource
+                .get(&resource.name)
+                .map(|jobs| {
+                    jobs.iter()
+                        .filter_map(|id| l.session_of.get(id).map(|s| (*id, s.clone())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
         }
+    };
+    shared.ready.notify_waiters();
+    for (id, session) in doomed {
+        let shared = shared.clone();
+        tracker.spawn(async move { requeue(&shared, id, &session, RESOURCE_CLOSED).await });
     }
 }
 
@@ -1179,25 +1152,10 @@ async fn publish_durable<T: serde::Serialize>(
     msg_id: &str,
     body: &T,
 ) -> bool {
-    let Ok(payload) = serde_json::to_vec(body) else {
-        return false;
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
-    match shared
-        .js
-        .publish_with_headers(subject.clone(), headers, payload.into())
-        .await
-    {
-        Ok(ack) => match ack.await {
-            Ok(_) => true,
-            Err(e) => {
-                warn!(subject, error = %e, "publish not acknowledged");
-                false
-            }
-        },
+    match runtime::publish_with_id(&shared.js, subject.clone(), msg_id, body).await {
+        Ok(()) => true,
         Err(e) => {
-            warn!(subject, error = %e, "cannot publish");
+            warn!(subject, error = %e, "durable publish failed");
             false
         }
     }
@@ -1205,32 +1163,21 @@ async fn publish_durable<T: serde::Serialize>(
 
 async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde_json::Error) {
     metrics().invalid_reports.inc();
-    let letter = DeadLetter {
-        version: MESSAGE_VERSION,
-        subject: msg.subject.to_string(),
-        service: "scheduler".into(),
-        reason: "invalid_report".into(),
-        error: err.to_string(),
-        at: Utc::now(),
-        payload: String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(64 * 1024)])
-            .into_owned(),
-    };
     warn!(subject = %msg.subject, error = %err, "undecodable report dead-lettered");
-    let Ok(body) = serde_json::to_vec(&letter) else {
-        return;
-    };
-    match shared
-        .js
-        .publish(
-            subjects::deadletter_subject("scheduler", "invalid_report"),
-            body.into(),
-        )
-        .await
+    let subject = msg.subject.to_string();
+    let error = err.to_string();
+    match runtime::dead_letter(
+        &shared.js,
+        "scheduler",
+        "invalid_report",
+        &subject,
+        &error,
+        &msg.payload,
+    )
+    .await
     {
-        Ok(ack) => {
-            if ack.await.is_ok() {
-                let _ = msg.ack().await;
-            }
+        Ok(()) => {
+            let _ = msg.ack().await;
         }
         Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
     }

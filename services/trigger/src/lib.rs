@@ -22,7 +22,6 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warden_shared::job::Job;
-use warden_shared::messages::{DeadLetter, MESSAGE_VERSION};
 use warden_shared::store::{JobStore, StoreError};
 use warden_shared::{runtime, subjects, Config};
 
@@ -30,7 +29,6 @@ use crate::metrics::metrics;
 use crate::rules::Rules;
 
 /// Largest slice of an undecodable payload kept in its dead letter.
-const DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
 
 #[derive(Debug, Error)]
 pub enum TriggerError {
@@ -190,27 +188,7 @@ impl Trigger {
         error: &str,
         payload: &[u8],
     ) -> Disposition {
-        let letter = DeadLetter {
-            version: MESSAGE_VERSION,
-            subject: subject.to_string(),
-            service: "trigger".into(),
-            reason: reason.to_string(),
-            error: error.to_string(),
-            at: Utc::now(),
-            payload: String::from_utf8_lossy(&payload[..payload.len().min(DEAD_LETTER_PAYLOAD)])
-                .into_owned(),
-        };
-        let Ok(body) = serde_json::to_vec(&letter) else {
-            return Disposition::Retry;
-        };
-        let res = match self
-            .js
-            .publish(subjects::deadletter_subject("trigger", reason), body.into())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let res = runtime::dead_letter(&self.js, "trigger", reason, subject, error, payload).await;
         match res {
             Ok(()) => {
                 let m = metrics();
