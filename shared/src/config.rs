@@ -52,7 +52,16 @@ pub struct HttpConfig {
     /// laptop). Production sets one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// An external executor's session expires after this long without a
+    /// state call (RUNNING again is a keep-alive); its job is then taken
+    /// back like a lost worker's. A take may ask for less or more, up to
+    /// [`MAX_EXECUTION_TIMEOUT`].
+    #[serde(with = "humantime_serde")]
+    pub execution_timeout: Duration,
 }
+
+/// The longest session an external executor may ask for.
+pub const MAX_EXECUTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -491,6 +500,11 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             p.push("http.max_body_bytes: must be at least 1024".into());
+        }
+        if self.http.execution_timeout < Duration::from_secs(1)
+            || self.http.execution_timeout > MAX_EXECUTION_TIMEOUT
+        {
+            p.push("http.execution_timeout: must be between 1s and 24h".into());
         }
         if self.http.token.as_deref().is_some_and(str::is_empty) {
             p.push("http.token: must not be empty when set".into());

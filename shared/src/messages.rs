@@ -268,6 +268,11 @@ pub struct CreateSession {
     pub capacity: u32,
     #[serde(default)]
     pub agent_version: String,
+    /// This session's own silence limit, in place of
+    /// `fencing.session_timeout` (external executors, which call in only
+    /// when their job changes state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

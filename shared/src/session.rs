@@ -48,6 +48,10 @@ pub struct Session {
     pub capacity: u32,
     #[serde(default)]
     pub agent_version: String,
+    /// Its own silence limit, if it asked for one (external executors);
+    /// otherwise `fencing.session_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     pub state: SessionState,
     pub created_at: DateTime<Utc>,
     pub last_heartbeat: DateTime<Utc>,
@@ -75,6 +79,13 @@ pub const SESSION_SUPERSEDED: &str = "session_superseded";
 pub const RESOURCE_UNAVAILABLE: &str = "resource_unavailable";
 
 impl Session {
+    /// How long this session may stay silent before it expires.
+    pub fn timeout(&self, default: std::time::Duration) -> std::time::Duration {
+        self.timeout_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(default)
+    }
+
     /// Names of the resources the session runs on (the declared ones, or
     /// its single `resource` from before resources were declared).
     pub fn resource_names(&self) -> Vec<String> {
@@ -84,4 +95,36 @@ impl Session {
             self.resources.iter().map(|r| r.name.clone()).collect()
         }
     }
+}
+
+/// Every session on record, by bot id and then newest first (the
+/// sessions bucket holds one record per session; bots are thousands at
+/// most, so it is read as is). Unreadable records are skipped.
+pub async fn list(
+    kv: &async_nats::jetstream::kv::Store,
+) -> Result<Vec<Session>, async_nats::Error> {
+    use futures::StreamExt;
+    let mut keys = kv.keys().await?;
+    let mut names = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k?;
+        if k.starts_with("session.") {
+            names.push(k);
+        }
+    }
+    let mut all = Vec::with_capacity(names.len());
+    for k in names {
+        if let Some(v) = kv.get(&k).await? {
+            match serde_json::from_slice::<Session>(&v) {
+                Ok(s) => all.push(s),
+                Err(e) => tracing::warn!(key = %k, error = %e, "skipping an unreadable session"),
+            }
+        }
+    }
+    all.sort_by(|a, b| {
+        a.bot_id
+            .cmp(&b.bot_id)
+            .then(b.created_at.cmp(&a.created_at))
+    });
+    Ok(all)
 }

@@ -50,6 +50,12 @@ pub const API_JOB_LIST: &str = "warden.api.job.list";
 pub const API_JOB_RETRY: &str = "warden.api.job.retry";
 pub const API_JOB_CANCEL: &str = "warden.api.job.cancel";
 pub const API_STATS: &str = "warden.api.stats";
+/// An external executor takes a job (a session and a lease for it).
+pub const API_EXECUTION_TAKE: &str = "warden.api.execution.take";
+/// An external executor switches its job's state with its execution token.
+pub const API_JOB_STATE: &str = "warden.api.job.state";
+pub const API_BOTS: &str = "warden.api.bots";
+pub const API_RESOURCES: &str = "warden.api.resources";
 
 /// Crash classifier (async-nats service API; replicas share the queue
 /// group the service API gives every endpoint).

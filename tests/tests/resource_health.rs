@@ -86,7 +86,8 @@ fn with_checkout(dir: &Path, bot: &str, host: &str, pools: &[&str], extra: &str)
 
 async fn resource(w: &Warden, name: &str) -> Option<serde_json::Value> {
     let all = get_json(&w.url("/api/v1/resources")).await;
-    all.as_array()
+    all["resources"]
+        .as_array()
         .unwrap()
         .iter()
         .find(|r| r["name"] == name)

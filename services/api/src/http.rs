@@ -16,7 +16,9 @@ use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CancelBody, ErrorReply, ListQuery, RetryBody, StatsQuery};
+use crate::types::{
+    BotsQuery, CancelBody, ErrorReply, ListQuery, RetryBody, StateRequest, StatsQuery, TakeRequest,
+};
 use warden_shared::job::NewJob;
 
 impl IntoResponse for OpError {
@@ -34,7 +36,10 @@ pub fn router(ops: Arc<Ops>) -> Router {
         .route("/api/v1/jobs/{id}", get(get_job))
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/jobs/{id}/state", post(switch_state))
+        .route("/api/v1/executions", post(take))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/bots", get(bots))
         .route("/api/v1/resources", get(resources))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
@@ -101,6 +106,48 @@ async fn stats(
 
 async fn resources(State(ops): State<Arc<Ops>>) -> Result<Response, OpError> {
     Ok(Json(ops.resources().await?).into_response())
+}
+
+async fn bots(
+    State(ops): State<Arc<Ops>>,
+    query: Result<Query<BotsQuery>, QueryRejection>,
+) -> Result<Response, OpError> {
+    let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
+    Ok(Json(ops.bots(q).await?).into_response())
+}
+
+async fn take(
+    State(ops): State<Arc<Ops>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpError> {
+    let body = body.map_err(body_rejection)?;
+    let req: TakeRequest = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
+    Ok(Json(ops.take(req).await?).into_response())
+}
+
+/// 200 when the switch is recorded, 202 when it is accepted but the
+/// scheduler has not recorded it yet.
+async fn switch_state(
+    State(ops): State<Arc<Ops>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpError> {
+    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let body = body.map_err(body_rejection)?;
+    let req: StateRequest = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
+    if req.id.as_deref().is_some_and(|given| given != id) {
+        return Err(OpError::bad_request(
+            "invalid_request",
+            "id in the body differs from the job in the path",
+        ));
+    }
+    let reply = ops.switch_state(&id, req).await?;
+    let status = if reply.applied {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(reply)).into_response())
 }
 
 async fn list_jobs(
@@ -195,7 +242,10 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
         (Some("/api/v1/jobs/{id}"), &Method::GET) => "job_get",
         (Some("/api/v1/jobs/{id}/retry"), &Method::POST) => "job_retry",
         (Some("/api/v1/jobs/{id}/cancel"), &Method::POST) => "job_cancel",
+        (Some("/api/v1/jobs/{id}/state"), &Method::POST) => "job_state",
+        (Some("/api/v1/executions"), &Method::POST) => "execution_take",
         (Some("/api/v1/stats"), &Method::GET) => "stats",
+        (Some("/api/v1/bots"), &Method::GET) => "bots",
         (Some("/api/v1/resources"), &Method::GET) => "resources",
         (Some("/metrics"), _) => "metrics",
         (Some("/healthz"), _) => "healthz",

@@ -12,6 +12,7 @@
 //! (say on `127.0.0.1:0`) so it can learn the port first.
 
 pub mod client;
+pub mod executions;
 pub mod http;
 pub mod index;
 pub mod metrics;
@@ -79,9 +80,11 @@ pub async fn serve(
     let ops = Arc::new(ops::Ops {
         config: config.clone(),
         client: client.clone(),
+        js: async_nats::jetstream::new(client.clone()),
         store: JobStore::new(handles.jobs.clone()),
         index: index.clone(),
         resources: handles.resources.clone(),
+        sessions: handles.sessions.clone(),
     });
 
     let tracker = TaskTracker::new();

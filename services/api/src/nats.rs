@@ -17,8 +17,12 @@ use warden_shared::subjects;
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
-use crate::types::{CancelRequest, ErrorReply, ListQuery, StatsQuery};
+use crate::types::{
+    BotsQuery, CancelRequest, ErrorReply, ListQuery, StateRequest, StatsQuery, TakeRequest,
+};
 use warden_shared::job::NewJob;
+
+const ENDPOINTS: usize = 10;
 
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
@@ -28,6 +32,10 @@ enum Endpoint {
     Retry,
     Cancel,
     Stats,
+    State,
+    Take,
+    Bots,
+    Resources,
 }
 
 impl Endpoint {
@@ -39,6 +47,10 @@ impl Endpoint {
             Endpoint::Retry => "nats_job_retry",
             Endpoint::Cancel => "nats_job_cancel",
             Endpoint::Stats => "nats_stats",
+            Endpoint::State => "nats_job_state",
+            Endpoint::Take => "nats_execution_take",
+            Endpoint::Bots => "nats_bots",
+            Endpoint::Resources => "nats_resources",
         }
     }
 }
@@ -54,54 +66,44 @@ struct RawGetRequest {
 /// Registers the service and its endpoints.
 pub async fn start(
     client: &async_nats::Client,
-) -> Result<(Service, [service::endpoint::Endpoint; 6]), async_nats::Error> {
+) -> Result<(Service, [service::endpoint::Endpoint; ENDPOINTS]), async_nats::Error> {
     let svc = client
         .service_builder()
-        .description("Warden job API: create, get, search, retry and cancel jobs; statistics")
+        .description(
+            "Warden job API: create, get, search, retry and cancel jobs; external executors \
+             take jobs and switch their state; bots, resources and statistics",
+        )
         .start(subjects::API_SERVICE, env!("CARGO_PKG_VERSION"))
         .await?;
-    let create = svc
-        .endpoint_builder()
-        .name("job_create")
-        .add(subjects::API_JOB_CREATE)
-        .await?;
-    let get = svc
-        .endpoint_builder()
-        .name("job_get")
-        .add(subjects::API_JOB_GET)
-        .await?;
-    let list = svc
-        .endpoint_builder()
-        .name("job_list")
-        .add(subjects::API_JOB_LIST)
-        .await?;
-    let retry = svc
-        .endpoint_builder()
-        .name("job_retry")
-        .add(subjects::API_JOB_RETRY)
-        .await?;
-    let cancel = svc
-        .endpoint_builder()
-        .name("job_cancel")
-        .add(subjects::API_JOB_CANCEL)
-        .await?;
-    let stats = svc
-        .endpoint_builder()
-        .name("stats")
-        .add(subjects::API_STATS)
-        .await?;
-    Ok((svc, [create, get, list, retry, cancel, stats]))
+    let mut endpoints = Vec::with_capacity(ENDPOINTS);
+    for (name, subject) in [
+        ("job_create", subjects::API_JOB_CREATE),
+        ("job_get", subjects::API_JOB_GET),
+        ("job_list", subjects::API_JOB_LIST),
+        ("job_retry", subjects::API_JOB_RETRY),
+        ("job_cancel", subjects::API_JOB_CANCEL),
+        ("stats", subjects::API_STATS),
+        ("job_state", subjects::API_JOB_STATE),
+        ("execution_take", subjects::API_EXECUTION_TAKE),
+        ("bots", subjects::API_BOTS),
+        ("resources", subjects::API_RESOURCES),
+    ] {
+        endpoints.push(svc.endpoint_builder().name(name).add(subject).await?);
+    }
+    let endpoints: [service::endpoint::Endpoint; ENDPOINTS] =
+        endpoints.try_into().map_err(|_| "endpoint count")?;
+    Ok((svc, endpoints))
 }
 
 /// Answers requests until `shutdown`; each request runs in its own task
 /// so a slow store write does not hold up searches.
 pub async fn serve(
     ops: Arc<Ops>,
-    endpoints: [service::endpoint::Endpoint; 6],
+    endpoints: [service::endpoint::Endpoint; ENDPOINTS],
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let [create, get, list, retry, cancel, stats] = endpoints;
+    let [create, get, list, retry, cancel, stats, state, take, bots, resources] = endpoints;
     let mut requests = futures::stream::select_all([
         create.map(|r| (Endpoint::Create, r)).boxed(),
         get.map(|r| (Endpoint::Get, r)).boxed(),
@@ -109,6 +111,10 @@ pub async fn serve(
         retry.map(|r| (Endpoint::Retry, r)).boxed(),
         cancel.map(|r| (Endpoint::Cancel, r)).boxed(),
         stats.map(|r| (Endpoint::Stats, r)).boxed(),
+        state.map(|r| (Endpoint::State, r)).boxed(),
+        take.map(|r| (Endpoint::Take, r)).boxed(),
+        bots.map(|r| (Endpoint::Bots, r)).boxed(),
+        resources.map(|r| (Endpoint::Resources, r)).boxed(),
     ]);
     loop {
         let (endpoint, req) = tokio::select! {
@@ -191,6 +197,29 @@ async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, 
             };
             encode(&ops.stats(req).await?)
         }
+        Endpoint::State => {
+            let req: StateRequest = decode(payload)?;
+            let Some(id) = req.id.clone() else {
+                return Err(OpError::bad_request(
+                    "invalid_request",
+                    "missing field `id` (the job)",
+                ));
+            };
+            encode(&ops.switch_state(&id, req).await?)
+        }
+        Endpoint::Take => {
+            let req: TakeRequest = decode(payload)?;
+            encode(&ops.take(req).await?)
+        }
+        Endpoint::Bots => {
+            let req: BotsQuery = if payload.iter().all(u8::is_ascii_whitespace) {
+                BotsQuery::default()
+            } else {
+                decode(payload)?
+            };
+            encode(&ops.bots(req).await?)
+        }
+        Endpoint::Resources => encode(&ops.resources().await?),
     }
 }
 

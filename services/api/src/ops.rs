@@ -14,8 +14,12 @@ use warden_shared::store::{JobStore, StoreError};
 use warden_shared::{Blame, Config, Job, JobState};
 
 use crate::index::{Filter, SharedIndex, Stats};
-use crate::types::{ListQuery, ListReply, StatsQuery, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::types::{
+    BotsQuery, BotsReply, ListQuery, ListReply, ResourcesReply, StatsQuery, DEFAULT_LIMIT,
+    MAX_LIMIT,
+};
 use warden_shared::job::NewJob;
+use warden_shared::session::SessionState;
 
 /// Who the history names as the creator of jobs made through the API.
 pub const ACTOR: &str = "api";
@@ -110,24 +114,64 @@ pub struct Ops {
     /// Asked for its connection state only: while it is down, requests
     /// that need the bus get a 503 at once instead of after a timeout.
     pub client: async_nats::Client,
+    /// Where an external executor's reports are published.
+    pub js: async_nats::jetstream::Context,
     pub store: JobStore,
     pub index: Arc<SharedIndex>,
     /// The resources bucket (a few thousand records at most: read as is).
     pub resources: async_nats::jetstream::kv::Store,
+    /// The sessions bucket (one record per bot session; read as is).
+    pub sessions: async_nats::jetstream::kv::Store,
 }
 
 impl Ops {
     /// Every resource with its state, reason, since, dependents, sessions
     /// and recent checks.
-    pub async fn resources(&self) -> Result<Vec<serde_json::Value>, OpError> {
+    pub async fn resources(&self) -> Result<ResourcesReply, OpError> {
         self.bus_up()?;
         let all = warden_shared::resource::list(&self.resources)
             .await
             .map_err(|e| OpError::unavailable(format!("cannot read resources: {e}")))?;
-        Ok(warden_shared::resource::listing(&all))
+        Ok(ResourcesReply {
+            resources: warden_shared::resource::listing(&all),
+        })
     }
 
-    fn bus_up(&self) -> Result<(), OpError> {
+    /// Every bot session on record (optionally in one state), by bot and
+    /// newest first: workers and external executors alike.
+    pub async fn bots(&self, q: BotsQuery) -> Result<BotsReply, OpError> {
+        let state = match q.state.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) => Some(
+                [
+                    SessionState::Active,
+                    SessionState::Quarantined,
+                    SessionState::Expired,
+                    SessionState::Closed,
+                ]
+                .into_iter()
+                .find(|st| st.as_str().eq_ignore_ascii_case(s))
+                .ok_or_else(|| {
+                    OpError::bad_request(
+                        "invalid_state",
+                        format!(
+                            "{s:?} is not a session state (active, quarantined, expired, closed)"
+                        ),
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        self.bus_up()?;
+        let mut bots = warden_shared::session::list(&self.sessions)
+            .await
+            .map_err(|e| OpError::unavailable(format!("cannot read sessions: {e}")))?;
+        if let Some(st) = state {
+            bots.retain(|s| s.state == st);
+        }
+        Ok(BotsReply { bots })
+    }
+
+    pub(crate) fn bus_up(&self) -> Result<(), OpError> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),
             _ => Err(OpError::unavailable("not connected to NATS; try again")),

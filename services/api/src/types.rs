@@ -108,3 +108,108 @@ pub enum ApiReply<T> {
     Error(ErrorReply),
     Ok(T),
 }
+
+/// Body of `POST /api/v1/executions` and of the execution.take endpoint:
+/// an external executor asks for one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeRequest {
+    /// Who runs it (shown in the job's history and in `bots`). One bot id
+    /// runs one job at a time: a second take by the same bot supersedes
+    /// the first, as a worker's new session does.
+    pub bot_id: String,
+    /// Pools to take from; default `["default"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<String>,
+    /// How long to wait for a job when none is ready, in milliseconds
+    /// (default 0: answer at once; at most 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    /// How long the execution may go without a state call before it is
+    /// taken back, e.g. `30m` (default `http.execution_timeout`; 1s..24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// What a take answers: the execution, or `null` when no job was ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeReply {
+    pub execution: Option<Execution>,
+}
+
+/// A job leased to an external executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    /// Give it with every state switch of this attempt; it stops working
+    /// once the attempt is no longer the executor's (fencing).
+    pub token: String,
+    pub job_id: Uuid,
+    /// The attempt number, which is also the lease epoch.
+    pub epoch: u32,
+    pub task: String,
+    #[serde(default)]
+    pub args: std::collections::BTreeMap<String, String>,
+    pub pool: String,
+    pub priority: i32,
+    pub bot_id: String,
+    pub session: String,
+    /// Silence allowed between state calls, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// Body of `POST /api/v1/jobs/{id}/state` and (with `id`) of the
+/// job.state endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateRequest {
+    /// The job; over HTTP it is in the path (and must match if given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// From the take.
+    pub token: String,
+    /// `RUNNING`, `FINISHED` or `CRASHED` (any case).
+    pub state: String,
+    /// FINISHED: the verdict, e.g. `PASSED`, `FAILED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// CRASHED: `system`, `task`, `third_party` or `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blame: Option<String>,
+    /// CRASHED: a detail code (`network`, `oom`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// CRASHED: what happened, in words (at most 1000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// What a state switch answers: the job after it, and whether the switch
+/// is already recorded (`false`: accepted, still being applied; look
+/// again with a get).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateReply {
+    pub applied: bool,
+    pub job: warden_shared::Job,
+}
+
+/// The query of `GET /api/v1/bots` and the body of the bots endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotsQuery {
+    /// Only sessions in this state (`active`, `quarantined`, `expired`,
+    /// `closed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+/// Every bot session on record, by bot and newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotsReply {
+    pub bots: Vec<warden_shared::session::Session>,
+}
+
+/// Every resource with its state and history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourcesReply {
+    pub resources: Vec<serde_json::Value>,
+}

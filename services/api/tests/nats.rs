@@ -342,6 +342,7 @@ fn accounts_conf(dir: &std::path::Path) -> std::path::PathBuf {
         ("$NATS_WARDEN_WORKER_PASSWORD", "\"worker-pw\""),
         ("$NATS_WARDEN_PUBLISHER_PASSWORD", "\"publisher-pw\""),
         ("$NATS_WARDEN_READONLY_PASSWORD", "\"readonly-pw\""),
+        ("$NATS_WARDEN_EXECUTOR_PASSWORD", "\"executor-pw\""),
     ] {
         assert!(text.contains(var), "{var} in accounts.conf");
         text = text.replace(var, password);

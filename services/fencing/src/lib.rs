@@ -157,6 +157,14 @@ impl Sessions {
                 "bot_id must not be empty".into(),
             ));
         }
+        if req.timeout_ms.is_some_and(|ms| {
+            ms < 1000 || ms > warden_shared::config::MAX_EXECUTION_TIMEOUT.as_millis() as u64
+        }) {
+            return Err(OpError::Rejected(
+                "invalid_request",
+                "timeout_ms must be between 1000 and 86400000".into(),
+            ));
+        }
         let now = Utc::now();
         let name = Uuid::new_v4().to_string();
         let session = Session {
@@ -169,6 +177,7 @@ impl Sessions {
             pools: req.pools.clone(),
             capacity: req.capacity,
             agent_version: req.agent_version.clone(),
+            timeout_ms: req.timeout_ms,
             state: SessionState::Active,
             created_at: now,
             last_heartbeat: now,
@@ -308,7 +317,6 @@ impl Sessions {
         if started.elapsed() > max_listing {
             return Ok(None);
         }
-        let limit = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(10));
         let mut by_state: std::collections::HashMap<&'static str, i64> =
             std::collections::HashMap::new();
         let now = Utc::now();
@@ -317,6 +325,8 @@ impl Sessions {
             let Some((mut s, rev)) = self.get(&name).await? else {
                 continue;
             };
+            let limit = chrono::Duration::from_std(s.timeout(timeout))
+                .unwrap_or(chrono::Duration::seconds(10));
             let counted =
                 if s.state == SessionState::Active && now - s.last_heartbeat.max(since) > limit {
                     "expired"

@@ -37,6 +37,7 @@ async fn create(client: &async_nats::Client, bot: &str) -> String {
         pools: vec!["default".into()],
         capacity: 1,
         agent_version: "test".into(),
+        timeout_ms: None,
     };
     request(client, subjects::SESSION_CREATE, &req)
         .await
@@ -291,6 +292,74 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
         r.error
     );
     assert_eq!(session(&kv, &busy).await.0.state, SessionState::Active);
+    f.stop_service().await;
+}
+
+/// An external executor's session carries its own, longer timeout: it
+/// outlives a worker session that went silent at the same moment, and
+/// still expires once its own limit passes. A limit out of range is
+/// refused and creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_its_own_timeout_expires_by_it() {
+    let nats = NatsServer::start();
+    let mut f = Fixture::start(&nats, TIMEOUT_600MS).await;
+    let (client, kv) = (f.client.clone(), f.handles.sessions.clone());
+    let mut req = CreateSession {
+        version: 1,
+        bot_id: "executor".into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: String::new(),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+        timeout_ms: Some(3000),
+    };
+    let long = request(&client, subjects::SESSION_CREATE, &req)
+        .await
+        .session
+        .expect("a session name");
+    let short = create(&client, "worker").await;
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(10), "the worker session expired", || {
+        let kv = kv.clone();
+        let short = short.clone();
+        async move { (session(&kv, &short).await.0.state == SessionState::Expired).then_some(()) }
+    })
+    .await;
+    let (s, _) = session(&kv, &long).await;
+    assert_eq!(
+        s.state,
+        SessionState::Active,
+        "expired by the default timeout"
+    );
+    assert_eq!(s.timeout_ms, Some(3000));
+    eventually(Duration::from_secs(10), "the executor session expired", || {
+        let kv = kv.clone();
+        let long = long.clone();
+        async move { (session(&kv, &long).await.0.state == SessionState::Expired).then_some(()) }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "expired after {:?}, before its own 3s",
+        started.elapsed()
+    );
+
+    for bad in [Some(10), Some(90_000_000)] {
+        req.timeout_ms = bad;
+        req.bot_id = "bad-timeout".into();
+        let r = request(&client, subjects::SESSION_CREATE, &req).await;
+        assert!(r.session.is_none(), "{bad:?} accepted");
+        assert_eq!(r.error.expect("an error").code, "invalid_request");
+    }
+    assert!(
+        kv.get(warden_shared::session::bot_key("bad-timeout"))
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused session left a bot pointer"
+    );
     f.stop_service().await;
 }
 

@@ -115,6 +115,7 @@ fn session(name: &str, state: SessionState, agent: &str) -> Session {
         pools: vec!["default".into()],
         capacity: 1,
         agent_version: "test".into(),
+        timeout_ms: None,
         state,
         created_at: Utc::now(),
         last_heartbeat: Utc::now(),

@@ -442,33 +442,15 @@ pub async fn publish(config: &Config, subject: &str, file: &Path) -> anyhow::Res
 
 /// `warden bots`: every session on record, newest first within a bot.
 pub async fn bots(config: &Config, json: bool) -> anyhow::Result<i32> {
-    use futures::StreamExt;
-    use warden_shared::session::Session;
     let client = connect(config).await?;
     let js = async_nats::jetstream::new(client);
     let kv = js
         .get_key_value(warden_shared::subjects::SESSIONS_BUCKET)
         .await
         .context("no sessions bucket: has Warden ever run on this bus?")?;
-    let mut keys = kv.keys().await.context("cannot list sessions")?;
-    let mut sessions: Vec<Session> = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key.context("cannot list sessions")?;
-        if !key.starts_with("session.") {
-            continue;
-        }
-        if let Some(value) = kv.get(&key).await.context("cannot read a session")? {
-            match serde_json::from_slice::<Session>(&value) {
-                Ok(s) => sessions.push(s),
-                Err(e) => eprintln!("warden: skipping unreadable session {key}: {e}"),
-            }
-        }
-    }
-    sessions.sort_by(|a, b| {
-        a.bot_id
-            .cmp(&b.bot_id)
-            .then(b.created_at.cmp(&a.created_at))
-    });
+    let sessions = warden_shared::session::list(&kv)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list sessions: {e}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&sessions)?);
         return Ok(0);

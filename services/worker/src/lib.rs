@@ -298,6 +298,7 @@ impl Agent {
             pools: self.config.worker.pools.clone(),
             capacity: self.config.worker.capacity,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            timeout_ms: None,
         };
         let body = serde_json::to_vec(&req).ok()?;
         let mut backoff = Duration::from_millis(100);
