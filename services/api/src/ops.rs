@@ -375,6 +375,8 @@ impl Ops {
             pool: nonempty(q.pool),
             blame,
             detail: nonempty(q.detail),
+            bot_id: nonempty(q.bot_id),
+            source_message_id: nonempty(q.source_message_id),
             since: instant("since", q.since)?,
             until: instant("until", q.until)?,
         };
