@@ -536,14 +536,20 @@ pub fn invoked(args: &[OsString]) -> bool {
 /// A clap error as one UNKNOWN line's text (its first line, without the
 /// `error: ` prefix and the usage that follows).
 pub fn usage_error_text(rendered: &str) -> String {
-    let first = rendered
+    // The message is the first paragraph (clap puts what is missing on
+    // the lines under it); the usage follows a blank line.
+    let words: Vec<&str> = rendered
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("bad arguments");
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .flat_map(str::split_whitespace)
+        .collect();
+    let text = words.join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
     format!(
         "bad arguments: {} (see warden check --help)",
-        first.strip_prefix("error: ").unwrap_or(first)
+        if text.is_empty() { "unreadable" } else { text }
     )
 }
 
@@ -897,29 +903,23 @@ impl<E: fmt::Display> From<E> for Failure {
 /// a service does not answer, `bus` is CRITICAL and the others UNKNOWN.
 pub async fn run(config: &Config, plan: &Plan) -> Outcome {
     let started = Instant::now();
-    let url = config.nats.url.clone();
+    let deadline = tokio::time::Instant::now() + plan.timeout;
+    let url = &config.nats.url;
+    let within = humantime_serde::re::humantime::format_duration(plan.timeout);
     let fail = |why: String| match plan.what {
         What::Bus => bus_down(&why),
         _ => Outcome::unknown(why),
     };
-    let result = tokio::time::timeout(plan.timeout, async {
-        let client = match connect(config, plan.timeout).await {
-            Ok(c) => c,
-            Err(e) => return fail(format!("cannot reach NATS at {url}: {}", e.0)),
-        };
-        let connected = started.elapsed();
-        match measure(&client, plan, connected).await {
-            Ok(o) => o,
-            Err(e) => Outcome::unknown(e.0),
-        }
-    })
-    .await;
-    match result {
-        Ok(o) => o,
-        Err(_) => fail(format!(
-            "no answer within {} (NATS at {url})",
-            humantime_serde::re::humantime::format_duration(plan.timeout)
-        )),
+    let client = match tokio::time::timeout_at(deadline, connect(config, plan.timeout)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return fail(format!("cannot reach NATS at {url}: {}", e.0)),
+        Err(_) => return fail(format!("cannot reach NATS at {url} within {within}")),
+    };
+    let connected = started.elapsed();
+    match tokio::time::timeout_at(deadline, measure(&client, plan, connected)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => fail(e.0),
+        Err(_) => fail(format!("no answer within {within}")),
     }
 }
 
@@ -1337,6 +1337,13 @@ mod tests {
                 "error: unexpected argument '--bogus' found\n\nUsage: warden check <WHAT>\n"
             ),
             "bad arguments: unexpected argument '--bogus' found (see warden check --help)"
+        );
+        assert_eq!(
+            usage_error_text(
+                "error: the following required arguments were not provided:\n  <WHAT>\n\nUsage: warden check <WHAT>\n"
+            ),
+            "bad arguments: the following required arguments were not provided: <WHAT> \
+             (see warden check --help)"
         );
     }
 
