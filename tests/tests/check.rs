@@ -358,3 +358,95 @@ async fn a_running_warden_ok_warning_critical() {
         "WARDEN CRASH-RATE OK - 0.00 crashes/min with blame system over 1h (0 jobs",
     );
 }
+
+/// The deploy's per-role users (`deploy/nats/cluster/accounts.conf`) with
+/// the passwords it reads from the environment filled in.
+fn accounts_conf(dir: &std::path::Path) -> std::path::PathBuf {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/nats/cluster/accounts.conf");
+    let mut text = std::fs::read_to_string(&source).expect("accounts.conf");
+    for (var, password) in [
+        ("$NATS_WARDEN_SERVICE_PASSWORD", "\"service-pw\""),
+        ("$NATS_WARDEN_WORKER_PASSWORD", "\"worker-pw\""),
+        ("$NATS_WARDEN_PUBLISHER_PASSWORD", "\"publisher-pw\""),
+        ("$NATS_WARDEN_READONLY_PASSWORD", "\"readonly-pw\""),
+    ] {
+        assert!(text.contains(var), "{var} in accounts.conf");
+        text = text.replace(var, password);
+    }
+    let path = dir.join("accounts.conf");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// What deploy/nagios/README.md promises: the read-only user of the
+/// deploy's NATS permissions runs every check (and a wrong password is a
+/// CRITICAL bus, not a hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_only_user_runs_every_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = accounts_conf(dir.path());
+    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let _warden = Warden::up(
+        &url,
+        "[nats]\nuser = \"warden-service\"\npassword = \"service-pw\"\n",
+        1,
+    );
+    let readonly = dir.path().join("nagios.toml");
+    std::fs::write(
+        &readonly,
+        "[nats]\nuser = \"warden-readonly\"\npassword = \"readonly-pw\"\n",
+    )
+    .unwrap();
+    let ro = readonly.to_str().unwrap();
+
+    let bus = until(&url, &["--config", ro, "bus"], 0, 20).await;
+    assert_run(&bus, 0, "WARDEN BUS OK - ");
+    let pool = until(
+        &url,
+        &[
+            "--config",
+            ro,
+            "--pool",
+            "default",
+            "-w",
+            "1",
+            "-c",
+            "1",
+            "resources",
+        ],
+        0,
+        20,
+    )
+    .await;
+    assert_run(
+        &pool,
+        0,
+        "WARDEN RESOURCES OK - 1 healthy resource in pool default",
+    );
+    for (args, start) in [
+        (&["queue-age"][..], "WARDEN QUEUE-AGE OK - "),
+        (&["shelved"][..], "WARDEN SHELVED OK - no shelved job"),
+        (
+            &["--blame", "system", "crash-rate"][..],
+            "WARDEN CRASH-RATE OK - ",
+        ),
+    ] {
+        let mut all = vec!["--config", ro];
+        all.extend_from_slice(args);
+        assert_run(&check(&url, &all), 0, start);
+    }
+
+    std::fs::write(
+        &readonly,
+        "[nats]\nuser = \"warden-readonly\"\npassword = \"wrong\"\n",
+    )
+    .unwrap();
+    let denied = check(&url, &["--config", ro, "bus"]);
+    assert_run(
+        &denied,
+        2,
+        &format!("WARDEN BUS CRITICAL - cannot reach NATS at {url}: "),
+    );
+}

@@ -867,6 +867,16 @@ pub fn bus_down(why: &str) -> Outcome {
 // ---------------------------------------------------------------------
 // I/O.
 
+/// A duration in seconds as a person reads it: `10s`, `3.3s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}s", s as u64)
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
 /// Runs `warden check` from its arguments and the loaded config (or the
 /// reason it could not be loaded); returns the status line and exit code.
 pub async fn main(config: Result<Config, String>, args: &CheckArgs) -> (String, i32) {
@@ -902,15 +912,44 @@ impl<E: fmt::Display> From<E> for Failure {
 /// Connects, measures and judges, all within `plan.timeout`. When NATS or
 /// a service does not answer, `bus` is CRITICAL and the others UNKNOWN.
 pub async fn run(config: &Config, plan: &Plan) -> Outcome {
+    let said = ServerSaid::default();
+    let mut o = run_inner(config, plan, &said).await;
+    // A permissions violation is not an answer to the request that caused
+    // it (that one just times out): say what the server said.
+    if o.status != Status::Ok {
+        if let Some(e) = said.last() {
+            o.text.push_str(&format!(" ({e})"));
+        }
+    }
+    o
+}
+
+/// The last error the server sent on the connection (e.g. a permissions
+/// violation of the user the check logs in as).
+#[derive(Clone, Default)]
+struct ServerSaid(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl ServerSaid {
+    fn set(&self, e: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    fn last(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+async fn run_inner(config: &Config, plan: &Plan, said: &ServerSaid) -> Outcome {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + plan.timeout;
     let url = &config.nats.url;
-    let within = humantime_serde::re::humantime::format_duration(plan.timeout);
+    let within = human(plan.timeout);
     let fail = |why: String| match plan.what {
         What::Bus => bus_down(&why),
         _ => Outcome::unknown(why),
     };
-    let client = match tokio::time::timeout_at(deadline, connect(config, plan.timeout)).await {
+    let client = match tokio::time::timeout_at(deadline, connect(config, plan.timeout, said)).await
+    {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return fail(format!("cannot reach NATS at {url}: {}", e.0)),
         Err(_) => return fail(format!("cannot reach NATS at {url} within {within}")),
@@ -923,11 +962,24 @@ pub async fn run(config: &Config, plan: &Plan) -> Outcome {
     }
 }
 
-async fn connect(config: &Config, timeout: Duration) -> Result<async_nats::Client, Failure> {
+async fn connect(
+    config: &Config,
+    timeout: Duration,
+    said: &ServerSaid,
+) -> Result<async_nats::Client, Failure> {
+    let said = said.clone();
     let mut opts = async_nats::ConnectOptions::new()
         .name("warden-check")
         .connection_timeout(timeout)
-        .max_reconnects(Some(1));
+        .max_reconnects(Some(1))
+        .event_callback(move |event| {
+            let said = said.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    said.set(e.to_string());
+                }
+            }
+        });
     if let Some(path) = &config.nats.credentials {
         opts = opts
             .credentials_file(path)
@@ -1074,16 +1126,21 @@ async fn see_bus(client: &async_nats::Client, timeout: Duration) -> Result<BusSe
     }
     let _ = replies.unsubscribe().await;
 
+    // A request the server refuses (permissions) is never answered: keep
+    // time for the status line.
+    let budget = timeout / 3;
     let js = async_nats::jetstream::new(client.clone());
-    let trigger = match js
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            subjects::TRIGGER_CONSUMER,
-            subjects::EVENTS_STREAM,
-        )
-        .await
-    {
-        Ok(c) => Ok(c.cached_info().num_waiting > 0),
-        Err(e) => Err(format!("cannot read its consumer: {e}")),
+    let info = js.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+        subjects::TRIGGER_CONSUMER,
+        subjects::EVENTS_STREAM,
+    );
+    let trigger = match tokio::time::timeout(budget, info).await {
+        Ok(Ok(c)) => Ok(c.cached_info().num_waiting > 0),
+        Ok(Err(e)) => Err(format!("cannot read its consumer: {e}")),
+        Err(_) => Err(format!(
+            "its consumer's info did not come within {}",
+            human(budget)
+        )),
     };
     Ok(BusSeen {
         connect: Duration::ZERO,
