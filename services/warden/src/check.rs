@@ -951,7 +951,11 @@ async fn run_inner(config: &Config, plan: &Plan, said: &ServerSaid) -> Outcome {
     let client = match tokio::time::timeout_at(deadline, connect(config, plan.timeout, said)).await
     {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return fail(format!("cannot reach NATS at {url}: {}", e.0)),
+        // Our own set-up (URL, credentials, login) is not the bus failing.
+        Ok(Err(NoClient::Setup(why))) => return Outcome::unknown(why),
+        Ok(Err(NoClient::Unreachable(why))) => {
+            return fail(format!("cannot reach NATS at {url}: {why}"))
+        }
         Err(_) => return fail(format!("cannot reach NATS at {url} within {within}")),
     };
     let connected = started.elapsed();
@@ -962,11 +966,20 @@ async fn run_inner(config: &Config, plan: &Plan, said: &ServerSaid) -> Outcome {
     }
 }
 
+/// Why there is no connection.
+enum NoClient {
+    /// The check's own set-up: a bad URL, unreadable credentials, a login
+    /// the server refuses (UNKNOWN for every check).
+    Setup(String),
+    /// NATS does not answer (CRITICAL for `bus`).
+    Unreachable(String),
+}
+
 async fn connect(
     config: &Config,
     timeout: Duration,
     said: &ServerSaid,
-) -> Result<async_nats::Client, Failure> {
+) -> Result<async_nats::Client, NoClient> {
     let said = said.clone();
     let mut opts = async_nats::ConnectOptions::new()
         .name("warden-check")
@@ -981,17 +994,23 @@ async fn connect(
             }
         });
     if let Some(path) = &config.nats.credentials {
-        opts = opts
-            .credentials_file(path)
-            .await
-            .map_err(|e| Failure(format!("cannot read credentials {}: {e}", path.display())))?;
+        opts = opts.credentials_file(path).await.map_err(|e| {
+            NoClient::Setup(format!("cannot read credentials {}: {e}", path.display()))
+        })?;
     }
     if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
         opts = opts.user_and_password(user.clone(), password.clone());
     }
     let addrs = warden_shared::runtime::server_addrs(&config.nats.url)
-        .map_err(|e| Failure(format!("bad URL: {e}")))?;
-    Ok(opts.connect(addrs).await?)
+        .map_err(|e| NoClient::Setup(format!("bad NATS URL {:?}: {e}", config.nats.url)))?;
+    opts.connect(addrs).await.map_err(|e| match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation
+        | async_nats::ConnectErrorKind::Authentication => NoClient::Setup(format!(
+            "NATS at {} refused the login: {e} (check [nats] user/password or credentials)",
+            config.nats.url
+        )),
+        _ => NoClient::Unreachable(e.to_string()),
+    })
 }
 
 async fn measure(
