@@ -279,7 +279,8 @@ async fn a_running_warden_ok_warning_critical() {
         cli_ok(&url, &["job", "submit", "mirror", "--max-attempts", "1"]);
     }
 
-    let age = until(&url, &["-w", "0.5", "-c", "2", "queue-age"], 1, 20).await;
+    // A wide critical threshold, so a slow machine cannot skip the warning.
+    let age = until(&url, &["-w", "0.5", "-c", "60", "queue-age"], 1, 20).await;
     assert_run(&age, 1, "WARDEN QUEUE-AGE WARNING - oldest waiting job ");
     assert!(
         age.line()
