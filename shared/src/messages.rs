@@ -388,6 +388,42 @@ pub struct HealthReply {
     pub error: Option<ErrorBody>,
 }
 
+/// The scheduler's answer on [`crate::subjects::SCHED_QUEUE`]: its queue of
+/// SCHEDULED jobs per pool, from the snapshot it refreshes every second
+/// (the same one behind `warden_scheduler_queue_depth` and
+/// `warden_scheduler_oldest_waiting_seconds`). The request body is ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReply {
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// When the snapshot was taken.
+    pub at: DateTime<Utc>,
+    /// Every pool with a SCHEDULED job or an active session serving it.
+    #[serde(default)]
+    pub pools: Vec<PoolQueue>,
+}
+
+/// One pool in a [`QueueReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolQueue {
+    pub pool: String,
+    /// SCHEDULED jobs ready for dispatch (no `not_before`, or it is past).
+    pub ready: u64,
+    /// SCHEDULED jobs waiting for a delayed retry's `not_before`.
+    #[serde(default)]
+    pub delayed: u64,
+    /// When the oldest ready job entered the queue (its `queued_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+    /// How long the oldest ready job has waited when the reply was made,
+    /// by the scheduler's clock; 0 when none is ready.
+    #[serde(default)]
+    pub oldest_wait_seconds: u64,
+    /// Whether an active session on open resources serves the pool.
+    #[serde(default)]
+    pub served: bool,
+}
+
 /// An event the trigger could not use, kept on the dead-letter stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

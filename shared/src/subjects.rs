@@ -33,6 +33,11 @@ pub const HEALTH_SUSPECTS_CONSUMER: &str = "warden-health-suspects";
 /// Worker → scheduler: long-poll for leases (queue group across replicas).
 pub const ACQUIRE: &str = "warden.sched.acquire";
 pub const SCHEDULER_QUEUE_GROUP: &str = "warden-scheduler";
+/// Scheduler (async-nats service API): a snapshot of its queue per pool
+/// ([`crate::messages::QueueReply`]), for `warden check queue-age`. Any
+/// replica answers: each holds the whole queue.
+pub const SCHEDULER_SERVICE: &str = "warden-scheduler";
+pub const SCHED_QUEUE: &str = "warden.sched.queue";
 
 /// Fencing service (async-nats service API).
 pub const FENCING_SERVICE: &str = "warden-fencing";
@@ -81,6 +86,10 @@ pub const HEALTH_SERVICE: &str = "warden-health";
 pub const HEALTH_GROUP: &str = "warden.health";
 pub const HEALTH_CHECK: &str = "warden.health.check";
 pub const HEALTH_CLOSE: &str = "warden.health.close";
+
+/// NATS service API discovery (async-nats `service`): every service
+/// instance answers a request here with its name and id.
+pub const SERVICE_PING: &str = "$SRV.PING";
 
 /// Subjects every default events stream listens on besides configured ones:
 /// what `warden publish` and webhooks use when no bridge topic applies.

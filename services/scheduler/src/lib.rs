@@ -9,6 +9,11 @@
 //!   revision, so two replicas can never lease one attempt twice;
 //! - **reports**: a durable consumer, shared by all replicas, applies
 //!   worker reports with compare-and-set, checking session and epoch.
+//!
+//! Besides, the `warden-scheduler` service (async-nats service API, so it
+//! answers `$SRV.PING`) answers [`subjects::SCHED_QUEUE`] with the queue
+//! snapshot the timer refreshes every second, never touching the queue
+//! itself.
 
 pub mod apply;
 pub mod metrics;
@@ -18,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::service::ServiceExt;
 use chrono::Utc;
 use futures::StreamExt;
 use thiserror::Error;
@@ -29,7 +35,8 @@ use uuid::Uuid;
 use warden_shared::job::{HistoryEntry, Lease};
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, Classification, ClassifyReply, ClassifyRequest, ErrorBody,
-    LeaseGrant, Notification, Party, Report, ReportKind, ResourceSuspect, MESSAGE_VERSION,
+    LeaseGrant, Notification, Party, QueueReply, Report, ReportKind, ResourceSuspect,
+    MESSAGE_VERSION,
 };
 use warden_shared::resource::{Resource, ResourceState};
 use warden_shared::retry::{self, Fate, Loss};
@@ -79,6 +86,10 @@ struct Shared {
     resources_kv: async_nats::jetstream::kv::Store,
     /// Running attempts by session, and the state of every session seen.
     leases: Mutex<LeaseIndex>,
+    /// The queue per pool as of the last gauge refresh: what
+    /// [`subjects::SCHED_QUEUE`] answers, so a monitoring request never
+    /// takes the queue lock the acquire path needs.
+    snapshot: Mutex<QueueReply>,
 }
 
 /// Which session holds which running job, and which sessions are dead: a
@@ -183,6 +194,10 @@ impl Shared {
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn snapshot(&self) -> std::sync::MutexGuard<'_, QueueReply> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Runs one scheduler replica until `shutdown`.
@@ -198,6 +213,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         sessions_kv: handles.sessions.clone(),
         resources_kv: handles.resources.clone(),
         leases: Mutex::new(LeaseIndex::default()),
+        snapshot: Mutex::new(QueueReply {
+            version: MESSAGE_VERSION,
+            at: Utc::now(),
+            pools: Vec::new(),
+        }),
     });
 
     let stream = handles
@@ -219,6 +239,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         )
         .await
         .map_err(setup("acquire subscription"))?;
+    let service = client
+        .service_builder()
+        .description("Warden scheduler: queue snapshot per pool")
+        .start(subjects::SCHEDULER_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(setup("scheduler service"))?;
+    let queue_endpoint = service
+        .endpoint_builder()
+        .name("queue")
+        .add(subjects::SCHED_QUEUE)
+        .await
+        .map_err(setup("queue endpoint"))?;
 
     let tracker = TaskTracker::new();
     tracker.spawn(watch_loop(shared.clone(), shutdown.clone()));
@@ -240,8 +272,14 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         tracker.clone(),
         shutdown.clone(),
     ));
+    tracker.spawn(queue_service_loop(
+        shared.clone(),
+        queue_endpoint,
+        shutdown.clone(),
+    ));
     info!("scheduler running");
     shutdown.cancelled().await;
+    let _ = service.stop().await;
     runtime::drain(&client, &tracker, Duration::from_secs(10)).await;
     info!("scheduler stopped");
     Ok(())
@@ -544,8 +582,8 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                 .with_label_values(&[pool, &priority])
                 .set((now - *oldest).num_seconds().max(0));
         }
-        for (pool, count) in delayed {
-            m.delayed.with_label_values(&[&pool]).set(count as i64);
+        for (pool, count) in &delayed {
+            m.delayed.with_label_values(&[pool]).set(*count as i64);
         }
         let (served, known) = {
             let l = shared.leases();
@@ -555,6 +593,11 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                 .flat_map(|(pools, _)| pools.iter().cloned())
                 .collect();
             (l.served_pools(), known)
+        };
+        *shared.snapshot() = QueueReply {
+            version: MESSAGE_VERSION,
+            at: now,
+            pools: queue::pools(&waiting, &delayed, &served, &known),
         };
         // Every pool a worker serves is exported, 0 when nothing waits.
         let mut unserved: std::collections::BTreeMap<String, i64> =
@@ -570,6 +613,33 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             m.waiting_for_resource
                 .with_label_values(&[&pool])
                 .set(count);
+        }
+    }
+}
+
+/// Answers [`subjects::SCHED_QUEUE`] from the snapshot, with each pool's
+/// oldest wait computed now.
+async fn queue_service_loop(
+    shared: Arc<Shared>,
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let req = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = endpoint.next() => match r { Some(r) => r, None => return },
+        };
+        let mut reply = shared.snapshot().clone();
+        queue::age(&mut reply, Utc::now());
+        let answer = match serde_json::to_vec(&reply) {
+            Ok(body) => req.respond(Ok(body.into())).await,
+            Err(e) => {
+                warn!(error = %e, "cannot encode queue reply");
+                continue;
+            }
+        };
+        if let Err(e) = answer {
+            debug!(error = %e, "cannot answer queue request");
         }
     }
 }

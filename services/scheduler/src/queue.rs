@@ -3,11 +3,12 @@
 //! first), then job age (older first), across first attempts and retries.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 use warden_shared::job::Job;
+use warden_shared::messages::{PoolQueue, QueueReply};
 use warden_shared::store::Versioned;
 use warden_shared::JobState;
 
@@ -149,6 +150,56 @@ impl Queue {
     }
 }
 
+/// The queue per pool for [`warden_shared::messages::QueueReply`]: every
+/// pool with a ready or delayed job, or served by an active session
+/// (`known`), with its ready and delayed counts, its oldest ready job's
+/// queue time (over all priorities: the worst of the per-priority
+/// `warden_scheduler_oldest_waiting_seconds`) and whether a session on open
+/// resources serves it. Ages are filled in by [`age`] when asked.
+pub fn pools(
+    waiting: &BTreeMap<(String, i32), (usize, DateTime<Utc>)>,
+    delayed: &BTreeMap<String, usize>,
+    served: &HashSet<String>,
+    known: &[String],
+) -> Vec<PoolQueue> {
+    fn entry<'a>(
+        out: &'a mut BTreeMap<String, PoolQueue>,
+        served: &HashSet<String>,
+        pool: &str,
+    ) -> &'a mut PoolQueue {
+        out.entry(pool.to_string()).or_insert_with(|| PoolQueue {
+            pool: pool.to_string(),
+            ready: 0,
+            delayed: 0,
+            oldest_queued_at: None,
+            oldest_wait_seconds: 0,
+            served: served.contains(pool),
+        })
+    }
+    let mut out: BTreeMap<String, PoolQueue> = BTreeMap::new();
+    for p in known {
+        entry(&mut out, served, p);
+    }
+    for ((pool, _), (count, oldest)) in waiting {
+        let e = entry(&mut out, served, pool);
+        e.ready += *count as u64;
+        e.oldest_queued_at = Some(e.oldest_queued_at.map_or(*oldest, |o| o.min(*oldest)));
+    }
+    for (pool, count) in delayed {
+        entry(&mut out, served, pool).delayed += *count as u64;
+    }
+    out.into_values().collect()
+}
+
+/// Sets each pool's `oldest_wait_seconds` as of `now`.
+pub fn age(reply: &mut QueueReply, now: DateTime<Utc>) {
+    for p in &mut reply.pools {
+        p.oldest_wait_seconds = p
+            .oldest_queued_at
+            .map_or(0, |at| (now - at).num_seconds().max(0) as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +305,42 @@ mod tests {
         );
         assert_eq!(w.get(&("p".to_string(), 7)).map(|x| x.0), Some(1));
         assert_eq!(q.delayed().get("p"), Some(&1));
+    }
+
+    #[test]
+    fn the_snapshot_has_each_pools_worst_age_delayed_jobs_and_served_pools() {
+        let mut q = Queue::default();
+        let old_low = job("p", 0, 100);
+        for v in [&old_low, &job("p", 7, 10), &job("q", 0, 1)] {
+            q.observe(v.clone());
+        }
+        let mut d = job("r", 0, 1);
+        d.job.not_before = Some(Utc::now() + Duration::seconds(60));
+        q.observe(d);
+        let served: HashSet<String> = ["q".to_string()].into();
+        let known = vec!["q".to_string(), "idle".to_string()];
+        let mut reply = QueueReply {
+            version: 1,
+            at: Utc::now(),
+            pools: pools(&q.waiting(), &q.delayed(), &served, &known),
+        };
+        let names: Vec<&str> = reply.pools.iter().map(|p| p.pool.as_str()).collect();
+        assert_eq!(names, ["idle", "p", "q", "r"]);
+        let now = old_low.job.queued_at + Duration::seconds(100);
+        age(&mut reply, now);
+        let p = &reply.pools[1];
+        assert_eq!((p.ready, p.delayed, p.served), (2, 0, false));
+        assert_eq!(p.oldest_queued_at, Some(old_low.job.queued_at));
+        assert_eq!(p.oldest_wait_seconds, 100, "the older of both priorities");
+        let idle = &reply.pools[0];
+        assert_eq!(
+            (idle.ready, idle.oldest_wait_seconds, idle.served),
+            (0, 0, false)
+        );
+        assert!(reply.pools[2].served);
+        let r = &reply.pools[3];
+        assert_eq!((r.ready, r.delayed, r.oldest_wait_seconds), (0, 1, 0));
+        assert_eq!(r.oldest_queued_at, None, "a delayed job is not waiting");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `warden`: runs Warden (`up`), talks to it (`job`, `publish`, `stats`), runs a
-//! worker agent (`worker`) and measures it (`bench`).
+//! worker agent (`worker`), measures it (`bench`) and checks it for Nagios
+//! (`check`).
 
 mod bench;
+mod check;
 mod classify;
 mod cli;
 mod natsd;
@@ -75,6 +77,8 @@ pub enum Command {
     },
     /// Classify a crash from its log (and status file, exit code, signal) without a bus
     Classify(classify::ClassifyArgs),
+    /// Nagios plugin: one status line with perfdata; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+    Check(check::CheckArgs),
 }
 
 #[derive(Args)]
@@ -224,7 +228,37 @@ fn load_config(cli: &Cli) -> Config {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        // clap exits 2 on a usage error, which Nagios reads as CRITICAL:
+        // a plugin says UNKNOWN (3), on one line on stdout. Help and
+        // --version still go out as usual.
+        Err(e) if e.use_stderr() && check::invoked(&argv) => {
+            let o = check::Outcome::unknown(check::usage_error_text(&e.to_string()));
+            println!("{}", o.line(None));
+            std::process::exit(o.status.code());
+        }
+        Err(e) => e.exit(),
+    };
+    if let Command::Check(args) = &cli.command {
+        // Nagios reads stdout: nothing but the status line goes there, and
+        // logs (to stderr) only when asked for.
+        if std::env::var_os("WARDEN_LOG").is_some() {
+            warden_shared::runtime::init_tracing();
+        }
+        let config = Config::load(cli.config.as_deref())
+            .map(|mut c| {
+                if let Some(url) = &cli.nats_url {
+                    c.nats.url = url.clone();
+                }
+                c
+            })
+            .map_err(|e| e.problems().join("; "));
+        let (line, code) = check::main(config, args).await;
+        println!("{line}");
+        std::process::exit(code);
+    }
     warden_shared::runtime::init_tracing();
     let config = load_config(&cli);
     let result = match &cli.command {
@@ -261,6 +295,7 @@ async fn main() {
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
         Command::Classify(args) => classify::run(&config, args),
         Command::Stats { window, json } => cli::stats(&config, window, *json).await,
+        Command::Check(_) => unreachable!("handled above"),
     };
     match result {
         Ok(code) => std::process::exit(code),
