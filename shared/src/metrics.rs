@@ -94,8 +94,7 @@ pub fn nats_connecting(service: &str) {
     }
 }
 
-/// Sets `service`'s connection state (from the client's own state once
-/// `connect` returns, in case its first `Connected` event came earlier).
+/// Sets `service`'s connection state.
 pub fn nats_connected(service: &str, connected: bool) {
     common()
         .nats_connected

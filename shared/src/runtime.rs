@@ -173,10 +173,12 @@ pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Clien
             source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
         })?
         .map_err(|source| ConnectError::Connect { url, source })?;
-    crate::metrics::nats_connected(
-        service,
-        client.connection_state() == async_nats::connection::State::Connected,
-    );
+    // The `Connected` event says so too, but it may be dropped when the
+    // event queue is full. Never 0 from here: a stale read could
+    // overwrite that event's 1.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        crate::metrics::nats_connected(service, true);
+    }
     Ok(client)
 }
 
