@@ -42,6 +42,40 @@ pub struct DetailEntry {
     pub suspect_resource: bool,
 }
 
+/// Detail codes the services give themselves, whatever the catalogue
+/// holds: a lost worker, a poison job, a crash nobody classified, a status
+/// file that says nothing usable.
+pub const BUILTIN_DETAILS: [&str; 4] = [
+    crate::retry::WORKER_LOST,
+    crate::retry::WORKER_CRASH_LOOP,
+    "unclassified",
+    "status_file_invalid",
+];
+
+/// The `detail` label of a code that is neither in the catalogue nor
+/// built in (a task's status file may name anything): metric labels stay
+/// a set bounded by the config.
+pub const OTHER_DETAIL: &str = "other";
+
+/// Every value a metric's `detail` label can take with this catalogue:
+/// its codes, the built-in ones and [`OTHER_DETAIL`], sorted.
+pub fn detail_labels(catalogue: &BTreeMap<String, DetailEntry>) -> Vec<&str> {
+    let mut all: std::collections::BTreeSet<&str> = catalogue.keys().map(String::as_str).collect();
+    all.extend(BUILTIN_DETAILS);
+    all.insert(OTHER_DETAIL);
+    all.into_iter().collect()
+}
+
+/// `detail` as a metric label: itself when the catalogue has it or it is
+/// built in, else [`OTHER_DETAIL`].
+pub fn detail_label<'a>(catalogue: &BTreeMap<String, DetailEntry>, detail: &'a str) -> &'a str {
+    if catalogue.contains_key(detail) || BUILTIN_DETAILS.contains(&detail) {
+        detail
+    } else {
+        OTHER_DETAIL
+    }
+}
+
 /// One value or a list of them (`exit_code = 137`, `task = ["a", "b"]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -222,6 +256,31 @@ impl ClassifierConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detail_labels_are_the_catalogue_the_built_ins_and_other() {
+        let mut catalogue = BTreeMap::new();
+        catalogue.insert(
+            "oom".to_string(),
+            DetailEntry {
+                blame: Blame::System,
+                meaning: "out of memory".into(),
+                notify: Party::Operators,
+                suspect_resource: true,
+            },
+        );
+        let labels = detail_labels(&catalogue);
+        for d in ["oom", "worker_lost", "unclassified", "other"] {
+            assert!(labels.contains(&d), "{d}: {labels:?}");
+        }
+        assert_eq!(labels.len(), 1 + BUILTIN_DETAILS.len() + 1);
+        assert_eq!(detail_label(&catalogue, "oom"), "oom");
+        assert_eq!(
+            detail_label(&catalogue, "worker_crash_loop"),
+            "worker_crash_loop"
+        );
+        assert_eq!(detail_label(&catalogue, "my-own-words"), OTHER_DETAIL);
+    }
 
     #[test]
     fn signals_and_ranges_parse() {

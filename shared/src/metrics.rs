@@ -8,7 +8,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// One registry per process: under `warden up` every service's metrics are
 /// served from the same `/metrics`.
@@ -24,18 +24,50 @@ pub fn register<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
     c
 }
 
+/// Creates the series of `labels` at zero if it does not exist yet, so a
+/// counter is exported before its first event and `increase()` sees the
+/// step from 0 to 1 (a series born at 1 has no step to see).
+pub fn touch(vec: &IntCounterVec, labels: &[&str]) {
+    let _ = vec.with_label_values(labels);
+}
+
+/// [`touch`] for each value of a one-label counter.
+pub fn touch_each(vec: &IntCounterVec, values: &[&str]) {
+    for v in values {
+        touch(vec, &[v]);
+    }
+}
+
+/// Every NATS client event kind counted in
+/// `warden_nats_connection_events_total`.
+pub const NATS_EVENTS: [&str; 7] = [
+    "connected",
+    "disconnected",
+    "lame_duck",
+    "slow_consumer",
+    "server_error",
+    "client_error",
+    "other",
+];
+
 struct Common {
-    nats_connected: IntGauge,
+    nats_connected: IntGaugeVec,
     nats_events: IntCounterVec,
 }
 
 fn common() -> &'static Common {
     static C: OnceLock<Common> = OnceLock::new();
     C.get_or_init(|| Common {
+        // Per service, not per process: under `warden up` every service
+        // has its own client, and one that lost the bus must not be hidden
+        // by another that reconnected.
         nats_connected: register(
-            IntGauge::new(
-                "warden_nats_connected",
-                "1 while this process is connected to NATS",
+            IntGaugeVec::new(
+                Opts::new(
+                    "warden_nats_connected",
+                    "1 while this service's NATS client is connected, 0 while it is not (from its first connection attempt), by service",
+                ),
+                &["service"],
             )
             .expect("valid metric"),
         ),
@@ -43,24 +75,43 @@ fn common() -> &'static Common {
             IntCounterVec::new(
                 Opts::new(
                     "warden_nats_connection_events_total",
-                    "NATS client connection events by kind",
+                    "NATS client connection events by service and kind",
                 ),
-                &["event"],
+                &["service", "event"],
             )
             .expect("valid metric"),
         ),
     })
 }
 
-pub fn nats_event(event: &async_nats::Event) {
+/// Exports `service`'s connection state as disconnected and its event
+/// counters at zero: called before its client first connects.
+pub fn nats_connecting(service: &str) {
+    let c = common();
+    c.nats_connected.with_label_values(&[service]).set(0);
+    for event in NATS_EVENTS {
+        let _ = c.nats_events.with_label_values(&[service, event]);
+    }
+}
+
+/// Sets `service`'s connection state.
+pub fn nats_connected(service: &str, connected: bool) {
+    common()
+        .nats_connected
+        .with_label_values(&[service])
+        .set(i64::from(connected));
+}
+
+/// Counts a client event of `service` and follows its connection state.
+pub fn nats_event(service: &str, event: &async_nats::Event) {
     let c = common();
     let kind = match event {
         async_nats::Event::Connected => {
-            c.nats_connected.set(1);
+            nats_connected(service, true);
             "connected"
         }
         async_nats::Event::Disconnected => {
-            c.nats_connected.set(0);
+            nats_connected(service, false);
             "disconnected"
         }
         async_nats::Event::LameDuckMode => "lame_duck",
@@ -69,7 +120,7 @@ pub fn nats_event(event: &async_nats::Event) {
         async_nats::Event::ClientError(_) => "client_error",
         _ => "other",
     };
-    c.nats_events.with_label_values(&[kind]).inc();
+    c.nats_events.with_label_values(&[service, kind]).inc();
 }
 
 /// The text exposition of every registered metric.
@@ -92,4 +143,29 @@ pub fn router() -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_service_has_its_own_connection_state() {
+        nats_connecting("test-a");
+        nats_connecting("test-b");
+        let text = render();
+        assert!(text.contains("warden_nats_connected{service=\"test-a\"} 0"));
+        assert!(text.contains(
+            "warden_nats_connection_events_total{event=\"disconnected\",service=\"test-a\"} 0"
+        ));
+        nats_event("test-a", &async_nats::Event::Connected);
+        nats_connected("test-b", true);
+        nats_event("test-b", &async_nats::Event::Disconnected);
+        let text = render();
+        assert!(text.contains("warden_nats_connected{service=\"test-a\"} 1"));
+        assert!(text.contains("warden_nats_connected{service=\"test-b\"} 0"));
+        assert!(text.contains(
+            "warden_nats_connection_events_total{event=\"connected\",service=\"test-a\"} 1"
+        ));
+    }
 }

@@ -128,19 +128,25 @@ pub enum ConnectError {
 }
 
 /// Connects as `<nats.name>-<service>` and keeps reconnecting forever: a
-/// bus outage is something services ride out, not a reason to exit.
+/// bus outage is something services ride out, not a reason to exit. The
+/// connection state is exported as `warden_nats_connected{service}`.
 pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Client, ConnectError> {
+    crate::metrics::nats_connecting(service);
+    let label = service.to_string();
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("{}-{service}", config.nats.name))
         .connection_timeout(config.nats.connect_timeout)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .event_callback(move |event| async move {
-            crate::metrics::nats_event(&event);
-            match event {
-                async_nats::Event::Connected => tracing::info!("nats connected"),
-                async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
-                other => tracing::debug!(event = %other, "nats event"),
+        .event_callback(move |event| {
+            let label = label.clone();
+            async move {
+                crate::metrics::nats_event(&label, &event);
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
             }
         });
     if let Some(path) = &config.nats.credentials {
@@ -167,6 +173,12 @@ pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Clien
             source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
         })?
         .map_err(|source| ConnectError::Connect { url, source })?;
+    // The `Connected` event says so too, but it may be dropped when the
+    // event queue is full. Never 0 from here: a stale read could
+    // overwrite that event's 1.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        crate::metrics::nats_connected(service, true);
+    }
     Ok(client)
 }
 

@@ -19,6 +19,13 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    pub const ALL: [SessionState; 4] = [
+        SessionState::Active,
+        SessionState::Quarantined,
+        SessionState::Expired,
+        SessionState::Closed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionState::Active => "active",

@@ -187,6 +187,24 @@ pub async fn get_json(url: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
 }
 
+/// The text of `/metrics` served at `url`.
+pub async fn metrics_text(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// The value of one series in a `/metrics` text, e.g.
+/// `warden_scheduler_crashes_total{blame="system",detail="oom"}` (labels
+/// in the order the exposition sorts them: by name).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 pub async fn js(nats_url: &str) -> (async_nats::Client, async_nats::jetstream::Context) {
     let client = async_nats::connect(nats_url).await.expect("connect");
     let js = async_nats::jetstream::new(client.clone());

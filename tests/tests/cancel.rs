@@ -86,8 +86,14 @@ async fn cancelling_a_running_job_stops_its_task_and_frees_the_worker() {
         .text()
         .await
         .unwrap();
+    // Every rejection reason is exported from the start, all still at 0.
+    let rejected: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("warden_scheduler_reports_rejected_total{"))
+        .collect();
+    assert!(!rejected.is_empty(), "{metrics}");
     assert!(
-        !metrics.contains("warden_scheduler_reports_rejected_total{"),
+        rejected.iter().all(|l| l.ends_with(" 0")),
         "a cancelled attempt's report is not a rejection:\n{metrics}"
     );
 }

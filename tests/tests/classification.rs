@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
+use warden_e2e::{cli_ok, eventually, get_json, metrics_text, sample, NatsServer, Warden};
 
 const CONFIG: &str = r#"
 [retry]
@@ -162,4 +162,37 @@ async fn real_failures_get_the_right_blame_detail_and_policy() {
         .count();
     assert_eq!(operators, 4, "{notes:#?}");
     drop(client);
+
+    // The scheduler counted each crash it wrote once, under the blame and
+    // detail it wrote (lookup crashed twice); details nothing hit are
+    // exported at 0.
+    let want: Vec<(String, f64)> = [
+        ("system", "oom", 1.0),
+        ("system", "disk_full", 1.0),
+        ("third_party", "network", 2.0),
+        ("task", "task_exception", 1.0),
+        ("system", "setup_failed", 0.0),
+        ("system", "worker_lost", 0.0),
+    ]
+    .into_iter()
+    .map(|(blame, detail, n)| {
+        (
+            format!("warden_scheduler_crashes_total{{blame=\"{blame}\",detail=\"{detail}\"}}"),
+            n,
+        )
+    })
+    .chain([(
+        r#"warden_scheduler_job_duration_seconds_count{state="CRASHED"}"#.to_string(),
+        5.0,
+    )])
+    .collect();
+    // The counters follow the write the API saw: poll.
+    let metrics_url = warden.url("/metrics");
+    eventually(Duration::from_secs(10), "crashes counted", || async {
+        let text = metrics_text(&metrics_url).await;
+        want.iter()
+            .all(|(s, n)| sample(&text, s) == Some(*n))
+            .then_some(())
+    })
+    .await;
 }

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
+use warden_e2e::{cli_ok, eventually, get_json, metrics_text, sample, NatsServer, Warden};
 
 const CONFIG: &str = r#"
 [fencing]
@@ -108,4 +108,34 @@ async fn killed_worker_job_waits_its_delay_then_finishes_elsewhere() {
         second - at(&requeue["at"]) >= chrono::Duration::seconds(3),
         "the retry did not wait its delay"
     );
+
+    // The lost worker's attempt is a system crash to the scheduler; the
+    // second attempt ended FINISHED; every service of the process has its
+    // own connection state.
+    let want = [
+        (
+            r#"warden_scheduler_crashes_total{blame="system",detail="worker_lost"}"#,
+            1.0,
+        ),
+        (
+            r#"warden_scheduler_leases_requeued_total{reason="worker_lost"}"#,
+            1.0,
+        ),
+        (r#"warden_scheduler_retries_total{blame="system"}"#, 1.0),
+        (
+            r#"warden_scheduler_job_duration_seconds_count{state="FINISHED"}"#,
+            1.0,
+        ),
+        (r#"warden_nats_connected{service="scheduler"}"#, 1.0),
+        (r#"warden_nats_connected{service="fencing"}"#, 1.0),
+    ];
+    // The counters follow the write the API saw: poll.
+    let metrics_url = warden.url("/metrics");
+    eventually(Duration::from_secs(10), "lost worker counted", || async {
+        let text = metrics_text(&metrics_url).await;
+        want.iter()
+            .all(|(s, n)| sample(&text, s) == Some(*n))
+            .then_some(())
+    })
+    .await;
 }

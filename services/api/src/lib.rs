@@ -75,6 +75,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ApiError> {
     let addr = listener.local_addr().map_err(ApiError::Http)?;
+    metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "api").await?;
     let index = Arc::new(index::SharedIndex::default());
     let ops = Arc::new(ops::Ops {

@@ -1,10 +1,12 @@
-//! Every API metric, declared once.
+//! Every API metric, declared once; [`init`] registers them and exports
+//! every closed label value at zero when the service starts.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts};
-use warden_shared::metrics::register;
+use warden_shared::metrics::{register, touch};
+use warden_shared::state::{transition, Action};
 use warden_shared::JobState;
 
 pub struct Metrics {
@@ -14,7 +16,12 @@ pub struct Metrics {
     pub jobs_indexed: IntGauge,
     /// Jobs by state, as the index sees the bucket.
     pub jobs: IntGaugeVec,
+    /// State changes made by hand (retry, cancel).
+    pub transitions: IntCounterVec,
 }
+
+/// What a person can do to a job through the API.
+pub const ACTIONS: [Action; 2] = [Action::Retry, Action::Cancel];
 
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
@@ -53,7 +60,39 @@ pub fn metrics() -> &'static Metrics {
             )
             .expect("valid metric"),
         ),
+        transitions: register(
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_api_transitions_total",
+                    "Job state transitions made through the API (a person's retry or cancel)",
+                ),
+                &["from", "to"],
+            )
+            .expect("valid metric"),
+        ),
     })
+}
+
+/// Registers every API metric, with every transition a retry or cancel can
+/// make at zero. The jobs gauge is left to the index, once it has read the
+/// bucket.
+pub fn init() {
+    let m = metrics();
+    for from in JobState::ALL {
+        for action in ACTIONS {
+            if let Ok(to) = transition(from, action) {
+                touch(&m.transitions, &[from.as_str(), to.as_str()]);
+            }
+        }
+    }
+}
+
+/// Counts one change made by hand.
+pub fn count_transition(from: JobState, to: JobState) {
+    metrics()
+        .transitions
+        .with_label_values(&[from.as_str(), to.as_str()])
+        .inc();
 }
 
 /// Counts one answered request.
@@ -75,5 +114,21 @@ pub fn set_index_counts(total: usize, by_state: impl Fn(JobState) -> usize) {
         m.jobs
             .with_label_values(&[s.as_str()])
             .set(by_state(s) as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transitions_by_hand_are_exported_at_zero() {
+        super::init();
+        let text = warden_shared::metrics::render();
+        for series in [
+            r#"warden_api_transitions_total{from="SHELVED",to="SCHEDULED"} "#,
+            r#"warden_api_transitions_total{from="RUNNING",to="CANCELLED"} "#,
+        ] {
+            assert!(text.contains(series), "{series} missing");
+        }
+        assert!(!text.contains(r#"warden_api_transitions_total{from="FINISHED""#));
     }
 }

@@ -324,6 +324,7 @@ impl Ops {
             }
             match self.store.update(&job, current.revision).await {
                 Ok(_) => {
+                    crate::metrics::count_transition(from, job.state);
                     tracing::info!(job.id = %id, from = %from, to = %job.state, action = what, "job changed by hand");
                     return Ok(job);
                 }

@@ -1,9 +1,15 @@
-//! Every classifier metric, declared once.
+//! Every classifier metric, declared once; [`init`] registers them and
+//! exports every blame and catalogue detail at zero when the service
+//! starts.
 
 use std::sync::OnceLock;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
-use warden_shared::metrics::register;
+use warden_shared::classify::detail_labels;
+use warden_shared::metrics::{register, touch};
+use warden_shared::Blame;
+
+use crate::Catalogue;
 
 pub struct Metrics {
     pub classified: IntCounterVec,
@@ -42,4 +48,36 @@ pub fn metrics() -> &'static Metrics {
             .expect("valid metric"),
         ),
     })
+}
+
+/// Registers every classifier metric, with every blame × detail of the
+/// catalogue (plus the built-in details and `other`) at zero: a rule may
+/// give another blame than the catalogue's.
+pub fn init(catalogue: &Catalogue) {
+    let m = metrics();
+    let details = detail_labels(catalogue);
+    for blame in Blame::ALL {
+        for detail in &details {
+            touch(&m.classified, &[blame.as_str(), detail]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_blame_and_detail_is_exported_at_zero() {
+        let config = warden_shared::Config::defaults();
+        super::init(&config.classifier.details);
+        let text = warden_shared::metrics::render();
+        for series in [
+            r#"warden_classifier_classifications_total{blame="system",detail="oom"} "#,
+            r#"warden_classifier_classifications_total{blame="task",detail="network"} "#,
+            r#"warden_classifier_classifications_total{blame="unknown",detail="other"} "#,
+            "warden_classifier_requests_invalid_total ",
+            "warden_classifier_duration_seconds_count ",
+        ] {
+            assert!(text.contains(series), "{series} missing");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use warden_shared::classify::detail_label;
 use warden_shared::messages::{ClassifyReply, ClassifyRequest, ErrorBody, MESSAGE_VERSION};
 use warden_shared::{runtime, subjects, Config};
 
@@ -30,6 +31,7 @@ pub enum ClassifierError {
 /// Runs one classifier replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ClassifierError> {
     let classifier = Arc::new(Classifier::from_config(&config).map_err(ClassifierError::Rules)?);
+    crate::metrics::init(classifier.catalogue());
     let client = runtime::connect(&config, "classifier").await?;
     let service = client
         .service_builder()
@@ -89,15 +91,15 @@ async fn answer(classifier: Arc<Classifier>, payload: &[u8]) -> ClassifyReply {
             crash: &req.crash,
             resource: req.resource.as_deref(),
         });
-        let known = classifier.catalogue().contains_key(&c.detail);
-        (c, known, req)
+        let label = detail_label(classifier.catalogue(), &c.detail).to_string();
+        (c, label, req)
     })
     .await;
     m.duration.observe(started.elapsed().as_secs_f64());
     match decided {
-        Ok((c, known, req)) => {
+        Ok((c, label, req)) => {
             m.classified
-                .with_label_values(&[c.blame.as_str(), if known { &c.detail } else { "other" }])
+                .with_label_values(&[c.blame.as_str(), &label])
                 .inc();
             debug!(job.id = %req.job_id, attempt = req.attempt, blame = %c.blame, detail = %c.detail, rule = %c.rule, "crash classified");
             ClassifyReply {

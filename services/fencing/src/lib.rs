@@ -7,14 +7,15 @@
 //!   typed error and changes nothing;
 //! - close: the bot leaves.
 
-use std::sync::{Arc, OnceLock};
+pub mod metrics;
+
+use std::sync::Arc;
 
 use async_nats::jetstream::kv;
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
-use prometheus::{IntCounterVec, Opts};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,7 +26,9 @@ use warden_shared::messages::{
 use warden_shared::session::{
     bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION,
 };
-use warden_shared::{metrics::register, runtime, subjects, Config};
+use warden_shared::{runtime, subjects, Config};
+
+use crate::metrics::{metrics, INVALID_REQUEST};
 
 #[derive(Debug, Error)]
 pub enum FencingError {
@@ -33,56 +36,6 @@ pub enum FencingError {
     Connect(#[from] runtime::ConnectError),
     #[error("cannot start the session service")]
     Service(#[source] async_nats::Error),
-}
-
-struct Metrics {
-    requests: IntCounterVec,
-    rejected: IntCounterVec,
-    expired: prometheus::IntCounter,
-    sessions: prometheus::IntGaugeVec,
-}
-
-fn metrics() -> &'static Metrics {
-    static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(|| Metrics {
-        requests: register(
-            IntCounterVec::new(
-                Opts::new(
-                    "warden_fencing_requests_total",
-                    "Session requests by operation and result",
-                ),
-                &["op", "result"],
-            )
-            .expect("valid metric"),
-        ),
-        rejected: register(
-            IntCounterVec::new(
-                Opts::new(
-                    "warden_fencing_rejected_total",
-                    "Session requests rejected, by error code",
-                ),
-                &["code"],
-            )
-            .expect("valid metric"),
-        ),
-        sessions: register(
-            prometheus::IntGaugeVec::new(
-                Opts::new(
-                    "warden_fencing_sessions",
-                    "Bot sessions on record, by state",
-                ),
-                &["state"],
-            )
-            .expect("valid metric"),
-        ),
-        expired: register(
-            prometheus::IntCounter::new(
-                "warden_fencing_sessions_expired_total",
-                "Sessions expired for missing heartbeats",
-            )
-            .expect("valid metric"),
-        ),
-    })
 }
 
 #[derive(Debug, Error)]
@@ -153,7 +106,7 @@ impl Sessions {
     async fn create(&self, req: CreateSession) -> Result<String, OpError> {
         if req.bot_id.trim().is_empty() {
             return Err(OpError::Rejected(
-                "invalid_request",
+                INVALID_REQUEST,
                 "bot_id must not be empty".into(),
             ));
         }
@@ -317,7 +270,7 @@ impl Sessions {
         if started.elapsed() > max_listing {
             return Ok(None);
         }
-        let mut by_state: std::collections::HashMap<&'static str, i64> =
+        let mut by_state: std::collections::HashMap<SessionState, i64> =
             std::collections::HashMap::new();
         let now = Utc::now();
         let mut expired = Vec::new();
@@ -329,9 +282,9 @@ impl Sessions {
                 .unwrap_or(chrono::Duration::seconds(10));
             let counted =
                 if s.state == SessionState::Active && now - s.last_heartbeat.max(since) > limit {
-                    "expired"
+                    SessionState::Expired
                 } else {
-                    s.state.as_str()
+                    s.state
                 };
             *by_state.entry(counted).or_default() += 1;
             if s.state != SessionState::Active || now - s.last_heartbeat.max(since) <= limit {
@@ -349,12 +302,7 @@ impl Sessions {
                 expired.push((s.bot_id, name));
             }
         }
-        for state in ["active", "quarantined", "expired", "closed"] {
-            metrics()
-                .sessions
-                .with_label_values(&[state])
-                .set(by_state.get(state).copied().unwrap_or(0));
-        }
+        metrics::set_sessions(|state| by_state.get(&state).copied().unwrap_or(0));
         Ok(Some(expired))
     }
 
@@ -380,11 +328,18 @@ async fn sweep_loop(
     let period = (timeout / 4).max(std::time::Duration::from_millis(50));
     let mut available_since = Utc::now();
     let mut last_good = std::time::Instant::now();
+    // The first sweep runs at once (nothing can expire in it: every
+    // session's clock starts now) so the sessions gauge is exported from
+    // the start.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
+        if !first {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
         }
+        first = false;
         if client.connection_state() != async_nats::connection::State::Connected {
             continue;
         }
@@ -412,6 +367,7 @@ async fn sweep_loop(
 
 /// Runs the session service until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), FencingError> {
+    metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "fencing").await?;
     let sessions = Arc::new(Sessions::new(
         handles.sessions.clone(),
@@ -457,15 +413,15 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             let result: Result<(Option<String>, Vec<uuid::Uuid>), OpError> = match op {
                 "create" => match serde_json::from_slice::<CreateSession>(&payload) {
                     Ok(r) => sessions.create(r).await.map(|n| (Some(n), Vec::new())),
-                    Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
+                    Err(e) => Err(OpError::Rejected(INVALID_REQUEST, e.to_string())),
                 },
                 "heartbeat" => match serde_json::from_slice::<Heartbeat>(&payload) {
                     Ok(r) => sessions.heartbeat(r).await.map(|c| (None, c)),
-                    Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
+                    Err(e) => Err(OpError::Rejected(INVALID_REQUEST, e.to_string())),
                 },
                 _ => match serde_json::from_slice::<CloseSession>(&payload) {
                     Ok(r) => sessions.close(r).await.map(|_| (None, Vec::new())),
-                    Err(e) => Err(OpError::Rejected("invalid_request", e.to_string())),
+                    Err(e) => Err(OpError::Rejected(INVALID_REQUEST, e.to_string())),
                 },
             };
             let m = metrics();

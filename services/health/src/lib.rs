@@ -860,6 +860,7 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// Runs one health replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), HealthError> {
+    metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "health").await?;
     let health = Arc::new(Health {
         config: config.clone(),
@@ -1037,16 +1038,23 @@ async fn suspects_loop(health: Arc<Health>, consumer: PullConsumer, shutdown: Ca
 async fn dead_letter(health: &Health, msg: &jetstream::Message, error: &str) -> bool {
     warn!(subject = %msg.subject, error, "undecodable suspect event dead-lettered");
     let subject = msg.subject.to_string();
-    runtime::dead_letter(
+    let kept = runtime::dead_letter(
         &health.js,
         "health",
-        "invalid_suspect",
+        metrics::INVALID_SUSPECT,
         &subject,
         error,
         &msg.payload,
     )
     .await
-    .is_ok()
+    .is_ok();
+    if kept {
+        metrics()
+            .dead_letters
+            .with_label_values(&[metrics::INVALID_SUSPECT])
+            .inc();
+    }
+    kept
 }
 
 async fn tick_loop(health: Arc<Health>, tracker: TaskTracker, shutdown: CancellationToken) {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::service::ServiceExt;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -51,7 +51,10 @@ use warden_shared::{subjects, Config, JobState};
 use crate::apply::{
     crash_to_classify, decide_with, record_after_cancel, record_rejection, Decision,
 };
-use crate::metrics::metrics;
+use crate::metrics::{
+    count_crash, metrics, PriorityLabels, CORRUPT_JOB, INVALID_REPORT, RESOURCE_CLOSED,
+    SESSION_CLOSED, SESSION_SUPERSEDED as SUPERSEDED, UNKNOWN_JOB, WORKER_LOST,
+};
 use crate::queue::Queue;
 
 #[derive(Debug, Error)]
@@ -168,9 +171,9 @@ impl LeaseIndex {
     fn dead(&self, session: &str) -> Option<&'static str> {
         match self.states.get(session)? {
             SessionState::Active => None,
-            SessionState::Expired => Some("worker_lost"),
-            SessionState::Quarantined => Some("session_superseded"),
-            SessionState::Closed => Some("session_closed"),
+            SessionState::Expired => Some(WORKER_LOST),
+            SessionState::Quarantined => Some(SUPERSEDED),
+            SessionState::Closed => Some(SESSION_CLOSED),
         }
     }
 }
@@ -202,6 +205,7 @@ impl Shared {
 
 /// Runs one scheduler replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+    metrics::init(&config);
     let (client, handles) = runtime::connect_with_topology(&config, "scheduler").await?;
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -389,9 +393,6 @@ fn on_session_entry(
     }
 }
 
-/// Why a lease goes back when its resource was closed.
-const RESOURCE_CLOSED: &str = "resource_closed";
-
 /// Follows the resources bucket: a resource that is no longer open gets no
 /// new lease (checked in `acquire`); one that is closed loses its running
 /// attempts, requeued without counting against their jobs. Any change
@@ -445,8 +446,8 @@ fn on_resource_entry(
 /// others see the job moved on and stop.
 async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str) {
     let loss = match reason {
-        "worker_lost" => Some(Loss::WorkerLost),
-        "session_superseded" => Some(Loss::SessionSuperseded),
+        WORKER_LOST => Some(Loss::WorkerLost),
+        SUPERSEDED => Some(Loss::SessionSuperseded),
         RESOURCE_CLOSED => Some(Loss::ResourceBroken),
         _ => None,
     };
@@ -518,6 +519,12 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
                     .inc();
                 if let Some(fate) = fate {
                     count_fate(fate, next.blame);
+                    // A lost worker's attempt failed with the blame it was
+                    // recorded with; a closed resource's costs nothing
+                    // (requeued, blame cleared) unless it made the job poison.
+                    if let (Some(blame), Some(detail)) = (next.blame, next.detail.as_deref()) {
+                        count_crash(&shared.config, blame, detail);
+                    }
                 }
                 info!(job.id = %id, session, reason, state = %next.state, "lease taken back");
                 return;
@@ -549,6 +556,7 @@ fn count_fate(fate: Fate, blame: Option<warden_shared::Blame>) {
 /// Promotes delayed retries when due (within 100 ms) and refreshes the
 /// queue gauges every second.
 async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let priorities = PriorityLabels::new(&shared.config);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
@@ -570,16 +578,26 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             (q.waiting(), q.delayed())
         };
         let m = metrics();
+        // Priorities outside the config share one label: their counts add
+        // up and the oldest of them is the age.
+        let mut by_label: std::collections::BTreeMap<(&str, String), (usize, DateTime<Utc>)> =
+            std::collections::BTreeMap::new();
+        for ((pool, priority), (count, oldest)) in &waiting {
+            let e = by_label
+                .entry((pool.as_str(), priorities.label(*priority)))
+                .or_insert((0, *oldest));
+            e.0 += count;
+            e.1 = e.1.min(*oldest);
+        }
         m.queue_depth.reset();
         m.oldest_age.reset();
         m.delayed.reset();
-        for ((pool, priority), (count, oldest)) in &waiting {
-            let priority = priority.to_string();
+        for ((pool, priority), (count, oldest)) in &by_label {
             m.queue_depth
-                .with_label_values(&[pool, &priority])
+                .with_label_values(&[*pool, priority.as_str()])
                 .set(*count as i64);
             m.oldest_age
-                .with_label_values(&[pool, &priority])
+                .with_label_values(&[*pool, priority.as_str()])
                 .set((now - *oldest).num_seconds().max(0));
         }
         for (pool, count) in &delayed {
@@ -719,7 +737,7 @@ async fn acquire(
                 .acquire_requests
                 .with_label_values(&["rejected"])
                 .inc();
-            let code = if reason == "session_superseded" {
+            let code = if reason == SUPERSEDED {
                 SESSION_SUPERSEDED
             } else {
                 UNKNOWN_SESSION
@@ -952,7 +970,7 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     m.reports
                         .with_label_values(&[r.kind.name(), "rejected"])
                         .inc();
-                    m.rejected.with_label_values(&["unknown_job"]).inc();
+                    m.rejected.with_label_values(&[UNKNOWN_JOB]).inc();
                     warn!(job.id = %job_id, bot.id = %r.bot_id, "report for unknown job rejected");
                 }
                 return Disposition::Ack;
@@ -964,7 +982,7 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     m.reports
                         .with_label_values(&[r.kind.name(), "rejected"])
                         .inc();
-                    m.rejected.with_label_values(&["corrupt_job"]).inc();
+                    m.rejected.with_label_values(&[CORRUPT_JOB]).inc();
                 }
                 return Disposition::Ack;
             }
@@ -987,11 +1005,20 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
         let mut results = Vec::with_capacity(reports.len());
         let mut fates = Vec::new();
         let mut crashes = Vec::new();
+        // Counted only once the write is durable.
+        let mut failed = Vec::new();
+        let mut ended = Vec::new();
         for (i, r) in reports.iter().enumerate() {
             match decide_with(&job, r, classified.get(&i), now) {
                 Decision::Duplicate => results.push((r, "duplicate", None)),
                 Decision::Apply(mut next) => {
                     let from = job.state;
+                    if from == JobState::Running && metrics::ENDED.contains(&next.state) {
+                        if let Some(lease) = &job.lease {
+                            let secs = (now - lease.leased_at).num_milliseconds().max(0) as f64;
+                            ended.push((next.state, secs / 1000.0));
+                        }
+                    }
                     // A crash and what the retry policy makes of it are one
                     // write: no restart can leave a crash unanswered.
                     if next.state == JobState::Crashed {
@@ -999,6 +1026,9 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                         let resources = job.lease.as_ref().map(lease_resources).unwrap_or_default();
                         let leased_at = job.lease.as_ref().map(|l| l.leased_at);
                         let attempt = next.attempt;
+                        if let (Some(blame), Some(detail)) = (next.blame, next.detail.clone()) {
+                            failed.push((blame, detail));
+                        }
                         let fate = retry::after_crash(&mut next, &policy, now);
                         fates.push((fate, next.blame));
                         if let Some(c) = classified.get(&i) {
@@ -1030,6 +1060,14 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
             Ok(_) => {
                 for (fate, blame) in fates {
                     count_fate(fate, blame);
+                }
+                for (blame, detail) in failed {
+                    count_crash(&shared.config, blame, &detail);
+                }
+                for (state, secs) in ended {
+                    m.job_duration
+                        .with_label_values(&[state.as_str()])
+                        .observe(secs);
                 }
                 for (c, attempt, resources, leased_at, state) in crashes {
                     let lease = (attempt, resources.as_slice(), leased_at);
@@ -1239,7 +1277,7 @@ async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde
     match runtime::dead_letter(
         &shared.js,
         "scheduler",
-        "invalid_report",
+        INVALID_REPORT,
         &subject,
         &error,
         &msg.payload,
@@ -1247,6 +1285,10 @@ async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde
     .await
     {
         Ok(()) => {
+            metrics()
+                .dead_letters
+                .with_label_values(&[INVALID_REPORT])
+                .inc();
             let _ = msg.ack().await;
         }
         Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),

@@ -29,6 +29,14 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every [`DecodeError::reason`].
+    pub const REASONS: [&'static str; 4] = [
+        "too_large",
+        "invalid_json",
+        "unknown_format",
+        "invalid_field",
+    ];
+
     /// Stable reason code for the dead-letter stream and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -237,6 +245,16 @@ mod tests {
             decode("x", &[b' '; 2000], 1000).expect_err("bad").reason(),
             "too_large"
         );
+        // Metrics export every reason at zero from this list.
+        for bad in [
+            &b"{not json"[..],
+            b"[1,2]",
+            br#"{"msg":"text"}"#,
+            &[b' '; 2000],
+        ] {
+            let reason = decode("x", bad, 1000).expect_err("bad").reason();
+            assert!(DecodeError::REASONS.contains(&reason), "{reason}");
+        }
     }
 
     #[test]

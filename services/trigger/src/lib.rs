@@ -28,8 +28,6 @@ use warden_shared::{runtime, subjects, Config};
 use crate::metrics::metrics;
 use crate::rules::Rules;
 
-/// Largest slice of an undecodable payload kept in its dead letter.
-
 #[derive(Debug, Error)]
 pub enum TriggerError {
     #[error(transparent)]
@@ -54,6 +52,7 @@ enum Disposition {
 }
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), TriggerError> {
+    metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "trigger").await?;
     let stream = handles
         .js
@@ -162,7 +161,7 @@ impl Trigger {
                     return self
                         .dead_letter(
                             subject,
-                            "job_too_large",
+                            metrics::JOB_TOO_LARGE,
                             "the job this event asks for exceeds storage.max_job_bytes",
                             &msg.payload,
                         )

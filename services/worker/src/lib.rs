@@ -118,6 +118,7 @@ pub async fn run_with(
     executor: Arc<dyn Executor>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    metrics::init();
     let client = runtime::connect(&config, "worker").await?;
     let bot_id = if config.worker.bot_id.is_empty() {
         format!("{}-{}", hostname(), std::process::id())
@@ -379,9 +380,9 @@ impl Agent {
                             metrics()
                                 .session_resets
                                 .with_label_values(&[if e.code == UNKNOWN_SESSION {
-                                    "unknown_session"
+                                    UNKNOWN_SESSION
                                 } else {
-                                    "session_superseded"
+                                    SESSION_SUPERSEDED
                                 }])
                                 .inc();
                             need_new = true;
@@ -402,7 +403,7 @@ impl Agent {
                 warn!(bot.id = %self.bot_id, silent_ms = last_ok.elapsed().as_millis() as u64, "cannot reach the bus past the session timeout; stopping own tasks");
                 metrics()
                     .session_resets
-                    .with_label_values(&["self_fenced"])
+                    .with_label_values(&[metrics::SELF_FENCED])
                     .inc();
                 need_new = true;
             }

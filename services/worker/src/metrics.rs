@@ -1,9 +1,11 @@
-//! Every worker metric, declared once.
+//! Every worker metric, declared once; [`init`] registers them and
+//! exports every closed label value at zero when the worker starts.
 
 use std::sync::OnceLock;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use warden_shared::metrics::register;
+use warden_shared::metrics::{register, touch_each};
+use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
 
 pub struct Metrics {
     pub running: IntGauge,
@@ -15,6 +17,18 @@ pub struct Metrics {
     pub checks: IntCounterVec,
     pub acquire_unavailable: IntCounter,
 }
+
+/// `result` of `warden_worker_attempts_total`.
+pub const ATTEMPT_RESULTS: [&str; 4] = ["finished", "crashed", "released", "abandoned"];
+/// `kind` of `warden_worker_reports_published_total` (`ReportKind::name`).
+pub const REPORT_KINDS: [&str; 4] = ["started", "finished", "crashed", "released"];
+/// The worker stopped its own tasks: it could not reach the bus past the
+/// session timeout.
+pub const SELF_FENCED: &str = "self_fenced";
+/// `reason` of `warden_worker_session_resets_total`.
+pub const RESET_REASONS: [&str; 3] = [UNKNOWN_SESSION, SESSION_SUPERSEDED, SELF_FENCED];
+/// `result` of `warden_worker_health_checks_total`.
+pub const CHECK_RESULTS: [&str; 2] = ["passed", "failed"];
 
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
@@ -86,4 +100,31 @@ pub fn metrics() -> &'static Metrics {
             .expect("valid metric"),
         ),
     })
+}
+
+/// Registers every worker metric with every closed label value at zero.
+pub fn init() {
+    let m = metrics();
+    touch_each(&m.attempts, &ATTEMPT_RESULTS);
+    touch_each(&m.reports, &REPORT_KINDS);
+    touch_each(&m.session_resets, &RESET_REASONS);
+    touch_each(&m.checks, &CHECK_RESULTS);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn closed_label_sets_are_exported_at_zero() {
+        super::init();
+        let text = warden_shared::metrics::render();
+        for series in [
+            r#"warden_worker_attempts_total{result="abandoned"} 0"#,
+            r#"warden_worker_reports_published_total{kind="released"} 0"#,
+            r#"warden_worker_session_resets_total{reason="self_fenced"} 0"#,
+            r#"warden_worker_health_checks_total{result="failed"} 0"#,
+            "warden_worker_tasks_running 0",
+        ] {
+            assert!(text.contains(series), "{series} missing");
+        }
+    }
 }
