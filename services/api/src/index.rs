@@ -92,9 +92,6 @@ impl Filter {
         if let Some(b) = &self.bot_id {
             f.push(Facet::Bot(b.clone()));
         }
-        if let Some(m) = &self.source_message_id {
-            f.push(Facet::Source(m.clone()));
-        }
         f
     }
 }
@@ -116,23 +113,6 @@ pub struct Stats {
     pub shelved: usize,
 }
 
-impl Stats {
-    fn add(&mut self, t: &Tally) {
-        self.jobs += t.jobs;
-        for (k, n) in &t.by_state {
-            *self.by_state.entry(k.as_str().to_string()).or_default() += n;
-        }
-        for (k, n) in &t.by_blame {
-            *self.by_blame.entry(k.as_str().to_string()).or_default() += n;
-        }
-        for ((b, d), n) in &t.by_detail {
-            *self.by_detail.entry(format!("{b}/{d}")).or_default() += n;
-        }
-        self.retried += t.retried;
-        self.shelved += t.shelved;
-    }
-}
-
 /// One posting set: jobs by creation time, newest first.
 type Postings = BTreeSet<Key>;
 /// (creation time in microseconds, newest first; id).
@@ -150,7 +130,6 @@ enum Facet {
     Blame(Blame),
     Detail(String),
     Bot(String),
-    Source(String),
 }
 
 fn facets_of(j: &JobSummary) -> Vec<Facet> {
@@ -168,42 +147,31 @@ fn facets_of(j: &JobSummary) -> Vec<Facet> {
     if let Some(b) = &j.bot_id {
         f.push(Facet::Bot(b.clone()));
     }
-    if let Some(m) = &j.source_message_id {
-        f.push(Facet::Source(m.clone()));
-    }
     f
 }
 
-/// The counts of the jobs last changed in one minute.
+/// The counts of the jobs last changed in one minute (or one hour).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Tally {
     jobs: usize,
-    by_state: BTreeMap<JobState, usize>,
-    by_blame: BTreeMap<Blame, usize>,
+    by_state: [usize; JobState::ALL.len()],
+    by_blame: [usize; Blame::ALL.len()],
     by_detail: BTreeMap<(Blame, String), usize>,
     retried: usize,
     shelved: usize,
 }
 
-impl Tally {
-    fn of(j: &JobSummary) -> Tally {
-        let mut t = Tally::default();
-        t.change(j, true);
-        t
-    }
+fn state_slot(s: JobState) -> usize {
+    JobState::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
 
+fn blame_slot(b: Blame) -> usize {
+    Blame::ALL.iter().position(|x| *x == b).unwrap_or(0)
+}
+
+impl Tally {
     /// Adds (`add`) or takes away one job's counts.
     fn change(&mut self, j: &JobSummary, add: bool) {
-        fn step<K: Ord>(map: &mut BTreeMap<K, usize>, k: K, add: bool) {
-            if add {
-                *map.entry(k).or_default() += 1;
-            } else if let std::collections::btree_map::Entry::Occupied(mut e) = map.entry(k) {
-                *e.get_mut() = e.get().saturating_sub(1);
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
-        }
         let one = |n: &mut usize| {
             if add {
                 *n += 1
@@ -212,11 +180,18 @@ impl Tally {
             }
         };
         one(&mut self.jobs);
-        step(&mut self.by_state, j.state, add);
+        one(&mut self.by_state[state_slot(j.state)]);
         if let Some(b) = j.blame {
-            step(&mut self.by_blame, b, add);
-            let d = j.detail.clone().unwrap_or_else(|| "unclassified".into());
-            step(&mut self.by_detail, (b, d), add);
+            one(&mut self.by_blame[blame_slot(b)]);
+            let d = j.detail.as_deref().unwrap_or("unclassified");
+            if add {
+                *self.by_detail.entry((b, d.to_string())).or_default() += 1;
+            } else if let Some(n) = self.by_detail.get_mut(&(b, d.to_string())) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.by_detail.remove(&(b, d.to_string()));
+                }
+            }
         }
         if j.attempt > 1 {
             one(&mut self.retried);
@@ -225,12 +200,92 @@ impl Tally {
             one(&mut self.shelved);
         }
     }
+
+    fn merge(&mut self, other: &Tally) {
+        self.jobs += other.jobs;
+        for (a, b) in self.by_state.iter_mut().zip(other.by_state) {
+            *a += b;
+        }
+        for (a, b) in self.by_blame.iter_mut().zip(other.by_blame) {
+            *a += b;
+        }
+        for (k, n) in &other.by_detail {
+            match self.by_detail.get_mut(k) {
+                Some(m) => *m += n,
+                None => {
+                    self.by_detail.insert(k.clone(), *n);
+                }
+            }
+        }
+        self.retried += other.retried;
+        self.shelved += other.shelved;
+    }
+
+    fn into_stats(self, since: DateTime<Utc>, until: DateTime<Utc>) -> Stats {
+        let named = |pairs: Vec<(&str, usize)>| {
+            pairs
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| (k.to_string(), n))
+                .collect()
+        };
+        Stats {
+            since: Some(since),
+            until: Some(until),
+            jobs: self.jobs,
+            by_state: named(
+                JobState::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .zip(self.by_state)
+                    .collect(),
+            ),
+            by_blame: named(
+                Blame::ALL
+                    .iter()
+                    .map(|b| b.as_str())
+                    .zip(self.by_blame)
+                    .collect(),
+            ),
+            by_detail: self
+                .by_detail
+                .into_iter()
+                .map(|((b, d), n)| (format!("{b}/{d}"), n))
+                .collect(),
+            retried: self.retried,
+            shelved: self.shelved,
+        }
+    }
 }
 
 const MINUTE_MICROS: i64 = 60_000_000;
+const HOUR_MICROS: i64 = 60 * MINUTE_MICROS;
 
 fn minute_of(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros().div_euclid(MINUTE_MICROS)
+}
+
+/// The most matches a search counts beyond its page: past it, `total` is
+/// a lower bound (`total_exact` false), so a search over a huge set costs
+/// no more than this many steps. Elasticsearch's default is the same.
+pub const TOTAL_CAP: usize = 10_000;
+
+/// One page of a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchResult {
+    pub jobs: Vec<JobSummary>,
+    /// Matches over all pages, or at least this many if not `total_exact`.
+    pub total: usize,
+    pub total_exact: bool,
+}
+
+/// A cheap, stable hash of a source message id: the index keeps these
+/// rather than a posting set per (nearly unique) message.
+fn source_hash(m: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.hash(&mut h);
+    h.finish()
 }
 
 /// Every job's summary, its posting sets, and per-minute tallies.
@@ -240,9 +295,12 @@ pub struct JobIndex {
     order: Postings,
     postings: HashMap<Facet, Postings>,
     by_state: BTreeMap<JobState, usize>,
+    /// Jobs by the hash of their source message id.
+    sources: HashMap<u64, Vec<Key>>,
     /// (last change in microseconds, id): the jobs of a partial minute.
     changed: BTreeSet<(i64, Uuid)>,
     minutes: BTreeMap<i64, Tally>,
+    hours: BTreeMap<i64, Tally>,
 }
 
 impl JobIndex {
@@ -276,10 +334,17 @@ impl JobIndex {
         *self.by_state.entry(job.state).or_default() += 1;
         self.changed
             .insert((job.updated_at.timestamp_micros(), job.id));
-        self.minutes
-            .entry(minute_of(job.updated_at))
+        let minute = minute_of(job.updated_at);
+        self.minutes.entry(minute).or_default().change(&job, true);
+        self.hours
+            .entry(minute.div_euclid(60))
             .or_default()
             .change(&job, true);
+        if let Some(m) = &job.source_message_id {
+            let keys = self.sources.entry(source_hash(m)).or_default();
+            keys.push(k);
+            keys.sort_unstable();
+        }
         self.jobs.insert(job.id, job);
     }
 
@@ -301,61 +366,121 @@ impl JobIndex {
         self.changed
             .remove(&(old.updated_at.timestamp_micros(), old.id));
         let minute = minute_of(old.updated_at);
-        if let Some(t) = self.minutes.get_mut(&minute) {
-            t.change(&old, false);
-            if t.jobs == 0 {
-                self.minutes.remove(&minute);
+        for (map, at) in [
+            (&mut self.minutes, minute),
+            (&mut self.hours, minute.div_euclid(60)),
+        ] {
+            if let Some(t) = map.get_mut(&at) {
+                t.change(&old, false);
+                if t.jobs == 0 {
+                    map.remove(&at);
+                }
+            }
+        }
+        if let Some(m) = &old.source_message_id {
+            let h = source_hash(m);
+            if let Some(keys) = self.sources.get_mut(&h) {
+                keys.retain(|x| *x != k);
+                if keys.is_empty() {
+                    self.sources.remove(&h);
+                }
             }
         }
         Some(old)
     }
 
     /// Counts by state, blame and detail over the jobs last changed in
-    /// `[since, until)`: whole minutes from their tallies, the partial
-    /// minutes at either end job by job.
+    /// `[since, until)`: whole hours and whole minutes from their tallies,
+    /// the partial minutes at either end job by job.
     pub fn stats(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Stats {
-        let mut s = Stats {
-            since: Some(since),
-            until: Some(until),
-            ..Stats::default()
-        };
         let (from, to) = (since.timestamp_micros(), until.timestamp_micros());
-        if from >= to {
-            return s;
+        let mut t = Tally::default();
+        if from < to {
+            self.tally(from, to, &mut t);
         }
-        // Whole minutes [first, last): every change in them is inside.
-        let first = from.div_euclid(MINUTE_MICROS) + i64::from(from.rem_euclid(MINUTE_MICROS) != 0);
-        let last = to.div_euclid(MINUTE_MICROS);
-        let edges = |a: i64, b: i64, s: &mut Stats| {
-            for (_, id) in self.changed.range((a, Uuid::nil())..(b, Uuid::nil())) {
-                if let Some(j) = self.jobs.get(id) {
-                    s.add(&Tally::of(j));
+        t.into_stats(since, until)
+    }
+
+    /// Adds the changes in `[from, to)` (microseconds) to `t`.
+    fn tally(&self, from: i64, to: i64, t: &mut Tally) {
+        let ceil = |x: i64, unit: i64| x.div_euclid(unit) + i64::from(x.rem_euclid(unit) != 0);
+        let jobs = |a: i64, b: i64, t: &mut Tally| {
+            if a < b {
+                for (_, id) in self.changed.range((a, Uuid::nil())..(b, Uuid::nil())) {
+                    if let Some(j) = self.jobs.get(id) {
+                        t.change(j, true);
+                    }
                 }
             }
         };
-        if first >= last {
-            edges(from, to, &mut s);
-            return s;
+        // Whole minutes [m0, m1), whole hours [h0, h1) within them.
+        let (m0, m1) = (ceil(from, MINUTE_MICROS), to.div_euclid(MINUTE_MICROS));
+        if m0 >= m1 {
+            jobs(from, to, t);
+            return;
         }
-        edges(from, first * MINUTE_MICROS, &mut s);
-        for t in self.minutes.range(first..last).map(|(_, t)| t) {
-            s.add(t);
+        jobs(from, m0 * MINUTE_MICROS, t);
+        let (h0, h1) = (ceil(m0 * MINUTE_MICROS, HOUR_MICROS), m1.div_euclid(60));
+        let minutes = |a: i64, b: i64, t: &mut Tally| {
+            if a < b {
+                for (_, m) in self.minutes.range(a..b) {
+                    t.merge(m);
+                }
+            }
+        };
+        if h0 < h1 {
+            minutes(m0, h0 * 60, t);
+            for (_, h) in self.hours.range(h0..h1) {
+                t.merge(h);
+            }
+            minutes(h1 * 60, m1, t);
+        } else {
+            minutes(m0, m1, t);
         }
-        edges(last * MINUTE_MICROS, to, &mut s);
-        s
+        jobs(m1 * MINUTE_MICROS, to, t);
     }
 
     /// One page of the jobs matching `filter`, newest first, and how many
-    /// match in all. Walks the smallest posting set the filter names (all
-    /// jobs when it names none), only within its creation-time range.
-    pub fn search(&self, filter: &Filter, limit: usize, offset: usize) -> (Vec<JobSummary>, usize) {
+    /// match in all (counted up to [`TOTAL_CAP`] past the page). Walks the
+    /// smallest posting set the filter names (all jobs when it names none),
+    /// only within its creation-time range.
+    pub fn search(&self, filter: &Filter, limit: usize, offset: usize) -> SearchResult {
+        let empty = SearchResult {
+            jobs: Vec::new(),
+            total: 0,
+            total_exact: true,
+        };
+        // A source message triggers a few jobs at most: start from them.
+        if let Some(m) = &filter.source_message_id {
+            let keys = self
+                .sources
+                .get(&source_hash(m))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            return self.walk(keys.iter(), filter, limit, offset);
+        }
         let mut base = &self.order;
-        for f in filter.facets() {
-            match self.postings.get(&f) {
+        let facets = filter.facets();
+        for f in &facets {
+            match self.postings.get(f) {
                 Some(set) if set.len() < base.len() => base = set,
                 Some(_) => {}
-                None => return (Vec::new(), 0),
+                None => return empty,
             }
+        }
+        if facets.len() <= 1 && filter.since.is_none() && filter.until.is_none() {
+            // The set is exactly the answer: no need to look at each job.
+            let jobs = base
+                .iter()
+                .skip(offset)
+                .take(limit)
+                .filter_map(|(_, id)| self.jobs.get(id).cloned())
+                .collect();
+            return SearchResult {
+                jobs,
+                total: base.len(),
+                total_exact: true,
+            };
         }
         // Newest first: `until` (exclusive) bounds the start of the walk,
         // `since` (inclusive) its end.
@@ -369,36 +494,46 @@ impl JobIndex {
         };
         if let (Bound::Excluded(a), Bound::Included(b)) = (&start, &end) {
             if a >= b {
-                return (Vec::new(), 0);
+                return empty;
             }
         }
-        let only_base =
-            filter.facets().len() <= 1 && filter.since.is_none() && filter.until.is_none();
-        if only_base {
-            // The set is exactly the answer: no need to look at each job.
-            let page = base
-                .iter()
-                .skip(offset)
-                .take(limit)
-                .filter_map(|(_, id)| self.jobs.get(id).cloned())
-                .collect();
-            return (page, base.len());
-        }
-        let mut page = Vec::with_capacity(limit.min(base.len()));
+        self.walk(base.range((start, end)), filter, limit, offset)
+    }
+
+    fn walk<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a Key>,
+        filter: &Filter,
+        limit: usize,
+        offset: usize,
+    ) -> SearchResult {
+        let cap = offset.saturating_add(limit).saturating_add(TOTAL_CAP);
+        let mut jobs = Vec::with_capacity(limit.min(64));
         let mut total = 0;
-        for (_, id) in base.range((start, end)) {
+        for (_, id) in keys {
             let Some(job) = self.jobs.get(id) else {
                 continue;
             };
             if !filter.matches(job) {
                 continue;
             }
-            if total >= offset && page.len() < limit {
-                page.push(job.clone());
+            if total >= cap {
+                return SearchResult {
+                    jobs,
+                    total,
+                    total_exact: false,
+                };
+            }
+            if total >= offset && jobs.len() < limit {
+                jobs.push(job.clone());
             }
             total += 1;
         }
-        (page, total)
+        SearchResult {
+            jobs,
+            total,
+            total_exact: true,
+        }
     }
 }
 
@@ -598,7 +733,7 @@ mod tests {
             blame: Some(Blame::ThirdParty),
             ..Filter::default()
         };
-        assert_eq!(idx.search(&filter, 10, 0).1, 1);
+        assert_eq!(idx.search(&filter, 10, 0).total, 1);
     }
     use chrono::TimeZone;
 
@@ -635,11 +770,13 @@ mod tests {
             };
             idx.upsert(job(i, i as i64, state, if i < 5 { "a" } else { "b" }, "p"));
         }
-        let (all, total) = idx.search(&Filter::default(), 3, 0);
+        let SearchResult {
+            jobs: all, total, ..
+        } = idx.search(&Filter::default(), 3, 0);
         assert_eq!(total, 10);
         let ids: Vec<u128> = all.iter().map(|j| j.id.as_u128()).collect();
         assert_eq!(ids, vec![9, 8, 7]);
-        let (page, _) = idx.search(&Filter::default(), 3, 8);
+        let page = idx.search(&Filter::default(), 3, 8).jobs;
         assert_eq!(
             page.iter().map(|j| j.id.as_u128()).collect::<Vec<_>>(),
             vec![1, 0]
@@ -650,7 +787,9 @@ mod tests {
             task: Some("a".into()),
             ..Filter::default()
         };
-        let (page, total) = idx.search(&f, 100, 0);
+        let SearchResult {
+            jobs: page, total, ..
+        } = idx.search(&f, 100, 0);
         assert_eq!(total, 2);
         assert_eq!(
             page.iter().map(|j| j.id.as_u128()).collect::<Vec<_>>(),
@@ -677,18 +816,14 @@ mod tests {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Stats {
-        let mut s = Stats {
-            since: Some(since),
-            until: Some(until),
-            ..Stats::default()
-        };
+        let mut t = Tally::default();
         for j in all
             .values()
             .filter(|j| j.updated_at >= since && j.updated_at < until)
         {
-            s.add(&Tally::of(j));
+            t.change(j, true);
         }
-        s
+        t.into_stats(since, until)
     }
 
     /// xorshift: reproducible without a dependency.
@@ -762,7 +897,12 @@ mod tests {
                 until: (rng.below(3) == 0).then(|| at(&mut rng)),
             };
             let (limit, offset) = (1 + rng.below(20) as usize, rng.below(30) as usize);
-            let (page, total) = idx.search(&f, limit, offset);
+            let SearchResult {
+                jobs: page,
+                total,
+                total_exact,
+            } = idx.search(&f, limit, offset);
+            assert!(total_exact);
             let got: Vec<Uuid> = page.iter().map(|j| j.id).collect();
             assert_eq!(
                 (got, total),
@@ -781,6 +921,75 @@ mod tests {
         assert_eq!(idx.len(), all.len());
     }
 
+    /// Past the cap a count stops and says so; the page is still right,
+    /// and a single facet without a time range is counted exactly.
+    #[test]
+    fn huge_counts_stop_at_the_cap_and_say_so() {
+        let mut idx = JobIndex::default();
+        let n = TOTAL_CAP + 2000;
+        for i in 0..n {
+            idx.upsert(job(i as u128, i as i64, JobState::Finished, "t", "p"));
+        }
+        let f = Filter {
+            state: Some(JobState::Finished),
+            task: Some("t".into()),
+            ..Filter::default()
+        };
+        let r = idx.search(&f, 10, 5);
+        assert!(!r.total_exact);
+        assert_eq!(r.total, 15 + TOTAL_CAP);
+        let ids: Vec<u128> = r.jobs.iter().map(|j| j.id.as_u128()).collect();
+        assert_eq!(
+            ids,
+            ((n - 15) as u128..(n - 5) as u128)
+                .rev()
+                .collect::<Vec<_>>()
+        );
+        let exact = idx.search(
+            &Filter {
+                task: Some("t".into()),
+                ..Filter::default()
+            },
+            10,
+            0,
+        );
+        assert_eq!((exact.total, exact.total_exact), (n, true));
+    }
+
+    /// Windows over days add up hour, minute and single-job tallies the
+    /// same as counting every job.
+    #[test]
+    fn long_windows_use_hours_and_agree_with_counting() {
+        let mut idx = JobIndex::default();
+        let mut all = HashMap::new();
+        for i in 0..3000i64 {
+            let mut j = job(i as u128, i * 97, JobState::ALL[(i % 6) as usize], "t", "p");
+            if i % 5 == 0 {
+                j.blame = Some(Blame::System);
+                j.detail = Some("oom".into());
+            }
+            j.attempt = (i % 3) as u32;
+            all.insert(j.id, j.clone());
+            idx.upsert(j);
+        }
+        let base = Utc.timestamp_opt(1_700_000_000, 0).single().expect("time");
+        for (a, b) in [
+            (0, 291_000),
+            (59, 3601),
+            (3599, 86_401),
+            (-100, 400_000),
+            (7200, 7200),
+        ] {
+            let since = base + chrono::Duration::seconds(a) + chrono::Duration::milliseconds(3);
+            let until = base + chrono::Duration::seconds(b);
+            assert_eq!(
+                idx.stats(since, until),
+                naive_stats(&all, since, until),
+                "{a}..{b}"
+            );
+        }
+    }
+
     #[test]
     fn upsert_replaces_and_remove_forgets() {
         let mut idx = JobIndex::default();
@@ -793,10 +1002,10 @@ mod tests {
             state: Some(JobState::Running),
             ..Filter::default()
         };
-        assert_eq!(idx.search(&f, 10, 0).1, 1);
+        assert_eq!(idx.search(&f, 10, 0).total, 1);
         assert!(idx.remove(&Uuid::from_u128(1)).is_some());
         assert!(idx.is_empty());
         assert_eq!(idx.count(JobState::Running), 0);
-        assert_eq!(idx.search(&Filter::default(), 10, 0), (vec![], 0));
+        assert_eq!(idx.search(&Filter::default(), 10, 0).total, 0);
     }
 }

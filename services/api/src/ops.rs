@@ -388,7 +388,11 @@ impl Ops {
                 "the job index is still loading; try again",
             ));
         }
-        let (jobs, total) = self.index.lock().search(&filter, limit, offset);
-        Ok(ListReply { jobs, total })
+        let r = self.index.lock().search(&filter, limit, offset);
+        Ok(ListReply {
+            jobs: r.jobs,
+            total: r.total,
+            total_exact: r.total_exact,
+        })
     }
 }

@@ -95,8 +95,16 @@ pub struct StatsQuery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListReply {
     pub jobs: Vec<JobSummary>,
-    /// How many jobs match the filters, over all pages.
+    /// How many jobs match the filters, over all pages; at least this
+    /// many when `total_exact` is false (a search counts at most
+    /// `index::TOTAL_CAP` matches past its page, so it stays fast).
     pub total: usize,
+    #[serde(default = "exact")]
+    pub total_exact: bool,
+}
+
+fn exact() -> bool {
+    true
 }
 
 /// An error reply: `{"error": {"code": "...", "message": "..."}}`.

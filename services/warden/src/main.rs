@@ -3,6 +3,7 @@
 //! (`check`).
 
 mod bench;
+mod bench_search;
 mod check;
 mod classify;
 mod cli;
@@ -67,6 +68,8 @@ pub enum Command {
     },
     /// Run no-op jobs end to end through a real local bus and print throughput and latency
     Bench(BenchArgs),
+    /// Search and statistics latency with a large job history (a million jobs by default)
+    BenchSearch(BenchSearchArgs),
     /// Counts by state, blame and detail over a window (jobs last changed in it)
     Stats {
         /// How far back: 1h, 24h, 7days
@@ -191,6 +194,20 @@ pub struct WorkerArgs {
 }
 
 #[derive(Args, Clone)]
+pub struct BenchSearchArgs {
+    /// Jobs loaded into the API's index
+    #[arg(long, default_value_t = 1_000_000)]
+    pub jobs: usize,
+    /// Times each search and statistics window is run
+    #[arg(long, default_value_t = 50)]
+    pub repeat: usize,
+    /// Also write this many job records to a real jobs bucket and time a
+    /// real API's catch-up and its searches over NATS (0: skip)
+    #[arg(long, default_value_t = 0)]
+    pub bus_jobs: usize,
+}
+
+#[derive(Args, Clone)]
 pub struct BenchArgs {
     /// Jobs in the burst
     #[arg(long, default_value_t = 10_000)]
@@ -293,6 +310,7 @@ async fn main() {
             resources::hook(&config, consumer, command).await
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
+        Command::BenchSearch(args) => bench_search::run(config, args.clone()).await,
         Command::Classify(args) => classify::run(&config, args),
         Command::Stats { window, json } => cli::stats(&config, window, *json).await,
         Command::Check(_) => unreachable!("handled above"),
