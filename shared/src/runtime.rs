@@ -314,8 +314,22 @@ pub async fn drain(
             "tasks still running after grace period"
         );
     }
-    let _ = client.flush().await;
+    flush(client).await;
 }
+
+/// Flushes what this client published, for at most a few seconds: with
+/// the bus gone a flush waits for a reconnect that may never come, and a
+/// SIGTERM must still end the process.
+pub async fn flush(client: &async_nats::Client) {
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not flush to NATS before stopping"),
+        Err(_) => tracing::warn!("could not flush to NATS before stopping (bus unreachable)"),
+    }
+}
+
+/// How long a stopping service tries to flush what it published.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
 pub async fn serve_metrics(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {

@@ -71,3 +71,28 @@ async fn jobs_survive_a_restart_of_everything() {
     assert_eq!(job["attempt"], 2, "{job}");
     assert_eq!(state(&warden, &waiting).await.as_deref(), Some("FINISHED"));
 }
+
+/// SIGTERM ends `warden up` (two local workers included) even when the
+/// bus went away first: flushing to a server that never comes back must
+/// not hold the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_everything_after_the_bus_is_gone() {
+    let mut nats = NatsServer::start();
+    let mut warden = Warden::up(&nats.url(), CONFIG, 2);
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let code = warden.stop();
+    eprintln!("stopped in {:?}", started.elapsed());
+    assert!(
+        code.is_some(),
+        "warden up still running {:?} after SIGTERM with the bus gone; log:\n{}",
+        started.elapsed(),
+        warden.log_text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -64,7 +64,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         });
     }
     let _ = service.stop().await;
-    let _ = client.flush().await;
+    warden_shared::runtime::flush(&client).await;
     info!("classifier stopped");
     Ok(())
 }

@@ -104,7 +104,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             .await;
         }
     }
-    let _ = client.flush().await;
+    warden_shared::runtime::flush(&client).await;
     info!("trigger stopped");
     Ok(())
 }

@@ -200,7 +200,7 @@ pub async fn run_with(
         )
         .await;
     }
-    let _ = agent.client.flush().await;
+    warden_shared::runtime::flush(&agent.client).await;
     info!(bot.id = %agent.bot_id, "worker stopped");
     Ok(())
 }
