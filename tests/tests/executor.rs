@@ -437,7 +437,13 @@ async fn bad_state_switches_get_clear_errors_and_change_nothing() {
     }
     assert_eq!(c.job(&id).await, before, "a refused switch changed the job");
 
-    // Cancelled by an operator while the executor holds it: told so.
+    // Cancelled by an operator while the executor holds it: told so, also
+    // when it had already said RUNNING (the keep-alive is no repeat of an
+    // applied switch once the attempt is gone).
+    let (status, reply) = c
+        .post(&state_url, json!({"token": token, "state": "RUNNING"}))
+        .await;
+    assert_eq!((status, &reply["applied"]), (200, &json!(true)), "{reply}");
     let (status, _) = c
         .post(&format!("/api/v1/jobs/{id}/cancel"), json!({}))
         .await;
