@@ -372,10 +372,27 @@ mod tests {
             (Method::POST, "/api/v1/jobs/{id}/cancel", "job_cancel"),
             (Method::GET, "/api/v1/jobs/{id}", "job_get"),
             (Method::GET, "/api/v1/jobs/{id}/retry", "other"),
+            (Method::GET, "/api/v1/openapi.json", "openapi"),
+            (Method::GET, "/metrics", "metrics"),
+            (Method::HEAD, "/healthz", "healthz"),
         ] {
             assert_eq!(route_name(&method, Some(path)), name, "{method} {path}");
         }
         assert_eq!(route_name(&Method::POST, None), "other");
+        let mut names: Vec<&str> = ROUTES.iter().map(|r| r.name).collect();
+        names.extend(SHARED_ROUTES.iter().map(|(_, _, n)| *n));
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "route names are unique");
+        for r in ROUTES {
+            assert_eq!(route_name(&r.method, Some(r.path)), r.name);
+            assert!(
+                MethodFilter::try_from(r.method.clone()).is_ok(),
+                "{}",
+                r.method
+            );
+        }
     }
 
     #[test]

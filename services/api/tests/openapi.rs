@@ -121,7 +121,9 @@ fn the_document_is_openapi_3_1_and_its_references_resolve() {
 #[test]
 fn the_document_describes_exactly_the_routes_the_router_serves() {
     let doc = doc();
-    let mut served: BTreeMap<(String, String), (&str, Option<&[u16]>)> = BTreeMap::new();
+    // (method, path) → (route name, its statuses; none for the shared routes).
+    type Served<'a> = BTreeMap<(String, String), (&'a str, Option<&'a [u16]>)>;
+    let mut served: Served = BTreeMap::new();
     for r in ROUTES {
         let dup = served.insert(
             (r.method.as_str().to_string(), r.path.to_string()),
