@@ -595,6 +595,7 @@ fn the_schemas_match_the_bodies() {
         &ListReply {
             jobs: vec![job.summary()],
             total: 1,
+            total_exact: false,
         },
     );
     let execution = Execution {
