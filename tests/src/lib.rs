@@ -136,6 +136,26 @@ impl Warden {
         );
     }
 
+    /// Waits until an external executor's take is answered (`200`, no job:
+    /// the probe's pool is served by nobody), i.e. until the fencing
+    /// service and the scheduler, which start beside the API, answer too.
+    /// `/healthz` only says the API is up. The probe leaves a closed
+    /// session of bot `readiness-probe`.
+    pub async fn wait_takes(&self, token: Option<&str>) {
+        let http = reqwest::Client::new();
+        let url = self.url("/api/v1/executions");
+        eventually(Duration::from_secs(30), "takes answered", || {
+            let mut req = http
+                .post(&url)
+                .body(r#"{"bot_id": "readiness-probe", "pools": ["readiness-probe"]}"#);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            async move { (req.send().await.ok()?.status() == 200).then_some(()) }
+        })
+        .await;
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -126,6 +126,7 @@ fn without_history(mut job: Value) -> Value {
 async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing() {
     let nats = NatsServer::start();
     let warden = Warden::up(&nats.url(), CONFIG, 0);
+    warden.wait_takes(Some(TOKEN)).await;
     let c = Client {
         http: reqwest::Client::new(),
         base: warden.http.clone(),
@@ -293,6 +294,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
 async fn bad_state_switches_get_clear_errors_and_change_nothing() {
     let nats = NatsServer::start();
     let warden = Warden::up(&nats.url(), CONFIG, 0);
+    warden.wait_takes(Some(TOKEN)).await;
     let c = Client {
         http: reqwest::Client::new(),
         base: warden.http.clone(),
@@ -437,7 +439,13 @@ async fn bad_state_switches_get_clear_errors_and_change_nothing() {
     }
     assert_eq!(c.job(&id).await, before, "a refused switch changed the job");
 
-    // Cancelled by an operator while the executor holds it: told so.
+    // Cancelled by an operator while the executor holds it: told so, also
+    // when it had already said RUNNING (the keep-alive is no repeat of an
+    // applied switch once the attempt is gone).
+    let (status, reply) = c
+        .post(&state_url, json!({"token": token, "state": "RUNNING"}))
+        .await;
+    assert_eq!((status, &reply["applied"]), (200, &json!(true)), "{reply}");
     let (status, _) = c
         .post(&format!("/api/v1/jobs/{id}/cancel"), json!({}))
         .await;
@@ -453,6 +461,7 @@ async fn bad_state_switches_get_clear_errors_and_change_nothing() {
 async fn a_silent_executor_loses_its_job_and_the_api_answers_over_nats_too() {
     let nats = NatsServer::start();
     let warden = Warden::up(&nats.url(), CONFIG, 0);
+    warden.wait_takes(Some(TOKEN)).await;
     let c = Client {
         http: reqwest::Client::new(),
         base: warden.http.clone(),

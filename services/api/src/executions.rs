@@ -402,11 +402,17 @@ impl Ops {
         let job = self.get(&id).await?;
 
         // A repeated call (the answer to the first was lost) changes nothing.
+        // RUNNING again is also the keep-alive: once the attempt is no
+        // longer the executor's (cancelled, taken back) it is refused below
+        // like any stale report, not answered as applied.
         if let Seen::Applied = seen(&job, &token, action) {
-            if switch == Switch::Running {
-                self.renew(&job, &token).await?;
+            if switch != Switch::Running {
+                return Ok(StateReply { applied: true, job });
             }
-            return Ok(StateReply { applied: true, job });
+            if stale(&job, &token).is_none() {
+                self.renew(&job, &token).await?;
+                return Ok(StateReply { applied: true, job });
+            }
         }
         let lease = job.lease.clone();
         let report = |kind: ReportKind| Report {

@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 
 use crate::metrics;
@@ -28,19 +28,124 @@ impl IntoResponse for OpError {
     }
 }
 
-/// The whole HTTP surface: the job API plus `/metrics` and `/healthz`.
+/// One route of the job API: the single list [`router`] is built from,
+/// [`route_name`] names metrics by, and the OpenAPI document
+/// (`services/api/openapi.json`) is checked against (`tests/openapi.rs`).
+pub struct Route {
+    pub method: Method,
+    /// The path as axum matches it (`{id}` is a job id).
+    pub path: &'static str,
+    /// The `route` label of `warden_api_requests_total`, and the
+    /// operation's `operationId` in the OpenAPI document.
+    pub name: &'static str,
+    /// Every status the route answers with, success and errors.
+    pub statuses: &'static [u16],
+    handler: fn(MethodFilter) -> MethodRouter<Arc<Ops>>,
+}
+
+/// The job API. Writes (POST) need the bearer token when one is set.
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: Method::GET,
+        path: "/api/v1/jobs",
+        name: "job_list",
+        statuses: &[200, 400, 503],
+        handler: |m| on(m, list_jobs),
+    },
+    Route {
+        method: Method::POST,
+        path: "/api/v1/jobs",
+        name: "job_create",
+        statuses: &[201, 400, 401, 409, 413, 500, 503],
+        handler: |m| on(m, create_job),
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/v1/jobs/{id}",
+        name: "job_get",
+        statuses: &[200, 400, 404, 500, 503],
+        handler: |m| on(m, get_job),
+    },
+    Route {
+        method: Method::POST,
+        path: "/api/v1/jobs/{id}/retry",
+        name: "job_retry",
+        statuses: &[200, 400, 401, 404, 409, 413, 500, 503],
+        handler: |m| on(m, retry_job),
+    },
+    Route {
+        method: Method::POST,
+        path: "/api/v1/jobs/{id}/cancel",
+        name: "job_cancel",
+        statuses: &[200, 400, 401, 404, 409, 413, 500, 503],
+        handler: |m| on(m, cancel_job),
+    },
+    Route {
+        method: Method::POST,
+        path: "/api/v1/jobs/{id}/state",
+        name: "job_state",
+        statuses: &[200, 202, 400, 401, 404, 409, 413, 500, 503],
+        handler: |m| on(m, switch_state),
+    },
+    Route {
+        method: Method::POST,
+        path: "/api/v1/executions",
+        name: "execution_take",
+        statuses: &[200, 400, 401, 413, 500, 503],
+        handler: |m| on(m, take),
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/v1/stats",
+        name: "stats",
+        statuses: &[200, 400, 503],
+        handler: |m| on(m, stats),
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/v1/bots",
+        name: "bots",
+        statuses: &[200, 400, 503],
+        handler: |m| on(m, bots),
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/v1/resources",
+        name: "resources",
+        statuses: &[200, 503],
+        handler: |m| on(m, resources),
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/v1/openapi.json",
+        name: "openapi",
+        statuses: &[200],
+        handler: |m| on(m, openapi),
+    },
+];
+
+/// Served by `warden_shared::metrics::router()` beside the job API, with
+/// their route names.
+pub const SHARED_ROUTES: &[(Method, &str, &str)] = &[
+    (Method::GET, "/metrics", "metrics"),
+    (Method::GET, "/healthz", "healthz"),
+];
+
+/// The OpenAPI 3.1 document of this API, served at
+/// `GET /api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// The whole HTTP surface: the job API ([`ROUTES`]) plus `/metrics` and
+/// `/healthz`.
 pub fn router(ops: Arc<Ops>) -> Router {
     let max_body = ops.config.http.max_body_bytes;
-    let api = Router::new()
-        .route("/api/v1/jobs", get(list_jobs).post(create_job))
-        .route("/api/v1/jobs/{id}", get(get_job))
-        .route("/api/v1/jobs/{id}/retry", post(retry_job))
-        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/api/v1/jobs/{id}/state", post(switch_state))
-        .route("/api/v1/executions", post(take))
-        .route("/api/v1/stats", get(stats))
-        .route("/api/v1/bots", get(bots))
-        .route("/api/v1/resources", get(resources))
+    let mut api = Router::new();
+    for r in ROUTES {
+        let filter = MethodFilter::try_from(r.method.clone())
+            .expect("every route's method is one axum can route");
+        api = api.route(r.path, (r.handler)(filter));
+    }
+    let api = api
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
@@ -48,6 +153,10 @@ pub fn router(ops: Arc<Ops>) -> Router {
     api.merge(warden_shared::metrics::router())
         .fallback(not_found)
         .layer(middleware::from_fn(track))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn create_job(
@@ -236,21 +345,20 @@ async fn track(req: Request, next: Next) -> Response {
 }
 
 fn route_name(method: &Method, path: Option<&str>) -> &'static str {
-    match (path, method) {
-        (Some("/api/v1/jobs"), &Method::POST) => "job_create",
-        (Some("/api/v1/jobs"), &Method::GET) => "job_list",
-        (Some("/api/v1/jobs/{id}"), &Method::GET) => "job_get",
-        (Some("/api/v1/jobs/{id}/retry"), &Method::POST) => "job_retry",
-        (Some("/api/v1/jobs/{id}/cancel"), &Method::POST) => "job_cancel",
-        (Some("/api/v1/jobs/{id}/state"), &Method::POST) => "job_state",
-        (Some("/api/v1/executions"), &Method::POST) => "execution_take",
-        (Some("/api/v1/stats"), &Method::GET) => "stats",
-        (Some("/api/v1/bots"), &Method::GET) => "bots",
-        (Some("/api/v1/resources"), &Method::GET) => "resources",
-        (Some("/metrics"), _) => "metrics",
-        (Some("/healthz"), _) => "healthz",
-        _ => "other",
+    let Some(path) = path else {
+        return "other";
+    };
+    if let Some(r) = ROUTES
+        .iter()
+        .find(|r| r.path == path && r.method == *method)
+    {
+        return r.name;
     }
+    // Any method: axum's `get` also answers HEAD.
+    SHARED_ROUTES
+        .iter()
+        .find(|(_, p, _)| *p == path)
+        .map_or("other", |(_, _, name)| name)
 }
 
 #[cfg(test)]
@@ -264,10 +372,27 @@ mod tests {
             (Method::POST, "/api/v1/jobs/{id}/cancel", "job_cancel"),
             (Method::GET, "/api/v1/jobs/{id}", "job_get"),
             (Method::GET, "/api/v1/jobs/{id}/retry", "other"),
+            (Method::GET, "/api/v1/openapi.json", "openapi"),
+            (Method::GET, "/metrics", "metrics"),
+            (Method::HEAD, "/healthz", "healthz"),
         ] {
             assert_eq!(route_name(&method, Some(path)), name, "{method} {path}");
         }
         assert_eq!(route_name(&Method::POST, None), "other");
+        let mut names: Vec<&str> = ROUTES.iter().map(|r| r.name).collect();
+        names.extend(SHARED_ROUTES.iter().map(|(_, _, n)| *n));
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "route names are unique");
+        for r in ROUTES {
+            assert_eq!(route_name(&r.method, Some(r.path)), r.name);
+            assert!(
+                MethodFilter::try_from(r.method.clone()).is_ok(),
+                "{}",
+                r.method
+            );
+        }
     }
 
     #[test]

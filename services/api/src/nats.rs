@@ -24,6 +24,22 @@ use warden_shared::job::NewJob;
 
 const ENDPOINTS: usize = 10;
 
+/// Every endpoint (name, subject), in the order [`serve`] takes them. The
+/// name is the HTTP route's; the OpenAPI document names each subject in
+/// its operation's `x-nats-subject` (checked by `tests/openapi.rs`).
+pub const ENDPOINT_SUBJECTS: [(&str, &str); ENDPOINTS] = [
+    ("job_create", subjects::API_JOB_CREATE),
+    ("job_get", subjects::API_JOB_GET),
+    ("job_list", subjects::API_JOB_LIST),
+    ("job_retry", subjects::API_JOB_RETRY),
+    ("job_cancel", subjects::API_JOB_CANCEL),
+    ("stats", subjects::API_STATS),
+    ("job_state", subjects::API_JOB_STATE),
+    ("execution_take", subjects::API_EXECUTION_TAKE),
+    ("bots", subjects::API_BOTS),
+    ("resources", subjects::API_RESOURCES),
+];
+
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
     Create,
@@ -76,18 +92,7 @@ pub async fn start(
         .start(subjects::API_SERVICE, env!("CARGO_PKG_VERSION"))
         .await?;
     let mut endpoints = Vec::with_capacity(ENDPOINTS);
-    for (name, subject) in [
-        ("job_create", subjects::API_JOB_CREATE),
-        ("job_get", subjects::API_JOB_GET),
-        ("job_list", subjects::API_JOB_LIST),
-        ("job_retry", subjects::API_JOB_RETRY),
-        ("job_cancel", subjects::API_JOB_CANCEL),
-        ("stats", subjects::API_STATS),
-        ("job_state", subjects::API_JOB_STATE),
-        ("execution_take", subjects::API_EXECUTION_TAKE),
-        ("bots", subjects::API_BOTS),
-        ("resources", subjects::API_RESOURCES),
-    ] {
+    for (name, subject) in ENDPOINT_SUBJECTS {
         endpoints.push(svc.endpoint_builder().name(name).add(subject).await?);
     }
     let endpoints: [service::endpoint::Endpoint; ENDPOINTS] =
