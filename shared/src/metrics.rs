@@ -142,12 +142,78 @@ pub async fn metrics_handler() -> impl IntoResponse {
 pub fn router() -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+}
+
+fn readiness() -> &'static std::sync::Mutex<std::collections::BTreeMap<String, bool>> {
+    static R: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeMap<String, bool>>> =
+        std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn set_ready(service: &str, ready: bool) {
+    readiness()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(service.to_string(), ready);
+}
+
+/// A service of this process is starting: `/healthz` answers 503 until
+/// it calls [`ready`]. `warden up` calls it for every service before
+/// starting any, so its `/healthz` is 200 only once all of them answer.
+pub fn starting(service: &str) {
+    set_ready(service, false);
+}
+
+/// The service answers on the bus (its subscriptions and consumers are
+/// in place).
+pub fn ready(service: &str) {
+    set_ready(service, true);
+}
+
+/// The services of this process that are not ready yet.
+pub fn not_ready() -> Vec<String> {
+    readiness()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(_, ready)| !**ready)
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// 200 `ok` once every service of the process is ready, else 503 naming
+/// the ones still starting.
+async fn healthz() -> (axum::http::StatusCode, String) {
+    let waiting = not_ready();
+    if waiting.is_empty() {
+        (axum::http::StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("starting: {}\n", waiting.join(", ")),
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn healthz_waits_for_every_service_of_the_process() {
+        starting("test-ready-a");
+        starting("test-ready-b");
+        ready("test-ready-a");
+        let (status, body) = healthz().await;
+        assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("test-ready-b") && !body.contains("test-ready-a"),
+            "{body}"
+        );
+        ready("test-ready-b");
+        assert!(!not_ready().iter().any(|n| n.starts_with("test-ready")));
+    }
 
     #[test]
     fn each_service_has_its_own_connection_state() {

@@ -75,6 +75,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ApiError> {
     let addr = listener.local_addr().map_err(ApiError::Http)?;
+    warden_shared::metrics::starting("api");
     metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "api").await?;
     let index = Arc::new(index::SharedIndex::default());
@@ -106,6 +107,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
     let mut server = tokio::spawn(server);
+    warden_shared::metrics::ready("api");
     info!(%addr, "api listening");
 
     let early = tokio::select! {

@@ -30,6 +30,7 @@ pub enum ClassifierError {
 
 /// Runs one classifier replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ClassifierError> {
+    warden_shared::metrics::starting("classifier");
     let classifier = Arc::new(Classifier::from_config(&config).map_err(ClassifierError::Rules)?);
     crate::metrics::init(classifier.catalogue());
     let client = runtime::connect(&config, "classifier").await?;
@@ -45,6 +46,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .add(subjects::CLASSIFY)
         .await
         .map_err(ClassifierError::Service)?;
+    warden_shared::metrics::ready("classifier");
     info!(
         rules = classifier.rule_names().count(),
         "classifier running"

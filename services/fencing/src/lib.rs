@@ -367,6 +367,7 @@ async fn sweep_loop(
 
 /// Runs the session service until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), FencingError> {
+    warden_shared::metrics::starting("fencing");
     metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "fencing").await?;
     let sessions = Arc::new(Sessions::new(
@@ -398,6 +399,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         config.fencing.session_timeout,
         shutdown.clone(),
     ));
+    warden_shared::metrics::ready("fencing");
     info!("fencing service running");
     loop {
         let (op, req) = tokio::select! {

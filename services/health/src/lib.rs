@@ -860,6 +860,7 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// Runs one health replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), HealthError> {
+    warden_shared::metrics::starting("health");
     metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "health").await?;
     let health = Arc::new(Health {
@@ -908,6 +909,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     ));
     tracker.spawn(suspects_loop(health.clone(), consumer, shutdown.clone()));
     tracker.spawn(tick_loop(health.clone(), tracker.clone(), shutdown.clone()));
+    warden_shared::metrics::ready("health");
     info!("health service running");
     loop {
         let (op, req) = tokio::select! {

@@ -205,6 +205,7 @@ impl Shared {
 
 /// Runs one scheduler replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+    warden_shared::metrics::starting("scheduler");
     metrics::init(&config);
     let (client, handles) = runtime::connect_with_topology(&config, "scheduler").await?;
     let shared = Arc::new(Shared {
@@ -281,6 +282,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         queue_endpoint,
         shutdown.clone(),
     ));
+    warden_shared::metrics::ready("scheduler");
     info!("scheduler running");
     shutdown.cancelled().await;
     let _ = service.stop().await;

@@ -52,6 +52,7 @@ enum Disposition {
 }
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), TriggerError> {
+    warden_shared::metrics::starting("trigger");
     metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "trigger").await?;
     let stream = handles
@@ -69,6 +70,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         js: handles.js.clone(),
         config: config.clone(),
     });
+    warden_shared::metrics::ready("trigger");
     info!(rules = config.trigger.rules.len(), "trigger running");
     while !shutdown.is_cancelled() {
         let messages = match consumer.messages().await {

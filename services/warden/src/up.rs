@@ -36,6 +36,17 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     let shutdown = runtime::shutdown_on_signal();
     let config = Arc::new(config);
     let mut set: JoinSet<ServiceResult> = JoinSet::new();
+    // /healthz says 503 until every service below answers on the bus.
+    for name in [
+        "trigger",
+        "scheduler",
+        "fencing",
+        "api",
+        "health",
+        "classifier",
+    ] {
+        warden_shared::metrics::starting(name);
+    }
     start(
         &mut set,
         "trigger",
