@@ -169,6 +169,25 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
             list[0]
         );
     }
+    // Which job did this bus message make? Searched by its message id.
+    let by_source: serde_json::Value = serde_json::from_str(&cli_ok(
+        &url,
+        &[
+            "job",
+            "list",
+            "--source",
+            "2015-6395fb7a-e5a7-4b95-858a-ff7b80410e7f",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let ids: Vec<&str> = by_source
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id], "{by_source}");
     let bad = cli(&url, &["job", "show", "not-a-uuid"]);
     assert!(!bad.status.success());
 

@@ -146,6 +146,8 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             pool,
             blame,
             detail,
+            bot,
+            source,
             since,
             limit,
             json,
@@ -162,6 +164,8 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
                 pool: pool.clone(),
                 blame: blame.clone(),
                 detail: detail.clone(),
+                bot_id: bot.clone(),
+                source_message_id: source.clone(),
                 since: since.clone(),
                 limit: Some(*limit),
                 ..Default::default()
@@ -194,7 +198,12 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
                         j.created_at.format("%Y-%m-%d %H:%M:%S")
                     );
                 }
-                println!("({} shown of {})", reply.jobs.len(), reply.total);
+                println!(
+                    "({} shown of {}{})",
+                    reply.jobs.len(),
+                    reply.total,
+                    if reply.total_exact { "" } else { " or more" }
+                );
             }
             Ok(0)
         }

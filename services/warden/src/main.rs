@@ -151,6 +151,12 @@ pub enum JobCommand {
         /// A detail code (oom, network, ...); see docs/crash-details.md
         #[arg(long)]
         detail: Option<String>,
+        /// The bot of the job's current or last attempt
+        #[arg(long)]
+        bot: Option<String>,
+        /// The id of the bus message that triggered the job
+        #[arg(long)]
+        source: Option<String>,
         /// Jobs created at or after this RFC 3339 time
         #[arg(long)]
         since: Option<String>,
