@@ -360,33 +360,13 @@ async fn a_running_warden_ok_warning_critical() {
     );
 }
 
-/// The deploy's per-role users (`deploy/nats/cluster/accounts.conf`) with
-/// the passwords it reads from the environment filled in.
-fn accounts_conf(dir: &std::path::Path) -> std::path::PathBuf {
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/nats/cluster/accounts.conf");
-    let mut text = std::fs::read_to_string(&source).expect("accounts.conf");
-    for (var, password) in [
-        ("$NATS_WARDEN_SERVICE_PASSWORD", "\"service-pw\""),
-        ("$NATS_WARDEN_WORKER_PASSWORD", "\"worker-pw\""),
-        ("$NATS_WARDEN_PUBLISHER_PASSWORD", "\"publisher-pw\""),
-        ("$NATS_WARDEN_READONLY_PASSWORD", "\"readonly-pw\""),
-    ] {
-        assert!(text.contains(var), "{var} in accounts.conf");
-        text = text.replace(var, password);
-    }
-    let path = dir.join("accounts.conf");
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
 /// What deploy/nagios/README.md promises: the read-only user of the
 /// deploy's NATS permissions runs every check (and a wrong password is
 /// UNKNOWN, the check's own set-up, not a hang or a bus outage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_only_user_runs_every_check() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = accounts_conf(dir.path());
+    let conf = warden_testsupport::accounts_conf(dir.path());
     let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
     let url = nats.url();
     let _warden = Warden::up(

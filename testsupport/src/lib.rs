@@ -282,3 +282,37 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// The deploy's per-role users (`deploy/nats/cluster/accounts.conf`)
+/// written to `dir` with every `$NATS_WARDEN_<ROLE>_PASSWORD` it reads
+/// from the environment replaced by `<role>-pw` (e.g. `service-pw`,
+/// `readonly-pw`), so a user added to the file needs no test change.
+/// Start a server on it with `NatsServer::start_with_args(&["-c", path])`.
+pub fn accounts_conf(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/cluster/accounts.conf");
+    let mut text =
+        std::fs::read_to_string(&source).expect("read deploy/nats/cluster/accounts.conf");
+    let mut vars: Vec<String> = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("$NATS_WARDEN_") {
+        let var: String = rest[at + 1..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        vars.push(var);
+        rest = &rest[at + 1..];
+    }
+    vars.sort();
+    vars.dedup();
+    assert!(!vars.is_empty(), "no password variables in accounts.conf");
+    for var in vars {
+        let role = var
+            .trim_start_matches("NATS_WARDEN_")
+            .trim_end_matches("_PASSWORD")
+            .to_ascii_lowercase();
+        text = text.replace(&format!("${var}"), &format!("\"{role}-pw\""));
+    }
+    let path = dir.join("accounts.conf");
+    std::fs::write(&path, text).expect("write accounts.conf");
+    path
+}

@@ -331,27 +331,6 @@ async fn bad_retry_and_cancel_requests_over_nats() {
     api.stop().await;
 }
 
-/// The deploy's per-role users (`deploy/nats/cluster/accounts.conf`) with
-/// the passwords it reads from the environment filled in.
-fn accounts_conf(dir: &std::path::Path) -> std::path::PathBuf {
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy/nats/cluster/accounts.conf");
-    let mut text = std::fs::read_to_string(&source).expect("accounts.conf");
-    for (var, password) in [
-        ("$NATS_WARDEN_SERVICE_PASSWORD", "\"service-pw\""),
-        ("$NATS_WARDEN_WORKER_PASSWORD", "\"worker-pw\""),
-        ("$NATS_WARDEN_PUBLISHER_PASSWORD", "\"publisher-pw\""),
-        ("$NATS_WARDEN_READONLY_PASSWORD", "\"readonly-pw\""),
-        ("$NATS_WARDEN_EXECUTOR_PASSWORD", "\"executor-pw\""),
-    ] {
-        assert!(text.contains(var), "{var} in accounts.conf");
-        text = text.replace(var, password);
-    }
-    let path = dir.join("accounts.conf");
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
 async fn connect_as(api: &Api, user: &str, password: &str) -> async_nats::Client {
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
         .connect(api.nats.url())
@@ -364,7 +343,7 @@ async fn connect_as(api: &Api, user: &str, password: &str) -> async_nats::Client
 #[tokio::test]
 async fn only_the_service_user_may_retry_or_cancel() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let conf = accounts_conf(dir.path());
+    let conf = warden_testsupport::accounts_conf(dir.path());
     let nats = warden_testsupport::NatsServer::start_with_args(&[
         "-c",
         conf.to_str().expect("utf-8 path"),
@@ -384,6 +363,7 @@ async fn only_the_service_user_may_retry_or_cancel() {
         ("warden-readonly", "readonly-pw"),
         ("warden-worker", "worker-pw"),
         ("warden-publisher", "publisher-pw"),
+        ("warden-executor", "executor-pw"),
     ] {
         let client = ApiClient::new(connect_as(&api, user, password).await)
             .with_timeout(std::time::Duration::from_millis(500));
@@ -414,6 +394,42 @@ async fn only_the_service_user_may_retry_or_cancel() {
         })
         .await;
     assert_eq!(seen.state, JobState::Shelved);
+    // An external executor's user reaches the take and state endpoints
+    // (here an answer about the missing fencing service and a refusal of
+    // a bad token: answers, not permission errors), and reads jobs.
+    let executor = connect_as(&api, "warden-executor", "executor-pw").await;
+    for (subject, body, code) in [
+        (
+            subjects::API_EXECUTION_TAKE,
+            r#"{"bot_id": "script-1"}"#,
+            "unavailable",
+        ),
+        (
+            subjects::API_JOB_STATE,
+            r#"{"id": "x", "token": "t", "state": "RUNNING"}"#,
+            "invalid_id",
+        ),
+    ] {
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(15),
+            executor.request(subject, body.into()),
+        )
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        assert_eq!(v["error"]["code"], code, "{subject}: {v}");
+    }
+    let executor = ApiClient::new(executor);
+    assert_eq!(
+        executor
+            .get(shelved.id)
+            .await
+            .expect("get")
+            .expect("job")
+            .state,
+        JobState::Shelved
+    );
     let writer = ApiClient::new(service);
     assert_eq!(
         writer.retry(shelved.id).await.expect("retry").state,
