@@ -34,7 +34,7 @@ use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::state::Action;
 use warden_shared::{subjects, Blame, Job, JobState};
 
-use crate::ops::{OpError, Ops, MAX_REASON};
+use crate::ops::{parse_id, OpError, Ops, MAX_REASON};
 use crate::types::{Execution, StateReply, StateRequest, TakeReply, TakeRequest};
 
 /// The longest a take may wait for a job.
@@ -382,9 +382,7 @@ impl Ops {
 
     /// Switches the state of job `id` for the executor holding `req.token`.
     pub async fn switch_state(&self, id: &str, req: StateRequest) -> Result<StateReply, OpError> {
-        let id = id.parse::<Uuid>().map_err(|_| {
-            OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)"))
-        })?;
+        let id = parse_id(id)?;
         let token = ExecutionToken::parse(&req.token).ok_or_else(|| {
             OpError::bad_request(
                 "invalid_token",

@@ -108,6 +108,13 @@ impl OpError {
     }
 }
 
+/// A job id from a path or a request body: `400 invalid_id` if it is
+/// not a UUID.
+pub(crate) fn parse_id(id: &str) -> Result<Uuid, OpError> {
+    id.parse::<Uuid>()
+        .map_err(|_| OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)")))
+}
+
 /// What the operations need.
 pub struct Ops {
     pub config: Arc<Config>,
@@ -142,22 +149,17 @@ impl Ops {
     pub async fn bots(&self, q: BotsQuery) -> Result<BotsReply, OpError> {
         let state = match q.state.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             Some(s) => Some(
-                [
-                    SessionState::Active,
-                    SessionState::Quarantined,
-                    SessionState::Expired,
-                    SessionState::Closed,
-                ]
-                .into_iter()
-                .find(|st| st.as_str().eq_ignore_ascii_case(s))
-                .ok_or_else(|| {
-                    OpError::bad_request(
-                        "invalid_state",
-                        format!(
+                SessionState::ALL
+                    .into_iter()
+                    .find(|st| st.as_str().eq_ignore_ascii_case(s))
+                    .ok_or_else(|| {
+                        OpError::bad_request(
+                            "invalid_state",
+                            format!(
                             "{s:?} is not a session state (active, quarantined, expired, closed)"
                         ),
-                    )
-                })?,
+                        )
+                    })?,
             ),
             None => None,
         };
@@ -234,9 +236,7 @@ impl Ops {
     /// The job with its history, read from the bucket (never the index,
     /// which holds summaries and may lag).
     pub async fn get_str(&self, id: &str) -> Result<Job, OpError> {
-        let id = id.parse::<Uuid>().map_err(|_| {
-            OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)"))
-        })?;
+        let id = parse_id(id)?;
         self.get(&id).await
     }
 
@@ -308,9 +308,7 @@ impl Ops {
         what: &'static str,
         f: impl Fn(&mut Job, chrono::DateTime<Utc>) -> Result<(), IllegalTransition>,
     ) -> Result<Job, OpError> {
-        let id = id.parse::<Uuid>().map_err(|_| {
-            OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)"))
-        })?;
+        let id = parse_id(id)?;
         self.bus_up()?;
         for _ in 0..CHANGE_ATTEMPTS {
             let Some(current) = self.store.get(&id).await.map_err(OpError::from_store)? else {
