@@ -107,10 +107,10 @@ impl Warden {
         w
     }
 
-    /// Waits until `/healthz` answers 200. The port accepts connections as
-    /// soon as it is bound, before the services behind it (the API's NATS
-    /// endpoints among them) are registered; an HTTP answer comes only
-    /// after they are.
+    /// Waits until `/healthz` answers 200: it says 503 until every service
+    /// of `warden up` (the fencing service and the scheduler among them)
+    /// answers on the bus, so a session, an acquire or a take made after
+    /// it is answered.
     fn wait_healthy(&self) {
         use std::io::{Read, Write};
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -134,26 +134,6 @@ impl Warden {
             "warden up did not answer /healthz within 30s; log:\n{}",
             self.log_text()
         );
-    }
-
-    /// Waits until an external executor's take is answered (`200`, no job:
-    /// the probe's pool is served by nobody), i.e. until the fencing
-    /// service and the scheduler, which start beside the API, answer too.
-    /// `/healthz` only says the API is up. The probe leaves a closed
-    /// session of bot `readiness-probe`.
-    pub async fn wait_takes(&self, token: Option<&str>) {
-        let http = reqwest::Client::new();
-        let url = self.url("/api/v1/executions");
-        eventually(Duration::from_secs(30), "takes answered", || {
-            let mut req = http
-                .post(&url)
-                .body(r#"{"bot_id": "readiness-probe", "pools": ["readiness-probe"]}"#);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            async move { (req.send().await.ok()?.status() == 200).then_some(()) }
-        })
-        .await;
     }
 
     pub fn log_text(&self) -> String {

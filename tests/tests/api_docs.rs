@@ -192,7 +192,6 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
     let config = format!("{}\n{CONFIG}", the(&blocks, "config"));
     let nats = NatsServer::start();
     let warden = Warden::up(&nats.url(), &config, 0);
-    warden.wait_takes(Some(TOKEN)).await;
     let base = warden.http.clone();
     let env = [("WARDEN", base.as_str()), ("TOKEN", TOKEN)];
 

@@ -109,6 +109,18 @@ impl Client {
     }
 }
 
+/// A nats-server and `warden up` with no local workers (`/healthz`
+/// answers once every service does), and a client of its API.
+fn start() -> (NatsServer, Warden, Client) {
+    let nats = NatsServer::start();
+    let warden = Warden::up(&nats.url(), CONFIG, 0);
+    let c = Client {
+        http: reqwest::Client::new(),
+        base: warden.http.clone(),
+    };
+    (nats, warden, c)
+}
+
 fn code(v: &Value) -> &str {
     v["error"]["code"]
         .as_str()
@@ -124,13 +136,7 @@ fn without_history(mut job: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing() {
-    let nats = NatsServer::start();
-    let warden = Warden::up(&nats.url(), CONFIG, 0);
-    warden.wait_takes(Some(TOKEN)).await;
-    let c = Client {
-        http: reqwest::Client::new(),
-        base: warden.http.clone(),
-    };
+    let (_nats, warden, c) = start();
 
     // Nothing waiting in the pool: an empty answer, not an error.
     let (status, reply) = c
@@ -292,13 +298,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_state_switches_get_clear_errors_and_change_nothing() {
-    let nats = NatsServer::start();
-    let warden = Warden::up(&nats.url(), CONFIG, 0);
-    warden.wait_takes(Some(TOKEN)).await;
-    let c = Client {
-        http: reqwest::Client::new(),
-        base: warden.http.clone(),
-    };
+    let (_nats, _warden, c) = start();
     let id = c.submit().await;
     let e = c.take("buildbot-1", json!({})).await;
     let token = e["token"].as_str().unwrap().to_string();
@@ -459,13 +459,7 @@ async fn bad_state_switches_get_clear_errors_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_executor_loses_its_job_and_the_api_answers_over_nats_too() {
-    let nats = NatsServer::start();
-    let warden = Warden::up(&nats.url(), CONFIG, 0);
-    warden.wait_takes(Some(TOKEN)).await;
-    let c = Client {
-        http: reqwest::Client::new(),
-        base: warden.http.clone(),
-    };
+    let (nats, _warden, c) = start();
     let id = c.submit().await;
     // Over NATS: the same take, with a short session of its own.
     let client = async_nats::connect(nats.url()).await.unwrap();

@@ -309,13 +309,19 @@ async fn writes_need_the_token_reads_do_not() {
 async fn metrics_and_health_on_the_same_address() {
     let mut api = Api::start().await;
     create(&api, json!({"task": "noop"})).await;
-    let r = api
-        .http
-        .get(api.url("/healthz"))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), StatusCode::OK);
+    // /healthz speaks for every service of the process, and the other
+    // tests of this binary start APIs of their own beside this one: 200
+    // once none of them is still starting.
+    let http = api.http.clone();
+    let url = api.url("/healthz");
+    warden_testsupport::eventually(std::time::Duration::from_secs(20), "healthz 200", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http.get(&url).send().await.ok()?;
+            (r.status() == StatusCode::OK).then_some(())
+        }
+    })
+    .await;
     let text = api
         .http
         .get(api.url("/metrics"))
