@@ -234,6 +234,16 @@ pub struct NewJob {
 }
 
 impl Job {
+    /// Is the job RUNNING under a lease of `session` at attempt `epoch`
+    /// (the fencing token a worker or an executor holds)?
+    pub fn is_held_by(&self, session: &str, epoch: u32) -> bool {
+        self.state == JobState::Running
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.session == session && l.epoch == epoch)
+    }
+
     /// A SCHEDULED job with its creation recorded in the history.
     // Every argument is a field a caller must decide; a builder would only
     // move the same list elsewhere.
@@ -490,6 +500,38 @@ mod tests {
         assert_eq!(job.history_dropped, 51); // 1 creation + 250 pushes - 200 kept
                                              // The creation entry survives: only rejected reports were dropped.
         assert_eq!(job.history[0].action, Action::Create);
+    }
+
+    #[test]
+    fn held_only_by_the_leasing_session_at_its_epoch_while_running() {
+        let now = Utc::now();
+        let mut j = Job::new(
+            Uuid::new_v4(),
+            "t".into(),
+            BTreeMap::new(),
+            "p".into(),
+            0,
+            None,
+            "api",
+            now,
+        );
+        assert!(!j.is_held_by("s1", 0), "no lease");
+        j.state = JobState::Running;
+        j.attempt = 2;
+        j.lease = Some(Lease {
+            session: "s1".into(),
+            bot_id: "b".into(),
+            resource: None,
+            resources: Vec::new(),
+            epoch: 2,
+            leased_at: now,
+            started_at: None,
+        });
+        assert!(j.is_held_by("s1", 2));
+        assert!(!j.is_held_by("s1", 1), "an older attempt");
+        assert!(!j.is_held_by("s2", 2), "another session");
+        j.state = JobState::Cancelled;
+        assert!(!j.is_held_by("s1", 2), "not running any more");
     }
 
     #[test]

@@ -225,13 +225,7 @@ fn seen(job: &Job, token: &ExecutionToken, action: Action) -> Seen {
 
 /// Why `token` no longer holds `job`, or `None` if it does.
 fn stale(job: &Job, token: &ExecutionToken) -> Option<OpError> {
-    let holds = job.state == JobState::Running
-        && job.attempt == token.epoch
-        && job
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.session == token.session && l.epoch == token.epoch);
-    if holds {
+    if job.attempt == token.epoch && job.is_held_by(&token.session, token.epoch) {
         return None;
     }
     if job.state == JobState::Cancelled && job.attempt == token.epoch {

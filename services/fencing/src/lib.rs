@@ -211,12 +211,7 @@ impl Sessions {
             let Ok(Some(v)) = self.jobs.get(&held.job_id).await else {
                 continue;
             };
-            let ours = v.job.state == warden_shared::JobState::Running
-                && v.job
-                    .lease
-                    .as_ref()
-                    .is_some_and(|l| l.session == req.session && l.epoch == held.epoch);
-            if !ours {
+            if !v.job.is_held_by(&req.session, held.epoch) {
                 cancel.push(held.job_id);
             }
         }
