@@ -197,6 +197,9 @@ pub struct Job {
     /// attempt of this job in the current budget: the poison count.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_workers: Vec<String>,
+    /// The client's idempotency key, when it created the job with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -284,6 +287,7 @@ impl Job {
             max_attempts: None,
             budget_from: 0,
             lost_workers: Vec::new(),
+            idempotency_key: None,
         };
         job.push_history(HistoryEntry {
             at: now,

@@ -70,6 +70,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Search and statistics latency with a large job history (a million jobs by default)
     BenchSearch(BenchSearchArgs),
+    /// Chaos run: a 3-node cluster, two replicas of every service, workers, jobs of every kind and faults from a seed; then an invariant check (exit 0: no violation)
+    Chaos(ChaosCmd),
     /// Counts by state, blame and detail over a window (jobs last changed in it)
     Stats {
         /// How far back: 1h, 24h, 7days
@@ -200,6 +202,42 @@ pub struct WorkerArgs {
 }
 
 #[derive(Args, Clone)]
+pub struct ChaosCmd {
+    /// Replay a run (default: a random seed, printed)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How long jobs and faults are injected
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+    /// How long the drain may take at most
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    pub drain: std::time::Duration,
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// fencing.session_timeout of the run
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub session_timeout: std::time::Duration,
+    /// Mean time between faults
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub fault_every: std::time::Duration,
+    /// Jobs submitted per second
+    #[arg(long, default_value_t = 1.5)]
+    pub job_rate: f64,
+    /// nats-server fsyncs every write (sync_interval: always)
+    #[arg(long)]
+    pub sync_always: bool,
+    /// Leave out the restart of all three NATS nodes
+    #[arg(long)]
+    pub no_nats_restart: bool,
+    /// Where warden-scheduler, warden-worker, ... are [default: next to this binary]
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Keep configs, logs and stores here [default: a temporary directory, kept if the run fails]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
 pub struct BenchSearchArgs {
     /// Jobs loaded into the API's index
     #[arg(long, default_value_t = 1_000_000)]
@@ -239,6 +277,32 @@ pub struct BenchArgs {
     /// Retry delay in the retried-jobs run, in milliseconds
     #[arg(long, default_value_t = 100)]
     pub retry_delay_ms: u64,
+}
+
+async fn chaos(args: &ChaosCmd) -> anyhow::Result<i32> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    let summary = warden_chaos::run(warden_chaos::ChaosArgs {
+        seed: args.seed,
+        duration: args.duration,
+        drain: args.drain,
+        workers: args.workers.max(1),
+        session_timeout: args.session_timeout,
+        fault_every: args.fault_every,
+        job_rate: args.job_rate,
+        sync_always: args.sync_always,
+        no_nats_restart: args.no_nats_restart,
+        bin_dir,
+        dir: args.dir.clone(),
+    })
+    .await?;
+    summary.print();
+    Ok(if summary.passed() { 0 } else { 1 })
 }
 
 fn load_config(cli: &Cli) -> Config {
@@ -317,6 +381,7 @@ async fn main() {
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
         Command::BenchSearch(args) => bench_search::run(config, args.clone()).await,
+        Command::Chaos(args) => chaos(args).await,
         Command::Classify(args) => classify::run(&config, args),
         Command::Stats { window, json } => cli::stats(&config, window, *json).await,
         Command::Check(_) => unreachable!("handled above"),
