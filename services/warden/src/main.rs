@@ -95,6 +95,9 @@ pub struct UpArgs {
     /// Local workers to run (pool `default`)
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
+    /// Loopback port of the spawned nats-server (ignored with --nats-url)
+    #[arg(long, default_value_t = up::LOCAL_NATS_PORT)]
+    pub nats_port: u16,
 }
 
 #[derive(Subcommand)]
