@@ -102,10 +102,10 @@ async fn a_killed_warden_up_leaves_no_nats_server_and_no_task() {
     let (task, grandchild) = start_hold(&nats_url, pids.path()).await;
     reap.0.extend([task, grandchild]);
     if cfg!(target_os = "linux") {
-        assert_eq!(
-            pids_with_arg(&conf_path.display().to_string()).len(),
-            1,
-            "one nats-server runs with {}",
+        // The nats-server (and its guard, once there is one).
+        assert!(
+            !pids_with_arg(&conf_path.display().to_string()).is_empty(),
+            "a nats-server runs with {}",
             conf_path.display()
         );
     }

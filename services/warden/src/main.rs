@@ -252,8 +252,16 @@ fn load_config(cli: &Cli) -> Config {
     c
 }
 
+fn main() {
+    // First: as a guard (`warden __warden-guard -- PROGRAM ...`) this
+    // process only runs PROGRAM; otherwise tasks and the local nats-server
+    // are spawned under a guard (warden_shared::guard).
+    warden_shared::guard::run_if_requested();
+    run();
+}
+
 #[tokio::main]
-async fn main() {
+async fn run() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
