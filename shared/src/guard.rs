@@ -262,7 +262,11 @@ mod imp {
         if rustix::process::getpgrp() != rustix::process::getpid() {
             let _ = rustix::process::setpgid(None, None);
         }
-        let link = io::stdin().as_fd().try_clone_to_owned().ok().map(File::from);
+        let link = io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(File::from);
         let state = Arc::new(Mutex::new(State::default()));
         if let Some(mut watch) = link.as_ref().and_then(|l| l.try_clone().ok()) {
             let state = state.clone();
@@ -321,15 +325,10 @@ mod imp {
         }
         // Wait without reaping, so the pid cannot be reused while the
         // watcher may still signal it; then mark it exited and reap.
-        loop {
-            match rustix::process::waitid(
-                rustix::process::WaitId::Pid(pid),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
-            ) {
-                Err(rustix::io::Errno::INTR) => continue,
-                _ => break,
-            }
-        }
+        while let Err(rustix::io::Errno::INTR) = rustix::process::waitid(
+            rustix::process::WaitId::Pid(pid),
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+        ) {}
         state.lock().unwrap_or_else(|p| p.into_inner()).exited = true;
         let status = match child.wait() {
             Ok(s) => s,
@@ -405,6 +404,7 @@ mod imp {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

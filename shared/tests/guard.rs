@@ -139,8 +139,7 @@ async fn a_parent_gone_before_the_guard_starts_starts_nothing_for_long() {
 }
 
 async fn terminate_sends_sigterm_to_the_program() {
-    let (mut child, mut link) =
-        sh("trap 'exit 7' TERM; echo ready; while :; do sleep 0.05; done");
+    let (mut child, mut link) = sh("trap 'exit 7' TERM; echo ready; while :; do sleep 0.05; done");
     assert_eq!(first_line(&mut child), "ready");
     link.terminate(child.id()).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(7));

@@ -74,7 +74,12 @@ async fn start_hold(nats_url: &str, pids: &Path) -> (u32, u32) {
     let (task, grandchild) = eventually(
         Duration::from_secs(30),
         "the task wrote its pid and its child's",
-        || async { Some((read_pid(&pids.join("task"))?, read_pid(&pids.join("grandchild"))?)) },
+        || async {
+            Some((
+                read_pid(&pids.join("task"))?,
+                read_pid(&pids.join("grandchild"))?,
+            ))
+        },
     )
     .await;
     assert!(process_alive(task), "task {task} runs");
@@ -94,7 +99,11 @@ async fn a_killed_warden_up_leaves_no_nats_server_and_no_task() {
     let dir = tempfile::tempdir().unwrap();
     let pids = tempfile::tempdir().unwrap();
     let port = free_port();
-    let conf_path = dir.path().join("data").join("nats").join("nats-server.conf");
+    let conf_path = dir
+        .path()
+        .join("data")
+        .join("nats")
+        .join("nats-server.conf");
     let mut reap = Reap(Vec::new(), Some(conf_path.display().to_string()));
 
     let mut warden = Warden::up_local(dir.path(), port, CONFIG, 1);
@@ -142,4 +151,38 @@ async fn a_killed_worker_leaves_no_task() {
     worker.kill().unwrap();
     worker.wait().unwrap();
     assert_gone(&[task, grandchild], "the task and its child gone").await;
+}
+
+/// Through the guard a task's own exit code and signal reach the job, and
+/// a program that cannot be started is a setup failure, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_task_ends_as_it_ended() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let config = format!(
+        "{CONFIG}\n[retry]\nretryable = []\n\
+         [tasks.segv]\ncommand = [\"sh\", \"-c\", \"kill -SEGV $$\"]\n\
+         [tasks.three]\ncommand = [\"sh\", \"-c\", \"exit 3\"]\n\
+         [tasks.missing]\ncommand = [\"/nonexistent/warden-missing-program\"]\n"
+    );
+    let warden = Warden::up(&url, &config, 1);
+    for (task, field, want) in [
+        ("segv", "signal", serde_json::json!(11)),
+        ("three", "exit_code", serde_json::json!(3)),
+        ("missing", "detail", serde_json::json!("setup_failed")),
+    ] {
+        let id = cli_ok(&url, &["job", "submit", task]).trim().to_string();
+        let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
+        let job = eventually(Duration::from_secs(30), "the job CRASHED", || async {
+            let j = warden_e2e::get_json(&job_url).await;
+            (j["state"] == "CRASHED").then_some(j)
+        })
+        .await;
+        let got = if field == "detail" {
+            &job["detail"]
+        } else {
+            &job["crash"][field]
+        };
+        assert_eq!(got, &want, "{task}: {job:#}");
+    }
 }

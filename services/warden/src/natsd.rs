@@ -144,7 +144,11 @@ fn port_in_use(port: u16) -> bool {
 /// earlier `warden up` on the same data dir (or, the pid reused, another
 /// process: the message says "may").
 fn earlier_server(pid_file: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let raw = i32::try_from(pid).ok()?;
     rustix::process::test_kill_process(rustix::process::Pid::from_raw(raw)?).ok()?;
     Some(pid)
