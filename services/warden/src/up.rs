@@ -13,8 +13,8 @@ use warden_shared::{runtime, Config};
 use crate::natsd::LocalNats;
 use crate::UpArgs;
 
-/// Default port of a spawned nats-server.
-const LOCAL_NATS_PORT: u16 = 4222;
+/// Default port of a spawned nats-server (`--nats-port`).
+pub const LOCAL_NATS_PORT: u16 = 4222;
 
 type ServiceResult = (String, anyhow::Result<()>);
 
@@ -28,7 +28,7 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     } else {
         let dir = args.data_dir.join("nats");
         let n =
-            LocalNats::spawn(&dir, LOCAL_NATS_PORT, false).context("cannot start nats-server")?;
+            LocalNats::spawn(&dir, args.nats_port, false).context("cannot start nats-server")?;
         config.nats.url = n.url();
         Some(n)
     };

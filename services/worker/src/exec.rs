@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warden_shared::config::TaskConfig;
+use warden_shared::guard::{self, Ended};
 use warden_shared::job::{Blame, CrashInfo};
 use warden_shared::messages::Fault;
 use warden_shared::Config;
@@ -235,7 +236,16 @@ impl ProcessExecutor {
         status_path: &std::path::Path,
         cancel: CancellationToken,
     ) -> Execution {
-        let mut cmd = tokio::process::Command::new(&task.command[0]);
+        // Under a guard (in `warden` and `warden-worker`): the task and
+        // everything it starts in its group die with this process, however
+        // it dies (see warden_shared::guard).
+        let (std_cmd, link) = match guard::command(&task.command[0]) {
+            Ok(c) => c,
+            Err(e) => {
+                return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0]))
+            }
+        };
+        let mut cmd = tokio::process::Command::from(std_cmd);
         cmd.args(&task.command[1..])
             .current_dir(dir)
             .envs(&task.env)
@@ -243,10 +253,11 @@ impl ProcessExecutor {
             .env("WARDEN_ATTEMPT", req.epoch.to_string())
             .env("WARDEN_TASK", &req.task)
             .env("WARDEN_STATUS_FILE", status_path)
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            // Guarded, dropping the link kills the whole group; SIGKILL of
+            // the guard alone would leave the task running.
+            .kill_on_drop(!link.is_guarded());
         for (k, v) in &req.args {
             cmd.env(format!("WARDEN_ARG_{}", k.to_uppercase()), v);
         }
@@ -258,7 +269,11 @@ impl ProcessExecutor {
         #[cfg(unix)]
         cmd.process_group(0);
         let started = Instant::now();
-        let mut child = match cmd.spawn() {
+        let spawned = cmd.spawn();
+        // It holds the guard's end of the link: the guard's exit must be
+        // the link's end.
+        drop(cmd);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0]))
@@ -312,9 +327,18 @@ impl ProcessExecutor {
             let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
         }
         let duration_ms = started.elapsed().as_millis() as u64;
-        let (exit_code, signal) = match &status {
-            Ok(s) => (s.code(), exit_signal(s)),
-            Err(_) => (None, None),
+        // The guard's report is the task's own status; without one (the
+        // group was SIGKILLed, or no guard) the spawned process's.
+        let mut link = link;
+        let ended = tokio::task::spawn_blocking(move || link.finish())
+            .await
+            .unwrap_or(Ended::Unknown);
+        let (exit_code, signal) = match (ended, &status) {
+            (Ended::NotStarted(description), _) => return Self::setup_failed(description),
+            (Ended::Exited(code), _) => (Some(code), None),
+            (Ended::Signalled(sig), _) => (None, Some(sig)),
+            (Ended::Unknown, Ok(s)) => (s.code(), exit_signal(s)),
+            (Ended::Unknown, Err(_)) => (None, None),
         };
         let status_file = read_bounded(status_path, self.config.worker.status_file_bytes).await;
         let log_tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
@@ -378,7 +402,8 @@ fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
     None
 }
 
-/// SIGKILL the task's whole process group, so children die with it.
+/// SIGKILL the task's whole process group (its guard, the task and what
+/// the task started), so children die with it.
 fn kill_group(pid: Option<u32>) {
     if let Some(pid) = pid {
         let _ = std::process::Command::new("kill")

@@ -21,8 +21,15 @@ struct Args {
     capacity: Option<u32>,
 }
 
+fn main() -> anyhow::Result<()> {
+    // First: as a guard this process only runs its task (see
+    // warden_shared::guard); otherwise tasks run under a guard.
+    warden_shared::guard::run_if_requested();
+    run()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     runtime::init_tracing();
     let mut config = runtime::load_or_exit(args.config.as_deref(), "warden-worker");
