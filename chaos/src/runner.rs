@@ -369,9 +369,27 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
     let resources_kv = js.get_key_value(subjects::RESOURCES_BUCKET).await?;
     let live_hosts: Vec<String> = (0..args.workers).map(host).collect();
     let deadline = Instant::now() + args.drain;
+    let mut last_read = None;
     let (jobs, resources) = loop {
-        let jobs: Vec<Job> = read_all(&jobs_kv).await;
-        let resources: Vec<Resource> = read_all(&resources_kv).await;
+        let read = async {
+            let jobs: Vec<Job> = read_all(&jobs_kv).await?;
+            let resources: Vec<Resource> = read_all(&resources_kv).await?;
+            anyhow::Ok((jobs, resources))
+        };
+        let (jobs, resources) = match read.await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot read the buckets; again in a second");
+                if Instant::now() > deadline {
+                    match last_read.take() {
+                        Some(r) => break r,
+                        None => anyhow::bail!("cannot read the jobs and resources: {e}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let open = live_hosts.iter().all(|h| {
             resources
                 .iter()
@@ -609,23 +627,23 @@ async fn active_session(kv: &kv::Store, bot_id: &str) -> bool {
     serde_json::from_slice::<Session>(&body).is_ok_and(|s| s.state == SessionState::Active)
 }
 
-async fn read_all<T: serde::de::DeserializeOwned>(kv: &kv::Store) -> Vec<T> {
-    let mut out = Vec::new();
-    let Ok(mut keys) = kv.keys().await else {
-        return out;
-    };
+/// Every value in `kv`, or an error if any read failed (a partial read
+/// would look like lost jobs). Values that do not decode are skipped.
+async fn read_all<T: serde::de::DeserializeOwned>(kv: &kv::Store) -> anyhow::Result<Vec<T>> {
+    let mut keys = kv.keys().await?;
     let mut names = Vec::new();
-    while let Some(Ok(k)) = keys.next().await {
-        names.push(k);
+    while let Some(k) = keys.next().await {
+        names.push(k?);
     }
+    let mut out = Vec::with_capacity(names.len());
     for k in names {
-        if let Ok(Some(v)) = kv.get(&k).await {
+        if let Some(v) = kv.get(&k).await? {
             if let Ok(t) = serde_json::from_slice::<T>(&v) {
                 out.push(t);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Submits the plan's jobs (API creates with idempotency keys, retried on
