@@ -26,7 +26,15 @@
 //!   gives the parent the exact status, and a program that could not be
 //!   started at all is told apart from one that exited 127;
 //! - the parent asks for a graceful stop by writing `t` on the link
-//!   ([`Link::terminate`]): the guard sends the program SIGTERM.
+//!   ([`Link::terminate`]): the guard sends the program SIGTERM;
+//! - a dead man's switch, for children that must not outlive a parent
+//!   that is alive but frozen (SIGSTOP, swapping): started with
+//!   [`watched_command`], the guard expects a keep-alive byte
+//!   ([`Link::keep_alive`]) within the silence limit, and when none comes
+//!   it reports `fenced` on the link and SIGKILLs its group. A worker
+//!   uses it so a task never outlives its lease: the limit is shorter
+//!   than the time after which the fencing service expires a silent
+//!   session, so the task is dead before its job can be leased again.
 //!
 //! A process that never called [`run_if_requested`] (a library user, a
 //! test harness) spawns the program itself, unguarded.
@@ -43,6 +51,9 @@ use std::time::Duration;
 
 /// The hidden first argument that makes a Warden binary a guard.
 pub const MARKER: &str = "__warden-guard";
+
+/// The guard's option for its dead man's switch, in milliseconds.
+const SILENCE_FLAG: &str = "--silence-ms";
 
 /// The executable to run as a guard; set by [`run_if_requested`].
 static GUARD_EXE: OnceLock<PathBuf> = OnceLock::new();
@@ -91,6 +102,9 @@ pub enum Ended {
     Signalled(i32),
     /// Could not be started (the program is missing, not executable, …).
     NotStarted(String),
+    /// The guard's dead man's switch fired: the parent sent no keep-alive
+    /// within the silence limit, so the guard killed the group.
+    Fenced,
     /// The guard said nothing: it was killed (SIGKILL of the group by the
     /// parent, a time limit), or the command ran unguarded. The exit
     /// status of the spawned process is then the answer.
@@ -109,7 +123,18 @@ pub enum Ended {
 /// the `Command` once it is spawned (it holds the guard's end of the
 /// link). Dropping the `Link` kills the guarded group.
 pub fn command(program: impl AsRef<OsStr>) -> io::Result<(Command, Link)> {
-    imp::command(program.as_ref())
+    imp::command(program.as_ref(), None)
+}
+
+/// Like [`command`], with the dead man's switch: the guard kills the
+/// group when the parent writes no [`Link::keep_alive`] for `silence`
+/// (rounded up to whole milliseconds, at least one), and [`Link::finish`]
+/// then says [`Ended::Fenced`].
+pub fn watched_command(
+    program: impl AsRef<OsStr>,
+    silence: Duration,
+) -> io::Result<(Command, Link)> {
+    imp::command(program.as_ref(), Some(silence))
 }
 
 /// The parent's end of a guard's link. See [`command`].
@@ -130,6 +155,15 @@ impl Link {
         match &mut self.stream {
             Some(s) => s.write_all(b"t"),
             None => imp::sigterm(pid),
+        }
+    }
+
+    /// Tells a watching guard that the parent is alive. Call it well
+    /// within the silence limit given to [`watched_command`].
+    pub fn keep_alive(&mut self) -> io::Result<()> {
+        match &mut self.stream {
+            Some(s) => s.write_all(b"k"),
+            None => Ok(()),
         }
     }
 
@@ -165,6 +199,7 @@ fn parse_reports(text: &str) -> Ended {
             ("exit", Ok(code)) => Ended::Exited(code),
             ("signal", Ok(sig)) => Ended::Signalled(sig),
             ("failed", _) => Ended::NotStarted(rest.to_string()),
+            ("fenced", _) => Ended::Fenced,
             _ => continue,
         };
     }
@@ -176,6 +211,7 @@ fn report_line(ended: &Ended) -> String {
         Ended::Exited(code) => format!("exit {code}\n"),
         Ended::Signalled(sig) => format!("signal {sig}\n"),
         Ended::NotStarted(msg) => format!("failed {}\n", msg.replace('\n', " ")),
+        Ended::Fenced => "fenced\n".to_string(),
         Ended::Unknown => String::new(),
     }
 }
@@ -193,11 +229,13 @@ mod imp {
 
     use rustix::process::{Pid, Signal};
 
-    use super::{report_line, Ended, Link, GUARD_EXE, MARKER};
+    use std::time::Duration;
+
+    use super::{report_line, Ended, Link, GUARD_EXE, MARKER, SILENCE_FLAG};
 
     pub type Stream = UnixStream;
 
-    pub fn command(program: &OsStr) -> io::Result<(Command, Link)> {
+    pub fn command(program: &OsStr, silence: Option<Duration>) -> io::Result<(Command, Link)> {
         let Some(exe) = GUARD_EXE.get() else {
             let mut cmd = Command::new(program);
             cmd.stdin(Stdio::null());
@@ -205,9 +243,12 @@ mod imp {
         };
         let (ours, theirs) = UnixStream::pair()?;
         let mut cmd = Command::new(exe);
-        cmd.arg0("warden-guard")
-            .arg(MARKER)
-            .arg("--")
+        cmd.arg0("warden-guard").arg(MARKER);
+        if let Some(limit) = silence {
+            let ms = limit.as_nanos().div_ceil(1_000_000).max(1);
+            cmd.arg(SILENCE_FLAG).arg(ms.to_string());
+        }
+        cmd.arg("--")
             .arg(program)
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .process_group(0);
@@ -248,7 +289,21 @@ mod imp {
     }
 
     pub fn guard_main(args: Vec<OsString>) -> ! {
-        let mut args = args.into_iter();
+        let mut args = args.into_iter().peekable();
+        let mut silence = None;
+        if args.peek().map(OsString::as_os_str) == Some(OsStr::new(SILENCE_FLAG)) {
+            let _ = args.next();
+            match args
+                .next()
+                .and_then(|v| v.to_str().and_then(|v| v.parse::<u64>().ok()))
+            {
+                Some(ms) if ms > 0 => silence = Some(Duration::from_millis(ms)),
+                _ => {
+                    eprintln!("warden-guard: {SILENCE_FLAG} needs milliseconds > 0");
+                    std::process::exit(2);
+                }
+            }
+        }
         if args.next().as_deref() != Some(OsStr::new("--")) {
             eprintln!("warden-guard: usage: {MARKER} -- PROGRAM [ARGS...]");
             std::process::exit(2);
@@ -268,13 +323,33 @@ mod imp {
             .ok()
             .map(File::from);
         let state = Arc::new(Mutex::new(State::default()));
-        if let Some(mut watch) = link.as_ref().and_then(|l| l.try_clone().ok()) {
+        if let Some(mut watch) = link
+            .as_ref()
+            .and_then(|l| l.try_clone().ok())
+            .map(|f| UnixStream::from(OwnedFd::from(f)))
+        {
             let state = state.clone();
+            let mut fenced_link = link.as_ref().and_then(|l| l.try_clone().ok());
+            if silence.is_some() && watch.set_read_timeout(silence).is_err() {
+                eprintln!("warden-guard: stdin is not a socket; no dead man's switch");
+            }
             std::thread::spawn(move || {
                 let mut buf = [0u8; 64];
                 loop {
                     match watch.read(&mut buf) {
                         Ok(0) => kill_group(),
+                        // No keep-alive within the limit: the parent is
+                        // frozen. Say so (it reads it when it runs
+                        // again), then kill.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            send(&mut fenced_link, &Ended::Fenced);
+                            kill_group()
+                        }
                         Ok(n) => {
                             if buf[..n].contains(&b't') {
                                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -387,7 +462,10 @@ mod imp {
         }
     }
 
-    pub fn command(program: &OsStr) -> io::Result<(Command, Link)> {
+    pub fn command(
+        program: &OsStr,
+        _silence: Option<std::time::Duration>,
+    ) -> io::Result<(Command, Link)> {
         let mut cmd = Command::new(program);
         cmd.stdin(Stdio::null());
         Ok((cmd, Link { stream: None }))
@@ -432,6 +510,7 @@ mod tests {
             Ended::Exited(255),
             Ended::Signalled(15),
             Ended::NotStarted("cannot start: two\nlines".into()),
+            Ended::Fenced,
         ] {
             let back = parse_reports(&report_line(&e));
             match (&e, &back) {
