@@ -5,13 +5,15 @@
 //! - [`subjects`]: every subject, stream, bucket and consumer, and their
 //!   idempotent creation;
 //! - [`config`]: defaults + file + environment, validated all at once;
-//! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`.
+//! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`;
+//! - [`ready`]: waiting for JetStream at start, by error kind.
 
 pub mod classify;
 pub mod config;
 pub mod job;
 pub mod messages;
 pub mod metrics;
+pub mod ready;
 pub mod resource;
 pub mod retry;
 pub mod runtime;
