@@ -955,7 +955,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     }
                 }
             };
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            let body = warden_shared::messages::encode_reply(&reply);
             if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
                 warn!(error = %e, "cannot answer health request");
             }
