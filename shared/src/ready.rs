@@ -32,6 +32,8 @@ pub enum Readiness {
 pub const FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between two attempts.
 pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// An attempt still unanswered after this shows as a wait in `/healthz`.
+const SLOW_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// Capped exponential backoff: `first`, doubling, never above `cap`.
 #[derive(Debug, Clone)]
@@ -217,15 +219,26 @@ where
     let started = Instant::now();
     let mut backoff = Backoff::default();
     let mut attempts: u32 = 0;
+    let mut waited = false;
     loop {
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            r = op() => r,
+        let attempt = op();
+        tokio::pin!(attempt);
+        // An attempt that hangs (a request that will time out) already
+        // shows in `/healthz`, refreshed every SLOW_ATTEMPT.
+        let result = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                r = &mut attempt => break r,
+                _ = tokio::time::sleep(SLOW_ATTEMPT) => {
+                    waited = true;
+                    crate::metrics::waiting_for_jetstream(service, what, started.elapsed());
+                }
+            }
         };
         attempts += 1;
         match result {
             Ok(v) => {
-                if attempts > 1 {
+                if attempts > 1 || waited {
                     tracing::info!(
                         service,
                         what,
@@ -240,17 +253,17 @@ where
             Err(e) if readiness(&e) == Readiness::Fatal => return Err(e),
             Err(e) => {
                 let delay = backoff.next_delay();
-                let waited = started.elapsed();
                 tracing::warn!(
                     service,
                     what,
                     attempts,
-                    waited_ms = waited.as_millis() as u64,
+                    waited_ms = started.elapsed().as_millis() as u64,
                     retry_in_ms = delay.as_millis() as u64,
                     error = %chain(&e),
                     "waiting for JetStream"
                 );
-                crate::metrics::waiting_for_jetstream(service, what, waited);
+                waited = true;
+                crate::metrics::waiting_for_jetstream(service, what, started.elapsed());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}

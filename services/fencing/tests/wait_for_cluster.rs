@@ -21,7 +21,7 @@ async fn a_service_started_on_a_cluster_without_leader_waits_and_then_answers() 
     let service = tokio::spawn(warden_fencing::run(config, shutdown.clone()));
 
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(5),
         "/healthz naming fencing as waiting for JetStream",
         || async {
             let (code, body) = warden_shared::metrics::health();

@@ -23,7 +23,7 @@ async fn a_service_started_before_nats_waits_and_then_answers() {
     // Longer than one JetStream request timeout (5 s): the service that
     // gave up after its first try is gone by now.
     let body = eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(5),
         "/healthz naming fencing as waiting for JetStream",
         || async {
             let (code, body) = warden_shared::metrics::health();
