@@ -478,7 +478,10 @@ mod tests {
         let c: super::ClassifyReply = serde_json::from_slice(&body).expect("a classify reply");
         assert_eq!(c.error.map(|e| e.code).as_deref(), Some("internal"));
         let ok = super::encode_reply(&super::ErrorBody::new("x", "y"));
-        assert_eq!(ok, serde_json::to_vec(&super::ErrorBody::new("x", "y")).unwrap());
+        assert_eq!(
+            ok,
+            serde_json::to_vec(&super::ErrorBody::new("x", "y")).expect("encodes")
+        );
     }
 
     use super::*;

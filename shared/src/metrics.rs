@@ -291,7 +291,10 @@ mod tests {
         assert!(not_ready().contains(&"test-wait".to_string()));
         ready("test-wait");
         waiting_for_jetstream("test-wait", "later", std::time::Duration::from_secs(1));
-        assert!(!not_ready().contains(&"test-wait".to_string()), "a ready service stays ready");
+        assert!(
+            !not_ready().contains(&"test-wait".to_string()),
+            "a ready service stays ready"
+        );
     }
 
     #[test]

@@ -644,7 +644,9 @@ mod tests {
     use chrono::{Duration, TimeZone};
 
     fn t(s: i64) -> chrono::DateTime<Utc> {
-        Utc.timestamp_opt(1_700_000_000 + s, 0).single().expect("valid")
+        Utc.timestamp_opt(1_700_000_000 + s, 0)
+            .single()
+            .expect("valid")
     }
 
     #[test]

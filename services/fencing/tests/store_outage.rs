@@ -58,7 +58,11 @@ async fn a_store_without_quorum_evicts_nobody() {
     let name = eventually(Duration::from_secs(30), "a session", || {
         let client = client.clone();
         let create = create.clone();
-        async move { request(&client, subjects::SESSION_CREATE, &create).await?.session }
+        async move {
+            request(&client, subjects::SESSION_CREATE, &create)
+                .await?
+                .session
+        }
     })
     .await;
 
@@ -74,7 +78,9 @@ async fn a_store_without_quorum_evicts_nobody() {
                     leases: Vec::new(),
                 };
                 match request(&client, subjects::SESSION_HEARTBEAT, &hb).await {
-                    Some(SessionReply { error: Some(e), .. }) => errors.lock().unwrap().push(e.code),
+                    Some(SessionReply { error: Some(e), .. }) => {
+                        errors.lock().unwrap().push(e.code)
+                    }
                     Some(_) => {}
                     None => errors.lock().unwrap().push("no answer".into()),
                 }
@@ -83,7 +89,11 @@ async fn a_store_without_quorum_evicts_nobody() {
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
 
     // No quorum for longer than the session timeout.
     cluster.kill(0);
@@ -166,7 +176,11 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     let name = eventually(Duration::from_secs(10), "a session", || {
         let client = client.clone();
         let create = create.clone();
-        async move { request(&client, subjects::SESSION_CREATE, &create).await?.session }
+        async move {
+            request(&client, subjects::SESSION_CREATE, &create)
+                .await?
+                .session
+        }
     })
     .await;
     let hb = Heartbeat {
@@ -179,7 +193,10 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
 
     // Full: no write fits any more.
     let js = handles.js.clone();
-    let mut stream = js.get_stream(subjects::kv_stream(subjects::SESSIONS_BUCKET)).await.unwrap();
+    let mut stream = js
+        .get_stream(subjects::kv_stream(subjects::SESSIONS_BUCKET))
+        .await
+        .unwrap();
     let normal = stream.info().await.unwrap().config.clone();
     let bytes = stream.info().await.unwrap().state.bytes as i64;
     let mut full = normal.clone();
@@ -191,12 +208,17 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     let mut refused = 0;
     while started.elapsed() < Duration::from_secs(3) {
         let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
-        if r.and_then(|r| r.error).is_some_and(|e| e.code == "unavailable") {
+        if r.and_then(|r| r.error)
+            .is_some_and(|e| e.code == "unavailable")
+        {
             refused += 1;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(refused > 0, "the store never refused a heartbeat: the test tests nothing");
+    assert!(
+        refused > 0,
+        "the store never refused a heartbeat: the test tests nothing"
+    );
     js.update_stream(&normal).await.unwrap();
     // Writes work again. The bot's next heartbeat comes within a third of
     // the timeout; meanwhile nothing may expire it.
