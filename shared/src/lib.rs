@@ -8,6 +8,7 @@
 //! - [`runtime`] and [`metrics`]: connecting, logging, shutdown, `/metrics`;
 //! - [`guard`]: children (tasks, a local nats-server) that die with their
 //!   parent.
+//! - [`ready`]: waiting for JetStream at start, by error kind.
 
 pub mod classify;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod guard;
 pub mod job;
 pub mod messages;
 pub mod metrics;
+pub mod ready;
 pub mod resource;
 pub mod retry;
 pub mod runtime;

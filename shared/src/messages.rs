@@ -240,6 +240,23 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// The reply body when a reply cannot be encoded: valid JSON that every
+/// reply type decodes (version and error only), code `internal`.
+pub const INTERNAL_ERROR_REPLY: &str =
+    r#"{"version":1,"error":{"code":"internal","message":"cannot encode the reply"}}"#;
+
+/// `reply` as JSON; never an empty body: on an encoding failure (logged)
+/// [`INTERNAL_ERROR_REPLY`].
+pub fn encode_reply<T: Serialize>(reply: &T) -> Vec<u8> {
+    match serde_json::to_vec(reply) {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a reply; answering internal");
+            INTERNAL_ERROR_REPLY.as_bytes().to_vec()
+        }
+    }
+}
+
 impl ErrorBody {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
         ErrorBody {
@@ -444,6 +461,29 @@ pub struct DeadLetter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reply_that_cannot_be_encoded_answers_internal_not_an_empty_body() {
+        struct Broken;
+        impl serde::Serialize for Broken {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("broken"))
+            }
+        }
+        let body = super::encode_reply(&Broken);
+        assert!(!body.is_empty());
+        let s: super::SessionReply = serde_json::from_slice(&body).expect("a session reply");
+        assert_eq!(s.error.map(|e| e.code).as_deref(), Some("internal"));
+        let h: super::HealthReply = serde_json::from_slice(&body).expect("a health reply");
+        assert_eq!(h.error.map(|e| e.code).as_deref(), Some("internal"));
+        let c: super::ClassifyReply = serde_json::from_slice(&body).expect("a classify reply");
+        assert_eq!(c.error.map(|e| e.code).as_deref(), Some("internal"));
+        let ok = super::encode_reply(&super::ErrorBody::new("x", "y"));
+        assert_eq!(
+            ok,
+            serde_json::to_vec(&super::ErrorBody::new("x", "y")).expect("encodes")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -145,30 +145,68 @@ pub fn router() -> Router {
         .route("/healthz", get(healthz))
 }
 
-fn readiness() -> &'static std::sync::Mutex<std::collections::BTreeMap<String, bool>> {
-    static R: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeMap<String, bool>>> =
+/// Where a service of this process is in its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    /// Waiting for JetStream: what for, and since how long (as of the
+    /// last failed attempt).
+    Waiting {
+        what: String,
+        waited: std::time::Duration,
+    },
+    Ready,
+}
+
+fn readiness() -> &'static std::sync::Mutex<std::collections::BTreeMap<String, Phase>> {
+    static R: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeMap<String, Phase>>> =
         std::sync::OnceLock::new();
     R.get_or_init(Default::default)
 }
 
-fn set_ready(service: &str, ready: bool) {
+fn set_phase(service: &str, phase: Phase) {
     readiness()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(service.to_string(), ready);
+        .insert(service.to_string(), phase);
 }
 
 /// A service of this process is starting: `/healthz` answers 503 until
 /// it calls [`ready`]. `warden up` calls it for every service before
 /// starting any, so its `/healthz` is 200 only once all of them answer.
 pub fn starting(service: &str) {
-    set_ready(service, false);
+    set_phase(service, Phase::Starting);
 }
 
 /// The service answers on the bus (its subscriptions and consumers are
 /// in place).
 pub fn ready(service: &str) {
-    set_ready(service, true);
+    set_phase(service, Phase::Ready);
+}
+
+/// The starting service waits for JetStream (`what` it tried, for how
+/// long): `/healthz` says so. Changes nothing for a service already
+/// ready (a wait after the start is not a start).
+pub fn waiting_for_jetstream(service: &str, what: &str, waited: std::time::Duration) {
+    let mut r = readiness().lock().unwrap_or_else(|p| p.into_inner());
+    if r.get(service) != Some(&Phase::Ready) {
+        r.insert(
+            service.to_string(),
+            Phase::Waiting {
+                what: what.to_string(),
+                waited,
+            },
+        );
+    }
+}
+
+/// The wait of [`waiting_for_jetstream`] is over; the service is still
+/// starting.
+pub fn done_waiting(service: &str) {
+    let mut r = readiness().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p @ Phase::Waiting { .. }) = r.get_mut(service) {
+        *p = Phase::Starting;
+    }
 }
 
 /// The services of this process that are not ready yet.
@@ -177,23 +215,42 @@ pub fn not_ready() -> Vec<String> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .filter(|(_, ready)| !**ready)
+        .filter(|(_, phase)| **phase != Phase::Ready)
         .map(|(name, _)| name.clone())
         .collect()
 }
 
-/// 200 `ok` once every service of the process is ready, else 503 naming
-/// the ones still starting.
-async fn healthz() -> (axum::http::StatusCode, String) {
-    let waiting = not_ready();
+/// The `/healthz` answer: 200 `ok` once every service of the process is
+/// ready, else 503 naming the ones still starting, and for each one
+/// waiting for JetStream what it waits for and since how long.
+pub fn health() -> (u16, String) {
+    let r = readiness().lock().unwrap_or_else(|p| p.into_inner());
+    let waiting: Vec<String> = r
+        .iter()
+        .filter_map(|(name, phase)| match phase {
+            Phase::Ready => None,
+            Phase::Starting => Some(name.clone()),
+            Phase::Waiting { what, waited } => Some(format!(
+                "{name} (waiting for JetStream: {what}, {} s)",
+                waited.as_secs()
+            )),
+        })
+        .collect();
     if waiting.is_empty() {
-        (axum::http::StatusCode::OK, "ok\n".into())
+        (200, "ok\n".into())
     } else {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            format!("starting: {}\n", waiting.join(", ")),
-        )
+        (503, format!("starting: {}\n", waiting.join(", ")))
     }
+}
+
+async fn healthz() -> (axum::http::StatusCode, String) {
+    let (code, body) = health();
+    let status = if code == 200 {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body)
 }
 
 #[cfg(test)]
@@ -213,6 +270,31 @@ mod tests {
         );
         ready("test-ready-b");
         assert!(!not_ready().iter().any(|n| n.starts_with("test-ready")));
+    }
+
+    #[tokio::test]
+    async fn healthz_names_a_service_waiting_for_jetstream() {
+        starting("test-wait");
+        waiting_for_jetstream(
+            "test-wait",
+            "streams and buckets",
+            std::time::Duration::from_secs(3),
+        );
+        let (status, body) = healthz().await;
+        assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("test-wait (waiting for JetStream: streams and buckets, 3 s)"),
+            "{body}"
+        );
+        done_waiting("test-wait");
+        assert!(!health().1.contains("test-wait (waiting"));
+        assert!(not_ready().contains(&"test-wait".to_string()));
+        ready("test-wait");
+        waiting_for_jetstream("test-wait", "later", std::time::Duration::from_secs(1));
+        assert!(
+            !not_ready().contains(&"test-wait".to_string()),
+            "a ready service stays ready"
+        );
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub enum ConnectError {
     },
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    #[error("stopped while waiting for JetStream")]
+    Stopped,
 }
 
 /// Connects as `<nats.name>-<service>` and keeps reconnecting forever: a
@@ -196,16 +198,113 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats
         .collect()
 }
 
-/// Connects and makes sure every stream and bucket exists.
+/// Connects and makes sure every stream and bucket exists, waiting for
+/// JetStream as long as it takes (see [`connect_with_topology_until`]);
+/// for tools and tests that have no shutdown to honour.
 pub async fn connect_with_topology(
     config: &Config,
     service: &str,
 ) -> Result<(async_nats::Client, Handles), ConnectError> {
+    match connect_with_topology_until(config, service, &CancellationToken::new()).await? {
+        Some(c) => Ok(c),
+        // Nobody can cancel that token.
+        None => Err(ConnectError::Stopped),
+    }
+}
+
+/// Connects and makes sure every stream and bucket exists. A bus that is
+/// not ready yet (nothing listening, JetStream off, no meta leader) is
+/// waited for with backoff, logged and shown in `/healthz`
+/// ([`retry_until_ready`]); `Ok(None)` when `shutdown` came first.
+pub async fn connect_with_topology_until(
+    config: &Config,
+    service: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<(async_nats::Client, Handles)>, ConnectError> {
     let client = connect(config, service).await?;
     let js = jetstream::new(client.clone());
-    let handles = subjects::ensure(&js, &config.topology()).await?;
-    Ok((client, handles))
+    let topo = config.topology();
+    let handles = retry_until_ready(service, "streams and buckets", shutdown, || {
+        subjects::ensure(&js, &topo)
+    })
+    .await?;
+    Ok(handles.map(|h| (client, h)))
 }
+
+/// Why a durable consumer or a service API could not be set up.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("cannot find stream {stream}")]
+    Stream {
+        stream: &'static str,
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    #[error("cannot create consumer {consumer}")]
+    Consumer {
+        consumer: &'static str,
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+    #[error("cannot start the {name} service API")]
+    Service {
+        name: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+/// The pull consumer `consumer` of `stream` (created if missing), waiting
+/// for JetStream like [`connect_with_topology_until`]; `Ok(None)` on
+/// shutdown.
+pub async fn durable_consumer(
+    js: &jetstream::Context,
+    service: &str,
+    stream: &'static str,
+    consumer: &'static str,
+    config: jetstream::consumer::pull::Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<jetstream::consumer::PullConsumer>, SetupError> {
+    let what = format!("consumer {consumer} on {stream}");
+    retry_until_ready(service, &what, shutdown, || {
+        let config = config.clone();
+        async move {
+            let s = js
+                .get_stream(stream)
+                .await
+                .map_err(|source| SetupError::Stream { stream, source })?;
+            s.get_or_create_consumer(consumer, config)
+                .await
+                .map_err(|source| SetupError::Consumer { consumer, source })
+        }
+    })
+    .await
+}
+
+/// Starts the NATS service API `name` (`$SRV` discovery and its
+/// endpoints' group), waiting like [`durable_consumer`].
+pub async fn start_service_api(
+    client: &async_nats::Client,
+    service: &str,
+    name: &'static str,
+    description: &str,
+    version: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<async_nats::service::Service>, SetupError> {
+    use async_nats::service::ServiceExt;
+    let what = format!("service API {name}");
+    retry_until_ready(service, &what, shutdown, || async {
+        client
+            .service_builder()
+            .description(description)
+            .start(name, version)
+            .await
+            .map_err(|source| SetupError::Service { name, source })
+    })
+    .await
+}
+
+pub use crate::ready::{retry_until_ready, Readiness};
 
 /// Cancels the returned token on SIGINT or SIGTERM.
 pub fn shutdown_on_signal() -> CancellationToken {

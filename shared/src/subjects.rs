@@ -22,6 +22,10 @@ pub const REPORTS_PREFIX: &str = "warden.report";
 pub const JOBS_BUCKET: &str = "warden_jobs";
 /// Bot sessions, keyed by session name, plus `bot.<bot_id>` → current name.
 pub const SESSIONS_BUCKET: &str = "warden_sessions";
+/// The stream JetStream keeps a key-value `bucket` in.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
 /// Resources and their health (value: [`crate::resource::Resource`]).
 pub const RESOURCES_BUCKET: &str = "warden_resources";
 

@@ -76,6 +76,24 @@ impl NatsServer {
         s
     }
 
+    /// A server on `port` (e.g. one a client was pointed at before any
+    /// server listened there).
+    pub fn start_on_port(port: u16) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("warden-nats-")
+            .tempdir()
+            .unwrap();
+        let mut s = NatsServer {
+            child: None,
+            port: 0,
+            store: dir.path().join("js"),
+            _dir: Some(dir),
+            extra: Vec::new(),
+        };
+        s.spawn_on(port);
+        s
+    }
+
     /// A server whose store is `store` (kept after drop): for tests that
     /// hand the data dir to a `warden up` process.
     pub fn start_in(store: &Path) -> NatsServer {

@@ -77,7 +77,11 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ApiError::Http)?;
     warden_shared::metrics::starting("api");
     metrics::init();
-    let (client, handles) = runtime::connect_with_topology(&config, "api").await?;
+    let Some((client, handles)) =
+        runtime::connect_with_topology_until(&config, "api", &shutdown).await?
+    else {
+        return Ok(());
+    };
     let index = Arc::new(index::SharedIndex::default());
     let ops = Arc::new(ops::Ops {
         config: config.clone(),

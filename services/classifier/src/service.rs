@@ -59,7 +59,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let classifier = classifier.clone();
         tokio::spawn(async move {
             let reply = answer(classifier, &req.message.payload).await;
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            let body = warden_shared::messages::encode_reply(&reply);
             if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
                 debug!(error = %e, "cannot answer classify request");
             }

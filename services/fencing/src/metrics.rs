@@ -11,6 +11,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub rejected: IntCounterVec,
     pub expired: IntCounter,
+    pub corrupt: IntCounter,
     pub sessions: IntGaugeVec,
 }
 
@@ -62,6 +63,13 @@ pub fn metrics() -> &'static Metrics {
             )
             .expect("valid metric"),
         ),
+        corrupt: register(
+            IntCounter::new(
+                "warden_fencing_corrupt_sessions_total",
+                "Undecodable session records skipped by the expiry sweep (counted each sweep they are seen)",
+            )
+            .expect("valid metric"),
+        ),
     })
 }
 
@@ -104,6 +112,7 @@ mod tests {
             r#"warden_fencing_sessions{state="active"} 3"#,
             r#"warden_fencing_sessions{state="quarantined"} 0"#,
             "warden_fencing_sessions_expired_total 0",
+            "warden_fencing_corrupt_sessions_total 0",
         ] {
             assert!(text.contains(series), "{series} missing:\n{text}");
         }

@@ -419,3 +419,30 @@ async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
     );
     f.stop_service().await;
 }
+
+/// An undecodable record in the bucket is skipped by the sweep: a real
+/// session that stops heartbeating still expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_does_not_stop_the_expiry_sweep() {
+    let nats = NatsServer::start();
+    let mut f = Fixture::start(&nats, TIMEOUT_600MS).await;
+    let (client, kv) = (f.client.clone(), f.handles.sessions.clone());
+    kv.put(session_key("garbage"), "not a session {".into())
+        .await
+        .unwrap();
+    let quiet = create(&client, "quiet-next-to-garbage").await;
+    eventually(Duration::from_secs(10), "the silent session expired", || {
+        let kv = kv.clone();
+        let quiet = quiet.clone();
+        async move { (session(&kv, &quiet).await.0.state == SessionState::Expired).then_some(()) }
+    })
+    .await;
+    let text = warden_shared::metrics::render();
+    let corrupt = text
+        .lines()
+        .find_map(|l| l.strip_prefix("warden_fencing_corrupt_sessions_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(corrupt >= 1, "corrupt record not counted:\n{text}");
+    f.stop_service().await;
+}

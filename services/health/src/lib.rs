@@ -862,7 +862,11 @@ fn truncate(mut s: String, max: usize) -> String {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), HealthError> {
     warden_shared::metrics::starting("health");
     metrics::init();
-    let (client, handles) = runtime::connect_with_topology(&config, "health").await?;
+    let Some((client, handles)) =
+        runtime::connect_with_topology_until(&config, "health", &shutdown).await?
+    else {
+        return Ok(());
+    };
     let health = Arc::new(Health {
         config: config.clone(),
         client: client.clone(),
@@ -873,17 +877,19 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         busy: Mutex::new(HashSet::new()),
         registered: Mutex::new(HashSet::new()),
     });
-    let consumer: PullConsumer = handles
-        .js
-        .get_stream(subjects::NOTIFY_STREAM)
-        .await
-        .map_err(setup("notify stream"))?
-        .get_or_create_consumer(
-            subjects::HEALTH_SUSPECTS_CONSUMER,
-            subjects::health_suspects_consumer(),
-        )
-        .await
-        .map_err(setup("suspects consumer"))?;
+    let Some(consumer) = runtime::durable_consumer(
+        &handles.js,
+        "health",
+        subjects::NOTIFY_STREAM,
+        subjects::HEALTH_SUSPECTS_CONSUMER,
+        subjects::health_suspects_consumer(),
+        &shutdown,
+    )
+    .await
+    .map_err(setup("suspects consumer"))?
+    else {
+        return Ok(());
+    };
     let service = client
         .service_builder()
         .description("Warden resource health")
@@ -955,7 +961,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     }
                 }
             };
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            let body = warden_shared::messages::encode_reply(&reply);
             if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
                 warn!(error = %e, "cannot answer health request");
             }

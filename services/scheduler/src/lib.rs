@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
-use async_nats::service::ServiceExt;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use thiserror::Error;
@@ -61,6 +60,8 @@ use crate::queue::Queue;
 pub enum SchedulerError {
     #[error(transparent)]
     Connect(#[from] runtime::ConnectError),
+    #[error(transparent)]
+    Wait(#[from] runtime::SetupError),
     #[error("cannot set up {what}")]
     Setup {
         what: &'static str,
@@ -207,7 +208,11 @@ impl Shared {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), SchedulerError> {
     warden_shared::metrics::starting("scheduler");
     metrics::init(&config);
-    let (client, handles) = runtime::connect_with_topology(&config, "scheduler").await?;
+    let Some((client, handles)) =
+        runtime::connect_with_topology_until(&config, "scheduler", &shutdown).await?
+    else {
+        return Ok(());
+    };
     let shared = Arc::new(Shared {
         config: config.clone(),
         store: JobStore::new(handles.jobs.clone()),
@@ -225,18 +230,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         }),
     });
 
-    let stream = handles
-        .js
-        .get_stream(subjects::REPORTS_STREAM)
-        .await
-        .map_err(setup("reports stream"))?;
-    let consumer: PullConsumer = stream
-        .get_or_create_consumer(
-            subjects::SCHEDULER_REPORTS_CONSUMER,
-            subjects::scheduler_reports_consumer(),
-        )
-        .await
-        .map_err(setup("reports consumer"))?;
+    let Some(consumer) = runtime::durable_consumer(
+        &handles.js,
+        "scheduler",
+        subjects::REPORTS_STREAM,
+        subjects::SCHEDULER_REPORTS_CONSUMER,
+        subjects::scheduler_reports_consumer(),
+        &shutdown,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     let acquire = client
         .queue_subscribe(
             subjects::ACQUIRE,
@@ -244,12 +249,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         )
         .await
         .map_err(setup("acquire subscription"))?;
-    let service = client
-        .service_builder()
-        .description("Warden scheduler: queue snapshot per pool")
-        .start(subjects::SCHEDULER_SERVICE, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(setup("scheduler service"))?;
+    let Some(service) = runtime::start_service_api(
+        &client,
+        "scheduler",
+        subjects::SCHEDULER_SERVICE,
+        "Warden scheduler: queue snapshot per pool",
+        env!("CARGO_PKG_VERSION"),
+        &shutdown,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     let queue_endpoint = service
         .endpoint_builder()
         .name("queue")

@@ -15,7 +15,7 @@ pub mod rules;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use futures::StreamExt;
 use thiserror::Error;
@@ -33,7 +33,7 @@ pub enum TriggerError {
     #[error(transparent)]
     Connect(#[from] runtime::ConnectError),
     #[error("cannot set up the events consumer")]
-    Consumer(#[source] async_nats::Error),
+    Consumer(#[from] runtime::SetupError),
 }
 
 struct Trigger {
@@ -54,16 +54,23 @@ enum Disposition {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), TriggerError> {
     warden_shared::metrics::starting("trigger");
     metrics::init();
-    let (client, handles) = runtime::connect_with_topology(&config, "trigger").await?;
-    let stream = handles
-        .js
-        .get_stream(subjects::EVENTS_STREAM)
-        .await
-        .map_err(|e| TriggerError::Consumer(e.into()))?;
-    let consumer: PullConsumer = stream
-        .get_or_create_consumer(subjects::TRIGGER_CONSUMER, subjects::trigger_consumer())
-        .await
-        .map_err(|e| TriggerError::Consumer(e.into()))?;
+    let Some((client, handles)) =
+        runtime::connect_with_topology_until(&config, "trigger", &shutdown).await?
+    else {
+        return Ok(());
+    };
+    let Some(consumer) = runtime::durable_consumer(
+        &handles.js,
+        "trigger",
+        subjects::EVENTS_STREAM,
+        subjects::TRIGGER_CONSUMER,
+        subjects::trigger_consumer(),
+        &shutdown,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     let trigger = Arc::new(Trigger {
         rules: Rules::new(config.clone()),
         store: JobStore::new(handles.jobs.clone()),

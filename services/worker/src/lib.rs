@@ -343,10 +343,14 @@ impl Agent {
         let period = timeout / 3;
         let mut last_ok = Instant::now();
         let mut need_new = false;
+        // Heartbeats in a row that were not recorded (store unavailable,
+        // no answer): the next one goes soon, not a full period later, so
+        // it lands as soon as the store is back.
+        let mut failed: u32 = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(heartbeat_delay(period, failed)) => {}
                 _ = self.fenced.notified() => need_new = true,
             }
             if need_new {
@@ -387,17 +391,27 @@ impl Agent {
                                 .inc();
                             need_new = true;
                         }
-                        Some(e) => debug!(code = %e.code, "heartbeat error"),
+                        Some(e) => {
+                            failed += 1;
+                            debug!(code = %e.code, failed, "heartbeat not recorded; retrying soon")
+                        }
                         None => {
+                            failed = 0;
                             last_ok = Instant::now();
                             for id in reply.cancel {
                                 self.stop_one(&id, Stop::Fenced);
                             }
                         }
                     },
-                    Err(e) => debug!(error = %e, "bad heartbeat reply"),
+                    Err(e) => {
+                        failed += 1;
+                        debug!(error = %e, "bad heartbeat reply")
+                    }
                 },
-                _ => debug!("heartbeat not answered"),
+                _ => {
+                    failed += 1;
+                    debug!(failed, "heartbeat not answered")
+                }
             }
             if !need_new && last_ok.elapsed() > timeout && !self.held().is_empty() {
                 warn!(bot.id = %self.bot_id, silent_ms = last_ok.elapsed().as_millis() as u64, "cannot reach the bus past the session timeout; stopping own tasks");
@@ -663,5 +677,38 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// First retry after a heartbeat that was not recorded.
+const HEARTBEAT_RETRY: Duration = Duration::from_millis(500);
+
+/// How long to wait before the next heartbeat after `failed` heartbeats in
+/// a row were not recorded: `period` when the last one was, else 500 ms
+/// doubling with each failure, never more than `period`.
+fn heartbeat_delay(period: Duration, failed: u32) -> Duration {
+    if failed == 0 {
+        return period;
+    }
+    let factor = 1u32 << (failed - 1).min(16);
+    HEARTBEAT_RETRY.saturating_mul(factor).min(period)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_heartbeat_not_recorded_is_retried_soon_then_slower_up_to_the_period() {
+        let period = Duration::from_secs(10);
+        let d: Vec<u64> = (0..7)
+            .map(|f| super::heartbeat_delay(period, f).as_millis() as u64)
+            .collect();
+        assert_eq!(d, [10_000, 500, 1000, 2000, 4000, 8000, 10_000]);
+        assert_eq!(
+            super::heartbeat_delay(Duration::from_millis(300), 1),
+            Duration::from_millis(300)
+        );
+        assert_eq!(super::heartbeat_delay(period, 40), period);
     }
 }

@@ -1,0 +1,244 @@
+//! A session store that is unavailable while the fencing service stays
+//! connected (a 3-node cluster that lost quorum) must not evict the fleet
+//! once it is back: time during which heartbeats could not be recorded
+//! counts against nobody (issue 13).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
+use warden_shared::session::{session_key, Session, SessionState};
+use warden_shared::{runtime, subjects, Config};
+use warden_testsupport::{eventually, Cluster};
+
+async fn request<T: serde::Serialize>(
+    client: &async_nats::Client,
+    subject: &'static str,
+    body: &T,
+) -> Option<SessionReply> {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(subject, serde_json::to_vec(body).unwrap().into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_slice(&msg.payload).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_quorum_evicts_nobody() {
+    let mut cluster = Cluster::start();
+    // Everything talks to node 2 only, so the clients stay connected
+    // while nodes 0 and 1 are gone.
+    let text = format!(
+        "[nats]\nurl = \"{}\"\nreplicas = 3\n[fencing]\nsession_timeout = \"2s\"\n",
+        cluster.node_url(2)
+    );
+    let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
+    let (client, handles) = runtime::connect_with_topology(&config, "test")
+        .await
+        .unwrap();
+    let kv = handles.sessions.clone();
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    let create = CreateSession {
+        version: 1,
+        bot_id: "steady".into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: String::new(),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+        timeout_ms: None,
+    };
+    let name = eventually(Duration::from_secs(30), "a session", || {
+        let client = client.clone();
+        let create = create.clone();
+        async move {
+            request(&client, subjects::SESSION_CREATE, &create)
+                .await?
+                .session
+        }
+    })
+    .await;
+
+    // A worker heartbeating every timeout/3, as the real one does.
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let bot = {
+        let (client, name, errors) = (client.clone(), name.clone(), errors.clone());
+        tokio::spawn(async move {
+            loop {
+                let hb = Heartbeat {
+                    version: 1,
+                    session: name.clone(),
+                    leases: Vec::new(),
+                };
+                match request(&client, subjects::SESSION_HEARTBEAT, &hb).await {
+                    Some(SessionReply { error: Some(e), .. }) => {
+                        errors.lock().unwrap().push(e.code)
+                    }
+                    Some(_) => {}
+                    None => errors.lock().unwrap().push("no answer".into()),
+                }
+                tokio::time::sleep(Duration::from_millis(666)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+
+    // No quorum for longer than the session timeout.
+    cluster.kill(0);
+    cluster.kill(1);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = errors.lock().unwrap().len();
+    assert!(during > 0, "the store never failed: the test tests nothing");
+    cluster.start_node(0);
+    cluster.start_node(1);
+
+    // Back: heartbeats land again, and several timeouts pass.
+    let expired_at = Arc::new(std::sync::Mutex::new(None));
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(e)) = kv.entry(session_key(&name)).await {
+            let s: Session = serde_json::from_slice(&e.value).unwrap();
+            if s.state != SessionState::Active {
+                *expired_at.lock().unwrap() = Some((started.elapsed(), s.state));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bot.abort();
+    assert_eq!(
+        *expired_at.lock().unwrap(),
+        None,
+        "a heartbeating session was evicted after the store came back (errors: {:?})",
+        errors.lock().unwrap()
+    );
+    let tail: Vec<String> = errors.lock().unwrap()[during..].to_vec();
+    let last = request(
+        &client,
+        subjects::SESSION_HEARTBEAT,
+        &Heartbeat {
+            version: 1,
+            session: name.clone(),
+            leases: Vec::new(),
+        },
+    )
+    .await;
+    assert!(
+        last.as_ref().is_some_and(|r| r.error.is_none()),
+        "heartbeats fail after the store is back: {last:?} (after the outage: {tail:?})"
+    );
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
+
+/// The store refuses writes while reads and listings still work (here the
+/// bucket's stream is full): heartbeats answer `unavailable` past the
+/// timeout while the sweeper sees the bucket fine. Once writes work again
+/// the session gets a full timeout to heartbeat and is not expired at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
+    let nats = warden_testsupport::NatsServer::start();
+    let text = format!(
+        "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"1s\"\n",
+        nats.url()
+    );
+    let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
+    let (client, handles) = runtime::connect_with_topology(&config, "test")
+        .await
+        .unwrap();
+    let kv = handles.sessions.clone();
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
+    let create = CreateSession {
+        version: 1,
+        bot_id: "steady".into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: String::new(),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+        timeout_ms: None,
+    };
+    let name = eventually(Duration::from_secs(10), "a session", || {
+        let client = client.clone();
+        let create = create.clone();
+        async move {
+            request(&client, subjects::SESSION_CREATE, &create)
+                .await?
+                .session
+        }
+    })
+    .await;
+    let hb = Heartbeat {
+        version: 1,
+        session: name.clone(),
+        leases: Vec::new(),
+    };
+    let ok = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
+    assert!(ok.is_some_and(|r| r.error.is_none()));
+
+    // Full: no write fits any more.
+    let js = handles.js.clone();
+    let mut stream = js
+        .get_stream(subjects::kv_stream(subjects::SESSIONS_BUCKET))
+        .await
+        .unwrap();
+    let normal = stream.info().await.unwrap().config.clone();
+    let bytes = stream.info().await.unwrap().state.bytes as i64;
+    let mut full = normal.clone();
+    full.max_bytes = bytes.max(1);
+    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    js.update_stream(&full).await.unwrap();
+    // Heartbeats fail for three timeouts.
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
+        if r.and_then(|r| r.error)
+            .is_some_and(|e| e.code == "unavailable")
+        {
+            refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        refused > 0,
+        "the store never refused a heartbeat: the test tests nothing"
+    );
+    js.update_stream(&normal).await.unwrap();
+    // Writes work again. The bot's next heartbeat comes within a third of
+    // the timeout; meanwhile nothing may expire it.
+    let back = std::time::Instant::now();
+    while back.elapsed() < Duration::from_millis(330) {
+        let e = kv.entry(session_key(&name)).await.unwrap().unwrap();
+        let s: Session = serde_json::from_slice(&e.value).unwrap();
+        assert_eq!(
+            s.state,
+            SessionState::Active,
+            "expired {:?} after the store took writes again",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
+    assert!(
+        r.as_ref().is_some_and(|r| r.error.is_none()),
+        "heartbeat refused after the store is back: {r:?}"
+    );
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
