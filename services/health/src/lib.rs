@@ -128,6 +128,23 @@ pub struct Health {
 }
 
 impl Health {
+    fn new(
+        config: Arc<Config>,
+        client: async_nats::Client,
+        handles: &subjects::Handles,
+    ) -> Arc<Self> {
+        Arc::new(Health {
+            config,
+            client,
+            js: handles.js.clone(),
+            kv: handles.resources.clone(),
+            id: Uuid::new_v4().to_string(),
+            cache: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(HashSet::new()),
+            registered: Mutex::new(HashSet::new()),
+        })
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Resource>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -163,14 +180,22 @@ impl Health {
         }
     }
 
-    /// Read, change, compare-and-set, retried on conflict. `change` gets
-    /// the current record (`None`: absent) and returns the new one, or
-    /// `None` to write nothing. Returns what was written.
+    /// Read, change, compare-and-set, retried on conflict: the one write
+    /// path of `warden_resources` (registration, leaving, suspicion, check
+    /// claims and results, recycling, closing by hand). `change` gets the
+    /// current record (`None`: absent) and returns the new one, or `None`
+    /// to write nothing; on a conflict it runs again on what another
+    /// writer left, after a short jittered pause. Returns what was
+    /// written.
     async fn modify<F>(&self, name: &str, mut change: F) -> Result<Option<Resource>, OpError>
     where
         F: FnMut(Option<Resource>) -> Option<Resource>,
     {
-        for _ in 0..16 {
+        let key = resource_key(name);
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(cas_pause(attempt)).await;
+            }
             let current = self.get(name).await?;
             let revision = current.as_ref().map(|(_, rev)| *rev);
             let Some(next) = change(current.map(|(r, _)| r)) else {
@@ -178,11 +203,10 @@ impl Health {
             };
             let body =
                 Bytes::from(serde_json::to_vec(&next).map_err(|e| OpError::Store(e.to_string()))?);
-            let key = resource_key(name);
             let written = match revision {
                 None => self.kv.create(&key, body).await.map(|_| ()).map_err(|e| {
                     (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e),
                         e.to_string(),
                     )
                 }),
@@ -193,7 +217,7 @@ impl Health {
                     .map(|_| ())
                     .map_err(|e| {
                         (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e),
                             e.to_string(),
                         )
                     }),
@@ -203,12 +227,15 @@ impl Health {
                     self.cache().insert(next.name.clone(), next.clone());
                     return Ok(Some(next));
                 }
-                Err((true, _)) => continue,
+                Err((true, e)) => {
+                    metrics().cas_conflicts.inc();
+                    debug!(resource = %name, attempt, error = %e, "resource changed meanwhile; re-reading");
+                }
                 Err((false, e)) => return Err(OpError::Store(e)),
             }
         }
         Err(OpError::Store(format!(
-            "{name}: too many concurrent changes"
+            "{name}: still changing after {CAS_ATTEMPTS} attempts"
         )))
     }
 
@@ -846,6 +873,42 @@ impl Health {
     }
 }
 
+/// Writes of one record tried before giving up.
+const CAS_ATTEMPTS: u32 = 16;
+
+/// The pause before retry `attempt` (1…) of a compare-and-set: a few
+/// milliseconds, growing, jittered so that replicas that collided do not
+/// collide again in step (and a replica whose read came from a lagging
+/// follower reads again after it caught up).
+fn cas_pause(attempt: u32) -> Duration {
+    let ceiling = 5 * u64::from(attempt.min(10)) + 5;
+    let jitter = (Uuid::new_v4().as_u128() % u128::from(ceiling)) as u64;
+    Duration::from_millis(2 + jitter)
+}
+
+/// Whether a refused write lost a race with another writer of the same
+/// key, by the server's error code somewhere in the error's sources: a
+/// single server says "wrong last sequence" with the current sequence
+/// (10071, which the client turns into `WrongLastRevision`), a clustered
+/// stream refuses a write of a key whose previous write is still in flight
+/// with the constant variant (10164), which the client reports as `Other`.
+fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            let code = js.error_code();
+            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max;
@@ -863,16 +926,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     warden_shared::metrics::starting("health");
     metrics::init();
     let (client, handles) = runtime::connect_with_topology(&config, "health").await?;
-    let health = Arc::new(Health {
-        config: config.clone(),
-        client: client.clone(),
-        js: handles.js.clone(),
-        kv: handles.resources.clone(),
-        id: Uuid::new_v4().to_string(),
-        cache: Mutex::new(BTreeMap::new()),
-        busy: Mutex::new(HashSet::new()),
-        registered: Mutex::new(HashSet::new()),
-    });
+    let health = Health::new(config.clone(), client.clone(), &handles);
     let consumer: PullConsumer = handles
         .js
         .get_stream(subjects::NOTIFY_STREAM)
@@ -1073,5 +1127,77 @@ async fn tick_loop(health: Arc<Health>, tracker: TaskTracker, shutdown: Cancella
         if n % 5 == 1 {
             health.export_gauges();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use warden_testsupport::{eventually, Cluster};
+
+    fn session(i: usize) -> Session {
+        Session {
+            version: 1,
+            name: format!("s{i}"),
+            bot_id: format!("bot-{i}"),
+            resource: Some("shared-host".into()),
+            resources: vec![ResourceDecl {
+                name: "shared-host".into(),
+                kind: "host".into(),
+                path: None,
+                depends_on: None,
+            }],
+            agent_instance: format!("agent-{i}"),
+            pools: vec!["default".into()],
+            capacity: 1,
+            agent_version: "test".into(),
+            timeout_ms: None,
+            state: SessionState::Active,
+            created_at: Utc::now(),
+            last_heartbeat: Utc::now(),
+            superseded_by: None,
+            leases: Vec::new(),
+        }
+    }
+
+    /// Two replicas on a clustered (R3) bucket register many sessions on
+    /// one shared host at once: every write lands. A clustered stream
+    /// refuses a second write of a key while one is in flight with its
+    /// own "wrong last sequence" (10164), which is a conflict like any.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_on_a_cluster_record_every_session_of_a_shared_host() {
+        let cluster = Cluster::start();
+        let config = |url: String| {
+            let text = format!(
+                "[nats]\nurl = \"{url}\"\nreplicas = 3\n[health]\ncheck_timeout = \"1s\"\n"
+            );
+            Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap())
+        };
+        let mut replicas = Vec::new();
+        for node in 0..2 {
+            let c = config(cluster.node_url(node));
+            // JetStream needs a meta leader before it takes R3 buckets.
+            let (client, handles) = eventually(Duration::from_secs(30), "the topology", || {
+                let c = c.clone();
+                async move { runtime::connect_with_topology(&c, "test").await.ok() }
+            })
+            .await;
+            replicas.push(Health::new(c, client, &handles));
+        }
+        let n = 40;
+        let sessions: Vec<Session> = (0..n).map(session).collect();
+        let writes = sessions.iter().enumerate().map(|(i, s)| {
+            let h = replicas[i % 2].clone();
+            async move { h.register(s, &s.resources[0]).await }
+        });
+        let results = futures::future::join_all(writes).await;
+        let failed: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        assert!(failed.is_empty(), "writes given up: {failed:?}");
+        let (r, _) = replicas[0].get("shared-host").await.unwrap().unwrap();
+        assert_eq!(r.sessions.len(), n, "{:?}", r.sessions);
     }
 }
