@@ -3,8 +3,9 @@
 //! before every use).
 //!
 //! - **registration**: follows `warden_sessions`; the resources an active
-//!   session declares are registered (a closed one declared by a new agent
-//!   process becomes a new incarnation). A resource whose last session
+//!   session declares are registered (on a closed one the session is
+//!   noted, and the periodic pass checks it on that agent: see returning).
+//!   A resource whose last session
 //!   *expired* vanished: it is broken, as if its check failed. Fencing
 //!   expires sessions only for silence it could see (its grace rule), so a
 //!   bus outage does not break every resource at once.
@@ -19,9 +20,13 @@
 //! - **recycling**: a broken resource gets a recycle event (durable, one
 //!   per incarnation) and is closed, then everything that depends on it.
 //!   The scheduler takes back the leases of closed resources.
+//! - **returning**: a closed resource with an active session (not closed
+//!   by hand, its dependency open) is checked on its agent; pass → open
+//!   as a new incarnation, fail → closed, checked again after a growing
+//!   back-off. Closed by hand: only an operator's check reopens it.
 //!
-//! Every write is a compare-and-set on the record's revision, so replicas
-//! can run side by side.
+//! Every write is a compare-and-set on the record's revision, re-read and
+//! retried when another writer won, so replicas can run side by side.
 
 mod metrics;
 
