@@ -12,10 +12,13 @@
 //!    │ check failed       ▼
 //!    └──────────────▶  broken ──recycled──▶ closed
 //!   (any state but closed) ──closed by hand / dependency closed──▶ closed
+//!   closed ══check passed (a live agent came back, or an operator's)══▶ open
+//!          (a NEW incarnation)
 //! ```
 //!
-//! A closed resource never opens again: an agent that registers it anew
-//! after recycling makes a new incarnation.
+//! A closed incarnation never opens again: the one move out of closed
+//! makes a new incarnation (incarnation + 1), after a check on a live agent
+//! passed. One closed by hand comes back only by an operator's check.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -73,19 +76,35 @@ pub struct IllegalResourceChange {
     pub to: ResourceState,
 }
 
+/// What a legal move does to the record's incarnation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// The same incarnation changes state.
+    Same,
+    /// A closed resource opens as a new incarnation: its agent (or an
+    /// operator) passed a check after it was closed.
+    NewIncarnation,
+}
+
 /// The one table of resource moves.
-pub fn allowed(from: ResourceState, to: ResourceState) -> bool {
+pub fn transition(from: ResourceState, to: ResourceState) -> Option<Move> {
     use ResourceState::*;
-    matches!(
-        (from, to),
+    match (from, to) {
         (Open, Suspicious)
-            | (Open, Broken)
-            | (Open, Closed)
-            | (Suspicious, Open)
-            | (Suspicious, Broken)
-            | (Suspicious, Closed)
-            | (Broken, Closed)
-    )
+        | (Open, Broken)
+        | (Open, Closed)
+        | (Suspicious, Open)
+        | (Suspicious, Broken)
+        | (Suspicious, Closed)
+        | (Broken, Closed) => Some(Move::Same),
+        (Closed, Open) => Some(Move::NewIncarnation),
+        _ => None,
+    }
+}
+
+/// Whether `from → to` is in the table.
+pub fn allowed(from: ResourceState, to: ResourceState) -> bool {
+    transition(from, to).is_some()
 }
 
 /// Why a resource was recycled (metric label and recycle event `reason`).
@@ -102,6 +121,9 @@ pub mod reason {
     pub const MANUAL: &str = "manual";
     /// What it depends on was closed.
     pub const DEPENDENCY: &str = "dependency";
+    /// Not a recycle reason: a closed resource opened as a new incarnation
+    /// (its agent came back and passed its check, or an operator's did).
+    pub const RETURNED: &str = "returned";
     pub const ALL: [&str; 6] = [
         CHECK_FAILED,
         CHECK_TIMEOUT,
@@ -209,6 +231,10 @@ pub struct Resource {
     /// Recent changes of state, newest last.
     #[serde(default)]
     pub changes: Vec<StateChange>,
+    /// While closed: why (a [`reason`] code). One closed by hand
+    /// (`manual`) does not come back by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_for: Option<String>,
 }
 
 impl Resource {
@@ -246,6 +272,7 @@ impl Resource {
                 to: ResourceState::Open,
                 reason,
             }],
+            closed_for: None,
         }
     }
 
@@ -257,12 +284,20 @@ impl Resource {
         reason: impl Into<String>,
         now: DateTime<Utc>,
     ) -> Result<(), IllegalResourceChange> {
-        if !allowed(self.state, to) {
+        let Some(kind) = transition(self.state, to) else {
             return Err(IllegalResourceChange {
                 resource: self.name.clone(),
                 from: self.state,
                 to,
             });
+        };
+        if kind == Move::NewIncarnation {
+            self.incarnation += 1;
+            self.registered_at = now;
+            self.suspicions.clear();
+        }
+        if to != ResourceState::Closed {
+            self.closed_for = None;
         }
         let reason = reason.into();
         self.changes.push(StateChange {
@@ -283,6 +318,41 @@ impl Resource {
             self.check_after = None;
         }
         Ok(())
+    }
+
+    /// Closes it for `code` (a [`reason`]), recorded as recycled.
+    pub fn close(
+        &mut self,
+        code: &str,
+        why: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), IllegalResourceChange> {
+        self.set_state(
+            ResourceState::Closed,
+            format!("recycled ({code}): {why}"),
+            now,
+        )?;
+        self.closed_for = Some(code.to_string());
+        Ok(())
+    }
+
+    /// Whether it may come back by itself once a live agent passes its
+    /// check: closed, and not by hand.
+    pub fn may_return(&self) -> bool {
+        self.state == ResourceState::Closed && self.closed_for.as_deref() != Some(reason::MANUAL)
+    }
+
+    /// Checks that failed since it was closed, newest first until one
+    /// passed (the back-off of its return checks doubles with each).
+    pub fn failed_checks_while_closed(&self) -> u32 {
+        if self.state != ResourceState::Closed {
+            return 0;
+        }
+        self.checks
+            .iter()
+            .rev()
+            .take_while(|c| c.at >= self.since && c.result != "passed")
+            .count() as u32
     }
 
     pub fn record_check(&mut self, check: CheckRecord) {
@@ -397,6 +467,11 @@ mod tests {
                         assert!(allowed(from, to));
                         assert_eq!((r.state, r.reason.as_str()), (to, "why"));
                         assert_eq!(r.changes.last().map(|c| c.from), Some(Some(from)));
+                        // A closed incarnation never opens again: the one
+                        // move out of closed is a new incarnation.
+                        let new = transition(from, to) == Some(Move::NewIncarnation);
+                        assert_eq!(new, from == Closed, "{from} → {to}");
+                        assert_eq!(r.incarnation, before.incarnation + u32::from(new));
                     }
                     Err(e) => {
                         assert!(!allowed(from, to), "{e}");
@@ -405,10 +480,45 @@ mod tests {
                 }
             }
         }
-        // Closed is final; nothing returns to open but a passed check.
-        assert!(ResourceState::ALL.iter().all(|&to| !allowed(Closed, to)));
+        // Out of closed only to open, as a new incarnation; nothing
+        // returns to open but a passed check.
+        let from_closed: Vec<ResourceState> = ResourceState::ALL
+            .into_iter()
+            .filter(|&to| allowed(Closed, to))
+            .collect();
+        assert_eq!(from_closed, [Open]);
         assert!(!allowed(Broken, Open));
         assert!(Open.leasable() && !Suspicious.leasable() && !Broken.leasable());
+    }
+
+    #[test]
+    fn only_a_resource_closed_by_hand_stays_out_and_failed_return_checks_count() {
+        let t0 = Utc::now();
+        let mut r = wc();
+        r.note_suspicion(t0, std::time::Duration::from_secs(60));
+        r.close(reason::VANISHED, "gone", t0).expect("legal");
+        assert!(r.may_return());
+        assert_eq!(r.closed_for.as_deref(), Some(reason::VANISHED));
+        let check = |result: &str, s: i64| CheckRecord {
+            at: t0 + chrono::Duration::seconds(s),
+            result: result.into(),
+            summary: String::new(),
+            duration_ms: 1,
+            trigger: "return".into(),
+        };
+        r.record_check(check("failed", 1));
+        r.record_check(check("timeout", 2));
+        assert_eq!(r.failed_checks_while_closed(), 2);
+        r.set_state(Open, "returned", t0 + chrono::Duration::seconds(3))
+            .expect("legal");
+        assert_eq!((r.incarnation, r.closed_for.clone()), (2, None));
+        assert!(r.suspicions.is_empty() && !r.may_return());
+        assert_eq!(r.failed_checks_while_closed(), 0);
+
+        let mut m = wc();
+        m.close(reason::MANUAL, "decommissioned", t0)
+            .expect("legal");
+        assert!(!m.may_return());
     }
 
     #[test]

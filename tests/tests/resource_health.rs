@@ -14,6 +14,10 @@
 //!   and the waiting jobs run once the check passes.
 //! - Closed by hand while a job runs there: the job is requeued at once,
 //!   the attempt not counted, and finishes on another host.
+//! - An agent stopped (SIGSTOP) past its session timeout: its host
+//!   vanished and was closed; continued, it is checked on the same agent
+//!   process, stays out while its check fails, and opens as a new
+//!   incarnation that takes the queue's jobs once the check passes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -348,7 +352,7 @@ async fn vanished_host_and_its_working_copy_are_recycled_and_jobs_finish_elsewhe
     );
 
     // The agent comes back (a new process after recycling): its resources
-    // register as a new incarnation, open.
+    // pass their checks and open as a new incarnation.
     let _v2 = Killed(vec![warden_e2e::spawn_worker(&url, &conf_v, "bot-v")]);
     let again = wait_state(&warden, "host-v", "open", 30).await;
     assert_eq!(again["incarnation"], 2, "{again}");
@@ -502,4 +506,78 @@ async fn closing_a_resource_by_hand_requeues_its_running_job_without_spending_it
     let again = warden_e2e::cli(&url, &["resource", "close", "host-x"]);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already closed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_takes_jobs() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("host-ok");
+    std::fs::write(&marker, "").unwrap();
+    let extra = format!(
+        "\n[tasks.quick]\ncommand = [\"sh\", \"-c\", \"echo quick\"]\n\n[[health.checks.host]]\nname = \"marker\"\ncommand = [\"test\", \"-f\", {:?}]\n",
+        marker.display().to_string()
+    );
+    let server = format!("{BASE}{extra}").replace(
+        "check_timeout = \"30s\"",
+        "check_timeout = \"30s\"\nrecheck_backoff = \"1s\"\nflap_window = \"4s\"",
+    );
+    let warden = Warden::up(&url, &server, 0);
+    let conf = worker_conf(dir.path(), "bot-s", "host-s", &["default"], &extra);
+    let mut worker = Killed(vec![warden_e2e::spawn_worker(&url, &conf, "bot-s")]);
+    let pid = worker.0[0].id().to_string();
+    wait_state(&warden, "host-s", "open", 30).await;
+    let first = submit(&url, &["quick"]);
+    wait_job(&warden, &first, "FINISHED", 30).await;
+
+    // Stopped past its session timeout (2 s), while its host breaks.
+    std::fs::remove_file(&marker).unwrap();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let host = wait_state(&warden, "host-s", "closed", 30).await;
+    assert!(
+        host["reason"].as_str().unwrap().contains("vanished"),
+        "{host}"
+    );
+    signal("-CONT");
+
+    // Back, with a new session of the same process: checked, fails, stays
+    // out, its jobs wait.
+    let waiting = submit(&url, &["quick"]);
+    let host = eventually(Duration::from_secs(30), "a failed return check", || async {
+        resource(&warden, "host-s").await.filter(|r| {
+            r["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["trigger"] == "return" && c["result"] == "failed")
+        })
+    })
+    .await;
+    assert_eq!(
+        (host["state"].as_str(), host["incarnation"].as_u64()),
+        (Some("closed"), Some(1)),
+        "{host}"
+    );
+    assert_eq!(job(&warden, &waiting).await["state"], "SCHEDULED");
+
+    // Fixed: it comes back by itself as a new incarnation and takes work.
+    std::fs::write(&marker, "").unwrap();
+    let host = wait_state(&warden, "host-s", "open", 30).await;
+    assert_eq!(host["incarnation"], 2, "{host}");
+    assert!(
+        host["reason"].as_str().unwrap().starts_with("returned"),
+        "{host}"
+    );
+    let done = wait_job(&warden, &waiting, "FINISHED", 30).await;
+    assert_eq!(done["lease"]["bot_id"], "bot-s", "{done}");
+    worker.0[0].kill().unwrap();
 }

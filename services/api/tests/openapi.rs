@@ -660,6 +660,8 @@ fn the_schemas_match_the_bodies() {
     resource
         .set_state(ResourceState::Suspicious, "suspect", Utc::now())
         .unwrap();
+    // Set while closed only; the sample carries every documented field.
+    resource.closed_for = Some("vanished".into());
     let listed = warden_shared::resource::listing(&[resource]);
     reply_matches(&doc, "Resource", &listed[0]);
     reply_matches(&doc, "ResourceList", &ResourcesReply { resources: listed });

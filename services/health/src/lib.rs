@@ -3,8 +3,9 @@
 //! before every use).
 //!
 //! - **registration**: follows `warden_sessions`; the resources an active
-//!   session declares are registered (a closed one declared by a new agent
-//!   process becomes a new incarnation). A resource whose last session
+//!   session declares are registered (on a closed one the session is
+//!   noted, and the periodic pass checks it on that agent: see returning).
+//!   A resource whose last session
 //!   *expired* vanished: it is broken, as if its check failed. Fencing
 //!   expires sessions only for silence it could see (its grace rule), so a
 //!   bus outage does not break every resource at once.
@@ -19,9 +20,13 @@
 //! - **recycling**: a broken resource gets a recycle event (durable, one
 //!   per incarnation) and is closed, then everything that depends on it.
 //!   The scheduler takes back the leases of closed resources.
+//! - **returning**: a closed resource with an active session (not closed
+//!   by hand, its dependency open) is checked on its agent; pass → open
+//!   as a new incarnation, fail → closed, checked again after a growing
+//!   back-off. Closed by hand: only an operator's check reopens it.
 //!
-//! Every write is a compare-and-set on the record's revision, so replicas
-//! can run side by side.
+//! Every write is a compare-and-set on the record's revision, re-read and
+//! retried when another writer won, so replicas can run side by side.
 
 mod metrics;
 
@@ -39,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
+use warden_shared::config::HealthConfig;
 use warden_shared::messages::{
     CheckReply, CheckRequest, ErrorBody, HealthReply, HealthRequest, ResourceRecycle,
     ResourceSuspect, MESSAGE_VERSION,
@@ -93,6 +99,46 @@ impl OpError {
     }
 }
 
+/// Why a check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// A suspicious resource's check, by the periodic pass.
+    Suspicion,
+    /// A closed resource whose agent is alive, by the periodic pass: pass
+    /// opens it as a new incarnation.
+    Return,
+    /// An operator asked (`warden resource check`).
+    Manual,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Suspicion => "suspicion",
+            Trigger::Return => "return",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// How long a closed resource waits before its next return check (`None`:
+/// it does not come back by itself). One closed by hand never; after
+/// vanishing or with what it depends on, at once (its agent only went
+/// silent); after failing a check itself or flapping, `recheck_backoff`;
+/// each failed return check doubles the wait, capped at `flap_window`.
+fn return_wait(closed_for: Option<&str>, failed: u32, cfg: &HealthConfig) -> Option<Duration> {
+    if closed_for == Some(reason::MANUAL) {
+        return None;
+    }
+    let cap = cfg.flap_window.max(cfg.recheck_backoff);
+    let wait = match (failed, closed_for) {
+        (0, None | Some(reason::VANISHED) | Some(reason::DEPENDENCY)) => Duration::ZERO,
+        (0, _) => cfg.recheck_backoff,
+        (n, _) => cfg.recheck_backoff.saturating_mul(1 << (n - 1).min(16)),
+    };
+    Some(wait.min(cap))
+}
+
 /// What a check came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -128,6 +174,23 @@ pub struct Health {
 }
 
 impl Health {
+    fn new(
+        config: Arc<Config>,
+        client: async_nats::Client,
+        handles: &subjects::Handles,
+    ) -> Arc<Self> {
+        Arc::new(Health {
+            config,
+            client,
+            js: handles.js.clone(),
+            kv: handles.resources.clone(),
+            id: Uuid::new_v4().to_string(),
+            cache: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(HashSet::new()),
+            registered: Mutex::new(HashSet::new()),
+        })
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Resource>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -163,14 +226,22 @@ impl Health {
         }
     }
 
-    /// Read, change, compare-and-set, retried on conflict. `change` gets
-    /// the current record (`None`: absent) and returns the new one, or
-    /// `None` to write nothing. Returns what was written.
+    /// Read, change, compare-and-set, retried on conflict: the one write
+    /// path of `warden_resources` (registration, leaving, suspicion, check
+    /// claims and results, recycling, closing by hand). `change` gets the
+    /// current record (`None`: absent) and returns the new one, or `None`
+    /// to write nothing; on a conflict it runs again on what another
+    /// writer left, after a short jittered pause. Returns what was
+    /// written.
     async fn modify<F>(&self, name: &str, mut change: F) -> Result<Option<Resource>, OpError>
     where
         F: FnMut(Option<Resource>) -> Option<Resource>,
     {
-        for _ in 0..16 {
+        let key = resource_key(name);
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(cas_pause(attempt)).await;
+            }
             let current = self.get(name).await?;
             let revision = current.as_ref().map(|(_, rev)| *rev);
             let Some(next) = change(current.map(|(r, _)| r)) else {
@@ -178,11 +249,10 @@ impl Health {
             };
             let body =
                 Bytes::from(serde_json::to_vec(&next).map_err(|e| OpError::Store(e.to_string()))?);
-            let key = resource_key(name);
             let written = match revision {
                 None => self.kv.create(&key, body).await.map(|_| ()).map_err(|e| {
                     (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e),
                         e.to_string(),
                     )
                 }),
@@ -193,7 +263,7 @@ impl Health {
                     .map(|_| ())
                     .map_err(|e| {
                         (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e),
                             e.to_string(),
                         )
                     }),
@@ -203,12 +273,15 @@ impl Health {
                     self.cache().insert(next.name.clone(), next.clone());
                     return Ok(Some(next));
                 }
-                Err((true, _)) => continue,
+                Err((true, e)) => {
+                    metrics().cas_conflicts.inc();
+                    debug!(resource = %name, attempt, error = %e, "resource changed meanwhile; re-reading");
+                }
                 Err((false, e)) => return Err(OpError::Store(e)),
             }
         }
         Err(OpError::Store(format!(
-            "{name}: too many concurrent changes"
+            "{name}: still changing after {CAS_ATTEMPTS} attempts"
         )))
     }
 
@@ -282,32 +355,10 @@ impl Health {
                     r.pools = s.pools.clone();
                     Some(r)
                 }
-                Some(old) if old.state == ResourceState::Closed => {
-                    // The agent that saw it closed is not a replacement;
-                    // a new agent process after recycling is.
-                    if old.agent == s.agent_instance || old.sessions.contains(&me) {
-                        return None;
-                    }
-                    let mut r = Resource::register(
-                        d,
-                        old.incarnation + 1,
-                        &s.agent_instance,
-                        &s.bot_id,
-                        format!(
-                            "registered again by a new agent of bot {} after it was closed: incarnation {}",
-                            s.bot_id,
-                            old.incarnation + 1
-                        ),
-                        now,
-                    );
-                    let mut changes = old.changes;
-                    changes.append(&mut r.changes);
-                    r.changes = changes;
-                    r.checks = old.checks;
-                    r.sessions.push(me.clone());
-                    r.pools = s.pools.clone();
-                    Some(r)
-                }
+                // Closed (or broken, about to be): the session is noted
+                // like any other; the periodic pass checks a resource
+                // that may come back on this agent and opens a new
+                // incarnation if it passes.
                 Some(mut r) => {
                     // Several bots may share one host (each with its own
                     // work dir): the record keeps what its latest new
@@ -461,44 +512,79 @@ impl Health {
 
     // --- checks -----------------------------------------------------------
 
-    fn claimable(&self, r: &Resource, now: DateTime<Utc>) -> bool {
+    /// Whether nobody runs a check of `r` (or the one claimed is stale).
+    fn unclaimed(&self, r: &Resource, now: DateTime<Utc>) -> bool {
         let stale = chrono::Duration::from_std(self.config.health.check_timeout * 2)
             .unwrap_or(chrono::Duration::minutes(1));
-        r.state == ResourceState::Suspicious
-            && r.check_after.is_none_or(|t| t <= now)
-            && r.check.as_ref().is_none_or(|c| now - c.started_at > stale)
+        r.check.as_ref().is_none_or(|c| now - c.started_at > stale)
     }
 
-    /// Claims and runs a check of `name`; `manual` when an operator asked
-    /// (any open or suspicious resource, now), else only a due suspicious
-    /// one. Returns the record after it and the agent's answer.
+    fn claimable(&self, r: &Resource, now: DateTime<Utc>) -> bool {
+        r.state == ResourceState::Suspicious
+            && r.check_after.is_none_or(|t| t <= now)
+            && self.unclaimed(r, now)
+    }
+
+    /// The open state of what `r` depends on, from the cache: `Err` names
+    /// a dependency that is not open.
+    fn dependency_open(&self, r: &Resource) -> Result<(), String> {
+        let Some(dep) = r.depends_on.as_deref() else {
+            return Ok(());
+        };
+        match self.cache().get(dep).map(|d| d.state) {
+            Some(ResourceState::Open) | None => Ok(()),
+            Some(state) => Err(format!(
+                "resource {} depends on {dep}, which is {state}",
+                r.name
+            )),
+        }
+    }
+
+    /// Whether a closed resource is due for a return check: not closed by
+    /// hand, an active session on it, what it depends on open, its
+    /// back-off over.
+    fn returnable(&self, r: &Resource, now: DateTime<Utc>) -> bool {
+        r.may_return()
+            && !r.sessions.is_empty()
+            && self.dependency_open(r).is_ok()
+            && r.check_after.is_none_or(|t| t <= now)
+            && self.unclaimed(r, now)
+    }
+
+    /// Claims and runs a check of `name`. `Manual` (an operator asked):
+    /// any open, suspicious or closed resource, now (a closed one whose
+    /// dependency is open). `Suspicion`: a due suspicious one. `Return`: a
+    /// due closed one with a live agent. A closed resource that passes
+    /// opens as a new incarnation. Returns the record after it and the
+    /// agent's answer.
     async fn check(
         self: &Arc<Self>,
         name: &str,
-        manual: bool,
+        trigger: Trigger,
     ) -> Result<(Resource, Option<CheckReply>), OpError> {
         let now = Utc::now();
-        let trigger = if manual { "manual" } else { "suspicion" };
         let mut refusal = None;
         let claimed = self
             .modify(name, |current| {
                 let mut r = current?;
-                let ok = match (manual, r.state) {
-                    (true, ResourceState::Open | ResourceState::Suspicious) => true,
-                    (false, _) => self.claimable(&r, now),
-                    _ => false,
-                };
-                if !ok {
-                    refusal = Some(format!(
+                let ok = match (trigger, r.state) {
+                    (Trigger::Manual, ResourceState::Open | ResourceState::Suspicious) => Ok(()),
+                    (Trigger::Manual, ResourceState::Closed) => self.dependency_open(&r),
+                    (Trigger::Suspicion, _) if self.claimable(&r, now) => Ok(()),
+                    (Trigger::Return, _) if self.returnable(&r, now) => Ok(()),
+                    _ => Err(format!(
                         "resource {name} is {} and cannot be checked",
                         r.state
-                    ));
+                    )),
+                };
+                if let Err(why) = ok {
+                    refusal = Some(why);
                     return None;
                 }
                 r.check = Some(PendingCheck {
                     by: self.id.clone(),
                     started_at: now,
-                    trigger: trigger.into(),
+                    trigger: trigger.as_str().into(),
                 });
                 Some(r)
             })
@@ -520,17 +606,21 @@ impl Health {
             result: outcome.as_str().into(),
             summary: summary.clone(),
             duration_ms: started.elapsed().as_millis() as u64,
-            trigger: trigger.into(),
+            trigger: trigger.as_str().into(),
         };
-        let incarnation = r.incarnation;
+        let (incarnation, claimed_state) = (r.incarnation, r.state);
         let code = match outcome {
             Outcome::Timeout => reason::CHECK_TIMEOUT,
             _ => reason::CHECK_FAILED,
         };
+        let cfg = &self.config.health;
         let after = self
             .modify(name, |current| {
                 let mut r = current?;
-                if r.incarnation != incarnation || r.state == ResourceState::Closed {
+                // Another incarnation now, or closed while its check ran.
+                if r.incarnation != incarnation
+                    || (r.state == ResourceState::Closed && claimed_state != ResourceState::Closed)
+                {
                     return None;
                 }
                 r.record_check(record.clone());
@@ -540,10 +630,35 @@ impl Health {
                         r.set_state(ResourceState::Open, format!("check passed: {summary}"), now)
                             .ok()?;
                     }
+                    (Outcome::Passed, ResourceState::Closed) => {
+                        let who = if trigger == Trigger::Manual {
+                            "an operator's check passed"
+                        } else {
+                            "its agent came back and passed its check"
+                        };
+                        let why = format!(
+                            "{}: {who} (incarnation {}): {summary}",
+                            reason::RETURNED,
+                            r.incarnation + 1
+                        );
+                        r.set_state(ResourceState::Open, why, now).ok()?;
+                    }
                     (Outcome::Passed, _) => {}
                     (_, ResourceState::Open | ResourceState::Suspicious) => {
                         r.set_state(ResourceState::Broken, format!("{code}: {summary}"), now)
                             .ok()?;
+                    }
+                    (_, ResourceState::Closed) => {
+                        // Stays out; checked again after a longer wait.
+                        let wait = return_wait(
+                            r.closed_for.as_deref(),
+                            r.failed_checks_while_closed(),
+                            cfg,
+                        );
+                        r.check_after = wait.map(|w| {
+                            now + chrono::Duration::from_std(w)
+                                .unwrap_or(chrono::Duration::hours(1))
+                        });
                     }
                     _ => {}
                 }
@@ -555,7 +670,7 @@ impl Health {
                 "resource {name} changed while it was checked"
             )));
         };
-        info!(resource = %name, result = outcome.as_str(), state = %after.state, summary = %summary, "resource checked");
+        info!(resource = %name, trigger = trigger.as_str(), result = outcome.as_str(), state = %after.state, incarnation = after.incarnation, summary = %summary, check_after = ?after.check_after, "resource checked");
         if after.state == ResourceState::Broken {
             let why = after.reason.clone();
             self.recycle(name, code, &why).await?;
@@ -684,12 +799,13 @@ impl Health {
                             r.set_state(ResourceState::Broken, format!("{code}: {why}"), now)
                                 .ok()?;
                         }
-                        r.set_state(
-                            ResourceState::Closed,
-                            format!("recycled ({code}): {why}"),
-                            now,
-                        )
-                        .ok()?;
+                        r.close(&code, &why, now).ok()?;
+                        // A live agent gets it back after a check, unless
+                        // it was closed by hand.
+                        r.check_after = return_wait(Some(&code), 0, &self.config.health).map(|w| {
+                            now + chrono::Duration::from_std(w)
+                                .unwrap_or(chrono::Duration::hours(1))
+                        });
                         Some(r)
                     })
                     .await?;
@@ -737,16 +853,35 @@ impl Health {
         let Some((r, _)) = self.get(name).await? else {
             return Err(OpError::NotFound(name.into()));
         };
-        if r.state == ResourceState::Closed {
+        if !r.may_return() && r.state == ResourceState::Closed {
             return Err(OpError::Refused(format!(
-                "resource {name} is already closed"
+                "resource {name} is already closed by hand"
             )));
         }
-        let why = why
-            .filter(|w| !w.trim().is_empty())
-            .unwrap_or_else(|| "closed by an operator".into());
-        self.recycle(name, reason::MANUAL, &truncate(why, 1000))
+        let why = truncate(
+            why.filter(|w| !w.trim().is_empty())
+                .unwrap_or_else(|| "closed by an operator".into()),
+            1000,
+        );
+        if r.state == ResourceState::Closed {
+            // Closed already (recycled), and would come back once its
+            // agent passes a check: now it stays out until an operator's
+            // check.
+            let incarnation = r.incarnation;
+            self.modify(name, |current| {
+                let mut r = current?;
+                if r.incarnation != incarnation || !r.may_return() {
+                    return None;
+                }
+                r.closed_for = Some(reason::MANUAL.into());
+                r.reason = format!("{r}; then closed by hand: {why}", r = r.reason);
+                r.check_after = None;
+                Some(r)
+            })
             .await?;
+        } else {
+            self.recycle(name, reason::MANUAL, &why).await?;
+        }
         self.get(name)
             .await?
             .map(|(r, _)| r)
@@ -770,6 +905,7 @@ impl Health {
                 ResourceState::Suspicious if self.claimable(r, now) => {
                     Some(("check", String::new()))
                 }
+                ResourceState::Closed if self.returnable(r, now) => Some(("return", String::new())),
                 ResourceState::Broken => Some(("recycle", r.reason.clone())),
                 ResourceState::Open | ResourceState::Suspicious
                     if r.depends_on.as_deref().is_some_and(|d| closed.contains(d)) =>
@@ -786,7 +922,8 @@ impl Health {
             let r = r.clone();
             tracker.spawn(async move {
                 let res = match what {
-                    "check" => me.check(&r.name, false).await.map(|_| ()),
+                    "check" => me.check(&r.name, Trigger::Suspicion).await.map(|_| ()),
+                    "return" => me.check(&r.name, Trigger::Return).await.map(|_| ()),
                     "recycle" => {
                         let code = reason::ALL
                             .into_iter()
@@ -846,6 +983,42 @@ impl Health {
     }
 }
 
+/// Writes of one record tried before giving up.
+const CAS_ATTEMPTS: u32 = 16;
+
+/// The pause before retry `attempt` (1…) of a compare-and-set: a few
+/// milliseconds, growing, jittered so that replicas that collided do not
+/// collide again in step (and a replica whose read came from a lagging
+/// follower reads again after it caught up).
+fn cas_pause(attempt: u32) -> Duration {
+    let ceiling = 5 * u64::from(attempt.min(10)) + 5;
+    let jitter = (Uuid::new_v4().as_u128() % u128::from(ceiling)) as u64;
+    Duration::from_millis(2 + jitter)
+}
+
+/// Whether a refused write lost a race with another writer of the same
+/// key, by the server's error code somewhere in the error's sources: a
+/// single server says "wrong last sequence" with the current sequence
+/// (10071, which the client turns into `WrongLastRevision`), a clustered
+/// stream refuses a write of a key whose previous write is still in flight
+/// with the constant variant (10164), which the client reports as `Other`.
+fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            let code = js.error_code();
+            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max;
@@ -867,16 +1040,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     else {
         return Ok(());
     };
-    let health = Arc::new(Health {
-        config: config.clone(),
-        client: client.clone(),
-        js: handles.js.clone(),
-        kv: handles.resources.clone(),
-        id: Uuid::new_v4().to_string(),
-        cache: Mutex::new(BTreeMap::new()),
-        busy: Mutex::new(HashSet::new()),
-        registered: Mutex::new(HashSet::new()),
-    });
+    let health = Health::new(config.clone(), client.clone(), &handles);
     let Some(consumer) = runtime::durable_consumer(
         &handles.js,
         "health",
@@ -936,7 +1100,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     "resource must not be empty",
                 )),
                 Ok(r) => match op {
-                    "check" => health.check(&r.resource, true).await.map_err(|e| e.body()),
+                    "check" => health
+                        .check(&r.resource, Trigger::Manual)
+                        .await
+                        .map_err(|e| e.body()),
                     _ => health
                         .close(&r.resource, r.reason)
                         .await
@@ -1079,5 +1246,97 @@ async fn tick_loop(health: Arc<Health>, tracker: TaskTracker, shutdown: Cancella
         if n % 5 == 1 {
             health.export_gauges();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use warden_testsupport::{eventually, Cluster};
+
+    fn session(i: usize) -> Session {
+        Session {
+            version: 1,
+            name: format!("s{i}"),
+            bot_id: format!("bot-{i}"),
+            resource: Some("shared-host".into()),
+            resources: vec![ResourceDecl {
+                name: "shared-host".into(),
+                kind: "host".into(),
+                path: None,
+                depends_on: None,
+            }],
+            agent_instance: format!("agent-{i}"),
+            pools: vec!["default".into()],
+            capacity: 1,
+            agent_version: "test".into(),
+            timeout_ms: None,
+            state: SessionState::Active,
+            created_at: Utc::now(),
+            last_heartbeat: Utc::now(),
+            superseded_by: None,
+            leases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_closed_resource_waits_longer_after_each_failed_return_check() {
+        let text = "[health]\nrecheck_backoff = \"10s\"\nflap_window = \"35s\"\n";
+        let cfg = Config::from_parts(Some(text), Vec::new()).unwrap().health;
+        let s = Duration::from_secs;
+        assert_eq!(return_wait(Some(reason::MANUAL), 0, &cfg), None);
+        assert_eq!(return_wait(Some(reason::VANISHED), 0, &cfg), Some(s(0)));
+        assert_eq!(return_wait(Some(reason::DEPENDENCY), 0, &cfg), Some(s(0)));
+        assert_eq!(return_wait(None, 0, &cfg), Some(s(0)));
+        assert_eq!(return_wait(Some(reason::FLAPPING), 0, &cfg), Some(s(10)));
+        assert_eq!(
+            return_wait(Some(reason::CHECK_FAILED), 0, &cfg),
+            Some(s(10))
+        );
+        assert_eq!(return_wait(Some(reason::VANISHED), 1, &cfg), Some(s(10)));
+        assert_eq!(return_wait(Some(reason::VANISHED), 2, &cfg), Some(s(20)));
+        assert_eq!(return_wait(Some(reason::VANISHED), 3, &cfg), Some(s(35)));
+        assert_eq!(return_wait(Some(reason::VANISHED), 60, &cfg), Some(s(35)));
+    }
+
+    /// Two replicas on a clustered (R3) bucket register many sessions on
+    /// one shared host at once: every write lands. A clustered stream
+    /// refuses a second write of a key while one is in flight with its
+    /// own "wrong last sequence" (10164), which is a conflict like any.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_on_a_cluster_record_every_session_of_a_shared_host() {
+        let cluster = Cluster::start();
+        let config = |url: String| {
+            let text = format!(
+                "[nats]\nurl = \"{url}\"\nreplicas = 3\n[health]\ncheck_timeout = \"1s\"\n"
+            );
+            Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap())
+        };
+        let mut replicas = Vec::new();
+        for node in 0..2 {
+            let c = config(cluster.node_url(node));
+            // JetStream needs a meta leader before it takes R3 buckets.
+            let (client, handles) = eventually(Duration::from_secs(30), "the topology", || {
+                let c = c.clone();
+                async move { runtime::connect_with_topology(&c, "test").await.ok() }
+            })
+            .await;
+            replicas.push(Health::new(c, client, &handles));
+        }
+        let n = 40;
+        let sessions: Vec<Session> = (0..n).map(session).collect();
+        let writes = sessions.iter().enumerate().map(|(i, s)| {
+            let h = replicas[i % 2].clone();
+            async move { h.register(s, &s.resources[0]).await }
+        });
+        let results = futures::future::join_all(writes).await;
+        let failed: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        assert!(failed.is_empty(), "writes given up: {failed:?}");
+        let (r, _) = replicas[0].get("shared-host").await.unwrap().unwrap();
+        assert_eq!(r.sessions.len(), n, "{:?}", r.sessions);
     }
 }

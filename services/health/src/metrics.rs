@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
 use warden_shared::metrics::{register, touch_each};
 use warden_shared::resource::reason;
 
@@ -14,6 +14,7 @@ pub struct Metrics {
     pub recycles: IntCounterVec,
     pub suspects: IntCounterVec,
     pub dead_letters: IntCounterVec,
+    pub cas_conflicts: IntCounter,
 }
 
 /// `result` of `warden_health_checks_total`.
@@ -71,6 +72,13 @@ pub fn metrics() -> &'static Metrics {
             "Messages kept on the dead-letter stream (acknowledged by it), by reason",
             &["reason"],
         ),
+        cas_conflicts: register(
+            IntCounter::new(
+                "warden_health_write_conflicts_total",
+                "Writes of a resource record that lost a race with another writer and were retried",
+            )
+            .expect("valid metric"),
+        ),
     })
 }
 
@@ -96,6 +104,7 @@ mod tests {
             r#"warden_health_recycles_total{reason="vanished"} 0"#,
             r#"warden_health_suspects_total{result="flapping"} 0"#,
             r#"warden_health_dead_letters_total{reason="invalid_suspect"} 0"#,
+            "warden_health_write_conflicts_total 0",
         ] {
             assert!(text.contains(series), "{series} missing");
         }

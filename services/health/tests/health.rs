@@ -1,7 +1,9 @@
 //! The health service against a real nats-server, with a stand-in agent
 //! that answers checks as told: flapping, an agent that never answers, a
-//! session that leaves without vanishing, re-registration after recycling,
-//! operators' checks and closes, and bad input.
+//! session that leaves without vanishing, an agent that comes back after
+//! its resources were closed (checked, then a new incarnation; closed by
+//! hand: only by an operator's check), operators' checks and closes, and
+//! bad input.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -315,9 +317,9 @@ async fn many_suspects_of_one_incident_are_one_suspicion() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_agent_fails_its_check_and_a_new_agent_brings_a_new_incarnation() {
+async fn a_silent_agent_fails_its_check_and_its_resource_comes_back_once_it_answers() {
     let nats = NatsServer::start();
-    let f = start(&nats, "").await;
+    let f = start(&nats, "recheck_backoff = \"1s\"\n").await;
     f.answering.store(false, Ordering::SeqCst);
     f.put_session(&session("s1", SessionState::Active, "agent-1"))
         .await;
@@ -332,16 +334,24 @@ async fn a_silent_agent_fails_its_check_and_a_new_agent_brings_a_new_incarnation
         ResourceState::Open
     );
 
-    // The same agent's sessions do not reopen it; a new agent process does.
-    f.put_session(&session("s2", SessionState::Active, "agent-1"))
+    // While its agent stays silent, its return checks time out and it
+    // stays closed, a new agent process or not.
+    f.put_session(&session("s2", SessionState::Active, "agent-2"))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        f.resource("host-1/wc").await.unwrap().state,
-        ResourceState::Closed
-    );
-    f.put_session(&session("s3", SessionState::Active, "agent-2"))
-        .await;
+    let r = eventually(
+        Duration::from_secs(15),
+        "a return check timed out",
+        || async {
+            f.resource("host-1/wc")
+                .await
+                .filter(|r| r.checks.iter().any(|c| c.trigger == "return"))
+        },
+    )
+    .await;
+    assert_eq!(r.state, ResourceState::Closed);
+    assert_eq!(r.checks.last().unwrap().result, "timeout");
+    // It answers again: the next return check opens a new incarnation.
+    f.answering.store(true, Ordering::SeqCst);
     let r = f.wait("host-1/wc", ResourceState::Open).await;
     assert_eq!(r.incarnation, 2);
     assert!(
@@ -403,8 +413,14 @@ async fn operators_check_and_close_and_bad_input_gets_a_clear_answer() {
 
     let again = f.ask(subjects::HEALTH_CLOSE, "host-1").await;
     assert_eq!(again.error.unwrap().code, "illegal_transition");
+    // Its working copy cannot be checked while its host is closed; the
+    // host can, and opens as a new incarnation when it passes.
+    let wc_closed = f.ask(subjects::HEALTH_CHECK, "host-1/wc").await;
+    assert_eq!(wc_closed.error.unwrap().code, "illegal_transition");
     let check_closed = f.ask(subjects::HEALTH_CHECK, "host-1").await;
-    assert_eq!(check_closed.error.unwrap().code, "illegal_transition");
+    assert!(check_closed.error.is_none(), "{check_closed:?}");
+    let r = check_closed.resource.unwrap();
+    assert_eq!((r.state, r.incarnation), (ResourceState::Open, 2), "{r:?}");
     let unknown = f.ask(subjects::HEALTH_CHECK, "nowhere").await;
     assert_eq!(unknown.error.unwrap().code, "not_found");
     let garbage = f
@@ -440,4 +456,132 @@ async fn operators_check_and_close_and_bad_input_gets_a_clear_answer() {
     .await;
     let ok = f.ask(subjects::HEALTH_CHECK, "nowhere").await;
     assert_eq!(ok.error.unwrap().code, "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_back_after_its_session_expired_gets_its_resources_back_after_a_check() {
+    let nats = NatsServer::start();
+    let f = start(&nats, "recheck_backoff = \"1s\"\n").await;
+    f.put_session(&session("s1", SessionState::Active, "agent-1"))
+        .await;
+    f.wait("host-1/wc", ResourceState::Open).await;
+    // Stopped past its session timeout: the host vanished, its working
+    // copy went with it.
+    f.put_session(&session("s1", SessionState::Expired, "agent-1"))
+        .await;
+    let host = f.wait("host-1", ResourceState::Closed).await;
+    assert!(host.reason.contains("vanished"), "{}", host.reason);
+    f.wait("host-1/wc", ResourceState::Closed).await;
+    let checks = f.checks.load(Ordering::SeqCst);
+
+    // The same agent process comes back with a new session: each resource
+    // is checked on it, then open as a new incarnation.
+    f.put_session(&session("s2", SessionState::Active, "agent-1"))
+        .await;
+    let host = f.wait("host-1", ResourceState::Open).await;
+    assert_eq!(host.incarnation, 2, "{host:?}");
+    assert!(host.reason.starts_with("returned"), "{}", host.reason);
+    let last = host.changes.last().unwrap();
+    assert_eq!(
+        (last.from, last.to),
+        (Some(ResourceState::Closed), ResourceState::Open)
+    );
+    let check = host.checks.last().unwrap();
+    assert_eq!(
+        (check.result.as_str(), check.trigger.as_str()),
+        ("passed", "return")
+    );
+    assert_eq!(host.sessions.len(), 1, "{host:?}");
+    let wc = f.wait("host-1/wc", ResourceState::Open).await;
+    assert_eq!(wc.incarnation, 2, "{wc:?}");
+    assert!(f.checks.load(Ordering::SeqCst) >= checks + 2);
+    // A second vanishing is a new incarnation's: recycled again.
+    f.put_session(&session("s2", SessionState::Expired, "agent-1"))
+        .await;
+    f.wait("host-1", ResourceState::Closed).await;
+    let events = f.recycles().await;
+    let host_events: Vec<u32> = events
+        .iter()
+        .filter(|e| e.resource == "host-1")
+        .map(|e| e.incarnation)
+        .collect();
+    assert_eq!(host_events, [1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_agent_that_fails_its_check_stays_out_until_it_passes() {
+    let nats = NatsServer::start();
+    let f = start(&nats, "recheck_backoff = \"1s\"\n").await;
+    f.put_session(&session("s1", SessionState::Active, "agent-1"))
+        .await;
+    f.wait("host-1", ResourceState::Open).await;
+    f.put_session(&session("s1", SessionState::Expired, "agent-1"))
+        .await;
+    f.wait("host-1", ResourceState::Closed).await;
+
+    f.healthy.store(false, Ordering::SeqCst);
+    f.put_session(&session("s2", SessionState::Active, "agent-1"))
+        .await;
+    // Checked, failed, checked again after a back-off that grows.
+    let r = eventually(
+        Duration::from_secs(15),
+        "two failed return checks",
+        || async {
+            f.resource("host-1").await.filter(|r| {
+                r.checks
+                    .iter()
+                    .filter(|c| c.trigger == "return" && c.result == "failed")
+                    .count()
+                    >= 2
+            })
+        },
+    )
+    .await;
+    assert_eq!(r.state, ResourceState::Closed);
+    assert_eq!(r.incarnation, 1);
+    let due = r.check_after.expect("a back-off");
+    assert!(due > Utc::now(), "{due}");
+
+    // Fixed: it comes back by itself.
+    f.healthy.store(true, Ordering::SeqCst);
+    let r = f.wait("host-1", ResourceState::Open).await;
+    assert_eq!(r.incarnation, 2);
+    assert_eq!(r.checks.last().unwrap().result, "passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_closed_by_hand_comes_back_only_by_an_operators_check() {
+    let nats = NatsServer::start();
+    let f = start(&nats, "recheck_backoff = \"1s\"\n").await;
+    f.put_session(&session("s1", SessionState::Active, "agent-1"))
+        .await;
+    f.wait("host-1/wc", ResourceState::Open).await;
+    let closed = f.ask(subjects::HEALTH_CLOSE, "host-1").await;
+    assert_eq!(closed.resource.unwrap().state, ResourceState::Closed);
+    f.wait("host-1/wc", ResourceState::Closed).await;
+    // Neither its live agent nor a new agent process brings it back.
+    f.put_session(&session("s2", SessionState::Active, "agent-2"))
+        .await;
+    let checks = f.checks.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = f.resource("host-1").await.unwrap();
+    assert_eq!(
+        (r.state, r.incarnation),
+        (ResourceState::Closed, 1),
+        "{r:?}"
+    );
+    assert_eq!(f.checks.load(Ordering::SeqCst), checks, "no check asked");
+    assert_eq!(
+        f.resource("host-1/wc").await.unwrap().state,
+        ResourceState::Closed
+    );
+
+    // An operator's check that passes does; its working copy follows.
+    let ok = f.ask(subjects::HEALTH_CHECK, "host-1").await;
+    assert!(ok.error.is_none(), "{ok:?}");
+    let r = ok.resource.unwrap();
+    assert_eq!((r.state, r.incarnation), (ResourceState::Open, 2), "{r:?}");
+    assert_eq!(r.checks.last().unwrap().trigger, "manual");
+    let wc = f.wait("host-1/wc", ResourceState::Open).await;
+    assert_eq!(wc.incarnation, 2);
 }

@@ -337,6 +337,7 @@ impl ProcessExecutor {
             (Ended::NotStarted(description), _) => return Self::setup_failed(description),
             (Ended::Exited(code), _) => (Some(code), None),
             (Ended::Signalled(sig), _) => (None, Some(sig)),
+            (Ended::Fenced, _) => (None, Some(9)),
             (Ended::Unknown, Ok(s)) => (s.code(), exit_signal(s)),
             (Ended::Unknown, Err(_)) => (None, None),
         };
