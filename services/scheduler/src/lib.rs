@@ -470,7 +470,7 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
             Some(loss) => {
                 let policy = shared.config.retry_policy(&next.task);
                 let words = match loss {
-                    Loss::WorkerLost => format!("session {session} expired"),
+                    Loss::WorkerLost | Loss::SelfFenced => format!("session {session} expired"),
                     Loss::SessionSuperseded => {
                         format!("session {session} was superseded by a new session of its bot")
                     }
@@ -1039,6 +1039,26 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     }
                     results.push((r, "applied", Some((from, next.state))));
                     job = *next;
+                }
+                Decision::Lost(loss) => {
+                    // Warden stopped the attempt, not the task: the lease
+                    // is lost with the worker, under the retry policy.
+                    let policy = shared.config.retry_policy(&job.task);
+                    let from = job.state;
+                    let (next, fate) = apply::apply_loss(&job, r, loss, &policy, now);
+                    fates.push((fate, next.blame));
+                    if let (Some(blame), Some(detail)) = (next.blame, next.detail.clone()) {
+                        failed.push((blame, detail));
+                    }
+                    if let Some(lease) = &job.lease {
+                        let secs = (now - lease.leased_at).num_milliseconds().max(0) as f64;
+                        if metrics::ENDED.contains(&next.state) {
+                            ended.push((next.state, secs / 1000.0));
+                        }
+                    }
+                    info!(job.id = %job_id, session = %r.session, loss = loss.as_str(), state = %next.state, "attempt stopped by its worker; lease lost");
+                    results.push((r, "applied", Some((from, next.state))));
+                    job = next;
                 }
                 Decision::AfterCancel => {
                     job = record_after_cancel(&job, r, now);
