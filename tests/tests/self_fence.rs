@@ -118,16 +118,16 @@ async fn a_self_fenced_kill_is_a_lost_worker_not_the_tasks_crash() {
         (Action::Requeue, session.as_str())
     );
     assert!(
-        requeue
-            .note
+        ended
+            .description
             .as_deref()
-            .is_some_and(|n| n.contains("self_fenced")),
-        "{requeue:?}"
+            .is_some_and(|d| d.contains("self_fenced")),
+        "{:?}",
+        ended.description
     );
 
     stop.cancel();
-    for h in [scheduler, classifier] {
-        let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), scheduler).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), classifier).await;
     let _ = tokio::time::timeout(Duration::from_secs(15), agent).await;
 }
