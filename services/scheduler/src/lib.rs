@@ -102,6 +102,8 @@ struct LeaseIndex {
     by_session: std::collections::HashMap<String, std::collections::HashSet<Uuid>>,
     session_of: std::collections::HashMap<Uuid, String>,
     states: std::collections::HashMap<String, SessionState>,
+    /// The bot of every session seen.
+    bots: std::collections::HashMap<String, String>,
     /// Pools and resources of every active session.
     active: std::collections::HashMap<String, (Vec<String>, Vec<String>)>,
     /// Running attempts by resource, and the state of every resource.
@@ -368,6 +370,8 @@ fn on_session_entry(
     let (reason, doomed) = {
         let mut l = shared.leases();
         l.states.insert(session.name.clone(), session.state);
+        l.bots
+            .insert(session.name.clone(), session.bot_id.clone());
         if session.state == SessionState::Active {
             l.active.insert(
                 session.name.clone(),
@@ -724,6 +728,54 @@ async fn acquire(
     let mut leases = Vec::new();
     let resources = request_resources(&req);
     let mut blocked: Option<String>;
+    // Only a session known to be active, and the requesting bot's own,
+    // gets a lease: one this replica has not seen yet is read from the
+    // bucket (it may just have been created).
+    let known = {
+        let l = shared.leases();
+        l.states
+            .get(&req.session)
+            .map(|s| (*s, l.bots.get(&req.session).cloned().unwrap_or_default()))
+    };
+    let known = match known {
+        Some(k) => Some(k),
+        None => match shared
+            .sessions_kv
+            .get(warden_shared::session::session_key(&req.session))
+            .await
+        {
+            Ok(Some(bytes)) => serde_json::from_slice::<Session>(&bytes)
+                .ok()
+                .map(|s| (s.state, s.bot_id)),
+            Ok(None) => None,
+            Err(e) => {
+                warn!(session = %req.session, error = %e, "cannot read the session; acquire refused for now");
+                metrics()
+                    .acquire_requests
+                    .with_label_values(&["rejected"])
+                    .inc();
+                return AcquireReply {
+                    version: MESSAGE_VERSION,
+                    leases,
+                    error: Some(ErrorBody::new(
+                        UNAVAILABLE,
+                        format!("cannot read session {}: {e}", req.session),
+                    )),
+                };
+            }
+        },
+    };
+    if let Err((code, message)) = session_verdict(&req, known.as_ref().map(|(s, b)| (*s, b.as_str()))) {
+        metrics()
+            .acquire_requests
+            .with_label_values(&["rejected"])
+            .inc();
+        return AcquireReply {
+            version: MESSAGE_VERSION,
+            leases,
+            error: Some(ErrorBody::new(code, message)),
+        };
+    }
     loop {
         // Register interest before looking, so a job that arrives between
         // the look and the wait still wakes us.
@@ -732,8 +784,7 @@ async fn acquire(
         notified.as_mut().enable();
         // A session this replica knows to be dead gets nothing, checked on
         // every wake-up: a long poll parked before its bot died must not
-        // take work. A session not seen yet (just created) is served; its
-        // leases are requeued if it turns out dead.
+        // take work.
         if let Some(reason) = shared.leases().dead(&req.session) {
             metrics()
                 .acquire_requests
@@ -802,6 +853,38 @@ async fn acquire(
         version: MESSAGE_VERSION,
         leases,
         error: None,
+    }
+}
+
+/// Transient: the scheduler could not check the session; ask again.
+const UNAVAILABLE: &str = "unavailable";
+
+/// May `req` be served, given what is known of its session (state and
+/// bot; `None`: the fencing service never created it)? The error code and
+/// message to refuse it with otherwise.
+fn session_verdict(
+    req: &AcquireRequest,
+    known: Option<(SessionState, &str)>,
+) -> Result<(), (&'static str, String)> {
+    let name = &req.session;
+    match known {
+        None => Err((UNKNOWN_SESSION, format!("session {name} does not exist"))),
+        Some((_, bot)) if bot != req.bot_id => Err((
+            UNKNOWN_SESSION,
+            format!(
+                "session {name} belongs to bot {bot}, not to {}",
+                req.bot_id
+            ),
+        )),
+        Some((SessionState::Active, _)) => Ok(()),
+        Some((SessionState::Quarantined, _)) => Err((
+            SESSION_SUPERSEDED,
+            format!("session {name} is no longer current ({SUPERSEDED})"),
+        )),
+        Some((state, _)) => Err((
+            UNKNOWN_SESSION,
+            format!("session {name} is {}", state.as_str()),
+        )),
     }
 }
 
@@ -1314,5 +1397,50 @@ async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde
             let _ = msg.ack().await;
         }
         Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(session: &str, bot: &str) -> AcquireRequest {
+        AcquireRequest {
+            version: MESSAGE_VERSION,
+            session: session.into(),
+            bot_id: bot.into(),
+            resource: None,
+            resources: Vec::new(),
+            pools: vec!["default".into()],
+            max: 1,
+            wait_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_an_active_session_of_the_requesting_bot_is_served() {
+        let r = req("s1", "bot-a");
+        assert_eq!(
+            session_verdict(&r, Some((SessionState::Active, "bot-a"))),
+            Ok(())
+        );
+        let code = |known| session_verdict(&r, known).map_err(|(c, _)| c);
+        assert_eq!(code(None), Err(UNKNOWN_SESSION));
+        assert_eq!(
+            code(Some((SessionState::Active, "bot-b"))),
+            Err(UNKNOWN_SESSION)
+        );
+        assert_eq!(
+            code(Some((SessionState::Quarantined, "bot-a"))),
+            Err(SESSION_SUPERSEDED)
+        );
+        assert_eq!(
+            code(Some((SessionState::Expired, "bot-a"))),
+            Err(UNKNOWN_SESSION)
+        );
+        assert_eq!(
+            code(Some((SessionState::Closed, "bot-a"))),
+            Err(UNKNOWN_SESSION)
+        );
     }
 }
