@@ -98,6 +98,18 @@ pub struct Lease {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+impl Lease {
+    /// Every resource the attempt runs on (its host alone for older
+    /// records).
+    pub fn resource_names(&self) -> Vec<String> {
+        if self.resources.is_empty() {
+            self.resource.iter().cloned().collect()
+        } else {
+            self.resources.clone()
+        }
+    }
+}
+
 /// What a worker saw when an attempt crashed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrashInfo {
@@ -116,6 +128,11 @@ pub struct CrashInfo {
     /// The worker killed the task for running past its time limit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// Every resource the attempt ran on (host first), recorded by the
+    /// scheduler from the lease when it writes the crash, so the crash's
+    /// events can be published again after the lease is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
 }
 
 /// One entry of a job's timeline.

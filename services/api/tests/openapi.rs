@@ -457,6 +457,7 @@ fn full_job() -> Job {
         log_tail: "tail".into(),
         status_file: Some("{}".into()),
         timed_out: true,
+        resources: vec!["host-a".into()],
     });
     job.not_before = Some(now);
     job.history_dropped = 1;

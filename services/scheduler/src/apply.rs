@@ -121,6 +121,28 @@ fn after_cancel_prefix(r: &Report) -> String {
     format!("{} report after cancel", r.kind.name())
 }
 
+/// The crash `r` reported, when it is the one already recorded on `job`
+/// for its attempt (a redelivered crash report): its events (notify,
+/// suspect) are published again, since the first try may have failed.
+pub fn applied_crash<'a>(job: &'a Job, r: &Report) -> Option<&'a CrashInfo> {
+    if !matches!(r.kind, ReportKind::Crashed { .. }) || job.attempt != r.epoch {
+        return None;
+    }
+    let recorded = job
+        .history
+        .iter()
+        .any(|e| e.attempt == r.epoch && e.actor == r.session && e.action == Action::Crash);
+    recorded.then_some(job.crash.as_ref()).flatten()
+}
+
+/// When the attempt `epoch` of `job` was leased, from its history.
+pub fn leased_at(job: &Job, epoch: u32) -> Option<DateTime<Utc>> {
+    job.history
+        .iter()
+        .find(|e| e.attempt == epoch && e.action == Action::Dispatch)
+        .map(|e| e.at)
+}
+
 /// [`decide_with`] without a classification (the task's own fault, else
 /// `unknown/unclassified`).
 pub fn decide(job: &Job, r: &Report, now: DateTime<Utc>) -> Decision {
@@ -224,7 +246,13 @@ pub fn decide_with(
             next.blame = Some(blame);
             next.detail = Some(detail);
             next.description = Some(description);
-            next.crash = Some(bounded(crash.clone()));
+            let mut crash = bounded(crash.clone());
+            crash.resources = job
+                .lease
+                .as_ref()
+                .map(|l| l.resource_names())
+                .unwrap_or_default();
+            next.crash = Some(crash);
         }
         ReportKind::Released { reason } => {
             next.lease = None;
@@ -598,6 +626,28 @@ mod tests {
         n.state = JobState::Scheduled;
         n.lease = None;
         assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    #[test]
+    fn a_redelivered_crash_names_the_recorded_crash_and_its_resources() {
+        let mut j = running(1, "s1");
+        if let Some(l) = j.lease.as_mut() {
+            l.resources = vec!["host-a".into(), "wc-a".into()];
+        }
+        let r = crash_report(&j, 1, "s1");
+        assert!(applied_crash(&j, &r).is_none(), "not recorded yet");
+        let Decision::Apply(mut n) = decide(&j, &r, Utc::now()) else {
+            panic!()
+        };
+        // The retry policy moved it on and dropped the lease.
+        n.state = JobState::Scheduled;
+        n.lease = None;
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+        let crash = applied_crash(&n, &r).expect("the recorded crash");
+        assert_eq!(crash.resources, vec!["host-a", "wc-a"]);
+        // Another session's, or a finish, is not it.
+        assert!(applied_crash(&n, &crash_report(&n, 1, "s9")).is_none());
+        assert!(applied_crash(&n, &report(&n, 1, "s1", finished())).is_none());
     }
 
     #[test]

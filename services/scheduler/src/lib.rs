@@ -182,11 +182,7 @@ impl LeaseIndex {
 
 /// Every resource a lease runs on (its host alone for older records).
 fn lease_resources(lease: &Lease) -> Vec<String> {
-    if lease.resources.is_empty() {
-        lease.resource.iter().cloned().collect()
-    } else {
-        lease.resources.clone()
-    }
+    lease.resource_names()
 }
 
 impl Shared {
@@ -1093,9 +1089,13 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
         // Counted only once the write is durable.
         let mut failed = Vec::new();
         let mut ended = Vec::new();
+        let mut duplicates: Vec<&Report> = Vec::new();
         for (i, r) in reports.iter().enumerate() {
             match decide_with(&job, r, classified.get(&i), now) {
-                Decision::Duplicate => results.push((r, "duplicate", None)),
+                Decision::Duplicate => {
+                    duplicates.push(*r);
+                    results.push((r, "duplicate", None))
+                }
                 Decision::Apply(mut next) => {
                     let from = job.state;
                     if from == JobState::Running && metrics::ENDED.contains(&next.state) {
@@ -1159,7 +1159,8 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     .with_label_values(&[r.kind.name(), "duplicate"])
                     .inc();
             }
-            return Disposition::Ack;
+            // A redelivered crash: its events may not have gone out.
+            return republish_crash_events(shared, &job, reports, deliveries).await;
         }
         match shared.store.update(&job, current.revision).await {
             Ok(_) => {
@@ -1174,9 +1175,12 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                         .with_label_values(&[state.as_str()])
                         .observe(secs);
                 }
+                // A report whose events did not all go out is not acked:
+                // redelivered, it is a duplicate, and they are sent again.
+                let mut events_out = true;
                 for (c, attempt, resources, leased_at, state) in crashes {
                     let lease = (attempt, resources.as_slice(), leased_at);
-                    act_on_classification(shared, &job, &c, lease, state).await;
+                    events_out &= act_on_classification(shared, &job, &c, lease, state).await;
                 }
                 for (r, res, change) in results {
                     match (res, change) {
@@ -1201,7 +1205,10 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                         }
                     }
                 }
-                return Disposition::Ack;
+                if !events_out {
+                    return Disposition::Retry;
+                }
+                return republish_crash_events(shared, &job, &duplicates, deliveries).await;
             }
             Err(StoreError::Conflict(_)) => continue,
             Err(StoreError::TooLarge) => {
@@ -1294,16 +1301,17 @@ async fn classify(
 /// and flag every resource the attempt ran on when they may be at fault. Both are durable
 /// publishes with a message id per attempt, so a retried write never
 /// notifies twice; a failed publish is logged and counted, the crash stays
-/// recorded.
+/// recorded, and false is returned (the report is then not acked).
 async fn act_on_classification(
     shared: &Shared,
     job: &warden_shared::Job,
     c: &Classification,
     (attempt, resources, leased_at): (u32, &[String], Option<chrono::DateTime<Utc>>),
     state: JobState,
-) {
+) -> bool {
     let m = metrics();
     let resource = resources.first().cloned();
+    let mut all = true;
     let now = Utc::now();
     if c.notify != Party::None {
         let recipients = match c.notify {
@@ -1335,12 +1343,13 @@ async fn act_on_classification(
         };
         let id = format!("{}:{attempt}:notify", job.id);
         let ok = publish_durable(shared, subjects::notify_subject(c.notify), &id, &n).await;
+        all &= ok;
         m.notifications
             .with_label_values(&[c.notify.as_str(), if ok { "published" } else { "failed" }])
             .inc();
     }
     if !c.suspect_resource {
-        return;
+        return all;
     }
     for resource in resources {
         let s = ResourceSuspect {
@@ -1355,8 +1364,42 @@ async fn act_on_classification(
         let id = format!("{}:{attempt}:suspect:{resource}", job.id);
         if publish_durable(shared, subjects::suspect_subject(resource), &id, &s).await {
             m.suspects.inc();
+        } else {
+            all = false;
         }
     }
+    all
+}
+
+/// Publishes again the events of every crash in `reports` that is already
+/// recorded on `job` (a redelivered report: the first publish may have
+/// failed, or the scheduler stopped between the write and the publish).
+/// The events carry a message id per attempt, so a copy that did go out is
+/// dropped by the stream. Retry (nak) unless every event went out.
+async fn republish_crash_events(
+    shared: &Shared,
+    job: &warden_shared::Job,
+    reports: &[&Report],
+    deliveries: i64,
+) -> Disposition {
+    for r in reports {
+        let Some(crash) = apply::applied_crash(job, r) else {
+            continue;
+        };
+        let Some(c) = classify(shared, job, r, deliveries).await else {
+            return Disposition::Retry;
+        };
+        let lease = (
+            r.epoch,
+            crash.resources.as_slice(),
+            apply::leased_at(job, r.epoch),
+        );
+        if !act_on_classification(shared, job, &c, lease, job.state).await {
+            return Disposition::Retry;
+        }
+        debug!(job.id = %job.id, epoch = r.epoch, "events of a redelivered crash published again");
+    }
+    Disposition::Ack
 }
 
 async fn publish_durable<T: serde::Serialize>(

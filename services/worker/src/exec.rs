@@ -338,6 +338,7 @@ impl ProcessExecutor {
                         log_tail,
                         status_file,
                         timed_out,
+                        resources: Vec::new(),
                     },
                     fault,
                 }
