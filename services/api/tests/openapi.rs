@@ -463,6 +463,7 @@ fn full_job() -> Job {
     job.history_dropped = 1;
     job.retry = false;
     job.max_attempts = Some(2);
+    job.idempotency_key = Some("ci-1".into());
     job.budget_from = 1;
     job.lost_workers = vec!["b".into()];
     job
@@ -510,6 +511,7 @@ fn the_schemas_match_the_bodies() {
             priority: Some(1),
             retry: Some(false),
             max_attempts: Some(2),
+            idempotency_key: s(),
         },
     );
     request_matches(
