@@ -49,7 +49,10 @@ async fn a_self_fenced_kill_is_a_lost_worker_not_the_tasks_crash() {
     let stop = CancellationToken::new();
     let fencing = tokio::spawn(warden_fencing::run(services.clone(), fencing_stop.clone()));
     let scheduler = tokio::spawn(warden_scheduler::run(services.clone(), stop.clone()));
-    let classifier = tokio::spawn(warden_classifier::service::run(services.clone(), stop.clone()));
+    let classifier = tokio::spawn(warden_classifier::service::run(
+        services.clone(),
+        stop.clone(),
+    ));
     let agent = tokio::spawn(warden_worker::run(worker, stop.clone()));
 
     let (_client, handles) = runtime::connect_with_topology(&services, "test")

@@ -13,7 +13,9 @@ use warden_shared::messages::ErrorBody;
 use warden_shared::{subjects, Job};
 
 use crate::index::Stats;
-use crate::types::{ApiReply, IDEMPOTENT_REPLAYED, CancelRequest, GetRequest, ListQuery, ListReply, StatsQuery};
+use crate::types::{
+    ApiReply, CancelRequest, GetRequest, ListQuery, ListReply, StatsQuery, IDEMPOTENT_REPLAYED,
+};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -77,7 +79,9 @@ impl ApiClient {
     /// Creates a job, saying whether the API returned an existing one (a
     /// create replayed with its `idempotency_key`).
     pub async fn create_replayable(&self, job: NewJob) -> Result<CreateReply, ClientError> {
-        let (job, headers) = self.call_with_headers(subjects::API_JOB_CREATE, &job).await?;
+        let (job, headers) = self
+            .call_with_headers(subjects::API_JOB_CREATE, &job)
+            .await?;
         let replayed = headers
             .as_ref()
             .and_then(|h| h.get(IDEMPOTENT_REPLAYED))

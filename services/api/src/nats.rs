@@ -18,7 +18,8 @@ use warden_shared::subjects;
 use crate::metrics;
 use crate::ops::{OpError, Ops};
 use crate::types::{
-    BotsQuery, IDEMPOTENT_REPLAYED, CancelRequest, ErrorReply, ListQuery, StateRequest, StatsQuery, TakeRequest,
+    BotsQuery, CancelRequest, ErrorReply, ListQuery, StateRequest, StatsQuery, TakeRequest,
+    IDEMPOTENT_REPLAYED,
 };
 use warden_shared::job::NewJob;
 
@@ -180,7 +181,9 @@ async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<(Bytes,
             let created = ops.create(req).await?;
             Ok((encode(&created.job)?, created.replayed))
         }
-        _ => handle_other(ops, endpoint, payload).await.map(|b| (b, false)),
+        _ => handle_other(ops, endpoint, payload)
+            .await
+            .map(|b| (b, false)),
     }
 }
 

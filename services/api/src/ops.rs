@@ -18,9 +18,7 @@ use crate::types::{
     BotsQuery, BotsReply, ListQuery, ListReply, ResourcesReply, StatsQuery, DEFAULT_LIMIT,
     MAX_LIMIT,
 };
-use warden_shared::job::{
-    idempotent_job_id, valid_idempotency_key, NewJob, MAX_IDEMPOTENCY_KEY,
-};
+use warden_shared::job::{idempotent_job_id, valid_idempotency_key, NewJob, MAX_IDEMPOTENCY_KEY};
 use warden_shared::session::SessionState;
 
 /// Who the history names as the creator of jobs made through the API.

@@ -793,7 +793,11 @@ async fn a_create_retried_with_its_idempotency_key_returns_the_first_job() {
     assert_eq!(again.history.len(), 1, "nothing written again");
 
     // Another key is another job; no key is a new job every time.
-    let other = create(&api, json!({"task": "build", "args": {"nvr": "a-1-1"}, "idempotency_key": "ci-run-18"})).await;
+    let other = create(
+        &api,
+        json!({"task": "build", "args": {"nvr": "a-1-1"}, "idempotency_key": "ci-run-18"}),
+    )
+    .await;
     assert_ne!(other.id, first.id);
 
     // The same key asking for something else is refused, nothing made.

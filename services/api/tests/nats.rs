@@ -454,9 +454,15 @@ async fn idempotent_create_over_nats() {
         idempotency_key: Some("nats-key-1".into()),
         ..new_job(task)
     };
-    let first = client.create_replayable(keyed("build")).await.expect("create");
+    let first = client
+        .create_replayable(keyed("build"))
+        .await
+        .expect("create");
     assert!(!first.replayed);
-    let again = client.create_replayable(keyed("build")).await.expect("create");
+    let again = client
+        .create_replayable(keyed("build"))
+        .await
+        .expect("create");
     assert!(again.replayed, "the second create is a replay");
     assert_eq!(again.job.id, first.job.id);
     assert_eq!(again.job.idempotency_key.as_deref(), Some("nats-key-1"));
@@ -469,10 +475,8 @@ async fn idempotent_create_over_nats() {
         idempotency_key: Some("nats-burst".into()),
         ..new_job("build")
     };
-    let replies = futures::future::join_all(
-        (0..12).map(|_| client.create_replayable(burst.clone())),
-    )
-    .await;
+    let replies =
+        futures::future::join_all((0..12).map(|_| client.create_replayable(burst.clone()))).await;
     let replies: Vec<_> = replies.into_iter().map(|r| r.expect("create")).collect();
     assert_eq!(replies.iter().filter(|r| !r.replayed).count(), 1);
     let ids: std::collections::HashSet<_> = replies.iter().map(|r| r.job.id).collect();

@@ -366,8 +366,7 @@ fn on_session_entry(
     let (reason, doomed) = {
         let mut l = shared.leases();
         l.states.insert(session.name.clone(), session.state);
-        l.bots
-            .insert(session.name.clone(), session.bot_id.clone());
+        l.bots.insert(session.name.clone(), session.bot_id.clone());
         if session.state == SessionState::Active {
             l.active.insert(
                 session.name.clone(),
@@ -761,7 +760,9 @@ async fn acquire(
             }
         },
     };
-    if let Err((code, message)) = session_verdict(&req, known.as_ref().map(|(s, b)| (*s, b.as_str()))) {
+    if let Err((code, message)) =
+        session_verdict(&req, known.as_ref().map(|(s, b)| (*s, b.as_str())))
+    {
         metrics()
             .acquire_requests
             .with_label_values(&["rejected"])
@@ -867,10 +868,7 @@ fn session_verdict(
         None => Err((UNKNOWN_SESSION, format!("session {name} does not exist"))),
         Some((_, bot)) if bot != req.bot_id => Err((
             UNKNOWN_SESSION,
-            format!(
-                "session {name} belongs to bot {bot}, not to {}",
-                req.bot_id
-            ),
+            format!("session {name} belongs to bot {bot}, not to {}", req.bot_id),
         )),
         Some((SessionState::Active, _)) => Ok(()),
         Some((SessionState::Quarantined, _)) => Err((

@@ -509,14 +509,12 @@ impl Agent {
                     continue;
                 }
                 if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED {
-                    *self
-                        .fence_reason
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(if e.code == UNKNOWN_SESSION {
-                        StopReason::UnknownSession
-                    } else {
-                        StopReason::Superseded
-                    });
+                    *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(if e.code == UNKNOWN_SESSION {
+                            StopReason::UnknownSession
+                        } else {
+                            StopReason::Superseded
+                        });
                     self.fenced.notify_one();
                 }
                 warn!(code = %e.code, error = %e.message, "acquire refused");
@@ -611,10 +609,9 @@ impl Agent {
                 m.attempts.with_label_values(&[label]).inc();
                 let ended = match &result {
                     Execution::Finished { outcome, .. } => format!("outcome {outcome}"),
-                    Execution::Crashed { crash, .. } => format!(
-                        "exit code {:?}, signal {:?}",
-                        crash.exit_code, crash.signal
-                    ),
+                    Execution::Crashed { crash, .. } => {
+                        format!("exit code {:?}, signal {:?}", crash.exit_code, crash.signal)
+                    }
                 };
                 info!(job.id = %lease.job_id, epoch = lease.epoch, reason = %reason, ended, "attempt stopped: {words}");
                 ReportKind::Stopped { reason }
