@@ -98,6 +98,18 @@ pub struct Lease {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+impl Lease {
+    /// Every resource the attempt runs on (its host alone for older
+    /// records).
+    pub fn resource_names(&self) -> Vec<String> {
+        if self.resources.is_empty() {
+            self.resource.iter().cloned().collect()
+        } else {
+            self.resources.clone()
+        }
+    }
+}
+
 /// What a worker saw when an attempt crashed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrashInfo {
@@ -116,6 +128,11 @@ pub struct CrashInfo {
     /// The worker killed the task for running past its time limit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// Every resource the attempt ran on (host first), recorded by the
+    /// scheduler from the lease when it writes the crash, so the crash's
+    /// events can be published again after the lease is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
 }
 
 /// One entry of a job's timeline.
@@ -189,6 +206,10 @@ pub struct Job {
     /// The job's own attempt limit, over its task's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// The client's idempotency key it was created with, if any: its id is
+    /// [`idempotent_job_id`] of it, so a retried create finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// The attempt number the current budget started after: attempts used
     /// are `attempt - budget_from`. A person's retry sets it to `attempt`.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -197,9 +218,6 @@ pub struct Job {
     /// attempt of this job in the current budget: the poison count.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_workers: Vec<String>,
-    /// The client's idempotency key, when it created the job with one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -234,6 +252,10 @@ pub struct NewJob {
     /// `retry.max_attempts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Makes the create exactly-once: a create with a key already used
+    /// returns that job (1 to 200 printable characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl Job {
@@ -285,9 +307,9 @@ impl Job {
             history_dropped: 0,
             retry: true,
             max_attempts: None,
+            idempotency_key: None,
             budget_from: 0,
             lost_workers: Vec::new(),
-            idempotency_key: None,
         };
         job.push_history(HistoryEntry {
             at: now,
@@ -436,9 +458,46 @@ pub fn derived_job_id(message_id: &str, task: &str) -> Uuid {
     Uuid::new_v5(&TRIGGER_NAMESPACE, &name)
 }
 
+/// Longest idempotency key a create accepts, in characters.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// Is `key` a valid idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`]
+/// characters, none of them a control character?
+pub fn valid_idempotency_key(key: &str) -> bool {
+    let n = key.chars().count();
+    (1..=MAX_IDEMPOTENCY_KEY).contains(&n) && !key.chars().any(char::is_control)
+}
+
+/// Namespace of [`idempotent_job_id`]: not the trigger's, so a client's key
+/// can never name a triggered job.
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x8b0e_43d1_26c9_4f57_a1d8_7e35_c94b_0f62);
+
+/// The job id for a create with idempotency key `key`: the same key always
+/// gives the same id, so a retried create finds the first job.
+pub fn idempotent_job_id(key: &str) -> Uuid {
+    Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_ids_are_stable_and_never_a_trigger_id() {
+        let a = idempotent_job_id("ci-1234");
+        assert_eq!(a, idempotent_job_id("ci-1234"));
+        assert_ne!(a, idempotent_job_id("ci-1235"));
+        // The trigger's id of the same bytes (message id, no task) differs.
+        let mut name = b"ci-1234".to_vec();
+        name.push(0);
+        assert_ne!(a, Uuid::new_v5(&TRIGGER_NAMESPACE, &name));
+        assert_ne!(a, Uuid::new_v5(&TRIGGER_NAMESPACE, b"ci-1234"));
+        assert!(valid_idempotency_key("ci-1234 é"));
+        assert!(valid_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY)));
+        assert!(!valid_idempotency_key(""));
+        assert!(!valid_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY + 1)));
+        assert!(!valid_idempotency_key("a\nb"));
+    }
 
     #[test]
     fn derived_ids_are_stable_and_distinct() {

@@ -203,7 +203,59 @@ pub enum ReportKind {
     },
     /// The worker hands the attempt back without running it to the end
     /// (graceful shutdown): the job is requeued, not counted as a failure.
+    /// Older workers send this; newer ones send `Stopped` with
+    /// [`StopReason::Shutdown`].
     Released { reason: String },
+    /// Warden itself stopped the attempt (the worker killed the task for a
+    /// reason of its own, not the task's): never the task's crash.
+    Stopped { reason: StopReason },
+}
+
+/// Why a worker stopped an attempt itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The worker could not reach the bus past the session timeout and
+    /// killed its own tasks (self-fencing).
+    SelfFenced,
+    /// The fencing service said the session was superseded by a newer
+    /// session of the bot.
+    Superseded,
+    /// The fencing service did not know the session (expired, or never
+    /// created).
+    UnknownSession,
+    /// The heartbeat's reply listed the attempt to stop (cancelled, or no
+    /// longer this session's).
+    Cancelled,
+    /// The worker was shut down and the attempt did not end within the
+    /// grace period: handed back.
+    Shutdown,
+}
+
+impl StopReason {
+    pub const ALL: [StopReason; 5] = [
+        StopReason::SelfFenced,
+        StopReason::Superseded,
+        StopReason::UnknownSession,
+        StopReason::Cancelled,
+        StopReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::SelfFenced => "self_fenced",
+            StopReason::Superseded => "superseded",
+            StopReason::UnknownSession => "unknown_session",
+            StopReason::Cancelled => "cancelled",
+            StopReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl ReportKind {
@@ -213,6 +265,7 @@ impl ReportKind {
             ReportKind::Finished { .. } => "finished",
             ReportKind::Crashed { .. } => "crashed",
             ReportKind::Released { .. } => "released",
+            ReportKind::Stopped { .. } => "stopped",
         }
     }
 }
@@ -510,6 +563,31 @@ mod tests {
         let back: Report = serde_json::from_value(v).expect("back");
         assert_eq!(back, r);
         assert_eq!(r.msg_id(), format!("{}:3:crashed", Uuid::nil()));
+    }
+
+    #[test]
+    fn stopped_report_has_its_own_kind_and_dedup_id() {
+        let r = Report {
+            version: 1,
+            job_id: Uuid::nil(),
+            session: "s".into(),
+            bot_id: "b".into(),
+            epoch: 2,
+            at: Utc::now(),
+            kind: ReportKind::Stopped {
+                reason: StopReason::SelfFenced,
+            },
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).expect("json");
+        assert_eq!(v["kind"], "stopped");
+        assert_eq!(v["reason"], "self_fenced");
+        let back: Report = serde_json::from_value(v).expect("back");
+        assert_eq!(back, r);
+        assert_eq!(r.msg_id(), format!("{}:2:stopped", Uuid::nil()));
+        for reason in StopReason::ALL {
+            let v = serde_json::to_value(reason).expect("json");
+            assert_eq!(v, reason.as_str());
+        }
     }
 
     #[test]

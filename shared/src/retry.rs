@@ -25,6 +25,9 @@ pub const WORKER_LOST: &str = "worker_lost";
 /// (or their resources) down.
 pub const WORKER_CRASH_LOOP: &str = "worker_crash_loop";
 
+/// The history's actor of the retry policy's own entries.
+pub const ACTOR: &str = "retry-policy";
+
 /// `[retry]`, and the effective policy of one task after its
 /// `[tasks.NAME.retry]` overrides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +208,9 @@ pub enum Loss {
     /// hand) and recycled: not the task's fault, so the attempt is not
     /// counted against its budget; the bot still counts towards poison.
     ResourceBroken,
+    /// The worker could not reach the bus past the session timeout and
+    /// killed the attempt itself (self-fencing), and said so.
+    SelfFenced,
 }
 
 impl Loss {
@@ -213,6 +219,7 @@ impl Loss {
             Loss::WorkerLost => "worker_lost",
             Loss::SessionSuperseded => "session_superseded",
             Loss::ResourceBroken => "resource_broken",
+            Loss::SelfFenced => "self_fenced",
         }
     }
 }
@@ -239,7 +246,7 @@ fn entry(
         attempt: job.attempt,
         from: Some(from),
         to: Some(to),
-        actor: "retry-policy".into(),
+        actor: ACTOR.into(),
         bot_id: None,
         resource: None,
         note: Some(note),
@@ -359,6 +366,8 @@ pub fn after_loss(
             Loss::WorkerLost => "the worker stopped heartbeating while running the attempt",
             Loss::SessionSuperseded => "the worker restarted while running the attempt",
             Loss::ResourceBroken => "the resource running the attempt was recycled",
+            Loss::SelfFenced =>
+                "the worker lost the bus past the session timeout and stopped the attempt",
         }
     ));
     job.updated_at = now;

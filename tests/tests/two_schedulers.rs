@@ -11,6 +11,7 @@ use uuid::Uuid;
 use warden_e2e::NatsServer;
 use warden_shared::job::Job;
 use warden_shared::messages::{AcquireReply, AcquireRequest};
+use warden_shared::session::{session_key, Session, SessionState};
 use warden_shared::store::JobStore;
 use warden_shared::{runtime, subjects, Config, JobState};
 
@@ -35,6 +36,33 @@ async fn two_replicas_never_dispatch_one_job_twice() {
         .await
         .unwrap();
     let store = JobStore::new(handles.jobs.clone());
+    // The acquirers' sessions, as the fencing service would have written
+    // them: the scheduler leases only to a session it knows to be active.
+    for i in 0..8 {
+        let now = Utc::now();
+        let s = Session {
+            version: 1,
+            name: format!("session-{i}"),
+            bot_id: format!("bot-{i}"),
+            resource: None,
+            resources: Vec::new(),
+            agent_instance: String::new(),
+            pools: vec!["default".into()],
+            capacity: 7,
+            agent_version: String::new(),
+            timeout_ms: None,
+            state: SessionState::Active,
+            created_at: now,
+            last_heartbeat: now,
+            superseded_by: None,
+            leases: Vec::new(),
+        };
+        handles
+            .sessions
+            .put(session_key(&s.name), serde_json::to_vec(&s).unwrap().into())
+            .await
+            .unwrap();
+    }
     let mut ids = Vec::new();
     for _ in 0..JOBS {
         let job = Job::new(

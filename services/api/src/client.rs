@@ -13,7 +13,9 @@ use warden_shared::messages::ErrorBody;
 use warden_shared::{subjects, Job};
 
 use crate::index::Stats;
-use crate::types::{ApiReply, CancelRequest, GetRequest, ListQuery, ListReply, StatsQuery};
+use crate::types::{
+    ApiReply, CancelRequest, GetRequest, ListQuery, ListReply, StatsQuery, IDEMPOTENT_REPLAYED,
+};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -42,6 +44,13 @@ impl ClientError {
     }
 }
 
+/// A create's reply: the job, and whether it existed already.
+#[derive(Debug, Clone)]
+pub struct CreateReply {
+    pub job: Job,
+    pub replayed: bool,
+}
+
 #[derive(Clone)]
 pub struct ApiClient {
     client: async_nats::Client,
@@ -64,7 +73,20 @@ impl ApiClient {
     }
 
     pub async fn create(&self, job: NewJob) -> Result<Job, ClientError> {
-        self.call(subjects::API_JOB_CREATE, &job).await
+        self.create_replayable(job).await.map(|c| c.job)
+    }
+
+    /// Creates a job, saying whether the API returned an existing one (a
+    /// create replayed with its `idempotency_key`).
+    pub async fn create_replayable(&self, job: NewJob) -> Result<CreateReply, ClientError> {
+        let (job, headers) = self
+            .call_with_headers(subjects::API_JOB_CREATE, &job)
+            .await?;
+        let replayed = headers
+            .as_ref()
+            .and_then(|h| h.get(IDEMPOTENT_REPLAYED))
+            .is_some_and(|v| v.as_str() == "true");
+        Ok(CreateReply { job, replayed })
     }
 
     /// The job with its history; `None` if there is no such job.
@@ -104,6 +126,14 @@ impl ApiClient {
         subject: &'static str,
         req: &Q,
     ) -> Result<R, ClientError> {
+        self.call_with_headers(subject, req).await.map(|(r, _)| r)
+    }
+
+    async fn call_with_headers<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        subject: &'static str,
+        req: &Q,
+    ) -> Result<(R, Option<async_nats::HeaderMap>), ClientError> {
         let payload = serde_json::to_vec(req).map_err(ClientError::Encode)?;
         let request = async_nats::Request::new()
             .payload(Bytes::from(payload))
@@ -117,15 +147,13 @@ impl ApiClient {
                 async_nats::RequestErrorKind::TimedOut => ClientError::Timeout,
                 _ => ClientError::Transport(e),
             })?;
-        match serde_json::from_slice::<ApiReply<R>>(&msg.payload) {
-            Ok(ApiReply::Ok(r)) => Ok(r),
-            Ok(ApiReply::Error(e)) => Err(ClientError::Api(e.error)),
+        let r = match serde_json::from_slice::<ApiReply<R>>(&msg.payload) {
+            Ok(ApiReply::Ok(r)) => r,
+            Ok(ApiReply::Error(e)) => return Err(ClientError::Api(e.error)),
             // Decode again for the typed error: the untagged enum's own
             // message only says that no variant matched.
-            Err(_) => match serde_json::from_slice::<R>(&msg.payload) {
-                Ok(r) => Ok(r),
-                Err(e) => Err(ClientError::Decode(e)),
-            },
-        }
+            Err(_) => serde_json::from_slice::<R>(&msg.payload).map_err(ClientError::Decode)?,
+        };
+        Ok((r, msg.headers))
     }
 }

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
+use crate::types::IDEMPOTENT_REPLAYED;
 use crate::types::{
     BotsQuery, CancelBody, ErrorReply, ListQuery, RetryBody, StateRequest, StatsQuery, TakeRequest,
 };
@@ -56,7 +57,7 @@ pub const ROUTES: &[Route] = &[
         method: Method::POST,
         path: "/api/v1/jobs",
         name: "job_create",
-        statuses: &[201, 400, 401, 409, 413, 500, 503],
+        statuses: &[200, 201, 400, 401, 409, 413, 500, 503],
         handler: |m| on(m, create_job),
     },
     Route {
@@ -165,8 +166,16 @@ async fn create_job(
 ) -> Result<Response, OpError> {
     let body = body.map_err(body_rejection)?;
     let req: NewJob = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
-    let job = ops.create(req).await?;
-    Ok((StatusCode::CREATED, Json(job)).into_response())
+    let created = ops.create(req).await?;
+    if created.replayed {
+        return Ok((
+            StatusCode::OK,
+            [(IDEMPOTENT_REPLAYED, "true")],
+            Json(created.job),
+        )
+            .into_response());
+    }
+    Ok((StatusCode::CREATED, Json(created.job)).into_response())
 }
 
 async fn get_job(

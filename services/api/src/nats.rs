@@ -19,6 +19,7 @@ use crate::metrics;
 use crate::ops::{OpError, Ops};
 use crate::types::{
     BotsQuery, CancelRequest, ErrorReply, ListQuery, StateRequest, StatsQuery, TakeRequest,
+    IDEMPOTENT_REPLAYED,
 };
 use warden_shared::job::NewJob;
 
@@ -142,7 +143,12 @@ pub async fn serve(
             };
             metrics::observe(endpoint.route(), status, start.elapsed());
             let sent = match result {
-                Ok(body) => req.respond(Ok(body)).await,
+                Ok((body, false)) => req.respond(Ok(body)).await,
+                Ok((body, true)) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(IDEMPOTENT_REPLAYED, "true");
+                    req.respond_with_headers(Ok(body), headers).await
+                }
                 Err(e) => {
                     let mut headers = async_nats::HeaderMap::new();
                     // The code, not the message: header values must stay on one line.
@@ -162,7 +168,8 @@ pub async fn serve(
     }
 }
 
-async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, OpError> {
+/// A reply's body, and whether it is a replayed create.
+async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<(Bytes, bool), OpError> {
     if payload.len() > ops.config.http.max_body_bytes {
         return Err(OpError::too_large(
             "request is larger than http.max_body_bytes",
@@ -171,8 +178,19 @@ async fn handle(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, 
     match endpoint {
         Endpoint::Create => {
             let req: NewJob = decode(payload)?;
-            encode(&ops.create(req).await?)
+            let created = ops.create(req).await?;
+            Ok((encode(&created.job)?, created.replayed))
         }
+        _ => handle_other(ops, endpoint, payload)
+            .await
+            .map(|b| (b, false)),
+    }
+}
+
+/// Every endpoint but create (its reply may be a replay), size checked.
+async fn handle_other(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<Bytes, OpError> {
+    match endpoint {
+        Endpoint::Create => Err(OpError::internal("create is answered by `handle`")),
         Endpoint::Get => {
             let req: RawGetRequest = decode(payload)?;
             encode(&ops.get_str(&req.id).await?)

@@ -18,7 +18,7 @@ use crate::types::{
     BotsQuery, BotsReply, ListQuery, ListReply, ResourcesReply, StatsQuery, DEFAULT_LIMIT,
     MAX_LIMIT,
 };
-use warden_shared::job::NewJob;
+use warden_shared::job::{idempotent_job_id, valid_idempotency_key, NewJob, MAX_IDEMPOTENCY_KEY};
 use warden_shared::session::SessionState;
 
 /// Who the history names as the creator of jobs made through the API.
@@ -180,7 +180,11 @@ impl Ops {
         }
     }
 
-    pub async fn create(&self, req: NewJob) -> Result<Job, OpError> {
+    /// Creates a job. With an idempotency key the id is derived from the
+    /// key and the create is create-if-absent: a create with a key already
+    /// used returns that job (`replayed`) if it asked for the same job, and
+    /// is refused `idempotency_conflict` if it asked for another.
+    pub async fn create(&self, req: NewJob) -> Result<Created, OpError> {
         let Some(task) = self.config.tasks.get(&req.task) else {
             let known: Vec<&str> = self.config.tasks.keys().map(String::as_str).collect();
             return Err(OpError::bad_request(
@@ -215,9 +219,23 @@ impl Ops {
                 "max_attempts must be at least 1",
             ));
         }
+        if let Some(key) = &req.idempotency_key {
+            if !valid_idempotency_key(key) {
+                return Err(OpError::bad_request(
+                    "invalid_idempotency_key",
+                    format!(
+                        "idempotency_key: 1 to {MAX_IDEMPOTENCY_KEY} characters, no control characters"
+                    ),
+                ));
+            }
+        }
         self.bus_up()?;
+        let id = match &req.idempotency_key {
+            Some(key) => idempotent_job_id(key),
+            None => Uuid::new_v4(),
+        };
         let mut job = Job::new(
-            Uuid::new_v4(),
+            id,
             req.task,
             req.args,
             pool,
@@ -228,9 +246,35 @@ impl Ops {
         );
         job.retry = req.retry.unwrap_or(true);
         job.max_attempts = req.max_attempts;
-        self.store.create(&job).await.map_err(OpError::from_store)?;
+        job.idempotency_key = req.idempotency_key;
+        match self.store.create(&job).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists(_)) if job.idempotency_key.is_some() => {
+                let existing = self.get(&job.id).await?;
+                if !same_request(&existing, &job) {
+                    return Err(OpError::new(
+                        409,
+                        "idempotency_conflict",
+                        format!(
+                            "idempotency key {:?} was used for job {} with another task, arguments, pool, priority or retry options",
+                            job.idempotency_key.as_deref().unwrap_or_default(),
+                            existing.id
+                        ),
+                    ));
+                }
+                tracing::info!(job.id = %existing.id, "create replayed: the idempotency key names an existing job");
+                return Ok(Created {
+                    job: existing,
+                    replayed: true,
+                });
+            }
+            Err(e) => return Err(OpError::from_store(e)),
+        }
         tracing::info!(job.id = %job.id, task = %job.task, pool = %job.pool, "job created");
-        Ok(job)
+        Ok(Created {
+            job,
+            replayed: false,
+        })
     }
 
     /// The job with its history, read from the bucket (never the index,
@@ -393,4 +437,22 @@ impl Ops {
             total_exact: r.total_exact,
         })
     }
+}
+
+/// A create's result: the job, and whether it already existed (a create
+/// replayed with its idempotency key).
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub job: Job,
+    pub replayed: bool,
+}
+
+/// Did the create that made `existing` ask for the same job as `new`?
+fn same_request(existing: &Job, new: &Job) -> bool {
+    existing.task == new.task
+        && existing.args == new.args
+        && existing.pool == new.pool
+        && existing.priority == new.priority
+        && existing.retry == new.retry
+        && existing.max_attempts == new.max_attempts
 }

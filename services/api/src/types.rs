@@ -227,3 +227,7 @@ pub struct BotsReply {
 pub struct ResourcesReply {
     pub resources: Vec<serde_json::Value>,
 }
+
+/// Header on a create's reply when it was replayed: the idempotency key
+/// named an existing job, which is returned (HTTP 200, not 201).
+pub const IDEMPOTENT_REPLAYED: &str = "Idempotent-Replayed";

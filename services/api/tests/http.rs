@@ -759,3 +759,103 @@ async fn retry_and_cancel_need_the_token() {
     );
     api.stop().await;
 }
+
+async fn post_create(api: &Api, body: &Value) -> reqwest::Response {
+    api.http
+        .post(api.url("/api/v1/jobs"))
+        .json(body)
+        .send()
+        .await
+        .expect("send")
+}
+
+#[tokio::test]
+async fn a_create_retried_with_its_idempotency_key_returns_the_first_job() {
+    let mut api = Api::start().await;
+    let body = json!({"task": "build", "args": {"nvr": "a-1-1"}, "idempotency_key": "ci-run-17"});
+    let first = post_create(&api, &body).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Job = first.json().await.expect("job");
+    assert_eq!(first.idempotency_key.as_deref(), Some("ci-run-17"));
+
+    let again = post_create(&api, &body).await;
+    assert_eq!(again.status(), StatusCode::OK, "a replay is not a creation");
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    let again: Job = again.json().await.expect("job");
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.history.len(), 1, "nothing written again");
+
+    // Another key is another job; no key is a new job every time.
+    let other = create(
+        &api,
+        json!({"task": "build", "args": {"nvr": "a-1-1"}, "idempotency_key": "ci-run-18"}),
+    )
+    .await;
+    assert_ne!(other.id, first.id);
+
+    // The same key asking for something else is refused, nothing made.
+    for different in [
+        json!({"task": "noop", "idempotency_key": "ci-run-17"}),
+        json!({"task": "build", "args": {"nvr": "a-1-2"}, "idempotency_key": "ci-run-17"}),
+        json!({"task": "build", "args": {"nvr": "a-1-1"}, "priority": 1, "idempotency_key": "ci-run-17"}),
+        json!({"task": "build", "args": {"nvr": "a-1-1"}, "pool": "other", "idempotency_key": "ci-run-17"}),
+    ] {
+        let r = post_create(&api, &different).await;
+        assert_eq!(
+            error_code(r, StatusCode::CONFLICT).await,
+            "idempotency_conflict",
+            "{different}"
+        );
+    }
+    let got: Job = api
+        .http
+        .get(api.url(&format!("/api/v1/jobs/{}", first.id)))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("job");
+    assert_eq!((got.task.as_str(), got.history.len()), ("build", 1));
+
+    for bad in [json!(""), json!("x".repeat(201)), json!("a\nb")] {
+        let r = post_create(&api, &json!({"task": "build", "idempotency_key": bad})).await;
+        assert_eq!(
+            error_code(r, StatusCode::BAD_REQUEST).await,
+            "invalid_idempotency_key"
+        );
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_creates_with_one_key_make_one_job() {
+    let mut api = Api::start().await;
+    let body = json!({"task": "build", "idempotency_key": "burst"});
+    let replies = futures::future::join_all((0..16).map(|_| post_create(&api, &body))).await;
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    for r in replies {
+        match r.status() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {}
+            s => panic!("status {s}"),
+        }
+        let job: Job = r.json().await.expect("job");
+        ids.insert(job.id);
+    }
+    assert_eq!(created, 1, "exactly one create made the job");
+    assert_eq!(ids.len(), 1, "every caller got the same job");
+    let store = api.store().await;
+    let id = ids.into_iter().next().expect("id");
+    let v = store.get(&id).await.expect("get").expect("exists");
+    assert_eq!(v.job.history.len(), 1);
+    api.stop().await;
+}

@@ -445,3 +445,41 @@ async fn only_the_service_user_may_retry_or_cancel() {
     );
     api.stop().await;
 }
+
+#[tokio::test]
+async fn idempotent_create_over_nats() {
+    let mut api = Api::start().await;
+    let client = api.api_client().await;
+    let keyed = |task: &str| NewJob {
+        idempotency_key: Some("nats-key-1".into()),
+        ..new_job(task)
+    };
+    let first = client
+        .create_replayable(keyed("build"))
+        .await
+        .expect("create");
+    assert!(!first.replayed);
+    let again = client
+        .create_replayable(keyed("build"))
+        .await
+        .expect("create");
+    assert!(again.replayed, "the second create is a replay");
+    assert_eq!(again.job.id, first.job.id);
+    assert_eq!(again.job.idempotency_key.as_deref(), Some("nats-key-1"));
+    match client.create(keyed("noop")).await {
+        Err(e) => assert_eq!(e.code(), Some("idempotency_conflict")),
+        Ok(j) => panic!("created {j:?}"),
+    }
+    // Concurrent creates with one key: one job, one creation.
+    let burst = NewJob {
+        idempotency_key: Some("nats-burst".into()),
+        ..new_job("build")
+    };
+    let replies =
+        futures::future::join_all((0..12).map(|_| client.create_replayable(burst.clone()))).await;
+    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("create")).collect();
+    assert_eq!(replies.iter().filter(|r| !r.replayed).count(), 1);
+    let ids: std::collections::HashSet<_> = replies.iter().map(|r| r.job.id).collect();
+    assert_eq!(ids.len(), 1);
+    api.stop().await;
+}

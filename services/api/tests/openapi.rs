@@ -457,11 +457,13 @@ fn full_job() -> Job {
         log_tail: "tail".into(),
         status_file: Some("{}".into()),
         timed_out: true,
+        resources: vec!["host-a".into()],
     });
     job.not_before = Some(now);
     job.history_dropped = 1;
     job.retry = false;
     job.max_attempts = Some(2);
+    job.idempotency_key = Some("ci-1".into());
     job.budget_from = 1;
     job.lost_workers = vec!["b".into()];
     job
@@ -509,6 +511,7 @@ fn the_schemas_match_the_bodies() {
             priority: Some(1),
             retry: Some(false),
             max_attempts: Some(2),
+            idempotency_key: s(),
         },
     );
     request_matches(

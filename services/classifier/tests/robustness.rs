@@ -138,6 +138,7 @@ fn arbitrary_inputs_never_panic() {
             log_tail: text.clone(),
             status_file: (seed % 2 == 0).then(|| text.chars().rev().collect()),
             duration_ms: seed,
+            resources: Vec::new(),
         };
         let got = c.classify(&CrashInput {
             task: "t",

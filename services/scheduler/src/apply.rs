@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use warden_shared::job::{Blame, CrashInfo, HistoryEntry, Job};
-use warden_shared::messages::{Classification, Fault, Report, ReportKind};
+use warden_shared::messages::{Classification, Fault, Report, ReportKind, StopReason};
+use warden_shared::retry::{self, Fate, Loss, RetryPolicy};
 use warden_shared::state::{transition, Action};
 use warden_shared::JobState;
 
@@ -55,6 +56,10 @@ pub enum Decision {
     /// The cancelled attempt's own worker reporting how the stopped task
     /// ended: expected, recorded in the history, not a rejection.
     AfterCancel,
+    /// The worker stopped the current attempt itself (it lost the bus, or
+    /// its session was rejected): the lease is lost with the worker, under
+    /// the retry policy ([`apply_loss`]).
+    Lost(Loss),
 }
 
 fn truncate_tail(s: &str, max: usize) -> String {
@@ -79,15 +84,23 @@ fn bounded(mut crash: CrashInfo) -> CrashInfo {
 /// Was this report already applied to `job`? Judged from the history, as
 /// the state may have moved on since (a crash already retried by policy).
 fn already_applied(job: &Job, r: &Report) -> bool {
-    let action = match &r.kind {
-        ReportKind::Started { .. } => Action::Start,
-        ReportKind::Finished { .. } => Action::Finish,
-        ReportKind::Crashed { .. } => Action::Crash,
-        ReportKind::Released { .. } => Action::Requeue,
+    // What applying it wrote: a stopped attempt's loss is the retry
+    // policy's answer (requeue, shelve, or crash) written as the session's.
+    let actions: &[Action] = match &r.kind {
+        ReportKind::Started { .. } => &[Action::Start],
+        ReportKind::Finished { .. } => &[Action::Finish],
+        ReportKind::Crashed { .. } => &[Action::Crash],
+        ReportKind::Released { .. } => &[Action::Requeue],
+        ReportKind::Stopped { .. } => &[Action::Requeue, Action::Shelve, Action::Crash],
     };
     // A release the scheduler beat to it (the session closed first).
-    if matches!(r.kind, ReportKind::Released { .. })
-        && job.lease.is_none()
+    if matches!(
+        r.kind,
+        ReportKind::Released { .. }
+            | ReportKind::Stopped {
+                reason: StopReason::Shutdown
+            }
+    ) && job.lease.is_none()
         && job.attempt == r.epoch
         && job.state == JobState::Scheduled
     {
@@ -96,7 +109,7 @@ fn already_applied(job: &Job, r: &Report) -> bool {
     job.history.iter().rev().any(|e| {
         e.attempt == r.epoch
             && e.actor == r.session
-            && (e.action == action
+            && (actions.contains(&e.action)
                 || (e.action == Action::RejectReport
                     && e.note
                         .as_deref()
@@ -106,6 +119,28 @@ fn already_applied(job: &Job, r: &Report) -> bool {
 
 fn after_cancel_prefix(r: &Report) -> String {
     format!("{} report after cancel", r.kind.name())
+}
+
+/// The crash `r` reported, when it is the one already recorded on `job`
+/// for its attempt (a redelivered crash report): its events (notify,
+/// suspect) are published again, since the first try may have failed.
+pub fn applied_crash<'a>(job: &'a Job, r: &Report) -> Option<&'a CrashInfo> {
+    if !matches!(r.kind, ReportKind::Crashed { .. }) || job.attempt != r.epoch {
+        return None;
+    }
+    let recorded = job
+        .history
+        .iter()
+        .any(|e| e.attempt == r.epoch && e.actor == r.session && e.action == Action::Crash);
+    recorded.then_some(job.crash.as_ref()).flatten()
+}
+
+/// When the attempt `epoch` of `job` was leased, from its history.
+pub fn leased_at(job: &Job, epoch: u32) -> Option<DateTime<Utc>> {
+    job.history
+        .iter()
+        .find(|e| e.attempt == epoch && e.action == Action::Dispatch)
+        .map(|e| e.at)
 }
 
 /// [`decide_with`] without a classification (the task's own fault, else
@@ -154,6 +189,15 @@ pub fn decide_with(
         ReportKind::Finished { .. } => Action::Finish,
         ReportKind::Crashed { .. } => Action::Crash,
         ReportKind::Released { .. } => Action::Requeue,
+        ReportKind::Stopped { reason } => match stop_loss(*reason) {
+            Some(loss) => {
+                return match transition(job.state, Action::Requeue) {
+                    Ok(_) => Decision::Lost(loss),
+                    Err(_) => Decision::Reject(RejectReason::IllegalTransition),
+                }
+            }
+            None => Action::Requeue,
+        },
     };
     let to = match transition(job.state, action) {
         Ok(to) => to,
@@ -202,12 +246,25 @@ pub fn decide_with(
             next.blame = Some(blame);
             next.detail = Some(detail);
             next.description = Some(description);
-            next.crash = Some(bounded(crash.clone()));
+            let mut crash = bounded(crash.clone());
+            crash.resources = job
+                .lease
+                .as_ref()
+                .map(|l| l.resource_names())
+                .unwrap_or_default();
+            next.crash = Some(crash);
         }
         ReportKind::Released { reason } => {
             next.lease = None;
             next.queued_at = now;
             note = Some(format!("released by worker: {reason}"));
+        }
+        ReportKind::Stopped { reason } => {
+            // Shutdown, or a cancel word for an attempt still ours: handed
+            // back, costing nothing.
+            next.lease = None;
+            next.queued_at = now;
+            note = Some(format!("stopped by worker: {reason}; requeued"));
         }
     }
     next.push_history(HistoryEntry {
@@ -222,6 +279,50 @@ pub fn decide_with(
         note,
     });
     Decision::Apply(Box::new(next))
+}
+
+/// The loss a worker's own stop of the current attempt stands for; `None`
+/// when the attempt is simply handed back (shutdown, or a cancel word for
+/// an attempt that is still this session's).
+pub fn stop_loss(reason: StopReason) -> Option<Loss> {
+    match reason {
+        StopReason::SelfFenced => Some(Loss::SelfFenced),
+        StopReason::Superseded => Some(Loss::SessionSuperseded),
+        StopReason::UnknownSession => Some(Loss::WorkerLost),
+        StopReason::Cancelled | StopReason::Shutdown => None,
+    }
+}
+
+/// The job after a [`Decision::Lost`]: the retry policy's answer to the
+/// lost attempt (`system/worker_lost`, retried after the delay, shelved,
+/// or poison), recorded as the reporting session's, so a redelivered
+/// report is a duplicate.
+pub fn apply_loss(
+    job: &Job,
+    r: &Report,
+    loss: Loss,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> (Job, Fate) {
+    let mut next = job.clone();
+    let words = match &r.kind {
+        ReportKind::Stopped { reason } => {
+            format!("session {} stopped the attempt ({reason})", r.session)
+        }
+        _ => format!("session {} lost the attempt", r.session),
+    };
+    let fate = retry::after_loss(&mut next, policy, loss, &words, now);
+    // The policy's entry for this loss (it writes one, just now).
+    if let Some(last) = next
+        .history
+        .last_mut()
+        .filter(|e| e.at == now && e.attempt == r.epoch && e.actor == retry::ACTOR)
+    {
+        last.actor = r.session.clone();
+        last.bot_id = Some(r.bot_id.clone());
+    }
+    next.updated_at = now;
+    (next, fate)
 }
 
 /// Blame, detail and description of a crash nobody classified: the task's
@@ -250,6 +351,7 @@ pub fn record_after_cancel(job: &Job, r: &Report, now: DateTime<Utc>) -> Job {
         ReportKind::Crashed { crash, .. } => describe(crash),
         ReportKind::Started { .. } => "started".into(),
         ReportKind::Released { reason } => format!("released: {reason}"),
+        ReportKind::Stopped { reason } => format!("stopped: {reason}"),
     };
     next.push_history(HistoryEntry {
         at: now,
@@ -527,6 +629,28 @@ mod tests {
     }
 
     #[test]
+    fn a_redelivered_crash_names_the_recorded_crash_and_its_resources() {
+        let mut j = running(1, "s1");
+        if let Some(l) = j.lease.as_mut() {
+            l.resources = vec!["host-a".into(), "wc-a".into()];
+        }
+        let r = crash_report(&j, 1, "s1");
+        assert!(applied_crash(&j, &r).is_none(), "not recorded yet");
+        let Decision::Apply(mut n) = decide(&j, &r, Utc::now()) else {
+            panic!()
+        };
+        // The retry policy moved it on and dropped the lease.
+        n.state = JobState::Scheduled;
+        n.lease = None;
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+        let crash = applied_crash(&n, &r).expect("the recorded crash");
+        assert_eq!(crash.resources, vec!["host-a", "wc-a"]);
+        // Another session's, or a finish, is not it.
+        assert!(applied_crash(&n, &crash_report(&n, 1, "s9")).is_none());
+        assert!(applied_crash(&n, &report(&n, 1, "s1", finished())).is_none());
+    }
+
+    #[test]
     fn zombie_report_after_its_lease_was_taken_back_is_lease_lost() {
         let mut j = running(1, "s1");
         j.state = JobState::Scheduled;
@@ -551,6 +675,132 @@ mod tests {
             decide(&n, &crash_report(&n, 1, "s9"), Utc::now()),
             Decision::Reject(RejectReason::WrongSession)
         );
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            retryable: vec!["system/worker_lost".into()],
+            max_attempts: 3,
+            initial_delay: std::time::Duration::from_secs(10),
+            backoff: 2.0,
+            max_delay: std::time::Duration::from_secs(60),
+            jitter: 0.0,
+            poison_limit: 2,
+        }
+    }
+
+    fn stopped(job: &Job, epoch: u32, session: &str, reason: StopReason) -> Report {
+        report(job, epoch, session, ReportKind::Stopped { reason })
+    }
+
+    #[test]
+    fn self_fenced_stop_is_a_lost_worker_not_the_tasks_crash() {
+        for (reason, loss) in [
+            (StopReason::SelfFenced, Loss::SelfFenced),
+            (StopReason::Superseded, Loss::SessionSuperseded),
+            (StopReason::UnknownSession, Loss::WorkerLost),
+        ] {
+            let j = running(1, "s1");
+            let r = stopped(&j, 1, "s1", reason);
+            assert_eq!(decide(&j, &r, Utc::now()), Decision::Lost(loss), "{reason}");
+            let now = Utc::now();
+            let (n, fate) = apply_loss(&j, &r, loss, &policy(), now);
+            assert_eq!(fate, Fate::Retried, "{reason}");
+            assert_eq!(
+                (n.state, n.blame, n.detail.as_deref(), n.lease.is_none()),
+                (
+                    JobState::Scheduled,
+                    Some(Blame::System),
+                    Some("worker_lost"),
+                    true
+                ),
+                "{reason}"
+            );
+            assert!(n.not_before.is_some_and(|t| t > now), "{reason}: delayed");
+            assert_eq!(n.lost_workers, vec!["bot".to_string()]);
+            let last = n.history.last().expect("entry");
+            assert_eq!((last.action, last.actor.as_str()), (Action::Requeue, "s1"));
+            // Redelivered: already applied.
+            assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate, "{reason}");
+        }
+    }
+
+    #[test]
+    fn stopped_attempt_with_its_budget_spent_is_shelved() {
+        let j = running(3, "s1");
+        let r = stopped(&j, 3, "s1", StopReason::SelfFenced);
+        let Decision::Lost(loss) = decide(&j, &r, Utc::now()) else {
+            panic!("not a loss")
+        };
+        let (n, fate) = apply_loss(&j, &r, loss, &policy(), Utc::now());
+        assert_eq!(
+            (fate, n.state),
+            (Fate::ShelvedRetriesExhausted, JobState::Shelved)
+        );
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    #[test]
+    fn stale_stop_is_rejected_like_any_stale_report() {
+        let j = running(2, "s2");
+        assert_eq!(
+            decide(
+                &j,
+                &stopped(&j, 1, "s1", StopReason::SelfFenced),
+                Utc::now()
+            ),
+            Decision::Reject(RejectReason::StaleEpoch)
+        );
+        assert_eq!(
+            decide(
+                &j,
+                &stopped(&j, 2, "s1", StopReason::SelfFenced),
+                Utc::now()
+            ),
+            Decision::Reject(RejectReason::WrongSession)
+        );
+        // Its lease already taken back (the session expired first).
+        let mut gone = running(2, "s2");
+        gone.state = JobState::Scheduled;
+        gone.lease = None;
+        assert_eq!(
+            decide(
+                &gone,
+                &stopped(&gone, 2, "s2", StopReason::SelfFenced),
+                Utc::now()
+            ),
+            Decision::Reject(RejectReason::LeaseLost)
+        );
+    }
+
+    #[test]
+    fn cancelled_stop_is_recorded_as_the_cancelled_attempts() {
+        let mut j = running(1, "s1");
+        j.cancel_by("api", None, Utc::now()).expect("cancel");
+        let r = stopped(&j, 1, "s1", StopReason::Cancelled);
+        assert_eq!(decide(&j, &r, Utc::now()), Decision::AfterCancel);
+        let n = record_after_cancel(&j, &r, Utc::now());
+        assert_eq!(n.state, JobState::Cancelled);
+        assert!(n
+            .history
+            .last()
+            .and_then(|e| e.note.as_deref())
+            .is_some_and(|s| s.contains("stopped: cancelled")));
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
+    }
+
+    #[test]
+    fn shutdown_stop_requeues_like_a_release() {
+        let j = running(1, "s1");
+        let r = stopped(&j, 1, "s1", StopReason::Shutdown);
+        let Decision::Apply(n) = decide(&j, &r, Utc::now()) else {
+            panic!("not applied")
+        };
+        assert_eq!(
+            (n.state, n.lease.is_none(), n.attempt, n.blame),
+            (JobState::Scheduled, true, 1, None)
+        );
+        assert_eq!(decide(&n, &r, Utc::now()), Decision::Duplicate);
     }
 
     #[test]

@@ -103,6 +103,8 @@ struct LeaseIndex {
     by_session: std::collections::HashMap<String, std::collections::HashSet<Uuid>>,
     session_of: std::collections::HashMap<Uuid, String>,
     states: std::collections::HashMap<String, SessionState>,
+    /// The bot of every session seen.
+    bots: std::collections::HashMap<String, String>,
     /// Pools and resources of every active session.
     active: std::collections::HashMap<String, (Vec<String>, Vec<String>)>,
     /// Running attempts by resource, and the state of every resource.
@@ -181,11 +183,7 @@ impl LeaseIndex {
 
 /// Every resource a lease runs on (its host alone for older records).
 fn lease_resources(lease: &Lease) -> Vec<String> {
-    if lease.resources.is_empty() {
-        lease.resource.iter().cloned().collect()
-    } else {
-        lease.resources.clone()
-    }
+    lease.resource_names()
 }
 
 impl Shared {
@@ -379,6 +377,7 @@ fn on_session_entry(
     let (reason, doomed) = {
         let mut l = shared.leases();
         l.states.insert(session.name.clone(), session.state);
+        l.bots.insert(session.name.clone(), session.bot_id.clone());
         if session.state == SessionState::Active {
             l.active.insert(
                 session.name.clone(),
@@ -481,7 +480,7 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
             Some(loss) => {
                 let policy = shared.config.retry_policy(&next.task);
                 let words = match loss {
-                    Loss::WorkerLost => format!("session {session} expired"),
+                    Loss::WorkerLost | Loss::SelfFenced => format!("session {session} expired"),
                     Loss::SessionSuperseded => {
                         format!("session {session} was superseded by a new session of its bot")
                     }
@@ -735,6 +734,56 @@ async fn acquire(
     let mut leases = Vec::new();
     let resources = request_resources(&req);
     let mut blocked: Option<String>;
+    // Only a session known to be active, and the requesting bot's own,
+    // gets a lease: one this replica has not seen yet is read from the
+    // bucket (it may just have been created).
+    let known = {
+        let l = shared.leases();
+        l.states
+            .get(&req.session)
+            .map(|s| (*s, l.bots.get(&req.session).cloned().unwrap_or_default()))
+    };
+    let known = match known {
+        Some(k) => Some(k),
+        None => match shared
+            .sessions_kv
+            .get(warden_shared::session::session_key(&req.session))
+            .await
+        {
+            Ok(Some(bytes)) => serde_json::from_slice::<Session>(&bytes)
+                .ok()
+                .map(|s| (s.state, s.bot_id)),
+            Ok(None) => None,
+            Err(e) => {
+                warn!(session = %req.session, error = %e, "cannot read the session; acquire refused for now");
+                metrics()
+                    .acquire_requests
+                    .with_label_values(&["rejected"])
+                    .inc();
+                return AcquireReply {
+                    version: MESSAGE_VERSION,
+                    leases,
+                    error: Some(ErrorBody::new(
+                        UNAVAILABLE,
+                        format!("cannot read session {}: {e}", req.session),
+                    )),
+                };
+            }
+        },
+    };
+    if let Err((code, message)) =
+        session_verdict(&req, known.as_ref().map(|(s, b)| (*s, b.as_str())))
+    {
+        metrics()
+            .acquire_requests
+            .with_label_values(&["rejected"])
+            .inc();
+        return AcquireReply {
+            version: MESSAGE_VERSION,
+            leases,
+            error: Some(ErrorBody::new(code, message)),
+        };
+    }
     loop {
         // Register interest before looking, so a job that arrives between
         // the look and the wait still wakes us.
@@ -743,8 +792,7 @@ async fn acquire(
         notified.as_mut().enable();
         // A session this replica knows to be dead gets nothing, checked on
         // every wake-up: a long poll parked before its bot died must not
-        // take work. A session not seen yet (just created) is served; its
-        // leases are requeued if it turns out dead.
+        // take work.
         if let Some(reason) = shared.leases().dead(&req.session) {
             metrics()
                 .acquire_requests
@@ -813,6 +861,35 @@ async fn acquire(
         version: MESSAGE_VERSION,
         leases,
         error: None,
+    }
+}
+
+/// Transient: the scheduler could not check the session; ask again.
+const UNAVAILABLE: &str = "unavailable";
+
+/// May `req` be served, given what is known of its session (state and
+/// bot; `None`: the fencing service never created it)? The error code and
+/// message to refuse it with otherwise.
+fn session_verdict(
+    req: &AcquireRequest,
+    known: Option<(SessionState, &str)>,
+) -> Result<(), (&'static str, String)> {
+    let name = &req.session;
+    match known {
+        None => Err((UNKNOWN_SESSION, format!("session {name} does not exist"))),
+        Some((_, bot)) if bot != req.bot_id => Err((
+            UNKNOWN_SESSION,
+            format!("session {name} belongs to bot {bot}, not to {}", req.bot_id),
+        )),
+        Some((SessionState::Active, _)) => Ok(()),
+        Some((SessionState::Quarantined, _)) => Err((
+            SESSION_SUPERSEDED,
+            format!("session {name} is no longer current ({SUPERSEDED})"),
+        )),
+        Some((state, _)) => Err((
+            UNKNOWN_SESSION,
+            format!("session {name} is {}", state.as_str()),
+        )),
     }
 }
 
@@ -1021,9 +1098,13 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
         // Counted only once the write is durable.
         let mut failed = Vec::new();
         let mut ended = Vec::new();
+        let mut duplicates: Vec<&Report> = Vec::new();
         for (i, r) in reports.iter().enumerate() {
             match decide_with(&job, r, classified.get(&i), now) {
-                Decision::Duplicate => results.push((r, "duplicate", None)),
+                Decision::Duplicate => {
+                    duplicates.push(*r);
+                    results.push((r, "duplicate", None))
+                }
                 Decision::Apply(mut next) => {
                     let from = job.state;
                     if from == JobState::Running && metrics::ENDED.contains(&next.state) {
@@ -1051,6 +1132,26 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     results.push((r, "applied", Some((from, next.state))));
                     job = *next;
                 }
+                Decision::Lost(loss) => {
+                    // Warden stopped the attempt, not the task: the lease
+                    // is lost with the worker, under the retry policy.
+                    let policy = shared.config.retry_policy(&job.task);
+                    let from = job.state;
+                    let (next, fate) = apply::apply_loss(&job, r, loss, &policy, now);
+                    fates.push((fate, next.blame));
+                    if let (Some(blame), Some(detail)) = (next.blame, next.detail.clone()) {
+                        failed.push((blame, detail));
+                    }
+                    if let Some(lease) = &job.lease {
+                        let secs = (now - lease.leased_at).num_milliseconds().max(0) as f64;
+                        if metrics::ENDED.contains(&next.state) {
+                            ended.push((next.state, secs / 1000.0));
+                        }
+                    }
+                    info!(job.id = %job_id, session = %r.session, loss = loss.as_str(), state = %next.state, "attempt stopped by its worker; lease lost");
+                    results.push((r, "applied", Some((from, next.state))));
+                    job = next;
+                }
                 Decision::AfterCancel => {
                     job = record_after_cancel(&job, r, now);
                     results.push((r, "after_cancel", None));
@@ -1067,7 +1168,8 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     .with_label_values(&[r.kind.name(), "duplicate"])
                     .inc();
             }
-            return Disposition::Ack;
+            // A redelivered crash: its events may not have gone out.
+            return republish_crash_events(shared, &job, reports, deliveries).await;
         }
         match shared.store.update(&job, current.revision).await {
             Ok(_) => {
@@ -1082,9 +1184,12 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                         .with_label_values(&[state.as_str()])
                         .observe(secs);
                 }
+                // A report whose events did not all go out is not acked:
+                // redelivered, it is a duplicate, and they are sent again.
+                let mut events_out = true;
                 for (c, attempt, resources, leased_at, state) in crashes {
                     let lease = (attempt, resources.as_slice(), leased_at);
-                    act_on_classification(shared, &job, &c, lease, state).await;
+                    events_out &= act_on_classification(shared, &job, &c, lease, state).await;
                 }
                 for (r, res, change) in results {
                     match (res, change) {
@@ -1109,7 +1214,10 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                         }
                     }
                 }
-                return Disposition::Ack;
+                if !events_out {
+                    return Disposition::Retry;
+                }
+                return republish_crash_events(shared, &job, &duplicates, deliveries).await;
             }
             Err(StoreError::Conflict(_)) => continue,
             Err(StoreError::TooLarge) => {
@@ -1202,16 +1310,17 @@ async fn classify(
 /// and flag every resource the attempt ran on when they may be at fault. Both are durable
 /// publishes with a message id per attempt, so a retried write never
 /// notifies twice; a failed publish is logged and counted, the crash stays
-/// recorded.
+/// recorded, and false is returned (the report is then not acked).
 async fn act_on_classification(
     shared: &Shared,
     job: &warden_shared::Job,
     c: &Classification,
     (attempt, resources, leased_at): (u32, &[String], Option<chrono::DateTime<Utc>>),
     state: JobState,
-) {
+) -> bool {
     let m = metrics();
     let resource = resources.first().cloned();
+    let mut all = true;
     let now = Utc::now();
     if c.notify != Party::None {
         let recipients = match c.notify {
@@ -1243,12 +1352,13 @@ async fn act_on_classification(
         };
         let id = format!("{}:{attempt}:notify", job.id);
         let ok = publish_durable(shared, subjects::notify_subject(c.notify), &id, &n).await;
+        all &= ok;
         m.notifications
             .with_label_values(&[c.notify.as_str(), if ok { "published" } else { "failed" }])
             .inc();
     }
     if !c.suspect_resource {
-        return;
+        return all;
     }
     for resource in resources {
         let s = ResourceSuspect {
@@ -1263,8 +1373,42 @@ async fn act_on_classification(
         let id = format!("{}:{attempt}:suspect:{resource}", job.id);
         if publish_durable(shared, subjects::suspect_subject(resource), &id, &s).await {
             m.suspects.inc();
+        } else {
+            all = false;
         }
     }
+    all
+}
+
+/// Publishes again the events of every crash in `reports` that is already
+/// recorded on `job` (a redelivered report: the first publish may have
+/// failed, or the scheduler stopped between the write and the publish).
+/// The events carry a message id per attempt, so a copy that did go out is
+/// dropped by the stream. Retry (nak) unless every event went out.
+async fn republish_crash_events(
+    shared: &Shared,
+    job: &warden_shared::Job,
+    reports: &[&Report],
+    deliveries: i64,
+) -> Disposition {
+    for r in reports {
+        let Some(crash) = apply::applied_crash(job, r) else {
+            continue;
+        };
+        let Some(c) = classify(shared, job, r, deliveries).await else {
+            return Disposition::Retry;
+        };
+        let lease = (
+            r.epoch,
+            crash.resources.as_slice(),
+            apply::leased_at(job, r.epoch),
+        );
+        if !act_on_classification(shared, job, &c, lease, job.state).await {
+            return Disposition::Retry;
+        }
+        debug!(job.id = %job.id, epoch = r.epoch, "events of a redelivered crash published again");
+    }
+    Disposition::Ack
 }
 
 async fn publish_durable<T: serde::Serialize>(
@@ -1305,5 +1449,50 @@ async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde
             let _ = msg.ack().await;
         }
         Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(session: &str, bot: &str) -> AcquireRequest {
+        AcquireRequest {
+            version: MESSAGE_VERSION,
+            session: session.into(),
+            bot_id: bot.into(),
+            resource: None,
+            resources: Vec::new(),
+            pools: vec!["default".into()],
+            max: 1,
+            wait_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_an_active_session_of_the_requesting_bot_is_served() {
+        let r = req("s1", "bot-a");
+        assert_eq!(
+            session_verdict(&r, Some((SessionState::Active, "bot-a"))),
+            Ok(())
+        );
+        let code = |known| session_verdict(&r, known).map_err(|(c, _)| c);
+        assert_eq!(code(None), Err(UNKNOWN_SESSION));
+        assert_eq!(
+            code(Some((SessionState::Active, "bot-b"))),
+            Err(UNKNOWN_SESSION)
+        );
+        assert_eq!(
+            code(Some((SessionState::Quarantined, "bot-a"))),
+            Err(SESSION_SUPERSEDED)
+        );
+        assert_eq!(
+            code(Some((SessionState::Expired, "bot-a"))),
+            Err(UNKNOWN_SESSION)
+        );
+        assert_eq!(
+            code(Some((SessionState::Closed, "bot-a"))),
+            Err(UNKNOWN_SESSION)
+        );
     }
 }

@@ -40,7 +40,7 @@ pub struct Metrics {
 }
 
 /// `kind` of `warden_scheduler_reports_total` (`ReportKind::name`).
-pub const REPORT_KINDS: [&str; 4] = ["started", "finished", "crashed", "released"];
+pub const REPORT_KINDS: [&str; 5] = ["started", "finished", "crashed", "released", "stopped"];
 /// `result` of `warden_scheduler_reports_total`.
 pub const REPORT_RESULTS: [&str; 4] = ["applied", "duplicate", "after_cancel", "rejected"];
 /// Rejections decided before a report reaches [`RejectReason`]: no job

@@ -105,6 +105,7 @@ pub fn run(config: &Config, args: &ClassifyArgs) -> anyhow::Result<i32> {
         log_tail: log,
         status_file: status,
         timed_out: args.timed_out,
+        resources: Vec::new(),
     };
     let c = classifier.classify(&CrashInput {
         task: &args.task,

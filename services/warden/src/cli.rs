@@ -52,6 +52,7 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
             pool,
             no_retry,
             max_attempts,
+            key,
             wait,
             timeout,
         } => {
@@ -73,6 +74,7 @@ pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {
                     priority: *priority,
                     retry: no_retry.then_some(false),
                     max_attempts: *max_attempts,
+                    idempotency_key: key.clone(),
                 })
                 .await
                 .map_err(|e| anyhow!("cannot submit job: {e}"))?;

@@ -120,6 +120,10 @@ pub enum JobCommand {
         /// Attempts this job may use before it is shelved (over the task's retry.max_attempts)
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// Idempotency key: a retried submit with the same key returns the
+        /// first job instead of making a second one
+        #[arg(long)]
+        key: Option<String>,
         /// Wait until the job ends; exit 0 only if it FINISHED with outcome passed
         #[arg(long)]
         wait: bool,

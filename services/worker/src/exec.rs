@@ -363,6 +363,7 @@ impl ProcessExecutor {
                         log_tail,
                         status_file,
                         timed_out,
+                        resources: Vec::new(),
                     },
                     fault,
                 }

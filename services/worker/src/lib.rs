@@ -28,7 +28,7 @@ use warden_shared::config::WorkerConfig;
 use warden_shared::messages::CheckRequest;
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, CloseSession, CreateSession, Heartbeat, HeldLease, LeaseGrant,
-    Report, ReportKind, SessionReply, MESSAGE_VERSION,
+    Report, ReportKind, SessionReply, StopReason, MESSAGE_VERSION,
 };
 use warden_shared::resource::ResourceDecl;
 use warden_shared::session::{RESOURCE_UNAVAILABLE, SESSION_SUPERSEDED, UNKNOWN_SESSION};
@@ -74,19 +74,12 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Why a running attempt is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// Graceful shutdown: hand it back.
-    Shutdown,
-    /// The session is gone (rejected, or silent too long): report nothing.
-    Fenced,
-}
-
 struct Running {
     epoch: u32,
     cancel: CancellationToken,
-    stop: Option<Stop>,
+    /// Why Warden stopped it, if it did: the attempt then ends with a
+    /// `stopped` report saying so, never as the task's crash.
+    stop: Option<StopReason>,
 }
 
 struct Agent {
@@ -106,6 +99,8 @@ struct Agent {
     slots: Arc<Semaphore>,
     /// Set when the session must be replaced; the heartbeat loop does it.
     fenced: tokio::sync::Notify,
+    /// Why (superseded or unknown), said by whoever notified `fenced`.
+    fence_reason: Mutex<Option<StopReason>>,
 }
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), WorkerError> {
@@ -143,6 +138,7 @@ pub async fn run_with(
         running: Mutex::new(HashMap::new()),
         slots: Arc::new(Semaphore::new(config.worker.capacity as usize)),
         fenced: tokio::sync::Notify::new(),
+        fence_reason: Mutex::new(None),
         config,
     });
     // Answer health checks before the resources are registered, so the
@@ -177,7 +173,7 @@ pub async fn run_with(
     attempts.close();
     let grace = agent.config.worker.shutdown_grace;
     if tokio::time::timeout(grace, attempts.wait()).await.is_err() {
-        let n = agent.stop_all(Stop::Shutdown);
+        let n = agent.stop_all(StopReason::Shutdown);
         info!(
             attempts = n,
             "handing back attempts still running after the grace period"
@@ -342,7 +338,7 @@ impl Agent {
         let timeout = self.config.fencing.session_timeout;
         let period = timeout / 3;
         let mut last_ok = Instant::now();
-        let mut need_new = false;
+        let mut need_new: Option<StopReason> = None;
         // Heartbeats in a row that were not recorded (store unavailable,
         // no answer): the next one goes soon, not a full period later, so
         // it lands as soon as the store is back.
@@ -351,14 +347,22 @@ impl Agent {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(heartbeat_delay(period, failed)) => {}
-                _ = self.fenced.notified() => need_new = true,
+                _ = self.fenced.notified() => {
+                    let why = self
+                        .fence_reason
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .unwrap_or(StopReason::UnknownSession);
+                    need_new.get_or_insert(why);
+                }
             }
-            if need_new {
-                self.stop_all(Stop::Fenced);
+            if let Some(why) = need_new {
+                self.stop_all(why);
                 if let Some(name) = self.create_session(&shutdown).await {
                     *self.session.write().await = name;
                     last_ok = Instant::now();
-                    need_new = false;
+                    need_new = None;
                 }
                 continue;
             }
@@ -389,7 +393,11 @@ impl Agent {
                                     SESSION_SUPERSEDED
                                 }])
                                 .inc();
-                            need_new = true;
+                            need_new = Some(if e.code == UNKNOWN_SESSION {
+                                StopReason::UnknownSession
+                            } else {
+                                StopReason::Superseded
+                            });
                         }
                         Some(e) => {
                             failed += 1;
@@ -399,7 +407,7 @@ impl Agent {
                             failed = 0;
                             last_ok = Instant::now();
                             for id in reply.cancel {
-                                self.stop_one(&id, Stop::Fenced);
+                                self.stop_one(&id, StopReason::Cancelled);
                             }
                         }
                     },
@@ -413,13 +421,13 @@ impl Agent {
                     debug!(failed, "heartbeat not answered")
                 }
             }
-            if !need_new && last_ok.elapsed() > timeout && !self.held().is_empty() {
+            if need_new.is_none() && last_ok.elapsed() > timeout && !self.held().is_empty() {
                 warn!(bot.id = %self.bot_id, silent_ms = last_ok.elapsed().as_millis() as u64, "cannot reach the bus past the session timeout; stopping own tasks");
                 metrics()
                     .session_resets
                     .with_label_values(&[metrics::SELF_FENCED])
                     .inc();
-                need_new = true;
+                need_new = Some(StopReason::SelfFenced);
             }
         }
     }
@@ -435,7 +443,7 @@ impl Agent {
             .collect()
     }
 
-    fn stop_one(&self, id: &Uuid, why: Stop) {
+    fn stop_one(&self, id: &Uuid, why: StopReason) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = running.get_mut(id) {
             r.stop.get_or_insert(why);
@@ -443,7 +451,7 @@ impl Agent {
         }
     }
 
-    fn stop_all(&self, why: Stop) -> usize {
+    fn stop_all(&self, why: StopReason) -> usize {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         for r in running.values_mut() {
             r.stop.get_or_insert(why);
@@ -515,6 +523,12 @@ impl Agent {
                     continue;
                 }
                 if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED {
+                    *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(if e.code == UNKNOWN_SESSION {
+                            StopReason::UnknownSession
+                        } else {
+                            StopReason::Superseded
+                        });
                     self.fenced.notify_one();
                 }
                 warn!(code = %e.code, error = %e.message, "acquire refused");
@@ -594,28 +608,27 @@ impl Agent {
         m.running.dec();
         let _ = started.await;
         let kind = match (stop, result) {
-            // The attempt is no longer ours. Its report still goes out: the
-            // scheduler rejects it by epoch (it can never change the job)
-            // and records it, which shows operators a stale bot was alive.
-            (Some(Stop::Fenced), result) => {
-                m.attempts.with_label_values(&["abandoned"]).inc();
-                info!(job.id = %lease.job_id, epoch = lease.epoch, "attempt stopped: the lease is no longer ours (cancelled, taken back, or the session was replaced)");
-                match result {
-                    Execution::Finished {
-                        outcome,
-                        duration_ms,
-                    } => ReportKind::Finished {
-                        outcome,
-                        duration_ms,
-                    },
-                    Execution::Crashed { crash, fault } => ReportKind::Crashed { crash, fault },
-                }
-            }
-            (Some(Stop::Shutdown), _) => {
-                m.attempts.with_label_values(&["released"]).inc();
-                ReportKind::Released {
-                    reason: "worker_shutdown".into(),
-                }
+            // Warden stopped it, not the task: say why, so the scheduler
+            // never records the kill as the task's crash. If the attempt is
+            // no longer ours the scheduler rejects it by epoch and records
+            // it, which shows operators a stale bot was alive.
+            (Some(reason), result) => {
+                let (label, words) = match reason {
+                    StopReason::Shutdown => ("released", "handed back on shutdown"),
+                    _ => (
+                        "abandoned",
+                        "the lease is no longer ours (cancelled, taken back, the session was replaced, or the bus was lost past the session timeout)",
+                    ),
+                };
+                m.attempts.with_label_values(&[label]).inc();
+                let ended = match &result {
+                    Execution::Finished { outcome, .. } => format!("outcome {outcome}"),
+                    Execution::Crashed { crash, .. } => {
+                        format!("exit code {:?}, signal {:?}", crash.exit_code, crash.signal)
+                    }
+                };
+                info!(job.id = %lease.job_id, epoch = lease.epoch, reason = %reason, ended, "attempt stopped: {words}");
+                ReportKind::Stopped { reason }
             }
             (
                 None,

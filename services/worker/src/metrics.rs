@@ -21,7 +21,7 @@ pub struct Metrics {
 /// `result` of `warden_worker_attempts_total`.
 pub const ATTEMPT_RESULTS: [&str; 4] = ["finished", "crashed", "released", "abandoned"];
 /// `kind` of `warden_worker_reports_published_total` (`ReportKind::name`).
-pub const REPORT_KINDS: [&str; 4] = ["started", "finished", "crashed", "released"];
+pub const REPORT_KINDS: [&str; 5] = ["started", "finished", "crashed", "released", "stopped"];
 /// The worker stopped its own tasks: it could not reach the bus past the
 /// session timeout.
 pub const SELF_FENCED: &str = "self_fenced";
