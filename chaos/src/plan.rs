@@ -28,8 +28,8 @@ pub enum Fault {
         worker: usize,
         restart_after: Duration,
     },
-    /// SIGSTOP worker `n` for `paused` (past its session timeout), then
-    /// SIGCONT.
+    /// SIGSTOP worker `n` for `paused` (past its session timeout, or
+    /// 60–90% of it), then SIGCONT.
     StopWorker { worker: usize, paused: Duration },
     /// SIGKILL replica `replica` of service `SERVICES[service]`, start it
     /// again after `restart_after`.
@@ -162,11 +162,17 @@ pub fn plan(seed: u64, shape: &Shape) -> Plan {
         } else if roll < 0.45 {
             let w = rng.gen_range(0..shape.workers);
             (worker_busy[w] <= at).then(|| {
-                let extra = rng.gen_range(2000..5000);
-                let f = Fault::StopWorker {
-                    worker: w,
-                    paused: shape.session_timeout + Duration::from_millis(extra),
+                // Half past the session timeout (the session expires, the
+                // job is leased again); half a freeze long enough for the
+                // task's guard to fire but not always for the session to
+                // expire (the worker comes back to a current session).
+                let t = shape.session_timeout.as_millis() as u64;
+                let paused = if rng.gen_bool(0.5) {
+                    Duration::from_millis(t + rng.gen_range(2000..5000))
+                } else {
+                    Duration::from_millis(rng.gen_range(t * 6 / 10..t * 9 / 10))
                 };
+                let f = Fault::StopWorker { worker: w, paused };
                 worker_busy[w] = at + f.duration() + shape.session_timeout;
                 f
             })

@@ -37,6 +37,19 @@ pub enum Execution {
         crash: CrashInfo,
         fault: Option<Fault>,
     },
+    /// The task's guard killed it because this worker sent no keep-alive
+    /// within the guard's silence limit (the worker was frozen or
+    /// starved): Warden's kill, never the task's crash.
+    Fenced { duration_ms: u64 },
+}
+
+/// How long a task's guard lets its worker go without a keep-alive before
+/// it kills the task: half the session timeout, so a frozen worker's task
+/// is dead before the fencing service can expire the session (a full
+/// timeout of silence) and the job be leased again. At the default 10 s,
+/// 5 s; never under 1 s.
+pub fn guard_silence_limit(config: &Config) -> Duration {
+    (config.fencing.session_timeout / 2).max(Duration::from_secs(1))
 }
 
 pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Execution> + Send + 'a>>;
@@ -239,7 +252,8 @@ impl ProcessExecutor {
         // Under a guard (in `warden` and `warden-worker`): the task and
         // everything it starts in its group die with this process, however
         // it dies (see warden_shared::guard).
-        let (std_cmd, link) = match guard::command(&task.command[0]) {
+        let silence = guard_silence_limit(&self.config);
+        let (std_cmd, mut link) = match guard::watched_command(&task.command[0], silence) {
             Ok(c) => c,
             Err(e) => {
                 return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0]))
@@ -310,16 +324,29 @@ impl ProcessExecutor {
         let pgid = child.id();
         let limit = task.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
         let mut timed_out = false;
-        let status = tokio::select! {
-            s = child.wait() => s,
-            _ = tokio::time::sleep(limit) => {
-                timed_out = true;
-                kill_group(pgid);
-                child.wait().await
-            }
-            _ = cancel.cancelled() => {
-                kill_group(pgid);
-                child.wait().await
+        // The guard's dead man's switch: a keep-alive five times within its
+        // limit while this worker runs.
+        let mut keep_alive = tokio::time::interval(silence / 5);
+        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let time_limit = tokio::time::sleep(limit);
+        tokio::pin!(time_limit);
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                _ = &mut time_limit => {
+                    timed_out = true;
+                    kill_group(pgid);
+                    break child.wait().await;
+                }
+                _ = cancel.cancelled() => {
+                    kill_group(pgid);
+                    break child.wait().await;
+                }
+                _ = keep_alive.tick() => {
+                    if let Err(e) = link.keep_alive() {
+                        tracing::debug!(job.id = %req.job_id, error = %e, "cannot reach the task's guard");
+                    }
+                }
             }
         };
         // A background grandchild may keep the pipes open: don't wait forever.
@@ -329,7 +356,6 @@ impl ProcessExecutor {
         let duration_ms = started.elapsed().as_millis() as u64;
         // The guard's report is the task's own status; without one (the
         // group was SIGKILLed, or no guard) the spawned process's.
-        let mut link = link;
         let ended = tokio::task::spawn_blocking(move || link.finish())
             .await
             .unwrap_or(Ended::Unknown);
@@ -337,7 +363,7 @@ impl ProcessExecutor {
             (Ended::NotStarted(description), _) => return Self::setup_failed(description),
             (Ended::Exited(code), _) => (Some(code), None),
             (Ended::Signalled(sig), _) => (None, Some(sig)),
-            (Ended::Fenced, _) => (None, Some(9)),
+            (Ended::Fenced, _) => return Execution::Fenced { duration_ms },
             (Ended::Unknown, Ok(s)) => (s.code(), exit_signal(s)),
             (Ended::Unknown, Err(_)) => (None, None),
         };

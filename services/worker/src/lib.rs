@@ -607,6 +607,8 @@ impl Agent {
             .and_then(|r| r.stop);
         m.running.dec();
         let _ = started.await;
+        #[cfg(feature = "chaos-fenced-as-crash")]
+        let (stop, result) = broken::fenced_as_crash(stop, result);
         let kind = match (stop, result) {
             // Warden stopped it, not the task: say why, so the scheduler
             // never records the kill as the task's crash. If the attempt is
@@ -626,6 +628,7 @@ impl Agent {
                     Execution::Crashed { crash, .. } => {
                         format!("exit code {:?}, signal {:?}", crash.exit_code, crash.signal)
                     }
+                    Execution::Fenced { .. } => "killed by its guard".to_string(),
                 };
                 info!(job.id = %lease.job_id, epoch = lease.epoch, reason = %reason, ended, "attempt stopped: {words}");
                 ReportKind::Stopped { reason }
@@ -646,6 +649,15 @@ impl Agent {
             (None, Execution::Crashed { crash, fault }) => {
                 m.attempts.with_label_values(&["crashed"]).inc();
                 ReportKind::Crashed { crash, fault }
+            }
+            // This worker was frozen past its guard's limit: the guard
+            // killed the task so it could not outlive the lease.
+            (None, Execution::Fenced { duration_ms }) => {
+                m.attempts.with_label_values(&["abandoned"]).inc();
+                warn!(job.id = %lease.job_id, epoch = lease.epoch, duration_ms, "task killed by its guard: this worker sent no keep-alive within the limit (frozen or starved)");
+                ReportKind::Stopped {
+                    reason: StopReason::SelfFenced,
+                }
             }
         };
         self.publish(report(kind)).await;
@@ -695,6 +707,34 @@ impl Agent {
 
 /// First retry after a heartbeat that was not recorded.
 const HEARTBEAT_RETRY: Duration = Duration::from_millis(500);
+
+/// The deliberately broken build of the chaos run's "shown to fail" check.
+#[cfg(feature = "chaos-fenced-as-crash")]
+mod broken {
+    use super::{Execution, StopReason};
+    use warden_shared::job::CrashInfo;
+
+    /// A self-fencing kill reported as what the task's process saw: a
+    /// SIGKILL crash (the defect the Stopped report fixed).
+    pub fn fenced_as_crash(
+        stop: Option<StopReason>,
+        result: Execution,
+    ) -> (Option<StopReason>, Execution) {
+        match (stop, result) {
+            (Some(StopReason::SelfFenced), _) | (None, Execution::Fenced { .. }) => (
+                None,
+                Execution::Crashed {
+                    crash: CrashInfo {
+                        signal: Some(9),
+                        ..Default::default()
+                    },
+                    fault: None,
+                },
+            ),
+            other => other,
+        }
+    }
+}
 
 /// How long to wait before the next heartbeat after `failed` heartbeats in
 /// a row were not recorded: `period` when the last one was, else 500 ms
