@@ -63,6 +63,7 @@ impl JobStore {
             .await
             .map_err(|e| match e.kind() {
                 kv::CreateErrorKind::AlreadyExists => StoreError::AlreadyExists(job.id),
+                _ if lost_race(&e) => StoreError::AlreadyExists(job.id),
                 _ => classify(e),
             })
     }
@@ -90,18 +91,38 @@ impl JobStore {
             .await
             .map_err(|e| match e.kind() {
                 kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict(job.id),
+                _ if lost_race(&e) => StoreError::Conflict(job.id),
                 _ => classify(e),
             })
     }
 }
 
+/// Whether a KV write lost a race for its key, by the server's error code
+/// somewhere in the error's sources: a single server says "wrong last
+/// sequence" with the current sequence (10071, which the client turns into
+/// its own kind), a clustered stream refuses a write of a key whose
+/// previous write is still in flight with the constant variant (10164),
+/// which the client reports as `Other`. Every compare-and-set in Warden
+/// recognises a conflict with this, never by text.
+pub fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            let code = js.error_code();
+            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn classify<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
     let text = e.to_string();
-    // The server answers "wrong last sequence" for a failed CAS; the client
-    // does not always map it to its own kind.
-    if text.contains("wrong last sequence") {
-        return StoreError::Conflict(Uuid::nil());
-    }
     if text.contains("maximum message size") || text.contains("message size exceeds") {
         return StoreError::TooLarge;
     }

@@ -25,6 +25,7 @@ use warden_shared::messages::{
 use warden_shared::session::{
     bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION,
 };
+use warden_shared::store::lost_race;
 use warden_shared::{runtime, subjects, Config};
 
 use crate::metrics::{metrics, INVALID_REQUEST};
@@ -198,7 +199,9 @@ impl Sessions {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => {
+                Ok(false)
+            }
             Err(e) => Err(store_err(e)),
         }
     }
@@ -283,7 +286,9 @@ impl Sessions {
                     .await
                 {
                     Ok(_) => true,
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e) => {
+                        false
+                    }
                     Err(e) => return Err(store_err(e)),
                 },
                 Some((_, rev)) => match self
@@ -292,7 +297,11 @@ impl Sessions {
                     .await
                 {
                     Ok(_) => true,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e)
+                        if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) =>
+                    {
+                        false
+                    }
                     Err(e) => return Err(store_err(e)),
                 },
             };
@@ -374,7 +383,7 @@ impl Sessions {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => {
                 self.current(&req.session).await.map(|_| ())
             }
             Err(e) => Err(store_err(e)),

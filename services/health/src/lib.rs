@@ -252,7 +252,8 @@ impl Health {
             let written = match revision {
                 None => self.kv.create(&key, body).await.map(|_| ()).map_err(|e| {
                     (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e),
+                        e.kind() == kv::CreateErrorKind::AlreadyExists
+                            || warden_shared::store::lost_race(&e),
                         e.to_string(),
                     )
                 }),
@@ -263,7 +264,8 @@ impl Health {
                     .map(|_| ())
                     .map_err(|e| {
                         (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e),
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision
+                                || warden_shared::store::lost_race(&e),
                             e.to_string(),
                         )
                     }),
@@ -994,29 +996,6 @@ fn cas_pause(attempt: u32) -> Duration {
     let ceiling = 5 * u64::from(attempt.min(10)) + 5;
     let jitter = (Uuid::new_v4().as_u128() % u128::from(ceiling)) as u64;
     Duration::from_millis(2 + jitter)
-}
-
-/// Whether a refused write lost a race with another writer of the same
-/// key, by the server's error code somewhere in the error's sources: a
-/// single server says "wrong last sequence" with the current sequence
-/// (10071, which the client turns into `WrongLastRevision`), a clustered
-/// stream refuses a write of a key whose previous write is still in flight
-/// with the constant variant (10164), which the client reports as `Other`.
-fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
-    use async_nats::jetstream::ErrorCode;
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
-            let code = js.error_code();
-            if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
-                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
-            {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
 }
 
 fn truncate(mut s: String, max: usize) -> String {

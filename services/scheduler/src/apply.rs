@@ -260,17 +260,22 @@ pub fn decide_with(
                 .unwrap_or_default();
             next.crash = Some(crash);
         }
+        // Handed back (shutdown, or a cancel word for an attempt still
+        // ours): costing nothing, so the attempt does not count against
+        // the job's budget.
         ReportKind::Released { reason } => {
             next.lease = None;
             next.queued_at = now;
-            note = Some(format!("released by worker: {reason}"));
+            next.budget_from = next.budget_from.saturating_add(1);
+            note = Some(format!("released by worker: {reason}; attempt not counted"));
         }
         ReportKind::Stopped { reason } => {
-            // Shutdown, or a cancel word for an attempt still ours: handed
-            // back, costing nothing.
             next.lease = None;
             next.queued_at = now;
-            note = Some(format!("stopped by worker: {reason}; requeued"));
+            next.budget_from = next.budget_from.saturating_add(1);
+            note = Some(format!(
+                "stopped by worker: {reason}; requeued, attempt not counted"
+            ));
         }
     }
     next.push_history(HistoryEntry {

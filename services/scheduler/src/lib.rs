@@ -51,8 +51,8 @@ use crate::apply::{
     crash_to_classify, decide_with, record_after_cancel, record_rejection, Decision,
 };
 use crate::metrics::{
-    count_crash, metrics, PriorityLabels, CORRUPT_JOB, INVALID_REPORT, RESOURCE_CLOSED,
-    SESSION_CLOSED, SESSION_SUPERSEDED as SUPERSEDED, UNKNOWN_JOB, WORKER_LOST,
+    count_crash, metrics, PriorityLabels, CORRUPT_JOB, INVALID_REPORT, LEASE_UNDELIVERED,
+    RESOURCE_CLOSED, SESSION_CLOSED, SESSION_SUPERSEDED as SUPERSEDED, UNKNOWN_JOB, WORKER_LOST,
 };
 use crate::queue::Queue;
 
@@ -94,6 +94,8 @@ struct Shared {
     /// [`subjects::SCHED_QUEUE`] answers, so a monitoring request never
     /// takes the queue lock the acquire path needs.
     snapshot: Mutex<QueueReply>,
+    /// Jobs whose lease the orphan sweep is taking back now.
+    sweeping: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 /// Which session holds which running job, and which sessions are dead: a
@@ -111,9 +113,79 @@ struct LeaseIndex {
     by_resource: std::collections::HashMap<String, std::collections::HashSet<Uuid>>,
     resources_of: std::collections::HashMap<Uuid, Vec<String>>,
     resource_states: std::collections::HashMap<String, ResourceState>,
+    /// Epoch and lease time of every running attempt.
+    leased: std::collections::HashMap<Uuid, (u32, DateTime<Utc>)>,
+    /// Per active session: its last heartbeat and the leases it listed.
+    heartbeats: std::collections::HashMap<String, LastHeartbeat>,
+}
+
+/// A session's last heartbeat: when, and the (job, epoch) leases it listed.
+type LastHeartbeat = (DateTime<Utc>, Vec<(Uuid, u32)>);
+
+/// Why a running attempt must be taken back, found by [`LeaseIndex::orphans`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Orphan {
+    job: Uuid,
+    session: String,
+    reason: &'static str,
+    /// The attempt, when only that one may be taken back.
+    epoch: Option<u32>,
+}
+
+/// Whether an active session's heartbeat shows it never got a lease: a
+/// heartbeat later than `grace` after the lease was granted that does not
+/// list it. A heartbeat that may have been sent before the grant arrived
+/// (within `grace`) proves nothing.
+fn undelivered(
+    leased_at: DateTime<Utc>,
+    epoch: u32,
+    job: Uuid,
+    heartbeat: Option<&LastHeartbeat>,
+    grace: Duration,
+) -> bool {
+    let Some((at, held)) = heartbeat else {
+        return false;
+    };
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::seconds(5));
+    *at > leased_at + grace && !held.contains(&(job, epoch))
 }
 
 impl LeaseIndex {
+    /// Running attempts whose lease must go back: their session is known
+    /// dead, their resource closed, or the session's heartbeats show it
+    /// never got the grant. The sweep that calls this catches whatever a
+    /// missed or failed watch event left behind.
+    fn orphans(&self, grace: Duration) -> Vec<Orphan> {
+        let mut out = Vec::new();
+        for (job, session) in &self.session_of {
+            if let Some(reason) = self.dead(session) {
+                out.push(Orphan {
+                    job: *job,
+                    session: session.clone(),
+                    reason,
+                    epoch: None,
+                });
+            } else if self.on_closed_resource(job) {
+                out.push(Orphan {
+                    job: *job,
+                    session: session.clone(),
+                    reason: RESOURCE_CLOSED,
+                    epoch: None,
+                });
+            } else if let Some((epoch, at)) = self.leased.get(job) {
+                if undelivered(*at, *epoch, *job, self.heartbeats.get(session), grace) {
+                    out.push(Orphan {
+                        job: *job,
+                        session: session.clone(),
+                        reason: LEASE_UNDELIVERED,
+                        epoch: Some(*epoch),
+                    });
+                }
+            }
+        }
+        out
+    }
+
     fn observe_job(&mut self, job: &warden_shared::Job) {
         if let Some(old) = self.session_of.remove(&job.id) {
             if let Some(set) = self.by_session.get_mut(&old) {
@@ -125,7 +197,9 @@ impl LeaseIndex {
                 set.remove(&job.id);
             }
         }
+        self.leased.remove(&job.id);
         if let (JobState::Running, Some(lease)) = (job.state, &job.lease) {
+            self.leased.insert(job.id, (lease.epoch, lease.leased_at));
             self.session_of.insert(job.id, lease.session.clone());
             self.by_session
                 .entry(lease.session.clone())
@@ -226,6 +300,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             at: Utc::now(),
             pools: Vec::new(),
         }),
+        sweeping: Mutex::new(std::collections::HashSet::new()),
     });
 
     let Some(consumer) = runtime::durable_consumer(
@@ -383,8 +458,16 @@ fn on_session_entry(
                 session.name.clone(),
                 (session.pools.clone(), session.resource_names()),
             );
+            l.heartbeats.insert(
+                session.name.clone(),
+                (
+                    session.last_heartbeat,
+                    session.leases.iter().map(|h| (h.job_id, h.epoch)).collect(),
+                ),
+            );
         } else {
             l.active.remove(&session.name);
+            l.heartbeats.remove(&session.name);
         }
         let reason = l.dead(&session.name);
         let doomed: Vec<Uuid> = match reason {
@@ -457,19 +540,41 @@ fn on_resource_entry(
 /// nothing. Several replicas may try; compare-and-set lets one win, the
 /// others see the job moved on and stop.
 async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str) {
+    requeue_attempt(shared, id, session, None, reason).await
+}
+
+/// [`requeue`], of attempt `epoch` only when given. A job that cannot be
+/// read is tried again with back-off (a NATS node may be down): giving up
+/// would leave it RUNNING under a dead lease until the next sweep.
+async fn requeue_attempt(
+    shared: &Shared,
+    id: Uuid,
+    session: &str,
+    epoch: Option<u32>,
+    reason: &'static str,
+) {
     let loss = match reason {
         WORKER_LOST => Some(Loss::WorkerLost),
         SUPERSEDED => Some(Loss::SessionSuperseded),
         RESOURCE_CLOSED => Some(Loss::ResourceBroken),
         _ => None,
     };
-    for _ in 0..8 {
-        let Ok(Some(current)) = shared.store.get(&id).await else {
-            return;
+    let mut pause = Duration::from_millis(100);
+    for _ in 0..30 {
+        let current = match shared.store.get(&id).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(job.id = %id, error = %e, "cannot read the job to take its lease back; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
         };
         let job = &current.job;
         if job.state != JobState::Running
             || job.lease.as_ref().map(|l| l.session.as_str()) != Some(session)
+            || epoch.is_some_and(|e| job.lease.as_ref().map(|l| l.epoch) != Some(e))
         {
             return;
         }
@@ -508,6 +613,8 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
                 let lease = next.lease.take();
                 next.state = to;
                 next.queued_at = now;
+                // Not the job's doing: the attempt is not counted.
+                next.budget_from = next.budget_from.saturating_add(1);
                 next.push_history(HistoryEntry {
                     at: now,
                     action: Action::Requeue,
@@ -517,7 +624,11 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
                     actor: "scheduler".into(),
                     bot_id: lease.as_ref().map(|l| l.bot_id.clone()),
                     resource: lease.as_ref().and_then(|l| l.resource.clone()),
-                    note: Some(format!("{reason}: session {session} is no longer current")),
+                    note: Some(if reason == LEASE_UNDELIVERED {
+                        format!("{reason}: session {session} never listed the lease in its heartbeats; requeued, the attempt not counted")
+                    } else {
+                        format!("{reason}: session {session} is no longer current; requeued, the attempt not counted")
+                    }),
                 });
                 None
             }
@@ -543,8 +654,9 @@ async fn requeue(shared: &Shared, id: Uuid, session: &str, reason: &'static str)
             }
             Err(StoreError::Conflict(_)) => continue,
             Err(e) => {
-                warn!(job.id = %id, error = %e, "cannot requeue; will retry on the next change");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                warn!(job.id = %id, error = %e, "cannot requeue; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -565,8 +677,37 @@ fn count_fate(fate: Fate, blame: Option<warden_shared::Blame>) {
     }
 }
 
-/// Promotes delayed retries when due (within 100 ms) and refreshes the
-/// queue gauges every second.
+/// Takes back, every two seconds, the leases that must go back (see
+/// [`LeaseIndex::orphans`]); one take-back per job at a time.
+fn sweep_orphans(shared: &Arc<Shared>) {
+    let grace = (shared.config.fencing.session_timeout / 2).max(Duration::from_secs(2));
+    let orphans = shared.leases().orphans(grace);
+    for o in orphans {
+        if !shared
+            .sweeping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(o.job)
+        {
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if o.reason == LEASE_UNDELIVERED {
+                warn!(job.id = %o.job, session = %o.session, epoch = ?o.epoch, "lease never reached its worker; taking it back");
+            }
+            requeue_attempt(&shared, o.job, &o.session, o.epoch, o.reason).await;
+            shared
+                .sweeping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&o.job);
+        });
+    }
+}
+
+/// Promotes delayed retries when due (within 100 ms), refreshes the
+/// queue gauges every second, and sweeps orphaned leases every two.
 async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let priorities = PriorityLabels::new(&shared.config);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -582,6 +723,9 @@ async fn timer_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             shared.ready.notify_waiters();
         }
         n += 1;
+        if n % 20 == 5 {
+            sweep_orphans(&shared);
+        }
         if n % 10 != 1 {
             continue;
         }
@@ -834,6 +978,13 @@ async fn acquire(
             if leases.len() >= max || !leases.is_empty() {
                 break;
             }
+            // Every one lost (to another replica, or the store failed):
+            // a short pause, so a failing store is not hammered.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = shutdown.cancelled() => break,
+            }
             continue;
         }
         tokio::select! {
@@ -951,25 +1102,45 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
             m.dispatch_latency
                 .observe((now - job.queued_at).num_milliseconds().max(0) as f64 / 1000.0);
             debug!(job.id = %job.id, epoch = job.attempt, bot.id = %req.bot_id, "job dispatched");
-            Some(LeaseGrant {
-                job_id: job.id,
-                epoch: job.attempt,
-                task: job.task,
-                args: job.args,
-                pool: job.pool,
-                priority: job.priority,
-            })
+            Some(grant(&job))
         }
         Err(StoreError::Conflict(_)) => {
             metrics().dispatch_conflicts.inc();
             None
         }
         Err(e) => {
-            warn!(job.id = %job.id, error = %e, "dispatch failed; job stays queued");
-            // The write did not happen: the job is still SCHEDULED.
-            shared.queue().observe(original);
-            None
+            // The write may have happened though its acknowledgement was
+            // lost (a NATS node died in between): read it back. Ours: hand
+            // the lease out. Unchanged, or unknown: back in the queue (a
+            // dispatch of a job that did move fails by revision, and the
+            // watch brings its new state). A lease written but never handed
+            // out is taken back by the orphan sweep.
+            match shared.store.get(&job.id).await {
+                Ok(Some(v)) if v.job.is_held_by(&req.session, job.attempt) => {
+                    metrics().dispatched.inc();
+                    info!(job.id = %job.id, epoch = job.attempt, error = %e, "dispatch written though not acknowledged");
+                    Some(grant(&v.job))
+                }
+                Ok(Some(v)) if v.revision != revision => None,
+                Ok(None) => None,
+                _ => {
+                    warn!(job.id = %job.id, error = %e, "dispatch failed; job stays queued");
+                    shared.queue().observe(original);
+                    None
+                }
+            }
         }
+    }
+}
+
+fn grant(job: &warden_shared::Job) -> LeaseGrant {
+    LeaseGrant {
+        job_id: job.id,
+        epoch: job.attempt,
+        task: job.task.clone(),
+        args: job.args.clone(),
+        pool: job.pool.clone(),
+        priority: job.priority,
     }
 }
 
@@ -1493,6 +1664,78 @@ mod tests {
         assert_eq!(
             code(Some((SessionState::Closed, "bot-a"))),
             Err(UNKNOWN_SESSION)
+        );
+    }
+}
+
+#[cfg(test)]
+mod orphan_tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_lease_is_undelivered_only_after_a_late_heartbeat_without_it() {
+        let job = Uuid::from_u128(1);
+        let grace = Duration::from_secs(5);
+        // No heartbeat since: proves nothing.
+        assert!(!undelivered(at(0), 1, job, None, grace));
+        // A heartbeat within the grace may predate the grant's arrival.
+        assert!(!undelivered(at(0), 1, job, Some(&(at(4), vec![])), grace));
+        // Later and without it: never delivered.
+        assert!(undelivered(at(0), 1, job, Some(&(at(6), vec![])), grace));
+        // Later and listing it: held.
+        assert!(!undelivered(
+            at(0),
+            1,
+            job,
+            Some(&(at(6), vec![(job, 1)])),
+            grace
+        ));
+        // Listing an older attempt of the job is not this one.
+        assert!(undelivered(
+            at(0),
+            2,
+            job,
+            Some(&(at(6), vec![(job, 1)])),
+            grace
+        ));
+    }
+
+    #[test]
+    fn orphans_are_dead_sessions_closed_resources_and_undelivered_leases() {
+        let mut l = LeaseIndex::default();
+        let mut add = |n: u128, session: &str, resource: &str| {
+            let id = Uuid::from_u128(n);
+            l.session_of.insert(id, session.to_string());
+            l.resources_of.insert(id, vec![resource.to_string()]);
+            l.leased.insert(id, (1, at(0)));
+        };
+        add(1, "dead", "r1");
+        add(2, "live", "closed");
+        add(3, "live", "r1");
+        add(4, "live", "r1");
+        l.states.insert("dead".into(), SessionState::Expired);
+        l.states.insert("live".into(), SessionState::Active);
+        l.resource_states
+            .insert("closed".into(), ResourceState::Closed);
+        l.heartbeats
+            .insert("live".into(), (at(10), vec![(Uuid::from_u128(4), 1)]));
+        let mut found: Vec<(u128, &str)> = l
+            .orphans(Duration::from_secs(5))
+            .into_iter()
+            .map(|o| (o.job.as_u128(), o.reason))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                (1, WORKER_LOST),
+                (2, RESOURCE_CLOSED),
+                (3, LEASE_UNDELIVERED)
+            ]
         );
     }
 }

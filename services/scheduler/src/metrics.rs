@@ -61,11 +61,16 @@ pub const WORKER_LOST: &str = "worker_lost";
 pub const SESSION_SUPERSEDED: &str = "session_superseded";
 pub const SESSION_CLOSED: &str = "session_closed";
 pub const RESOURCE_CLOSED: &str = "resource_closed";
-pub const REQUEUE_REASONS: [&str; 4] = [
+/// A lease the session's heartbeats never listed: the grant was lost on
+/// its way to the worker (a reply dropped with a connection, a write whose
+/// acknowledgement timed out).
+pub const LEASE_UNDELIVERED: &str = "lease_undelivered";
+pub const REQUEUE_REASONS: [&str; 5] = [
     WORKER_LOST,
     SESSION_SUPERSEDED,
     SESSION_CLOSED,
     RESOURCE_CLOSED,
+    LEASE_UNDELIVERED,
 ];
 /// `reason` of `warden_scheduler_shelved_total`.
 pub const SHELVE_REASONS: [Fate; 2] = [Fate::ShelvedRetriesExhausted, Fate::ShelvedPoison];

@@ -40,7 +40,9 @@ pub enum Execution {
     /// The task's guard killed it because this worker sent no keep-alive
     /// within the guard's silence limit (the worker was frozen or
     /// starved): Warden's kill, never the task's crash.
-    Fenced { duration_ms: u64 },
+    Fenced {
+        duration_ms: u64,
+    },
 }
 
 /// How long a task's guard lets its worker go without a keep-alive before
