@@ -37,8 +37,26 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Cluster {
-    /// Writes the three nodes' configs under `dir` and starts them.
+    /// Writes the three nodes' configs under `dir` and starts them. A port
+    /// taken between choosing it and the node binding it (another
+    /// process's outgoing connection may get it) makes a node exit at
+    /// start: then the whole cluster starts again on new ports, up to
+    /// three times.
     pub async fn start(dir: &Path, sync_always: bool) -> anyhow::Result<Cluster> {
+        let mut last = None;
+        for attempt in 0..3 {
+            match Cluster::start_once(dir, sync_always).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "the NATS cluster did not start; new ports");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("the NATS cluster did not start")))
+    }
+
+    async fn start_once(dir: &Path, sync_always: bool) -> anyhow::Result<Cluster> {
         let mut ports = Vec::new();
         for _ in 0..3 {
             ports.push((free_port()?, free_port()?));
@@ -78,7 +96,12 @@ impl Cluster {
             c.spawn(i)?;
         }
         for i in 0..3 {
-            c.wait_listening(i).await?;
+            if let Err(e) = c.wait_listening(i).await {
+                for n in 0..3 {
+                    c.kill(n).await;
+                }
+                return Err(e);
+            }
         }
         Ok(c)
     }

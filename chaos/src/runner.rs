@@ -71,6 +71,8 @@ pub struct Summary {
     pub violations: Vec<Violation>,
     pub drained_in: Duration,
     pub dir: PathBuf,
+    /// The run's temporary directory was removed (it passed).
+    pub dir_removed: bool,
 }
 
 impl Summary {
@@ -135,7 +137,11 @@ impl Summary {
         for v in self.violations.iter().take(50) {
             println!("    {} {}: {}", v.rule.as_str(), v.subject, v.detail);
         }
-        println!("  logs        {}", self.dir.display());
+        if self.dir_removed {
+            println!("  logs        removed (the run passed; --dir keeps them)");
+        } else {
+            println!("  logs        {}", self.dir.display());
+        }
         println!("  replay      warden chaos --seed {}", self.seed);
     }
 }
@@ -191,16 +197,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or_default())
     });
     println!("chaos: seed {seed} (replay with --seed {seed})");
-    let (dir, _temp) = match &args.dir {
+    // A temporary directory is removed only after a run that passed: a
+    // failure, or an error on the way, leaves what is needed to see why.
+    let (dir, temporary) = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-            (d.clone(), None)
+            (d.clone(), false)
         }
         None => {
             let t = tempfile::Builder::new().prefix("warden-chaos-").tempdir()?;
-            (t.path().to_path_buf(), Some(t))
+            (t.keep(), true)
         }
     };
+    println!("chaos: configs, logs and stores in {}", dir.display());
     for bin in ["warden-worker"]
         .iter()
         .copied()
@@ -495,12 +504,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
         &kills.lock().unwrap_or_else(|p| p.into_inner()),
     );
     summary.violations = violations;
-    if !summary.passed() {
-        if let Some(t) = _temp {
-            // Keep what is needed to understand the failure.
-            let kept = t.keep();
-            summary.dir = kept;
+    if summary.passed() && temporary {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot remove the run's directory");
         }
+        summary.dir_removed = true;
     }
     Ok(summary)
 }

@@ -156,6 +156,45 @@ async fn killing_the_guards_group_kills_the_program_and_its_children() {
     gone(&[grandchild]).await;
 }
 
+/// A frozen parent (no keep-alive within the limit): the guard says
+/// `fenced` and kills the program and what it started, though the parent
+/// still holds the link.
+async fn a_silent_parent_gets_its_program_killed_by_the_dead_mans_switch() {
+    let (mut cmd, mut link) = guard::watched_command("sh", Duration::from_millis(300)).unwrap();
+    cmd.args(["-c", "sleep 300 & echo $!; wait"])
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let grandchild: u32 = first_line(&mut child).parse().unwrap();
+    let started = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(link.finish(), Ended::Fenced);
+    gone(&[grandchild]).await;
+}
+
+/// Keep-alives within the limit: the program runs to its end.
+async fn keep_alives_keep_the_program_running() {
+    let (mut cmd, mut link) = guard::watched_command("sh", Duration::from_millis(300)).unwrap();
+    cmd.args(["-c", "sleep 1; exit 5"]);
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        link.keep_alive().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(5), "{status}");
+    assert_eq!(link.finish(), Ended::Exited(5));
+}
+
 fn main() {
     guard::run_if_requested();
     assert!(guard::enabled());
@@ -175,6 +214,8 @@ fn main() {
         a_parent_gone_before_the_guard_starts_starts_nothing_for_long,
         terminate_sends_sigterm_to_the_program,
         killing_the_guards_group_kills_the_program_and_its_children,
+        a_silent_parent_gets_its_program_killed_by_the_dead_mans_switch,
+        keep_alives_keep_the_program_running,
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, case) in cases {

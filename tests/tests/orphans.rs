@@ -153,6 +153,82 @@ async fn a_killed_worker_leaves_no_task() {
     assert_gone(&[task, grandchild], "the task and its child gone").await;
 }
 
+/// A worker frozen (SIGSTOP) cannot close its tasks' links, so their
+/// guards' dead man's switch kills them within half the session timeout,
+/// before the session can expire and the job be leased again; thawed,
+/// the worker reports the attempt as self-fenced (a lost worker under the
+/// retry policy), never as the task's crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_workers_task_is_killed_before_its_job_can_run_again() {
+    let config =
+        format!("{CONFIG}\n[fencing]\nsession_timeout = \"6s\"\n[retry]\ninitial_delay = \"1s\"\n");
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let warden = Warden::up(&url, &config, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("warden.toml");
+    std::fs::write(&conf, &config).unwrap();
+    let pids = tempfile::tempdir().unwrap();
+    let mut reap = Reap(Vec::new(), None);
+
+    let mut worker = warden_e2e::spawn_worker(&url, &conf, "frozen");
+    let (task, grandchild) = start_hold(&url, pids.path()).await;
+    reap.0.extend([task, grandchild]);
+    let pid = worker.id().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    let frozen = std::time::Instant::now();
+    // Half the session timeout (3 s), then the guard kills: well before
+    // the 6 s after which the session may expire.
+    eventually(
+        Duration::from_secs(6),
+        "the task and its child gone while the worker is frozen",
+        || async {
+            [task, grandchild]
+                .iter()
+                .all(|p| !process_alive(*p))
+                .then_some(())
+        },
+    )
+    .await;
+    let killed_after = frozen.elapsed();
+    signal("-CONT");
+    assert!(
+        killed_after < Duration::from_secs(6),
+        "killed {killed_after:?} after the freeze"
+    );
+    let id = warden_e2e::get_json(&warden.url("/api/v1/jobs?task=hold")).await["jobs"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
+    // It goes back to the queue as a lost worker's attempt (retried), and
+    // is never recorded as the task's crash.
+    let job = eventually(
+        Duration::from_secs(30),
+        "the attempt taken back",
+        || async {
+            let j = warden_e2e::get_json(&job_url).await;
+            (j["attempt"].as_u64() >= Some(2) || j["state"] == "SCHEDULED").then_some(j)
+        },
+    )
+    .await;
+    let history = job["history"].as_array().cloned().unwrap_or_default();
+    assert!(
+        history.iter().all(|e| !(e["action"] == "crash"
+            && e["note"].as_str().is_some_and(|n| n.starts_with("unknown")))),
+        "{job:#}"
+    );
+    assert_ne!(job["state"], "CRASHED", "{job:#}");
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+}
+
 /// Through the guard a task's own exit code and signal reach the job, and
 /// a program that cannot be started is a setup failure, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

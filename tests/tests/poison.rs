@@ -20,9 +20,10 @@ initial_delay = "200ms"
 jitter = 0.0
 max_attempts = 10
 
-# The worker runs the command itself, so the shell's parent is the worker.
+# The task runs under its guard, whose parent is the worker: field 4 of
+# /proc/<guard>/stat is the worker's pid.
 [tasks.poison]
-command = ["sh", "-c", "kill -9 $PPID; sleep 2"]
+command = ["sh", "-c", "kill -9 \"$(cut -d' ' -f4 /proc/$PPID/stat)\"; sleep 2"]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
