@@ -875,3 +875,72 @@ fn redispatch_times(jobs: &[Job], kills: &[Kill]) -> Vec<Duration> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use warden_shared::job::HistoryEntry;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0)
+            .single()
+            .unwrap_or_default()
+    }
+
+    fn dispatch(at: i64, attempt: u32, bot: &str) -> HistoryEntry {
+        HistoryEntry {
+            at: t(at),
+            action: Action::Dispatch,
+            attempt,
+            from: Some(JobState::Scheduled),
+            to: Some(JobState::Running),
+            actor: "s".into(),
+            bot_id: Some(bot.into()),
+            resource: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn redispatch_counts_only_jobs_running_on_the_killed_bot() {
+        let mut running = Job::new(
+            uuid::Uuid::from_u128(1),
+            "chaos-slow".into(),
+            Default::default(),
+            "default".into(),
+            0,
+            None,
+            "api",
+            t(0),
+        );
+        running.history.push(dispatch(1, 1, "w1"));
+        running.history.push(dispatch(15, 2, "w2"));
+        let mut finished_before = running.clone();
+        finished_before.id = uuid::Uuid::from_u128(2);
+        finished_before.history.insert(
+            2,
+            HistoryEntry {
+                action: Action::Finish,
+                at: t(5),
+                ..dispatch(5, 1, "w1")
+            },
+        );
+        let mut other_bot = running.clone();
+        other_bot.id = uuid::Uuid::from_u128(3);
+        other_bot.history[1].bot_id = Some("w3".into());
+        let kills = vec![Kill {
+            bot: "w1".into(),
+            at: t(10),
+        }];
+        assert_eq!(
+            redispatch_times(&[running, finished_before, other_bot], &kills),
+            vec![Duration::from_secs(5)]
+        );
+        assert_eq!(
+            percentile(&[Duration::from_secs(1), Duration::from_secs(9)], 0.99),
+            Some(Duration::from_secs(9))
+        );
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}
