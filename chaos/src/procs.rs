@@ -3,6 +3,12 @@
 //! without being told to is counted as an unplanned exit and started again
 //! after `RESTART_SEC`. A planned kill holds the process down until the
 //! fault injector releases it.
+//!
+//! Each runs under a guard (`warden_shared::guard`) when the runner can
+//! be one (`warden chaos`), so nothing outlives a runner that is killed;
+//! signals then go to the guard's process group (the process and its
+//! guard; a worker's tasks run in groups of their own, so freezing a
+//! worker does not freeze its tasks, as with a real SIGSTOP).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -12,6 +18,7 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use warden_shared::guard::Link;
 
 /// systemd's `RestartSec=2s` in `deploy/systemd/warden@.service`.
 pub const RESTART_SEC: Duration = Duration::from_secs(2);
@@ -20,6 +27,20 @@ pub const RESTART_SEC: Duration = Duration::from_secs(2);
 pub fn signal(pid: u32, sig: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// Sends `sig` to what was spawned as `pid`: its guard's whole group when
+/// guarded, else the process.
+pub fn signal_spawned(pid: u32, guarded: bool, sig: rustix::process::Signal) {
+    match rustix::process::Pid::from_raw(pid as i32) {
+        Some(p) if guarded => {
+            let _ = rustix::process::kill_process_group(p, sig);
+        }
+        Some(p) => {
+            let _ = rustix::process::kill_process(p, sig);
+        }
+        None => {}
     }
 }
 
@@ -32,9 +53,6 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     /// stdout and stderr go here (appended across restarts).
     pub log: PathBuf,
-    /// Its pid is written here at every start (a worker's, for the poison
-    /// task that kills it).
-    pub pid_file: Option<PathBuf>,
 }
 
 /// An exit nobody asked for.
@@ -49,6 +67,8 @@ pub struct Exit {
 #[derive(Default)]
 struct State {
     pid: Option<u32>,
+    /// The pid is a guard's, leading the process's group.
+    guarded: bool,
     /// The runner killed it: not an unplanned exit.
     planned: bool,
     /// Held down until released.
@@ -101,14 +121,14 @@ impl Supervised {
 
     /// SIGKILL, held down until [`Supervised::release`].
     pub fn kill(&self) {
-        let pid = {
+        let (pid, guarded) = {
             let mut st = self.state();
             st.planned = true;
             st.held = true;
-            st.pid
+            (st.pid, st.guarded)
         };
         if let Some(pid) = pid {
-            signal(pid, rustix::process::Signal::KILL);
+            signal_spawned(pid, guarded, rustix::process::Signal::KILL);
         }
     }
 
@@ -119,24 +139,24 @@ impl Supervised {
     }
 
     pub fn pause(&self) {
-        let pid = {
+        let (pid, guarded) = {
             let mut st = self.state();
             st.stopped = true;
-            st.pid
+            (st.pid, st.guarded)
         };
         if let Some(pid) = pid {
-            signal(pid, rustix::process::Signal::STOP);
+            signal_spawned(pid, guarded, rustix::process::Signal::STOP);
         }
     }
 
     pub fn resume(&self) {
-        let pid = {
+        let (pid, guarded) = {
             let mut st = self.state();
             st.stopped = false;
-            st.pid
+            (st.pid, st.guarded)
         };
         if let Some(pid) = pid {
-            signal(pid, rustix::process::Signal::CONT);
+            signal_spawned(pid, guarded, rustix::process::Signal::CONT);
         }
     }
 
@@ -153,7 +173,7 @@ impl Supervised {
                 }
                 continue;
             }
-            let mut child = match self.spawn() {
+            let (mut child, mut link) = match self.spawn() {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(process = %self.spec.name, error = %e, "cannot start");
@@ -164,30 +184,33 @@ impl Supervised {
                 }
             };
             let pid = child.id();
+            let guarded = link.is_guarded();
             {
                 let mut st = self.state();
                 st.pid = pid;
+                st.guarded = guarded;
                 st.starts += 1;
-            }
-            if let (Some(path), Some(pid)) = (&self.spec.pid_file, pid) {
-                let _ = std::fs::write(path, pid.to_string());
             }
             let status = tokio::select! {
                 s = child.wait() => s,
                 _ = shutdown.cancelled() => {
                     if let Some(pid) = pid {
                         // A paused process must run to see the SIGTERM.
-                        signal(pid, rustix::process::Signal::CONT);
-                        signal(pid, rustix::process::Signal::TERM);
+                        signal_spawned(pid, guarded, rustix::process::Signal::CONT);
+                        let _ = link.terminate(pid);
                     }
                     if tokio::time::timeout(stop_grace, child.wait()).await.is_err() {
                         tracing::warn!(process = %self.spec.name, "did not stop within the grace period; killing");
+                        if let Some(pid) = pid {
+                            signal_spawned(pid, guarded, rustix::process::Signal::KILL);
+                        }
                         let _ = child.kill().await;
                     }
                     self.state().pid = None;
                     return;
                 }
             };
+            drop(link);
             let planned = {
                 let mut st = self.state();
                 st.pid = None;
@@ -216,19 +239,22 @@ impl Supervised {
         }
     }
 
-    fn spawn(&self) -> std::io::Result<tokio::process::Child> {
+    fn spawn(&self) -> std::io::Result<(tokio::process::Child, Link)> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.spec.log)?;
         let log2 = log.try_clone()?;
-        Command::new(&self.spec.program)
-            .args(&self.spec.args)
+        let (cmd, link) = warden_shared::guard::command(&self.spec.program)?;
+        let mut cmd = Command::from(cmd);
+        cmd.args(&self.spec.args)
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(!link.is_guarded());
+        let child = cmd.spawn()?;
+        // It holds the guard's end of the link.
+        drop(cmd);
+        Ok((child, link))
     }
 }

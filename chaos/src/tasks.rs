@@ -47,10 +47,11 @@ exit 1
 "#
         }
         Kind::Failed => "echo 'chaos: 3 tests failed' >&2\nlog end\nexit 1\n",
-        // The worker's pid is in its work dir, one level above the task's.
+        // The task's parent is its guard, whose parent is the worker
+        // (field 4 of /proc/<pid>/stat).
         Kind::Poison => {
             r#"log end
-kill -9 "$(cat ../worker.pid)"
+kill -9 "$(cut -d' ' -f4 /proc/$PPID/stat)"
 sleep 60
 "#
         }

@@ -578,6 +578,16 @@ async fn requeue_attempt(
         {
             return;
         }
+        // This replica's view of the resources may lag (a resource closed,
+        // then reopened as a new incarnation): act only on a closure the
+        // bucket still shows.
+        if reason == RESOURCE_CLOSED {
+            let names = job.lease.as_ref().map(lease_resources).unwrap_or_default();
+            if !closed_now(shared, &names).await {
+                debug!(job.id = %id, "its resource is no longer closed; lease kept");
+                return;
+            }
+        }
         let now = Utc::now();
         let mut next = job.clone();
         next.updated_at = now;
@@ -633,6 +643,17 @@ async fn requeue_attempt(
                 None
             }
         };
+        // The holder may still be alive and running the task (its resource
+        // was closed under it; the grant may have reached it after all):
+        // the job waits half a session timeout, time for the holder's next
+        // heartbeat to be told to stop, so it never runs twice at once.
+        if matches!(reason, RESOURCE_CLOSED | LEASE_UNDELIVERED)
+            && next.state == JobState::Scheduled
+        {
+            let wait = chrono::Duration::from_std(shared.config.fencing.session_timeout / 2)
+                .unwrap_or(chrono::Duration::seconds(5));
+            next.not_before = Some(now + wait);
+        }
         match shared.store.update(&next, current.revision).await {
             Ok(_) => {
                 let m = metrics();
@@ -662,6 +683,28 @@ async fn requeue_attempt(
     }
 }
 
+/// Whether one of `names` is closed in the resources bucket now; `false`
+/// when it cannot be read (the orphan sweep asks again in two seconds).
+async fn closed_now(shared: &Shared, names: &[String]) -> bool {
+    for name in names {
+        match shared.resources_kv.get(name).await {
+            Ok(Some(bytes)) => {
+                if serde_json::from_slice::<Resource>(&bytes)
+                    .is_ok_and(|r| r.state == ResourceState::Closed)
+                {
+                    return true;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                debug!(resource = %name, error = %e, "cannot read the resource");
+                return false;
+            }
+        }
+    }
+    false
+}
+
 /// Counts what the retry policy did with a failed attempt.
 fn count_fate(fate: Fate, blame: Option<warden_shared::Blame>) {
     let m = metrics();
@@ -680,7 +723,13 @@ fn count_fate(fate: Fate, blame: Option<warden_shared::Blame>) {
 /// Takes back, every two seconds, the leases that must go back (see
 /// [`LeaseIndex::orphans`]); one take-back per job at a time.
 fn sweep_orphans(shared: &Arc<Shared>) {
-    let grace = (shared.config.fencing.session_timeout / 2).max(Duration::from_secs(2));
+    // A full session timeout: a heartbeat built before the grant arrived
+    // but answered late must not look like one that never got it.
+    let grace = shared
+        .config
+        .fencing
+        .session_timeout
+        .max(Duration::from_secs(2));
     let orphans = shared.leases().orphans(grace);
     for o in orphans {
         if !shared
@@ -1116,7 +1165,19 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
             // watch brings its new state). A lease written but never handed
             // out is taken back by the orphan sweep.
             match shared.store.get(&job.id).await {
-                Ok(Some(v)) if v.job.is_held_by(&req.session, job.attempt) => {
+                // Only a fresh lease: one written long ago would look
+                // undelivered to the orphan sweep as soon as it is handed
+                // out; that one the sweep takes back instead.
+                Ok(Some(v))
+                    if v.job.is_held_by(&req.session, job.attempt)
+                        && v.job.lease.as_ref().is_some_and(|l| {
+                            Utc::now() - l.leased_at
+                                < chrono::Duration::from_std(
+                                    shared.config.fencing.session_timeout / 2,
+                                )
+                                .unwrap_or(chrono::Duration::seconds(5))
+                        }) =>
+                {
                     metrics().dispatched.inc();
                     info!(job.id = %job.id, epoch = job.attempt, error = %e, "dispatch written though not acknowledged");
                     Some(grant(&v.job))
