@@ -687,7 +687,11 @@ async fn requeue_attempt(
 /// when it cannot be read (the orphan sweep asks again in two seconds).
 async fn closed_now(shared: &Shared, names: &[String]) -> bool {
     for name in names {
-        match shared.resources_kv.get(name).await {
+        match shared
+            .resources_kv
+            .get(warden_shared::resource::resource_key(name))
+            .await
+        {
             Ok(Some(bytes)) => {
                 if serde_json::from_slice::<Resource>(&bytes)
                     .is_ok_and(|r| r.state == ResourceState::Closed)
