@@ -354,12 +354,19 @@ fn check_job(j: &Job, ev: &Evidence, v: &mut impl FnMut(Rule, String, String)) {
             if j.state != JobState::Shelved {
                 v(Rule::PoisonNotContained, id.clone(), what.clone());
             }
-            let runs = dispatched.len() as u32;
+            // Attempts that were not its doing (an undelivered lease, a
+            // recycled resource, a hand-back) are not counted: what may
+            // not exceed the limit is the rest.
+            let runs = (dispatched.len() as u32).saturating_sub(j.budget_from);
             if runs > limit.max(ev.poison_limit) {
                 v(
                     Rule::PoisonNotContained,
                     id.clone(),
-                    format!("dispatched {runs} times"),
+                    format!(
+                        "dispatched {} times, {} of them not counted",
+                        dispatched.len(),
+                        j.budget_from
+                    ),
                 );
             }
         }
@@ -619,6 +626,30 @@ mod tests {
         // A poison job must be shelved; a finished one escaped.
         let p = finished(2, Kind::Poison, "passed");
         assert_eq!(rules(&evidence(vec![p])), vec![Rule::PoisonNotContained]);
+        // Dispatched five times with one attempt not counted: within the
+        // limit of four; with none uncounted, past it.
+        let mut p = finished(3, Kind::Poison, "passed");
+        p.state = JobState::Shelved;
+        p.outcome = None;
+        p.history.truncate(1);
+        for a in 1..=5 {
+            p.history.push(entry(
+                a as i64,
+                Action::Dispatch,
+                a,
+                JobState::Scheduled,
+                JobState::Running,
+                &session(a as u128),
+            ));
+        }
+        p.attempt = 5;
+        p.budget_from = 1;
+        assert_eq!(rules(&evidence(vec![p.clone()])), vec![]);
+        p.budget_from = 0;
+        assert_eq!(
+            rules(&evidence(vec![p])),
+            vec![Rule::AttemptsOverLimit, Rule::PoisonNotContained]
+        );
     }
 
     #[test]
