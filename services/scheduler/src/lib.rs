@@ -650,9 +650,7 @@ async fn requeue_attempt(
         if matches!(reason, RESOURCE_CLOSED | LEASE_UNDELIVERED)
             && next.state == JobState::Scheduled
         {
-            let wait = chrono::Duration::from_std(shared.config.fencing.session_timeout / 2)
-                .unwrap_or(chrono::Duration::seconds(5));
-            next.not_before = Some(now + wait);
+            next.not_before = Some(now + holder_grace(&shared.config));
         }
         match shared.store.update(&next, current.revision).await {
             Ok(_) => {
@@ -681,6 +679,14 @@ async fn requeue_attempt(
             }
         }
     }
+}
+
+/// Half a session timeout: how long a lease's holder has to learn at its
+/// next heartbeat that the lease was taken back, and how fresh a lease must
+/// be to be handed out after a dispatch read back.
+fn holder_grace(config: &Config) -> chrono::Duration {
+    chrono::Duration::from_std(config.fencing.session_timeout / 2)
+        .unwrap_or(chrono::Duration::seconds(5))
 }
 
 /// Whether one of `names` is closed in the resources bucket now; `false`
@@ -1175,11 +1181,7 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
                 Ok(Some(v))
                     if v.job.is_held_by(&req.session, job.attempt)
                         && v.job.lease.as_ref().is_some_and(|l| {
-                            Utc::now() - l.leased_at
-                                < chrono::Duration::from_std(
-                                    shared.config.fencing.session_timeout / 2,
-                                )
-                                .unwrap_or(chrono::Duration::seconds(5))
+                            Utc::now() - l.leased_at < holder_grace(&shared.config)
                         }) =>
                 {
                     metrics().dispatched.inc();
