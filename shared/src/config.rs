@@ -159,7 +159,7 @@ pub struct WorkerConfig {
     pub resources: Vec<crate::resource::ResourceDecl>,
 }
 
-/// Resource health (DESIGN.md "Resources and health").
+/// Resource health (docs/design.md "Resources and health").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {

@@ -1,4 +1,4 @@
-//! Resources (DESIGN.md "Resources and health"): what leases run on, in
+//! Resources (docs/design.md "Resources and health"): what leases run on, in
 //! the `warden_resources` bucket, owned by the health service.
 //!
 //! A resource is a host, or something on a host (a working copy) that

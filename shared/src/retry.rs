@@ -1,6 +1,6 @@
-//! The retry policy (DESIGN.md "Retries, priorities, poison jobs"): which
-//! failures are retried, after how long, how many times, and when a job is
-//! poison.
+//! The retry policy (docs/design.md "Retries, shelving, poison jobs,
+//! priorities"): which failures are retried, after how long, how many
+//! times, and when a job is poison.
 //!
 //! Everything here is a pure function of the job record, the policy and
 //! the clock, so every replica of every service that ends an attempt

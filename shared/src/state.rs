@@ -1,4 +1,4 @@
-//! The job state machine of DESIGN.md as one pure transition table.
+//! The job state machine of docs/design.md as one pure transition table.
 //!
 //! Every writer of job state (scheduler, API, fencing, health) asks
 //! [`transition`] first; nothing else decides what is legal.
@@ -55,7 +55,7 @@ impl fmt::Display for JobState {
 
 impl std::str::FromStr for JobState {
     type Err = String;
-    /// Accepts DESIGN.md's spelling in any case (`finished`, `FINISHED`).
+    /// Accepts the design's spelling in any case (`finished`, `FINISHED`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         JobState::ALL
             .into_iter()
