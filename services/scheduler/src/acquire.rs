@@ -273,3 +273,178 @@ pub fn grant(job: &Job) -> LeaseGrant {
         priority: job.priority,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{acquire_req as req, at, running, scheduled};
+    use warden_shared::JobState;
+
+    #[test]
+    fn only_an_active_session_of_the_requesting_bot_is_served() {
+        let r = req("s1", "bot-a");
+        assert_eq!(
+            session_verdict(&r, Some((SessionState::Active, "bot-a"))),
+            Ok(())
+        );
+        let code = |known| session_verdict(&r, known).map_err(|f| f.code);
+        assert_eq!(code(None), Err(UNKNOWN_SESSION));
+        assert_eq!(
+            code(Some((SessionState::Active, "bot-b"))),
+            Err(UNKNOWN_SESSION)
+        );
+        assert_eq!(
+            code(Some((SessionState::Quarantined, "bot-a"))),
+            Err(SESSION_SUPERSEDED)
+        );
+        assert_eq!(
+            code(Some((SessionState::Expired, "bot-a"))),
+            Err(UNKNOWN_SESSION)
+        );
+        assert_eq!(
+            code(Some((SessionState::Closed, "bot-a"))),
+            Err(UNKNOWN_SESSION)
+        );
+    }
+
+    #[test]
+    fn a_superseded_session_is_told_so_and_any_other_dead_one_is_unknown() {
+        let r = req("s1", "bot-a");
+        for reason in RequeueReason::ALL {
+            let f = dead_session(&r, reason);
+            let want = if reason == RequeueReason::SessionSuperseded {
+                SESSION_SUPERSEDED
+            } else {
+                UNKNOWN_SESSION
+            };
+            assert_eq!(f.code, want, "{reason}");
+            assert_eq!(
+                f.message,
+                format!("session s1 is no longer current ({})", reason.label())
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_carry_their_codes_and_results() {
+        let (result, reply) = invalid("bad json");
+        assert_eq!(result, AcquireResult::Invalid);
+        let e = reply.error.expect("an error");
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            (INVALID_REQUEST, "cannot decode acquire request: bad json")
+        );
+        let (result, reply) = session_unreadable("s1", "timed out").reply(AcquireResult::Rejected);
+        assert_eq!(result, AcquireResult::Rejected);
+        assert_eq!(reply.error.map(|e| e.code), Some(UNAVAILABLE.to_string()));
+        assert!(reply.leases.is_empty());
+    }
+
+    #[test]
+    fn the_reply_is_leased_empty_or_resource_unavailable() {
+        let g = grant(&running(1, "s1"));
+        let (result, reply) = finish(vec![g.clone()], None);
+        assert_eq!((result, reply.error), (AcquireResult::Leased, None));
+        // Leases got before a resource closed are handed out all the same.
+        let (result, reply) = finish(vec![g], Some("resource r1 is closed".into()));
+        assert_eq!((result, reply.leases.len()), (AcquireResult::Leased, 1));
+        assert_eq!(finish(Vec::new(), None).0, AcquireResult::Empty);
+        let (result, reply) = finish(Vec::new(), Some("resource r1 is broken".into()));
+        assert_eq!(result, AcquireResult::ResourceUnavailable);
+        let e = reply.error.expect("an error");
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            (RESOURCE_UNAVAILABLE, "resource r1 is broken")
+        );
+    }
+
+    #[test]
+    fn result_labels_are_the_exported_ones() {
+        let labels: Vec<&str> = AcquireResult::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(
+            labels,
+            ["leased", "empty", "rejected", "resource_unavailable", "invalid"]
+        );
+    }
+
+    #[test]
+    fn a_request_runs_on_its_declared_resources_else_its_host() {
+        let mut r = req("s1", "bot-a");
+        assert!(request_resources(&r).is_empty());
+        r.resource = Some("host".into());
+        assert_eq!(request_resources(&r), vec!["host".to_string()]);
+        r.resources = vec!["host".into(), "gpu".into()];
+        assert_eq!(request_resources(&r), vec!["host".to_string(), "gpu".into()]);
+    }
+
+    #[test]
+    fn limits_cap_the_wait_and_the_count() {
+        let config = Config::defaults();
+        let mut r = req("s1", "bot-a");
+        r.max = 0;
+        r.wait_ms = u64::MAX / 2;
+        assert_eq!(limits(&r, &config), (config.scheduler.acquire_wait, 1));
+        r.max = 5000;
+        r.wait_ms = 1;
+        assert_eq!(limits(&r, &config), (Duration::from_millis(1), 1000));
+    }
+
+    #[test]
+    fn a_dispatch_starts_a_new_attempt_with_a_fresh_lease() {
+        let mut job = scheduled();
+        job.blame = Some(warden_shared::Blame::Task);
+        job.not_before = Some(at(5));
+        let mut r = req("s1", "bot-a");
+        r.resource = Some("host".into());
+        let next = dispatched(job, &r, at(10)).expect("dispatched");
+        assert_eq!((next.state, next.attempt), (JobState::Running, 1));
+        let lease = next.lease.as_ref().expect("a lease");
+        assert_eq!(
+            (lease.session.as_str(), lease.epoch, lease.leased_at),
+            ("s1", 1, at(10))
+        );
+        assert_eq!(lease.resources, vec!["host".to_string()]);
+        assert_eq!((next.blame, next.not_before), (None, None));
+        let last = next.history.last().expect("history");
+        assert_eq!((last.action, last.actor.as_str()), (Action::Dispatch, "s1"));
+        assert_eq!(grant(&next).epoch, 1);
+        // A running job is not dispatched again.
+        assert_eq!(dispatched(next, &r, at(11)), None);
+    }
+
+    #[test]
+    fn a_dispatch_read_back_is_granted_only_when_ours_and_fresh() {
+        let grace = chrono::Duration::seconds(5);
+        let ours = Versioned {
+            job: running(1, "s1"),
+            revision: 8,
+        };
+        // Ours and fresh: hand it out.
+        assert!(matches!(
+            read_back(Some(Some(&ours)), "s1", 1, 7, grace, at(2)),
+            ReadBack::Grant(g) if g.epoch == 1
+        ));
+        // Ours but old: the orphan sweep takes it back; moved on otherwise.
+        assert_eq!(
+            read_back(Some(Some(&ours)), "s1", 1, 7, grace, at(6)),
+            ReadBack::Moved
+        );
+        // Another session's: moved on.
+        assert_eq!(
+            read_back(Some(Some(&ours)), "s2", 1, 7, grace, at(2)),
+            ReadBack::Moved
+        );
+        // Unchanged (the write did not happen): back in the queue.
+        let unchanged = Versioned {
+            job: scheduled(),
+            revision: 7,
+        };
+        assert_eq!(
+            read_back(Some(Some(&unchanged)), "s1", 1, 7, grace, at(2)),
+            ReadBack::Requeue
+        );
+        // Gone: moved on; unreadable: back in the queue.
+        assert_eq!(read_back(Some(None), "s1", 1, 7, grace, at(2)), ReadBack::Moved);
+        assert_eq!(read_back(None, "s1", 1, 7, grace, at(2)), ReadBack::Requeue);
+    }
+}

@@ -38,6 +38,8 @@ pub mod metrics;
 pub mod queue;
 pub mod reports;
 pub mod requeue;
+#[cfg(test)]
+mod testing;
 pub mod timers;
 
 use std::collections::HashSet;

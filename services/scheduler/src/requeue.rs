@@ -161,3 +161,123 @@ pub fn take_back(
     }
     Some(TakeBack { next, fate })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{at, running, scheduled};
+    use warden_shared::Blame;
+
+    fn grace() -> chrono::Duration {
+        chrono::Duration::seconds(5)
+    }
+
+    fn back(job: &Job, reason: RequeueReason) -> TakeBack {
+        let policy = Config::defaults().retry_policy(&job.task);
+        take_back(job, "s1", reason, &["r1".into()], &policy, grace(), at(100))
+            .expect("taken back")
+    }
+
+    #[test]
+    fn labels_are_the_exported_ones() {
+        let labels: Vec<&str> = RequeueReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "worker_lost",
+                "session_superseded",
+                "session_closed",
+                "resource_closed",
+                "lease_undelivered"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_lost_worker_or_a_closed_resource_is_judged_by_the_policy() {
+        assert_eq!(RequeueReason::WorkerLost.loss(), Some(Loss::WorkerLost));
+        assert_eq!(
+            RequeueReason::SessionSuperseded.loss(),
+            Some(Loss::SessionSuperseded)
+        );
+        assert_eq!(
+            RequeueReason::ResourceClosed.loss(),
+            Some(Loss::ResourceBroken)
+        );
+        assert_eq!(RequeueReason::SessionClosed.loss(), None);
+        assert_eq!(RequeueReason::LeaseUndelivered.loss(), None);
+    }
+
+    #[test]
+    fn the_take_back_stops_when_the_job_moved_on() {
+        let job = running(2, "s1");
+        assert!(still_held(&job, "s1", None));
+        assert!(still_held(&job, "s1", Some(2)));
+        assert!(!still_held(&job, "s1", Some(1)));
+        assert!(!still_held(&job, "s2", None));
+        assert!(!still_held(&scheduled(), "s1", None));
+    }
+
+    #[test]
+    fn a_closed_session_requeues_at_once_uncounted() {
+        let job = running(2, "s1");
+        let b = back(&job, RequeueReason::SessionClosed);
+        assert_eq!(b.fate, None);
+        assert_eq!(b.next.state, JobState::Scheduled);
+        assert_eq!(b.next.lease, None);
+        assert_eq!(b.next.budget_from, job.budget_from + 1);
+        assert_eq!((b.next.queued_at, b.next.not_before), (at(100), None));
+        let last = b.next.history.last().expect("history");
+        assert_eq!((last.action, last.actor.as_str()), (Action::Requeue, "scheduler"));
+        assert!(last
+            .note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("session_closed: session s1 is no longer current")));
+    }
+
+    #[test]
+    fn an_undelivered_lease_waits_for_its_holder_to_hear() {
+        let b = back(&running(2, "s1"), RequeueReason::LeaseUndelivered);
+        assert_eq!((b.fate, b.next.state), (None, JobState::Scheduled));
+        assert_eq!(b.next.not_before, Some(at(100) + grace()));
+        assert!(b.next.history.last().and_then(|e| e.note.as_deref()).is_some_and(
+            |n| n.contains("never listed the lease in its heartbeats")
+        ));
+    }
+
+    #[test]
+    fn a_lost_worker_is_retried_under_the_policy() {
+        let b = back(&running(1, "s1"), RequeueReason::WorkerLost);
+        assert_eq!(b.fate, Some(Fate::Retried));
+        assert_eq!(b.next.state, JobState::Scheduled);
+        assert_eq!(b.next.blame, Some(Blame::System));
+        assert_eq!(b.next.detail.as_deref(), Some("worker_lost"));
+        // Its delay is the policy's, not the holder's grace.
+        assert!(b.next.not_before.is_some_and(|t| t > at(100) + grace()));
+    }
+
+    #[test]
+    fn a_closed_resource_costs_nothing_and_waits_for_its_holder() {
+        let b = back(&running(1, "s1"), RequeueReason::ResourceClosed);
+        assert_eq!(b.fate, Some(Fate::Requeued));
+        assert_eq!(b.next.state, JobState::Scheduled);
+        assert_eq!(b.next.not_before, Some(at(100) + grace()));
+    }
+
+    #[test]
+    fn a_job_that_cannot_be_requeued_is_left_alone() {
+        let policy = Config::defaults().retry_policy("t");
+        let job = scheduled();
+        assert_eq!(
+            take_back(&job, "s1", RequeueReason::SessionClosed, &[], &policy, grace(), at(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn the_holder_grace_is_half_a_session_timeout() {
+        let mut config = Config::defaults();
+        config.fencing.session_timeout = std::time::Duration::from_secs(10);
+        assert_eq!(holder_grace(&config), chrono::Duration::seconds(5));
+    }
+}
