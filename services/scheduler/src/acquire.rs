@@ -5,23 +5,17 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use warden_shared::error::ErrorCode;
 use warden_shared::job::{HistoryEntry, Job, Lease};
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, ErrorBody, LeaseGrant, MESSAGE_VERSION,
 };
-use warden_shared::session::{
-    SessionState, RESOURCE_UNAVAILABLE, SESSION_SUPERSEDED, UNKNOWN_SESSION,
-};
+use warden_shared::session::SessionState;
 use warden_shared::state::{transition, Action};
 use warden_shared::store::Versioned;
 use warden_shared::Config;
 
 use crate::requeue::RequeueReason;
-
-/// Transient: the scheduler could not check the session; ask again.
-pub const UNAVAILABLE: &str = "unavailable";
-/// The request could not be decoded.
-pub const INVALID_REQUEST: &str = "invalid_request";
 
 /// How an acquire request ended; its [`label`](Self::label) is the
 /// `result` of `warden_scheduler_acquire_requests_total`.
@@ -57,12 +51,12 @@ impl AcquireResult {
 /// Why a request gets no lease: the error code and message of the reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl Refusal {
-    fn new(code: &'static str, message: String) -> Self {
+    fn new(code: ErrorCode, message: String) -> Self {
         Refusal { code, message }
     }
 
@@ -90,16 +84,16 @@ pub fn limits(req: &AcquireRequest, config: &Config) -> (Duration, usize) {
 /// The reply to a request that could not be decoded.
 pub fn invalid(error: &str) -> (AcquireResult, AcquireReply) {
     Refusal::new(
-        INVALID_REQUEST,
+        ErrorCode::InvalidRequest,
         format!("cannot decode acquire request: {error}"),
     )
     .reply(AcquireResult::Invalid)
 }
 
-/// The refusal when the session could not be read.
+/// The refusal when the session could not be read: transient, ask again.
 pub fn session_unreadable(session: &str, error: &str) -> Refusal {
     Refusal::new(
-        UNAVAILABLE,
+        ErrorCode::Unavailable,
         format!("cannot read session {session}: {error}"),
     )
 }
@@ -114,23 +108,23 @@ pub fn session_verdict(
     let name = &req.session;
     match known {
         None => Err(Refusal::new(
-            UNKNOWN_SESSION,
+            ErrorCode::UnknownSession,
             format!("session {name} does not exist"),
         )),
         Some((_, bot)) if bot != req.bot_id => Err(Refusal::new(
-            UNKNOWN_SESSION,
+            ErrorCode::UnknownSession,
             format!("session {name} belongs to bot {bot}, not to {}", req.bot_id),
         )),
         Some((SessionState::Active, _)) => Ok(()),
         Some((SessionState::Quarantined, _)) => Err(Refusal::new(
-            SESSION_SUPERSEDED,
+            ErrorCode::SessionSuperseded,
             format!(
                 "session {name} is no longer current ({})",
                 RequeueReason::SessionSuperseded
             ),
         )),
         Some((state, _)) => Err(Refusal::new(
-            UNKNOWN_SESSION,
+            ErrorCode::UnknownSession,
             format!("session {name} is {}", state.as_str()),
         )),
     }
@@ -140,11 +134,11 @@ pub fn session_verdict(
 /// while it waited.
 pub fn dead_session(req: &AcquireRequest, reason: RequeueReason) -> Refusal {
     let code = match reason {
-        RequeueReason::SessionSuperseded => SESSION_SUPERSEDED,
+        RequeueReason::SessionSuperseded => ErrorCode::SessionSuperseded,
         RequeueReason::WorkerLost
         | RequeueReason::SessionClosed
         | RequeueReason::ResourceClosed
-        | RequeueReason::LeaseUndelivered => UNKNOWN_SESSION,
+        | RequeueReason::LeaseUndelivered => ErrorCode::UnknownSession,
     };
     Refusal::new(
         code,
@@ -156,7 +150,8 @@ pub fn dead_session(req: &AcquireRequest, reason: RequeueReason) -> Refusal {
 /// resource not open, `blocked`), or empty.
 pub fn finish(leases: Vec<LeaseGrant>, blocked: Option<String>) -> (AcquireResult, AcquireReply) {
     if let (Some(why), true) = (blocked, leases.is_empty()) {
-        return Refusal::new(RESOURCE_UNAVAILABLE, why).reply(AcquireResult::ResourceUnavailable);
+        return Refusal::new(ErrorCode::ResourceUnavailable, why)
+            .reply(AcquireResult::ResourceUnavailable);
     }
     let result = if leases.is_empty() {
         AcquireResult::Empty
@@ -288,22 +283,22 @@ mod tests {
             Ok(())
         );
         let code = |known| session_verdict(&r, known).map_err(|f| f.code);
-        assert_eq!(code(None), Err(UNKNOWN_SESSION));
+        assert_eq!(code(None), Err(ErrorCode::UnknownSession));
         assert_eq!(
             code(Some((SessionState::Active, "bot-b"))),
-            Err(UNKNOWN_SESSION)
+            Err(ErrorCode::UnknownSession)
         );
         assert_eq!(
             code(Some((SessionState::Quarantined, "bot-a"))),
-            Err(SESSION_SUPERSEDED)
+            Err(ErrorCode::SessionSuperseded)
         );
         assert_eq!(
             code(Some((SessionState::Expired, "bot-a"))),
-            Err(UNKNOWN_SESSION)
+            Err(ErrorCode::UnknownSession)
         );
         assert_eq!(
             code(Some((SessionState::Closed, "bot-a"))),
-            Err(UNKNOWN_SESSION)
+            Err(ErrorCode::UnknownSession)
         );
     }
 
@@ -313,9 +308,9 @@ mod tests {
         for reason in RequeueReason::ALL {
             let f = dead_session(&r, reason);
             let want = if reason == RequeueReason::SessionSuperseded {
-                SESSION_SUPERSEDED
+                ErrorCode::SessionSuperseded
             } else {
-                UNKNOWN_SESSION
+                ErrorCode::UnknownSession
             };
             assert_eq!(f.code, want, "{reason}");
             assert_eq!(
@@ -331,12 +326,15 @@ mod tests {
         assert_eq!(result, AcquireResult::Invalid);
         let e = reply.error.expect("an error");
         assert_eq!(
-            (e.code.as_str(), e.message.as_str()),
-            (INVALID_REQUEST, "cannot decode acquire request: bad json")
+            (e.code, e.message.as_str()),
+            (
+                ErrorCode::InvalidRequest,
+                "cannot decode acquire request: bad json"
+            )
         );
         let (result, reply) = session_unreadable("s1", "timed out").reply(AcquireResult::Rejected);
         assert_eq!(result, AcquireResult::Rejected);
-        assert_eq!(reply.error.map(|e| e.code), Some(UNAVAILABLE.to_string()));
+        assert_eq!(reply.error.map(|e| e.code), Some(ErrorCode::Unavailable));
         assert!(reply.leases.is_empty());
     }
 
@@ -353,8 +351,8 @@ mod tests {
         assert_eq!(result, AcquireResult::ResourceUnavailable);
         let e = reply.error.expect("an error");
         assert_eq!(
-            (e.code.as_str(), e.message.as_str()),
-            (RESOURCE_UNAVAILABLE, "resource r1 is broken")
+            (e.code, e.message.as_str()),
+            (ErrorCode::ResourceUnavailable, "resource r1 is broken")
         );
     }
 
@@ -363,7 +361,13 @@ mod tests {
         let labels: Vec<&str> = AcquireResult::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(
             labels,
-            ["leased", "empty", "rejected", "resource_unavailable", "invalid"]
+            [
+                "leased",
+                "empty",
+                "rejected",
+                "resource_unavailable",
+                "invalid"
+            ]
         );
     }
 
@@ -374,7 +378,10 @@ mod tests {
         r.resource = Some("host".into());
         assert_eq!(request_resources(&r), vec!["host".to_string()]);
         r.resources = vec!["host".into(), "gpu".into()];
-        assert_eq!(request_resources(&r), vec!["host".to_string(), "gpu".into()]);
+        assert_eq!(
+            request_resources(&r),
+            vec!["host".to_string(), "gpu".into()]
+        );
     }
 
     #[test]
@@ -444,7 +451,10 @@ mod tests {
             ReadBack::Requeue
         );
         // Gone: moved on; unreadable: back in the queue.
-        assert_eq!(read_back(Some(None), "s1", 1, 7, grace, at(2)), ReadBack::Moved);
+        assert_eq!(
+            read_back(Some(None), "s1", 1, 7, grace, at(2)),
+            ReadBack::Moved
+        );
         assert_eq!(read_back(None, "s1", 1, 7, grace, at(2)), ReadBack::Requeue);
     }
 }

@@ -214,7 +214,6 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     tracker.spawn(loops::acquire::serve(
         shared.clone(),
         acquire,
-        tracker.clone(),
         shutdown.clone(),
     ));
     tracker.spawn(loops::queue::serve(

@@ -174,8 +174,7 @@ mod tests {
 
     fn back(job: &Job, reason: RequeueReason) -> TakeBack {
         let policy = Config::defaults().retry_policy(&job.task);
-        take_back(job, "s1", reason, &["r1".into()], &policy, grace(), at(100))
-            .expect("taken back")
+        take_back(job, "s1", reason, &["r1".into()], &policy, grace(), at(100)).expect("taken back")
     }
 
     #[test]
@@ -228,7 +227,10 @@ mod tests {
         assert_eq!(b.next.budget_from, job.budget_from + 1);
         assert_eq!((b.next.queued_at, b.next.not_before), (at(100), None));
         let last = b.next.history.last().expect("history");
-        assert_eq!((last.action, last.actor.as_str()), (Action::Requeue, "scheduler"));
+        assert_eq!(
+            (last.action, last.actor.as_str()),
+            (Action::Requeue, "scheduler")
+        );
         assert!(last
             .note
             .as_deref()
@@ -240,9 +242,12 @@ mod tests {
         let b = back(&running(2, "s1"), RequeueReason::LeaseUndelivered);
         assert_eq!((b.fate, b.next.state), (None, JobState::Scheduled));
         assert_eq!(b.next.not_before, Some(at(100) + grace()));
-        assert!(b.next.history.last().and_then(|e| e.note.as_deref()).is_some_and(
-            |n| n.contains("never listed the lease in its heartbeats")
-        ));
+        assert!(b
+            .next
+            .history
+            .last()
+            .and_then(|e| e.note.as_deref())
+            .is_some_and(|n| n.contains("never listed the lease in its heartbeats")));
     }
 
     #[test]
@@ -269,7 +274,15 @@ mod tests {
         let policy = Config::defaults().retry_policy("t");
         let job = scheduled();
         assert_eq!(
-            take_back(&job, "s1", RequeueReason::SessionClosed, &[], &policy, grace(), at(1)),
+            take_back(
+                &job,
+                "s1",
+                RequeueReason::SessionClosed,
+                &[],
+                &policy,
+                grace(),
+                at(1)
+            ),
             None
         );
     }

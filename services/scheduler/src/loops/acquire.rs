@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warden_shared::messages::{AcquireReply, AcquireRequest, LeaseGrant};
+use warden_shared::serve::{self, Reply};
 use warden_shared::session::{session_key, Session};
 use warden_shared::store::{StoreError, Versioned};
 
@@ -23,23 +22,19 @@ use crate::metrics::metrics;
 use crate::requeue::holder_grace;
 use crate::Shared;
 
-pub async fn serve(
-    shared: Arc<Shared>,
-    mut sub: async_nats::Subscriber,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = sub.next() => match m { Some(m) => m, None => break },
-        };
+/// Answers acquire requests until `shutdown`, then drains: every request
+/// taken gets its reply (a parked long poll returns at once, empty).
+pub async fn serve(shared: Arc<Shared>, sub: async_nats::Subscriber, shutdown: CancellationToken) {
+    let requests = serve::subscription(shared.client.clone(), sub);
+    let stop = shutdown.clone();
+    serve::serve("acquire", requests, &shutdown, move |msg| {
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let Some(reply) = msg.reply.clone() else {
-                return;
-            };
+        let shutdown = stop.clone();
+        async move {
+            // Nobody to hand a lease to: nothing is dispatched.
+            if msg.reply.is_none() {
+                return Reply::default();
+            }
             let (result, answer) = match serde_json::from_slice::<AcquireRequest>(&msg.payload) {
                 Ok(req) => acquire(&shared, req, &shutdown).await,
                 Err(e) => invalid(&e.to_string()),
@@ -48,17 +43,10 @@ pub async fn serve(
                 .acquire_requests
                 .with_label_values(&[result.label()])
                 .inc();
-            match serde_json::to_vec(&answer) {
-                Ok(body) => {
-                    if let Err(e) = shared.client.publish(reply, body.into()).await {
-                        warn!(error = %e, "cannot answer acquire request");
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot encode acquire reply"),
-            }
-        });
-    }
-    let _ = sub.unsubscribe().await;
+            Reply::json(&answer)
+        }
+    })
+    .await;
 }
 
 /// Leases up to `req.max` jobs to the requesting session, waiting up to

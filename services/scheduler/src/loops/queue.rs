@@ -5,33 +5,20 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use warden_shared::serve::{self, Reply};
 
 use crate::{queue, Shared};
 
 pub async fn serve(
     shared: Arc<Shared>,
-    mut endpoint: async_nats::service::endpoint::Endpoint,
+    endpoint: async_nats::service::endpoint::Endpoint,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let req = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = endpoint.next() => match r { Some(r) => r, None => return },
-        };
+    serve::serve("queue", serve::endpoint(endpoint), &shutdown, move |_| {
         let mut reply = shared.snapshot().clone();
         queue::age(&mut reply, Utc::now());
-        let answer = match serde_json::to_vec(&reply) {
-            Ok(body) => req.respond(Ok(body.into())).await,
-            Err(e) => {
-                warn!(error = %e, "cannot encode queue reply");
-                continue;
-            }
-        };
-        if let Err(e) = answer {
-            debug!(error = %e, "cannot answer queue request");
-        }
-    }
+        std::future::ready(Reply::json(&reply))
+    })
+    .await;
 }

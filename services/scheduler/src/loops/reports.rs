@@ -12,6 +12,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use warden_shared::consume::Disposition;
 use warden_shared::job::Job;
 use warden_shared::messages::{Classification, Report};
 use warden_shared::runtime;
@@ -24,13 +25,8 @@ use crate::metrics::{count_crash, count_fate, metrics, INVALID_REPORT};
 use crate::reports::{fold, group_by_job, Rejection, ReportOutcome};
 use crate::Shared;
 
-/// What to do with the messages of one job's reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    Ack,
-    /// Redeliver them after a second.
-    Retry,
-}
+/// How long a report that could not be applied now waits to come again.
+const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer, shutdown: CancellationToken) {
     let batch = shared.config.scheduler.report_batch;
@@ -85,7 +81,9 @@ async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) {
         .unwrap_or(1);
     let kind = match handle_reports(shared, &reports, deliveries).await {
         Disposition::Ack => AckKind::Ack,
-        Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(1))),
+        Disposition::Nak(after) => AckKind::Nak(Some(after)),
+        // Undecodable reports are dead-lettered before they are grouped.
+        Disposition::DeadLetter { .. } => AckKind::Ack,
     };
     for (msg, _) in &list {
         if let Err(e) = msg.ack_with(kind).await {
@@ -122,7 +120,7 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                 }
                 return Disposition::Ack;
             }
-            Err(e) if e.is_transient() => return Disposition::Retry,
+            Err(e) if e.is_transient() => return Disposition::Nak(RETRY),
             Err(e) => {
                 warn!(job.id = %job_id, error = %e, "job record unreadable; reports dropped");
                 for r in reports {
@@ -141,7 +139,7 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                 Some(c) => {
                     classified.insert(i, c);
                 }
-                None => return Disposition::Retry,
+                None => return Disposition::Nak(RETRY),
             }
         }
         let folded = fold(
@@ -183,7 +181,7 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                     count_outcome(job_id, r, *outcome);
                 }
                 if !events_out {
-                    return Disposition::Retry;
+                    return Disposition::Nak(RETRY);
                 }
                 return republish_crash_events(shared, &folded.job, &folded.duplicates, deliveries)
                     .await;
@@ -193,14 +191,14 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
                 warn!(job.id = %job_id, "job record would exceed the size limit; reports dropped");
                 return Disposition::Ack;
             }
-            Err(e) if e.is_transient() => return Disposition::Retry,
+            Err(e) if e.is_transient() => return Disposition::Nak(RETRY),
             Err(e) => {
                 warn!(job.id = %job_id, error = %e, "cannot write job; reports dropped");
                 return Disposition::Ack;
             }
         }
     }
-    Disposition::Retry
+    Disposition::Nak(RETRY)
 }
 
 /// Counts (and logs) one report's outcome once its write is durable.
@@ -246,13 +244,13 @@ async fn republish_crash_events(
             continue;
         }
         let Some(c) = classify(shared, job, r, deliveries).await else {
-            return Disposition::Retry;
+            return Disposition::Nak(RETRY);
         };
         let Some(event) = classification::redelivered(job, r, c) else {
             continue;
         };
         if !act_on_classification(shared, job, &event).await {
-            return Disposition::Retry;
+            return Disposition::Nak(RETRY);
         }
         debug!(job.id = %job.id, epoch = r.epoch, "events of a redelivered crash published again");
     }
