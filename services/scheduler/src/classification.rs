@@ -165,3 +165,102 @@ pub fn events(job: &Job, e: &CrashEvent, config: &Config, now: DateTime<Utc>) ->
     };
     Events { notify, suspects }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{at, classification, crashed, finished, report, running};
+    use warden_shared::Blame;
+
+    #[test]
+    fn only_a_crash_is_asked_about() {
+        let job = running(2, "s1");
+        let q = request(&job, &report(&job, 2, "s1", crashed())).expect("a question");
+        assert_eq!(
+            (q.job_id, q.attempt, q.resource.as_deref()),
+            (job.id, 2, Some("r1"))
+        );
+        assert!(request(&job, &report(&job, 2, "s1", finished())).is_none());
+    }
+
+    #[test]
+    fn the_stand_in_comes_only_after_enough_deliveries() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", crashed());
+        assert_eq!(stand_in(&r, CLASSIFY_GIVE_UP - 1), None);
+        let c = stand_in(&r, CLASSIFY_GIVE_UP).expect("a stand-in");
+        assert_eq!(
+            (c.blame, c.detail.as_str()),
+            (Blame::Unknown, "unclassified")
+        );
+        assert_eq!(
+            (c.rule.as_str(), c.notify),
+            ("classifier_unavailable", Party::Operators)
+        );
+        assert!(c.description.ends_with("(the classifier did not answer)"));
+        assert!(!c.suspect_resource);
+        assert_eq!(stand_in(&report(&job, 1, "s1", finished()), 100), None);
+    }
+
+    fn event(c: Classification) -> CrashEvent {
+        CrashEvent {
+            classification: c,
+            attempt: 3,
+            resources: vec!["host".into(), "gpu".into()],
+            leased_at: Some(at(0)),
+            state: JobState::Scheduled,
+        }
+    }
+
+    #[test]
+    fn a_suspect_crash_notifies_once_and_flags_every_resource() {
+        let job = running(3, "s1");
+        let e = event(classification(Blame::System, "disk_full"));
+        let ev = events(&job, &e, &Config::defaults(), at(9));
+        let n = ev.notify.expect("a notification");
+        assert_eq!(n.msg_id, format!("{}:3:notify", job.id));
+        assert_eq!(n.subject, subjects::notify_subject(Party::Operators));
+        assert_eq!(
+            (n.body.resource.as_deref(), n.body.state, n.body.at),
+            (Some("host"), JobState::Scheduled, at(9))
+        );
+        let ids: Vec<&str> = ev.suspects.iter().map(|s| s.msg_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                format!("{}:3:suspect:host", job.id),
+                format!("{}:3:suspect:gpu", job.id)
+            ]
+        );
+        assert_eq!(ev.suspects[1].subject, subjects::suspect_subject("gpu"));
+        assert_eq!(ev.suspects[0].body.leased_at, Some(at(0)));
+    }
+
+    #[test]
+    fn nobody_to_tell_and_no_suspect_means_no_events() {
+        let job = running(3, "s1");
+        let mut c = classification(Blame::Task, "test_failed");
+        c.notify = Party::None;
+        c.suspect_resource = false;
+        let ev = events(&job, &event(c), &Config::defaults(), at(9));
+        assert_eq!(ev.notify, None);
+        assert!(ev.suspects.is_empty());
+    }
+
+    #[test]
+    fn a_redelivered_crash_is_one_already_recorded() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", crashed());
+        let c = classification(Blame::System, "x");
+        assert_eq!(redelivered(&job, &r, c.clone()), None);
+        let f = crate::reports::fold(
+            &job,
+            &[&r],
+            &std::collections::HashMap::new(),
+            &Config::defaults(),
+            at(2),
+        );
+        let e = redelivered(&f.job, &r, c).expect("recorded");
+        assert_eq!((e.attempt, e.resources), (1, vec!["r1".to_string()]));
+    }
+}

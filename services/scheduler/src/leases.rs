@@ -371,4 +371,66 @@ mod tests {
         assert_eq!(l.unavailable(&names), Some(("gone", ResourceState::Closed)));
         assert_eq!(l.closed(&names), vec!["gone".to_string()]);
     }
+
+    fn session(name: &str, state: SessionState, hb: DateTime<Utc>) -> Session {
+        serde_json::from_value(serde_json::json!({
+            "version": 1,
+            "name": name,
+            "bot_id": "bot",
+            "pools": ["p"],
+            "capacity": 1,
+            "state": state,
+            "created_at": at(0),
+            "last_heartbeat": hb,
+        }))
+        .expect("a session")
+    }
+
+    #[test]
+    fn a_job_running_for_a_dead_session_or_on_a_closed_resource_goes_back() {
+        let mut l = LeaseIndex::default();
+        let job = crate::testing::running(1, "s1");
+        assert_eq!(l.observe_job(&job), None);
+        assert_eq!(l.session_of.get(&job.id).map(String::as_str), Some("s1"));
+        l.states.insert("s1".into(), SessionState::Closed);
+        assert_eq!(
+            l.observe_job(&job),
+            Some(("s1".to_string(), RequeueReason::SessionClosed))
+        );
+        l.states.insert("s1".into(), SessionState::Active);
+        l.resource_states.insert("r1".into(), ResourceState::Closed);
+        assert_eq!(
+            l.observe_job(&job),
+            Some(("s1".to_string(), RequeueReason::ResourceClosed))
+        );
+        // Once it no longer runs, it is forgotten.
+        let mut done = job.clone();
+        done.state = JobState::Finished;
+        assert_eq!(l.observe_job(&done), None);
+        assert!(l.session_of.is_empty() && l.leased.is_empty());
+        assert!(l.by_resource.get("r1").is_some_and(|s| s.is_empty()));
+    }
+
+    #[test]
+    fn a_session_that_dies_gives_back_the_jobs_it_held() {
+        let mut l = LeaseIndex::default();
+        let job = crate::testing::running(1, "s1");
+        l.observe_job(&job);
+        assert_eq!(
+            l.observe_session(&session("s1", SessionState::Active, at(3))),
+            None
+        );
+        assert_eq!(l.known_pools(), vec!["p".to_string()]);
+        assert!(l.served_pools().contains("p"));
+        assert_eq!(l.heartbeats.get("s1").map(|h| h.0), Some(at(3)));
+        assert_eq!(
+            l.observe_session(&session("s1", SessionState::Expired, at(4))),
+            Some((RequeueReason::WorkerLost, vec![job.id]))
+        );
+        assert!(l.known_pools().is_empty() && l.heartbeats.is_empty());
+        assert_eq!(
+            l.session("s1"),
+            Some((SessionState::Expired, "bot".to_string()))
+        );
+    }
 }

@@ -225,3 +225,180 @@ pub fn group_by_job<T>(items: Vec<(T, Report)>) -> Vec<(uuid::Uuid, Vec<(T, Repo
     }
     by_job
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{at, classification, crashed, finished, report, running};
+    use warden_shared::messages::{ReportKind, StopReason};
+
+    fn config() -> Config {
+        Config::defaults()
+    }
+
+    #[test]
+    fn a_finish_is_applied_and_its_duration_counted() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", finished());
+        let f = fold(&job, &[&r], &HashMap::new(), &config(), at(3));
+        assert_eq!(f.job.state, JobState::Finished);
+        assert_eq!(
+            f.outcomes[0].1,
+            ReportOutcome::Applied {
+                from: JobState::Running,
+                to: JobState::Finished,
+                lost: None
+            }
+        );
+        assert_eq!(f.ended, vec![(JobState::Finished, 3.0)]);
+        assert!(f.fates.is_empty() && f.crashes.is_empty() && !f.all_duplicates());
+    }
+
+    #[test]
+    fn a_classified_crash_is_retried_in_the_same_write_and_its_events_go_out() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", crashed());
+        let classified = HashMap::from([(0, classification(Blame::ThirdParty, "network"))]);
+        let f = fold(&job, &[&r], &classified, &config(), at(2));
+        // third_party/* is retryable by default: back to SCHEDULED, later.
+        assert_eq!(f.job.state, JobState::Scheduled);
+        assert_eq!(f.fates, vec![(Fate::Retried, Some(Blame::ThirdParty))]);
+        assert_eq!(f.failed, vec![(Blame::ThirdParty, "network".to_string())]);
+        assert_eq!(f.ended, vec![(JobState::Crashed, 2.0)]);
+        assert_eq!(f.crashes.len(), 1);
+        let e = &f.crashes[0];
+        assert_eq!((e.attempt, e.state), (1, JobState::Scheduled));
+        assert_eq!(
+            (e.resources.clone(), e.leased_at),
+            (vec!["r1".to_string()], Some(at(0)))
+        );
+        assert_eq!(
+            f.outcomes[0].1,
+            ReportOutcome::Applied {
+                from: JobState::Running,
+                // The transition counted is to where the policy put it.
+                to: JobState::Scheduled,
+                lost: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_task_crash_is_kept_crashed_and_unclassified_has_no_events() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", crashed());
+        let f = fold(&job, &[&r], &HashMap::new(), &config(), at(2));
+        assert_eq!(f.job.state, JobState::Crashed);
+        assert_eq!(f.fates, vec![(Fate::Kept, Some(Blame::Unknown))]);
+        assert!(f.crashes.is_empty());
+    }
+
+    #[test]
+    fn a_redelivered_report_is_a_duplicate_with_nothing_to_write() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", finished());
+        let first = fold(&job, &[&r], &HashMap::new(), &config(), at(3));
+        let again = fold(&first.job, &[&r], &HashMap::new(), &config(), at(4));
+        assert!(again.all_duplicates());
+        assert_eq!(again.duplicates.len(), 1);
+        assert_eq!(again.job, first.job);
+        assert_eq!(ReportOutcome::Duplicate.label(), "duplicate");
+    }
+
+    #[test]
+    fn reports_of_one_job_fold_in_order_into_one_record() {
+        let job = running(1, "s1");
+        let started = report(
+            &job,
+            1,
+            "s1",
+            ReportKind::Started {
+                resource: Some("r1".into()),
+            },
+        );
+        let done = report(&job, 1, "s1", finished());
+        let stale = report(&job, 0, "s0", finished());
+        let f = fold(
+            &job,
+            &[&started, &done, &stale],
+            &HashMap::new(),
+            &config(),
+            at(5),
+        );
+        assert_eq!(f.job.state, JobState::Finished);
+        let labels: Vec<&str> = f.outcomes.iter().map(|(_, o)| o.label()).collect();
+        assert_eq!(labels, ["applied", "applied", "rejected"]);
+        assert_eq!(
+            f.outcomes[2].1,
+            ReportOutcome::Rejected(Rejection::Report(RejectReason::StaleEpoch))
+        );
+        assert_eq!(
+            Rejection::Report(RejectReason::StaleEpoch).label(),
+            "stale_epoch"
+        );
+        // The rejection is recorded in the history.
+        assert_eq!(
+            f.job.history.last().map(|e| e.action),
+            Some(warden_shared::Action::RejectReport)
+        );
+    }
+
+    #[test]
+    fn a_worker_that_stopped_its_attempt_loses_the_lease_under_the_policy() {
+        let job = running(1, "s1");
+        let r = report(
+            &job,
+            1,
+            "s1",
+            ReportKind::Stopped {
+                reason: StopReason::SelfFenced,
+            },
+        );
+        let f = fold(&job, &[&r], &HashMap::new(), &config(), at(5));
+        let ReportOutcome::Applied { from, to, lost } = f.outcomes[0].1 else {
+            panic!("not applied: {:?}", f.outcomes[0].1)
+        };
+        assert_eq!((from, lost), (JobState::Running, Some(Loss::SelfFenced)));
+        assert_eq!(to, f.job.state);
+        assert_eq!(f.fates.len(), 1);
+    }
+
+    #[test]
+    fn a_report_after_cancel_is_expected_and_recorded() {
+        let mut job = running(1, "s1");
+        job.state = JobState::Cancelled;
+        let r = report(&job, 1, "s1", finished());
+        let f = fold(&job, &[&r], &HashMap::new(), &config(), at(5));
+        assert_eq!(f.outcomes[0].1, ReportOutcome::AfterCancel);
+        assert_eq!(f.outcomes[0].1.label(), "after_cancel");
+        assert_eq!(f.job.history.len(), job.history.len() + 1);
+    }
+
+    #[test]
+    fn outcome_and_rejection_labels_are_the_exported_ones() {
+        assert_eq!(
+            ReportOutcome::LABELS,
+            ["applied", "duplicate", "after_cancel", "rejected"]
+        );
+        assert_eq!(Rejection::UnknownJob.label(), "unknown_job");
+        assert_eq!(Rejection::CorruptJob.label(), "corrupt_job");
+    }
+
+    #[test]
+    fn a_batch_is_grouped_by_job_in_order() {
+        let a = running(1, "s1");
+        let mut b = running(1, "s1");
+        b.id = uuid::Uuid::from_u128(99);
+        let items = vec![
+            (1, report(&a, 1, "s1", finished())),
+            (2, report(&b, 1, "s1", finished())),
+            (3, report(&a, 1, "s1", crashed())),
+        ];
+        let groups = group_by_job(items);
+        let shape: Vec<(uuid::Uuid, Vec<i32>)> = groups
+            .into_iter()
+            .map(|(id, list)| (id, list.into_iter().map(|(n, _)| n).collect()))
+            .collect();
+        assert_eq!(shape, vec![(a.id, vec![1, 3]), (b.id, vec![2])]);
+    }
+}

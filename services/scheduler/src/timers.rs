@@ -64,3 +64,52 @@ pub fn unserved(
 pub fn age_seconds(oldest: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
     (now - oldest).num_seconds().max(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::at;
+    use warden_shared::Config;
+
+    #[test]
+    fn the_sweep_runs_every_two_seconds_and_the_gauges_every_second() {
+        let sweeps: Vec<u64> = (1..=60).filter(|n| tick(*n).sweep).collect();
+        assert_eq!(sweeps, [5, 25, 45]);
+        let gauges: Vec<u64> = (1..=30).filter(|n| tick(*n).gauges).collect();
+        assert_eq!(gauges, [1, 11, 21]);
+    }
+
+    #[test]
+    fn unconfigured_priorities_share_a_label_with_the_oldest_age() {
+        let priorities = PriorityLabels::new(&Config::defaults());
+        let waiting = BTreeMap::from([
+            (("p".to_string(), 0), (2, at(5))),
+            (("p".to_string(), 77), (1, at(3))),
+            (("p".to_string(), 78), (4, at(1))),
+        ]);
+        let rows = by_label(&waiting, &priorities);
+        assert_eq!(rows.get(&("p", "0".to_string())), Some(&(2, at(5))));
+        assert_eq!(rows.get(&("p", "other".to_string())), Some(&(5, at(1))));
+        assert_eq!(age_seconds(at(1), at(11)), 10);
+        assert_eq!(age_seconds(at(11), at(1)), 0);
+    }
+
+    #[test]
+    fn only_unserved_pools_count_their_waiting_jobs() {
+        let waiting = BTreeMap::from([
+            (("served".to_string(), 0), (2, at(0))),
+            (("lonely".to_string(), 0), (3, at(0))),
+            (("lonely".to_string(), 1), (1, at(0))),
+        ]);
+        let served = HashSet::from(["served".to_string()]);
+        let rows = unserved(vec!["idle".into(), "served".into()], &waiting, &served);
+        assert_eq!(
+            rows,
+            BTreeMap::from([
+                ("idle".to_string(), 0),
+                ("lonely".to_string(), 4),
+                ("served".to_string(), 0)
+            ])
+        );
+    }
+}
