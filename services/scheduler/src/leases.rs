@@ -215,7 +215,7 @@ impl LeaseIndex {
     }
 
     /// Those of `resources` known closed.
-    pub fn closed<'a>(&self, resources: &'a [String]) -> Vec<String> {
+    pub fn closed(&self, resources: &[String]) -> Vec<String> {
         resources
             .iter()
             .filter(|r| self.resource_states.get(*r) == Some(&ResourceState::Closed))

@@ -92,7 +92,7 @@ pub fn holder_grace(config: &Config) -> chrono::Duration {
 pub fn still_held(job: &Job, session: &str, epoch: Option<u32>) -> bool {
     job.state == JobState::Running
         && job.lease.as_ref().map(|l| l.session.as_str()) == Some(session)
-        && !epoch.is_some_and(|e| job.lease.as_ref().map(|l| l.epoch) != Some(e))
+        && epoch.is_none_or(|e| job.lease.as_ref().map(|l| l.epoch) == Some(e))
 }
 
 /// The record to write when `job`'s lease is taken back.
