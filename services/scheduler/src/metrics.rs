@@ -13,7 +13,10 @@ use warden_shared::retry::Fate;
 use warden_shared::state::{transition, Action};
 use warden_shared::{Blame, Config, JobState};
 
+use crate::acquire::AcquireResult;
 use crate::apply::RejectReason;
+use crate::reports::{Rejection, ReportOutcome};
+use crate::requeue::RequeueReason;
 
 pub struct Metrics {
     pub dispatched: IntCounter,
@@ -41,37 +44,8 @@ pub struct Metrics {
 
 /// `kind` of `warden_scheduler_reports_total` (`ReportKind::name`).
 pub const REPORT_KINDS: [&str; 5] = ["started", "finished", "crashed", "released", "stopped"];
-/// `result` of `warden_scheduler_reports_total`.
-pub const REPORT_RESULTS: [&str; 4] = ["applied", "duplicate", "after_cancel", "rejected"];
-/// Rejections decided before a report reaches [`RejectReason`]: no job
-/// with that id, or a record that cannot be read.
-pub const UNKNOWN_JOB: &str = "unknown_job";
-pub const CORRUPT_JOB: &str = "corrupt_job";
-/// `result` of `warden_scheduler_acquire_requests_total`.
-pub const ACQUIRE_RESULTS: [&str; 5] = [
-    "leased",
-    "empty",
-    "rejected",
-    "resource_unavailable",
-    "invalid",
-];
-/// Why a running attempt's lease was taken back
-/// (`warden_scheduler_leases_requeued_total{reason}`).
-pub const WORKER_LOST: &str = "worker_lost";
-pub const SESSION_SUPERSEDED: &str = "session_superseded";
-pub const SESSION_CLOSED: &str = "session_closed";
-pub const RESOURCE_CLOSED: &str = "resource_closed";
-/// A lease the session's heartbeats never listed: the grant was lost on
-/// its way to the worker (a reply dropped with a connection, a write whose
-/// acknowledgement timed out).
-pub const LEASE_UNDELIVERED: &str = "lease_undelivered";
-pub const REQUEUE_REASONS: [&str; 5] = [
-    WORKER_LOST,
-    SESSION_SUPERSEDED,
-    SESSION_CLOSED,
-    RESOURCE_CLOSED,
-    LEASE_UNDELIVERED,
-];
+/// `result` of `warden_scheduler_reports_total` ([`ReportOutcome::label`]).
+pub const REPORT_RESULTS: [&str; 4] = ReportOutcome::LABELS;
 /// `reason` of `warden_scheduler_shelved_total`.
 pub const SHELVE_REASONS: [Fate; 2] = [Fate::ShelvedRetriesExhausted, Fate::ShelvedPoison];
 /// `party` and `result` of `warden_scheduler_notifications_total` (no
@@ -257,10 +231,16 @@ pub fn init(config: &Config) {
     for r in RejectReason::ALL {
         touch(&m.rejected, &[r.as_str()]);
     }
-    touch_each(&m.rejected, &[UNKNOWN_JOB, CORRUPT_JOB]);
+    for r in [Rejection::UnknownJob, Rejection::CorruptJob] {
+        touch(&m.rejected, &[r.label()]);
+    }
     touch_each(&m.dead_letters, &[INVALID_REPORT]);
-    touch_each(&m.acquire_requests, &ACQUIRE_RESULTS);
-    touch_each(&m.requeued, &REQUEUE_REASONS);
+    for r in AcquireResult::ALL {
+        touch(&m.acquire_requests, &[r.label()]);
+    }
+    for r in RequeueReason::ALL {
+        touch(&m.requeued, &[r.label()]);
+    }
     let details = detail_labels(&config.classifier.details);
     for blame in Blame::ALL {
         touch(&m.retries, &[blame.as_str()]);
@@ -278,6 +258,21 @@ pub fn init(config: &Config) {
     }
     for state in ENDED {
         let _ = m.job_duration.with_label_values(&[state.as_str()]);
+    }
+}
+
+/// Counts what the retry policy did with a failed attempt.
+pub fn count_fate(fate: Fate, blame: Option<Blame>) {
+    let m = metrics();
+    match fate {
+        Fate::Retried => m
+            .retries
+            .with_label_values(&[blame.map(|b| b.as_str()).unwrap_or("unknown")])
+            .inc(),
+        Fate::ShelvedRetriesExhausted | Fate::ShelvedPoison => {
+            m.shelved.with_label_values(&[fate.as_str()]).inc()
+        }
+        Fate::Kept | Fate::Requeued => {}
     }
 }
 

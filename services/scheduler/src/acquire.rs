@@ -1,0 +1,460 @@
+//! What an acquire request gets: pure decisions (may the session be
+//! served, the record a dispatch writes, what a dispatch read back means,
+//! the reply). The long poll itself is `loops::acquire`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use warden_shared::error::ErrorCode;
+use warden_shared::job::{HistoryEntry, Job, Lease};
+use warden_shared::messages::{
+    AcquireReply, AcquireRequest, ErrorBody, LeaseGrant, MESSAGE_VERSION,
+};
+use warden_shared::session::SessionState;
+use warden_shared::state::{transition, Action};
+use warden_shared::store::Versioned;
+use warden_shared::Config;
+
+use crate::requeue::RequeueReason;
+
+/// How an acquire request ended; its [`label`](Self::label) is the
+/// `result` of `warden_scheduler_acquire_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireResult {
+    Leased,
+    Empty,
+    Rejected,
+    ResourceUnavailable,
+    Invalid,
+}
+
+impl AcquireResult {
+    pub const ALL: [AcquireResult; 5] = [
+        AcquireResult::Leased,
+        AcquireResult::Empty,
+        AcquireResult::Rejected,
+        AcquireResult::ResourceUnavailable,
+        AcquireResult::Invalid,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AcquireResult::Leased => "leased",
+            AcquireResult::Empty => "empty",
+            AcquireResult::Rejected => "rejected",
+            AcquireResult::ResourceUnavailable => "resource_unavailable",
+            AcquireResult::Invalid => "invalid",
+        }
+    }
+}
+
+/// Why a request gets no lease: the error code and message of the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: String) -> Self {
+        Refusal { code, message }
+    }
+
+    /// The reply refusing the request, and how it is counted.
+    pub fn reply(self, result: AcquireResult) -> (AcquireResult, AcquireReply) {
+        (
+            result,
+            AcquireReply {
+                version: MESSAGE_VERSION,
+                leases: Vec::new(),
+                error: Some(ErrorBody::new(self.code, self.message)),
+            },
+        )
+    }
+}
+
+/// How long a request may wait for work, and how many leases it may get.
+pub fn limits(req: &AcquireRequest, config: &Config) -> (Duration, usize) {
+    (
+        Duration::from_millis(req.wait_ms).min(config.scheduler.acquire_wait),
+        req.max.clamp(1, 1000) as usize,
+    )
+}
+
+/// The reply to a request that could not be decoded.
+pub fn invalid(error: &str) -> (AcquireResult, AcquireReply) {
+    Refusal::new(
+        ErrorCode::InvalidRequest,
+        format!("cannot decode acquire request: {error}"),
+    )
+    .reply(AcquireResult::Invalid)
+}
+
+/// The refusal when the session could not be read: transient, ask again.
+pub fn session_unreadable(session: &str, error: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::Unavailable,
+        format!("cannot read session {session}: {error}"),
+    )
+}
+
+/// May `req` be served, given what is known of its session (state and
+/// bot; `None`: the fencing service never created it)? The refusal
+/// otherwise.
+pub fn session_verdict(
+    req: &AcquireRequest,
+    known: Option<(SessionState, &str)>,
+) -> Result<(), Refusal> {
+    let name = &req.session;
+    match known {
+        None => Err(Refusal::new(
+            ErrorCode::UnknownSession,
+            format!("session {name} does not exist"),
+        )),
+        Some((_, bot)) if bot != req.bot_id => Err(Refusal::new(
+            ErrorCode::UnknownSession,
+            format!("session {name} belongs to bot {bot}, not to {}", req.bot_id),
+        )),
+        Some((SessionState::Active, _)) => Ok(()),
+        Some((SessionState::Quarantined, _)) => Err(Refusal::new(
+            ErrorCode::SessionSuperseded,
+            format!(
+                "session {name} is no longer current ({})",
+                RequeueReason::SessionSuperseded
+            ),
+        )),
+        Some((state, _)) => Err(Refusal::new(
+            ErrorCode::UnknownSession,
+            format!("session {name} is {}", state.as_str()),
+        )),
+    }
+}
+
+/// The refusal of a request whose session this replica learned is dead
+/// while it waited.
+pub fn dead_session(req: &AcquireRequest, reason: RequeueReason) -> Refusal {
+    let code = match reason {
+        RequeueReason::SessionSuperseded => ErrorCode::SessionSuperseded,
+        RequeueReason::WorkerLost
+        | RequeueReason::SessionClosed
+        | RequeueReason::ResourceClosed
+        | RequeueReason::LeaseUndelivered => ErrorCode::UnknownSession,
+    };
+    Refusal::new(
+        code,
+        format!("session {} is no longer current ({reason})", req.session),
+    )
+}
+
+/// The reply once the wait is over: the leases got, or why none (a
+/// resource not open, `blocked`), or empty.
+pub fn finish(leases: Vec<LeaseGrant>, blocked: Option<String>) -> (AcquireResult, AcquireReply) {
+    if let (Some(why), true) = (blocked, leases.is_empty()) {
+        return Refusal::new(ErrorCode::ResourceUnavailable, why)
+            .reply(AcquireResult::ResourceUnavailable);
+    }
+    let result = if leases.is_empty() {
+        AcquireResult::Empty
+    } else {
+        AcquireResult::Leased
+    };
+    (
+        result,
+        AcquireReply {
+            version: MESSAGE_VERSION,
+            leases,
+            error: None,
+        },
+    )
+}
+
+/// The resources an acquire request runs on (its host alone for agents
+/// that do not declare resources).
+pub fn request_resources(req: &AcquireRequest) -> Vec<String> {
+    if req.resources.is_empty() {
+        req.resource.iter().cloned().collect()
+    } else {
+        req.resources.clone()
+    }
+}
+
+/// The record of `job` dispatched to `req`'s session: SCHEDULED → RUNNING
+/// with a new epoch. `None` when the state machine does not allow it.
+pub fn dispatched(mut job: Job, req: &AcquireRequest, now: DateTime<Utc>) -> Option<Job> {
+    let to = transition(job.state, Action::Dispatch).ok()?;
+    let from = job.state;
+    job.state = to;
+    job.attempt += 1;
+    job.lease = Some(Lease {
+        session: req.session.clone(),
+        bot_id: req.bot_id.clone(),
+        resource: req.resource.clone(),
+        resources: request_resources(req),
+        epoch: job.attempt,
+        leased_at: now,
+        started_at: None,
+    });
+    job.outcome = None;
+    job.blame = None;
+    job.detail = None;
+    job.description = None;
+    job.crash = None;
+    job.not_before = None;
+    job.updated_at = now;
+    job.push_history(HistoryEntry {
+        at: now,
+        action: Action::Dispatch,
+        attempt: job.attempt,
+        from: Some(from),
+        to: Some(to),
+        actor: req.session.clone(),
+        bot_id: Some(req.bot_id.clone()),
+        resource: req.resource.clone(),
+        note: None,
+    });
+    Some(job)
+}
+
+/// What a dispatch whose write failed (its acknowledgement may be lost)
+/// does, given the record read back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadBack {
+    /// Our write went through, and the lease is fresh: hand it out.
+    Grant(LeaseGrant),
+    /// The job moved on (or is gone): the watch brings its new state.
+    Moved,
+    /// Unchanged, or unknown (it could not be read): back in the queue.
+    Requeue,
+}
+
+/// [`ReadBack`] of dispatch `attempt` to `session` of the record read at
+/// `revision`, given `read` (`None`: it could not be read; `Some(None)`:
+/// no such job).
+pub fn read_back(
+    read: Option<Option<&Versioned>>,
+    session: &str,
+    attempt: u32,
+    revision: u64,
+    grace: chrono::Duration,
+    now: DateTime<Utc>,
+) -> ReadBack {
+    match read {
+        // Only a fresh lease: one written long ago would look undelivered
+        // to the orphan sweep as soon as it is handed out; that one the
+        // sweep takes back instead.
+        Some(Some(v))
+            if v.job.is_held_by(session, attempt)
+                && v.job
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| now - l.leased_at < grace) =>
+        {
+            ReadBack::Grant(grant(&v.job))
+        }
+        Some(Some(v)) if v.revision != revision => ReadBack::Moved,
+        Some(None) => ReadBack::Moved,
+        _ => ReadBack::Requeue,
+    }
+}
+
+/// The lease handed to the worker.
+pub fn grant(job: &Job) -> LeaseGrant {
+    LeaseGrant {
+        job_id: job.id,
+        epoch: job.attempt,
+        task: job.task.clone(),
+        args: job.args.clone(),
+        pool: job.pool.clone(),
+        priority: job.priority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{acquire_req as req, at, running, scheduled};
+    use warden_shared::JobState;
+
+    #[test]
+    fn only_an_active_session_of_the_requesting_bot_is_served() {
+        let r = req("s1", "bot-a");
+        assert_eq!(
+            session_verdict(&r, Some((SessionState::Active, "bot-a"))),
+            Ok(())
+        );
+        let code = |known| session_verdict(&r, known).map_err(|f| f.code);
+        assert_eq!(code(None), Err(ErrorCode::UnknownSession));
+        assert_eq!(
+            code(Some((SessionState::Active, "bot-b"))),
+            Err(ErrorCode::UnknownSession)
+        );
+        assert_eq!(
+            code(Some((SessionState::Quarantined, "bot-a"))),
+            Err(ErrorCode::SessionSuperseded)
+        );
+        assert_eq!(
+            code(Some((SessionState::Expired, "bot-a"))),
+            Err(ErrorCode::UnknownSession)
+        );
+        assert_eq!(
+            code(Some((SessionState::Closed, "bot-a"))),
+            Err(ErrorCode::UnknownSession)
+        );
+    }
+
+    #[test]
+    fn a_superseded_session_is_told_so_and_any_other_dead_one_is_unknown() {
+        let r = req("s1", "bot-a");
+        for reason in RequeueReason::ALL {
+            let f = dead_session(&r, reason);
+            let want = if reason == RequeueReason::SessionSuperseded {
+                ErrorCode::SessionSuperseded
+            } else {
+                ErrorCode::UnknownSession
+            };
+            assert_eq!(f.code, want, "{reason}");
+            assert_eq!(
+                f.message,
+                format!("session s1 is no longer current ({})", reason.label())
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_carry_their_codes_and_results() {
+        let (result, reply) = invalid("bad json");
+        assert_eq!(result, AcquireResult::Invalid);
+        let e = reply.error.expect("an error");
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                ErrorCode::InvalidRequest,
+                "cannot decode acquire request: bad json"
+            )
+        );
+        let (result, reply) = session_unreadable("s1", "timed out").reply(AcquireResult::Rejected);
+        assert_eq!(result, AcquireResult::Rejected);
+        assert_eq!(reply.error.map(|e| e.code), Some(ErrorCode::Unavailable));
+        assert!(reply.leases.is_empty());
+    }
+
+    #[test]
+    fn the_reply_is_leased_empty_or_resource_unavailable() {
+        let g = grant(&running(1, "s1"));
+        let (result, reply) = finish(vec![g.clone()], None);
+        assert_eq!((result, reply.error), (AcquireResult::Leased, None));
+        // Leases got before a resource closed are handed out all the same.
+        let (result, reply) = finish(vec![g], Some("resource r1 is closed".into()));
+        assert_eq!((result, reply.leases.len()), (AcquireResult::Leased, 1));
+        assert_eq!(finish(Vec::new(), None).0, AcquireResult::Empty);
+        let (result, reply) = finish(Vec::new(), Some("resource r1 is broken".into()));
+        assert_eq!(result, AcquireResult::ResourceUnavailable);
+        let e = reply.error.expect("an error");
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (ErrorCode::ResourceUnavailable, "resource r1 is broken")
+        );
+    }
+
+    #[test]
+    fn result_labels_are_the_exported_ones() {
+        let labels: Vec<&str> = AcquireResult::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "leased",
+                "empty",
+                "rejected",
+                "resource_unavailable",
+                "invalid"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_request_runs_on_its_declared_resources_else_its_host() {
+        let mut r = req("s1", "bot-a");
+        assert!(request_resources(&r).is_empty());
+        r.resource = Some("host".into());
+        assert_eq!(request_resources(&r), vec!["host".to_string()]);
+        r.resources = vec!["host".into(), "gpu".into()];
+        assert_eq!(
+            request_resources(&r),
+            vec!["host".to_string(), "gpu".into()]
+        );
+    }
+
+    #[test]
+    fn limits_cap_the_wait_and_the_count() {
+        let config = Config::defaults();
+        let mut r = req("s1", "bot-a");
+        r.max = 0;
+        r.wait_ms = u64::MAX / 2;
+        assert_eq!(limits(&r, &config), (config.scheduler.acquire_wait, 1));
+        r.max = 5000;
+        r.wait_ms = 1;
+        assert_eq!(limits(&r, &config), (Duration::from_millis(1), 1000));
+    }
+
+    #[test]
+    fn a_dispatch_starts_a_new_attempt_with_a_fresh_lease() {
+        let mut job = scheduled();
+        job.blame = Some(warden_shared::Blame::Task);
+        job.not_before = Some(at(5));
+        let mut r = req("s1", "bot-a");
+        r.resource = Some("host".into());
+        let next = dispatched(job, &r, at(10)).expect("dispatched");
+        assert_eq!((next.state, next.attempt), (JobState::Running, 1));
+        let lease = next.lease.as_ref().expect("a lease");
+        assert_eq!(
+            (lease.session.as_str(), lease.epoch, lease.leased_at),
+            ("s1", 1, at(10))
+        );
+        assert_eq!(lease.resources, vec!["host".to_string()]);
+        assert_eq!((next.blame, next.not_before), (None, None));
+        let last = next.history.last().expect("history");
+        assert_eq!((last.action, last.actor.as_str()), (Action::Dispatch, "s1"));
+        assert_eq!(grant(&next).epoch, 1);
+        // A running job is not dispatched again.
+        assert_eq!(dispatched(next, &r, at(11)), None);
+    }
+
+    #[test]
+    fn a_dispatch_read_back_is_granted_only_when_ours_and_fresh() {
+        let grace = chrono::Duration::seconds(5);
+        let ours = Versioned {
+            job: running(1, "s1"),
+            revision: 8,
+        };
+        // Ours and fresh: hand it out.
+        assert!(matches!(
+            read_back(Some(Some(&ours)), "s1", 1, 7, grace, at(2)),
+            ReadBack::Grant(g) if g.epoch == 1
+        ));
+        // Ours but old: the orphan sweep takes it back; moved on otherwise.
+        assert_eq!(
+            read_back(Some(Some(&ours)), "s1", 1, 7, grace, at(6)),
+            ReadBack::Moved
+        );
+        // Another session's: moved on.
+        assert_eq!(
+            read_back(Some(Some(&ours)), "s2", 1, 7, grace, at(2)),
+            ReadBack::Moved
+        );
+        // Unchanged (the write did not happen): back in the queue.
+        let unchanged = Versioned {
+            job: scheduled(),
+            revision: 7,
+        };
+        assert_eq!(
+            read_back(Some(Some(&unchanged)), "s1", 1, 7, grace, at(2)),
+            ReadBack::Requeue
+        );
+        // Gone: moved on; unreadable: back in the queue.
+        assert_eq!(
+            read_back(Some(None), "s1", 1, 7, grace, at(2)),
+            ReadBack::Moved
+        );
+        assert_eq!(read_back(None, "s1", 1, 7, grace, at(2)), ReadBack::Requeue);
+    }
+}

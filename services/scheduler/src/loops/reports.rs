@@ -1,0 +1,284 @@
+//! The reports consumer: a durable consumer shared by all replicas. Each
+//! pull batch is grouped by job; the reports of one job are folded into
+//! one compare-and-set write ([`crate::reports::fold`]), different jobs
+//! are written concurrently.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use chrono::Utc;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use warden_shared::consume::Disposition;
+use warden_shared::job::Job;
+use warden_shared::messages::{Classification, Report};
+use warden_shared::runtime;
+use warden_shared::store::StoreError;
+
+use super::classify::{act_on_classification, classify};
+use crate::apply::crash_to_classify;
+use crate::classification;
+use crate::metrics::{count_crash, count_fate, metrics, INVALID_REPORT};
+use crate::reports::{fold, group_by_job, Rejection, ReportOutcome};
+use crate::Shared;
+
+/// How long a report that could not be applied now waits to come again.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer, shutdown: CancellationToken) {
+    let batch = shared.config.scheduler.report_batch;
+    while !shutdown.is_cancelled() {
+        let messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot pull reports; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let mut chunks = messages.ready_chunks(batch);
+        loop {
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = chunks.next() => match c { Some(c) => c, None => break },
+            };
+            let mut decoded = Vec::with_capacity(chunk.len());
+            for item in chunk {
+                let msg = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(error = %e, "report pull interrupted");
+                        continue;
+                    }
+                };
+                match serde_json::from_slice::<Report>(&msg.payload) {
+                    Ok(r) => decoded.push((msg, r)),
+                    Err(e) => dead_letter_report(&shared, msg, e).await,
+                }
+            }
+            futures::future::join_all(
+                group_by_job(decoded)
+                    .into_iter()
+                    .map(|(_, list)| handle_job(&shared, list)),
+            )
+            .await;
+        }
+    }
+}
+
+/// Applies, then acks or naks, the reports of one job.
+async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) {
+    let reports: Vec<&Report> = list.iter().map(|(_, r)| r).collect();
+    let deliveries = list
+        .iter()
+        .filter_map(|(m, _)| m.info().ok().map(|i| i.delivered))
+        .max()
+        .unwrap_or(1);
+    let kind = match handle_reports(shared, &reports, deliveries).await {
+        Disposition::Ack => AckKind::Ack,
+        Disposition::Nak(after) => AckKind::Nak(Some(after)),
+        // Undecodable reports are dead-lettered before they are grouped.
+        Disposition::DeadLetter { .. } => AckKind::Ack,
+    };
+    for (msg, _) in &list {
+        if let Err(e) = msg.ack_with(kind).await {
+            debug!(error = %e, "cannot ack report");
+        }
+    }
+}
+
+fn count_rejected(r: &Report, why: Rejection) {
+    let m = metrics();
+    m.reports
+        .with_label_values(&[r.kind.name(), ReportOutcome::Rejected(why).label()])
+        .inc();
+    m.rejected.with_label_values(&[why.label()]).inc();
+}
+
+/// Applies the reports of one job, in order, with a single
+/// compare-and-set (decided by [`fold`]).
+async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -> Disposition {
+    let Some(first) = reports.first() else {
+        return Disposition::Ack;
+    };
+    let job_id = first.job_id;
+    let m = metrics();
+    // Classifications by report index, kept across compare-and-set retries.
+    let mut classified: HashMap<usize, Classification> = HashMap::new();
+    for _ in 0..16 {
+        let current = match shared.store.get(&job_id).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                for r in reports {
+                    count_rejected(r, Rejection::UnknownJob);
+                    warn!(job.id = %job_id, bot.id = %r.bot_id, "report for unknown job rejected");
+                }
+                return Disposition::Ack;
+            }
+            Err(e) if e.is_transient() => return Disposition::Nak(RETRY),
+            Err(e) => {
+                warn!(job.id = %job_id, error = %e, "job record unreadable; reports dropped");
+                for r in reports {
+                    count_rejected(r, Rejection::CorruptJob);
+                }
+                return Disposition::Ack;
+            }
+        };
+        // Crashes are classified before anything is decided, so the retry
+        // policy acts on the classifier's blame and detail.
+        for (i, r) in reports.iter().enumerate() {
+            if classified.contains_key(&i) || !crash_to_classify(&current.job, r) {
+                continue;
+            }
+            match classify(shared, &current.job, r, deliveries).await {
+                Some(c) => {
+                    classified.insert(i, c);
+                }
+                None => return Disposition::Nak(RETRY),
+            }
+        }
+        let folded = fold(
+            &current.job,
+            reports,
+            &classified,
+            &shared.config,
+            Utc::now(),
+        );
+        if folded.all_duplicates() {
+            for (r, outcome) in &folded.outcomes {
+                m.reports
+                    .with_label_values(&[r.kind.name(), outcome.label()])
+                    .inc();
+            }
+            // A redelivered crash: its events may not have gone out.
+            return republish_crash_events(shared, &folded.job, reports, deliveries).await;
+        }
+        match shared.store.update(&folded.job, current.revision).await {
+            Ok(_) => {
+                for (fate, blame) in folded.fates {
+                    count_fate(fate, blame);
+                }
+                for (blame, detail) in folded.failed {
+                    count_crash(&shared.config, blame, &detail);
+                }
+                for (state, secs) in folded.ended {
+                    m.job_duration
+                        .with_label_values(&[state.as_str()])
+                        .observe(secs);
+                }
+                // A report whose events did not all go out is not acked:
+                // redelivered, it is a duplicate, and they are sent again.
+                let mut events_out = true;
+                for c in &folded.crashes {
+                    events_out &= act_on_classification(shared, &folded.job, c).await;
+                }
+                for (r, outcome) in &folded.outcomes {
+                    count_outcome(job_id, r, *outcome);
+                }
+                if !events_out {
+                    return Disposition::Nak(RETRY);
+                }
+                return republish_crash_events(shared, &folded.job, &folded.duplicates, deliveries)
+                    .await;
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(StoreError::TooLarge) => {
+                warn!(job.id = %job_id, "job record would exceed the size limit; reports dropped");
+                return Disposition::Ack;
+            }
+            Err(e) if e.is_transient() => return Disposition::Nak(RETRY),
+            Err(e) => {
+                warn!(job.id = %job_id, error = %e, "cannot write job; reports dropped");
+                return Disposition::Ack;
+            }
+        }
+    }
+    Disposition::Nak(RETRY)
+}
+
+/// Counts (and logs) one report's outcome once its write is durable.
+fn count_outcome(job_id: uuid::Uuid, r: &Report, outcome: ReportOutcome) {
+    let m = metrics();
+    match outcome {
+        ReportOutcome::Applied { from, to, lost } => {
+            if let Some(loss) = lost {
+                info!(job.id = %job_id, session = %r.session, loss = loss.as_str(), state = %to, "attempt stopped by its worker; lease lost");
+            }
+            m.reports
+                .with_label_values(&[r.kind.name(), outcome.label()])
+                .inc();
+            m.transitions
+                .with_label_values(&[from.as_str(), to.as_str()])
+                .inc();
+            debug!(job.id = %job_id, state = %to, "report applied");
+        }
+        ReportOutcome::Duplicate | ReportOutcome::AfterCancel => m
+            .reports
+            .with_label_values(&[r.kind.name(), outcome.label()])
+            .inc(),
+        ReportOutcome::Rejected(why) => {
+            count_rejected(r, why);
+            warn!(job.id = %job_id, bot.id = %r.bot_id, session = %r.session, epoch = r.epoch, reason = why.label(), "report rejected");
+        }
+    }
+}
+
+/// Publishes again the events of every crash in `reports` that is already
+/// recorded on `job` (a redelivered report: the first publish may have
+/// failed, or the scheduler stopped between the write and the publish).
+/// The events carry a message id per attempt, so a copy that did go out is
+/// dropped by the stream. Retry (nak) unless every event went out.
+async fn republish_crash_events(
+    shared: &Shared,
+    job: &Job,
+    reports: &[&Report],
+    deliveries: i64,
+) -> Disposition {
+    for r in reports {
+        if crate::apply::applied_crash(job, r).is_none() {
+            continue;
+        }
+        let Some(c) = classify(shared, job, r, deliveries).await else {
+            return Disposition::Nak(RETRY);
+        };
+        let Some(event) = classification::redelivered(job, r, c) else {
+            continue;
+        };
+        if !act_on_classification(shared, job, &event).await {
+            return Disposition::Nak(RETRY);
+        }
+        debug!(job.id = %job.id, epoch = r.epoch, "events of a redelivered crash published again");
+    }
+    Disposition::Ack
+}
+
+async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde_json::Error) {
+    metrics().invalid_reports.inc();
+    warn!(subject = %msg.subject, error = %err, "undecodable report dead-lettered");
+    let subject = msg.subject.to_string();
+    let error = err.to_string();
+    match runtime::dead_letter(
+        &shared.js,
+        "scheduler",
+        INVALID_REPORT,
+        &subject,
+        &error,
+        &msg.payload,
+    )
+    .await
+    {
+        Ok(()) => {
+            metrics()
+                .dead_letters
+                .with_label_values(&[INVALID_REPORT])
+                .inc();
+            let _ = msg.ack().await;
+        }
+        Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
+    }
+}
