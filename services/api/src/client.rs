@@ -2,6 +2,7 @@
 //! and tests.
 
 use std::time::Duration;
+use warden_shared::error::ErrorCode;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -38,7 +39,7 @@ impl ClientError {
     /// The API's error code, if the API answered with an error.
     pub fn code(&self) -> Option<&str> {
         match self {
-            ClientError::Api(e) => Some(&e.code),
+            ClientError::Api(e) => Some(e.code.as_str()),
             _ => None,
         }
     }
@@ -93,7 +94,7 @@ impl ApiClient {
     pub async fn get(&self, id: Uuid) -> Result<Option<Job>, ClientError> {
         match self.call(subjects::API_JOB_GET, &GetRequest { id }).await {
             Ok(job) => Ok(Some(job)),
-            Err(ClientError::Api(e)) if e.code == "not_found" => Ok(None),
+            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -20,6 +20,7 @@
 //! permissions, as every other write.
 
 use std::time::Duration;
+use warden_shared::error::ErrorCode;
 
 use chrono::Utc;
 use serde::de::DeserializeOwned;
@@ -30,7 +31,6 @@ use warden_shared::messages::{
     AcquireReply, AcquireRequest, CloseSession, CreateSession, Fault, Heartbeat, HeldLease, Report,
     ReportKind, SessionReply, MESSAGE_VERSION,
 };
-use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::state::Action;
 use warden_shared::{subjects, Blame, Job, JobState};
 
@@ -104,7 +104,7 @@ impl Switch {
         let refuse_extra = |state: &str, fields: &[(&str, bool)]| -> Result<(), OpError> {
             match fields.iter().find(|(_, present)| *present) {
                 Some((name, _)) => Err(OpError::bad_request(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     format!("{name} does not go with state {state}"),
                 )),
                 None => Ok(()),
@@ -135,7 +135,7 @@ impl Switch {
                 let outcome = req.outcome.as_deref().map(str::trim).unwrap_or_default();
                 if outcome.is_empty() || outcome.len() > MAX_OUTCOME || !valid_task_name(outcome) {
                     return Err(OpError::bad_request(
-                        "invalid_outcome",
+                        ErrorCode::InvalidOutcome,
                         format!(
                             "FINISHED needs an outcome such as PASSED or FAILED: letters, digits, \
                              _, - and ., at most {MAX_OUTCOME}"
@@ -155,17 +155,17 @@ impl Switch {
                     .filter(|b| !b.is_empty())
                     .ok_or_else(|| {
                         OpError::bad_request(
-                            "invalid_blame",
+                            ErrorCode::InvalidBlame,
                             "CRASHED needs a blame: system, task, third_party or unknown",
                         )
                     })?
                     .parse::<Blame>()
-                    .map_err(|e| OpError::bad_request("invalid_blame", e))?;
+                    .map_err(|e| OpError::bad_request(ErrorCode::InvalidBlame, e))?;
                 let detail = req.detail.as_deref().map(str::trim).unwrap_or_default();
                 // The same rule as a task's status file.
                 if detail.is_empty() || detail.len() > 64 || !valid_name(detail) {
                     return Err(OpError::bad_request(
-                        "invalid_detail",
+                        ErrorCode::InvalidDetail,
                         "CRASHED needs a detail code of letters, digits and _ (at most 64), \
                          e.g. network or oom",
                     ));
@@ -173,7 +173,7 @@ impl Switch {
                 let description = req.description.clone().unwrap_or_default();
                 if description.chars().count() > MAX_REASON {
                     return Err(OpError::bad_request(
-                        "invalid_request",
+                        ErrorCode::InvalidRequest,
                         format!("description is longer than {MAX_REASON} characters"),
                     ));
                 }
@@ -186,7 +186,7 @@ impl Switch {
                 })
             }
             other => Err(OpError::bad_request(
-                "invalid_state",
+                ErrorCode::InvalidState,
                 format!("state {other:?}: an executor sets RUNNING, FINISHED or CRASHED"),
             )),
         }
@@ -230,14 +230,12 @@ fn stale(job: &Job, token: &ExecutionToken) -> Option<OpError> {
     }
     if job.state == JobState::Cancelled && job.attempt == token.epoch {
         return Some(OpError::new(
-            409,
-            "cancelled",
+            ErrorCode::Cancelled,
             format!("job {} was cancelled; stop the execution", job.id),
         ));
     }
     Some(OpError::new(
-        409,
-        "stale_execution",
+        ErrorCode::StaleExecution,
         format!(
             "this execution (attempt {}) no longer holds job {}: it is {} at attempt {}",
             token.epoch, job.id, job.state, job.attempt
@@ -255,7 +253,7 @@ impl Ops {
             || bot_id.chars().any(char::is_control)
         {
             return Err(OpError::bad_request(
-                "invalid_bot_id",
+                ErrorCode::InvalidBotId,
                 format!("bot_id must be 1 to {MAX_BOT_ID} printable characters"),
             ));
         }
@@ -266,14 +264,14 @@ impl Ops {
         };
         if let Some(p) = pools.iter().find(|p| !valid_task_name(p)) {
             return Err(OpError::bad_request(
-                "invalid_pool",
+                ErrorCode::InvalidPool,
                 format!("pool {p:?}: pool names are letters, digits, _, - and ."),
             ));
         }
         let wait_ms = req.wait_ms.unwrap_or(0);
         if wait_ms > MAX_WAIT_MS {
             return Err(OpError::bad_request(
-                "invalid_wait",
+                ErrorCode::InvalidWait,
                 format!("wait_ms is at most {MAX_WAIT_MS}"),
             ));
         }
@@ -288,7 +286,7 @@ impl Ops {
                 .filter(|d| *d >= Duration::from_secs(1) && *d <= MAX_EXECUTION_TIMEOUT)
                 .ok_or_else(|| {
                     OpError::bad_request(
-                        "invalid_timeout",
+                        ErrorCode::InvalidTimeout,
                         format!("timeout {t:?} is not a duration between 1s and 24h"),
                     )
                 })?,
@@ -312,8 +310,8 @@ impl Ops {
             .await?;
         let session = match (reply.session, reply.error) {
             (Some(s), _) => s,
-            (None, Some(e)) if e.code == "invalid_request" => {
-                return Err(OpError::bad_request("invalid_request", e.message))
+            (None, Some(e)) if e.code == ErrorCode::InvalidRequest => {
+                return Err(OpError::bad_request(ErrorCode::InvalidRequest, e.message))
             }
             (None, e) => {
                 return Err(OpError::unavailable(format!(
@@ -379,13 +377,13 @@ impl Ops {
         let id = parse_id(id)?;
         let token = ExecutionToken::parse(&req.token).ok_or_else(|| {
             OpError::bad_request(
-                "invalid_token",
+                ErrorCode::InvalidToken,
                 "token is not an execution token from a take",
             )
         })?;
         if token.job_id != id {
             return Err(OpError::bad_request(
-                "token_mismatch",
+                ErrorCode::TokenMismatch,
                 format!("the token is for job {}, not {id}", token.job_id),
             ));
         }
@@ -468,7 +466,7 @@ impl Ops {
             match seen(&last, &token, action) {
                 Seen::Applied => break last,
                 Seen::Rejected(note) => {
-                    return Err(OpError::new(409, "stale_execution", note));
+                    return Err(OpError::new(ErrorCode::StaleExecution, note));
                 }
                 Seen::Pending if tokio::time::Instant::now() >= deadline => {
                     return Ok(StateReply {
@@ -504,10 +502,14 @@ impl Ops {
             .ask(subjects::SESSION_HEARTBEAT, &hb, BUS_TIMEOUT, "fencing")
             .await?;
         match reply.error {
-            Some(e) if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED => {
+            Some(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::UnknownSession | ErrorCode::SessionSuperseded
+                ) =>
+            {
                 Err(OpError::new(
-                    409,
-                    "session_expired",
+                    ErrorCode::SessionExpired,
                     format!(
                         "the execution's session is no longer live ({}): job {} is being \
                          taken back",
@@ -521,8 +523,7 @@ impl Ops {
             ))),
             None if reply.cancel.contains(&token.job_id) && job.state == JobState::Running => {
                 Err(OpError::new(
-                    409,
-                    "stale_execution",
+                    ErrorCode::StaleExecution,
                     format!("job {} is no longer this execution's", job.id),
                 ))
             }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use warden_shared::error::ErrorCode;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -182,7 +183,7 @@ async fn get_job(
     State(ops): State<Arc<Ops>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, OpError> {
-    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let Path(id) = id.map_err(|e| OpError::bad_request(ErrorCode::InvalidId, e.body_text()))?;
     Ok(Json(ops.get_str(&id).await?).into_response())
 }
 
@@ -191,7 +192,7 @@ async fn retry_job(
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpError> {
-    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let Path(id) = id.map_err(|e| OpError::bad_request(ErrorCode::InvalidId, e.body_text()))?;
     let body = body.map_err(body_rejection)?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         let _: RetryBody = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
@@ -204,7 +205,7 @@ async fn cancel_job(
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpError> {
-    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let Path(id) = id.map_err(|e| OpError::bad_request(ErrorCode::InvalidId, e.body_text()))?;
     let body = body.map_err(body_rejection)?;
     let req: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
         CancelBody::default()
@@ -218,7 +219,8 @@ async fn stats(
     State(ops): State<Arc<Ops>>,
     query: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Response, OpError> {
-    let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
+    let Query(q) =
+        query.map_err(|e| OpError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
     Ok(Json(ops.stats(q).await?).into_response())
 }
 
@@ -230,7 +232,8 @@ async fn bots(
     State(ops): State<Arc<Ops>>,
     query: Result<Query<BotsQuery>, QueryRejection>,
 ) -> Result<Response, OpError> {
-    let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
+    let Query(q) =
+        query.map_err(|e| OpError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
     Ok(Json(ops.bots(q).await?).into_response())
 }
 
@@ -250,12 +253,12 @@ async fn switch_state(
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpError> {
-    let Path(id) = id.map_err(|e| OpError::bad_request("invalid_id", e.body_text()))?;
+    let Path(id) = id.map_err(|e| OpError::bad_request(ErrorCode::InvalidId, e.body_text()))?;
     let body = body.map_err(body_rejection)?;
     let req: StateRequest = serde_json::from_slice(&body).map_err(|e| OpError::from_json(&e))?;
     if req.id.as_deref().is_some_and(|given| given != id) {
         return Err(OpError::bad_request(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "id in the body differs from the job in the path",
         ));
     }
@@ -272,7 +275,8 @@ async fn list_jobs(
     State(ops): State<Arc<Ops>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, OpError> {
-    let Query(q) = query.map_err(|e| OpError::bad_request("invalid_query", e.body_text()))?;
+    let Query(q) =
+        query.map_err(|e| OpError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
     Ok(Json(ops.list(q).await?).into_response())
 }
 
@@ -280,7 +284,7 @@ fn body_rejection(e: BytesRejection) -> OpError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         OpError::too_large("request body is larger than http.max_body_bytes")
     } else {
-        OpError::bad_request("invalid_body", e.body_text())
+        OpError::bad_request(ErrorCode::InvalidBody, e.body_text())
     }
 }
 
@@ -290,8 +294,7 @@ async fn not_found() -> OpError {
 
 async fn method_not_allowed() -> OpError {
     OpError::new(
-        405,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "method not allowed on this route",
     )
 }
@@ -315,8 +318,7 @@ async fn require_token(State(ops): State<Arc<Ops>>, req: Request, next: Next) ->
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => next.run(req).await,
         _ => {
             let mut resp = OpError::new(
-                401,
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "writes need Authorization: Bearer <token>",
             )
             .into_response();

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use warden_shared::error::ErrorCode;
 
 use async_nats::service::{self, Service, ServiceExt};
 use bytes::Bytes;
@@ -224,7 +225,7 @@ async fn handle_other(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Result<B
             let req: StateRequest = decode(payload)?;
             let Some(id) = req.id.clone() else {
                 return Err(OpError::bad_request(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     "missing field `id` (the job)",
                 ));
             };

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use warden_shared::error::ErrorCode;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -43,32 +44,78 @@ pub struct OpError {
     pub body: ErrorBody,
 }
 
+/// The HTTP status of each error code the API returns (the same over
+/// NATS, in `Nats-Service-Error-Code`); `None` for a code the API never
+/// returns. `docs/api.md` and `openapi.json` list the same table (checked
+/// by `tests/openapi.rs`).
+pub fn api_status(code: ErrorCode) -> Option<u16> {
+    use ErrorCode::*;
+    Some(match code {
+        InvalidJson
+        | InvalidRequest
+        | InvalidBody
+        | InvalidQuery
+        | InvalidId
+        | UnknownTask
+        | InvalidArgs
+        | InvalidPool
+        | InvalidMaxAttempts
+        | InvalidIdempotencyKey
+        | InvalidState
+        | InvalidBlame
+        | InvalidDetail
+        | InvalidOutcome
+        | InvalidTime
+        | InvalidWindow
+        | InvalidBotId
+        | InvalidWait
+        | InvalidTimeout
+        | InvalidToken
+        | TokenMismatch => 400,
+        Unauthorized => 401,
+        NotFound => 404,
+        MethodNotAllowed => 405,
+        IllegalTransition | Conflict | IdempotencyConflict | StaleExecution | Cancelled
+        | SessionExpired => 409,
+        TooLarge => 413,
+        Internal => 500,
+        Unavailable => 503,
+        UnknownSession | SessionSuperseded | ResourceUnavailable | UnknownResource | Unknown => {
+            return None
+        }
+    })
+}
+
 impl OpError {
-    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+    /// An error with `code`, its status from [`api_status`] (500 for a
+    /// code the API does not return: a bug).
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         OpError {
-            status,
+            status: api_status(code).unwrap_or(500),
             body: ErrorBody::new(code, message),
         }
     }
 
-    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
-        OpError::new(400, code, message)
+    /// [`OpError::new`] for a code of a 400.
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
+        debug_assert_eq!(api_status(code), Some(400), "{code} is not a 400");
+        OpError::new(code, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        OpError::new(404, "not_found", message)
+        OpError::new(ErrorCode::NotFound, message)
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
-        OpError::new(413, "too_large", message)
+        OpError::new(ErrorCode::TooLarge, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        OpError::new(503, "unavailable", message)
+        OpError::new(ErrorCode::Unavailable, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        OpError::new(500, "internal", message)
+        OpError::new(ErrorCode::Internal, message)
     }
 
     /// A request body that is not what the operation takes: broken JSON
@@ -77,9 +124,9 @@ impl OpError {
     pub fn from_json(e: &serde_json::Error) -> Self {
         use serde_json::error::Category;
         match e.classify() {
-            Category::Data => OpError::bad_request("invalid_request", e.to_string()),
+            Category::Data => OpError::bad_request(ErrorCode::InvalidRequest, e.to_string()),
             Category::Syntax | Category::Eof | Category::Io => OpError::bad_request(
-                "invalid_json",
+                ErrorCode::InvalidJson,
                 format!("request body is not valid JSON: {e}"),
             ),
         }
@@ -95,11 +142,12 @@ impl OpError {
                 OpError::too_large("the job is larger than the job store allows")
             }
             StoreError::AlreadyExists(id) => {
-                OpError::new(409, "conflict", format!("job {id} already exists"))
+                OpError::new(ErrorCode::Conflict, format!("job {id} already exists"))
             }
-            StoreError::Conflict(id) => {
-                OpError::new(409, "conflict", format!("job {id} changed concurrently"))
-            }
+            StoreError::Conflict(id) => OpError::new(
+                ErrorCode::Conflict,
+                format!("job {id} changed concurrently"),
+            ),
             StoreError::Corrupt { key, source } => {
                 tracing::error!(job.id = %key, error = %source, "job record is not valid JSON");
                 OpError::internal(format!("job record {key} is corrupt"))
@@ -111,8 +159,12 @@ impl OpError {
 /// A job id from a path or a request body: `400 invalid_id` if it is
 /// not a UUID.
 pub(crate) fn parse_id(id: &str) -> Result<Uuid, OpError> {
-    id.parse::<Uuid>()
-        .map_err(|_| OpError::bad_request("invalid_id", format!("{id:?} is not a job id (a UUID)")))
+    id.parse::<Uuid>().map_err(|_| {
+        OpError::bad_request(
+            ErrorCode::InvalidId,
+            format!("{id:?} is not a job id (a UUID)"),
+        )
+    })
 }
 
 /// What the operations need.
@@ -154,7 +206,7 @@ impl Ops {
                     .find(|st| st.as_str().eq_ignore_ascii_case(s))
                     .ok_or_else(|| {
                         OpError::bad_request(
-                            "invalid_state",
+                            ErrorCode::InvalidState,
                             format!(
                             "{s:?} is not a session state (active, quarantined, expired, closed)"
                         ),
@@ -188,7 +240,7 @@ impl Ops {
         let Some(task) = self.config.tasks.get(&req.task) else {
             let known: Vec<&str> = self.config.tasks.keys().map(String::as_str).collect();
             return Err(OpError::bad_request(
-                "unknown_task",
+                ErrorCode::UnknownTask,
                 format!(
                     "task {:?} is not defined (known: {})",
                     req.task,
@@ -198,14 +250,14 @@ impl Ops {
         };
         if let Some(bad) = req.args.keys().find(|k| !valid_name(k)) {
             return Err(OpError::bad_request(
-                "invalid_args",
+                ErrorCode::InvalidArgs,
                 format!("argument name {bad:?}: argument names are letters, digits and _"),
             ));
         }
         let pool = match req.pool {
             Some(p) if !valid_task_name(&p) => {
                 return Err(OpError::bad_request(
-                    "invalid_pool",
+                    ErrorCode::InvalidPool,
                     format!("pool {p:?}: pool names are letters, digits, _, - and ."),
                 ))
             }
@@ -215,14 +267,14 @@ impl Ops {
         let priority = req.priority.unwrap_or(task.priority);
         if req.max_attempts == Some(0) {
             return Err(OpError::bad_request(
-                "invalid_max_attempts",
+                ErrorCode::InvalidMaxAttempts,
                 "max_attempts must be at least 1",
             ));
         }
         if let Some(key) = &req.idempotency_key {
             if !valid_idempotency_key(key) {
                 return Err(OpError::bad_request(
-                    "invalid_idempotency_key",
+                    ErrorCode::InvalidIdempotencyKey,
                     format!(
                         "idempotency_key: 1 to {MAX_IDEMPOTENCY_KEY} characters, no control characters"
                     ),
@@ -253,8 +305,7 @@ impl Ops {
                 let existing = self.get(&job.id).await?;
                 if !same_request(&existing, &job) {
                     return Err(OpError::new(
-                        409,
-                        "idempotency_conflict",
+                        ErrorCode::IdempotencyConflict,
                         format!(
                             "idempotency key {:?} was used for job {} with another task, arguments, pool, priority or retry options",
                             job.idempotency_key.as_deref().unwrap_or_default(),
@@ -298,14 +349,14 @@ impl Ops {
         let window = match q.window.as_deref().map(str::trim).filter(|w| !w.is_empty()) {
             Some(w) => humantime_serde::re::humantime::parse_duration(w).map_err(|e| {
                 OpError::bad_request(
-                    "invalid_window",
+                    ErrorCode::InvalidWindow,
                     format!("window {w:?} is not a duration like 1h or 7days: {e}"),
                 )
             })?,
             None => Duration::from_secs(24 * 3600),
         };
         let window = chrono::Duration::from_std(window)
-            .map_err(|_| OpError::bad_request("invalid_window", "window is too long"))?;
+            .map_err(|_| OpError::bad_request(ErrorCode::InvalidWindow, "window is too long"))?;
         if !self.index.is_caught_up() && !self.index.wait_caught_up(CATCH_UP_WAIT).await {
             return Err(OpError::unavailable(
                 "the job index is still loading; try again",
@@ -333,7 +384,7 @@ impl Ops {
             .is_some_and(|r| r.chars().count() > MAX_REASON)
         {
             return Err(OpError::bad_request(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 format!("reason is longer than {MAX_REASON} characters"),
             ));
         }
@@ -362,7 +413,7 @@ impl Ops {
             let from = job.state;
             if let Err(e) = f(&mut job, Utc::now()) {
                 tracing::debug!(job.id = %id, from = %from, action = what, "job change refused");
-                return Err(OpError::new(409, "illegal_transition", e.to_string()));
+                return Err(OpError::new(ErrorCode::IllegalTransition, e.to_string()));
             }
             match self.store.update(&job, current.revision).await {
                 Ok(_) => {
@@ -375,8 +426,7 @@ impl Ops {
             }
         }
         Err(OpError::new(
-            409,
-            "conflict",
+            ErrorCode::Conflict,
             format!("job {id} keeps changing; try again"),
         ))
     }
@@ -387,7 +437,7 @@ impl Ops {
             Some(s) => Some(
                 s.trim()
                     .parse::<JobState>()
-                    .map_err(|e| OpError::bad_request("invalid_state", e))?,
+                    .map_err(|e| OpError::bad_request(ErrorCode::InvalidState, e))?,
             ),
             None => None,
         };
@@ -395,7 +445,7 @@ impl Ops {
             Some(b) => Some(
                 b.trim()
                     .parse::<Blame>()
-                    .map_err(|e| OpError::bad_request("invalid_blame", e))?,
+                    .map_err(|e| OpError::bad_request(ErrorCode::InvalidBlame, e))?,
             ),
             None => None,
         };
@@ -405,7 +455,7 @@ impl Ops {
                     .map(|t| Some(t.with_timezone(&Utc)))
                     .map_err(|e| {
                         OpError::bad_request(
-                            "invalid_time",
+                            ErrorCode::InvalidTime,
                             format!("{what} {t:?} is not an RFC 3339 time: {e}"),
                         )
                     }),

@@ -16,24 +16,18 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 use warden_api::http::{OPENAPI, ROUTES, SHARED_ROUTES};
 use warden_api::nats::ENDPOINT_SUBJECTS;
+use warden_api::ops::api_status;
 use warden_api::types::{
     BotsQuery, BotsReply, CancelBody, Execution, ListQuery, ListReply, ResourcesReply, RetryBody,
     StateReply, StateRequest, StatsQuery, TakeReply, TakeRequest,
 };
 use warden_api::Stats;
+use warden_shared::error::ErrorCode;
 use warden_shared::job::{CrashInfo, HistoryEntry, Lease, NewJob, Source};
 use warden_shared::messages::HeldLease;
 use warden_shared::resource::{Resource, ResourceDecl, ResourceState};
 use warden_shared::session::{Session, SessionState};
 use warden_shared::{Action, Blame, Job, JobState};
-
-/// The sources whose `OpError`s reach a caller.
-const SOURCES: [(&str, &str); 4] = [
-    ("ops.rs", include_str!("../src/ops.rs")),
-    ("executions.rs", include_str!("../src/executions.rs")),
-    ("http.rs", include_str!("../src/http.rs")),
-    ("nats.rs", include_str!("../src/nats.rs")),
-];
 
 /// The reference, checked by `tests/tests/api_docs.rs` against a live
 /// `warden up`; here only for its error table.
@@ -262,38 +256,13 @@ fn every_nats_endpoint_is_documented_on_its_http_operation() {
     }
 }
 
-/// Every error code the sources return, with its status: the literal
-/// after `bad_request(` (400) or `OpError::new(<status>,`.
+/// Every error code the API returns, with its status: the codes of
+/// [`ErrorCode::ALL`] that [`api_status`] gives a status.
 fn codes_in_sources() -> BTreeMap<String, u16> {
-    fn literal(s: &str) -> Option<&str> {
-        let s = s.trim_start().strip_prefix('"')?;
-        s.split('"').next()
-    }
-    let mut codes = BTreeMap::new();
-    for (file, text) in SOURCES {
-        for (i, _) in text.match_indices("bad_request(") {
-            if let Some(code) = literal(&text[i + "bad_request(".len()..]) {
-                codes.insert(code.to_string(), 400);
-            }
-        }
-        for (i, _) in text.match_indices("OpError::new(") {
-            let rest = text[i + "OpError::new(".len()..].trim_start();
-            let Some((status, rest)) = rest.split_once(',') else {
-                continue;
-            };
-            let Ok(status) = status.trim().parse::<u16>() else {
-                continue;
-            };
-            // The helpers (`bad_request(code, ..)` is `new(400, code, ..)`).
-            if rest.trim_start().starts_with("code,") {
-                continue;
-            }
-            let code = literal(rest)
-                .unwrap_or_else(|| panic!("{file}: OpError::new({status}, <not a literal>)"));
-            codes.insert(code.to_string(), status);
-        }
-    }
-    codes
+    ErrorCode::ALL
+        .into_iter()
+        .filter_map(|c| api_status(c).map(|s| (c.as_str().to_string(), s)))
+        .collect()
 }
 
 #[test]

@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
-use futures::StreamExt;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warden_shared::classify::detail_label;
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::{ClassifyReply, ClassifyRequest, ErrorBody, MESSAGE_VERSION};
-use warden_shared::{runtime, subjects, Config};
+use warden_shared::{runtime, serve, subjects, Config};
 
 use crate::metrics::metrics;
 use crate::{Classifier, CrashInput};
@@ -40,7 +40,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .start(subjects::CLASSIFIER_SERVICE, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(ClassifierError::Service)?;
-    let mut requests = service
+    let requests = service
         .endpoint_builder()
         .name("classify")
         .add(subjects::CLASSIFY)
@@ -51,40 +51,33 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         rules = classifier.rule_names().count(),
         "classifier running"
     );
-    loop {
-        let req = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = requests.next() => match r { Some(r) => r, None => break },
-        };
-        let classifier = classifier.clone();
-        tokio::spawn(async move {
-            let reply = answer(classifier, &req.message.payload).await;
-            let body = warden_shared::messages::encode_reply(&reply);
-            if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
-                debug!(error = %e, "cannot answer classify request");
-            }
-        });
-    }
+    serve::serve(
+        "classifier",
+        serve::endpoint(requests),
+        &shutdown,
+        move |msg| answer(classifier.clone(), msg.payload),
+    )
+    .await;
     let _ = service.stop().await;
     warden_shared::runtime::flush(&client).await;
     info!("classifier stopped");
     Ok(())
 }
 
-async fn answer(classifier: Arc<Classifier>, payload: &[u8]) -> ClassifyReply {
+async fn answer(classifier: Arc<Classifier>, payload: Bytes) -> serve::Reply {
+    serve::answer_json(
+        &payload,
+        |e| {
+            metrics().invalid.inc();
+            warn!(error = %e.message, "undecodable classify request");
+        },
+        |req| classify(classifier, req),
+    )
+    .await
+}
+
+async fn classify(classifier: Arc<Classifier>, req: ClassifyRequest) -> ClassifyReply {
     let m = metrics();
-    let req: ClassifyRequest = match serde_json::from_slice(payload) {
-        Ok(r) => r,
-        Err(e) => {
-            m.invalid.inc();
-            warn!(error = %e, "undecodable classify request");
-            return ClassifyReply {
-                version: MESSAGE_VERSION,
-                classification: None,
-                error: Some(ErrorBody::new("invalid_request", e.to_string())),
-            };
-        }
-    };
     let started = Instant::now();
     // Bounded work, but CPU work: keep it off the I/O threads.
     let decided = tokio::task::spawn_blocking(move || {
@@ -114,7 +107,7 @@ async fn answer(classifier: Arc<Classifier>, payload: &[u8]) -> ClassifyReply {
             version: MESSAGE_VERSION,
             classification: None,
             error: Some(ErrorBody::new(
-                "internal",
+                ErrorCode::Internal,
                 format!("classification failed: {e}"),
             )),
         },

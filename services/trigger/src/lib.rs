@@ -15,12 +15,12 @@ pub mod rules;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use chrono::Utc;
-use futures::StreamExt;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use warden_shared::consume::{self, Disposition};
 use warden_shared::job::Job;
 use warden_shared::store::{JobStore, StoreError};
 use warden_shared::{runtime, subjects, Config};
@@ -40,16 +40,11 @@ struct Trigger {
     config: Arc<Config>,
     rules: Rules,
     store: JobStore,
-    js: jetstream::Context,
 }
 
-/// What happens to an event message; decided in one place.
-#[derive(Debug, PartialEq, Eq)]
-enum Disposition {
-    Ack,
-    /// Try again later (the store or the bus is unavailable).
-    Retry,
-}
+/// How long before an event whose jobs (or dead letter) could not be
+/// written is delivered again.
+const RETRY: Duration = Duration::from_secs(2);
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), TriggerError> {
     warden_shared::metrics::starting("trigger");
@@ -74,45 +69,31 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let trigger = Arc::new(Trigger {
         rules: Rules::new(config.clone()),
         store: JobStore::new(handles.jobs.clone()),
-        js: handles.js.clone(),
         config: config.clone(),
     });
     warden_shared::metrics::ready("trigger");
     info!(rules = config.trigger.rules.len(), "trigger running");
-    while !shutdown.is_cancelled() {
-        let messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "cannot pull events; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        let mut chunks = messages.ready_chunks(config.trigger.batch);
-        loop {
-            let chunk = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                c = chunks.next() => match c { Some(c) => c, None => break },
-            };
-            let msgs: Vec<jetstream::Message> = chunk.into_iter().filter_map(Result::ok).collect();
-            futures::future::join_all(msgs.into_iter().map(|m| {
-                let t = trigger.clone();
-                async move {
-                    let d = t.handle(&m).await;
-                    let kind = match d {
-                        Disposition::Ack => AckKind::Ack,
-                        Disposition::Retry => AckKind::Nak(Some(Duration::from_secs(2))),
-                    };
-                    if let Err(e) = m.ack_with(kind).await {
-                        debug!(error = %e, "cannot ack event");
-                    }
-                }
-            }))
-            .await;
-        }
-    }
+    let t = trigger.clone();
+    consume::consume(
+        consume::Consume {
+            service: "trigger",
+            js: &handles.js,
+            batch: config.trigger.batch,
+            dead_letter_retry: RETRY,
+        },
+        &consumer,
+        &shutdown,
+        move |m| {
+            let t = t.clone();
+            async move { t.handle(&m).await }
+        },
+        |reason| {
+            let m = metrics();
+            m.events.with_label_values(&["dead_lettered"]).inc();
+            m.dead_letters.with_label_values(&[reason]).inc();
+        },
+    )
+    .await;
     warden_shared::runtime::flush(&client).await;
     info!("trigger stopped");
     Ok(())
@@ -127,9 +108,7 @@ impl Trigger {
             Ok(e) => e,
             Err(e) => {
                 warn!(subject, reason = e.reason(), error = %e, "undecodable event");
-                return self
-                    .dead_letter(subject, e.reason(), &e.to_string(), &msg.payload)
-                    .await;
+                return self.dead_letter(subject, e.reason(), e.to_string());
             }
         };
         let plan = self.rules.plan(&event);
@@ -167,19 +146,16 @@ impl Trigger {
                     debug!(job.id = %job.id, message.id = %event.message_id, "job exists: duplicate event");
                 }
                 Err(StoreError::TooLarge) => {
-                    return self
-                        .dead_letter(
-                            subject,
-                            metrics::JOB_TOO_LARGE,
-                            "the job this event asks for exceeds storage.max_job_bytes",
-                            &msg.payload,
-                        )
-                        .await;
+                    return self.dead_letter(
+                        subject,
+                        metrics::JOB_TOO_LARGE,
+                        "the job this event asks for exceeds storage.max_job_bytes".into(),
+                    );
                 }
                 Err(e) => {
                     warn!(message.id = %event.message_id, error = %e, "cannot create job; will retry the event");
                     m.events.with_label_values(&["retried"]).inc();
-                    return Disposition::Retry;
+                    return Disposition::Nak(RETRY);
                 }
             }
         }
@@ -189,25 +165,8 @@ impl Trigger {
         Disposition::Ack
     }
 
-    async fn dead_letter(
-        &self,
-        subject: &str,
-        reason: &str,
-        error: &str,
-        payload: &[u8],
-    ) -> Disposition {
-        let res = runtime::dead_letter(&self.js, "trigger", reason, subject, error, payload).await;
-        match res {
-            Ok(()) => {
-                let m = metrics();
-                m.events.with_label_values(&["dead_lettered"]).inc();
-                m.dead_letters.with_label_values(&[reason]).inc();
-                Disposition::Ack
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot dead-letter an event; will retry");
-                Disposition::Retry
-            }
-        }
+    fn dead_letter(&self, subject: &str, reason: &'static str, error: String) -> Disposition {
+        warn!(subject, reason, error = %error, "event dead-lettered");
+        Disposition::DeadLetter { reason, error }
     }
 }

@@ -754,14 +754,11 @@ pub fn resources(all: &[Resource], pool: &str, t: &Thresholds) -> Outcome {
     }
 }
 
-/// The services `bus` expects on the service API (`$SRV.PING`).
-pub const SERVICES: [&str; 5] = [
-    subjects::API_SERVICE,
-    subjects::CLASSIFIER_SERVICE,
-    subjects::FENCING_SERVICE,
-    subjects::HEALTH_SERVICE,
-    subjects::SCHEDULER_SERVICE,
-];
+/// The services `bus` expects on the service API (`$SRV.PING`), sorted
+/// ([`warden_shared::services::pinged`]).
+pub fn services() -> Vec<&'static str> {
+    warden_shared::services::pinged()
+}
 
 /// What `bus` measured once connected.
 #[derive(Debug, Clone, PartialEq)]
@@ -780,12 +777,12 @@ pub struct BusSeen {
 
 /// `bus`: every service answers; thresholds (seconds) judge the round trip.
 pub fn bus(seen: &BusSeen, t: &Thresholds) -> Outcome {
-    let mut missing: Vec<String> = SERVICES
+    let mut missing: Vec<String> = services()
         .iter()
         .filter(|s| !seen.answered.contains_key(**s))
         .map(|s| s.to_string())
         .collect();
-    let mut up: Vec<String> = SERVICES
+    let mut up: Vec<String> = services()
         .iter()
         .filter(|s| seen.answered.contains_key(**s))
         .map(|s| s.to_string())
@@ -800,7 +797,7 @@ pub fn bus(seen: &BusSeen, t: &Thresholds) -> Outcome {
     }
     let rtt = seen.rtt.as_secs_f64();
     let rtt_text = format!("NATS answers in {:.1} ms", rtt * 1000.0);
-    let total = SERVICES.len() + 1;
+    let total = services().len() + 1;
     let rtt_status = t.status(rtt);
     let (status, text) = if missing.is_empty() {
         (
@@ -848,7 +845,7 @@ pub fn bus(seen: &BusSeen, t: &Thresholds) -> Outcome {
 
 /// `bus` when NATS itself cannot be reached.
 pub fn bus_down(why: &str) -> Outcome {
-    let total = SERVICES.len() + 1;
+    let total = services().len() + 1;
     Outcome {
         status: Status::Critical,
         text: why.to_string(),
@@ -1610,7 +1607,7 @@ mod tests {
         let mut seen = BusSeen {
             connect: Duration::from_millis(3),
             rtt: Duration::from_micros(1500),
-            answered: SERVICES.iter().map(|s| (s.to_string(), 1)).collect(),
+            answered: services().iter().map(|s| (s.to_string(), 1)).collect(),
             trigger: Ok(true),
         };
         let t = Thresholds::default();
@@ -1643,7 +1640,7 @@ mod tests {
             &BusSeen {
                 connect: Duration::ZERO,
                 rtt: Duration::from_millis(600),
-                answered: SERVICES.iter().map(|s| (s.to_string(), 2)).collect(),
+                answered: services().iter().map(|s| (s.to_string(), 2)).collect(),
                 trigger: Ok(true),
             },
             &above("0.5", "1"),

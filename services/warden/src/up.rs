@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use warden_shared::{runtime, Config};
+use warden_shared::{runtime, services, Config};
 
 use crate::natsd::LocalNats;
 use crate::UpArgs;
@@ -37,46 +37,21 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     let config = Arc::new(config);
     let mut set: JoinSet<ServiceResult> = JoinSet::new();
     // /healthz says 503 until every service below answers on the bus.
-    for name in [
-        "trigger",
-        "scheduler",
-        "fencing",
-        "api",
-        "health",
-        "classifier",
-    ] {
-        warden_shared::metrics::starting(name);
+    for s in services::in_up() {
+        warden_shared::metrics::starting(s.name);
     }
-    start(
-        &mut set,
-        "trigger",
-        warden_trigger::run(config.clone(), shutdown.clone()),
-    );
-    start(
-        &mut set,
-        "scheduler",
-        warden_scheduler::run(config.clone(), shutdown.clone()),
-    );
-    start(
-        &mut set,
-        "fencing",
-        warden_fencing::run(config.clone(), shutdown.clone()),
-    );
-    start(
-        &mut set,
-        "api",
-        warden_api::run(config.clone(), shutdown.clone()),
-    );
-    start(
-        &mut set,
-        "health",
-        warden_health::run(config.clone(), shutdown.clone()),
-    );
-    start(
-        &mut set,
-        "classifier",
-        warden_classifier::service::run(config.clone(), shutdown.clone()),
-    );
+    for s in services::in_up() {
+        let (c, t) = (config.clone(), shutdown.clone());
+        match s.name {
+            "trigger" => start(&mut set, s.name, warden_trigger::run(c, t)),
+            "scheduler" => start(&mut set, s.name, warden_scheduler::run(c, t)),
+            "fencing" => start(&mut set, s.name, warden_fencing::run(c, t)),
+            "api" => start(&mut set, s.name, warden_api::run(c, t)),
+            "health" => start(&mut set, s.name, warden_health::run(c, t)),
+            "classifier" => start(&mut set, s.name, warden_classifier::service::run(c, t)),
+            other => anyhow::bail!("warden up does not know how to run {other}"),
+        }
+    }
     let mut bots = Vec::new();
     for i in 1..=args.workers {
         let mut wc = (*config).clone();

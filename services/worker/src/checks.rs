@@ -45,7 +45,7 @@ pub fn unknown_resource(name: &str) -> CheckReply {
         passed: false,
         results: Vec::new(),
         error: Some(ErrorBody::new(
-            "unknown_resource",
+            warden_shared::error::ErrorCode::UnknownResource,
             format!("this agent does not run on {name}"),
         )),
     }

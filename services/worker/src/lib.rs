@@ -25,13 +25,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use warden_shared::config::WorkerConfig;
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::CheckRequest;
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, CloseSession, CreateSession, Heartbeat, HeldLease, LeaseGrant,
     Report, ReportKind, SessionReply, StopReason, MESSAGE_VERSION,
 };
 use warden_shared::resource::ResourceDecl;
-use warden_shared::session::{RESOURCE_UNAVAILABLE, SESSION_SUPERSEDED, UNKNOWN_SESSION};
 use warden_shared::{runtime, subjects, Config};
 
 pub use exec::{ExecFuture, ExecRequest, Execution, Executor, NoopExecutor, ProcessExecutor};
@@ -269,7 +269,7 @@ impl Agent {
                     Err(e) => {
                         let mut r = checks::unknown_resource("");
                         r.error = Some(warden_shared::messages::ErrorBody::new(
-                            "invalid_request",
+                            ErrorCode::InvalidRequest,
                             format!("cannot decode check request: {e}"),
                         ));
                         r
@@ -383,17 +383,18 @@ impl Agent {
             {
                 Ok(Ok(msg)) => match serde_json::from_slice::<SessionReply>(&msg.payload) {
                     Ok(reply) => match reply.error {
-                        Some(e) if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED => {
+                        Some(e)
+                            if matches!(
+                                e.code,
+                                ErrorCode::UnknownSession | ErrorCode::SessionSuperseded
+                            ) =>
+                        {
                             warn!(bot.id = %self.bot_id, code = %e.code, "session rejected; abandoning its work");
                             metrics()
                                 .session_resets
-                                .with_label_values(&[if e.code == UNKNOWN_SESSION {
-                                    UNKNOWN_SESSION
-                                } else {
-                                    SESSION_SUPERSEDED
-                                }])
+                                .with_label_values(&[e.code.as_str()])
                                 .inc();
-                            need_new = Some(if e.code == UNKNOWN_SESSION {
+                            need_new = Some(if e.code == ErrorCode::UnknownSession {
                                 StopReason::UnknownSession
                             } else {
                                 StopReason::Superseded
@@ -507,7 +508,7 @@ impl Agent {
                 continue;
             };
             if let Some(e) = &reply.error {
-                if e.code == RESOURCE_UNAVAILABLE {
+                if e.code == ErrorCode::ResourceUnavailable {
                     // Not an error of ours: a resource is being checked or
                     // was recycled. The scheduler held the request; ask
                     // again, saying so once per stretch.
@@ -522,9 +523,12 @@ impl Agent {
                     }
                     continue;
                 }
-                if e.code == UNKNOWN_SESSION || e.code == SESSION_SUPERSEDED {
+                if matches!(
+                    e.code,
+                    ErrorCode::UnknownSession | ErrorCode::SessionSuperseded
+                ) {
                     *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(if e.code == UNKNOWN_SESSION {
+                        Some(if e.code == ErrorCode::UnknownSession {
                             StopReason::UnknownSession
                         } else {
                             StopReason::Superseded

@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use warden_shared::error::ErrorCode;
 use warden_shared::metrics::{register, touch_each};
-use warden_shared::session::{SESSION_SUPERSEDED, UNKNOWN_SESSION};
 
 pub struct Metrics {
     pub running: IntGauge,
@@ -26,7 +26,11 @@ pub const REPORT_KINDS: [&str; 5] = ["started", "finished", "crashed", "released
 /// session timeout.
 pub const SELF_FENCED: &str = "self_fenced";
 /// `reason` of `warden_worker_session_resets_total`.
-pub const RESET_REASONS: [&str; 3] = [UNKNOWN_SESSION, SESSION_SUPERSEDED, SELF_FENCED];
+pub const RESET_REASONS: [&str; 3] = [
+    ErrorCode::UnknownSession.as_str(),
+    ErrorCode::SessionSuperseded.as_str(),
+    SELF_FENCED,
+];
 /// `result` of `warden_worker_health_checks_total`.
 pub const CHECK_RESULTS: [&str; 2] = ["passed", "failed"];
 
