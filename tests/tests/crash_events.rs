@@ -5,13 +5,11 @@
 //! written and recreated afterwards; the suspect event still arrives.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 use warden_e2e::{eventually, NatsServer};
 use warden_shared::job::{CrashInfo, HistoryEntry, Job, Lease};
 use warden_shared::messages::{Report, ReportKind, ResourceSuspect};
@@ -42,16 +40,7 @@ async fn suspect_event_arrives_after_its_first_publish_failed() {
 
     // A job running on host-a (with a working copy), attempt 1.
     let now = Utc::now();
-    let mut job = Job::new(
-        Uuid::new_v4(),
-        "sleep".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        now,
-    );
+    let mut job = Job::builder("sleep").at(now).build();
     job.state = JobState::Running;
     job.attempt = 1;
     job.lease = Some(Lease {

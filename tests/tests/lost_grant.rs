@@ -5,11 +5,9 @@
 //! Before, the job stayed RUNNING for as long as the session lived.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warden_e2e::NatsServer;
@@ -40,16 +38,7 @@ async fn a_grant_that_never_reached_its_worker_is_taken_back() {
         .await
         .unwrap();
     let store = JobStore::new(handles.jobs.clone());
-    let job = Job::new(
-        Uuid::new_v4(),
-        "noop".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let job = Job::builder("noop").build();
     store.create(&job).await.unwrap();
     let create = CreateSession {
         version: 1,

@@ -1,7 +1,7 @@
 //! Two scheduler replicas running at once never lease one attempt twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,16 +65,7 @@ async fn two_replicas_never_dispatch_one_job_twice() {
     }
     let mut ids = Vec::new();
     for _ in 0..JOBS {
-        let job = Job::new(
-            Uuid::new_v4(),
-            "noop".into(),
-            BTreeMap::new(),
-            "default".into(),
-            0,
-            None,
-            "test",
-            Utc::now(),
-        );
+        let job = Job::builder("noop").build();
         store.create(&job).await.unwrap();
         ids.push(job.id);
     }

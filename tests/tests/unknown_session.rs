@@ -4,11 +4,9 @@
 //! changes; a fresh real session is served at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warden_e2e::NatsServer;
@@ -53,16 +51,7 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
         .await
         .unwrap();
     let store = JobStore::new(handles.jobs.clone());
-    let job = Job::new(
-        Uuid::new_v4(),
-        "noop".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let job = Job::builder("noop").build();
     store.create(&job).await.unwrap();
     // The scheduler answers once it is up (the queue has the job).
     let made_up = warden_e2e::eventually(Duration::from_secs(20), "the scheduler answers", || {
@@ -128,16 +117,7 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     assert_eq!(served.leases[0].job_id, job.id);
 
     // Another bot naming it is refused.
-    let other = Job::new(
-        Uuid::new_v4(),
-        "noop".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let other = Job::builder("noop").build();
     store.create(&other).await.unwrap();
     let stolen = acquire(&client, &reply, "bot-x").await;
     assert!(stolen.leases.is_empty(), "{stolen:?}");
