@@ -20,14 +20,9 @@ use warden_shared::store::JobStore;
 use warden_shared::{runtime, Action, Config, JobState};
 
 fn config(nats: &str, extra: &str) -> Arc<Config> {
-    Arc::new(
-        Config::from_parts(
-            Some(&format!(
-                "[nats]\nurl = \"{nats}\"\n[retry]\ninitial_delay = \"30s\"\njitter = 0.0\n{extra}"
-            )),
-            Vec::new(),
-        )
-        .unwrap(),
+    warden_e2e::config(
+        nats,
+        &format!("[retry]\ninitial_delay = \"30s\"\njitter = 0.0\n{extra}"),
     )
 }
 
