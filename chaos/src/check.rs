@@ -439,16 +439,11 @@ mod tests {
 
     /// A job of `kind` dispatched to session 1 and finished by it.
     fn finished(n: u128, kind: Kind, outcome: &str) -> Job {
-        let mut j = Job::new(
-            uuid::Uuid::from_u128(n),
-            kind.task().into(),
-            Default::default(),
-            "default".into(),
-            0,
-            None,
-            "api",
-            t(0),
-        );
+        let mut j = Job::builder(kind.task())
+            .id(uuid::Uuid::from_u128(n))
+            .actor("api")
+            .at(t(0))
+            .build();
         j.idempotency_key = Some(format!("k{n}"));
         j.history.push(entry(
             1,

@@ -1,6 +1,7 @@
 //! A 3-node JetStream cluster on loopback, each node a nats-server
 //! process with its own store, killed and started again on the same store
-//! and ports.
+//! and ports. The nodes pick their ports at the first start (`-1`) and
+//! report them in a ports file; nothing chooses a port for them.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +21,10 @@ pub fn nats_server_binary() -> PathBuf {
 struct Node {
     conf: PathBuf,
     log: PathBuf,
+    /// Where the node writes its `<exe>_<pid>.ports` file (emptied before
+    /// each start).
+    ports_dir: PathBuf,
+    store: PathBuf,
     port: u16,
     /// The node (under a guard when the runner can be one) and the link
     /// that keeps it alive.
@@ -28,89 +33,140 @@ struct Node {
 
 pub struct Cluster {
     nodes: Vec<Node>,
+    sync_always: bool,
 }
 
 /// A port the kernel just handed out on loopback. Another process may take
-/// it before the caller binds it; a node that cannot listen is reported
-/// by [`Cluster::start`].
+/// it before the caller binds it: only for a port that must be named
+/// before its process starts (an API replica's `WARDEN_HTTP_LISTEN`, kept
+/// across its restarts). The cluster's nodes pick their own.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-impl Cluster {
-    /// Writes the three nodes' configs under `dir` and starts them. A port
-    /// taken between choosing it and the node binding it (another
-    /// process's outgoing connection may get it) makes a node exit at
-    /// start: then the whole cluster starts again on new ports, up to
-    /// three times.
-    pub async fn start(dir: &Path, sync_always: bool) -> anyhow::Result<Cluster> {
-        let mut last = None;
-        for attempt in 0..3 {
-            match Cluster::start_once(dir, sync_always).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e, "the NATS cluster did not start; new ports");
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("the NATS cluster did not start")))
-    }
+/// A route nobody answers (port 1 on loopback): the first node needs one
+/// to start JetStream clustered before any other node's port is known; the
+/// real routes arrive when the others connect to it.
+const PLACEHOLDER_ROUTE: &str = "nats-route://127.0.0.1:1";
 
-    async fn start_once(dir: &Path, sync_always: bool) -> anyhow::Result<Cluster> {
+/// The ports a node bound, from its ports file
+/// (`{"nats": ["nats://127.0.0.1:P"], "cluster": [...]}`).
+fn parse_ports(text: &str) -> Option<(u16, u16)> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let port = |key: &str| -> Option<u16> {
+        v.get(key)?
+            .as_array()?
+            .first()?
+            .as_str()?
+            .rsplit(':')
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((port("nats")?, port("cluster")?))
+}
+
+/// Node `i`'s config; `ports` `None` lets it pick both (`-1`).
+fn node_conf(
+    i: usize,
+    store: &Path,
+    sync_always: bool,
+    ports: Option<(u16, u16)>,
+    routes: &[String],
+) -> String {
+    let (client, cluster) = ports.map_or_else(
+        || ("-1".to_string(), "-1".to_string()),
+        |(c, r)| (c.to_string(), r.to_string()),
+    );
+    let mut text = format!(
+        "server_name: chaos-n{i}\nlisten: 127.0.0.1:{client}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n",
+        store.display().to_string()
+    );
+    if sync_always {
+        text.push_str("  sync_interval: always\n");
+    }
+    text.push_str(&format!(
+        "}}\ncluster {{\n  name: warden-chaos\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
+        routes.join(", ")
+    ));
+    text
+}
+
+impl Cluster {
+    /// Starts the three nodes under `dir` without choosing a port for
+    /// them: node 0 picks its own (`-1`) and reports them in its ports
+    /// file, nodes 1 and 2 start routing to the nodes already up, and then
+    /// every config is rewritten with the ports the node got and routes to
+    /// all three, so a node started again ([`Cluster::start_node`]) reuses
+    /// its ports and finds the others.
+    pub async fn start(dir: &Path, sync_always: bool) -> anyhow::Result<Cluster> {
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            sync_always,
+        };
+        let mut routes: Vec<String> = Vec::new();
         let mut ports = Vec::new();
-        for _ in 0..3 {
-            ports.push((free_port()?, free_port()?));
-        }
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
-            .collect();
-        let mut nodes = Vec::new();
-        for (i, (client, cluster)) in ports.iter().enumerate() {
+        for i in 0..3 {
             let store = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&store)
                 .with_context(|| format!("cannot create {}", store.display()))?;
+            let ports_dir = dir.join(format!("n{i}-ports"));
+            std::fs::create_dir_all(&ports_dir)
+                .with_context(|| format!("cannot create {}", ports_dir.display()))?;
             let conf = dir.join(format!("n{i}.conf"));
-            let mut text = format!(
-                "server_name: chaos-n{i}\nlisten: 127.0.0.1:{client}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n",
-                store.display().to_string()
-            );
-            if sync_always {
-                text.push_str("  sync_interval: always\n");
-            }
-            text.push_str(&format!(
-                "}}\ncluster {{\n  name: warden-chaos\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
-                routes.join(", ")
-            ));
-            std::fs::write(&conf, text)
-                .with_context(|| format!("cannot write {}", conf.display()))?;
-            nodes.push(Node {
+            let first_routes = if routes.is_empty() {
+                vec![PLACEHOLDER_ROUTE.to_string()]
+            } else {
+                routes.clone()
+            };
+            std::fs::write(
+                &conf,
+                node_conf(i, &store, sync_always, None, &first_routes),
+            )
+            .with_context(|| format!("cannot write {}", conf.display()))?;
+            c.nodes.push(Node {
                 conf,
                 log: dir.join(format!("n{i}.log")),
-                port: *client,
+                ports_dir,
+                store,
+                port: 0,
                 child: None,
             });
-        }
-        let mut c = Cluster { nodes };
-        for i in 0..3 {
             c.spawn(i)?;
-        }
-        for i in 0..3 {
-            if let Err(e) = c.wait_listening(i).await {
-                for n in 0..3 {
-                    c.kill(n).await;
+            let got = match c.wait_listening(i).await {
+                Ok(p) => p,
+                Err(e) => {
+                    for n in 0..c.nodes.len() {
+                        c.kill(n).await;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            };
+            routes.push(format!("nats-route://127.0.0.1:{}", got.1));
+            ports.push(got);
+        }
+        for (i, got) in ports.iter().enumerate() {
+            let node = &c.nodes[i];
+            std::fs::write(
+                &node.conf,
+                node_conf(i, &node.store, c.sync_always, Some(*got), &routes),
+            )
+            .with_context(|| format!("cannot write {}", node.conf.display()))?;
         }
         Ok(c)
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
+        // A ports file left by a killed run of this node would name the
+        // old ports before the new one writes its own.
+        if let Ok(entries) = std::fs::read_dir(&node.ports_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -122,6 +178,8 @@ impl Cluster {
         let mut cmd = Command::from(cmd);
         cmd.arg("-c")
             .arg(&node.conf)
+            .arg("--ports_file_dir")
+            .arg(&node.ports_dir)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .kill_on_drop(!link.is_guarded());
@@ -136,14 +194,32 @@ impl Cluster {
         Ok(())
     }
 
-    async fn wait_listening(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = self.nodes[i].port;
+    /// The node's ports, once it wrote them and its client port accepts
+    /// connections.
+    async fn wait_listening(&mut self, i: usize) -> anyhow::Result<(u16, u16)> {
+        let mut ports = None;
         for _ in 0..400 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
+            if ports.is_none() {
+                ports = std::fs::read_dir(&self.nodes[i].ports_dir)
+                    .ok()
+                    .and_then(|entries| {
+                        entries.flatten().find_map(|e| {
+                            let name = e.file_name();
+                            if !name.to_string_lossy().ends_with(".ports") {
+                                return None;
+                            }
+                            parse_ports(&std::fs::read_to_string(e.path()).ok()?)
+                        })
+                    });
+            }
+            if let Some(p) = ports {
+                if tokio::net::TcpStream::connect(("127.0.0.1", p.0))
+                    .await
+                    .is_ok()
+                {
+                    self.nodes[i].port = p.0;
+                    return Ok(p);
+                }
             }
             if let Some((child, _)) = self.nodes[i].child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -155,7 +231,10 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!("nats node {i} did not listen on {port} within 20 s")
+        bail!(
+            "nats node {i} did not report listening ports within 20 s; see {}",
+            self.nodes[i].log.display()
+        )
     }
 
     /// All client URLs, comma-separated.
@@ -184,7 +263,7 @@ impl Cluster {
             return Ok(());
         }
         self.spawn(i)?;
-        self.wait_listening(i).await
+        self.wait_listening(i).await.map(|_| ())
     }
 
     /// SIGTERM every node and wait for it (the end of a run).
@@ -209,5 +288,40 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ports_file_gives_the_client_and_cluster_ports() {
+        assert_eq!(
+            parse_ports(
+                r#"{"nats":["nats://127.0.0.1:34297"],"cluster":["nats://127.0.0.1:34659"]}"#
+            ),
+            Some((34297, 34659))
+        );
+        assert_eq!(parse_ports(r#"{"nats":["nats://127.0.0.1:1"]}"#), None);
+        assert_eq!(parse_ports("{"), None, "a file still being written");
+    }
+
+    #[test]
+    fn node_configs_pick_ports_first_and_keep_them_after() {
+        let store = Path::new("/tmp/n0");
+        let first = node_conf(0, store, true, None, &[PLACEHOLDER_ROUTE.into()]);
+        assert!(first.contains("listen: 127.0.0.1:-1\n"), "{first}");
+        assert!(first.contains("  listen: 127.0.0.1:-1\n"), "{first}");
+        assert!(first.contains("sync_interval: always"), "{first}");
+        let routes = vec!["nats-route://127.0.0.1:5".to_string()];
+        let later = node_conf(0, store, false, Some((4, 5)), &routes);
+        assert!(later.contains("listen: 127.0.0.1:4\n"), "{later}");
+        assert!(later.contains("  listen: 127.0.0.1:5\n"), "{later}");
+        assert!(
+            later.contains("routes: [nats-route://127.0.0.1:5]"),
+            "{later}"
+        );
+        assert!(!later.contains("sync_interval"), "{later}");
     }
 }

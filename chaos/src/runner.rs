@@ -902,16 +902,11 @@ mod tests {
 
     #[test]
     fn redispatch_counts_only_jobs_running_on_the_killed_bot() {
-        let mut running = Job::new(
-            uuid::Uuid::from_u128(1),
-            "chaos-slow".into(),
-            Default::default(),
-            "default".into(),
-            0,
-            None,
-            "api",
-            t(0),
-        );
+        let mut running = Job::builder("chaos-slow")
+            .id(uuid::Uuid::from_u128(1))
+            .actor("api")
+            .at(t(0))
+            .build();
         running.history.push(dispatch(1, 1, "w1"));
         running.history.push(dispatch(15, 2, "w2"));
         let mut finished_before = running.clone();

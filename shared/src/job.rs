@@ -325,6 +325,22 @@ impl Job {
         job
     }
 
+    /// A [`JobBuilder`] for `task`, with the defaults fixtures want: a
+    /// fresh random id, no args, pool `default`, priority 0, no source,
+    /// created by `test` now. `build()` is [`Job::new`] with those values.
+    pub fn builder(task: impl Into<String>) -> JobBuilder {
+        JobBuilder {
+            id: Uuid::new_v4(),
+            task: task.into(),
+            args: BTreeMap::new(),
+            pool: "default".to_string(),
+            priority: 0,
+            source: None,
+            actor: "test".to_string(),
+            now: Utc::now(),
+        }
+    }
+
     /// Appends to the history, dropping the oldest rejected-report entries
     /// (then the oldest entries) once [`MAX_HISTORY`] is reached.
     pub fn push_history(&mut self, entry: HistoryEntry) {
@@ -478,6 +494,80 @@ pub fn idempotent_job_id(key: &str) -> Uuid {
     Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes())
 }
 
+/// Named arguments for [`Job::new`] (see [`Job::builder`]): every field
+/// has a default, so a fixture says only what matters to it.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build()`"]
+pub struct JobBuilder {
+    id: Uuid,
+    task: String,
+    args: BTreeMap<String, String>,
+    pool: String,
+    priority: i32,
+    source: Option<Source>,
+    actor: String,
+    now: DateTime<Utc>,
+}
+
+impl JobBuilder {
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// One argument (added to those already set).
+    pub fn arg(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.args.insert(key.into(), value.into());
+        self
+    }
+
+    /// All arguments (replacing those already set).
+    pub fn args(mut self, args: BTreeMap<String, String>) -> Self {
+        self.args = args;
+        self
+    }
+
+    pub fn pool(mut self, pool: impl Into<String>) -> Self {
+        self.pool = pool.into();
+        self
+    }
+
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    pub fn source(mut self, source: Source) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Who created it (the `create` history entry's actor).
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// When it was created (queued, updated).
+    pub fn at(mut self, now: DateTime<Utc>) -> Self {
+        self.now = now;
+        self
+    }
+
+    pub fn build(self) -> Job {
+        Job::new(
+            self.id,
+            self.task,
+            self.args,
+            self.pool,
+            self.priority,
+            self.source,
+            &self.actor,
+            self.now,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,18 +600,68 @@ mod tests {
     }
 
     #[test]
-    fn job_round_trips_through_json_with_screaming_states() {
+    fn the_builder_is_job_new_with_named_arguments_and_defaults() {
         let now = Utc::now();
-        let job = Job::new(
-            Uuid::new_v4(),
-            "noop".into(),
-            BTreeMap::from([("seconds".into(), "1".into())]),
-            "default".into(),
-            5,
-            None,
-            "api",
+        let id = Uuid::new_v4();
+        let source = Source {
+            message_id: "m1".into(),
+            subject: "org.fedoraproject.prod.buildsys.build.state.change".into(),
+            rule: Some("koji".into()),
+        };
+        let built = Job::builder("rpmlint")
+            .id(id)
+            .arg("nvr", "a-1-1")
+            .arg("owner", "me")
+            .pool("builders")
+            .priority(-3)
+            .source(source.clone())
+            .actor("trigger")
+            .at(now)
+            .build();
+        let by_hand = Job::new(
+            id,
+            "rpmlint".into(),
+            BTreeMap::from([
+                ("nvr".to_string(), "a-1-1".to_string()),
+                ("owner".to_string(), "me".to_string()),
+            ]),
+            "builders".into(),
+            -3,
+            Some(source),
+            "trigger",
             now,
         );
+        assert_eq!(built, by_hand);
+
+        let d = Job::builder("noop").build();
+        assert_eq!(d.task, "noop");
+        assert_eq!(d.pool, "default");
+        assert_eq!(d.priority, 0);
+        assert!(d.args.is_empty() && d.source.is_none());
+        assert_eq!(d.state, JobState::Scheduled);
+        assert_eq!(d.history.len(), 1);
+        assert_eq!(d.history[0].actor, "test");
+        assert_eq!(d.history[0].action, Action::Create);
+        assert_eq!(d.created_at, d.history[0].at);
+        assert_ne!(d.id, Job::builder("noop").build().id, "a fresh id each");
+        // `args` replaces, `arg` adds.
+        let a = Job::builder("t")
+            .arg("x", "1")
+            .args(BTreeMap::from([("y".to_string(), "2".to_string())]))
+            .arg("z", "3")
+            .build();
+        assert_eq!(a.args.keys().collect::<Vec<_>>(), ["y", "z"]);
+    }
+
+    #[test]
+    fn job_round_trips_through_json_with_screaming_states() {
+        let now = Utc::now();
+        let job = Job::builder("noop")
+            .arg("seconds", "1")
+            .priority(5)
+            .actor("api")
+            .at(now)
+            .build();
         let text = serde_json::to_string(&job).expect("serialize");
         assert!(text.contains("\"state\":\"SCHEDULED\""), "{text}");
         let back: Job = serde_json::from_str(&text).expect("deserialize");
@@ -532,16 +672,7 @@ mod tests {
     #[test]
     fn history_is_bounded_and_drops_rejections_first() {
         let now = Utc::now();
-        let mut job = Job::new(
-            Uuid::new_v4(),
-            "t".into(),
-            BTreeMap::new(),
-            "p".into(),
-            0,
-            None,
-            "api",
-            now,
-        );
+        let mut job = Job::builder("t").pool("p").actor("api").at(now).build();
         for i in 0..(MAX_HISTORY as u32 + 50) {
             job.push_history(HistoryEntry {
                 at: now,
@@ -568,16 +699,7 @@ mod tests {
     #[test]
     fn held_only_by_the_leasing_session_at_its_epoch_while_running() {
         let now = Utc::now();
-        let mut j = Job::new(
-            Uuid::new_v4(),
-            "t".into(),
-            BTreeMap::new(),
-            "p".into(),
-            0,
-            None,
-            "api",
-            now,
-        );
+        let mut j = Job::builder("t").pool("p").actor("api").at(now).build();
         assert!(!j.is_held_by("s1", 0), "no lease");
         j.state = JobState::Running;
         j.attempt = 2;
@@ -600,16 +722,7 @@ mod tests {
     #[test]
     fn retry_by_hand_gives_a_fresh_budget_and_cancel_keeps_the_lease() {
         let now = Utc::now();
-        let mut j = Job::new(
-            Uuid::new_v4(),
-            "t".into(),
-            BTreeMap::new(),
-            "p".into(),
-            0,
-            None,
-            "api",
-            now,
-        );
+        let mut j = Job::builder("t").pool("p").actor("api").at(now).build();
         assert!(
             j.retry_by("alice", now).is_err(),
             "a SCHEDULED job is not retried"
@@ -636,16 +749,7 @@ mod tests {
     #[test]
     fn old_records_read_with_retry_on() {
         let now = Utc::now();
-        let j = Job::new(
-            Uuid::new_v4(),
-            "t".into(),
-            BTreeMap::new(),
-            "p".into(),
-            0,
-            None,
-            "api",
-            now,
-        );
+        let j = Job::builder("t").pool("p").actor("api").at(now).build();
         let text = serde_json::to_string(&j).expect("json");
         assert!(
             !text.contains("\"retry\""),

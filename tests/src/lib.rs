@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use warden_testsupport::{eventually, free_port, Cluster, NatsServer};
+pub use warden_testsupport::{eventually, free_port, never_within, Cluster, NatsServer};
 
 /// `target/<profile>/warden`, next to the test binary's `deps/` folder.
 /// `scripts/test` builds it before the tests run.
@@ -292,4 +292,222 @@ pub fn process_alive(pid: u32) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// The usual set-up of an end-to-end test: a nats-server of its own, a
+/// `warden up` on it with `config` (TOML over the defaults) and `workers`
+/// local workers.
+///
+/// ```ignore
+/// let s = Scenario::new().config(CONFIG).workers(2).up();
+/// let id = s.submit(&["noop"]);
+/// let job = s.wait_job(&id, "FINISHED", Duration::from_secs(30)).await;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    config: String,
+    workers: u32,
+}
+
+impl Scenario {
+    pub fn new() -> Scenario {
+        Scenario::default()
+    }
+
+    /// TOML appended to the config written so far (later tables win where
+    /// TOML allows; a table named twice is an error, as in any file).
+    pub fn config(mut self, toml: &str) -> Scenario {
+        self.config.push_str(toml);
+        self.config.push('\n');
+        self
+    }
+
+    /// Local workers `warden up` runs (0: none; a test starts its own).
+    pub fn workers(mut self, n: u32) -> Scenario {
+        self.workers = n;
+        self
+    }
+
+    /// Starts nats-server and `warden up` (healthy when this returns).
+    pub fn up(self) -> Stack {
+        let nats = NatsServer::start();
+        let warden = Warden::up(&nats.url(), &self.config, self.workers);
+        Stack {
+            nats,
+            warden,
+            config: self.config,
+        }
+    }
+}
+
+/// What [`Scenario::up`] started. Fields are public so a test can restart
+/// the bus (`s.nats.restart()`) or stop Warden (`s.warden.stop()`).
+pub struct Stack {
+    pub nats: NatsServer,
+    pub warden: Warden,
+    config: String,
+}
+
+impl Stack {
+    /// The bus URL.
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    /// The config text `warden up` runs with.
+    pub fn config_text(&self) -> &str {
+        &self.config
+    }
+
+    /// `warden job submit ARGS` (e.g. `["sleep", "--arg", "seconds=5"]`):
+    /// the new job's id.
+    pub fn submit(&self, args: &[&str]) -> String {
+        submit(&self.url(), args)
+    }
+
+    /// A `warden worker` process on this bus (see [`spawn_worker`]).
+    pub fn spawn_worker(&self, config: &Path, bot_id: &str) -> Child {
+        spawn_worker(&self.url(), config, bot_id)
+    }
+
+    /// `GET /api/v1/jobs/ID`.
+    pub async fn job(&self, id: &str) -> serde_json::Value {
+        job(&self.warden, id).await
+    }
+
+    /// Waits for job `id` to be in `state` (see [`wait_job`]).
+    pub async fn wait_job(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        wait_job(&self.warden, id, state, timeout).await
+    }
+}
+
+/// `warden job submit ARGS` on `nats_url`: the new job's id (the first line
+/// of what it prints).
+pub fn submit(nats_url: &str, args: &[&str]) -> String {
+    let mut full = vec!["job", "submit"];
+    full.extend_from_slice(args);
+    cli_ok(nats_url, &full)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// `GET /api/v1/jobs/ID` from `w`.
+pub async fn job(w: &Warden, id: &str) -> serde_json::Value {
+    get_json(&w.url(&format!("/api/v1/jobs/{id}"))).await
+}
+
+/// A job's state over HTTP, `None` while it cannot be read.
+pub async fn job_state(w: &Warden, id: &str) -> Option<String> {
+    let r = reqwest::get(w.url(&format!("/api/v1/jobs/{id}")))
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    v["state"].as_str().map(str::to_string)
+}
+
+/// Waits until job `id` (over `w`'s HTTP API) is in `state`; returns it.
+pub async fn wait_job(w: &Warden, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+    wait_job_where(w, id, &format!("job {id} {state}"), timeout, |j| {
+        j["state"] == state
+    })
+    .await
+}
+
+/// Waits until job `id` satisfies `want` (e.g. a state at an attempt);
+/// returns it. A job that cannot be read yet is waited for too.
+pub async fn wait_job_where(
+    w: &Warden,
+    id: &str,
+    what: &str,
+    timeout: Duration,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let url = w.url(&format!("/api/v1/jobs/{id}"));
+    let want = &want;
+    eventually(timeout, what, || {
+        let url = url.clone();
+        async move {
+            let r = reqwest::get(&url).await.ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let j: serde_json::Value = r.json().await.ok()?;
+            want(&j).then_some(j)
+        }
+    })
+    .await
+}
+
+/// Services run in the test's own process (for tests that cut one off, or
+/// play a worker by hand on the bus): a nats-server, a config for it, a
+/// connection with the topology made, and the job store.
+pub struct InProcess {
+    pub nats: NatsServer,
+    pub config: std::sync::Arc<warden_shared::Config>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub client: async_nats::Client,
+    pub handles: warden_shared::subjects::Handles,
+    pub store: warden_shared::store::JobStore,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A config for the services of a test: `[nats] url` plus `extra` TOML.
+pub fn config(nats_url: &str, extra: &str) -> std::sync::Arc<warden_shared::Config> {
+    std::sync::Arc::new(
+        warden_shared::Config::from_parts(
+            Some(&format!("[nats]\nurl = \"{nats_url}\"\n{extra}")),
+            Vec::new(),
+        )
+        .expect("test config"),
+    )
+}
+
+impl InProcess {
+    /// A fresh server, the config (`extra` TOML after `[nats] url`) and a
+    /// connection with streams and buckets made.
+    pub async fn start(extra: &str) -> InProcess {
+        let nats = NatsServer::start();
+        let config = config(&nats.url(), extra);
+        let (client, handles) = warden_shared::runtime::connect_with_topology(&config, "test")
+            .await
+            .expect("connect with the topology");
+        let store = warden_shared::store::JobStore::new(handles.jobs.clone());
+        InProcess {
+            nats,
+            config,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            client,
+            handles,
+            store,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Runs a service (`warden_scheduler::run`, `warden_fencing::run`, ...)
+    /// with this config until [`InProcess::stop`].
+    pub fn spawn<F, Fut, T>(&mut self, run: F)
+    where
+        F: FnOnce(
+            std::sync::Arc<warden_shared::Config>,
+            tokio_util::sync::CancellationToken,
+        ) -> Fut,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = run(self.config.clone(), self.shutdown.clone());
+        self.tasks.push(tokio::spawn(async move {
+            let _ = fut.await;
+        }));
+    }
+
+    /// Cancels the services and gives each 15 s to end.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+    }
 }

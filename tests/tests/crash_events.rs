@@ -5,53 +5,29 @@
 //! written and recreated afterwards; the suspect event still arrives.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
-use warden_e2e::{eventually, NatsServer};
+use warden_e2e::{eventually, InProcess};
 use warden_shared::job::{CrashInfo, HistoryEntry, Job, Lease};
 use warden_shared::messages::{Report, ReportKind, ResourceSuspect};
-use warden_shared::store::JobStore;
-use warden_shared::{runtime, subjects, Action, Config, JobState};
+use warden_shared::{runtime, subjects, Action, JobState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspect_event_arrives_after_its_first_publish_failed() {
-    let nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())),
-            Vec::new(),
-        )
-        .unwrap(),
+    let mut s = InProcess::start("").await;
+    s.spawn(warden_scheduler::run);
+    s.spawn(warden_classifier::service::run);
+    let (client, js, store, config) = (
+        s.client.clone(),
+        s.handles.js.clone(),
+        s.store.clone(),
+        s.config.clone(),
     );
-    let shutdown = CancellationToken::new();
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
-    let scheduler = tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone()));
-    let classifier = tokio::spawn(warden_classifier::service::run(
-        config.clone(),
-        shutdown.clone(),
-    ));
-    let js = handles.js.clone();
-    let store = JobStore::new(handles.jobs.clone());
 
     // A job running on host-a (with a working copy), attempt 1.
     let now = Utc::now();
-    let mut job = Job::new(
-        Uuid::new_v4(),
-        "sleep".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        now,
-    );
+    let mut job = Job::builder("sleep").at(now).build();
     job.state = JobState::Running;
     job.attempt = 1;
     job.lease = Some(Lease {
@@ -153,7 +129,5 @@ async fn suspect_event_arrives_after_its_first_publish_failed() {
         assert_eq!(suspect.leased_at, Some(now));
     }
 
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), scheduler).await;
-    let _ = tokio::time::timeout(Duration::from_secs(15), classifier).await;
+    s.stop().await;
 }

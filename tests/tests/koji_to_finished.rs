@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use warden_e2e::{cli, cli_ok, eventually, fixture, get_json, js, NatsServer, Warden};
+use warden_e2e::{cli, cli_ok, eventually, fixture, get_json, js, never_within, Scenario, Warden};
 
 const KOJI_DIR: &str = "messages";
 const START: &str = "06_buildsys.build.state.change__TestKojiBuildStateChangeStart.json";
@@ -31,9 +31,9 @@ async fn rpmlint_jobs(w: &Warden) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn koji_messages_become_finished_jobs_exactly_once() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let mut warden = Warden::up(&url, CONFIG, 2);
+    let mut s = Scenario::new().config(CONFIG).workers(2).up();
+    let url = s.url();
+    let warden = &mut s.warden;
 
     for f in [START, CANCEL, FAIL, COMPLETE] {
         let path = fixture(&format!("{KOJI_DIR}/{f}"));
@@ -45,7 +45,7 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
         Duration::from_secs(60),
         "three FINISHED rpmlint jobs",
         || async {
-            let jobs = rpmlint_jobs(&warden).await;
+            let jobs = rpmlint_jobs(warden).await;
             (jobs.len() == 3 && jobs.iter().all(|j| j["state"] == "FINISHED")).then_some(jobs)
         },
     )
@@ -108,8 +108,12 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
         &["job", "submit", "noop", "--wait", "--timeout", "60"],
     );
     assert!(id.contains("FINISHED"), "{id}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(rpmlint_jobs(&warden).await.len(), 3);
+    never_within(Duration::from_secs(1), "a fourth rpmlint job", || async {
+        let jobs = rpmlint_jobs(warden).await;
+        (jobs.len() != 3).then_some(jobs)
+    })
+    .await;
+    assert_eq!(rpmlint_jobs(warden).await.len(), 3);
     assert!(
         warden.is_running(),
         "warden up died:\n{}",
@@ -122,7 +126,7 @@ async fn koji_messages_become_finished_jobs_exactly_once() {
         .find(|j| j["source_message_id"] == "2015-6395fb7a-e5a7-4b95-858a-ff7b80410e7f")
         .expect("job of message 10");
     let id = complete["id"].as_str().unwrap();
-    let full = get_json(&w_url(&warden, id)).await;
+    let full = get_json(&w_url(warden, id)).await;
     assert_eq!(full["args"]["nvr"], "ansible-1.8.3-1.el7");
     assert_eq!(full["source"]["subject"], SUBJECT);
     let actions: Vec<&str> = full["history"]

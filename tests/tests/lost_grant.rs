@@ -5,51 +5,23 @@
 //! Before, the job stayed RUNNING for as long as the session lived.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use warden_e2e::NatsServer;
+use warden_e2e::InProcess;
 use warden_shared::job::Job;
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, CreateSession, Heartbeat, SessionReply,
 };
-use warden_shared::store::JobStore;
-use warden_shared::{runtime, subjects, Config, JobState};
+use warden_shared::{subjects, JobState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_that_never_reached_its_worker_is_taken_back() {
-    let nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!(
-                "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"4s\"\n",
-                nats.url()
-            )),
-            Vec::new(),
-        )
-        .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let scheduler = tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone()));
-    let fencing = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
-    let store = JobStore::new(handles.jobs.clone());
-    let job = Job::new(
-        Uuid::new_v4(),
-        "noop".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let mut s = InProcess::start("[fencing]\nsession_timeout = \"4s\"\n").await;
+    s.spawn(warden_scheduler::run);
+    s.spawn(warden_fencing::run);
+    let (client, store) = (s.client.clone(), s.store.clone());
+    let job = Job::builder("noop").build();
     store.create(&job).await.unwrap();
     let create = CreateSession {
         version: 1,
@@ -108,7 +80,9 @@ async fn a_grant_that_never_reached_its_worker_is_taken_back() {
         let client = client.clone();
         let session = session.clone();
         tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(500));
             loop {
+                every.tick().await;
                 let hb = Heartbeat {
                     version: 1,
                     session: session.clone(),
@@ -120,7 +94,6 @@ async fn a_grant_that_never_reached_its_worker_is_taken_back() {
                         serde_json::to_vec(&hb).unwrap().into(),
                     )
                     .await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
     };
@@ -147,7 +120,5 @@ async fn a_grant_that_never_reached_its_worker_is_taken_back() {
         back.history
     );
     beats.abort();
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), scheduler).await;
-    let _ = tokio::time::timeout(Duration::from_secs(15), fencing).await;
+    s.stop().await;
 }

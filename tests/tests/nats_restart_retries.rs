@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use warden_e2e::{eventually, get_json, NatsServer, Warden};
+use warden_e2e::{eventually, get_json, never_within, NatsServer, Warden};
 
 /// `flaky` fails twice with a third-party fault, then passes.
 fn config(dir: &std::path::Path) -> String {
@@ -91,7 +91,14 @@ async fn nats_restart_during_delayed_retries_and_running_jobs_loses_nothing() {
     )
     .await;
     nats.stop();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A 2 s outage: nothing answers on the bus's port all that time.
+    let port = nats.port();
+    never_within(
+        Duration::from_secs(2),
+        "the stopped bus listening",
+        || async move { std::net::TcpStream::connect(("127.0.0.1", port)).ok() },
+    )
+    .await;
     nats.start_again();
 
     let mut finals = Vec::new();

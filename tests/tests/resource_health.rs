@@ -24,7 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, get_json, warden_bin, NatsServer, Warden};
+use warden_e2e::{
+    cli_ok, eventually, get_json, job, never_within, submit, wait_job, warden_bin, NatsServer,
+    Warden,
+};
 
 const BASE: &str = r#"
 [fencing]
@@ -98,27 +101,11 @@ async fn resource(w: &Warden, name: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
-async fn wait_state(w: &Warden, name: &str, state: &str, secs: u64) -> serde_json::Value {
+async fn wait_resource(w: &Warden, name: &str, state: &str, secs: u64) -> serde_json::Value {
     eventually(
         Duration::from_secs(secs),
         &format!("{name} {state}"),
         || async { resource(w, name).await.filter(|r| r["state"] == state) },
-    )
-    .await
-}
-
-async fn job(w: &Warden, id: &str) -> serde_json::Value {
-    get_json(&w.url(&format!("/api/v1/jobs/{id}"))).await
-}
-
-async fn wait_job(w: &Warden, id: &str, state: &str, secs: u64) -> serde_json::Value {
-    eventually(
-        Duration::from_secs(secs),
-        &format!("job {id} {state}"),
-        || async {
-            let j = job(w, id).await;
-            (j["state"] == state).then_some(j)
-        },
     )
     .await
 }
@@ -146,12 +133,6 @@ fn states(r: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|c| c["to"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn submit(url: &str, args: &[&str]) -> String {
-    let mut all = vec!["job", "submit"];
-    all.extend_from_slice(args);
-    cli_ok(url, &all).trim().to_string()
 }
 
 struct Killed(Vec<Child>);
@@ -188,7 +169,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     let conf_b = with_checkout(dir.path(), "bot-b", "host-b", &["default"], "");
     let mut procs = Killed(vec![hook, warden_e2e::spawn_worker(&url, &conf_a, "bot-a")]);
 
-    let wc = wait_state(&warden, "host-a/checkout", "open", 30).await;
+    let wc = wait_resource(&warden, "host-a/checkout", "open", 30).await;
     assert_eq!(wc["kind"], "workcopy");
     assert_eq!(wc["depends_on"], "host-a");
     let host = resource(&warden, "host-a").await.unwrap();
@@ -199,7 +180,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     // The crash is system/setup_failed (retryable): the retry waits for a
     // healthy resource. The mangled working copy fails its check and is
     // closed; its host passes its own and stays usable.
-    let wc = wait_state(&warden, "host-a/checkout", "closed", 30).await;
+    let wc = wait_resource(&warden, "host-a/checkout", "closed", 30).await;
     assert_eq!(
         states(&wc),
         ["open", "suspicious", "broken", "closed"],
@@ -218,7 +199,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         wc["reason"].as_str().unwrap().contains("check_failed"),
         "{wc}"
     );
-    let host = wait_state(&warden, "host-a", "open", 30).await;
+    let host = wait_resource(&warden, "host-a", "open", 30).await;
     assert_eq!(
         host["checks"].as_array().unwrap().last().unwrap()["result"],
         "passed",
@@ -227,7 +208,11 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
 
     // No further lease goes to host-a: bot-a is idle and asking, yet the
     // job, due long since, stays waiting.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    never_within(Duration::from_secs(3), "the job leased again", || async {
+        let j = job(&warden, &id).await;
+        (j["state"] != "SCHEDULED" || j["attempt"] != 1).then_some(j)
+    })
+    .await;
     let waiting = job(&warden, &id).await;
     assert_eq!(waiting["state"], "SCHEDULED", "{waiting}");
     assert_eq!(waiting["attempt"], 1, "{waiting}");
@@ -236,7 +221,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     procs
         .0
         .push(warden_e2e::spawn_worker(&url, &conf_b, "bot-b"));
-    let done = wait_job(&warden, &id, "FINISHED", 60).await;
+    let done = wait_job(&warden, &id, "FINISHED", Duration::from_secs(60)).await;
     assert_eq!(done["attempt"], 2, "{done}");
     assert_eq!(done["lease"]["bot_id"], "bot-b", "{done}");
     assert_eq!(
@@ -256,7 +241,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     // An unrelated failure on a healthy host: both of its resources are
     // suspected, checked, and open again; work still goes there.
     let crash = submit(&url, &["diskfull"]);
-    let crashed = wait_job(&warden, &crash, "CRASHED", 60).await;
+    let crashed = wait_job(&warden, &crash, "CRASHED", Duration::from_secs(60)).await;
     assert_eq!(crashed["detail"], "disk_full", "{crashed}");
     for name in ["host-b", "host-b/checkout"] {
         let r = eventually(Duration::from_secs(30), "checked and open", || async {
@@ -272,7 +257,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         );
     }
     let after = submit(&url, &["noop"]);
-    let after = wait_job(&warden, &after, "FINISHED", 30).await;
+    let after = wait_job(&warden, &after, "FINISHED", Duration::from_secs(30)).await;
     assert_eq!(after["lease"]["bot_id"], "bot-b");
 
     let m = metrics(&warden).await;
@@ -310,31 +295,31 @@ async fn vanished_host_and_its_working_copy_are_recycled_and_jobs_finish_elsewhe
     let conf_v = with_checkout(dir.path(), "bot-v", "host-v", &["default"], "");
     let conf_w = with_checkout(dir.path(), "bot-w", "host-w", &["default"], "");
     let mut v = warden_e2e::spawn_worker(&url, &conf_v, "bot-v");
-    wait_state(&warden, "host-v/checkout", "open", 30).await;
+    wait_resource(&warden, "host-v/checkout", "open", 30).await;
 
     let ids = [submit(&url, &["sleepy"]), submit(&url, &["sleepy"])];
     for id in &ids {
-        let j = wait_job(&warden, id, "RUNNING", 30).await;
+        let j = wait_job(&warden, id, "RUNNING", Duration::from_secs(30)).await;
         assert_eq!(j["lease"]["bot_id"], "bot-v");
     }
     let _w = Killed(vec![warden_e2e::spawn_worker(&url, &conf_w, "bot-w")]);
-    wait_state(&warden, "host-w", "open", 30).await;
+    wait_resource(&warden, "host-w", "open", 30).await;
     v.kill().unwrap();
     v.wait().unwrap();
 
-    let host = wait_state(&warden, "host-v", "closed", 30).await;
+    let host = wait_resource(&warden, "host-v", "closed", 30).await;
     assert_eq!(states(&host), ["open", "broken", "closed"], "{host}");
     assert!(
         host["reason"].as_str().unwrap().contains("vanished"),
         "{host}"
     );
-    let wc = wait_state(&warden, "host-v/checkout", "closed", 30).await;
+    let wc = wait_resource(&warden, "host-v/checkout", "closed", 30).await;
     assert!(
         wc["reason"].as_str().unwrap().contains("host-v"),
         "the working copy goes with its host: {wc}"
     );
     for id in &ids {
-        let j = wait_job(&warden, id, "FINISHED", 60).await;
+        let j = wait_job(&warden, id, "FINISHED", Duration::from_secs(60)).await;
         assert_eq!(j["lease"]["bot_id"], "bot-w", "{j}");
         assert_eq!(j["attempt"], 2, "{j}");
     }
@@ -354,7 +339,7 @@ async fn vanished_host_and_its_working_copy_are_recycled_and_jobs_finish_elsewhe
     // The agent comes back (a new process after recycling): its resources
     // pass their checks and open as a new incarnation.
     let _v2 = Killed(vec![warden_e2e::spawn_worker(&url, &conf_v, "bot-v")]);
-    let again = wait_state(&warden, "host-v", "open", 30).await;
+    let again = wait_resource(&warden, "host-v", "open", 30).await;
     assert_eq!(again["incarnation"], 2, "{again}");
 }
 
@@ -379,11 +364,11 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
         warden_e2e::spawn_worker(&url, &conf_s, "bot-s"),
         warden_e2e::spawn_worker(&url, &conf_d, "bot-d"),
     ]);
-    wait_state(&warden, "host-s", "open", 30).await;
-    wait_state(&warden, "host-d", "open", 30).await;
+    wait_resource(&warden, "host-s", "open", 30).await;
+    wait_resource(&warden, "host-d", "open", 30).await;
 
     let crash = submit(&url, &["solo-diskfull"]);
-    wait_job(&warden, &crash, "CRASHED", 60).await;
+    wait_job(&warden, &crash, "CRASHED", Duration::from_secs(60)).await;
     let r = eventually(Duration::from_secs(30), "host-s under check", || async {
         resource(&warden, "host-s")
             .await
@@ -397,7 +382,7 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
         .collect();
     let flowing: Vec<String> = (0..5).map(|_| submit(&url, &["noop"])).collect();
     for id in &flowing {
-        wait_job(&warden, id, "FINISHED", 60).await;
+        wait_job(&warden, id, "FINISHED", Duration::from_secs(60)).await;
     }
     eventually(Duration::from_secs(10), "waiting jobs counted", || async {
         let m = metrics(&warden).await;
@@ -421,13 +406,13 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
     }
 
     std::fs::remove_file(&hold).unwrap();
-    let r = wait_state(&warden, "host-s", "open", 30).await;
+    let r = wait_resource(&warden, "host-s", "open", 30).await;
     assert!(
         r["reason"].as_str().unwrap().starts_with("check passed"),
         "{r}"
     );
     for id in &held {
-        let j = wait_job(&warden, id, "FINISHED", 60).await;
+        let j = wait_job(&warden, id, "FINISHED", Duration::from_secs(60)).await;
         assert_eq!(j["lease"]["bot_id"], "bot-s");
     }
     eventually(Duration::from_secs(10), "gauge back to 0", || async {
@@ -450,23 +435,23 @@ async fn closing_a_resource_by_hand_requeues_its_running_job_without_spending_it
     let conf_x = worker_conf(dir.path(), "bot-x", "host-x", &["default"], "");
     let conf_y = worker_conf(dir.path(), "bot-y", "host-y", &["default"], "");
     let mut workers = Killed(vec![warden_e2e::spawn_worker(&url, &conf_x, "bot-x")]);
-    wait_state(&warden, "host-x", "open", 30).await;
+    wait_resource(&warden, "host-x", "open", 30).await;
     // One attempt allowed: a second one can only come from a requeue that
     // does not count.
     let id = submit(&url, &["sleepy", "--max-attempts", "1"]);
-    let j = wait_job(&warden, &id, "RUNNING", 30).await;
+    let j = wait_job(&warden, &id, "RUNNING", Duration::from_secs(30)).await;
     assert_eq!(j["lease"]["bot_id"], "bot-x");
     workers
         .0
         .push(warden_e2e::spawn_worker(&url, &conf_y, "bot-y"));
-    wait_state(&warden, "host-y", "open", 30).await;
+    wait_resource(&warden, "host-y", "open", 30).await;
 
     let out = cli_ok(
         &url,
         &["resource", "close", "host-x", "--reason", "disk replaced"],
     );
     assert!(out.contains("host-x is closed"), "{out}");
-    let done = wait_job(&warden, &id, "FINISHED", 60).await;
+    let done = wait_job(&warden, &id, "FINISHED", Duration::from_secs(60)).await;
     assert_eq!(done["attempt"], 2, "{done}");
     assert_eq!(done["lease"]["bot_id"], "bot-y", "{done}");
     let requeue = done["history"]
@@ -527,9 +512,9 @@ async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_
     let conf = worker_conf(dir.path(), "bot-s", "host-s", &["default"], &extra);
     let mut worker = Killed(vec![warden_e2e::spawn_worker(&url, &conf, "bot-s")]);
     let pid = worker.0[0].id().to_string();
-    wait_state(&warden, "host-s", "open", 30).await;
+    wait_resource(&warden, "host-s", "open", 30).await;
     let first = submit(&url, &["quick"]);
-    wait_job(&warden, &first, "FINISHED", 30).await;
+    wait_job(&warden, &first, "FINISHED", Duration::from_secs(30)).await;
 
     // Stopped past its session timeout (2 s), while its host breaks.
     std::fs::remove_file(&marker).unwrap();
@@ -542,7 +527,7 @@ async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_
         assert!(ok, "kill {sig} {pid}");
     };
     signal("-STOP");
-    let host = wait_state(&warden, "host-s", "closed", 30).await;
+    let host = wait_resource(&warden, "host-s", "closed", 30).await;
     assert!(
         host["reason"].as_str().unwrap().contains("vanished"),
         "{host}"
@@ -571,13 +556,13 @@ async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_
 
     // Fixed: it comes back by itself as a new incarnation and takes work.
     std::fs::write(&marker, "").unwrap();
-    let host = wait_state(&warden, "host-s", "open", 30).await;
+    let host = wait_resource(&warden, "host-s", "open", 30).await;
     assert_eq!(host["incarnation"], 2, "{host}");
     assert!(
         host["reason"].as_str().unwrap().starts_with("returned"),
         "{host}"
     );
-    let done = wait_job(&warden, &waiting, "FINISHED", 30).await;
+    let done = wait_job(&warden, &waiting, "FINISHED", Duration::from_secs(30)).await;
     assert_eq!(done["lease"]["bot_id"], "bot-s", "{done}");
     worker.0[0].kill().unwrap();
 }

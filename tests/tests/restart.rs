@@ -4,15 +4,7 @@
 
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
-
-async fn state(w: &Warden, id: &str) -> Option<String> {
-    let r = reqwest::get(w.url(&format!("/api/v1/jobs/{id}")))
-        .await
-        .ok()?;
-    let v: serde_json::Value = r.json().await.ok()?;
-    v["state"].as_str().map(str::to_string)
-}
+use warden_e2e::{eventually, get_json, job_state, submit, NatsServer, Warden};
 
 /// Hand running work back quickly on shutdown.
 const CONFIG: &str = "[worker]\nshutdown_grace = \"200ms\"\n";
@@ -24,10 +16,8 @@ async fn jobs_survive_a_restart_of_everything() {
 
     // No workers: both jobs can only wait.
     let mut warden = Warden::up(&url, CONFIG, 0);
-    let waiting = cli_ok(&url, &["job", "submit", "noop"]).trim().to_string();
-    let long = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=5"])
-        .trim()
-        .to_string();
+    let waiting = submit(&url, &["noop"]);
+    let long = submit(&url, &["sleep", "--arg", "seconds=5"]);
     assert_eq!(warden.stop(), Some(0), "{}", warden.log_text());
     nats.restart();
 
@@ -36,7 +26,7 @@ async fn jobs_survive_a_restart_of_everything() {
     let mut warden = Warden::up(&url, CONFIG, 1);
     for (id, want) in [(&waiting, "FINISHED"), (&long, "RUNNING")] {
         eventually(Duration::from_secs(30), want, || async {
-            (state(&warden, id).await.as_deref() == Some(want)).then_some(())
+            (job_state(&warden, id).await.as_deref() == Some(want)).then_some(())
         })
         .await;
     }
@@ -48,7 +38,7 @@ async fn jobs_survive_a_restart_of_everything() {
     eventually(
         Duration::from_secs(60),
         "long job FINISHED after restart",
-        || async { (state(&warden, &long).await.as_deref() == Some("FINISHED")).then_some(()) },
+        || async { (job_state(&warden, &long).await.as_deref() == Some("FINISHED")).then_some(()) },
     )
     .await;
     let job = get_json(&warden.url(&format!("/api/v1/jobs/{long}"))).await;
@@ -69,7 +59,10 @@ async fn jobs_survive_a_restart_of_everything() {
         "{actions:?}"
     );
     assert_eq!(job["attempt"], 2, "{job}");
-    assert_eq!(state(&warden, &waiting).await.as_deref(), Some("FINISHED"));
+    assert_eq!(
+        job_state(&warden, &waiting).await.as_deref(),
+        Some("FINISHED")
+    );
 }
 
 /// SIGTERM ends `warden up` (two local workers included) even when the
@@ -80,7 +73,17 @@ async fn sigterm_stops_everything_after_the_bus_is_gone() {
     let mut nats = NatsServer::start();
     let mut warden = Warden::up(&nats.url(), CONFIG, 2);
     nats.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(
+        Duration::from_secs(20),
+        "warden up seeing the bus gone",
+        || async {
+            warden
+                .log_text()
+                .contains("nats disconnected")
+                .then_some(())
+        },
+    )
+    .await;
     let started = std::time::Instant::now();
     let code = warden.stop();
     eprintln!("stopped in {:?}", started.elapsed());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use warden_e2e::{cli, cli_ok, eventually, get_json, NatsServer, Warden};
+use warden_e2e::{cli, cli_ok, get_json, never_within, wait_job_where, Scenario, Warden};
 
 const CONFIG: &str = r#"
 [retry]
@@ -41,28 +41,23 @@ fn entries<'a>(job: &'a Value, action: &str) -> Vec<&'a Value> {
 }
 
 async fn wait_state(w: &Warden, id: &str, state: &str, attempt: u64) -> Value {
-    let url = w.url(&format!("/api/v1/jobs/{id}"));
-    eventually(
-        Duration::from_secs(60),
+    wait_job_where(
+        w,
+        id,
         &format!("job {state} at attempt {attempt}"),
-        || async {
-            let j = get_json(&url).await;
-            (j["state"] == state && j["attempt"] == attempt).then_some(j)
-        },
+        Duration::from_secs(60),
+        |j| j["state"] == state && j["attempt"] == attempt,
     )
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn third_party_failures_retry_to_the_limit_then_shelve_and_retry_by_hand() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let warden = Warden::up(&url, CONFIG, 1);
+    let s = Scenario::new().config(CONFIG).workers(1).up();
+    let (url, warden) = (s.url(), &s.warden);
 
-    let id = cli_ok(&url, &["job", "submit", "mirror"])
-        .trim()
-        .to_string();
-    let job = wait_state(&warden, &id, "SHELVED", 3).await;
+    let id = s.submit(&["mirror"]);
+    let job = wait_state(warden, &id, "SHELVED", 3).await;
     assert_eq!(job["blame"], "third_party", "{job:#}");
     assert_eq!(job["detail"], "network");
     assert_eq!(job["description"], "mirror unreachable");
@@ -89,7 +84,7 @@ async fn third_party_failures_retry_to_the_limit_then_shelve_and_retry_by_hand()
     // A person retries it: a fresh budget of three attempts.
     let line = cli_ok(&url, &["job", "retry", &id]);
     assert!(line.contains(&id), "{line}");
-    let again = wait_state(&warden, &id, "SHELVED", 6).await;
+    let again = wait_state(warden, &id, "SHELVED", 6).await;
     let by_hand: Vec<&Value> = entries(&again, "retry")
         .into_iter()
         .filter(|r| r["actor"] != "retry-policy")
@@ -128,20 +123,23 @@ async fn third_party_failures_retry_to_the_limit_then_shelve_and_retry_by_hand()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_blamed_crash_is_not_retried_and_an_opted_out_job_is_not_either() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let warden = Warden::up(&url, CONFIG, 1);
+    let s = Scenario::new().config(CONFIG).workers(1).up();
+    let warden = &s.warden;
 
-    let broken = cli_ok(&url, &["job", "submit", "broken"])
-        .trim()
-        .to_string();
-    let opted_out = cli_ok(&url, &["job", "submit", "mirror", "--no-retry"])
-        .trim()
-        .to_string();
+    let broken = s.submit(&["broken"]);
+    let opted_out = s.submit(&["mirror", "--no-retry"]);
     for id in [&broken, &opted_out] {
-        let job = wait_state(&warden, id, "CRASHED", 1).await;
+        let job = wait_state(warden, id, "CRASHED", 1).await;
         // Stays CRASHED: give the policy time to (wrongly) act.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        never_within(
+            Duration::from_millis(1500),
+            "a CRASHED job retried",
+            || async {
+                let j = s.job(id).await;
+                (j["state"] != "CRASHED" || j["attempt"] != 1).then_some(j)
+            },
+        )
+        .await;
         let later = get_json(&warden.url(&format!("/api/v1/jobs/{id}"))).await;
         assert_eq!(later["state"], "CRASHED", "{later:#}");
         assert_eq!(later["attempt"], 1);

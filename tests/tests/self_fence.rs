@@ -9,13 +9,10 @@
 //! the reports stream stay reachable.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 use warden_e2e::{eventually, NatsServer};
 use warden_shared::job::{Blame, Job};
 use warden_shared::session::{bot_key, session_key, Session, SessionState};
@@ -23,14 +20,9 @@ use warden_shared::store::JobStore;
 use warden_shared::{runtime, Action, Config, JobState};
 
 fn config(nats: &str, extra: &str) -> Arc<Config> {
-    Arc::new(
-        Config::from_parts(
-            Some(&format!(
-                "[nats]\nurl = \"{nats}\"\n[retry]\ninitial_delay = \"30s\"\njitter = 0.0\n{extra}"
-            )),
-            Vec::new(),
-        )
-        .unwrap(),
+    warden_e2e::config(
+        nats,
+        &format!("[retry]\ninitial_delay = \"30s\"\njitter = 0.0\n{extra}"),
     )
 }
 
@@ -59,16 +51,7 @@ async fn a_self_fenced_kill_is_a_lost_worker_not_the_tasks_crash() {
         .await
         .unwrap();
     let store = JobStore::new(handles.jobs.clone());
-    let job = Job::new(
-        Uuid::new_v4(),
-        "sleep".into(),
-        BTreeMap::from([("seconds".to_string(), "120".to_string())]),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let job = Job::builder("sleep").arg("seconds", "120").build();
     store.create(&job).await.unwrap();
     let running = eventually(Duration::from_secs(30), "job RUNNING and started", || {
         let store = store.clone();

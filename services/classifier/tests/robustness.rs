@@ -31,16 +31,9 @@ fn classify(
     })
 }
 
-/// Deterministic pseudo-random bytes (xorshift), no dependency needed.
-fn garbage(n: usize, mut seed: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 24) as u8
-        })
-        .collect()
+/// Deterministic pseudo-random bytes.
+fn garbage(n: usize, seed: u64) -> Vec<u8> {
+    warden_testsupport::XorShift::new(seed).bytes(n)
 }
 
 #[test]

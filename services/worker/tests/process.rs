@@ -108,12 +108,18 @@ timeout = "500ms"
         .trim()
         .parse()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let alive = std::path::Path::new(&format!("/proc/{child}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{child}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ");
-    assert!(!alive, "grandchild sleep survived the kill");
+    warden_testsupport::eventually(
+        Duration::from_secs(5),
+        "the grandchild sleep gone (it survived the kill)",
+        || async {
+            let alive = std::path::Path::new(&format!("/proc/{child}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z ");
+            (!alive).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -1,7 +1,6 @@
 //! One API instance on a real nats-server, bound to 127.0.0.1:0.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,16 +110,11 @@ impl Api {
     /// [`Api::put_job`] through `store` (a client with its own login).
     pub async fn put_job_in(&self, store: &JobStore, state: JobState, attempt: u32) -> (Job, u64) {
         let now = Utc::now();
-        let mut job = Job::new(
-            Uuid::new_v4(),
-            "build".into(),
-            BTreeMap::new(),
-            "builders".into(),
-            7,
-            None,
-            "test",
-            now,
-        );
+        let mut job = Job::builder("build")
+            .pool("builders")
+            .priority(7)
+            .at(now)
+            .build();
         job.state = state;
         job.attempt = attempt;
         if attempt > 0 {
