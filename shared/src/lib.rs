@@ -9,9 +9,18 @@
 //! - [`guard`]: children (tasks, a local nats-server) that die with their
 //!   parent.
 //! - [`ready`]: waiting for JetStream at start, by error kind.
+//! - [`error`]: every error code on the wire, as one enum;
+//! - [`serve`], [`consume`], [`cas`]: the request/reply loop, the
+//!   JetStream pull loop and the compare-and-set retry every service uses;
+//! - [`clock`]: the time, injectable in tests;
+//! - [`services`]: the one list of Warden's services.
 
+pub mod cas;
 pub mod classify;
+pub mod clock;
 pub mod config;
+pub mod consume;
+pub mod error;
 pub mod guard;
 pub mod job;
 pub mod messages;
@@ -20,6 +29,8 @@ pub mod ready;
 pub mod resource;
 pub mod retry;
 pub mod runtime;
+pub mod serve;
+pub mod services;
 pub mod session;
 pub mod state;
 pub mod store;

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use crate::error::ErrorCode;
 use crate::job::{Blame, CrashInfo};
 
 pub const MESSAGE_VERSION: u32 = 1;
@@ -289,8 +290,68 @@ pub struct Fault {
 /// A machine-readable error in a reply: callers branch on `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
+}
+
+/// A reply type that can carry only an error (its other fields empty):
+/// what a service answers to a request it cannot decode
+/// ([`crate::serve::decode_or_reply`]).
+pub trait ErrorReply: Serialize {
+    fn from_error(error: ErrorBody) -> Self;
+}
+
+impl ErrorReply for AcquireReply {
+    fn from_error(error: ErrorBody) -> Self {
+        AcquireReply {
+            version: MESSAGE_VERSION,
+            leases: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
+impl ErrorReply for ClassifyReply {
+    fn from_error(error: ErrorBody) -> Self {
+        ClassifyReply {
+            version: MESSAGE_VERSION,
+            classification: None,
+            error: Some(error),
+        }
+    }
+}
+
+impl ErrorReply for SessionReply {
+    fn from_error(error: ErrorBody) -> Self {
+        SessionReply {
+            version: MESSAGE_VERSION,
+            session: None,
+            cancel: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
+impl ErrorReply for CheckReply {
+    fn from_error(error: ErrorBody) -> Self {
+        CheckReply {
+            version: MESSAGE_VERSION,
+            passed: false,
+            results: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
+impl ErrorReply for HealthReply {
+    fn from_error(error: ErrorBody) -> Self {
+        HealthReply {
+            version: MESSAGE_VERSION,
+            resource: None,
+            check: None,
+            error: Some(error),
+        }
+    }
 }
 
 /// The reply body when a reply cannot be encoded: valid JSON that every
@@ -311,7 +372,7 @@ pub fn encode_reply<T: Serialize>(reply: &T) -> Vec<u8> {
 }
 
 impl ErrorBody {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(code: impl Into<ErrorCode>, message: impl Into<String>) -> Self {
         ErrorBody {
             code: code.into(),
             message: message.into(),
@@ -530,10 +591,17 @@ mod tests {
         assert_eq!(h.error.map(|e| e.code).as_deref(), Some("internal"));
         let c: super::ClassifyReply = serde_json::from_slice(&body).expect("a classify reply");
         assert_eq!(c.error.map(|e| e.code).as_deref(), Some("internal"));
-        let ok = super::encode_reply(&super::ErrorBody::new("x", "y"));
+        let ok = super::encode_reply(&super::ErrorBody::new(
+            crate::error::ErrorCode::Internal,
+            "y",
+        ));
         assert_eq!(
             ok,
-            serde_json::to_vec(&super::ErrorBody::new("x", "y")).expect("encodes")
+            serde_json::to_vec(&super::ErrorBody::new(
+                crate::error::ErrorCode::Internal,
+                "y"
+            ))
+            .expect("encodes")
         );
     }
 

@@ -79,7 +79,7 @@ async fn a_store_without_quorum_evicts_nobody() {
                 };
                 match request(&client, subjects::SESSION_HEARTBEAT, &hb).await {
                     Some(SessionReply { error: Some(e), .. }) => {
-                        errors.lock().unwrap().push(e.code)
+                        errors.lock().unwrap().push(e.code.to_string())
                     }
                     Some(_) => {}
                     None => errors.lock().unwrap().push("no answer".into()),
