@@ -7,20 +7,19 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use warden_shared::messages::{CreateSession, MESSAGE_VERSION};
-use warden_shared::session::{Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
-
-use crate::metrics::INVALID_REQUEST;
+use warden_shared::error::ErrorCode;
+use warden_shared::session::{Session, SessionState};
 
 /// A request refused by the rules (the caller's fault): its wire code and
 /// message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl Rejection {
-    fn new(code: &'static str, message: impl Into<String>) -> Rejection {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Rejection {
         Rejection {
             code,
             message: message.into(),
@@ -31,13 +30,13 @@ impl Rejection {
 /// Whether a create request may open a session.
 pub fn validate_create(req: &CreateSession) -> Result<(), Rejection> {
     if req.bot_id.trim().is_empty() {
-        return Err(Rejection::new(INVALID_REQUEST, "bot_id must not be empty"));
+        return Err(Rejection::new(ErrorCode::InvalidRequest, "bot_id must not be empty"));
     }
     if req.timeout_ms.is_some_and(|ms| {
         ms < 1000 || ms > warden_shared::config::MAX_EXECUTION_TIMEOUT.as_millis() as u64
     }) {
         return Err(Rejection::new(
-            INVALID_REQUEST,
+            ErrorCode::InvalidRequest,
             "timeout_ms must be between 1000 and 86400000",
         ));
     }
@@ -84,7 +83,7 @@ pub fn quarantine(mut s: Session, new: &str) -> Option<Session> {
 
 /// The answer to a request naming a session not on file.
 pub fn unknown(name: &str) -> Rejection {
-    Rejection::new(UNKNOWN_SESSION, format!("no session named {name}"))
+    Rejection::new(ErrorCode::UnknownSession, format!("no session named {name}"))
 }
 
 /// Whether session `name` (its record `s`) may act: it is active and is
@@ -92,7 +91,7 @@ pub fn unknown(name: &str) -> Rejection {
 pub fn is_current(name: &str, s: &Session, pointer: Option<&str>) -> Result<(), Rejection> {
     if s.state != SessionState::Active || pointer != Some(name) {
         return Err(Rejection::new(
-            SESSION_SUPERSEDED,
+            ErrorCode::SessionSuperseded,
             format!(
                 "session {name} of bot {} is {} and not current; start a new session",
                 s.bot_id,
@@ -234,7 +233,7 @@ mod tests {
             req("b", Some(999)),
             req("b", Some(86_400_001)),
         ] {
-            assert_eq!(validate_create(&bad).unwrap_err().code, INVALID_REQUEST);
+            assert_eq!(validate_create(&bad).unwrap_err().code, ErrorCode::InvalidRequest);
         }
         let s = new_session(&req("b", Some(3000)), "n".into(), t(1));
         assert_eq!(
@@ -259,12 +258,12 @@ mod tests {
     #[test]
     fn only_the_current_active_session_may_act() {
         let s = new_session(&req("b", None), "s".into(), t(0));
-        assert_eq!(unknown("x").code, UNKNOWN_SESSION);
+        assert_eq!(unknown("x").code, ErrorCode::UnknownSession);
         assert_eq!(unknown("x").message, "no session named x");
         assert!(is_current("s", &s, Some("s")).is_ok());
         assert!(is_current("s", &s, None).is_err(), "no pointer");
         let e = is_current("s", &s, Some("other")).unwrap_err();
-        assert_eq!(e.code, SESSION_SUPERSEDED);
+        assert_eq!(e.code, ErrorCode::SessionSuperseded);
         assert_eq!(
             e.message,
             "session s of bot b is active and not current; start a new session"
@@ -272,7 +271,7 @@ mod tests {
         let closed = close(s);
         assert_eq!(
             is_current("s", &closed, Some("s")).unwrap_err().code,
-            SESSION_SUPERSEDED
+            ErrorCode::SessionSuperseded
         );
     }
 

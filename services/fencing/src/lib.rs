@@ -23,6 +23,8 @@ use futures::StreamExt;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use warden_shared::clock::{self, Clock};
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::ErrorBody;
 use warden_shared::{runtime, subjects, Config};
 
@@ -43,7 +45,7 @@ pub enum FencingError {
 #[derive(Debug, Error)]
 enum OpError {
     #[error("{1}")]
-    Rejected(&'static str, String),
+    Rejected(ErrorCode, String),
     /// The session store failed (its fault, not the caller's).
     #[error("session store unavailable: {0}")]
     Store(String),
@@ -56,8 +58,8 @@ impl OpError {
     fn body(&self) -> ErrorBody {
         match self {
             OpError::Rejected(code, msg) => ErrorBody::new(*code, msg.clone()),
-            OpError::Store(msg) => ErrorBody::new("unavailable", msg.clone()),
-            OpError::Corrupt(msg) => ErrorBody::new("internal", msg.clone()),
+            OpError::Store(msg) => ErrorBody::new(ErrorCode::Unavailable, msg.clone()),
+            OpError::Corrupt(msg) => ErrorBody::new(ErrorCode::Internal, msg.clone()),
         }
     }
 }
@@ -92,6 +94,18 @@ fn store_err(e: impl std::fmt::Display) -> OpError {
 
 /// Runs the session service until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), FencingError> {
+    run_with_clock(config, shutdown, clock::system()).await
+}
+
+/// [`run`] with the time taken from `clock` (tests move a `ManualClock`
+/// instead of sleeping): heartbeats, creates and the expiry of silent
+/// sessions. The sweep's pace and its detection of a blind stretch (no
+/// bus, a listing too slow to trust) stay real time.
+pub async fn run_with_clock(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<(), FencingError> {
     warden_shared::metrics::starting("fencing");
     metrics::init();
     let Some((client, handles)) =
@@ -99,9 +113,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     else {
         return Ok(());
     };
-    let sessions = Arc::new(Sessions::new(
+    let sessions = Arc::new(Sessions::with_clock(
         handles.sessions.clone(),
         warden_shared::store::JobStore::new(handles.jobs.clone()),
+        clock,
     ));
     let Some(service) = runtime::start_service_api(
         &client,

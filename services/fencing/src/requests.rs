@@ -9,7 +9,9 @@ use warden_shared::messages::{
     CloseSession, CreateSession, Heartbeat, SessionReply, MESSAGE_VERSION,
 };
 
-use crate::metrics::{metrics, INVALID_REQUEST};
+use warden_shared::error::ErrorCode;
+
+use crate::metrics::metrics;
 use crate::sessions::Sessions;
 use crate::OpError;
 
@@ -33,7 +35,7 @@ impl Op {
 }
 
 fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, OpError> {
-    serde_json::from_slice(payload).map_err(|e| OpError::Rejected(INVALID_REQUEST, e.to_string()))
+    serde_json::from_slice(payload).map_err(|e| OpError::Rejected(ErrorCode::InvalidRequest, e.to_string()))
 }
 
 /// Runs `op` on `payload`: the new session's name and the leases to
@@ -81,7 +83,7 @@ pub(crate) async fn handle(sessions: Arc<Sessions>, op: Op, req: async_nats::ser
             let body = e.body();
             m.requests.with_label_values(&[op, "error"]).inc();
             if let OpError::Rejected(code, _) = &e {
-                m.rejected.with_label_values(&[code]).inc();
+                m.rejected.with_label_values(&[code.as_str()]).inc();
             }
             warn!(op, code = %body.code, error = %body.message, "session request rejected");
             SessionReply {
@@ -112,6 +114,6 @@ mod tests {
     #[test]
     fn an_undecodable_request_is_invalid() {
         let e = decode::<Heartbeat>(b"{").err().map(|e| e.body().code);
-        assert_eq!(e.as_deref(), Some(INVALID_REQUEST));
+        assert_eq!(e, Some(ErrorCode::InvalidRequest));
     }
 }

@@ -1,7 +1,7 @@
 //! The session store (`warden_sessions`): reads, compare-and-set writes,
 //! and the operations built of them (decisions in `decide`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
 use warden_shared::session::{bot_key, session_key, Session, SessionState};
+use warden_shared::clock::{self, Clock};
 use warden_shared::store::lost_race;
 
 use crate::decide::{self, SweepClock};
@@ -26,20 +27,32 @@ pub struct Sessions {
     jobs: warden_shared::store::JobStore,
     /// The last time this replica saw the session store fail.
     last_store_failure: Mutex<Option<DateTime<Utc>>>,
+    /// Where every decision reads the time.
+    clock: Arc<dyn Clock>,
 }
 
 impl Sessions {
     pub fn new(kv: kv::Store, jobs: warden_shared::store::JobStore) -> Sessions {
+        Sessions::with_clock(kv, jobs, clock::system())
+    }
+
+    /// [`Sessions::new`] reading the time from `clock`.
+    pub fn with_clock(
+        kv: kv::Store,
+        jobs: warden_shared::store::JobStore,
+        clock: Arc<dyn Clock>,
+    ) -> Sessions {
         Sessions {
             kv,
             jobs,
             last_store_failure: Mutex::new(None),
+            clock,
         }
     }
 
     /// The time every decision is taken at.
     pub(crate) fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        self.clock.now()
     }
 
     /// The session store failed just now: no session's clock counts

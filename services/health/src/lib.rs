@@ -57,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 use uuid::Uuid;
+use warden_shared::clock::{self, Clock};
 use warden_shared::resource::Resource;
 use warden_shared::{runtime, subjects, Config};
 
@@ -93,6 +94,8 @@ pub struct Health {
     /// (session, resource) pairs registered since this replica started:
     /// heartbeats rewrite session records, and need not re-read these.
     registered: Mutex<HashSet<(String, String)>>,
+    /// Where every decision reads the time.
+    clock: Arc<dyn Clock>,
 }
 
 impl Health {
@@ -100,6 +103,7 @@ impl Health {
         config: Arc<Config>,
         client: async_nats::Client,
         handles: &subjects::Handles,
+        clock: Arc<dyn Clock>,
     ) -> Arc<Self> {
         Arc::new(Health {
             config,
@@ -110,12 +114,13 @@ impl Health {
             cache: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(HashSet::new()),
             registered: Mutex::new(HashSet::new()),
+            clock,
         })
     }
 
     /// The time every decision is taken at.
     fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        self.clock.now()
     }
 
     fn cache(&self) -> MutexGuard<'_, BTreeMap<String, Resource>> {
@@ -144,6 +149,17 @@ impl Health {
 
 /// Runs one health replica until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), HealthError> {
+    run_with_clock(config, shutdown, clock::system()).await
+}
+
+/// [`run`] with the time taken from `clock` (tests move a
+/// `ManualClock` instead of sleeping). Timeouts on the bus (a check's
+/// `check_timeout`) and the pace of the periodic pass stay real time.
+pub async fn run_with_clock(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<(), HealthError> {
     warden_shared::metrics::starting("health");
     metrics::init();
     let Some((client, handles)) =
@@ -151,7 +167,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     else {
         return Ok(());
     };
-    let health = Health::new(config.clone(), client.clone(), &handles);
+    let health = Health::new(config.clone(), client.clone(), &handles, clock);
     let Some(consumer) = runtime::durable_consumer(
         &handles.js,
         "health",
@@ -283,7 +299,7 @@ mod tests {
                 async move { runtime::connect_with_topology(&c, "test").await.ok() }
             })
             .await;
-            replicas.push(Health::new(c, client, &handles));
+            replicas.push(Health::new(c, client, &handles, clock::system()));
         }
         let n = 40;
         let sessions: Vec<Session> = (0..n).map(session).collect();

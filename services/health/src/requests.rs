@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 use tracing::warn;
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::{ErrorBody, HealthReply, HealthRequest, MESSAGE_VERSION};
 use warden_shared::subjects;
 
@@ -46,14 +47,14 @@ impl HealthOp {
 /// A request decoded, or the error to answer.
 pub(crate) fn parse(subject: &str, payload: &[u8]) -> Result<(HealthOp, HealthRequest), ErrorBody> {
     let op = HealthOp::from_subject(subject)
-        .map_err(|e| ErrorBody::new("invalid_request", e.to_string()))?;
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e.to_string()))?;
     match serde_json::from_slice::<HealthRequest>(payload) {
         Err(e) => Err(ErrorBody::new(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("cannot decode request: {e}"),
         )),
         Ok(r) if r.resource.trim().is_empty() => Err(ErrorBody::new(
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "resource must not be empty",
         )),
         Ok(r) => Ok((op, r)),
@@ -117,7 +118,7 @@ mod tests {
         );
         // Not a close: an operation nobody named is refused.
         let e = parse("warden.health.recycle", body).unwrap_err();
-        assert_eq!(e.code, "invalid_request");
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert!(e.message.contains("warden.health.recycle"), "{}", e.message);
     }
 
@@ -125,8 +126,8 @@ mod tests {
     fn a_request_needs_a_resource() {
         let e = parse(subjects::HEALTH_CLOSE, br#"{"version":1,"resource":" "}"#).unwrap_err();
         assert_eq!(
-            (e.code.as_str(), e.message.as_str()),
-            ("invalid_request", "resource must not be empty")
+            (e.code, e.message.as_str()),
+            (ErrorCode::InvalidRequest, "resource must not be empty")
         );
         let e = parse(subjects::HEALTH_CLOSE, b"{").unwrap_err();
         assert!(

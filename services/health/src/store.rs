@@ -8,6 +8,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use tracing::debug;
 use uuid::Uuid;
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::ErrorBody;
 use warden_shared::resource::{resource_key, Resource};
 
@@ -28,9 +29,9 @@ pub(crate) enum OpError {
 impl OpError {
     pub(crate) fn body(&self) -> ErrorBody {
         let code = match self {
-            OpError::NotFound(_) => "not_found",
-            OpError::Refused(_) => "illegal_transition",
-            OpError::Store(_) => "unavailable",
+            OpError::NotFound(_) => ErrorCode::NotFound,
+            OpError::Refused(_) => ErrorCode::IllegalTransition,
+            OpError::Store(_) => ErrorCode::Unavailable,
         };
         ErrorBody::new(code, self.to_string())
     }

@@ -264,6 +264,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::decide::fixtures::{cfg, open, t};
+    use warden_shared::error::ErrorCode;
     use warden_shared::messages::{CheckResult, ErrorBody};
 
     fn none(_: &str) -> Option<ResourceState> {
@@ -519,7 +520,7 @@ mod tests {
             (Outcome::Failed, "disk: low (bot b)".into())
         );
         let err = CheckReply {
-            error: Some(ErrorBody::new("internal", "boom")),
+            error: Some(ErrorBody::new(ErrorCode::Internal, "boom")),
             ..ok
         };
         assert_eq!(
