@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use warden_shared::messages::{CreateSession, MESSAGE_VERSION};
 use warden_shared::error::ErrorCode;
+use warden_shared::messages::{CreateSession, MESSAGE_VERSION};
 use warden_shared::session::{Session, SessionState};
 
 /// A request refused by the rules (the caller's fault): its wire code and
@@ -30,7 +30,10 @@ impl Rejection {
 /// Whether a create request may open a session.
 pub fn validate_create(req: &CreateSession) -> Result<(), Rejection> {
     if req.bot_id.trim().is_empty() {
-        return Err(Rejection::new(ErrorCode::InvalidRequest, "bot_id must not be empty"));
+        return Err(Rejection::new(
+            ErrorCode::InvalidRequest,
+            "bot_id must not be empty",
+        ));
     }
     if req.timeout_ms.is_some_and(|ms| {
         ms < 1000 || ms > warden_shared::config::MAX_EXECUTION_TIMEOUT.as_millis() as u64
@@ -83,7 +86,10 @@ pub fn quarantine(mut s: Session, new: &str) -> Option<Session> {
 
 /// The answer to a request naming a session not on file.
 pub fn unknown(name: &str) -> Rejection {
-    Rejection::new(ErrorCode::UnknownSession, format!("no session named {name}"))
+    Rejection::new(
+        ErrorCode::UnknownSession,
+        format!("no session named {name}"),
+    )
 }
 
 /// Whether session `name` (its record `s`) may act: it is active and is
@@ -233,7 +239,10 @@ mod tests {
             req("b", Some(999)),
             req("b", Some(86_400_001)),
         ] {
-            assert_eq!(validate_create(&bad).unwrap_err().code, ErrorCode::InvalidRequest);
+            assert_eq!(
+                validate_create(&bad).unwrap_err().code,
+                ErrorCode::InvalidRequest
+            );
         }
         let s = new_session(&req("b", Some(3000)), "n".into(), t(1));
         assert_eq!(

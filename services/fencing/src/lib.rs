@@ -26,7 +26,7 @@ use tracing::info;
 use warden_shared::clock::{self, Clock};
 use warden_shared::error::ErrorCode;
 use warden_shared::messages::ErrorBody;
-use warden_shared::{runtime, subjects, Config};
+use warden_shared::{runtime, serve, subjects, Config};
 
 pub use crate::decide::silent_past_limit;
 use crate::requests::Op;
@@ -131,15 +131,15 @@ pub async fn run_with_clock(
         return Ok(());
     };
     let group = service.group(subjects::SESSION_GROUP);
-    let mut create = group
+    let create = group
         .endpoint("create")
         .await
         .map_err(FencingError::Service)?;
-    let mut heartbeat = group
+    let heartbeat = group
         .endpoint("heartbeat")
         .await
         .map_err(FencingError::Service)?;
-    let mut close = group
+    let close = group
         .endpoint("close")
         .await
         .map_err(FencingError::Service)?;
@@ -151,16 +151,17 @@ pub async fn run_with_clock(
     ));
     warden_shared::metrics::ready("fencing");
     info!("fencing service running");
-    loop {
-        let (op, req) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = create.next() => (Op::Create, r),
-            r = heartbeat.next() => (Op::Heartbeat, r),
-            r = close.next() => (Op::Close, r),
-        };
-        let Some(req) = req else { break };
-        tokio::spawn(requests::handle(sessions.clone(), op, req));
-    }
+    let requests = futures::stream::select_all([
+        serve::endpoint(create).map(|r| (Op::Create, r)).boxed(),
+        serve::endpoint(heartbeat)
+            .map(|r| (Op::Heartbeat, r))
+            .boxed(),
+        serve::endpoint(close).map(|r| (Op::Close, r)).boxed(),
+    ]);
+    serve::serve_tagged("fencing", requests, &shutdown, move |op, msg| {
+        requests::handle(sessions.clone(), op, msg)
+    })
+    .await;
     let _ = service.stop().await;
     warden_shared::runtime::flush(&client).await;
     info!("fencing service stopped");

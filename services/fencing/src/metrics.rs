@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
-use warden_shared::metrics::{register, touch, touch_each};
 use warden_shared::error::ErrorCode;
+use warden_shared::metrics::{register, touch, touch_each};
 use warden_shared::session::SessionState;
 
 pub struct Metrics {

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tracing::warn;
 use warden_shared::messages::{
     CloseSession, CreateSession, Heartbeat, SessionReply, MESSAGE_VERSION,
 };
 
 use warden_shared::error::ErrorCode;
+use warden_shared::serve::Reply;
 
 use crate::metrics::metrics;
 use crate::sessions::Sessions;
@@ -35,7 +35,8 @@ impl Op {
 }
 
 fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, OpError> {
-    serde_json::from_slice(payload).map_err(|e| OpError::Rejected(ErrorCode::InvalidRequest, e.to_string()))
+    serde_json::from_slice(payload)
+        .map_err(|e| OpError::Rejected(ErrorCode::InvalidRequest, e.to_string()))
 }
 
 /// Runs `op` on `payload`: the new session's name and the leases to
@@ -62,8 +63,8 @@ async fn dispatch(
 }
 
 /// Answers one request of `op`.
-pub(crate) async fn handle(sessions: Arc<Sessions>, op: Op, req: async_nats::service::Request) {
-    let result = dispatch(&sessions, op, &req.message.payload).await;
+pub(crate) async fn handle(sessions: Arc<Sessions>, op: Op, msg: async_nats::Message) -> Reply {
+    let result = dispatch(&sessions, op, &msg.payload).await;
     if let Err(OpError::Store(_)) = &result {
         sessions.store_failed();
     }
@@ -94,10 +95,7 @@ pub(crate) async fn handle(sessions: Arc<Sessions>, op: Op, req: async_nats::ser
             }
         }
     };
-    let bytes = warden_shared::messages::encode_reply(&reply);
-    if let Err(e) = req.respond(Ok(Bytes::from(bytes))).await {
-        warn!(error = %e, "cannot answer session request");
-    }
+    Reply::json(&reply)
 }
 
 #[cfg(test)]

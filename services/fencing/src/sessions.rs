@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tracing::{info, warn};
 use uuid::Uuid;
+use warden_shared::clock::{self, Clock};
 use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
 use warden_shared::session::{bot_key, session_key, Session, SessionState};
-use warden_shared::clock::{self, Clock};
 use warden_shared::store::lost_race;
 
 use crate::decide::{self, SweepClock};

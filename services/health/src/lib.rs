@@ -51,7 +51,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use async_nats::service::ServiceExt;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,7 +58,7 @@ use tracing::info;
 use uuid::Uuid;
 use warden_shared::clock::{self, Clock};
 use warden_shared::resource::Resource;
-use warden_shared::{runtime, subjects, Config};
+use warden_shared::{runtime, serve, subjects, Config};
 
 #[derive(Debug, Error)]
 pub enum HealthError {
@@ -188,11 +187,11 @@ pub async fn run_with_clock(
         .await
         .map_err(setup("health service"))?;
     let group = service.group(subjects::HEALTH_GROUP);
-    let mut check_ep = group
+    let check_ep = group
         .endpoint("check")
         .await
         .map_err(setup("check endpoint"))?;
-    let mut close_ep = group
+    let close_ep = group
         .endpoint("close")
         .await
         .map_err(setup("close endpoint"))?;
@@ -216,15 +215,13 @@ pub async fn run_with_clock(
     ));
     warden_shared::metrics::ready("health");
     info!("health service running");
-    loop {
-        let req = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = check_ep.next() => r,
-            r = close_ep.next() => r,
-        };
-        let Some(req) = req else { break };
-        tracker.spawn(requests::handle(health.clone(), req));
-    }
+    // One stream of both endpoints; each request's op is read from its
+    // subject.
+    let requests = futures::stream::select(serve::endpoint(check_ep), serve::endpoint(close_ep));
+    serve::serve("health", requests, &shutdown, move |msg| {
+        requests::handle(health.clone(), msg)
+    })
+    .await;
     let _ = service.stop().await;
     runtime::drain(&client, &tracker, Duration::from_secs(10)).await;
     info!("health service stopped");

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use thiserror::Error;
 use tracing::warn;
 use warden_shared::error::ErrorCode;
 use warden_shared::messages::{ErrorBody, HealthReply, HealthRequest, MESSAGE_VERSION};
+use warden_shared::serve::Reply;
 use warden_shared::subjects;
 
 use crate::decide::checks::Trigger;
@@ -62,9 +62,9 @@ pub(crate) fn parse(subject: &str, payload: &[u8]) -> Result<(HealthOp, HealthRe
 }
 
 /// Answers one request.
-pub(crate) async fn handle(health: Arc<Health>, req: async_nats::service::Request) {
-    let subject = req.message.subject.to_string();
-    let reply = match parse(&subject, &req.message.payload) {
+pub(crate) async fn handle(health: Arc<Health>, msg: async_nats::Message) -> Reply {
+    let subject = msg.subject.to_string();
+    let reply = match parse(&subject, &msg.payload) {
         Err(e) => Err(e),
         Ok((HealthOp::Check, r)) => health
             .check(&r.resource, Trigger::Manual)
@@ -94,10 +94,7 @@ pub(crate) async fn handle(health: Arc<Health>, req: async_nats::service::Reques
             }
         }
     };
-    let body = warden_shared::messages::encode_reply(&reply);
-    if let Err(e) = req.respond(Ok(Bytes::from(body))).await {
-        warn!(error = %e, "cannot answer health request");
-    }
+    Reply::json(&reply)
 }
 
 #[cfg(test)]
