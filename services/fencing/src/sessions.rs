@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tracing::{info, warn};
 use uuid::Uuid;
+use warden_shared::cas::{self, CasError, Never, Policy};
 use warden_shared::clock::{self, Clock};
 use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
 use warden_shared::session::{bot_key, session_key, Session, SessionState};
@@ -20,7 +21,15 @@ use crate::{store_err, GetError, OpError};
 
 /// How often a compare-and-set on a session record is tried again after
 /// the record changed under it (re-read each time).
-const CAS_ATTEMPTS: usize = 5;
+const CAS_ATTEMPTS: u32 = 5;
+
+/// An error as text, with its cause.
+fn error_text(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
 
 pub struct Sessions {
     kv: kv::Store,
@@ -121,20 +130,21 @@ impl Sessions {
     /// compare-and-set on the revision read, re-reading when it changed
     /// (an expiry or a last heartbeat landing meanwhile).
     async fn quarantine(&self, old: &str, new: &str) -> Result<bool, OpError> {
-        for _ in 0..CAS_ATTEMPTS {
-            let Some((s, rev)) = self.get(old).await? else {
-                return Ok(false);
-            };
-            let Some(s) = decide::quarantine(s, new) else {
-                return Ok(false);
-            };
-            if self.update(&s, rev).await? {
-                return Ok(true);
-            }
+        let policy = Policy {
+            attempts: CAS_ATTEMPTS,
+        };
+        let written = cas::modify(&self.kv, &session_key(old), policy, |current: Option<Session>| {
+            Ok::<_, Never>(current.and_then(|s| decide::quarantine(s, new)))
+        })
+        .await;
+        match written {
+            Ok(w) => Ok(w.is_some()),
+            Err(CasError::Conflict { .. }) => Err(OpError::Store(format!(
+                "session {old} kept changing; not quarantined"
+            ))),
+            Err(e @ CasError::Decode { .. }) => Err(OpError::Corrupt(error_text(&e))),
+            Err(e) => Err(OpError::Store(error_text(&e))),
         }
-        Err(OpError::Store(format!(
-            "session {old} kept changing; not quarantined"
-        )))
     }
 
     async fn current_of(&self, bot_id: &str) -> Result<Option<(String, u64)>, OpError> {

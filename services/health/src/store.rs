@@ -1,13 +1,10 @@
 //! The one write path of `warden_resources`: read, change by a pure
 //! decision, compare-and-set, retried on conflict.
 
-use std::time::Duration;
-
 use async_nats::jetstream::kv;
-use bytes::Bytes;
 use thiserror::Error;
 use tracing::debug;
-use uuid::Uuid;
+use warden_shared::cas::{self, CasError, Never, Policy};
 use warden_shared::error::ErrorCode;
 use warden_shared::messages::ErrorBody;
 use warden_shared::resource::{resource_key, Resource};
@@ -37,17 +34,16 @@ impl OpError {
     }
 }
 
-/// Writes of one record tried before giving up.
-const CAS_ATTEMPTS: u32 = 16;
+/// Writes of one record tried before giving up, and the pauses between
+/// them (16 attempts: the default).
+const CAS: Policy = Policy::DEFAULT;
 
-/// The pause before retry `attempt` (1…) of a compare-and-set: a few
-/// milliseconds, growing, jittered so that replicas that collided do not
-/// collide again in step (and a replica whose read came from a lagging
-/// follower reads again after it caught up).
-fn cas_pause(attempt: u32) -> Duration {
-    let ceiling = 5 * u64::from(attempt.min(10)) + 5;
-    let jitter = (Uuid::new_v4().as_u128() % u128::from(ceiling)) as u64;
-    Duration::from_millis(2 + jitter)
+/// A store error as text, with its cause.
+fn store_text<E: std::error::Error>(e: &CasError<E>) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 impl Health {
@@ -73,7 +69,8 @@ impl Health {
     /// current record (`None`: absent) and returns the new one, or `None`
     /// to write nothing; on a conflict it runs again on what another
     /// writer left, after a short jittered pause. Returns what was
-    /// written.
+    /// written. Each attempt is one `warden_shared::cas::modify`, so that
+    /// every lost race is counted (`warden_health_write_conflicts_total`).
     pub(crate) async fn modify<F>(
         &self,
         name: &str,
@@ -83,52 +80,31 @@ impl Health {
         F: FnMut(Option<Resource>) -> Option<Resource>,
     {
         let key = resource_key(name);
-        for attempt in 0..CAS_ATTEMPTS {
+        let once = Policy { attempts: 1 };
+        for attempt in 0..CAS.attempts {
             if attempt > 0 {
-                tokio::time::sleep(cas_pause(attempt)).await;
+                tokio::time::sleep(CAS.pause(attempt)).await;
             }
-            let current = self.get(name).await?;
-            let revision = current.as_ref().map(|(_, rev)| *rev);
-            let Some(next) = change(current.map(|(r, _)| r)) else {
-                return Ok(None);
-            };
-            let body =
-                Bytes::from(serde_json::to_vec(&next).map_err(|e| OpError::Store(e.to_string()))?);
-            let written = match revision {
-                None => self.kv.create(&key, body).await.map(|_| ()).map_err(|e| {
-                    (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists
-                            || warden_shared::store::lost_race(&e),
-                        e.to_string(),
-                    )
-                }),
-                Some(rev) => self
-                    .kv
-                    .update(&key, body, rev)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision
-                                || warden_shared::store::lost_race(&e),
-                            e.to_string(),
-                        )
-                    }),
-            };
+            let written = cas::modify(&self.kv, &key, once, |current| {
+                Ok::<_, Never>(change(current))
+            })
+            .await;
             match written {
-                Ok(()) => {
+                Ok(None) => return Ok(None),
+                Ok(Some((next, _))) => {
                     self.cache().insert(next.name.clone(), next.clone());
                     return Ok(Some(next));
                 }
-                Err((true, e)) => {
+                Err(e @ CasError::Conflict { .. }) => {
                     metrics().cas_conflicts.inc();
                     debug!(resource = %name, attempt, error = %e, "resource changed meanwhile; re-reading");
                 }
-                Err((false, e)) => return Err(OpError::Store(e)),
+                Err(e) => return Err(OpError::Store(store_text(&e))),
             }
         }
         Err(OpError::Store(format!(
-            "{name}: still changing after {CAS_ATTEMPTS} attempts"
+            "{name}: still changing after {} attempts",
+            CAS.attempts
         )))
     }
 }
