@@ -133,9 +133,14 @@ impl Sessions {
         let policy = Policy {
             attempts: CAS_ATTEMPTS,
         };
-        let written = cas::modify(&self.kv, &session_key(old), policy, |current: Option<Session>| {
-            Ok::<_, Never>(current.and_then(|s| decide::quarantine(s, new)))
-        })
+        let written = cas::modify(
+            &self.kv,
+            &session_key(old),
+            policy,
+            |current: Option<Session>| {
+                Ok::<_, Never>(current.and_then(|s| decide::quarantine(s, new)))
+            },
+        )
         .await;
         match written {
             Ok(w) => Ok(w.is_some()),

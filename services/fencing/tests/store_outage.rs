@@ -9,13 +9,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::never_within;
 use common::{create_request, heartbeat_of, try_request as request};
 use tokio_util::sync::CancellationToken;
 use warden_shared::clock::ManualClock;
 use warden_shared::messages::SessionReply;
 use warden_shared::session::{session_key, Session, SessionState};
 use warden_shared::{runtime, subjects};
-use common::never_within;
 use warden_testsupport::{eventually, Cluster};
 
 /// The session service on `config`, a client, the sessions bucket and a
@@ -81,7 +81,10 @@ async fn a_store_without_quorum_evicts_nobody() {
     let bot = {
         let (client, name, errors) = (client.clone(), name.clone(), errors.clone());
         tokio::spawn(async move {
+            // The worker's heartbeat cadence.
+            let mut every = tokio::time::interval(Duration::from_millis(666));
             loop {
+                every.tick().await;
                 let hb = heartbeat_of(&name);
                 match request(&client, subjects::SESSION_HEARTBEAT, &hb).await {
                     Some(SessionReply { error: Some(e), .. }) => {
@@ -90,7 +93,6 @@ async fn a_store_without_quorum_evicts_nobody() {
                     Some(_) => {}
                     None => errors.lock().unwrap().push("no answer".into()),
                 }
-                tokio::time::sleep(Duration::from_millis(666)).await;
             }
         })
     };
@@ -146,12 +148,7 @@ async fn a_store_without_quorum_evicts_nobody() {
         errors.lock().unwrap()
     );
     let tail: Vec<String> = errors.lock().unwrap()[during..].to_vec();
-    let last = request(
-        &client,
-        subjects::SESSION_HEARTBEAT,
-        &heartbeat_of(&name),
-    )
-    .await;
+    let last = request(&client, subjects::SESSION_HEARTBEAT, &heartbeat_of(&name)).await;
     assert!(
         last.as_ref().is_some_and(|r| r.error.is_none()),
         "heartbeats fail after the store is back: {last:?} (after the outage: {tail:?})"

@@ -45,9 +45,11 @@ async fn shutdown_ends_the_wait() {
     let config = common::config(&url, "");
     let shutdown = CancellationToken::new();
     let service = common::spawn(config, &shutdown, None);
-    common::never_within(Duration::from_millis(500), "the service exiting", || async {
-        service.is_finished().then_some(())
-    })
+    common::never_within(
+        Duration::from_millis(500),
+        "the service exiting",
+        || async { service.is_finished().then_some(()) },
+    )
     .await;
     assert!(!service.is_finished());
     shutdown.cancel();
