@@ -4,8 +4,9 @@
 use std::sync::OnceLock;
 
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts};
+use warden_shared::error::ErrorCode;
 use warden_shared::metrics::{register, touch, touch_each};
-use warden_shared::session::{SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION};
+use warden_shared::session::SessionState;
 
 pub struct Metrics {
     pub requests: IntCounterVec,
@@ -18,10 +19,13 @@ pub struct Metrics {
 /// `op` and `result` of `warden_fencing_requests_total`.
 pub const OPS: [&str; 3] = ["create", "heartbeat", "close"];
 pub const RESULTS: [&str; 2] = ["ok", "error"];
-/// A request that could not be decoded, or a create without a bot id.
-pub const INVALID_REQUEST: &str = "invalid_request";
-/// `code` of `warden_fencing_rejected_total`.
-pub const REJECT_CODES: [&str; 3] = [INVALID_REQUEST, UNKNOWN_SESSION, SESSION_SUPERSEDED];
+/// `code` of `warden_fencing_rejected_total`: a request that could not be
+/// decoded or a create without a bot id, and the two fencing errors.
+pub const REJECT_CODES: [ErrorCode; 3] = [
+    ErrorCode::InvalidRequest,
+    ErrorCode::UnknownSession,
+    ErrorCode::SessionSuperseded,
+];
 
 pub fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
@@ -83,7 +87,7 @@ pub fn init() {
             touch(&m.requests, &[op, result]);
         }
     }
-    touch_each(&m.rejected, &REJECT_CODES);
+    touch_each(&m.rejected, &REJECT_CODES.map(ErrorCode::as_str));
 }
 
 /// Publishes one sweep's count of sessions per state; every state is

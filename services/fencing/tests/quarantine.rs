@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use tokio_util::sync::CancellationToken;
+use warden_shared::clock::{Clock, ManualClock};
 use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
 use warden_shared::session::{
     bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION,
@@ -71,14 +74,24 @@ struct Fixture {
     client: async_nats::Client,
     handles: warden_shared::subjects::Handles,
     shutdown: CancellationToken,
-    service: Option<tokio::task::JoinHandle<Result<(), warden_fencing::FencingError>>>,
+    service: Option<common::Service>,
+    /// The service's clock (`None`: the system's).
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl Fixture {
     /// `extra` is TOML appended to the config (e.g. a short timeout).
     async fn start(nats: &NatsServer, extra: &str) -> Fixture {
-        let text = format!("[nats]\nurl = \"{}\"\n{extra}", nats.url());
-        let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
+        Fixture::start_with_clock(nats, extra, None).await
+    }
+
+    /// [`Fixture::start`] with the service reading the time from `clock`.
+    async fn start_with_clock(
+        nats: &NatsServer,
+        extra: &str,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Fixture {
+        let config: Arc<Config> = common::config(&nats.url(), extra);
         let (client, handles) = runtime::connect_with_topology(&config, "test")
             .await
             .unwrap();
@@ -88,6 +101,7 @@ impl Fixture {
             handles,
             shutdown: CancellationToken::new(),
             service: None,
+            clock,
         };
         f.start_service().await;
         f
@@ -95,10 +109,11 @@ impl Fixture {
 
     async fn start_service(&mut self) {
         self.shutdown = CancellationToken::new();
-        self.service = Some(tokio::spawn(warden_fencing::run(
+        self.service = Some(common::spawn(
             self.config.clone(),
-            self.shutdown.clone(),
-        )));
+            &self.shutdown,
+            self.clock.clone(),
+        ));
         eventually(Duration::from_secs(10), "fencing service answers", || {
             let client = self.client.clone();
             async move {
@@ -245,10 +260,12 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
     let nats = NatsServer::start();
-    let mut f = Fixture::start(&nats, TIMEOUT_600MS).await;
+    let time = ManualClock::new(chrono::Utc::now());
+    let mut f = Fixture::start_with_clock(&nats, TIMEOUT_600MS, Some(time.shared())).await;
     let (client, kv) = (f.client.clone(), f.handles.sessions.clone());
     let quiet = create(&client, "quiet").await;
     // Silent: expires after the timeout.
+    time.advance(Duration::from_millis(700));
     eventually(Duration::from_secs(10), "the silent session expired", || {
         let kv = kv.clone();
         let quiet = quiet.clone();
@@ -262,9 +279,19 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
     let busy = create(&client, "busy").await;
     assert!(heartbeat(&client, &busy).await.error.is_none());
     f.stop_service().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    time.advance(Duration::from_millis(1500));
     f.start_service().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Several sweeps (every 150 ms) at that time: the session keeps its
+    // full timeout from the restart.
+    common::never_within(
+        Duration::from_millis(300),
+        "the session expiring",
+        || async {
+            let (s, _) = session(&kv, &busy).await;
+            (s.state != SessionState::Active).then_some(s.state)
+        },
+    )
+    .await;
     let r = eventually(Duration::from_secs(5), "heartbeat after restart", || {
         let client = client.clone();
         let busy = busy.clone();
@@ -372,11 +399,16 @@ async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
     // A well-behaved bot: heartbeats every 400 ms (inside the 600 ms
     // timeout) and keeps trying through the outage.
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let beats = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let bot = {
-        let (client, name, errors) = (client.clone(), name.clone(), errors.clone());
+        let (client, name, errors, beats) =
+            (client.clone(), name.clone(), errors.clone(), beats.clone());
         tokio::spawn(async move {
+            // The bot's heartbeat cadence.
+            let mut every = tokio::time::interval(Duration::from_millis(400));
+            every.tick().await;
             loop {
-                tokio::time::sleep(Duration::from_millis(400)).await;
+                every.tick().await;
                 let hb = Heartbeat {
                     version: 1,
                     session: name.clone(),
@@ -391,21 +423,51 @@ async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
                 )
                 .await;
                 if let Ok(Ok(msg)) = res {
-                    if let Ok(SessionReply { error: Some(e), .. }) =
-                        serde_json::from_slice::<SessionReply>(&msg.payload)
-                    {
-                        errors.lock().unwrap().push(e.code);
+                    match serde_json::from_slice::<SessionReply>(&msg.payload) {
+                        Ok(SessionReply { error: Some(e), .. }) => {
+                            errors.lock().unwrap().push(e.code)
+                        }
+                        Ok(_) => {
+                            beats.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(_) => {}
                     }
                 }
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(Duration::from_secs(5), "two heartbeats", || async {
+        (beats.load(std::sync::atomic::Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
     nats.stop();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Down for more than three timeouts (of real time: the service tells
+    // a blind stretch by it).
+    common::never_within(Duration::from_secs(2), "the bus answering", || async {
+        let read = tokio::time::timeout(Duration::from_millis(200), kv.entry(session_key(&name)));
+        read.await.ok()?.ok().map(|_| ())
+    })
+    .await;
     nats.start_again();
-    // Let the fleet come back and several sweeps run.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The fleet comes back (heartbeats land again), and several sweeps
+    // run: the session stays active and no heartbeat is refused.
+    let before = beats.load(std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(10),
+        "a heartbeat after the outage",
+        || async { (beats.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(()) },
+    )
+    .await;
+    common::never_within(
+        Duration::from_secs(2),
+        "the session evicted or a heartbeat refused",
+        || async {
+            let state = session(&kv, &name).await.0.state;
+            let errors = errors.lock().unwrap().clone();
+            (state != SessionState::Active || !errors.is_empty()).then_some((state, errors))
+        },
+    )
+    .await;
     bot.abort();
     assert_eq!(
         session(&kv, &name).await.0.state,

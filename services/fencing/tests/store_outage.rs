@@ -4,58 +4,42 @@
 //! counts against nobody (issue 13).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::never_within;
+use common::{create_request, heartbeat_of, try_request as request};
 use tokio_util::sync::CancellationToken;
-use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
+use warden_shared::clock::ManualClock;
+use warden_shared::messages::SessionReply;
 use warden_shared::session::{session_key, Session, SessionState};
-use warden_shared::{runtime, subjects, Config};
+use warden_shared::{runtime, subjects};
 use warden_testsupport::{eventually, Cluster};
 
-async fn request<T: serde::Serialize>(
-    client: &async_nats::Client,
-    subject: &'static str,
-    body: &T,
-) -> Option<SessionReply> {
-    let msg = tokio::time::timeout(
-        Duration::from_secs(2),
-        client.request(subject, serde_json::to_vec(body).unwrap().into()),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    serde_json::from_slice(&msg.payload).ok()
+/// The session service on `config`, a client, the sessions bucket and a
+/// session of bot `steady` (created within `within`).
+struct Started {
+    client: async_nats::Client,
+    handles: subjects::Handles,
+    shutdown: CancellationToken,
+    service: common::Service,
+    name: String,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_without_quorum_evicts_nobody() {
-    let mut cluster = Cluster::start();
-    // Everything talks to node 2 only, so the clients stay connected
-    // while nodes 0 and 1 are gone.
-    let text = format!(
-        "[nats]\nurl = \"{}\"\nreplicas = 3\n[fencing]\nsession_timeout = \"2s\"\n",
-        cluster.node_url(2)
-    );
-    let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
+async fn start(
+    config: Arc<warden_shared::Config>,
+    clock: Option<Arc<dyn warden_shared::clock::Clock>>,
+    within: Duration,
+) -> Started {
     let (client, handles) = runtime::connect_with_topology(&config, "test")
         .await
         .unwrap();
-    let kv = handles.sessions.clone();
     let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let create = CreateSession {
-        version: 1,
-        bot_id: "steady".into(),
-        resource: None,
-        resources: Vec::new(),
-        agent_instance: String::new(),
-        pools: vec!["default".into()],
-        capacity: 1,
-        agent_version: "test".into(),
-        timeout_ms: None,
-    };
-    let name = eventually(Duration::from_secs(30), "a session", || {
+    let service = common::spawn(config, &shutdown, clock);
+    let create = create_request("steady");
+    let name = eventually(within, "a session", || {
         let client = client.clone();
         let create = create.clone();
         async move {
@@ -65,18 +49,43 @@ async fn a_store_without_quorum_evicts_nobody() {
         }
     })
     .await;
+    Started {
+        client,
+        handles,
+        shutdown,
+        service,
+        name,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_quorum_evicts_nobody() {
+    let mut cluster = Cluster::start();
+    // Everything talks to node 2 only, so the clients stay connected
+    // while nodes 0 and 1 are gone.
+    let config = common::config(
+        &cluster.node_url(2),
+        "replicas = 3\n[fencing]\nsession_timeout = \"2s\"\n",
+    );
+    let Started {
+        client,
+        handles,
+        shutdown,
+        service,
+        name,
+    } = start(config, None, Duration::from_secs(30)).await;
+    let kv = handles.sessions.clone();
 
     // A worker heartbeating every timeout/3, as the real one does.
     let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let bot = {
         let (client, name, errors) = (client.clone(), name.clone(), errors.clone());
         tokio::spawn(async move {
+            // The worker's heartbeat cadence.
+            let mut every = tokio::time::interval(Duration::from_millis(666));
             loop {
-                let hb = Heartbeat {
-                    version: 1,
-                    session: name.clone(),
-                    leases: Vec::new(),
-                };
+                every.tick().await;
+                let hb = heartbeat_of(&name);
                 match request(&client, subjects::SESSION_HEARTBEAT, &hb).await {
                     Some(SessionReply { error: Some(e), .. }) => {
                         errors.lock().unwrap().push(e.code.to_string())
@@ -84,11 +93,14 @@ async fn a_store_without_quorum_evicts_nobody() {
                     Some(_) => {}
                     None => errors.lock().unwrap().push("no answer".into()),
                 }
-                tokio::time::sleep(Duration::from_millis(666)).await;
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    never_within(Duration::from_secs(2), "a heartbeat refused", || async {
+        let e = errors.lock().unwrap().clone();
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
     assert!(
         errors.lock().unwrap().is_empty(),
         "{:?}",
@@ -98,7 +110,18 @@ async fn a_store_without_quorum_evicts_nobody() {
     // No quorum for longer than the session timeout.
     cluster.kill(0);
     cluster.kill(1);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The store fails (heartbeats are refused), and stays down three
+    // times the timeout: meanwhile nothing may expire the session.
+    eventually(Duration::from_secs(10), "a heartbeat refused", || async {
+        (!errors.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    never_within(Duration::from_secs(6), "the session expiring", || async {
+        let e = kv.entry(session_key(&name)).await.ok()??;
+        let s: Session = serde_json::from_slice(&e.value).unwrap();
+        (s.state != SessionState::Active).then_some(s.state)
+    })
+    .await;
     let during = errors.lock().unwrap().len();
     assert!(during > 0, "the store never failed: the test tests nothing");
     cluster.start_node(0);
@@ -125,16 +148,7 @@ async fn a_store_without_quorum_evicts_nobody() {
         errors.lock().unwrap()
     );
     let tail: Vec<String> = errors.lock().unwrap()[during..].to_vec();
-    let last = request(
-        &client,
-        subjects::SESSION_HEARTBEAT,
-        &Heartbeat {
-            version: 1,
-            session: name.clone(),
-            leases: Vec::new(),
-        },
-    )
-    .await;
+    let last = request(&client, subjects::SESSION_HEARTBEAT, &heartbeat_of(&name)).await;
     assert!(
         last.as_ref().is_some_and(|r| r.error.is_none()),
         "heartbeats fail after the store is back: {last:?} (after the outage: {tail:?})"
@@ -151,43 +165,17 @@ async fn a_store_without_quorum_evicts_nobody() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     let nats = warden_testsupport::NatsServer::start();
-    let text = format!(
-        "[nats]\nurl = \"{}\"\n[fencing]\nsession_timeout = \"1s\"\n",
-        nats.url()
-    );
-    let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
-        .await
-        .unwrap();
+    let config = common::config(&nats.url(), "[fencing]\nsession_timeout = \"1s\"\n");
+    let time = ManualClock::new(chrono::Utc::now());
+    let Started {
+        client,
+        handles,
+        shutdown,
+        service,
+        name,
+    } = start(config, Some(time.shared()), Duration::from_secs(10)).await;
     let kv = handles.sessions.clone();
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config.clone(), shutdown.clone()));
-    let create = CreateSession {
-        version: 1,
-        bot_id: "steady".into(),
-        resource: None,
-        resources: Vec::new(),
-        agent_instance: String::new(),
-        pools: vec!["default".into()],
-        capacity: 1,
-        agent_version: "test".into(),
-        timeout_ms: None,
-    };
-    let name = eventually(Duration::from_secs(10), "a session", || {
-        let client = client.clone();
-        let create = create.clone();
-        async move {
-            request(&client, subjects::SESSION_CREATE, &create)
-                .await?
-                .session
-        }
-    })
-    .await;
-    let hb = Heartbeat {
-        version: 1,
-        session: name.clone(),
-        leases: Vec::new(),
-    };
+    let hb = heartbeat_of(&name);
     let ok = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
     assert!(ok.is_some_and(|r| r.error.is_none()));
 
@@ -203,18 +191,19 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     full.max_bytes = bytes.max(1);
     full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
     js.update_stream(&full).await.unwrap();
-    // Heartbeats fail for three timeouts.
-    let started = std::time::Instant::now();
-    let mut refused = 0;
-    while started.elapsed() < Duration::from_secs(3) {
+    // Heartbeats fail for three timeouts (of the service's clock).
+    let refused_now = || async {
         let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
-        if r.and_then(|r| r.error)
+        r.and_then(|r| r.error)
             .is_some_and(|e| e.code == "unavailable")
-        {
-            refused += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            .then_some(())
+    };
+    let mut refused = 0;
+    eventually(Duration::from_secs(10), "a heartbeat refused", refused_now).await;
+    refused += 1;
+    time.advance(Duration::from_secs(3));
+    eventually(Duration::from_secs(10), "a heartbeat refused", refused_now).await;
+    refused += 1;
     assert!(
         refused > 0,
         "the store never refused a heartbeat: the test tests nothing"

@@ -3,33 +3,26 @@
 //! the nodes are back (issue 13).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use warden_shared::{subjects, Config};
-use warden_testsupport::{eventually, Cluster};
+use warden_testsupport::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_started_on_a_cluster_without_leader_waits_and_then_answers() {
     let mut cluster = Cluster::start();
     cluster.kill(0);
     cluster.kill(1);
-    let text = format!("[nats]\nurl = \"{}\"\nreplicas = 3\n", cluster.node_url(2));
-    let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
+    let config = common::config(&cluster.node_url(2), "replicas = 3\n");
     let shutdown = CancellationToken::new();
-    let service = tokio::spawn(warden_fencing::run(config, shutdown.clone()));
+    let service = common::spawn(config, &shutdown, None);
 
-    eventually(
-        Duration::from_secs(5),
-        "/healthz naming fencing as waiting for JetStream",
-        || async {
-            let (code, body) = warden_shared::metrics::health();
-            (code == 503 && body.contains("fencing (waiting for JetStream")).then_some(())
-        },
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    common::waiting_for_jetstream().await;
+    // Longer than one JetStream request timeout (5 s): a service that
+    // gave up after its first try would be gone.
+    common::keeps_waiting(&service, Duration::from_secs(7)).await;
     assert!(
         !service.is_finished(),
         "the service exited on a cluster without leader: {:?}",
@@ -39,25 +32,7 @@ async fn a_service_started_on_a_cluster_without_leader_waits_and_then_answers() 
 
     cluster.start_node(0);
     cluster.start_node(1);
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(cluster.node_url(2).as_str())
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(60), "fencing answers", || {
-        let client = client.clone();
-        async move {
-            client
-                .request(subjects::SESSION_HEARTBEAT, "{}".into())
-                .await
-                .ok()
-        }
-    })
-    .await;
-    eventually(Duration::from_secs(5), "/healthz 200", || async {
-        (warden_shared::metrics::health().0 == 200).then_some(())
-    })
-    .await;
+    common::answers_then_ready(&cluster.node_url(2), Duration::from_secs(60)).await;
     shutdown.cancel();
     service.await.unwrap().unwrap();
 }

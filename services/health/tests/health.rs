@@ -15,6 +15,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warden_shared::clock::{self, Clock, ManualClock};
 use warden_shared::messages::{
     CheckReply, CheckRequest, HealthReply, HealthRequest, ResourceRecycle, ResourceSuspect,
 };
@@ -31,6 +32,8 @@ struct Fixture {
     healthy: Arc<AtomicBool>,
     answering: Arc<AtomicBool>,
     checks: Arc<AtomicUsize>,
+    /// The service's clock: suspect reports are stamped by it.
+    clock: Arc<dyn Clock>,
 }
 
 impl Drop for Fixture {
@@ -39,7 +42,37 @@ impl Drop for Fixture {
     }
 }
 
+/// Waits `duration` and fails if `condition` holds meanwhile. A local
+/// copy of `warden_testsupport::never_within` (being added there), same
+/// signature: switch to it once it lands.
+async fn never_within<T, F, Fut>(duration: Duration, what: &str, mut condition: F)
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    let deadline = start + duration;
+    loop {
+        if let Some(v) = condition().await {
+            panic!(
+                "{what} happened after {:?} (it must not within {duration:?}): {v:?}",
+                start.elapsed()
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn start(nats: &NatsServer, extra: &str) -> Fixture {
+    start_with_clock(nats, extra, clock::system()).await
+}
+
+/// A health service reading the time from `clock`.
+async fn start_with_clock(nats: &NatsServer, extra: &str, clock: Arc<dyn Clock>) -> Fixture {
     let text = format!(
         "[nats]\nurl = \"{}\"\n[health]\ncheck_timeout = \"1s\"\n{extra}",
         nats.url()
@@ -49,7 +82,11 @@ async fn start(nats: &NatsServer, extra: &str) -> Fixture {
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(warden_health::run(config, shutdown.clone()));
+    tokio::spawn(warden_health::run_with_clock(
+        config,
+        shutdown.clone(),
+        clock.clone(),
+    ));
     let f = Fixture {
         client,
         handles,
@@ -57,6 +94,7 @@ async fn start(nats: &NatsServer, extra: &str) -> Fixture {
         healthy: Arc::new(AtomicBool::new(true)),
         answering: Arc::new(AtomicBool::new(true)),
         checks: Arc::new(AtomicUsize::new(0)),
+        clock: clock.clone(),
     };
     // The stand-in agent of bot-1.
     let mut sub = f
@@ -155,7 +193,7 @@ impl Fixture {
     }
 
     async fn suspect(&self, resource: &str, n: u32) {
-        self.suspect_leased(resource, n, Utc::now()).await
+        self.suspect_leased(resource, n, self.clock.now()).await
     }
 
     async fn suspect_leased(&self, resource: &str, n: u32, leased_at: chrono::DateTime<Utc>) {
@@ -166,7 +204,7 @@ impl Fixture {
             attempt: n,
             detail: "oom".into(),
             leased_at: Some(leased_at),
-            at: Utc::now(),
+            at: self.clock.now(),
         };
         self.handles
             .js
@@ -227,9 +265,11 @@ impl Fixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_resource_waits_longer_then_breaks_without_a_check() {
     let nats = NatsServer::start();
-    let f = start(
+    let time = ManualClock::new(Utc::now());
+    let f = start_with_clock(
         &nats,
         "flap_limit = 3\nflap_window = \"10m\"\nrecheck_backoff = \"2s\"\n",
+        time.shared(),
     )
     .await;
     f.put_session(&session("s1", SessionState::Active, "agent-1"))
@@ -264,10 +304,19 @@ async fn a_flapping_resource_waits_longer_then_breaks_without_a_check() {
     let r = f.wait("host-1", ResourceState::Suspicious).await;
     let due = r.check_after.expect("a back-off");
     assert!(
-        due > Utc::now() + chrono::Duration::milliseconds(1000),
+        due > time.now() + chrono::Duration::milliseconds(1000),
         "{due}"
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The clock stands still: the back-off never ends by itself.
+    never_within(
+        Duration::from_millis(800),
+        "a check before the back-off",
+        || async {
+            let n = f.checks.load(Ordering::SeqCst);
+            (n != checks).then_some(n)
+        },
+    )
+    .await;
     assert_eq!(
         f.checks.load(Ordering::SeqCst),
         checks,
@@ -277,6 +326,7 @@ async fn a_flapping_resource_waits_longer_then_breaks_without_a_check() {
         f.resource("host-1").await.unwrap().state,
         ResourceState::Suspicious
     );
+    time.advance(Duration::from_secs(2));
     let r = f.wait("host-1", ResourceState::Open).await;
     assert_eq!(r.checks.len(), 3);
 
@@ -383,7 +433,17 @@ async fn sessions_that_close_or_are_superseded_do_not_vanish_their_resources() {
     // An old session expiring later is not a vanishing: it had left.
     f.put_session(&session("s1", SessionState::Expired, "agent-1"))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    never_within(
+        Duration::from_millis(500),
+        "the resource vanishing",
+        || async {
+            f.resource("host-1")
+                .await
+                .filter(|r| r.state != ResourceState::Open)
+                .map(|r| r.state)
+        },
+    )
+    .await;
     assert_eq!(
         f.resource("host-1").await.unwrap().state,
         ResourceState::Open
@@ -552,7 +612,8 @@ async fn a_returning_agent_that_fails_its_check_stays_out_until_it_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_closed_by_hand_comes_back_only_by_an_operators_check() {
     let nats = NatsServer::start();
-    let f = start(&nats, "recheck_backoff = \"1s\"\n").await;
+    let time = ManualClock::new(Utc::now());
+    let f = start_with_clock(&nats, "recheck_backoff = \"1s\"\n", time.shared()).await;
     f.put_session(&session("s1", SessionState::Active, "agent-1"))
         .await;
     f.wait("host-1/wc", ResourceState::Open).await;
@@ -563,7 +624,18 @@ async fn a_resource_closed_by_hand_comes_back_only_by_an_operators_check() {
     f.put_session(&session("s2", SessionState::Active, "agent-2"))
         .await;
     let checks = f.checks.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Well past every back-off (1 s, doubling), then several periodic
+    // passes (every 200 ms) at that time: none checks it.
+    time.advance(Duration::from_millis(2500));
+    never_within(
+        Duration::from_secs(1),
+        "a check of a resource closed by hand",
+        || async {
+            let n = f.checks.load(Ordering::SeqCst);
+            (n != checks).then_some(n)
+        },
+    )
+    .await;
     let r = f.resource("host-1").await.unwrap();
     assert_eq!(
         (r.state, r.incarnation),

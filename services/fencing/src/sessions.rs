@@ -1,0 +1,341 @@
+//! The session store (`warden_sessions`): reads, compare-and-set writes,
+//! and the operations built of them (decisions in `decide`).
+
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tracing::{info, warn};
+use uuid::Uuid;
+use warden_shared::cas::{self, CasError, Never, Policy};
+use warden_shared::clock::{self, Clock};
+use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
+use warden_shared::session::{bot_key, session_key, Session, SessionState};
+use warden_shared::store::lost_race;
+
+use crate::decide::{self, SweepClock};
+use crate::metrics::{self, metrics};
+use crate::{store_err, GetError, OpError};
+
+/// How often a compare-and-set on a session record is tried again after
+/// the record changed under it (re-read each time).
+const CAS_ATTEMPTS: u32 = 5;
+
+/// An error as text, with its cause.
+fn error_text(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+pub struct Sessions {
+    kv: kv::Store,
+    jobs: warden_shared::store::JobStore,
+    /// The last time this replica saw the session store fail.
+    last_store_failure: Mutex<Option<DateTime<Utc>>>,
+    /// Where every decision reads the time.
+    clock: Arc<dyn Clock>,
+}
+
+impl Sessions {
+    pub fn new(kv: kv::Store, jobs: warden_shared::store::JobStore) -> Sessions {
+        Sessions::with_clock(kv, jobs, clock::system())
+    }
+
+    /// [`Sessions::new`] reading the time from `clock`.
+    pub fn with_clock(
+        kv: kv::Store,
+        jobs: warden_shared::store::JobStore,
+        clock: Arc<dyn Clock>,
+    ) -> Sessions {
+        Sessions {
+            kv,
+            jobs,
+            last_store_failure: Mutex::new(None),
+            clock,
+        }
+    }
+
+    /// The time every decision is taken at.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// The session store failed just now: no session's clock counts
+    /// before this instant.
+    pub(crate) fn store_failed(&self) {
+        let now = self.now();
+        *self
+            .last_store_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(now);
+    }
+
+    fn last_store_failure(&self) -> Option<DateTime<Utc>> {
+        *self
+            .last_store_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<(Session, u64)>, GetError> {
+        let key = session_key(name);
+        match self
+            .kv
+            .entry(key.clone())
+            .await
+            .map_err(|e| GetError::Store(e.to_string()))?
+        {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let s: Session =
+                    serde_json::from_slice(&e.value).map_err(|error| GetError::Corrupt {
+                        key,
+                        error: error.to_string(),
+                    })?;
+                Ok(Some((s, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn put(&self, s: &Session) -> Result<u64, OpError> {
+        let body = serde_json::to_vec(s).map_err(store_err)?;
+        self.kv
+            .put(session_key(&s.name), Bytes::from(body))
+            .await
+            .map_err(store_err)
+    }
+
+    /// Writes `s` by compare-and-set on `rev`: `Ok(false)` when the record
+    /// changed since it was read (the caller re-reads).
+    async fn update(&self, s: &Session, rev: u64) -> Result<bool, OpError> {
+        let body = serde_json::to_vec(s).map_err(store_err)?;
+        match self
+            .kv
+            .update(session_key(&s.name), Bytes::from(body), rev)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => {
+                Ok(false)
+            }
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    /// Quarantines `old` (superseded by `new`) if it is still active, by
+    /// compare-and-set on the revision read, re-reading when it changed
+    /// (an expiry or a last heartbeat landing meanwhile).
+    async fn quarantine(&self, old: &str, new: &str) -> Result<bool, OpError> {
+        let policy = Policy {
+            attempts: CAS_ATTEMPTS,
+        };
+        let written = cas::modify(
+            &self.kv,
+            &session_key(old),
+            policy,
+            |current: Option<Session>| {
+                Ok::<_, Never>(current.and_then(|s| decide::quarantine(s, new)))
+            },
+        )
+        .await;
+        match written {
+            Ok(w) => Ok(w.is_some()),
+            Err(CasError::Conflict { .. }) => Err(OpError::Store(format!(
+                "session {old} kept changing; not quarantined"
+            ))),
+            Err(e @ CasError::Decode { .. }) => Err(OpError::Corrupt(error_text(&e))),
+            Err(e) => Err(OpError::Store(error_text(&e))),
+        }
+    }
+
+    async fn current_of(&self, bot_id: &str) -> Result<Option<(String, u64)>, OpError> {
+        match self.kv.entry(bot_key(bot_id)).await.map_err(store_err)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                String::from_utf8_lossy(&e.value).into_owned(),
+                e.revision,
+            ))),
+            Some(e) => Ok(Some((String::new(), e.revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Points `bot_id` at session `name` by compare-and-set on the pointer
+    /// read (`current`): `Ok(false)` when another create moved it first.
+    async fn point(
+        &self,
+        bot_id: &str,
+        name: &str,
+        current: &Option<(String, u64)>,
+    ) -> Result<bool, OpError> {
+        let body = Bytes::from(name.to_string());
+        match current {
+            None => match self.kv.create(bot_key(bot_id), body).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e) => {
+                    Ok(false)
+                }
+                Err(e) => Err(store_err(e)),
+            },
+            Some((_, rev)) => match self.kv.update(bot_key(bot_id), body, *rev).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => {
+                    Ok(false)
+                }
+                Err(e) => Err(store_err(e)),
+            },
+        }
+    }
+
+    pub(crate) async fn create(&self, req: CreateSession) -> Result<String, OpError> {
+        decide::validate_create(&req)?;
+        let name = Uuid::new_v4().to_string();
+        let session = decide::new_session(&req, name.clone(), self.now());
+        self.put(&session).await?;
+        // Point the bot at the new session by compare-and-set, so of two
+        // concurrent creates exactly one is current and the other is told.
+        let previous = loop {
+            let current = self.current_of(&req.bot_id).await?;
+            if self.point(&req.bot_id, &name, &current).await? {
+                break decide::previous(current.map(|(n, _)| n));
+            }
+        };
+        if let Some(old) = previous {
+            match self.quarantine(&old, &name).await {
+                Ok(true) => {
+                    info!(bot.id = %req.bot_id, old = %old, new = %name, "older session quarantined")
+                }
+                Ok(false) => {}
+                // The pointer already names the new session, so the old
+                // one is refused as superseded either way.
+                Err(OpError::Corrupt(e)) => {
+                    warn!(bot.id = %req.bot_id, old = %old, error = %e, "older session not quarantined")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        info!(bot.id = %req.bot_id, session = %name, "session created");
+        Ok(name)
+    }
+
+    /// The session if it exists and is its bot's current one.
+    async fn current(&self, name: &str) -> Result<(Session, u64), OpError> {
+        let Some((s, rev)) = self.get(name).await? else {
+            return Err(decide::unknown(name).into());
+        };
+        let pointer = self.current_of(&s.bot_id).await?;
+        decide::is_current(name, &s, pointer.as_ref().map(|(n, _)| n.as_str()))?;
+        Ok((s, rev))
+    }
+
+    /// Leases the bot reports holding that are no longer its own (the job
+    /// moved to another attempt or session): it must stop them.
+    async fn stale_leases(&self, req: &Heartbeat) -> Vec<Uuid> {
+        let mut cancel = Vec::new();
+        for held in &req.leases {
+            let Ok(Some(v)) = self.jobs.get(&held.job_id).await else {
+                continue;
+            };
+            if !v.job.is_held_by(&req.session, held.epoch) {
+                cancel.push(held.job_id);
+            }
+        }
+        cancel
+    }
+
+    pub(crate) async fn heartbeat(&self, req: Heartbeat) -> Result<Vec<Uuid>, OpError> {
+        self.renew(&req).await?;
+        Ok(self.stale_leases(&req).await)
+    }
+
+    async fn renew(&self, req: &Heartbeat) -> Result<(), OpError> {
+        let (s, rev) = self.current(&req.session).await?;
+        let s = decide::renew(s, req.leases.clone(), self.now());
+        // CAS: a concurrent quarantine must not be overwritten by a late
+        // heartbeat of the old session.
+        if self.update(&s, rev).await? {
+            Ok(())
+        } else {
+            self.current(&req.session).await.map(|_| ())
+        }
+    }
+
+    /// Marks active sessions silent for longer than `timeout` (counting
+    /// from `since` at the earliest, and never from before the last store
+    /// failure: [`decide::silent_past_limit`]) as expired; returns (bot,
+    /// session). `None` when listing the sessions took longer than
+    /// `max_listing`: the view may be stale (the bus was away), so nothing
+    /// is expired. An undecodable record is skipped, counted and logged,
+    /// and expires nobody's chance to be expired.
+    pub(crate) async fn sweep(
+        &self,
+        timeout: std::time::Duration,
+        since: DateTime<Utc>,
+        max_listing: std::time::Duration,
+    ) -> Result<Option<Vec<(String, String)>>, String> {
+        let started = std::time::Instant::now();
+        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| e.to_string())?;
+            if let Some(name) = k.strip_prefix("session.") {
+                names.push(name.to_string());
+            }
+        }
+        if started.elapsed() > max_listing {
+            return Ok(None);
+        }
+        let mut by_state = std::collections::HashMap::new();
+        let mut expired = Vec::new();
+        for name in names {
+            let (s, rev) = match self.get(&name).await {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(GetError::Corrupt { key, error }) => {
+                    metrics().corrupt.inc();
+                    warn!(key = %key, error = %error, "undecodable session record skipped");
+                    continue;
+                }
+                Err(GetError::Store(e)) => return Err(e),
+            };
+            let clock = SweepClock {
+                now: self.now(),
+                available_since: since,
+                last_store_failure: self.last_store_failure(),
+                default_timeout: timeout,
+            };
+            let Some(gone) = decide::expire(&s, &clock) else {
+                decide::count(&mut by_state, s.state);
+                continue;
+            };
+            decide::count(&mut by_state, SessionState::Expired);
+            // CAS: a heartbeat that lands meanwhile wins.
+            match self.update(&gone, rev).await {
+                Ok(true) => expired.push((gone.bot_id, name)),
+                Ok(false) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        metrics::set_sessions(|state| by_state.get(&state).copied().unwrap_or(0));
+        Ok(Some(expired))
+    }
+
+    /// Closes the session by compare-and-set on the revision read; when
+    /// it changed meanwhile (an expiry, a quarantine, a heartbeat) it is
+    /// read again, and a session no longer current is refused as usual.
+    pub(crate) async fn close(&self, req: CloseSession) -> Result<(), OpError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (s, rev) = self.current(&req.session).await?;
+            if self.update(&decide::close(s), rev).await? {
+                return Ok(());
+            }
+        }
+        Err(OpError::Store(format!(
+            "session {} kept changing; not closed",
+            req.session
+        )))
+    }
+}

@@ -1,0 +1,142 @@
+//! What the fencing tests share: requests, a create request, the
+//! fencing service under test and its waits.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warden_shared::clock::Clock;
+use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
+use warden_shared::{subjects, Config};
+use warden_testsupport::eventually;
+
+pub type Service = JoinHandle<Result<(), warden_fencing::FencingError>>;
+
+/// A config for a bus at `url` with `extra` TOML appended.
+pub fn config(url: &str, extra: &str) -> Arc<Config> {
+    let text = format!("[nats]\nurl = \"{url}\"\n{extra}");
+    Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap())
+}
+
+/// A create request of bot `bot`.
+pub fn create_request(bot: &str) -> CreateSession {
+    CreateSession {
+        version: 1,
+        bot_id: bot.into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: String::new(),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+        timeout_ms: None,
+    }
+}
+
+pub fn heartbeat_of(session: &str) -> Heartbeat {
+    Heartbeat {
+        version: 1,
+        session: session.into(),
+        leases: Vec::new(),
+    }
+}
+
+/// A request answered within 2 s, or `None`.
+pub async fn try_request<T: serde::Serialize>(
+    client: &async_nats::Client,
+    subject: &'static str,
+    body: &T,
+) -> Option<SessionReply> {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(subject, serde_json::to_vec(body).unwrap().into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_slice(&msg.payload).ok()
+}
+
+/// Starts the fencing service with `clock` (`None`: the system's).
+pub fn spawn(
+    config: Arc<Config>,
+    shutdown: &CancellationToken,
+    clock: Option<Arc<dyn Clock>>,
+) -> Service {
+    match clock {
+        Some(c) => tokio::spawn(warden_fencing::run_with_clock(config, shutdown.clone(), c)),
+        None => tokio::spawn(warden_fencing::run(config, shutdown.clone())),
+    }
+}
+
+/// Waits `duration` and fails if `condition` holds meanwhile. A local
+/// copy of `warden_testsupport::never_within` (being added there), same
+/// signature: switch to it once it lands.
+pub async fn never_within<T, F, Fut>(duration: Duration, what: &str, mut condition: F)
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    let deadline = start + duration;
+    loop {
+        if let Some(v) = condition().await {
+            panic!(
+                "{what} happened after {:?} (it must not within {duration:?}): {v:?}",
+                start.elapsed()
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `/healthz` says fencing waits for JetStream (503); its body.
+pub async fn waiting_for_jetstream() -> String {
+    eventually(
+        Duration::from_secs(5),
+        "/healthz naming fencing as waiting for JetStream",
+        || async {
+            let (code, body) = warden_shared::metrics::health();
+            (code == 503 && body.contains("fencing (waiting for JetStream")).then_some(body)
+        },
+    )
+    .await
+}
+
+/// For `duration` the service neither exits nor claims to be ready.
+pub async fn keeps_waiting(service: &Service, duration: Duration) {
+    never_within(duration, "the service exiting or turning ready", || async {
+        let code = warden_shared::metrics::health().0;
+        (service.is_finished() || code != 503).then_some(code)
+    })
+    .await;
+}
+
+/// Fencing on `url` answers a request, then `/healthz` is 200.
+pub async fn answers_then_ready(url: &str, within: Duration) {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .unwrap();
+    eventually(within, "fencing answers", || {
+        let client = client.clone();
+        async move {
+            client
+                .request(subjects::SESSION_HEARTBEAT, "{}".into())
+                .await
+                .ok()
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(5), "/healthz 200", || async {
+        (warden_shared::metrics::health().0 == 200).then_some(())
+    })
+    .await;
+}
