@@ -22,7 +22,7 @@ use warden_shared::messages::{
 use warden_shared::resource::{resource_key, Resource, ResourceDecl, ResourceState};
 use warden_shared::session::{session_key, Session, SessionState};
 use warden_shared::{runtime, subjects, Config};
-use warden_testsupport::{eventually, NatsServer};
+use warden_testsupport::{eventually, never_within, NatsServer};
 
 struct Fixture {
     client: async_nats::Client,
@@ -39,31 +39,6 @@ struct Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-/// Waits `duration` and fails if `condition` holds meanwhile. A local
-/// copy of `warden_testsupport::never_within` (being added there), same
-/// signature: switch to it once it lands.
-async fn never_within<T, F, Fut>(duration: Duration, what: &str, mut condition: F)
-where
-    T: std::fmt::Debug,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    let deadline = start + duration;
-    loop {
-        if let Some(v) = condition().await {
-            panic!(
-                "{what} happened after {:?} (it must not within {duration:?}): {v:?}",
-                start.elapsed()
-            );
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

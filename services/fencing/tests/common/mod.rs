@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use warden_shared::clock::Clock;
 use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
 use warden_shared::{subjects, Config};
+pub use warden_testsupport::never_within;
 use warden_testsupport::eventually;
 
 pub type Service = JoinHandle<Result<(), warden_fencing::FencingError>>;
@@ -68,31 +69,6 @@ pub fn spawn(
     match clock {
         Some(c) => tokio::spawn(warden_fencing::run_with_clock(config, shutdown.clone(), c)),
         None => tokio::spawn(warden_fencing::run(config, shutdown.clone())),
-    }
-}
-
-/// Waits `duration` and fails if `condition` holds meanwhile. A local
-/// copy of `warden_testsupport::never_within` (being added there), same
-/// signature: switch to it once it lands.
-pub async fn never_within<T, F, Fut>(duration: Duration, what: &str, mut condition: F)
-where
-    T: std::fmt::Debug,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    let deadline = start + duration;
-    loop {
-        if let Some(v) = condition().await {
-            panic!(
-                "{what} happened after {:?} (it must not within {duration:?}): {v:?}",
-                start.elapsed()
-            );
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
