@@ -334,8 +334,10 @@ pub fn signal(pid: u32, sig: &str) {
 pub fn entries<'a>(job: &'a serde_json::Value, action: &str) -> Vec<&'a serde_json::Value> {
     job["history"]
         .as_array()
-        .map(|h| h.iter().filter(|e| e["action"] == action).collect())
-        .unwrap_or_default()
+        .unwrap_or_else(|| panic!("a job without a history: {job:#}"))
+        .iter()
+        .filter(|e| e["action"] == action)
+        .collect()
 }
 
 /// The first entry of a job's history with `action`; panics with the job
