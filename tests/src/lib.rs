@@ -687,3 +687,67 @@ impl InProcess {
         }
     }
 }
+
+/// An acquire by `bot_id` on `session` for up to `max` jobs of pool
+/// `default`, waiting 300 ms for one.
+pub fn acquire_request(
+    session: &str,
+    bot_id: &str,
+    max: u32,
+) -> warden_shared::messages::AcquireRequest {
+    warden_shared::messages::AcquireRequest {
+        version: 1,
+        session: session.into(),
+        bot_id: bot_id.into(),
+        resource: None,
+        resources: Vec::new(),
+        pools: vec!["default".into()],
+        max,
+        wait_ms: 300,
+    }
+}
+
+/// Sends `req` to the scheduler once: its answer, `None` while none comes.
+pub async fn try_acquire(
+    client: &async_nats::Client,
+    req: &warden_shared::messages::AcquireRequest,
+) -> Option<warden_shared::messages::AcquireReply> {
+    let body = serde_json::to_vec(req).ok()?;
+    let reply = client
+        .request(warden_shared::subjects::ACQUIRE, body.into())
+        .await
+        .ok()?;
+    serde_json::from_slice(&reply.payload).ok()
+}
+
+/// A session for `bot_id` (pool `default`, capacity 1) from the fencing
+/// service, asked for until it answers (20 s): the session's name.
+pub async fn open_session(client: &async_nats::Client, bot_id: &str) -> String {
+    use warden_shared::messages::{CreateSession, SessionReply};
+    let create = CreateSession {
+        version: 1,
+        bot_id: bot_id.into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: uuid::Uuid::new_v4().to_string(),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+        timeout_ms: None,
+    };
+    let body = serde_json::to_vec(&create).expect("a session request");
+    eventually(Duration::from_secs(20), "a session", || {
+        let client = client.clone();
+        let body = body.clone();
+        async move {
+            let msg = client
+                .request(warden_shared::subjects::SESSION_CREATE, body.into())
+                .await
+                .ok()?;
+            serde_json::from_slice::<SessionReply>(&msg.payload)
+                .ok()?
+                .session
+        }
+    })
+    .await
+}
