@@ -294,19 +294,83 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// A child process SIGKILLed and reaped on drop, so a failed test leaves
+/// no worker or hook behind. Derefs to the [`Child`] (kill it, stop it,
+/// read its id).
+pub struct Proc(pub Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kill SIG PID` (e.g. `"-STOP"`), asserting it was delivered.
+pub fn signal(pid: u32, sig: &str) {
+    let pid = pid.to_string();
+    let ok = Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The entries of a job's (JSON) history with `action`, oldest first.
+pub fn entries<'a>(job: &'a serde_json::Value, action: &str) -> Vec<&'a serde_json::Value> {
+    job["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a job without a history: {job:#}"))
+        .iter()
+        .filter(|e| e["action"] == action)
+        .collect()
+}
+
+/// The first entry of a job's history with `action`; panics with the job
+/// when there is none.
+pub fn entry<'a>(job: &'a serde_json::Value, action: &str) -> &'a serde_json::Value {
+    entries(job, action)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no {action} entry in {job:#}"))
+}
+
+/// A JSON timestamp (`"2024-05-01T12:00:00Z"`).
+pub fn at(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("not a timestamp: {v}"))
+}
+
 /// The usual set-up of an end-to-end test: a nats-server of its own, a
 /// `warden up` on it with `config` (TOML over the defaults) and `workers`
-/// local workers.
+/// local workers; `warden worker` processes of its own on the same config
+/// with [`Stack::worker`].
 ///
 /// ```ignore
 /// let s = Scenario::new().config(CONFIG).workers(2).up();
 /// let id = s.submit(&["noop"]);
 /// let job = s.wait_job(&id, "FINISHED", Duration::from_secs(30)).await;
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Scenario {
     config: String,
     workers: u32,
+    nats: Option<NatsServer>,
 }
 
 impl Scenario {
@@ -328,14 +392,29 @@ impl Scenario {
         self
     }
 
+    /// Runs on this nats-server (e.g. one with accounts) instead of a
+    /// plain fresh one.
+    pub fn nats(mut self, nats: NatsServer) -> Scenario {
+        self.nats = Some(nats);
+        self
+    }
+
     /// Starts nats-server and `warden up` (healthy when this returns).
     pub fn up(self) -> Stack {
-        let nats = NatsServer::start();
+        let nats = self.nats.unwrap_or_else(NatsServer::start);
+        let dir = tempfile::Builder::new()
+            .prefix("warden-stack-")
+            .tempdir()
+            .unwrap();
+        let worker_config = dir.path().join("worker.toml");
+        std::fs::write(&worker_config, &self.config).unwrap();
         let warden = Warden::up(&nats.url(), &self.config, self.workers);
         Stack {
             nats,
             warden,
             config: self.config,
+            worker_config,
+            dir,
         }
     }
 }
@@ -346,6 +425,8 @@ pub struct Stack {
     pub nats: NatsServer,
     pub warden: Warden,
     config: String,
+    worker_config: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -359,10 +440,25 @@ impl Stack {
         &self.config
     }
 
+    /// A scratch directory of this stack's (worker configs, marker files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// `warden job submit ARGS` (e.g. `["sleep", "--arg", "seconds=5"]`):
     /// the new job's id.
     pub fn submit(&self, args: &[&str]) -> String {
         submit(&self.url(), args)
+    }
+
+    /// `warden job submit noop --wait --timeout 30`, asserting it passed:
+    /// a free slot runs work.
+    pub fn assert_noop_passes(&self) {
+        let out = cli_ok(
+            &self.url(),
+            &["job", "submit", "noop", "--wait", "--timeout", "30"],
+        );
+        assert!(out.contains("FINISHED outcome=passed"), "{out}");
     }
 
     /// A `warden worker` process on this bus (see [`spawn_worker`]).
@@ -370,14 +466,94 @@ impl Stack {
         spawn_worker(&self.url(), config, bot_id)
     }
 
+    /// A `warden worker` named `bot_id` on this bus with the stack's own
+    /// config, killed on drop.
+    pub fn worker(&self, bot_id: &str) -> Proc {
+        Proc(spawn_worker(&self.url(), &self.worker_config, bot_id))
+    }
+
+    /// A `warden worker` with its own config file, killed on drop.
+    pub fn worker_with(&self, config: &Path, bot_id: &str) -> Proc {
+        Proc(spawn_worker(&self.url(), config, bot_id))
+    }
+
     /// `GET /api/v1/jobs/ID`.
     pub async fn job(&self, id: &str) -> serde_json::Value {
         job(&self.warden, id).await
     }
 
+    /// GET a JSON document of the HTTP API (`path` like `/api/v1/bots`).
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        get_json(&self.warden.url(path)).await
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        metrics_text(&self.warden.url("/metrics")).await
+    }
+
+    /// Waits until every `(series, value)` of `want` is in `/metrics` (the
+    /// counters follow the write the API saw, so they are polled).
+    pub async fn wait_samples(&self, what: &str, timeout: Duration, want: &[(&str, f64)]) {
+        let url = self.warden.url("/metrics");
+        eventually(timeout, what, || async {
+            let text = metrics_text(&url).await;
+            want.iter()
+                .all(|(s, n)| sample(&text, s) == Some(*n))
+                .then_some(())
+        })
+        .await
+    }
+
     /// Waits for job `id` to be in `state` (see [`wait_job`]).
     pub async fn wait_job(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
         wait_job(&self.warden, id, state, timeout).await
+    }
+
+    /// Waits until job `id` satisfies `want` (see [`wait_job_where`]).
+    pub async fn wait_job_where(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_job_where(&self.warden, id, what, timeout, want).await
+    }
+
+    /// Waits until job `id` is RUNNING on `bot_id`.
+    pub async fn wait_running_on(&self, id: &str, bot_id: &str) -> serde_json::Value {
+        self.wait_job_where(
+            id,
+            &format!("job {id} RUNNING on {bot_id}"),
+            Duration::from_secs(30),
+            |j| j["state"] == "RUNNING" && j["lease"]["bot_id"] == bot_id,
+        )
+        .await
+    }
+
+    /// Waits until `bot_id`'s newest session is active in the sessions
+    /// bucket (a worker registered, or re-registered).
+    pub async fn wait_active_session(&self, bot_id: &str, timeout: Duration) {
+        use warden_shared::session::{bot_key, session_key, Session, SessionState};
+        let (_client, js) = js(&self.url()).await;
+        let kv = js
+            .get_key_value(warden_shared::subjects::SESSIONS_BUCKET)
+            .await
+            .expect("the sessions bucket");
+        eventually(timeout, &format!("{bot_id} has an active session"), || {
+            let kv = kv.clone();
+            async move {
+                let name = kv.get(bot_key(bot_id)).await.ok()??;
+                let rec = kv
+                    .get(session_key(std::str::from_utf8(&name).ok()?))
+                    .await
+                    .ok()??;
+                let s: Session = serde_json::from_slice(&rec).ok()?;
+                (s.state == SessionState::Active).then_some(())
+            }
+        })
+        .await;
     }
 }
 
@@ -510,4 +686,68 @@ impl InProcess {
             let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
         }
     }
+}
+
+/// An acquire by `bot_id` on `session` for up to `max` jobs of pool
+/// `default`, waiting 300 ms for one.
+pub fn acquire_request(
+    session: &str,
+    bot_id: &str,
+    max: u32,
+) -> warden_shared::messages::AcquireRequest {
+    warden_shared::messages::AcquireRequest {
+        version: 1,
+        session: session.into(),
+        bot_id: bot_id.into(),
+        resource: None,
+        resources: Vec::new(),
+        pools: vec!["default".into()],
+        max,
+        wait_ms: 300,
+    }
+}
+
+/// Sends `req` to the scheduler once: its answer, `None` while none comes.
+pub async fn try_acquire(
+    client: &async_nats::Client,
+    req: &warden_shared::messages::AcquireRequest,
+) -> Option<warden_shared::messages::AcquireReply> {
+    let body = serde_json::to_vec(req).ok()?;
+    let reply = client
+        .request(warden_shared::subjects::ACQUIRE, body.into())
+        .await
+        .ok()?;
+    serde_json::from_slice(&reply.payload).ok()
+}
+
+/// A session for `bot_id` (pool `default`, capacity 1) from the fencing
+/// service, asked for until it answers (20 s): the session's name.
+pub async fn open_session(client: &async_nats::Client, bot_id: &str) -> String {
+    use warden_shared::messages::{CreateSession, SessionReply};
+    let create = CreateSession {
+        version: 1,
+        bot_id: bot_id.into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: uuid::Uuid::new_v4().to_string(),
+        pools: vec!["default".into()],
+        capacity: 1,
+        agent_version: "test".into(),
+        timeout_ms: None,
+    };
+    let body = serde_json::to_vec(&create).expect("a session request");
+    eventually(Duration::from_secs(20), "a session", || {
+        let client = client.clone();
+        let body = body.clone();
+        async move {
+            let msg = client
+                .request(warden_shared::subjects::SESSION_CREATE, body.into())
+                .await
+                .ok()?;
+            serde_json::from_slice::<SessionReply>(&msg.payload)
+                .ok()?
+                .session
+        }
+    })
+    .await
 }

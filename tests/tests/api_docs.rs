@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use warden_e2e::{get_json, NatsServer, Warden};
+use warden_e2e::{entries, entry, Scenario};
 
 const API_MD: &str = include_str!("../../docs/api.md");
 const OPENAPI: &str = include_str!("../../services/api/openapi.json");
@@ -189,10 +189,11 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
     need("jq");
     let blocks = blocks(API_MD);
     let flow = the(&blocks, "executor-flow");
-    let config = format!("{}\n{CONFIG}", the(&blocks, "config"));
-    let nats = NatsServer::start();
-    let warden = Warden::up(&nats.url(), &config, 0);
-    let base = warden.http.clone();
+    let s = Scenario::new()
+        .config(&the(&blocks, "config"))
+        .config(CONFIG)
+        .up();
+    let base = s.warden.http.clone();
     let env = [("WARDEN", base.as_str()), ("TOKEN", TOKEN)];
 
     let out = run("the executor flow", &flow, &env).await;
@@ -205,7 +206,7 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
     assert_eq!(errors.len(), 1, "only the stale token is an error:\n{out}");
 
     // The jobs the flow made: the crashed one retried, the other finished.
-    let list = get_json(&format!("{base}/api/v1/jobs?task=integration")).await;
+    let list = s.get("/api/v1/jobs?task=integration").await;
     assert_eq!(list["total"], 2, "{list}");
     let id_of = |state: &str| -> String {
         list["jobs"]
@@ -221,16 +222,14 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
     let (crashed, finished) = (id_of("SCHEDULED"), id_of("FINISHED"));
     // The stale RUNNING repeats a report the scheduler already applied for
     // that attempt: it is dropped as a duplicate and changes nothing.
-    let job = get_json(&format!("{base}/api/v1/jobs/{crashed}")).await;
+    let job = s.job(&crashed).await;
     assert_eq!(job["blame"], "third_party", "{job}");
     assert_eq!(job["detail"], "network", "{job}");
     assert_eq!(job["description"], "koji hub did not answer", "{job}");
     assert_eq!(job["attempt"], 1, "{job}");
     assert!(job["not_before"].is_string(), "a delayed retry: {job}");
     assert!(job.get("lease").is_none(), "{job}");
-    let history = job["history"].as_array().unwrap();
-    let entry = |action: &str| history.iter().find(|h| h["action"] == action);
-    let crash = entry("crash").unwrap_or_else(|| panic!("no crash entry: {job}"));
+    let crash = entry(&job, "crash");
     assert_eq!(crash["bot_id"], "buildbot-7", "{job}");
     assert!(
         crash["note"]
@@ -240,22 +239,17 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
         "{job}"
     );
     assert!(
-        entry("start").is_some() && entry("retry").is_some(),
+        !entries(&job, "start").is_empty() && !entries(&job, "retry").is_empty(),
         "{job}"
     );
 
-    let job = get_json(&format!("{base}/api/v1/jobs/{finished}")).await;
+    let job = s.job(&finished).await;
     assert_eq!(
         (&job["outcome"], &job["attempt"], &job["priority"]),
         (&Value::from("PASSED"), &Value::from(1), &Value::from(10)),
         "{job}"
     );
-    let finish = job["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["action"] == "finish")
-        .unwrap_or_else(|| panic!("no finish entry: {job}"));
+    let finish = entry(&job, "finish");
     assert_eq!(finish["bot_id"], "buildbot-7", "{job}");
 
     // Every example, in the page's order, on the crashed job.
@@ -281,7 +275,7 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
         );
     }
     // The examples cancelled, then retried it.
-    let job = get_json(&format!("{base}/api/v1/jobs/{crashed}")).await;
+    let job = s.job(&crashed).await;
     assert_eq!(job["state"], "SCHEDULED", "{job}");
     let actions: Vec<&str> = job["history"]
         .as_array()
@@ -291,6 +285,6 @@ async fn the_executor_flow_and_every_example_run_against_a_live_warden() {
         .map(|h| h["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["create", "cancel", "retry"], "{job}");
-    let list = get_json(&format!("{base}/api/v1/jobs?task=integration")).await;
+    let list = s.get("/api/v1/jobs?task=integration").await;
     assert_eq!(list["total"], 3, "the create example made one job: {list}");
 }

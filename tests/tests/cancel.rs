@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use warden_e2e::{cli, cli_ok, eventually, get_json, NatsServer, Warden};
+use warden_e2e::{cli, cli_ok, entry, eventually, Scenario};
 
 const CONFIG: &str = r#"
 [fencing]
@@ -18,18 +18,11 @@ capacity = 1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_job_stops_its_task_and_frees_the_worker() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let warden = Warden::up(&url, CONFIG, 1);
+    let s = Scenario::new().config(CONFIG).workers(1).up();
+    let url = s.url();
 
-    let id = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=60"])
-        .trim()
-        .to_string();
-    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
-    eventually(Duration::from_secs(30), "job RUNNING", || async {
-        (get_json(&job_url).await["state"] == "RUNNING").then_some(())
-    })
-    .await;
+    let id = s.submit(&["sleep", "--arg", "seconds=60"]);
+    s.wait_job(&id, "RUNNING", Duration::from_secs(30)).await;
     let cancelled_at = Instant::now();
     let out = cli_ok(
         &url,
@@ -48,7 +41,7 @@ async fn cancelling_a_running_job_stops_its_task_and_frees_the_worker() {
         Duration::from_secs(15),
         "the stopped attempt's report",
         || async {
-            let j = get_json(&job_url).await;
+            let j = s.job(&id).await;
             let seen = j["history"].as_array()?.iter().any(|h| {
                 h["action"] == "reject_report"
                     && h["note"]
@@ -61,31 +54,17 @@ async fn cancelling_a_running_job_stops_its_task_and_frees_the_worker() {
     .await;
     assert!(cancelled_at.elapsed() < Duration::from_secs(15));
     assert_eq!(job["state"], "CANCELLED", "{job:#}");
-    let cancel = job["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["action"] == "cancel")
-        .unwrap();
+    let cancel = entry(&job, "cancel");
     assert_eq!(cancel["from"], "RUNNING");
     assert_eq!(cancel["note"], "superseded by a newer build");
 
     // The one slot is free again.
-    let next = cli_ok(
-        &url,
-        &["job", "submit", "noop", "--wait", "--timeout", "30"],
-    );
-    assert!(next.contains("FINISHED outcome=passed"), "{next}");
+    s.assert_noop_passes();
 
     // Cancelling again is refused and changes nothing.
     let again = cli(&url, &["job", "cancel", &id]);
     assert_eq!(again.status.code(), Some(1));
-    let metrics = reqwest::get(warden.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     // Every rejection reason is exported from the start, all still at 0.
     let rejected: Vec<&str> = metrics
         .lines()

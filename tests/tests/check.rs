@@ -16,7 +16,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, free_port, warden_bin, NatsServer, Warden};
+use warden_e2e::{cli_ok, eventually, free_port, warden_bin, NatsServer, Scenario};
 
 /// One run of `warden check`: exit code, stdout, stderr.
 struct Run {
@@ -205,9 +205,8 @@ command = ["sh", "-c", "echo '{\"blame\":\"third_party\",\"detail\":\"network\",
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_warden_ok_warning_critical() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let _warden = Warden::up(&url, CONFIG, 1);
+    let s = Scenario::new().config(CONFIG).workers(1).up();
+    let url = s.url();
 
     // bus: every service, and the trigger pulling from its consumer.
     let bus = until(&url, &["bus"], 0, 20).await;
@@ -367,13 +366,12 @@ async fn a_running_warden_ok_warning_critical() {
 async fn the_read_only_user_runs_every_check() {
     let dir = tempfile::tempdir().unwrap();
     let conf = warden_testsupport::accounts_conf(dir.path());
-    let nats = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
-    let url = nats.url();
-    let _warden = Warden::up(
-        &url,
-        "[nats]\nuser = \"warden-service\"\npassword = \"service-pw\"\n",
-        1,
-    );
+    let s = Scenario::new()
+        .nats(NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]))
+        .config("[nats]\nuser = \"warden-service\"\npassword = \"service-pw\"")
+        .workers(1)
+        .up();
+    let url = s.url();
     let readonly = dir.path().join("nagios.toml");
     std::fs::write(
         &readonly,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use warden_e2e::{cli_ok, eventually, get_json, metrics_text, sample, NatsServer, Warden};
+use warden_e2e::{cli_ok, entry, Scenario, Stack};
 
 const CONFIG: &str = r#"
 [retry]
@@ -34,25 +34,21 @@ command = ["python3", "-c", "def check(nvr):\n    return nvr.split('-')[3]\nchec
 owners = ["qa-team@example.org"]
 "#;
 
-async fn ended(w: &Warden, id: &str) -> Value {
-    let url = w.url(&format!("/api/v1/jobs/{id}"));
-    eventually(Duration::from_secs(60), "job ended", || async {
-        let j = get_json(&url).await;
+async fn ended(s: &Stack, id: &str) -> Value {
+    s.wait_job_where(id, "job ended", Duration::from_secs(60), |j| {
         matches!(
             j["state"].as_str(),
             Some("CRASHED" | "SHELVED" | "FINISHED")
         )
-        .then_some(j)
     })
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_failures_get_the_right_blame_detail_and_policy() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let warden = Warden::up(&url, CONFIG, 2);
-    let submit = |task: &str| cli_ok(&url, &["job", "submit", task]).trim().to_string();
+    let s = Scenario::new().config(CONFIG).workers(2).up();
+    let url = s.url();
+    let submit = |task: &str| s.submit(&[task]);
     let (hog, fill, lookup, buggy) = (
         submit("hog"),
         submit("fill"),
@@ -66,17 +62,12 @@ async fn real_failures_get_the_right_blame_detail_and_policy() {
         (&lookup, "SHELVED", "third_party", "network", 2),
         (&buggy, "CRASHED", "task", "task_exception", 1),
     ] {
-        let job = ended(&warden, id).await;
+        let job = ended(&s, id).await;
         assert_eq!(job["state"], state, "{job:#}");
         assert_eq!(job["blame"], blame, "{job:#}");
         assert_eq!(job["detail"], detail, "{job:#}");
         assert_eq!(job["attempt"], attempts, "{job:#}");
-        let crash = job["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h["action"] == "crash")
-            .unwrap();
+        let crash = entry(&job, "crash");
         assert!(
             crash["note"].as_str().unwrap().contains("(rule "),
             "the rule that decided is recorded: {crash}"
@@ -99,7 +90,7 @@ async fn real_failures_get_the_right_blame_detail_and_policy() {
     .unwrap();
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(found[0]["id"], buggy.as_str());
-    let http = get_json(&warden.url("/api/v1/jobs?blame=system&limit=10")).await;
+    let http = s.get("/api/v1/jobs?blame=system&limit=10").await;
     assert_eq!(http["total"], 2, "oom and disk_full: {http:#}");
     let stats: Value =
         serde_json::from_str(&cli_ok(&url, &["stats", "--window", "1h", "--json"])).unwrap();
@@ -109,11 +100,11 @@ async fn real_failures_get_the_right_blame_detail_and_policy() {
     assert_eq!(stats["by_detail"]["task/task_exception"], 1, "{stats:#}");
     assert_eq!(stats["shelved"], 1);
     assert_eq!(stats["retried"], 1);
-    let bad = reqwest::get(warden.url("/api/v1/stats?window=forever"))
+    let bad = reqwest::get(s.warden.url("/api/v1/stats?window=forever"))
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
-    let bad = reqwest::get(warden.url("/api/v1/jobs?blame=gremlins"))
+    let bad = reqwest::get(s.warden.url("/api/v1/jobs?blame=gremlins"))
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
@@ -186,13 +177,7 @@ async fn real_failures_get_the_right_blame_detail_and_policy() {
         5.0,
     )])
     .collect();
-    // The counters follow the write the API saw: poll.
-    let metrics_url = warden.url("/metrics");
-    eventually(Duration::from_secs(10), "crashes counted", || async {
-        let text = metrics_text(&metrics_url).await;
-        want.iter()
-            .all(|(s, n)| sample(&text, s) == Some(*n))
-            .then_some(())
-    })
-    .await;
+    let want: Vec<(&str, f64)> = want.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    s.wait_samples("crashes counted", Duration::from_secs(10), &want)
+        .await;
 }

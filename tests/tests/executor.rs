@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
+use warden_e2e::{cli_ok, entries, entry, eventually, get_json, Scenario, Stack};
 
 const TOKEN: &str = "t0ken-for-writes";
 
@@ -111,14 +111,13 @@ impl Client {
 
 /// A nats-server and `warden up` with no local workers (`/healthz`
 /// answers once every service does), and a client of its API.
-fn start() -> (NatsServer, Warden, Client) {
-    let nats = NatsServer::start();
-    let warden = Warden::up(&nats.url(), CONFIG, 0);
+fn start() -> (Stack, Client) {
+    let s = Scenario::new().config(CONFIG).up();
     let c = Client {
         http: reqwest::Client::new(),
-        base: warden.http.clone(),
+        base: s.warden.http.clone(),
     };
-    (nats, warden, c)
+    (s, c)
 }
 
 fn code(v: &Value) -> &str {
@@ -136,7 +135,7 @@ fn without_history(mut job: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing() {
-    let (_nats, warden, c) = start();
+    let (s, c) = start();
 
     // Nothing waiting in the pool: an empty answer, not an error.
     let (status, reply) = c
@@ -179,12 +178,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
     assert_eq!(job["detail"], "network");
     assert_eq!(job["description"], "koji hub did not answer");
     assert_eq!(job["state"], "SCHEDULED", "retried by the policy: {job}");
-    let crash = job["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["action"] == "crash")
-        .expect("a crash entry");
+    let crash = entry(job, "crash");
     assert_eq!(crash["bot_id"], "buildbot-1");
 
     // Sending it again (the answer was lost) is the same answer.
@@ -226,9 +220,8 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
     );
     let rejected = eventually(Duration::from_secs(10), "rejection recorded", || async {
         let j = c.job(&id).await;
-        let seen = j["history"].as_array()?.iter().any(|h| {
-            h["action"] == "reject_report"
-                && h["attempt"] == 1
+        let seen = entries(&j, "reject_report").iter().any(|h| {
+            h["attempt"] == 1
                 && h["note"]
                     .as_str()
                     .is_some_and(|n| n.contains("stale_epoch") || n.contains("rejected"))
@@ -241,12 +234,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
         before,
         "a stale report changed the job"
     );
-    let metrics = reqwest::get(warden.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.lines().any(|l| l.starts_with("warden_scheduler_reports_rejected_total")
             && !l.ends_with(" 0")),
@@ -267,7 +255,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
     assert_eq!(reply["job"]["attempt"], 2);
 
     // Both executors appear among the bots; their sessions are closed.
-    let bots = get_json(&warden.url("/api/v1/bots")).await;
+    let bots = s.get("/api/v1/bots").await;
     for bot in ["buildbot-1", "buildbot-2"] {
         let mine: Vec<&Value> = bots["bots"]
             .as_array()
@@ -281,7 +269,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
             "{bot} still active: {bots}"
         );
     }
-    let active = get_json(&warden.url("/api/v1/bots?state=active")).await;
+    let active = s.get("/api/v1/bots?state=active").await;
     assert!(
         active["bots"]
             .as_array()
@@ -298,7 +286,7 @@ async fn an_executor_runs_a_job_and_a_crash_it_reports_is_retried_under_fencing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_state_switches_get_clear_errors_and_change_nothing() {
-    let (_nats, _warden, c) = start();
+    let (_s, c) = start();
     let id = c.submit().await;
     let e = c.take("buildbot-1", json!({})).await;
     let token = e["token"].as_str().unwrap().to_string();
@@ -459,10 +447,10 @@ async fn bad_state_switches_get_clear_errors_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_executor_loses_its_job_and_the_api_answers_over_nats_too() {
-    let (nats, _warden, c) = start();
+    let (s, c) = start();
     let id = c.submit().await;
     // Over NATS: the same take, with a short session of its own.
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let client = async_nats::connect(s.url()).await.unwrap();
     let ask = |subject: &'static str, body: Value| {
         let client = client.clone();
         async move {
@@ -496,14 +484,7 @@ async fn a_silent_executor_loses_its_job_and_the_api_answers_over_nats_too() {
         (j["state"] == "SCHEDULED" && j["attempt"] == 1).then_some(j)
     })
     .await;
-    assert!(
-        job["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|h| h["action"] == "requeue"),
-        "{job}"
-    );
+    assert!(!entries(&job, "requeue").is_empty(), "{job}");
     let reply = ask(
         "warden.api.job.state",
         json!({"id": id, "token": token, "state": "FINISHED", "outcome": "PASSED"}),
@@ -534,5 +515,5 @@ async fn a_silent_executor_loses_its_job_and_the_api_answers_over_nats_too() {
     )
     .await;
     assert_eq!(bad["error"]["code"], "invalid_request", "{bad}");
-    let _ = cli_ok(&nats.url(), &["bots"]);
+    let _ = cli_ok(&s.url(), &["bots"]);
 }

@@ -7,12 +7,9 @@
 
 use std::time::Duration;
 
-use uuid::Uuid;
-use warden_e2e::InProcess;
+use warden_e2e::{acquire_request, open_session, try_acquire, InProcess};
 use warden_shared::job::Job;
-use warden_shared::messages::{
-    AcquireReply, AcquireRequest, CreateSession, Heartbeat, SessionReply,
-};
+use warden_shared::messages::Heartbeat;
 use warden_shared::{subjects, JobState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,53 +20,13 @@ async fn a_grant_that_never_reached_its_worker_is_taken_back() {
     let (client, store) = (s.client.clone(), s.store.clone());
     let job = Job::builder("noop").build();
     store.create(&job).await.unwrap();
-    let create = CreateSession {
-        version: 1,
-        bot_id: "bot-deaf".into(),
-        resource: None,
-        resources: Vec::new(),
-        agent_instance: Uuid::new_v4().to_string(),
-        pools: vec!["default".into()],
-        capacity: 1,
-        agent_version: "test".into(),
-        timeout_ms: None,
-    };
-    let session = warden_e2e::eventually(Duration::from_secs(20), "a session", || {
-        let client = client.clone();
-        let body = serde_json::to_vec(&create).unwrap();
-        async move {
-            let msg = client
-                .request(subjects::SESSION_CREATE, body.into())
-                .await
-                .ok()?;
-            serde_json::from_slice::<SessionReply>(&msg.payload)
-                .ok()?
-                .session
-        }
-    })
-    .await;
+    let session = open_session(&client, "bot-deaf").await;
     // The scheduler leases the job; the "worker" never learns of it (its
     // reply is dropped here, as a lost connection would).
-    warden_e2e::eventually(Duration::from_secs(20), "the job leased", || {
-        let client = client.clone();
-        let req = AcquireRequest {
-            version: 1,
-            session: session.clone(),
-            bot_id: "bot-deaf".into(),
-            resource: None,
-            resources: Vec::new(),
-            pools: vec!["default".into()],
-            max: 1,
-            wait_ms: 300,
-        };
-        async move {
-            let reply = client
-                .request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into())
-                .await
-                .ok()?;
-            let r: AcquireReply = serde_json::from_slice(&reply.payload).ok()?;
-            (!r.leases.is_empty()).then_some(())
-        }
+    let req = acquire_request(&session, "bot-deaf", 1);
+    warden_e2e::eventually(Duration::from_secs(20), "the job leased", || async {
+        let r = try_acquire(&client, &req).await?;
+        (!r.leases.is_empty()).then_some(())
     })
     .await;
     let v = store.get(&job.id).await.unwrap().unwrap();

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, free_port, process_alive, NatsServer, Warden};
+use warden_e2e::{cli_ok, entries, eventually, free_port, process_alive, signal, Scenario, Warden};
 
 /// `hold` writes its own pid and a background child's, then waits.
 const CONFIG: &str = r#"
@@ -135,17 +135,12 @@ async fn a_killed_warden_up_leaves_no_nats_server_and_no_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_leaves_no_task() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let _warden = Warden::up(&url, CONFIG, 0);
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("warden.toml");
-    std::fs::write(&conf, CONFIG).unwrap();
+    let s = Scenario::new().config(CONFIG).up();
     let pids = tempfile::tempdir().unwrap();
     let mut reap = Reap(Vec::new(), None);
 
-    let mut worker = warden_e2e::spawn_worker(&url, &conf, "doomed");
-    let (task, grandchild) = start_hold(&url, pids.path()).await;
+    let mut worker = s.worker("doomed");
+    let (task, grandchild) = start_hold(&s.url(), pids.path()).await;
     reap.0.extend([task, grandchild]);
 
     worker.kill().unwrap();
@@ -160,28 +155,18 @@ async fn a_killed_worker_leaves_no_task() {
 /// retry policy), never as the task's crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_workers_task_is_killed_before_its_job_can_run_again() {
-    let config =
-        format!("{CONFIG}\n[fencing]\nsession_timeout = \"6s\"\n[retry]\ninitial_delay = \"1s\"\n");
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let warden = Warden::up(&url, &config, 0);
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("warden.toml");
-    std::fs::write(&conf, &config).unwrap();
+    let s = Scenario::new()
+        .config(CONFIG)
+        .config("[fencing]\nsession_timeout = \"6s\"\n[retry]\ninitial_delay = \"1s\"")
+        .up();
     let pids = tempfile::tempdir().unwrap();
     let mut reap = Reap(Vec::new(), None);
 
-    let mut worker = warden_e2e::spawn_worker(&url, &conf, "frozen");
-    let (task, grandchild) = start_hold(&url, pids.path()).await;
+    let mut worker = s.worker("frozen");
+    let (task, grandchild) = start_hold(&s.url(), pids.path()).await;
     reap.0.extend([task, grandchild]);
-    let pid = worker.id().to_string();
-    let signal = |sig: &str| {
-        std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-    };
-    signal("-STOP");
+    let pid = worker.id();
+    signal(pid, "-STOP");
     let frozen = std::time::Instant::now();
     // Half the session timeout (3 s), then the guard kills: well before
     // the 6 s after which the session may expire.
@@ -197,31 +182,29 @@ async fn a_frozen_workers_task_is_killed_before_its_job_can_run_again() {
     )
     .await;
     let killed_after = frozen.elapsed();
-    signal("-CONT");
+    signal(pid, "-CONT");
     assert!(
         killed_after < Duration::from_secs(6),
         "killed {killed_after:?} after the freeze"
     );
-    let id = warden_e2e::get_json(&warden.url("/api/v1/jobs?task=hold")).await["jobs"][0]["id"]
+    let id = s.get("/api/v1/jobs?task=hold").await["jobs"][0]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
     // It goes back to the queue as a lost worker's attempt (retried), and
     // is never recorded as the task's crash.
-    let job = eventually(
-        Duration::from_secs(30),
-        "the attempt taken back",
-        || async {
-            let j = warden_e2e::get_json(&job_url).await;
-            (j["attempt"].as_u64() >= Some(2) || j["state"] == "SCHEDULED").then_some(j)
-        },
-    )
-    .await;
-    let history = job["history"].as_array().cloned().unwrap_or_default();
+    let job = s
+        .wait_job_where(
+            &id,
+            "the attempt taken back",
+            Duration::from_secs(30),
+            |j| j["attempt"].as_u64() >= Some(2) || j["state"] == "SCHEDULED",
+        )
+        .await;
     assert!(
-        history.iter().all(|e| !(e["action"] == "crash"
-            && e["note"].as_str().is_some_and(|n| n.starts_with("unknown")))),
+        entries(&job, "crash")
+            .iter()
+            .all(|e| !e["note"].as_str().is_some_and(|n| n.starts_with("unknown"))),
         "{job:#}"
     );
     assert_ne!(job["state"], "CRASHED", "{job:#}");
@@ -233,27 +216,23 @@ async fn a_frozen_workers_task_is_killed_before_its_job_can_run_again() {
 /// a program that cannot be started is a setup failure, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guarded_task_ends_as_it_ended() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let config = format!(
-        "{CONFIG}\n[retry]\nretryable = []\n\
-         [tasks.segv]\ncommand = [\"sh\", \"-c\", \"kill -SEGV $$\"]\n\
-         [tasks.three]\ncommand = [\"sh\", \"-c\", \"exit 3\"]\n\
-         [tasks.missing]\ncommand = [\"/nonexistent/warden-missing-program\"]\n"
-    );
-    let warden = Warden::up(&url, &config, 1);
+    let s = Scenario::new()
+        .config(CONFIG)
+        .config(
+            "[retry]\nretryable = []\n\
+             [tasks.segv]\ncommand = [\"sh\", \"-c\", \"kill -SEGV $$\"]\n\
+             [tasks.three]\ncommand = [\"sh\", \"-c\", \"exit 3\"]\n\
+             [tasks.missing]\ncommand = [\"/nonexistent/warden-missing-program\"]",
+        )
+        .workers(1)
+        .up();
     for (task, field, want) in [
         ("segv", "signal", serde_json::json!(11)),
         ("three", "exit_code", serde_json::json!(3)),
         ("missing", "detail", serde_json::json!("setup_failed")),
     ] {
-        let id = cli_ok(&url, &["job", "submit", task]).trim().to_string();
-        let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
-        let job = eventually(Duration::from_secs(30), "the job CRASHED", || async {
-            let j = warden_e2e::get_json(&job_url).await;
-            (j["state"] == "CRASHED").then_some(j)
-        })
-        .await;
+        let id = s.submit(&[task]);
+        let job = s.wait_job(&id, "CRASHED", Duration::from_secs(30)).await;
         let got = if field == "detail" {
             &job["detail"]
         } else {

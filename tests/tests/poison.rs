@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use warden_e2e::{cli_ok, eventually, get_json, NatsServer, Warden};
+use warden_e2e::Scenario;
 
 const CONFIG: &str = r#"
 [fencing]
@@ -28,27 +28,12 @@ command = ["sh", "-c", "kill -9 \"$(cut -d' ' -f4 /proc/$PPID/stat)\"; sleep 2"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_job_is_shelved_after_two_workers_and_the_rest_keep_working() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("warden.toml");
-    std::fs::write(&conf, CONFIG).unwrap();
-    let warden = Warden::up(&url, CONFIG, 0);
+    let s = Scenario::new().config(CONFIG).up();
     let bots = ["bot-a", "bot-b", "bot-c"];
-    let mut workers: Vec<_> = bots
-        .iter()
-        .map(|b| warden_e2e::spawn_worker(&url, &conf, b))
-        .collect();
+    let mut workers: Vec<_> = bots.iter().map(|b| s.worker(b)).collect();
 
-    let id = cli_ok(&url, &["job", "submit", "poison"])
-        .trim()
-        .to_string();
-    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
-    let job = eventually(Duration::from_secs(60), "poison job SHELVED", || async {
-        let j = get_json(&job_url).await;
-        (j["state"] == "SHELVED").then_some(j)
-    })
-    .await;
+    let id = s.submit(&["poison"]);
+    let job = s.wait_job(&id, "SHELVED", Duration::from_secs(60)).await;
     assert_eq!(job["blame"], "task", "{job:#}");
     assert_eq!(job["detail"], "worker_crash_loop");
     assert_eq!(
@@ -79,28 +64,15 @@ async fn poison_job_is_shelved_after_two_workers_and_the_rest_keep_working() {
 
     // The survivor serves other jobs; the shelved job stays shelved.
     for _ in 0..3 {
-        let out = cli_ok(
-            &url,
-            &["job", "submit", "noop", "--wait", "--timeout", "30"],
-        );
-        assert!(out.contains("FINISHED outcome=passed"), "{out}");
+        s.assert_noop_passes();
     }
-    let still = get_json(&job_url).await;
+    let still = s.job(&id).await;
     assert_eq!(still["state"], "SHELVED");
     assert_eq!(still["attempt"], 2, "never dispatched again");
 
-    let metrics = reqwest::get(warden.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("warden_scheduler_shelved_total{reason=\"worker_crash_loop\"} 1"),
         "{metrics}"
     );
-    for w in &mut workers {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
 }

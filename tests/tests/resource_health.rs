@@ -21,12 +21,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use warden_e2e::{
-    cli_ok, eventually, get_json, job, never_within, submit, wait_job, warden_bin, NatsServer,
-    Warden,
+    cli_ok, eventually, get_json, job, never_within, sample, signal, submit, wait_job, warden_bin,
+    Proc, Scenario, Warden,
 };
 
 const BASE: &str = r#"
@@ -110,21 +110,6 @@ async fn wait_resource(w: &Warden, name: &str, state: &str, secs: u64) -> serde_
     .await
 }
 
-async fn metrics(w: &Warden) -> String {
-    reqwest::get(w.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one sample line, e.g. `warden_health_recycles_total{reason="vanished"}`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
-
 /// The states a resource went through, oldest first.
 fn states(r: &serde_json::Value) -> Vec<String> {
     r["changes"]
@@ -135,25 +120,12 @@ fn states(r: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let warden = Warden::up(&url, BASE, 0);
+    let s = Scenario::new().config(BASE).up();
+    let (url, warden, dir) = (s.url(), &s.warden, s.dir());
     // The provisioner's hook, as deploy/systemd runs it.
-    let recycled = dir.path().join("recycled.txt");
+    let recycled = dir.join("recycled.txt");
     let hook = Command::new(warden_bin())
         .args(["recycle-hook", "--nats-url", &url, "--", "sh", "-c"])
         .arg(format!(
@@ -165,14 +137,14 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let conf_a = with_checkout(dir.path(), "bot-a", "host-a", &["default"], "");
-    let conf_b = with_checkout(dir.path(), "bot-b", "host-b", &["default"], "");
-    let mut procs = Killed(vec![hook, warden_e2e::spawn_worker(&url, &conf_a, "bot-a")]);
+    let conf_a = with_checkout(dir, "bot-a", "host-a", &["default"], "");
+    let conf_b = with_checkout(dir, "bot-b", "host-b", &["default"], "");
+    let mut procs = vec![Proc(hook), s.worker_with(&conf_a, "bot-a")];
 
-    let wc = wait_resource(&warden, "host-a/checkout", "open", 30).await;
+    let wc = wait_resource(warden, "host-a/checkout", "open", 30).await;
     assert_eq!(wc["kind"], "workcopy");
     assert_eq!(wc["depends_on"], "host-a");
-    let host = resource(&warden, "host-a").await.unwrap();
+    let host = resource(warden, "host-a").await.unwrap();
     assert_eq!(host["dependents"], serde_json::json!(["host-a/checkout"]));
     assert_eq!(host["sessions"][0]["bot_id"], "bot-a");
 
@@ -180,7 +152,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     // The crash is system/setup_failed (retryable): the retry waits for a
     // healthy resource. The mangled working copy fails its check and is
     // closed; its host passes its own and stays usable.
-    let wc = wait_resource(&warden, "host-a/checkout", "closed", 30).await;
+    let wc = wait_resource(warden, "host-a/checkout", "closed", 30).await;
     assert_eq!(
         states(&wc),
         ["open", "suspicious", "broken", "closed"],
@@ -199,7 +171,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         wc["reason"].as_str().unwrap().contains("check_failed"),
         "{wc}"
     );
-    let host = wait_resource(&warden, "host-a", "open", 30).await;
+    let host = wait_resource(warden, "host-a", "open", 30).await;
     assert_eq!(
         host["checks"].as_array().unwrap().last().unwrap()["result"],
         "passed",
@@ -209,19 +181,17 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     // No further lease goes to host-a: bot-a is idle and asking, yet the
     // job, due long since, stays waiting.
     never_within(Duration::from_secs(3), "the job leased again", || async {
-        let j = job(&warden, &id).await;
+        let j = job(warden, &id).await;
         (j["state"] != "SCHEDULED" || j["attempt"] != 1).then_some(j)
     })
     .await;
-    let waiting = job(&warden, &id).await;
+    let waiting = job(warden, &id).await;
     assert_eq!(waiting["state"], "SCHEDULED", "{waiting}");
     assert_eq!(waiting["attempt"], 1, "{waiting}");
     assert_eq!(waiting["detail"], "setup_failed", "{waiting}");
 
-    procs
-        .0
-        .push(warden_e2e::spawn_worker(&url, &conf_b, "bot-b"));
-    let done = wait_job(&warden, &id, "FINISHED", Duration::from_secs(60)).await;
+    procs.push(s.worker_with(&conf_b, "bot-b"));
+    let done = wait_job(warden, &id, "FINISHED", Duration::from_secs(60)).await;
     assert_eq!(done["attempt"], 2, "{done}");
     assert_eq!(done["lease"]["bot_id"], "bot-b", "{done}");
     assert_eq!(
@@ -241,11 +211,11 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
     // An unrelated failure on a healthy host: both of its resources are
     // suspected, checked, and open again; work still goes there.
     let crash = submit(&url, &["diskfull"]);
-    let crashed = wait_job(&warden, &crash, "CRASHED", Duration::from_secs(60)).await;
+    let crashed = wait_job(warden, &crash, "CRASHED", Duration::from_secs(60)).await;
     assert_eq!(crashed["detail"], "disk_full", "{crashed}");
     for name in ["host-b", "host-b/checkout"] {
         let r = eventually(Duration::from_secs(30), "checked and open", || async {
-            resource(&warden, name)
+            resource(warden, name)
                 .await
                 .filter(|r| r["state"] == "open" && !r["checks"].as_array().unwrap().is_empty())
         })
@@ -257,10 +227,10 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         );
     }
     let after = submit(&url, &["noop"]);
-    let after = wait_job(&warden, &after, "FINISHED", Duration::from_secs(30)).await;
+    let after = wait_job(warden, &after, "FINISHED", Duration::from_secs(30)).await;
     assert_eq!(after["lease"]["bot_id"], "bot-b");
 
-    let m = metrics(&warden).await;
+    let m = s.metrics().await;
     assert_eq!(
         sample(&m, "warden_health_recycles_total{reason=\"check_failed\"}"),
         Some(1.0),
@@ -272,7 +242,7 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
         Some(1.0)
     );
     eventually(Duration::from_secs(5), "resource gauges", || async {
-        let m = metrics(&warden).await;
+        let m = s.metrics().await;
         (sample(&m, "warden_health_resources{state=\"closed\"}") == Some(1.0)
             && sample(&m, "warden_health_resources{state=\"open\"}") == Some(3.0))
         .then_some(())
@@ -288,43 +258,41 @@ async fn drydock_mangled_working_copy_is_checked_closed_and_recycled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanished_host_and_its_working_copy_are_recycled_and_jobs_finish_elsewhere() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let warden = Warden::up(&url, BASE, 0);
-    let conf_v = with_checkout(dir.path(), "bot-v", "host-v", &["default"], "");
-    let conf_w = with_checkout(dir.path(), "bot-w", "host-w", &["default"], "");
-    let mut v = warden_e2e::spawn_worker(&url, &conf_v, "bot-v");
-    wait_resource(&warden, "host-v/checkout", "open", 30).await;
+    let s = Scenario::new().config(BASE).up();
+    let (url, warden, dir) = (s.url(), &s.warden, s.dir());
+    let conf_v = with_checkout(dir, "bot-v", "host-v", &["default"], "");
+    let conf_w = with_checkout(dir, "bot-w", "host-w", &["default"], "");
+    let mut v = s.worker_with(&conf_v, "bot-v");
+    wait_resource(warden, "host-v/checkout", "open", 30).await;
 
     let ids = [submit(&url, &["sleepy"]), submit(&url, &["sleepy"])];
     for id in &ids {
-        let j = wait_job(&warden, id, "RUNNING", Duration::from_secs(30)).await;
+        let j = wait_job(warden, id, "RUNNING", Duration::from_secs(30)).await;
         assert_eq!(j["lease"]["bot_id"], "bot-v");
     }
-    let _w = Killed(vec![warden_e2e::spawn_worker(&url, &conf_w, "bot-w")]);
-    wait_resource(&warden, "host-w", "open", 30).await;
+    let _w = s.worker_with(&conf_w, "bot-w");
+    wait_resource(warden, "host-w", "open", 30).await;
     v.kill().unwrap();
     v.wait().unwrap();
 
-    let host = wait_resource(&warden, "host-v", "closed", 30).await;
+    let host = wait_resource(warden, "host-v", "closed", 30).await;
     assert_eq!(states(&host), ["open", "broken", "closed"], "{host}");
     assert!(
         host["reason"].as_str().unwrap().contains("vanished"),
         "{host}"
     );
-    let wc = wait_resource(&warden, "host-v/checkout", "closed", 30).await;
+    let wc = wait_resource(warden, "host-v/checkout", "closed", 30).await;
     assert!(
         wc["reason"].as_str().unwrap().contains("host-v"),
         "the working copy goes with its host: {wc}"
     );
     for id in &ids {
-        let j = wait_job(&warden, id, "FINISHED", Duration::from_secs(60)).await;
+        let j = wait_job(warden, id, "FINISHED", Duration::from_secs(60)).await;
         assert_eq!(j["lease"]["bot_id"], "bot-w", "{j}");
         assert_eq!(j["attempt"], 2, "{j}");
     }
-    assert_eq!(resource(&warden, "host-w").await.unwrap()["state"], "open");
-    let m = metrics(&warden).await;
+    assert_eq!(resource(warden, "host-w").await.unwrap()["state"], "open");
+    let m = s.metrics().await;
     assert_eq!(
         sample(&m, "warden_health_recycles_total{reason=\"vanished\"}"),
         Some(1.0),
@@ -338,15 +306,13 @@ async fn vanished_host_and_its_working_copy_are_recycled_and_jobs_finish_elsewhe
 
     // The agent comes back (a new process after recycling): its resources
     // pass their checks and open as a new incarnation.
-    let _v2 = Killed(vec![warden_e2e::spawn_worker(&url, &conf_v, "bot-v")]);
-    let again = wait_resource(&warden, "host-v", "open", 30).await;
+    let _v2 = s.worker_with(&conf_v, "bot-v");
+    let again = wait_resource(warden, "host-v", "open", 30).await;
     assert_eq!(again["incarnation"], 2, "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pools_only_resource_under_check_holds_its_jobs_and_nothing_else() {
-    let nats = NatsServer::start();
-    let url = nats.url();
     let dir = tempfile::tempdir().unwrap();
     // The host check waits while a `hold` file exists in its work dir.
     let gate = r#"
@@ -355,22 +321,23 @@ name = "gate"
 command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
 "#;
     let config = format!("{BASE}{gate}");
-    let warden = Warden::up(&url, &config, 0);
+    let s = Scenario::new().config(&config).up();
+    let (url, warden) = (s.url(), &s.warden);
     let conf_s = worker_conf(dir.path(), "bot-s", "host-s", &["solo"], gate);
     let conf_d = worker_conf(dir.path(), "bot-d", "host-d", &["default"], gate);
     let hold = dir.path().join("bot-s-work").join("hold");
     std::fs::write(&hold, "").unwrap();
-    let _workers = Killed(vec![
-        warden_e2e::spawn_worker(&url, &conf_s, "bot-s"),
-        warden_e2e::spawn_worker(&url, &conf_d, "bot-d"),
-    ]);
-    wait_resource(&warden, "host-s", "open", 30).await;
-    wait_resource(&warden, "host-d", "open", 30).await;
+    let _workers = [
+        s.worker_with(&conf_s, "bot-s"),
+        s.worker_with(&conf_d, "bot-d"),
+    ];
+    wait_resource(warden, "host-s", "open", 30).await;
+    wait_resource(warden, "host-d", "open", 30).await;
 
     let crash = submit(&url, &["solo-diskfull"]);
-    wait_job(&warden, &crash, "CRASHED", Duration::from_secs(60)).await;
+    wait_job(warden, &crash, "CRASHED", Duration::from_secs(60)).await;
     let r = eventually(Duration::from_secs(30), "host-s under check", || async {
-        resource(&warden, "host-s")
+        resource(warden, "host-s")
             .await
             .filter(|r| r["state"] == "suspicious" && r["check"].is_object())
     })
@@ -382,10 +349,10 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
         .collect();
     let flowing: Vec<String> = (0..5).map(|_| submit(&url, &["noop"])).collect();
     for id in &flowing {
-        wait_job(&warden, id, "FINISHED", Duration::from_secs(60)).await;
+        wait_job(warden, id, "FINISHED", Duration::from_secs(60)).await;
     }
     eventually(Duration::from_secs(10), "waiting jobs counted", || async {
-        let m = metrics(&warden).await;
+        let m = s.metrics().await;
         (sample(
             &m,
             "warden_scheduler_jobs_waiting_for_resource{pool=\"solo\"}",
@@ -402,21 +369,21 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
     })
     .await;
     for id in &held {
-        assert_eq!(job(&warden, id).await["state"], "SCHEDULED");
+        assert_eq!(job(warden, id).await["state"], "SCHEDULED");
     }
 
     std::fs::remove_file(&hold).unwrap();
-    let r = wait_resource(&warden, "host-s", "open", 30).await;
+    let r = wait_resource(warden, "host-s", "open", 30).await;
     assert!(
         r["reason"].as_str().unwrap().starts_with("check passed"),
         "{r}"
     );
     for id in &held {
-        let j = wait_job(&warden, id, "FINISHED", Duration::from_secs(60)).await;
+        let j = wait_job(warden, id, "FINISHED", Duration::from_secs(60)).await;
         assert_eq!(j["lease"]["bot_id"], "bot-s");
     }
     eventually(Duration::from_secs(10), "gauge back to 0", || async {
-        let m = metrics(&warden).await;
+        let m = s.metrics().await;
         (sample(
             &m,
             "warden_scheduler_jobs_waiting_for_resource{pool=\"solo\"}",
@@ -428,30 +395,26 @@ command = ["sh", "-c", "while [ -e {path}/hold ]; do sleep 0.1; done"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_a_resource_by_hand_requeues_its_running_job_without_spending_its_budget() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let warden = Warden::up(&url, BASE, 0);
-    let conf_x = worker_conf(dir.path(), "bot-x", "host-x", &["default"], "");
-    let conf_y = worker_conf(dir.path(), "bot-y", "host-y", &["default"], "");
-    let mut workers = Killed(vec![warden_e2e::spawn_worker(&url, &conf_x, "bot-x")]);
-    wait_resource(&warden, "host-x", "open", 30).await;
+    let s = Scenario::new().config(BASE).up();
+    let (url, warden, dir) = (s.url(), &s.warden, s.dir());
+    let conf_x = worker_conf(dir, "bot-x", "host-x", &["default"], "");
+    let conf_y = worker_conf(dir, "bot-y", "host-y", &["default"], "");
+    let mut workers = vec![s.worker_with(&conf_x, "bot-x")];
+    wait_resource(warden, "host-x", "open", 30).await;
     // One attempt allowed: a second one can only come from a requeue that
     // does not count.
     let id = submit(&url, &["sleepy", "--max-attempts", "1"]);
-    let j = wait_job(&warden, &id, "RUNNING", Duration::from_secs(30)).await;
+    let j = wait_job(warden, &id, "RUNNING", Duration::from_secs(30)).await;
     assert_eq!(j["lease"]["bot_id"], "bot-x");
-    workers
-        .0
-        .push(warden_e2e::spawn_worker(&url, &conf_y, "bot-y"));
-    wait_resource(&warden, "host-y", "open", 30).await;
+    workers.push(s.worker_with(&conf_y, "bot-y"));
+    wait_resource(warden, "host-y", "open", 30).await;
 
     let out = cli_ok(
         &url,
         &["resource", "close", "host-x", "--reason", "disk replaced"],
     );
     assert!(out.contains("host-x is closed"), "{out}");
-    let done = wait_job(&warden, &id, "FINISHED", Duration::from_secs(60)).await;
+    let done = wait_job(warden, &id, "FINISHED", Duration::from_secs(60)).await;
     assert_eq!(done["attempt"], 2, "{done}");
     assert_eq!(done["lease"]["bot_id"], "bot-y", "{done}");
     let requeue = done["history"]
@@ -468,12 +431,12 @@ async fn closing_a_resource_by_hand_requeues_its_running_job_without_spending_it
             .contains("resource host-x was closed"),
         "{requeue}"
     );
-    let r = resource(&warden, "host-x").await.unwrap();
+    let r = resource(warden, "host-x").await.unwrap();
     assert!(
         r["reason"].as_str().unwrap().contains("disk replaced"),
         "{r}"
     );
-    let m = metrics(&warden).await;
+    let m = s.metrics().await;
     assert_eq!(
         sample(&m, "warden_health_recycles_total{reason=\"manual\"}"),
         Some(1.0),
@@ -495,8 +458,6 @@ async fn closing_a_resource_by_hand_requeues_its_running_job_without_spending_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_takes_jobs() {
-    let nats = NatsServer::start();
-    let url = nats.url();
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("host-ok");
     std::fs::write(&marker, "").unwrap();
@@ -508,37 +469,30 @@ async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_
         "check_timeout = \"30s\"",
         "check_timeout = \"30s\"\nrecheck_backoff = \"1s\"\nflap_window = \"4s\"",
     );
-    let warden = Warden::up(&url, &server, 0);
+    let s = Scenario::new().config(&server).up();
+    let (url, warden) = (s.url(), &s.warden);
     let conf = worker_conf(dir.path(), "bot-s", "host-s", &["default"], &extra);
-    let mut worker = Killed(vec![warden_e2e::spawn_worker(&url, &conf, "bot-s")]);
-    let pid = worker.0[0].id().to_string();
-    wait_resource(&warden, "host-s", "open", 30).await;
+    let mut worker = s.worker_with(&conf, "bot-s");
+    let pid = worker.id();
+    wait_resource(warden, "host-s", "open", 30).await;
     let first = submit(&url, &["quick"]);
-    wait_job(&warden, &first, "FINISHED", Duration::from_secs(30)).await;
+    wait_job(warden, &first, "FINISHED", Duration::from_secs(30)).await;
 
     // Stopped past its session timeout (2 s), while its host breaks.
     std::fs::remove_file(&marker).unwrap();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
-    signal("-STOP");
-    let host = wait_resource(&warden, "host-s", "closed", 30).await;
+    signal(pid, "-STOP");
+    let host = wait_resource(warden, "host-s", "closed", 30).await;
     assert!(
         host["reason"].as_str().unwrap().contains("vanished"),
         "{host}"
     );
-    signal("-CONT");
+    signal(pid, "-CONT");
 
     // Back, with a new session of the same process: checked, fails, stays
     // out, its jobs wait.
     let waiting = submit(&url, &["quick"]);
     let host = eventually(Duration::from_secs(30), "a failed return check", || async {
-        resource(&warden, "host-s").await.filter(|r| {
+        resource(warden, "host-s").await.filter(|r| {
             r["checks"]
                 .as_array()
                 .unwrap()
@@ -552,17 +506,17 @@ async fn a_stopped_agent_that_comes_back_gets_its_host_back_after_its_check_and_
         (Some("closed"), Some(1)),
         "{host}"
     );
-    assert_eq!(job(&warden, &waiting).await["state"], "SCHEDULED");
+    assert_eq!(job(warden, &waiting).await["state"], "SCHEDULED");
 
     // Fixed: it comes back by itself as a new incarnation and takes work.
     std::fs::write(&marker, "").unwrap();
-    let host = wait_resource(&warden, "host-s", "open", 30).await;
+    let host = wait_resource(warden, "host-s", "open", 30).await;
     assert_eq!(host["incarnation"], 2, "{host}");
     assert!(
         host["reason"].as_str().unwrap().starts_with("returned"),
         "{host}"
     );
-    let done = wait_job(&warden, &waiting, "FINISHED", Duration::from_secs(30)).await;
+    let done = wait_job(warden, &waiting, "FINISHED", Duration::from_secs(30)).await;
     assert_eq!(done["lease"]["bot_id"], "bot-s", "{done}");
-    worker.0[0].kill().unwrap();
+    worker.kill().unwrap();
 }

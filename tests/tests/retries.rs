@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde_json::Value;
-use warden_e2e::{cli, cli_ok, get_json, never_within, wait_job_where, Scenario, Warden};
+use warden_e2e::{at, cli, cli_ok, entries, never_within, wait_job_where, Scenario, Warden};
 
 const CONFIG: &str = r#"
 [retry]
@@ -26,19 +25,6 @@ command = ["sh", "-c", "echo 'curl: (6) Could not resolve host: mirrors.fedorapr
 [tasks.broken]
 command = ["sh", "-c", "echo '{\"blame\":\"task\",\"detail\":\"task_exception\",\"description\":\"NameError in the test\"}' > \"$WARDEN_STATUS_FILE\"; exit 3"]
 "#;
-
-fn at(v: &Value) -> DateTime<Utc> {
-    v.as_str().unwrap().parse().unwrap()
-}
-
-fn entries<'a>(job: &'a Value, action: &str) -> Vec<&'a Value> {
-    job["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["action"] == action)
-        .collect()
-}
 
 async fn wait_state(w: &Warden, id: &str, state: &str, attempt: u64) -> Value {
     wait_job_where(
@@ -107,12 +93,7 @@ async fn third_party_failures_retry_to_the_limit_then_shelve_and_retry_by_hand()
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let metrics = reqwest::get(warden.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     for line in [
         "warden_scheduler_retries_total{blame=\"third_party\"} 4",
         "warden_scheduler_shelved_total{reason=\"retries_exhausted\"} 2",
@@ -140,7 +121,7 @@ async fn task_blamed_crash_is_not_retried_and_an_opted_out_job_is_not_either() {
             },
         )
         .await;
-        let later = get_json(&warden.url(&format!("/api/v1/jobs/{id}"))).await;
+        let later = s.job(id).await;
         assert_eq!(later["state"], "CRASHED", "{later:#}");
         assert_eq!(later["attempt"], 1);
         assert!(entries(&job, "retry").is_empty());

@@ -6,29 +6,16 @@
 
 use std::time::Duration;
 
-use uuid::Uuid;
-use warden_e2e::InProcess;
+use warden_e2e::{acquire_request, open_session, try_acquire, InProcess};
 use warden_shared::job::Job;
-use warden_shared::messages::{AcquireReply, AcquireRequest, CreateSession, SessionReply};
+use warden_shared::messages::AcquireReply;
 use warden_shared::session::UNKNOWN_SESSION;
-use warden_shared::{subjects, JobState};
+use warden_shared::JobState;
 
 async fn acquire(client: &async_nats::Client, session: &str, bot: &str) -> AcquireReply {
-    let req = AcquireRequest {
-        version: 1,
-        session: session.into(),
-        bot_id: bot.into(),
-        resource: None,
-        resources: Vec::new(),
-        pools: vec!["default".into()],
-        max: 1,
-        wait_ms: 300,
-    };
-    let reply = client
-        .request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into())
+    try_acquire(client, &acquire_request(session, bot, 1))
         .await
-        .unwrap();
-    serde_json::from_slice(&reply.payload).unwrap()
+        .expect("the scheduler answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,25 +27,9 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     let job = Job::builder("noop").build();
     store.create(&job).await.unwrap();
     // The scheduler answers once it is up (the queue has the job).
+    let req = acquire_request("made-up", "bot-x", 1);
     let made_up = warden_e2e::eventually(Duration::from_secs(20), "the scheduler answers", || {
-        let client = client.clone();
-        async move {
-            let req = AcquireRequest {
-                version: 1,
-                session: "made-up".into(),
-                bot_id: "bot-x".into(),
-                resource: None,
-                resources: Vec::new(),
-                pools: vec!["default".into()],
-                max: 1,
-                wait_ms: 300,
-            };
-            let reply = client
-                .request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into())
-                .await
-                .ok()?;
-            serde_json::from_slice::<AcquireReply>(&reply.payload).ok()
-        }
+        try_acquire(&client, &req)
     })
     .await;
     assert!(made_up.leases.is_empty(), "{made_up:?}");
@@ -71,31 +42,7 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     assert_eq!((v.job.state, v.job.attempt), (JobState::Scheduled, 0));
 
     // A real session, fresh from the fencing service.
-    let create = CreateSession {
-        version: 1,
-        bot_id: "bot-real".into(),
-        resource: None,
-        resources: Vec::new(),
-        agent_instance: Uuid::new_v4().to_string(),
-        pools: vec!["default".into()],
-        capacity: 1,
-        agent_version: "test".into(),
-        timeout_ms: None,
-    };
-    let reply = warden_e2e::eventually(Duration::from_secs(20), "a session", || {
-        let client = client.clone();
-        let body = serde_json::to_vec(&create).unwrap();
-        async move {
-            let msg = client
-                .request(subjects::SESSION_CREATE, body.into())
-                .await
-                .ok()?;
-            serde_json::from_slice::<SessionReply>(&msg.payload)
-                .ok()?
-                .session
-        }
-    })
-    .await;
+    let reply = open_session(&client, "bot-real").await;
 
     let served = acquire(&client, &reply, "bot-real").await;
     assert_eq!(served.error, None);

@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use warden_e2e::{cli_ok, eventually, get_json, metrics_text, sample, NatsServer, Warden};
+use warden_e2e::{at, entries, entry, Scenario};
 
 const CONFIG: &str = r#"
 [fencing]
@@ -18,40 +17,20 @@ initial_delay = "3s"
 jitter = 0.0
 "#;
 
-fn at(v: &serde_json::Value) -> DateTime<Utc> {
-    v.as_str().unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_job_waits_its_delay_then_finishes_elsewhere() {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("warden.toml");
-    std::fs::write(&conf, CONFIG).unwrap();
-    let warden = Warden::up(&url, CONFIG, 0);
+    let s = Scenario::new().config(CONFIG).up();
 
-    let mut a = warden_e2e::spawn_worker(&url, &conf, "bot-a");
-    let id = cli_ok(&url, &["job", "submit", "sleep", "--arg", "seconds=3"])
-        .trim()
-        .to_string();
-    let job_url = warden.url(&format!("/api/v1/jobs/{id}"));
-    eventually(Duration::from_secs(30), "job RUNNING on bot-a", || async {
-        let j = get_json(&job_url).await;
-        (j["state"] == "RUNNING" && j["lease"]["bot_id"] == "bot-a").then_some(())
-    })
-    .await;
+    let mut a = s.worker("bot-a");
+    let id = s.submit(&["sleep", "--arg", "seconds=3"]);
+    s.wait_running_on(&id, "bot-a").await;
     a.kill().unwrap();
     a.wait().unwrap();
     let killed = Instant::now();
     // bot-b is idle and asking for work the whole time.
-    let mut b = warden_e2e::spawn_worker(&url, &conf, "bot-b");
+    let b = s.worker("bot-b");
 
-    let waiting = eventually(Duration::from_secs(10), "job back to SCHEDULED", || async {
-        let j = get_json(&job_url).await;
-        (j["state"] == "SCHEDULED").then_some(j)
-    })
-    .await;
+    let waiting = s.wait_job(&id, "SCHEDULED", Duration::from_secs(10)).await;
     // Session timeout 1 s, swept at a fraction of it: well within 3 s.
     assert!(
         killed.elapsed() < Duration::from_secs(4),
@@ -63,13 +42,8 @@ async fn killed_worker_job_waits_its_delay_then_finishes_elsewhere() {
     assert_eq!(waiting["lost_workers"], serde_json::json!(["bot-a"]));
     let not_before = at(&waiting["not_before"]);
 
-    let job = eventually(Duration::from_secs(30), "job FINISHED on bot-b", || async {
-        let j = get_json(&job_url).await;
-        (j["state"] == "FINISHED").then_some(j)
-    })
-    .await;
-    b.kill().unwrap();
-    let _ = b.wait();
+    let job = s.wait_job(&id, "FINISHED", Duration::from_secs(30)).await;
+    drop(b);
 
     assert_eq!(job["attempt"], 2, "{job}");
     assert_eq!(job["lease"]["bot_id"], "bot-b", "{job}");
@@ -77,11 +51,7 @@ async fn killed_worker_job_waits_its_delay_then_finishes_elsewhere() {
         job.get("blame").is_none(),
         "a new attempt clears the old failure: {job}"
     );
-    let history = job["history"].as_array().unwrap();
-    let requeue = history
-        .iter()
-        .find(|h| h["action"] == "requeue")
-        .expect("a requeue entry");
+    let requeue = entry(&job, "requeue");
     assert!(
         requeue["note"]
             .as_str()
@@ -90,10 +60,7 @@ async fn killed_worker_job_waits_its_delay_then_finishes_elsewhere() {
         "{requeue}"
     );
     assert_eq!(requeue["bot_id"], "bot-a");
-    let dispatches: Vec<&serde_json::Value> = history
-        .iter()
-        .filter(|h| h["action"] == "dispatch")
-        .collect();
+    let dispatches = entries(&job, "dispatch");
     let to: Vec<&str> = dispatches
         .iter()
         .map(|h| h["bot_id"].as_str().unwrap())
@@ -129,13 +96,6 @@ async fn killed_worker_job_waits_its_delay_then_finishes_elsewhere() {
         (r#"warden_nats_connected{service="scheduler"}"#, 1.0),
         (r#"warden_nats_connected{service="fencing"}"#, 1.0),
     ];
-    // The counters follow the write the API saw: poll.
-    let metrics_url = warden.url("/metrics");
-    eventually(Duration::from_secs(10), "lost worker counted", || async {
-        let text = metrics_text(&metrics_url).await;
-        want.iter()
-            .all(|(s, n)| sample(&text, s) == Some(*n))
-            .then_some(())
-    })
-    .await;
+    s.wait_samples("lost worker counted", Duration::from_secs(10), &want)
+        .await;
 }
