@@ -77,8 +77,9 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ApiError::Http)?;
     warden_shared::metrics::starting("api");
     metrics::init();
-    let Some((client, handles)) =
-        runtime::connect_with_topology_until(&config, "api", &shutdown).await?
+    let Some((client, handles)) = runtime::Connect::new(&config, "api")
+        .topology(&shutdown)
+        .await?
     else {
         return Ok(());
     };

@@ -166,7 +166,9 @@ async fn phase(
         });
     }
 
-    let (client, handles) = runtime::connect_with_topology(&config, "bench").await?;
+    let (client, handles) = runtime::Connect::new(&config, "bench")
+        .topology_forever()
+        .await?;
     let store = JobStore::new(handles.jobs.clone());
     let finished: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let notify = Arc::new(tokio::sync::Notify::new());

@@ -395,7 +395,8 @@ async fn over_the_bus(mut config: Config, args: &BenchSearchArgs) -> anyhow::Res
     config.nats.url = nats.url();
     config.http.listen = "127.0.0.1:0".into();
     let config = Arc::new(config);
-    let (client, handles) = runtime::connect_with_topology(&config, "bench")
+    let (client, handles) = runtime::Connect::new(&config, "bench")
+        .topology_forever()
         .await
         .context("cannot connect to the bench's nats-server")?;
     let store = JobStore::new(handles.jobs.clone());

@@ -977,37 +977,30 @@ async fn connect(
     timeout: Duration,
     said: &ServerSaid,
 ) -> Result<async_nats::Client, NoClient> {
+    use warden_shared::runtime::{Connect, ConnectError};
     let said = said.clone();
-    let mut opts = async_nats::ConnectOptions::new()
+    Connect::new(config, "check")
         .name("warden-check")
-        .connection_timeout(timeout)
-        .max_reconnects(Some(1))
-        .event_callback(move |event| {
-            let said = said.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    said.set(e.to_string());
-                }
+        .short_lived(timeout, 1)
+        .on_server_error(move |e| said.set(e))
+        .client()
+        .await
+        .map_err(|e| match e {
+            ConnectError::Credentials { path, source } => {
+                NoClient::Setup(format!("cannot read credentials {path}: {source}"))
             }
-        });
-    if let Some(path) = &config.nats.credentials {
-        opts = opts.credentials_file(path).await.map_err(|e| {
-            NoClient::Setup(format!("cannot read credentials {}: {e}", path.display()))
-        })?;
-    }
-    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    let addrs = warden_shared::runtime::server_addrs(&config.nats.url)
-        .map_err(|e| NoClient::Setup(format!("bad NATS URL {:?}: {e}", config.nats.url)))?;
-    opts.connect(addrs).await.map_err(|e| match e.kind() {
-        async_nats::ConnectErrorKind::AuthorizationViolation
-        | async_nats::ConnectErrorKind::Authentication => NoClient::Setup(format!(
-            "NATS at {} refused the login: {e} (check [nats] user/password or credentials)",
-            config.nats.url
-        )),
-        _ => NoClient::Unreachable(e.to_string()),
-    })
+            ConnectError::Connect { url, source } => match source.kind() {
+                async_nats::ConnectErrorKind::ServerParse => {
+                    NoClient::Setup(format!("bad NATS URL {url:?}: {source}"))
+                }
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication => NoClient::Setup(format!(
+                    "NATS at {url} refused the login: {source} (check [nats] user/password or credentials)"
+                )),
+                _ => NoClient::Unreachable(source.to_string()),
+            },
+            other => NoClient::Unreachable(other.to_string()),
+        })
 }
 
 async fn measure(

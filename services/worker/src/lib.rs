@@ -114,7 +114,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     metrics::init();
-    let client = runtime::connect(&config, "worker").await?;
+    let client = runtime::Connect::new(&config, "worker").client().await?;
     let bot_id = if config.worker.bot_id.is_empty() {
         format!("{}-{}", hostname(), std::process::id())
     } else {
