@@ -469,6 +469,73 @@ pub fn load_or_exit(path: Option<&std::path::Path>, program: &str) -> Config {
     }
 }
 
+/// A service binary's command line: `--config` (or `WARDEN_CONFIG`)
+/// and the service's own arguments `A`.
+#[derive(clap::Parser)]
+struct ServiceCli<A: clap::Args> {
+    /// Config file (TOML), merged over the built-in defaults
+    #[arg(long, env = "WARDEN_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    args: A,
+}
+
+/// A service with no arguments but `--config`.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct NoArgs {}
+
+/// The whole `main` of a service binary `name` (`about` is its `--help`
+/// line): arguments, logs, config (or exit 64 with every problem),
+/// signals, `/metrics`, then `run` until shutdown.
+pub fn service_main<F, Fut, E>(name: &'static str, about: &'static str, run: F) -> Result<(), E>
+where
+    F: FnOnce(std::sync::Arc<Config>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    service_main_with(name, about, |_, _: NoArgs| {}, run)
+}
+
+/// [`service_main`] for a service with arguments of its own `A`, which
+/// `adjust` applies to the loaded config (checked again afterwards).
+pub fn service_main_with<A, F, Fut, E>(
+    name: &'static str,
+    about: &'static str,
+    adjust: impl FnOnce(&mut Config, A),
+    run: F,
+) -> Result<(), E>
+where
+    A: clap::Args,
+    F: FnOnce(std::sync::Arc<Config>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = ServiceCli::<A>::command()
+        .name(name)
+        .bin_name(name)
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let cli = ServiceCli::<A>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        init_tracing();
+        let mut config = load_or_exit(cli.config.as_deref(), name);
+        adjust(&mut config, cli.args);
+        exit_on_problems(&config, name);
+        let (config, shutdown) = start_service(config);
+        run(config, shutdown).await
+    })
+}
+
 /// What every standalone service binary does before `run`: logs, a
 /// shutdown token cancelled by SIGINT/SIGTERM, and `/metrics` on
 /// `metrics.listen` when set.

@@ -43,7 +43,7 @@ pub enum Command {
     /// Publish a JSON event from FILE on SUBJECT, as a bus bridge would
     Publish { subject: String, file: PathBuf },
     /// Run a worker agent (a bot) on this host
-    Worker(WorkerArgs),
+    Worker(warden_worker::WorkerArgs),
     /// List bot sessions: bot id, session, resource, pools, state, leases, last heartbeat
     Bots {
         #[arg(long)]
@@ -193,19 +193,6 @@ pub enum ResourceCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Args)]
-pub struct WorkerArgs {
-    #[arg(long)]
-    pub bot_id: Option<String>,
-    /// Pool to serve, repeatable
-    #[arg(long = "pool")]
-    pub pools: Vec<String>,
-    #[arg(long)]
-    pub resource: Option<String>,
-    #[arg(long)]
-    pub capacity: Option<u32>,
 }
 
 #[derive(Args, Clone)]
@@ -370,13 +357,7 @@ async fn run() {
         Command::Bots { json } => cli::bots(&config, *json).await,
         Command::Worker(args) => {
             let mut config = config;
-            warden_worker::apply_overrides(
-                &mut config.worker,
-                args.bot_id.clone(),
-                args.pools.clone(),
-                args.resource.clone(),
-                args.capacity,
-            );
+            args.clone().apply(&mut config.worker);
             warden_shared::runtime::exit_on_problems(&config, "warden");
             let (config, shutdown) = warden_shared::runtime::start_service(config);
             warden_worker::run(config, shutdown)

@@ -43,25 +43,36 @@ pub enum WorkerError {
     Connect(#[from] runtime::ConnectError),
 }
 
-/// Applies `warden worker` / `warden-worker` command-line flags.
-pub fn apply_overrides(
-    w: &mut WorkerConfig,
-    bot_id: Option<String>,
-    pools: Vec<String>,
-    resource: Option<String>,
-    capacity: Option<u32>,
-) {
-    if let Some(b) = bot_id {
-        w.bot_id = b;
-    }
-    if !pools.is_empty() {
-        w.pools = pools;
-    }
-    if let Some(r) = resource {
-        w.resource = r;
-    }
-    if let Some(c) = capacity {
-        w.capacity = c;
+/// The worker's command-line flags, for `warden-worker` and `warden
+/// worker` alike; each one given overrides `[worker]` of the config.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub bot_id: Option<String>,
+    /// Pool to serve, repeatable
+    #[arg(long = "pool")]
+    pub pools: Vec<String>,
+    #[arg(long)]
+    pub resource: Option<String>,
+    #[arg(long)]
+    pub capacity: Option<u32>,
+}
+
+impl WorkerArgs {
+    /// Overrides what was given in `w`.
+    pub fn apply(self, w: &mut WorkerConfig) {
+        if let Some(b) = self.bot_id {
+            w.bot_id = b;
+        }
+        if !self.pools.is_empty() {
+            w.pools = self.pools;
+        }
+        if let Some(r) = self.resource {
+            w.resource = r;
+        }
+        if let Some(c) = self.capacity {
+            w.capacity = c;
+        }
     }
 }
 
