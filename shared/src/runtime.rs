@@ -55,6 +55,17 @@ pub async fn follow_kv<F, Fut>(
     }
 }
 
+/// Why a durable publish did not happen.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("cannot encode: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot publish: {0}")]
+    Publish(#[source] jetstream::context::PublishError),
+    #[error("not acknowledged: {0}")]
+    NotAcknowledged(#[source] jetstream::context::PublishError),
+}
+
 /// Publishes `body` as JSON into its stream with a de-duplication id (a
 /// second publish with the same id within the stream's window is dropped);
 /// `Ok` once the stream has acknowledged it.
@@ -63,16 +74,16 @@ pub async fn publish_with_id<T: serde::Serialize>(
     subject: String,
     msg_id: &str,
     body: &T,
-) -> Result<(), String> {
-    let payload = serde_json::to_vec(body).map_err(|e| format!("cannot encode: {e}"))?;
+) -> Result<(), PublishError> {
+    let payload = serde_json::to_vec(body)?;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
     js.publish_with_headers(subject, headers, payload.into())
         .await
-        .map_err(|e| format!("cannot publish: {e}"))?
+        .map_err(PublishError::Publish)?
         .await
-        .map(|_| ())
-        .map_err(|e| format!("not acknowledged: {e}"))
+        .map_err(PublishError::NotAcknowledged)?;
+    Ok(())
 }
 
 /// Bytes of a dead-lettered payload kept (lossily decoded as UTF-8).
@@ -89,7 +100,7 @@ pub async fn dead_letter(
     subject: &str,
     error: &str,
     payload: &[u8],
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     let letter = crate::messages::DeadLetter {
         version: crate::messages::MESSAGE_VERSION,
         subject: subject.to_string(),
@@ -100,13 +111,13 @@ pub async fn dead_letter(
         payload: String::from_utf8_lossy(&payload[..payload.len().min(DEAD_LETTER_PAYLOAD)])
             .into_owned(),
     };
-    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&letter)?;
     js.publish(subjects::deadletter_subject(service, reason), body.into())
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(PublishError::Publish)?
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(PublishError::NotAcknowledged)?;
+    Ok(())
 }
 
 #[derive(Debug, Error)]

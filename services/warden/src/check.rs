@@ -772,7 +772,17 @@ pub struct BusSeen {
     /// The trigger: `Ok(true)` when its durable consumer has a waiting pull
     /// request, `Ok(false)` when it has none, `Err(why)` when it cannot be
     /// read (no stream or consumer, no permission).
-    pub trigger: Result<bool, String>,
+    pub trigger: Result<bool, TriggerUnread>,
+}
+
+/// Why the trigger's consumer could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TriggerUnread {
+    /// No stream or consumer, no permission: the server's words.
+    #[error("cannot read its consumer: {0}")]
+    Consumer(String),
+    #[error("its consumer's info did not come within {}", human(*.0))]
+    Late(Duration),
 }
 
 /// `bus`: every service answers; thresholds (seconds) judge the round trip.
@@ -876,7 +886,10 @@ fn human(d: Duration) -> String {
 
 /// Runs `warden check` from its arguments and the loaded config (or the
 /// reason it could not be loaded); returns the status line and exit code.
-pub async fn main(config: Result<Config, String>, args: &CheckArgs) -> (String, i32) {
+pub async fn main(
+    config: Result<Config, warden_shared::config::ConfigError>,
+    args: &CheckArgs,
+) -> (String, i32) {
     let plan = match Plan::from_args(args) {
         Ok(p) => p,
         Err(e) => {
@@ -889,7 +902,7 @@ pub async fn main(config: Result<Config, String>, args: &CheckArgs) -> (String, 
     let config = match config {
         Ok(c) => c,
         Err(e) => {
-            let o = Outcome::unknown(format!("bad configuration: {e}"));
+            let o = Outcome::unknown(format!("bad configuration: {}", e.problems().join("; ")));
             return (o.line(name), o.status.code());
         }
     };
@@ -1145,11 +1158,8 @@ async fn see_bus(client: &async_nats::Client, timeout: Duration) -> Result<BusSe
     );
     let trigger = match tokio::time::timeout(budget, info).await {
         Ok(Ok(c)) => Ok(c.cached_info().num_waiting > 0),
-        Ok(Err(e)) => Err(format!("cannot read its consumer: {e}")),
-        Err(_) => Err(format!(
-            "its consumer's info did not come within {}",
-            human(budget)
-        )),
+        Ok(Err(e)) => Err(TriggerUnread::Consumer(e.to_string())),
+        Err(_) => Err(TriggerUnread::Late(budget)),
     };
     Ok(BusSeen {
         connect: Duration::ZERO,
@@ -1625,10 +1635,10 @@ mod tests {
             "{}",
             down.text
         );
-        seen.trigger = Err("no such consumer".into());
+        seen.trigger = Err(TriggerUnread::Consumer("no such consumer".into()));
         assert!(bus(&seen, &t)
             .text
-            .contains("warden-trigger (no such consumer)"));
+            .contains("warden-trigger (cannot read its consumer: no such consumer)"));
         let slow = bus(
             &BusSeen {
                 connect: Duration::ZERO,

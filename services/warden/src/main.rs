@@ -336,14 +336,12 @@ async fn run() {
         if std::env::var_os("WARDEN_LOG").is_some() {
             warden_shared::runtime::init_tracing();
         }
-        let config = Config::load(cli.config.as_deref())
-            .map(|mut c| {
-                if let Some(url) = &cli.nats_url {
-                    c.nats.url = url.clone();
-                }
-                c
-            })
-            .map_err(|e| e.problems().join("; "));
+        let config = Config::load(cli.config.as_deref()).map(|mut c| {
+            if let Some(url) = &cli.nats_url {
+                c.nats.url = url.clone();
+            }
+            c
+        });
         let (line, code) = check::main(config, args).await;
         println!("{line}");
         std::process::exit(code);

@@ -697,8 +697,8 @@ impl Agent {
                 .publish_with_headers(subject.clone(), headers, body.clone().into())
                 .await
             {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
             };
             match res {
                 Ok(()) => {
