@@ -29,7 +29,7 @@ use warden_shared::store::JobStore;
 use warden_shared::xorshift::XorShift;
 use warden_shared::{runtime, Blame, Config, JobState, JobSummary};
 
-use crate::natsd::{free_port, LocalNats};
+use crate::natsd::LocalNats;
 use crate::BenchSearchArgs;
 
 const TASKS: usize = 40;
@@ -376,7 +376,7 @@ async fn over_the_bus(mut config: Config, args: &BenchSearchArgs) -> anyhow::Res
         .prefix("warden-bench-search-")
         .tempdir()
         .context("cannot create temp dir")?;
-    let nats = LocalNats::spawn(dir.path(), free_port()?, false)?;
+    let nats = LocalNats::spawn(dir.path(), None, false)?;
     config.nats.url = nats.url();
     config.http.listen = "127.0.0.1:0".into();
     let config = Arc::new(config);
