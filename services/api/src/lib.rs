@@ -101,12 +101,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let (service, endpoints) = nats::start(&client).await.map_err(ApiError::Service)?;
-    tracker.spawn(nats::serve(
-        ops.clone(),
-        endpoints,
-        tracker.clone(),
-        shutdown.clone(),
-    ));
+    tracker.spawn(nats::serve(ops.clone(), endpoints, shutdown.clone()));
 
     let server = axum::serve(listener, http::router(ops))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
