@@ -101,16 +101,21 @@ pub enum CodeSpec {
     Range(String),
 }
 
+/// An exit code condition that is neither a code nor a range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a code or a range like \"1-127\"")]
+pub struct BadCodeRange(pub String);
+
 impl CodeSpec {
     /// The inclusive range this stands for, or why it is not one.
-    pub fn range(&self) -> Result<(i64, i64), String> {
+    pub fn range(&self) -> Result<(i64, i64), BadCodeRange> {
         match self {
             CodeSpec::Code(c) => Ok((*c, *c)),
             CodeSpec::Range(s) => {
                 let (a, b) = s.split_once('-').unwrap_or((s, s));
                 match (a.trim().parse::<i64>(), b.trim().parse::<i64>()) {
                     (Ok(a), Ok(b)) if a <= b => Ok((a, b)),
-                    _ => Err(format!("{s:?} is not a code or a range like \"1-127\"")),
+                    _ => Err(BadCodeRange(s.clone())),
                 }
             }
         }

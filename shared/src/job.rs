@@ -56,15 +56,25 @@ impl fmt::Display for Blame {
     }
 }
 
+/// A name that is not a [`Blame`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown blame {0:?} (expected system, task, third_party or unknown)")]
+pub struct UnknownBlame(pub String);
+
+/// The message of an error reply.
+impl From<UnknownBlame> for String {
+    fn from(e: UnknownBlame) -> String {
+        e.to_string()
+    }
+}
+
 impl std::str::FromStr for Blame {
-    type Err = String;
+    type Err = UnknownBlame;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Blame::ALL
             .into_iter()
             .find(|b| b.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown blame {s:?} (expected system, task, third_party or unknown)")
-            })
+            .ok_or_else(|| UnknownBlame(s.to_string()))
     }
 }
 

@@ -13,7 +13,8 @@
 //! - [`serve`], [`consume`], [`cas`]: the request/reply loop, the
 //!   JetStream pull loop and the compare-and-set retry every service uses;
 //! - [`clock`]: the time, injectable in tests;
-//! - [`services`]: the one list of Warden's services.
+//! - [`services`]: the one list of Warden's services;
+//! - [`xorshift`]: reproducible pseudo-random numbers (tests, benchmarks).
 
 pub mod cas;
 pub mod classify;
@@ -36,6 +37,7 @@ pub mod state;
 pub mod store;
 pub mod subjects;
 pub mod template;
+pub mod xorshift;
 
 pub use config::Config;
 pub use job::{Blame, Job, JobSummary};

@@ -55,6 +55,17 @@ pub async fn follow_kv<F, Fut>(
     }
 }
 
+/// Why a durable publish did not happen.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("cannot encode: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot publish: {0}")]
+    Publish(#[source] jetstream::context::PublishError),
+    #[error("not acknowledged: {0}")]
+    NotAcknowledged(#[source] jetstream::context::PublishError),
+}
+
 /// Publishes `body` as JSON into its stream with a de-duplication id (a
 /// second publish with the same id within the stream's window is dropped);
 /// `Ok` once the stream has acknowledged it.
@@ -63,16 +74,16 @@ pub async fn publish_with_id<T: serde::Serialize>(
     subject: String,
     msg_id: &str,
     body: &T,
-) -> Result<(), String> {
-    let payload = serde_json::to_vec(body).map_err(|e| format!("cannot encode: {e}"))?;
+) -> Result<(), PublishError> {
+    let payload = serde_json::to_vec(body)?;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
     js.publish_with_headers(subject, headers, payload.into())
         .await
-        .map_err(|e| format!("cannot publish: {e}"))?
+        .map_err(PublishError::Publish)?
         .await
-        .map(|_| ())
-        .map_err(|e| format!("not acknowledged: {e}"))
+        .map_err(PublishError::NotAcknowledged)?;
+    Ok(())
 }
 
 /// Bytes of a dead-lettered payload kept (lossily decoded as UTF-8).
@@ -89,7 +100,7 @@ pub async fn dead_letter(
     subject: &str,
     error: &str,
     payload: &[u8],
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     let letter = crate::messages::DeadLetter {
         version: crate::messages::MESSAGE_VERSION,
         subject: subject.to_string(),
@@ -100,13 +111,13 @@ pub async fn dead_letter(
         payload: String::from_utf8_lossy(&payload[..payload.len().min(DEAD_LETTER_PAYLOAD)])
             .into_owned(),
     };
-    let body = serde_json::to_vec(&letter).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&letter)?;
     js.publish(subjects::deadletter_subject(service, reason), body.into())
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(PublishError::Publish)?
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(PublishError::NotAcknowledged)?;
+    Ok(())
 }
 
 #[derive(Debug, Error)]
@@ -129,59 +140,180 @@ pub enum ConnectError {
     Stopped,
 }
 
-/// Connects as `<nats.name>-<service>` and keeps reconnecting forever: a
-/// bus outage is something services ride out, not a reason to exit. The
-/// connection state is exported as `warden_nats_connected{service}`.
-pub async fn connect(config: &Config, service: &str) -> Result<async_nats::Client, ConnectError> {
-    crate::metrics::nats_connecting(service);
-    let label = service.to_string();
-    let mut opts = async_nats::ConnectOptions::new()
-        .name(format!("{}-{service}", config.nats.name))
-        .connection_timeout(config.nats.connect_timeout)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .event_callback(move |event| {
-            let label = label.clone();
-            async move {
-                crate::metrics::nats_event(&label, &event);
-                match event {
-                    async_nats::Event::Connected => tracing::info!("nats connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
-                    other => tracing::debug!(event = %other, "nats event"),
+/// Called with the text of every `-ERR` the server sends.
+type ServerErrorHook = std::sync::Arc<dyn Fn(String) + Send + Sync>;
+
+/// The one way to a NATS connection, with the login the config names
+/// (credentials file, user and password) and every server of `nats.url`.
+///
+/// By default a service's connection: named `<nats.name>-<service>`,
+/// reconnecting forever, logged and exported as
+/// `warden_nats_connected{service}`. [`Connect::short_lived`] makes a
+/// command's connection instead, which fails fast; [`Connect::topology`]
+/// also waits for every stream and bucket.
+pub struct Connect<'a> {
+    config: &'a Config,
+    service: &'a str,
+    name: Option<String>,
+    short_lived: Option<(Duration, usize)>,
+    on_server_error: Option<ServerErrorHook>,
+}
+
+impl<'a> Connect<'a> {
+    pub fn new(config: &'a Config, service: &'a str) -> Self {
+        Connect {
+            config,
+            service,
+            name: None,
+            short_lived: None,
+            on_server_error: None,
+        }
+    }
+
+    /// The connection's name instead of `<nats.name>-<service>`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// A command's connection: the first connect is tried once within
+    /// `timeout`, at most `max_reconnects` reconnects follow, and there are
+    /// no logs or metrics.
+    pub fn short_lived(mut self, timeout: Duration, max_reconnects: usize) -> Self {
+        self.short_lived = Some((timeout, max_reconnects));
+        self
+    }
+
+    /// `hook` gets the text of every error the server reports (a
+    /// short-lived connection's only events).
+    pub fn on_server_error(mut self, hook: impl Fn(String) + Send + Sync + 'static) -> Self {
+        self.on_server_error = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// The connection, waiting for nothing else.
+    pub async fn client(self) -> Result<async_nats::Client, ConnectError> {
+        let config = self.config;
+        let service = self.service;
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{service}", config.nats.name));
+        let mut opts = async_nats::ConnectOptions::new().name(name);
+        match self.short_lived {
+            Some((timeout, max_reconnects)) => {
+                opts = opts
+                    .connection_timeout(timeout)
+                    .max_reconnects(Some(max_reconnects));
+                if let Some(hook) = self.on_server_error.clone() {
+                    opts = opts.event_callback(move |event| {
+                        let hook = hook.clone();
+                        async move {
+                            if let async_nats::Event::ServerError(e) = event {
+                                hook(e.to_string());
+                            }
+                        }
+                    });
                 }
             }
-        });
-    if let Some(path) = &config.nats.credentials {
-        opts = opts
-            .credentials_file(path)
-            .await
-            .map_err(|source| ConnectError::Credentials {
-                path: path.display().to_string(),
-                source,
-            })?;
-    }
-    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    let url = config.nats.url.clone();
-    let addrs = server_addrs(&url).map_err(|source| ConnectError::Connect {
-        url: url.clone(),
-        source,
-    })?;
-    let client = tokio::time::timeout(config.nats.connect_timeout * 6, opts.connect(addrs))
-        .await
-        .map_err(|_| ConnectError::Connect {
+            None => {
+                crate::metrics::nats_connecting(service);
+                let label = service.to_string();
+                let hook = self.on_server_error.clone();
+                opts = opts
+                    .connection_timeout(config.nats.connect_timeout)
+                    .retry_on_initial_connect()
+                    .max_reconnects(None)
+                    .event_callback(move |event| {
+                        let label = label.clone();
+                        let hook = hook.clone();
+                        async move {
+                            crate::metrics::nats_event(&label, &event);
+                            match event {
+                                async_nats::Event::Connected => tracing::info!("nats connected"),
+                                async_nats::Event::Disconnected => {
+                                    tracing::warn!("nats disconnected")
+                                }
+                                other => {
+                                    if let (Some(hook), async_nats::Event::ServerError(e)) =
+                                        (&hook, &other)
+                                    {
+                                        hook(e.to_string());
+                                    }
+                                    tracing::debug!(event = %other, "nats event")
+                                }
+                            }
+                        }
+                    });
+            }
+        }
+        if let Some(path) = &config.nats.credentials {
+            opts =
+                opts.credentials_file(path)
+                    .await
+                    .map_err(|source| ConnectError::Credentials {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+        }
+        if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        let url = config.nats.url.clone();
+        let addrs = server_addrs(&url).map_err(|source| ConnectError::Connect {
             url: url.clone(),
-            source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
-        })?
-        .map_err(|source| ConnectError::Connect { url, source })?;
-    // The `Connected` event says so too, but it may be dropped when the
-    // event queue is full. Never 0 from here: a stale read could
-    // overwrite that event's 1.
-    if client.connection_state() == async_nats::connection::State::Connected {
-        crate::metrics::nats_connected(service, true);
+            source,
+        })?;
+        if self.short_lived.is_some() {
+            return opts
+                .connect(addrs)
+                .await
+                .map_err(|source| ConnectError::Connect { url, source });
+        }
+        let client = tokio::time::timeout(config.nats.connect_timeout * 6, opts.connect(addrs))
+            .await
+            .map_err(|_| ConnectError::Connect {
+                url: url.clone(),
+                source: async_nats::ConnectError::from(async_nats::ConnectErrorKind::TimedOut),
+            })?
+            .map_err(|source| ConnectError::Connect { url, source })?;
+        // The `Connected` event says so too, but it may be dropped when the
+        // event queue is full. Never 0 from here: a stale read could
+        // overwrite that event's 1.
+        if client.connection_state() == async_nats::connection::State::Connected {
+            crate::metrics::nats_connected(service, true);
+        }
+        Ok(client)
     }
-    Ok(client)
+
+    /// The connection once every stream and bucket exists. A bus that is
+    /// not ready yet (nothing listening, JetStream off, no meta leader) is
+    /// waited for with backoff, logged and shown in `/healthz`
+    /// ([`retry_until_ready`]); `Ok(None)` when `shutdown` came first.
+    pub async fn topology(
+        self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(async_nats::Client, Handles)>, ConnectError> {
+        let service = self.service;
+        let topo = self.config.topology();
+        let client = self.client().await?;
+        let js = jetstream::new(client.clone());
+        let handles = retry_until_ready(service, "streams and buckets", shutdown, || {
+            subjects::ensure(&js, &topo)
+        })
+        .await?;
+        Ok(handles.map(|h| (client, h)))
+    }
+
+    /// [`Connect::topology`] waiting as long as it takes, for tools and
+    /// tests that have no shutdown to honour.
+    pub async fn topology_forever(self) -> Result<(async_nats::Client, Handles), ConnectError> {
+        match self.topology(&CancellationToken::new()).await? {
+            Some(c) => Ok(c),
+            // Nobody can cancel that token.
+            None => Err(ConnectError::Stopped),
+        }
+    }
 }
 
 /// `nats.url` may list several servers separated by commas (a cluster);
@@ -198,37 +330,21 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats
         .collect()
 }
 
-/// Connects and makes sure every stream and bucket exists, waiting for
-/// JetStream as long as it takes (see [`connect_with_topology_until`]);
-/// for tools and tests that have no shutdown to honour.
+/// `Connect::new(config, service).topology_forever()`.
 pub async fn connect_with_topology(
     config: &Config,
     service: &str,
 ) -> Result<(async_nats::Client, Handles), ConnectError> {
-    match connect_with_topology_until(config, service, &CancellationToken::new()).await? {
-        Some(c) => Ok(c),
-        // Nobody can cancel that token.
-        None => Err(ConnectError::Stopped),
-    }
+    Connect::new(config, service).topology_forever().await
 }
 
-/// Connects and makes sure every stream and bucket exists. A bus that is
-/// not ready yet (nothing listening, JetStream off, no meta leader) is
-/// waited for with backoff, logged and shown in `/healthz`
-/// ([`retry_until_ready`]); `Ok(None)` when `shutdown` came first.
+/// `Connect::new(config, service).topology(shutdown)`.
 pub async fn connect_with_topology_until(
     config: &Config,
     service: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<(async_nats::Client, Handles)>, ConnectError> {
-    let client = connect(config, service).await?;
-    let js = jetstream::new(client.clone());
-    let topo = config.topology();
-    let handles = retry_until_ready(service, "streams and buckets", shutdown, || {
-        subjects::ensure(&js, &topo)
-    })
-    .await?;
-    Ok(handles.map(|h| (client, h)))
+    Connect::new(config, service).topology(shutdown).await
 }
 
 /// Why a durable consumer or a service API could not be set up.
@@ -255,7 +371,7 @@ pub enum SetupError {
 }
 
 /// The pull consumer `consumer` of `stream` (created if missing), waiting
-/// for JetStream like [`connect_with_topology_until`]; `Ok(None)` on
+/// for JetStream like [`Connect::topology`]; `Ok(None)` on
 /// shutdown.
 pub async fn durable_consumer(
     js: &jetstream::Context,
@@ -362,6 +478,73 @@ pub fn load_or_exit(path: Option<&std::path::Path>, program: &str) -> Config {
             std::process::exit(crate::config::EXIT_CONFIG);
         }
     }
+}
+
+/// A service binary's command line: `--config` (or `WARDEN_CONFIG`)
+/// and the service's own arguments `A`.
+#[derive(clap::Parser)]
+struct ServiceCli<A: clap::Args> {
+    /// Config file (TOML), merged over the built-in defaults
+    #[arg(long, env = "WARDEN_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    args: A,
+}
+
+/// A service with no arguments but `--config`.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct NoArgs {}
+
+/// The whole `main` of a service binary `name` (`about` is its `--help`
+/// line): arguments, logs, config (or exit 64 with every problem),
+/// signals, `/metrics`, then `run` until shutdown.
+pub fn service_main<F, Fut, E>(name: &'static str, about: &'static str, run: F) -> Result<(), E>
+where
+    F: FnOnce(std::sync::Arc<Config>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    service_main_with(name, about, |_, _: NoArgs| {}, run)
+}
+
+/// [`service_main`] for a service with arguments of its own `A`, which
+/// `adjust` applies to the loaded config (checked again afterwards).
+pub fn service_main_with<A, F, Fut, E>(
+    name: &'static str,
+    about: &'static str,
+    adjust: impl FnOnce(&mut Config, A),
+    run: F,
+) -> Result<(), E>
+where
+    A: clap::Args,
+    F: FnOnce(std::sync::Arc<Config>, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = ServiceCli::<A>::command()
+        .name(name)
+        .bin_name(name)
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let cli = ServiceCli::<A>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        init_tracing();
+        let mut config = load_or_exit(cli.config.as_deref(), name);
+        adjust(&mut config, cli.args);
+        exit_on_problems(&config, name);
+        let (config, shutdown) = start_service(config);
+        run(config, shutdown).await
+    })
 }
 
 /// What every standalone service binary does before `run`: logs, a

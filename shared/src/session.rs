@@ -78,12 +78,12 @@ pub fn bot_key(bot_id: &str) -> String {
     format!("bot.{}", crate::subjects::hex_token(bot_id))
 }
 
-/// Stable error codes a bot acts on.
+/// Stable error codes a bot acts on, as text: kept while the fencing
+/// service and tests still compare codes as strings; new code names
+/// [`crate::error::ErrorCode::UnknownSession`] and
+/// [`crate::error::ErrorCode::SessionSuperseded`].
 pub const UNKNOWN_SESSION: &str = "unknown_session";
 pub const SESSION_SUPERSEDED: &str = "session_superseded";
-/// Acquire refused for now: one of the session's resources is not open
-/// (suspicious, broken or closed). Not a fencing error: the session lives.
-pub const RESOURCE_UNAVAILABLE: &str = "resource_unavailable";
 
 impl Session {
     /// How long this session may stay silent before it expires.

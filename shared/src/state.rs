@@ -53,16 +53,28 @@ impl fmt::Display for JobState {
     }
 }
 
+/// A name that is not a [`JobState`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown state {0:?} (expected SCHEDULED, RUNNING, FINISHED, CRASHED, SHELVED or CANCELLED)"
+)]
+pub struct UnknownState(pub String);
+
+/// The message of an error reply.
+impl From<UnknownState> for String {
+    fn from(e: UnknownState) -> String {
+        e.to_string()
+    }
+}
+
 impl std::str::FromStr for JobState {
-    type Err = String;
+    type Err = UnknownState;
     /// Accepts the design's spelling in any case (`finished`, `FINISHED`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         JobState::ALL
             .into_iter()
             .find(|st| st.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                format!("unknown state {s:?} (expected SCHEDULED, RUNNING, FINISHED, CRASHED, SHELVED or CANCELLED)")
-            })
+            .ok_or_else(|| UnknownState(s.to_string()))
     }
 }
 

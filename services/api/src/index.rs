@@ -705,6 +705,7 @@ async fn watch_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warden_testsupport::XorShift;
 
     #[test]
     fn stats_count_the_window_by_state_blame_and_detail() {
@@ -826,27 +827,13 @@ mod tests {
         t.into_stats(since, until)
     }
 
-    /// xorshift: reproducible without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// Posting sets and minute tallies give exactly what looking at every
     /// job gives, through inserts, changes (state, blame, times) and
     /// removals, for random filters, pages and windows, including windows
     /// that start or end inside a minute.
     #[test]
     fn index_agrees_with_looking_at_every_job() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
         let mut idx = JobIndex::default();
         let mut all: HashMap<Uuid, JobSummary> = HashMap::new();
         let base = Utc.timestamp_opt(1_700_000_000, 0).single().expect("time");
@@ -883,8 +870,9 @@ mod tests {
             if step % 25 != 0 {
                 continue;
             }
-            let at =
-                |rng: &mut Rng| base + chrono::Duration::milliseconds(rng.below(4_300_000) as i64);
+            let at = |rng: &mut XorShift| {
+                base + chrono::Duration::milliseconds(rng.below(4_300_000) as i64)
+            };
             let f = Filter {
                 state: (rng.below(2) == 0).then(|| JobState::ALL[rng.below(6) as usize]),
                 task: (rng.below(3) == 0).then(|| tasks[rng.below(3) as usize].to_string()),

@@ -77,8 +77,9 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ApiError::Http)?;
     warden_shared::metrics::starting("api");
     metrics::init();
-    let Some((client, handles)) =
-        runtime::connect_with_topology_until(&config, "api", &shutdown).await?
+    let Some((client, handles)) = runtime::Connect::new(&config, "api")
+        .topology(&shutdown)
+        .await?
     else {
         return Ok(());
     };
@@ -100,12 +101,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let (service, endpoints) = nats::start(&client).await.map_err(ApiError::Service)?;
-    tracker.spawn(nats::serve(
-        ops.clone(),
-        endpoints,
-        tracker.clone(),
-        shutdown.clone(),
-    ));
+    tracker.spawn(nats::serve(ops.clone(), endpoints, shutdown.clone()));
 
     let server = axum::serve(listener, http::router(ops))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -1,28 +1,10 @@
 //! `warden-api`: the job API (HTTP and NATS) as its own process.
 
-use std::path::PathBuf;
-
-use clap::Parser;
-use warden_shared::runtime;
-
-#[derive(Parser)]
-#[command(
-    name = "warden-api",
-    version,
-    about = "Warden job API over HTTP and NATS"
-)]
-struct Args {
-    /// Config file (TOML), merged over the built-in defaults
-    #[arg(long, env = "WARDEN_CONFIG")]
-    config: Option<PathBuf>,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    runtime::init_tracing();
-    let (config, shutdown) =
-        runtime::start_service(runtime::load_or_exit(args.config.as_deref(), "warden-api"));
-    warden_api::run(config, shutdown).await?;
-    Ok(())
+fn main() -> anyhow::Result<()> {
+    let about = "Warden job API over HTTP and NATS";
+    Ok(warden_shared::runtime::service_main(
+        "warden-api",
+        about,
+        warden_api::run,
+    )?)
 }

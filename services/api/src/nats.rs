@@ -12,8 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use warden_shared::serve::{serve_tagged, Reply};
 use warden_shared::subjects;
 
 use crate::metrics;
@@ -102,70 +101,70 @@ pub async fn start(
     Ok((svc, endpoints))
 }
 
-/// Answers requests until `shutdown`; each request runs in its own task
-/// so a slow store write does not hold up searches.
+/// Answers requests until `shutdown`, each in its own task so a slow
+/// store write does not hold up searches; then stops taking requests and
+/// answers those taken ([`warden_shared::serve`]).
 pub async fn serve(
     ops: Arc<Ops>,
     endpoints: [service::endpoint::Endpoint; ENDPOINTS],
-    tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    use warden_shared::serve::endpoint as requests_of;
     let [create, get, list, retry, cancel, stats, state, take, bots, resources] = endpoints;
-    let mut requests = futures::stream::select_all([
-        create.map(|r| (Endpoint::Create, r)).boxed(),
-        get.map(|r| (Endpoint::Get, r)).boxed(),
-        list.map(|r| (Endpoint::List, r)).boxed(),
-        retry.map(|r| (Endpoint::Retry, r)).boxed(),
-        cancel.map(|r| (Endpoint::Cancel, r)).boxed(),
-        stats.map(|r| (Endpoint::Stats, r)).boxed(),
-        state.map(|r| (Endpoint::State, r)).boxed(),
-        take.map(|r| (Endpoint::Take, r)).boxed(),
-        bots.map(|r| (Endpoint::Bots, r)).boxed(),
-        resources.map(|r| (Endpoint::Resources, r)).boxed(),
+    let requests = futures::stream::select_all([
+        requests_of(create).map(|r| (Endpoint::Create, r)).boxed(),
+        requests_of(get).map(|r| (Endpoint::Get, r)).boxed(),
+        requests_of(list).map(|r| (Endpoint::List, r)).boxed(),
+        requests_of(retry).map(|r| (Endpoint::Retry, r)).boxed(),
+        requests_of(cancel).map(|r| (Endpoint::Cancel, r)).boxed(),
+        requests_of(stats).map(|r| (Endpoint::Stats, r)).boxed(),
+        requests_of(state).map(|r| (Endpoint::State, r)).boxed(),
+        requests_of(take).map(|r| (Endpoint::Take, r)).boxed(),
+        requests_of(bots).map(|r| (Endpoint::Bots, r)).boxed(),
+        requests_of(resources)
+            .map(|r| (Endpoint::Resources, r))
+            .boxed(),
     ]);
-    loop {
-        let (endpoint, req) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            next = requests.next() => match next {
-                Some(r) => r,
-                None => {
-                    warn!("api service endpoints closed");
-                    return;
-                }
-            },
-        };
+    serve_tagged("api", requests, &shutdown, move |endpoint, message| {
         let ops = ops.clone();
-        tracker.spawn(async move {
-            let start = Instant::now();
-            let result = handle(&ops, endpoint, &req.message.payload).await;
-            let status = match &result {
-                Ok(_) => 200,
-                Err(e) => e.status,
-            };
-            metrics::observe(endpoint.route(), status, start.elapsed());
-            let sent = match result {
-                Ok((body, false)) => req.respond(Ok(body)).await,
-                Ok((body, true)) => {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(IDEMPOTENT_REPLAYED, "true");
-                    req.respond_with_headers(Ok(body), headers).await
-                }
-                Err(e) => {
-                    let mut headers = async_nats::HeaderMap::new();
-                    // The code, not the message: header values must stay on one line.
-                    headers.insert(service::NATS_SERVICE_ERROR, e.body.code.as_str());
-                    headers.insert(
-                        service::NATS_SERVICE_ERROR_CODE,
-                        e.status.to_string().as_str(),
-                    );
-                    let body = encode(&ErrorReply { error: e.body }).unwrap_or_default();
-                    req.respond_with_headers(Ok(body), headers).await
-                }
-            };
-            if let Err(e) = sent {
-                debug!(error = %e, route = endpoint.route(), "cannot send api reply");
+        async move { answer(&ops, endpoint, &message.payload).await }
+    })
+    .await;
+}
+
+/// The reply to one request, its route's metrics observed.
+async fn answer(ops: &Ops, endpoint: Endpoint, payload: &[u8]) -> Reply {
+    let start = Instant::now();
+    let result = handle(ops, endpoint, payload).await;
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) => e.status,
+    };
+    metrics::observe(endpoint.route(), status, start.elapsed());
+    match result {
+        Ok((body, false)) => Reply::from(body),
+        Ok((body, true)) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(IDEMPOTENT_REPLAYED, "true");
+            Reply {
+                payload: body,
+                headers: Some(headers),
             }
-        });
+        }
+        Err(e) => {
+            let mut headers = async_nats::HeaderMap::new();
+            // The code, not the message: header values must stay on one line.
+            headers.insert(service::NATS_SERVICE_ERROR, e.body.code.as_str());
+            headers.insert(
+                service::NATS_SERVICE_ERROR_CODE,
+                e.status.to_string().as_str(),
+            );
+            let body = encode(&ErrorReply { error: e.body }).unwrap_or_default();
+            Reply {
+                payload: body,
+                headers: Some(headers),
+            }
+        }
     }
 }
 

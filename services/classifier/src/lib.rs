@@ -82,7 +82,19 @@ pub struct Classifier {
     max_scan: usize,
 }
 
-fn compile(pattern: &str, what: &str, at: &str) -> Result<Regex, String> {
+/// A rule's pattern that does not compile.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{at}: {what} pattern: {reason}")]
+pub struct PatternError {
+    /// Which rule (`classifier.rules[0] (name)`).
+    pub at: String,
+    /// `log` or `status`.
+    pub what: &'static str,
+    /// The regex engine's last line.
+    pub reason: String,
+}
+
+fn compile(pattern: &str, what: &'static str, at: &str) -> Result<Regex, PatternError> {
     RegexBuilder::new(pattern)
         .multi_line(true)
         .size_limit(REGEX_SIZE_LIMIT)
@@ -91,7 +103,11 @@ fn compile(pattern: &str, what: &str, at: &str) -> Result<Regex, String> {
         .map_err(|e| {
             let e = e.to_string();
             let first = e.lines().last().unwrap_or_default();
-            format!("{at}: {what} pattern: {first}")
+            PatternError {
+                at: at.to_string(),
+                what,
+                reason: first.to_string(),
+            }
         })
 }
 
@@ -130,8 +146,8 @@ impl Classifier {
                 let (log, status) = match (log.transpose(), status.transpose()) {
                     (Ok(l), Ok(s)) => (l, s),
                     (l, s) => {
-                        problems.extend(l.err());
-                        problems.extend(s.err());
+                        problems.extend(l.err().map(|e| e.to_string()));
+                        problems.extend(s.err().map(|e| e.to_string()));
                         continue;
                     }
                 };

@@ -33,7 +33,9 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     warden_shared::metrics::starting("classifier");
     let classifier = Arc::new(Classifier::from_config(&config).map_err(ClassifierError::Rules)?);
     crate::metrics::init(classifier.catalogue());
-    let client = runtime::connect(&config, "classifier").await?;
+    let client = runtime::Connect::new(&config, "classifier")
+        .client()
+        .await?;
     let service = client
         .service_builder()
         .description("Warden crash classifier")

@@ -1,26 +1,10 @@
 //! `warden-scheduler`: one scheduler replica as its own process.
 
-use std::path::PathBuf;
-
-use clap::Parser;
-use warden_shared::runtime;
-
-#[derive(Parser)]
-#[command(name = "warden-scheduler", version, about = "Warden scheduler replica")]
-struct Args {
-    /// Config file (TOML), merged over the built-in defaults
-    #[arg(long, env = "WARDEN_CONFIG")]
-    config: Option<PathBuf>,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    runtime::init_tracing();
-    let (config, shutdown) = runtime::start_service(runtime::load_or_exit(
-        args.config.as_deref(),
+fn main() -> anyhow::Result<()> {
+    let about = "Warden scheduler replica";
+    Ok(warden_shared::runtime::service_main(
         "warden-scheduler",
-    ));
-    warden_scheduler::run(config, shutdown).await?;
-    Ok(())
+        about,
+        warden_scheduler::run,
+    )?)
 }

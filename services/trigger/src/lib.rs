@@ -49,8 +49,9 @@ const RETRY: Duration = Duration::from_secs(2);
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), TriggerError> {
     warden_shared::metrics::starting("trigger");
     metrics::init();
-    let Some((client, handles)) =
-        runtime::connect_with_topology_until(&config, "trigger", &shutdown).await?
+    let Some((client, handles)) = runtime::Connect::new(&config, "trigger")
+        .topology(&shutdown)
+        .await?
     else {
         return Ok(());
     };

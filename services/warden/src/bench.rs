@@ -20,7 +20,7 @@ use warden_shared::store::{self, JobStore};
 use warden_shared::{runtime, Config, JobState};
 use warden_worker::{ExecFuture, ExecRequest, Execution, Executor, NoopExecutor};
 
-use crate::natsd::{free_port, LocalNats};
+use crate::natsd::LocalNats;
 use crate::BenchArgs;
 
 pub async fn run(
@@ -44,7 +44,7 @@ pub async fn run(
             None
         }
         None => {
-            let n = LocalNats::spawn(dir.path(), free_port()?, args.sync_always)?;
+            let n = LocalNats::spawn(dir.path(), None, args.sync_always)?;
             config.nats.url = n.url();
             Some(n)
         }
@@ -166,7 +166,9 @@ async fn phase(
         });
     }
 
-    let (client, handles) = runtime::connect_with_topology(&config, "bench").await?;
+    let (client, handles) = runtime::Connect::new(&config, "bench")
+        .topology_forever()
+        .await?;
     let store = JobStore::new(handles.jobs.clone());
     let finished: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let notify = Arc::new(tokio::sync::Notify::new());

@@ -26,9 +26,10 @@ use warden_api::index::{Filter, JobIndex};
 use warden_api::{ApiClient, ListQuery, StatsQuery};
 use warden_shared::job::{Job, Source};
 use warden_shared::store::JobStore;
+use warden_shared::xorshift::XorShift;
 use warden_shared::{runtime, Blame, Config, JobState, JobSummary};
 
-use crate::natsd::{free_port, LocalNats};
+use crate::natsd::LocalNats;
 use crate::BenchSearchArgs;
 
 const TASKS: usize = 40;
@@ -36,26 +37,10 @@ const POOLS: usize = 6;
 const BOTS: usize = 200;
 const DAYS: i64 = 30;
 
-/// xorshift: reproducible figures without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// 0..n, low values much likelier (popular tasks, busy bots).
-    fn skewed(&mut self, n: usize) -> usize {
-        let r = self.below(1_000_000) as f64 / 1_000_000.0;
-        ((r * r * r) * n as f64) as usize
-    }
+/// 0..n, low values much likelier (popular tasks, busy bots).
+fn skewed(rng: &mut XorShift, n: usize) -> usize {
+    let r = rng.below(1_000_000) as f64 / 1_000_000.0;
+    ((r * r * r) * n as f64) as usize
 }
 
 fn details(blame: Blame) -> &'static [&'static str] {
@@ -68,7 +53,7 @@ fn details(blame: Blame) -> &'static [&'static str] {
 }
 
 /// One synthetic job summary, created within the last 30 days of `now`.
-fn summary(rng: &mut Rng, n: u64, now: DateTime<Utc>) -> JobSummary {
+fn summary(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> JobSummary {
     let created =
         now - chrono::Duration::milliseconds(rng.below((DAYS * 86_400_000) as u64) as i64);
     let state = match rng.below(1000) {
@@ -103,8 +88,8 @@ fn summary(rng: &mut Rng, n: u64, now: DateTime<Utc>) -> JobSummary {
     let updated = (created + chrono::Duration::seconds(rng.below(7200) as i64)).min(now);
     JobSummary {
         id: Uuid::from_u64_pair(0x5741_5244_454e_0000, n),
-        task: format!("task-{:02}", rng.skewed(TASKS)),
-        pool: format!("pool-{}", rng.skewed(POOLS)),
+        task: format!("task-{:02}", skewed(rng, TASKS)),
+        pool: format!("pool-{}", skewed(rng, POOLS)),
         state,
         priority: (rng.below(3) as i32) * 5,
         attempt,
@@ -118,8 +103,8 @@ fn summary(rng: &mut Rng, n: u64, now: DateTime<Utc>) -> JobSummary {
         }),
         blame,
         detail,
-        bot_id: (attempt > 0).then(|| format!("bot-{:03}", rng.skewed(BOTS))),
-        source_message_id: (rng.below(10) < 6).then(|| format!("2026-{:016x}", rng.next())),
+        bot_id: (attempt > 0).then(|| format!("bot-{:03}", skewed(rng, BOTS))),
+        source_message_id: (rng.below(10) < 6).then(|| format!("2026-{:016x}", rng.next_u64())),
         created_at: created,
         updated_at: updated,
     }
@@ -274,7 +259,7 @@ pub async fn run(config: Config, args: BenchSearchArgs) -> anyhow::Result<i32> {
 
 fn in_memory(args: &BenchSearchArgs) -> anyhow::Result<()> {
     let now = Utc::now();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
     let before = rss_mib();
     let mut index = JobIndex::default();
     let mut sample_source = String::new();
@@ -391,16 +376,17 @@ async fn over_the_bus(mut config: Config, args: &BenchSearchArgs) -> anyhow::Res
         .prefix("warden-bench-search-")
         .tempdir()
         .context("cannot create temp dir")?;
-    let nats = LocalNats::spawn(dir.path(), free_port()?, false)?;
+    let nats = LocalNats::spawn(dir.path(), None, false)?;
     config.nats.url = nats.url();
     config.http.listen = "127.0.0.1:0".into();
     let config = Arc::new(config);
-    let (client, handles) = runtime::connect_with_topology(&config, "bench")
+    let (client, handles) = runtime::Connect::new(&config, "bench")
+        .topology_forever()
         .await
         .context("cannot connect to the bench's nats-server")?;
     let store = JobStore::new(handles.jobs.clone());
     let now = Utc::now();
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = XorShift::new(0x2545_f491_4f6c_dd1d);
     let jobs: Vec<Job> = (0..args.bus_jobs as u64)
         .map(|n| record(&summary(&mut rng, n, now)))
         .collect();

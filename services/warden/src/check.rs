@@ -772,7 +772,17 @@ pub struct BusSeen {
     /// The trigger: `Ok(true)` when its durable consumer has a waiting pull
     /// request, `Ok(false)` when it has none, `Err(why)` when it cannot be
     /// read (no stream or consumer, no permission).
-    pub trigger: Result<bool, String>,
+    pub trigger: Result<bool, TriggerUnread>,
+}
+
+/// Why the trigger's consumer could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TriggerUnread {
+    /// No stream or consumer, no permission: the server's words.
+    #[error("cannot read its consumer: {0}")]
+    Consumer(String),
+    #[error("its consumer's info did not come within {}", human(*.0))]
+    Late(Duration),
 }
 
 /// `bus`: every service answers; thresholds (seconds) judge the round trip.
@@ -876,7 +886,10 @@ fn human(d: Duration) -> String {
 
 /// Runs `warden check` from its arguments and the loaded config (or the
 /// reason it could not be loaded); returns the status line and exit code.
-pub async fn main(config: Result<Config, String>, args: &CheckArgs) -> (String, i32) {
+pub async fn main(
+    config: Result<Config, warden_shared::config::ConfigError>,
+    args: &CheckArgs,
+) -> (String, i32) {
     let plan = match Plan::from_args(args) {
         Ok(p) => p,
         Err(e) => {
@@ -889,7 +902,7 @@ pub async fn main(config: Result<Config, String>, args: &CheckArgs) -> (String, 
     let config = match config {
         Ok(c) => c,
         Err(e) => {
-            let o = Outcome::unknown(format!("bad configuration: {e}"));
+            let o = Outcome::unknown(format!("bad configuration: {}", e.problems().join("; ")));
             return (o.line(name), o.status.code());
         }
     };
@@ -977,37 +990,30 @@ async fn connect(
     timeout: Duration,
     said: &ServerSaid,
 ) -> Result<async_nats::Client, NoClient> {
+    use warden_shared::runtime::{Connect, ConnectError};
     let said = said.clone();
-    let mut opts = async_nats::ConnectOptions::new()
+    Connect::new(config, "check")
         .name("warden-check")
-        .connection_timeout(timeout)
-        .max_reconnects(Some(1))
-        .event_callback(move |event| {
-            let said = said.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    said.set(e.to_string());
-                }
+        .short_lived(timeout, 1)
+        .on_server_error(move |e| said.set(e))
+        .client()
+        .await
+        .map_err(|e| match e {
+            ConnectError::Credentials { path, source } => {
+                NoClient::Setup(format!("cannot read credentials {path}: {source}"))
             }
-        });
-    if let Some(path) = &config.nats.credentials {
-        opts = opts.credentials_file(path).await.map_err(|e| {
-            NoClient::Setup(format!("cannot read credentials {}: {e}", path.display()))
-        })?;
-    }
-    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    let addrs = warden_shared::runtime::server_addrs(&config.nats.url)
-        .map_err(|e| NoClient::Setup(format!("bad NATS URL {:?}: {e}", config.nats.url)))?;
-    opts.connect(addrs).await.map_err(|e| match e.kind() {
-        async_nats::ConnectErrorKind::AuthorizationViolation
-        | async_nats::ConnectErrorKind::Authentication => NoClient::Setup(format!(
-            "NATS at {} refused the login: {e} (check [nats] user/password or credentials)",
-            config.nats.url
-        )),
-        _ => NoClient::Unreachable(e.to_string()),
-    })
+            ConnectError::Connect { url, source } => match source.kind() {
+                async_nats::ConnectErrorKind::ServerParse => {
+                    NoClient::Setup(format!("bad NATS URL {url:?}: {source}"))
+                }
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication => NoClient::Setup(format!(
+                    "NATS at {url} refused the login: {source} (check [nats] user/password or credentials)"
+                )),
+                _ => NoClient::Unreachable(source.to_string()),
+            },
+            other => NoClient::Unreachable(other.to_string()),
+        })
 }
 
 async fn measure(
@@ -1152,11 +1158,8 @@ async fn see_bus(client: &async_nats::Client, timeout: Duration) -> Result<BusSe
     );
     let trigger = match tokio::time::timeout(budget, info).await {
         Ok(Ok(c)) => Ok(c.cached_info().num_waiting > 0),
-        Ok(Err(e)) => Err(format!("cannot read its consumer: {e}")),
-        Err(_) => Err(format!(
-            "its consumer's info did not come within {}",
-            human(budget)
-        )),
+        Ok(Err(e)) => Err(TriggerUnread::Consumer(e.to_string())),
+        Err(_) => Err(TriggerUnread::Late(budget)),
     };
     Ok(BusSeen {
         connect: Duration::ZERO,
@@ -1632,10 +1635,10 @@ mod tests {
             "{}",
             down.text
         );
-        seen.trigger = Err("no such consumer".into());
+        seen.trigger = Err(TriggerUnread::Consumer("no such consumer".into()));
         assert!(bus(&seen, &t)
             .text
-            .contains("warden-trigger (no such consumer)"));
+            .contains("warden-trigger (cannot read its consumer: no such consumer)"));
         let slow = bus(
             &BusSeen {
                 connect: Duration::ZERO,

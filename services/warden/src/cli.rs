@@ -15,30 +15,26 @@ use crate::JobCommand;
 /// A short-lived client: a command fails fast instead of waiting forever
 /// for a bus that is not there.
 pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
-    let mut opts = async_nats::ConnectOptions::new()
-        .name("warden-cli")
-        .connection_timeout(Duration::from_secs(5))
-        .max_reconnects(Some(3));
+    use warden_shared::runtime::{Connect, ConnectError};
     // A cluster with per-role users (deploy/nats/cluster/accounts.conf)
     // lets only the services' user submit, retry or cancel; the command
     // logs in as the config says, like the services do.
-    if let Some(path) = &config.nats.credentials {
-        opts = opts
-            .credentials_file(path)
-            .await
-            .with_context(|| format!("cannot read NATS credentials {}", path.display()))?;
-    }
-    if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    let addrs = warden_shared::runtime::server_addrs(&config.nats.url)
-        .with_context(|| format!("bad NATS URL {:?}", config.nats.url))?;
-    opts.connect(addrs).await.with_context(|| {
-        format!(
-            "cannot reach NATS at {} (is `warden up` running? use --nats-url)",
-            config.nats.url
-        )
-    })
+    Connect::new(config, "cli")
+        .name("warden-cli")
+        .short_lived(Duration::from_secs(5), 3)
+        .client()
+        .await
+        .map_err(|e| match e {
+            ConnectError::Connect { url, source }
+                if source.kind() == async_nats::ConnectErrorKind::ServerParse =>
+            {
+                anyhow::Error::new(source).context(format!("bad NATS URL {url:?}"))
+            }
+            ConnectError::Connect { url, source } => anyhow::Error::new(source).context(format!(
+                "cannot reach NATS at {url} (is `warden up` running? use --nats-url)"
+            )),
+            other => anyhow::Error::new(other),
+        })
 }
 
 pub async fn job(config: &Config, cmd: &JobCommand) -> anyhow::Result<i32> {

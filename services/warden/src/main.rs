@@ -43,7 +43,7 @@ pub enum Command {
     /// Publish a JSON event from FILE on SUBJECT, as a bus bridge would
     Publish { subject: String, file: PathBuf },
     /// Run a worker agent (a bot) on this host
-    Worker(WorkerArgs),
+    Worker(warden_worker::WorkerArgs),
     /// List bot sessions: bot id, session, resource, pools, state, leases, last heartbeat
     Bots {
         #[arg(long)]
@@ -195,19 +195,6 @@ pub enum ResourceCommand {
     },
 }
 
-#[derive(Args)]
-pub struct WorkerArgs {
-    #[arg(long)]
-    pub bot_id: Option<String>,
-    /// Pool to serve, repeatable
-    #[arg(long = "pool")]
-    pub pools: Vec<String>,
-    #[arg(long)]
-    pub resource: Option<String>,
-    #[arg(long)]
-    pub capacity: Option<u32>,
-}
-
 #[derive(Args, Clone)]
 pub struct ChaosCmd {
     /// Replay a run (default: a random seed, printed)
@@ -349,14 +336,12 @@ async fn run() {
         if std::env::var_os("WARDEN_LOG").is_some() {
             warden_shared::runtime::init_tracing();
         }
-        let config = Config::load(cli.config.as_deref())
-            .map(|mut c| {
-                if let Some(url) = &cli.nats_url {
-                    c.nats.url = url.clone();
-                }
-                c
-            })
-            .map_err(|e| e.problems().join("; "));
+        let config = Config::load(cli.config.as_deref()).map(|mut c| {
+            if let Some(url) = &cli.nats_url {
+                c.nats.url = url.clone();
+            }
+            c
+        });
         let (line, code) = check::main(config, args).await;
         println!("{line}");
         std::process::exit(code);
@@ -370,13 +355,7 @@ async fn run() {
         Command::Bots { json } => cli::bots(&config, *json).await,
         Command::Worker(args) => {
             let mut config = config;
-            warden_worker::apply_overrides(
-                &mut config.worker,
-                args.bot_id.clone(),
-                args.pools.clone(),
-                args.resource.clone(),
-                args.capacity,
-            );
+            args.clone().apply(&mut config.worker);
             warden_shared::runtime::exit_on_problems(&config, "warden");
             let (config, shutdown) = warden_shared::runtime::start_service(config);
             warden_worker::run(config, shutdown)

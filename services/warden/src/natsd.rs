@@ -26,34 +26,29 @@ pub struct LocalNats {
 }
 
 impl LocalNats {
-    /// Runs `nats-server -js` on 127.0.0.1:`port` storing under `dir`.
+    /// Runs `nats-server -js` on 127.0.0.1:`port` storing under `dir`;
+    /// without a port, on one the server picks itself (`-1`), read back
+    /// from the ports file it writes into `dir` (no port is picked here and
+    /// released first, for another process to take in between).
     /// `sync_always` makes JetStream fsync every write (the production
-    /// setting; see DESIGN.md "Where state lives").
-    pub fn spawn(dir: &Path, port: u16, sync_always: bool) -> anyhow::Result<LocalNats> {
+    /// setting; see docs/design.md "Where state lives").
+    pub fn spawn(dir: &Path, port: Option<u16>, sync_always: bool) -> anyhow::Result<LocalNats> {
         let pid_file = dir.join("nats-server.pid");
-        if port_in_use(port) {
-            // The server of an earlier `warden up` on this data dir that
-            // was killed may be on its way down (its guard kills it).
-            let earlier = earlier_server(&pid_file);
-            if earlier.is_some() {
-                let deadline = Instant::now() + Duration::from_secs(3);
-                while port_in_use(port) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-            if port_in_use(port) {
-                bail!(
-                    "{}",
-                    port_in_use_message(port, earlier_server(&pid_file), dir)
-                );
-            }
+        if let Some(port) = port {
+            wait_for_port_free(port, &pid_file, dir)?;
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        // A pid file left by a server that no longer runs would name the
+        // wrong ports file.
+        if earlier_server(&pid_file).is_none() {
+            let _ = std::fs::remove_file(&pid_file);
+        }
         let store_dir = dir.join("jetstream");
         let conf = dir.join("nats-server.conf");
+        let listen = port.map_or_else(|| "-1".to_string(), |p| p.to_string());
         let mut text = format!(
-            "# written by warden; edit deploy/nats/ configs for production\nlisten: \"127.0.0.1:{port}\"\npid_file: {:?}\njetstream {{\n  store_dir: {:?}\n",
+            "# written by warden; edit deploy/nats/ configs for production\nlisten: \"127.0.0.1:{listen}\"\npid_file: {:?}\njetstream {{\n  store_dir: {:?}\n",
             pid_file.display().to_string(),
             store_dir.display().to_string()
         );
@@ -72,6 +67,8 @@ impl LocalNats {
             .with_context(|| format!("cannot start {:?}: {install_hint}", binary()))?;
         cmd.arg("-c")
             .arg(&conf)
+            .arg("--ports_file_dir")
+            .arg(dir)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
         let spawned = cmd.spawn();
@@ -80,7 +77,10 @@ impl LocalNats {
         let mut child =
             spawned.with_context(|| format!("cannot start {:?}: {install_hint}", binary()))?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !port_in_use(port) {
+        let port = loop {
+            if let Some(p) = listening_port(dir, &pid_file).filter(|p| port_in_use(*p)) {
+                break p;
+            }
             if let Ok(Some(status)) = child.try_wait() {
                 if let Ended::NotStarted(why) = link.finish() {
                     bail!("{why}: {install_hint}");
@@ -95,10 +95,10 @@ impl LocalNats {
                 drop(link);
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("nats-server did not listen on {port} within 20s");
+                bail!("nats-server did not listen on 127.0.0.1:{listen} within 20s");
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         Ok(LocalNats {
             child: Some(child),
             link: Some(link),
@@ -134,6 +134,56 @@ impl LocalNats {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Waits a little for an earlier `warden up`'s server on `port` to go
+/// away; an error saying who holds the port if it does not.
+fn wait_for_port_free(port: u16, pid_file: &Path, dir: &Path) -> anyhow::Result<()> {
+    if !port_in_use(port) {
+        return Ok(());
+    }
+    // The server of an earlier `warden up` on this data dir that was
+    // killed may be on its way down (its guard kills it).
+    if earlier_server(pid_file).is_some() {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while port_in_use(port) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if port_in_use(port) {
+        bail!(
+            "{}",
+            port_in_use_message(port, earlier_server(pid_file), dir)
+        );
+    }
+    Ok(())
+}
+
+/// The client port of the server whose pid is in `pid_file`, from the
+/// ports file (`<exe>_<pid>.ports`) it wrote into `dir`; `None` until
+/// both are written.
+fn listening_port(dir: &Path, pid_file: &Path) -> Option<u16> {
+    let pid = std::fs::read_to_string(pid_file).ok()?.trim().to_string();
+    let suffix = format!("_{pid}.ports");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        if !e.file_name().to_string_lossy().ends_with(&suffix) {
+            return None;
+        }
+        client_port(&std::fs::read_to_string(e.path()).ok()?)
+    })
+}
+
+/// The client port in a ports file's text (`{"nats":["nats://h:p"],...}`).
+fn client_port(text: &str) -> Option<u16> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("nats")?
+        .as_array()?
+        .first()?
+        .as_str()?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn port_in_use(port: u16) -> bool {
@@ -173,13 +223,6 @@ impl Drop for LocalNats {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +237,28 @@ mod tests {
         let m = port_in_use_message(4300, None, dir);
         assert!(m.contains("port 4300") && m.contains("--nats-url"), "{m}");
         assert!(!m.contains("pid"), "{m}");
+    }
+
+    #[test]
+    fn the_client_port_is_read_from_the_ports_file() {
+        assert_eq!(
+            client_port(r#"{"nats":["nats://127.0.0.1:34297"],"cluster":["nats://127.0.0.1:1"]}"#),
+            Some(34297)
+        );
+        assert_eq!(client_port(""), None, "a file still being written");
+        assert_eq!(client_port(r#"{"cluster":["nats://127.0.0.1:1"]}"#), None);
+    }
+
+    #[test]
+    fn a_server_on_a_port_of_its_own_choosing_says_which() {
+        if std::env::var_os("WARDEN_NATS_SERVER").is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut n = LocalNats::spawn(dir.path(), None, false).expect("starts");
+        assert!(port_in_use(n.port), "listens on {}", n.port);
+        assert_eq!(n.url(), format!("nats://127.0.0.1:{}", n.port));
+        n.stop();
     }
 
     #[test]

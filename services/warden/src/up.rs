@@ -27,8 +27,8 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         None
     } else {
         let dir = args.data_dir.join("nats");
-        let n =
-            LocalNats::spawn(&dir, args.nats_port, false).context("cannot start nats-server")?;
+        let n = LocalNats::spawn(&dir, Some(args.nats_port), false)
+            .context("cannot start nats-server")?;
         config.nats.url = n.url();
         Some(n)
     };

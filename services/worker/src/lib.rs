@@ -43,25 +43,36 @@ pub enum WorkerError {
     Connect(#[from] runtime::ConnectError),
 }
 
-/// Applies `warden worker` / `warden-worker` command-line flags.
-pub fn apply_overrides(
-    w: &mut WorkerConfig,
-    bot_id: Option<String>,
-    pools: Vec<String>,
-    resource: Option<String>,
-    capacity: Option<u32>,
-) {
-    if let Some(b) = bot_id {
-        w.bot_id = b;
-    }
-    if !pools.is_empty() {
-        w.pools = pools;
-    }
-    if let Some(r) = resource {
-        w.resource = r;
-    }
-    if let Some(c) = capacity {
-        w.capacity = c;
+/// The worker's command-line flags, for `warden-worker` and `warden
+/// worker` alike; each one given overrides `[worker]` of the config.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub bot_id: Option<String>,
+    /// Pool to serve, repeatable
+    #[arg(long = "pool")]
+    pub pools: Vec<String>,
+    #[arg(long)]
+    pub resource: Option<String>,
+    #[arg(long)]
+    pub capacity: Option<u32>,
+}
+
+impl WorkerArgs {
+    /// Overrides what was given in `w`.
+    pub fn apply(self, w: &mut WorkerConfig) {
+        if let Some(b) = self.bot_id {
+            w.bot_id = b;
+        }
+        if !self.pools.is_empty() {
+            w.pools = self.pools;
+        }
+        if let Some(r) = self.resource {
+            w.resource = r;
+        }
+        if let Some(c) = self.capacity {
+            w.capacity = c;
+        }
     }
 }
 
@@ -114,7 +125,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     metrics::init();
-    let client = runtime::connect(&config, "worker").await?;
+    let client = runtime::Connect::new(&config, "worker").client().await?;
     let bot_id = if config.worker.bot_id.is_empty() {
         format!("{}-{}", hostname(), std::process::id())
     } else {
@@ -181,8 +192,13 @@ pub async fn run_with(
         attempts.wait().await;
     }
     heartbeat.abort();
-    if let Some(c) = checks {
-        c.abort();
+    if let Some(mut c) = checks {
+        // Checks in flight get their answer (the loop stopped taking new
+        // ones at shutdown), for at most one check timeout.
+        let wait = agent.config.health.check_timeout;
+        if tokio::time::timeout(wait, &mut c).await.is_err() {
+            c.abort();
+        }
     }
     let session = agent.session.read().await.clone();
     let close = CloseSession {
@@ -228,59 +244,52 @@ fn declared_resources(w: &WorkerConfig, host: &str) -> Vec<ResourceDecl> {
 impl Agent {
     /// Runs the configured checks of a resource when the health service
     /// asks; each request in its own task, so a slow check holds nothing.
-    async fn check_loop(
-        self: Arc<Self>,
-        mut sub: async_nats::Subscriber,
-        shutdown: CancellationToken,
-    ) {
-        use futures::StreamExt;
-        loop {
-            let msg = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                m = sub.next() => match m { Some(m) => m, None => return },
-            };
+    /// On shutdown it takes no more requests and answers those taken.
+    async fn check_loop(self: Arc<Self>, sub: async_nats::Subscriber, shutdown: CancellationToken) {
+        use warden_shared::serve::{serve, subscription, Reply};
+        let requests = subscription(self.client.clone(), sub);
+        serve("health check", requests, &shutdown, move |msg| {
             let agent = self.clone();
-            tokio::spawn(async move {
-                let Some(reply) = msg.reply.clone() else {
-                    return;
-                };
-                let answer = match serde_json::from_slice::<CheckRequest>(&msg.payload) {
-                    Ok(req) => match agent.resources.iter().find(|r| r.name == req.resource) {
-                        Some(decl) => {
-                            let specs = agent
-                                .config
-                                .health
-                                .checks
-                                .get(&decl.kind)
-                                .cloned()
-                                .unwrap_or_default();
-                            let r =
-                                checks::run_all(&specs, decl, agent.config.health.check_timeout)
-                                    .await;
-                            info!(resource = %decl.name, passed = r.passed, "health check run");
-                            metrics()
-                                .checks
-                                .with_label_values(&[if r.passed { "passed" } else { "failed" }])
-                                .inc();
-                            r
-                        }
-                        None => checks::unknown_resource(&req.resource),
-                    },
-                    Err(e) => {
-                        let mut r = checks::unknown_resource("");
-                        r.error = Some(warden_shared::messages::ErrorBody::new(
-                            ErrorCode::InvalidRequest,
-                            format!("cannot decode check request: {e}"),
-                        ));
-                        r
-                    }
-                };
-                if let Ok(body) = serde_json::to_vec(&answer) {
-                    if let Err(e) = agent.client.publish(reply, body.into()).await {
-                        warn!(error = %e, "cannot answer health check");
-                    }
+            async move {
+                if msg.reply.is_none() {
+                    return Reply::default();
                 }
-            });
+                Reply::json(&agent.check(&msg.payload).await)
+            }
+        })
+        .await
+    }
+
+    /// The answer to one check request.
+    async fn check(&self, payload: &[u8]) -> warden_shared::messages::CheckReply {
+        match serde_json::from_slice::<CheckRequest>(payload) {
+            Ok(req) => match self.resources.iter().find(|r| r.name == req.resource) {
+                Some(decl) => {
+                    let specs = self
+                        .config
+                        .health
+                        .checks
+                        .get(&decl.kind)
+                        .cloned()
+                        .unwrap_or_default();
+                    let r = checks::run_all(&specs, decl, self.config.health.check_timeout).await;
+                    info!(resource = %decl.name, passed = r.passed, "health check run");
+                    metrics()
+                        .checks
+                        .with_label_values(&[if r.passed { "passed" } else { "failed" }])
+                        .inc();
+                    r
+                }
+                None => checks::unknown_resource(&req.resource),
+            },
+            Err(e) => {
+                let mut r = checks::unknown_resource("");
+                r.error = Some(warden_shared::messages::ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!("cannot decode check request: {e}"),
+                ));
+                r
+            }
         }
     }
 
@@ -686,8 +695,8 @@ impl Agent {
                 .publish_with_headers(subject.clone(), headers, body.clone().into())
                 .await
             {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
             };
             match res {
                 Ok(()) => {
