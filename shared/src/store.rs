@@ -97,6 +97,50 @@ impl JobStore {
     }
 }
 
+impl JobStore {
+    /// Job `id` as one record for [`crate::cas::run`].
+    pub fn at(&self, id: Uuid) -> JobAt<'_> {
+        JobAt { store: self, id }
+    }
+}
+
+/// One job of a [`JobStore`], read and written by compare-and-set
+/// ([`crate::cas::run`]).
+pub struct JobAt<'a> {
+    store: &'a JobStore,
+    id: Uuid,
+}
+
+impl crate::cas::CasStore for JobAt<'_> {
+    type Value = Job;
+    type Error = StoreError;
+
+    fn key(&self) -> String {
+        self.id.to_string()
+    }
+
+    async fn get(&self) -> Result<Option<(Job, u64)>, StoreError> {
+        Ok(self.store.get(&self.id).await?.map(|v| (v.job, v.revision)))
+    }
+
+    async fn create(&self, job: &Job) -> Result<u64, StoreError> {
+        self.store.create(job).await
+    }
+
+    async fn update(&self, job: &Job, revision: u64) -> Result<u64, StoreError> {
+        self.store.update(job, revision).await
+    }
+
+    fn fault(e: &StoreError) -> crate::cas::Fault {
+        use crate::cas::Fault;
+        match e {
+            StoreError::Conflict(_) | StoreError::AlreadyExists(_) => Fault::LostRace,
+            StoreError::Unavailable(_) => Fault::Transient,
+            StoreError::Corrupt { .. } | StoreError::TooLarge => Fault::Fatal,
+        }
+    }
+}
+
 /// Whether a KV write lost a race for its key, by the server's error code
 /// somewhere in the error's sources: a single server says "wrong last
 /// sequence" with the current sequence (10071, which the client turns into
