@@ -661,7 +661,9 @@ mod tests {
         },
     };
 
-    fn add_one() -> Decide<impl FnMut(Option<u32>) -> Result<Step<u32, (), ()>, Never>> {
+    type Plain = Result<Step<u32, (), ()>, Never>;
+
+    fn add_one() -> Decide<impl FnMut(Option<u32>) -> Plain> {
         decide(|cur: Option<u32>| Ok(Step::Write(cur.unwrap_or(0) + 1, ())))
     }
 
