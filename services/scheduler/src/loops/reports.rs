@@ -7,92 +7,75 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, consumer::PullConsumer};
 use chrono::Utc;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 use warden_shared::cas::{
     self, Backoff, Change, Failure, Never, OnConflict, Outcome, Phase, Retry, Step,
 };
-use warden_shared::consume::Disposition;
+use warden_shared::consume::{self, Consume, Disposition, PullBackoff};
 use warden_shared::job::Job;
 use warden_shared::messages::{Classification, Report};
-use warden_shared::runtime;
 use warden_shared::store::StoreError;
 
 use super::classify::{act_on_classification, classify};
 use crate::apply::crash_to_classify;
 use crate::classification;
 use crate::metrics::{count_crash, count_fate, metrics, INVALID_REPORT};
-use crate::reports::{fold, group_by_job, Fold, Rejection, ReportOutcome};
+use crate::reports::{fold, Fold, Rejection, ReportOutcome};
 use crate::Shared;
 
 /// How long a report that could not be applied now waits to come again.
 const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer, shutdown: CancellationToken) {
-    let batch = shared.config.scheduler.report_batch;
-    while !shutdown.is_cancelled() {
-        let messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "cannot pull reports; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        let mut chunks = messages.ready_chunks(batch);
-        loop {
-            let chunk = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = chunks.next() => match c { Some(c) => c, None => break },
-            };
-            let mut decoded = Vec::with_capacity(chunk.len());
-            for item in chunk {
-                let msg = match item {
-                    Ok(m) => m,
-                    Err(e) => {
-                        debug!(error = %e, "report pull interrupted");
-                        continue;
-                    }
-                };
-                match serde_json::from_slice::<Report>(&msg.payload) {
-                    Ok(r) => decoded.push((msg, r)),
-                    Err(e) => dead_letter_report(&shared, msg, e).await,
-                }
-            }
-            futures::future::join_all(
-                group_by_job(decoded)
-                    .into_iter()
-                    .map(|(_, list)| handle_job(&shared, list)),
-            )
-            .await;
+    let how = Consume {
+        service: "scheduler",
+        js: &shared.js,
+        batch: shared.config.scheduler.report_batch,
+        dead_letter_retry: RETRY,
+    };
+    // A fixed pause after a consumer error: reports are the scheduler's
+    // main input, and it pulls again as soon as the bus is back.
+    consume::consume_grouped(
+        how,
+        PullBackoff::fixed(RETRY),
+        &consumer,
+        &shutdown,
+        sort,
+        |group| handle_job(&shared, group),
+        |reason| metrics().dead_letters.with_label_values(&[reason]).inc(),
+    )
+    .await;
+}
+
+/// A report's job (its group), or the dead-letter of an undecodable one.
+fn sort(msg: &jetstream::Message) -> Result<(Uuid, Report), Disposition> {
+    match serde_json::from_slice::<Report>(&msg.payload) {
+        Ok(r) => Ok((r.job_id, r)),
+        Err(e) => {
+            metrics().invalid_reports.inc();
+            warn!(subject = %msg.subject, error = %e, "undecodable report dead-lettered");
+            Err(Disposition::DeadLetter {
+                reason: INVALID_REPORT,
+                error: e.to_string(),
+            })
         }
     }
 }
 
-/// Applies, then acks or naks, the reports of one job.
-async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) {
+/// Applies the reports of one job (in pull order); the disposition of
+/// them all.
+async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) -> Disposition {
     let reports: Vec<&Report> = list.iter().map(|(_, r)| r).collect();
     let deliveries = list
         .iter()
         .filter_map(|(m, _)| m.info().ok().map(|i| i.delivered))
         .max()
         .unwrap_or(1);
-    let kind = match handle_reports(shared, &reports, deliveries).await {
-        Disposition::Ack => AckKind::Ack,
-        Disposition::Nak(after) => AckKind::Nak(Some(after)),
-        // Undecodable reports are dead-lettered before they are grouped.
-        Disposition::DeadLetter { .. } => AckKind::Ack,
-    };
-    for (msg, _) in &list {
-        if let Err(e) = msg.ack_with(kind).await {
-            debug!(error = %e, "cannot ack report");
-        }
-    }
+    handle_reports(shared, &reports, deliveries).await
 }
 
 fn count_rejected(r: &Report, why: Rejection) {
@@ -294,30 +277,4 @@ async fn republish_crash_events(
         debug!(job.id = %job.id, epoch = r.epoch, "events of a redelivered crash published again");
     }
     Disposition::Ack
-}
-
-async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde_json::Error) {
-    metrics().invalid_reports.inc();
-    warn!(subject = %msg.subject, error = %err, "undecodable report dead-lettered");
-    let subject = msg.subject.to_string();
-    let error = err.to_string();
-    match runtime::dead_letter(
-        &shared.js,
-        "scheduler",
-        INVALID_REPORT,
-        &subject,
-        &error,
-        &msg.payload,
-    )
-    .await
-    {
-        Ok(()) => {
-            metrics()
-                .dead_letters
-                .with_label_values(&[INVALID_REPORT])
-                .inc();
-            let _ = msg.ack().await;
-        }
-        Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
-    }
 }
