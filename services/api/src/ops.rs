@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use warden_shared::cas::{self, Backoff, Never, OnConflict, Outcome, Retry, Step};
 use warden_shared::error::ErrorCode;
 
 use chrono::{DateTime, Utc};
@@ -31,8 +32,13 @@ pub const MAX_REASON: usize = 1000;
 /// Reads a retry or cancel makes before it gives up on a job that other
 /// writers (the scheduler, a second API replica) keep changing under it:
 /// each conflict means someone else's write landed, so a few are normal
-/// and many mean the caller should look again.
-const CHANGE_ATTEMPTS: usize = 8;
+/// and many mean the caller should look again. Lost races are retried at
+/// once; a store error is answered at once (the caller retries).
+const CHANGE: Retry = Retry {
+    attempts: 8,
+    on_conflict: OnConflict::AtOnce,
+    store_errors: Backoff::NONE,
+};
 
 /// How long a search waits for the index's first pass after a start.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
@@ -405,30 +411,35 @@ impl Ops {
     ) -> Result<Job, OpError> {
         let id = parse_id(id)?;
         self.bus_up()?;
-        for _ in 0..CHANGE_ATTEMPTS {
-            let Some(current) = self.store.get(&id).await.map_err(OpError::from_store)? else {
+        let step = cas::decide(|current: Option<Job>| {
+            let Some(mut job) = current else {
                 return Err(OpError::not_found(format!("no job {id}")));
             };
-            let mut job = current.job;
             let from = job.state;
             if let Err(e) = f(&mut job, Utc::now()) {
                 tracing::debug!(job.id = %id, from = %from, action = what, "job change refused");
                 return Err(OpError::new(ErrorCode::IllegalTransition, e.to_string()));
             }
-            match self.store.update(&job, current.revision).await {
-                Ok(_) => {
-                    crate::metrics::count_transition(from, job.state);
-                    tracing::info!(job.id = %id, from = %from, to = %job.state, action = what, "job changed by hand");
-                    return Ok(job);
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(OpError::from_store(e)),
+            Ok(Step::<Job, JobState, Never>::Write(job, from))
+        });
+        match cas::run(&self.store.at(id), CHANGE, step).await {
+            Ok(Outcome::Written {
+                value: job,
+                with: from,
+                ..
+            }) => {
+                crate::metrics::count_transition(from, job.state);
+                tracing::info!(job.id = %id, from = %from, to = %job.state, action = what, "job changed by hand");
+                Ok(job)
             }
+            Ok(Outcome::Stopped(never)) => match never {},
+            Err(cas::Failure::Refused(e)) => Err(e),
+            Err(cas::Failure::Store { source, .. }) => Err(OpError::from_store(source)),
+            Err(cas::Failure::Conflict { .. }) => Err(OpError::new(
+                ErrorCode::Conflict,
+                format!("job {id} keeps changing; try again"),
+            )),
         }
-        Err(OpError::new(
-            ErrorCode::Conflict,
-            format!("job {id} keeps changing; try again"),
-        ))
     }
 
     pub async fn list(&self, q: ListQuery) -> Result<ListReply, OpError> {

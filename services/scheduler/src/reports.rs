@@ -213,19 +213,6 @@ pub fn fold<'a>(
     out
 }
 
-/// A pull batch grouped by job, jobs in order of first appearance, each
-/// job's reports in the order they came.
-pub fn group_by_job<T>(items: Vec<(T, Report)>) -> Vec<(uuid::Uuid, Vec<(T, Report)>)> {
-    let mut by_job: Vec<(uuid::Uuid, Vec<(T, Report)>)> = Vec::new();
-    for (msg, r) in items {
-        match by_job.iter_mut().find(|(id, _)| *id == r.job_id) {
-            Some((_, list)) => list.push((msg, r)),
-            None => by_job.push((r.job_id, vec![(msg, r)])),
-        }
-    }
-    by_job
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,7 +381,11 @@ mod tests {
             (2, report(&b, 1, "s1", finished())),
             (3, report(&a, 1, "s1", crashed())),
         ];
-        let groups = group_by_job(items);
+        // The reports loop groups with warden_shared::consume::group_by,
+        // keyed by job.
+        let groups = warden_shared::consume::group_by(
+            items.into_iter().map(|(n, r)| (r.job_id, (n, r))).collect(),
+        );
         let shape: Vec<(uuid::Uuid, Vec<i32>)> = groups
             .into_iter()
             .map(|(id, list)| (id, list.into_iter().map(|(n, _)| n).collect()))

@@ -7,89 +7,75 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, consumer::PullConsumer};
 use chrono::Utc;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warden_shared::consume::Disposition;
+use uuid::Uuid;
+use warden_shared::cas::{
+    self, Backoff, Change, Failure, Never, OnConflict, Outcome, Phase, Retry, Step,
+};
+use warden_shared::consume::{self, Consume, Disposition, PullBackoff};
 use warden_shared::job::Job;
 use warden_shared::messages::{Classification, Report};
-use warden_shared::runtime;
 use warden_shared::store::StoreError;
 
 use super::classify::{act_on_classification, classify};
 use crate::apply::crash_to_classify;
 use crate::classification;
 use crate::metrics::{count_crash, count_fate, metrics, INVALID_REPORT};
-use crate::reports::{fold, group_by_job, Rejection, ReportOutcome};
+use crate::reports::{fold, Fold, Rejection, ReportOutcome};
 use crate::Shared;
 
 /// How long a report that could not be applied now waits to come again.
 const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer, shutdown: CancellationToken) {
-    let batch = shared.config.scheduler.report_batch;
-    while !shutdown.is_cancelled() {
-        let messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "cannot pull reports; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        let mut chunks = messages.ready_chunks(batch);
-        loop {
-            let chunk = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = chunks.next() => match c { Some(c) => c, None => break },
-            };
-            let mut decoded = Vec::with_capacity(chunk.len());
-            for item in chunk {
-                let msg = match item {
-                    Ok(m) => m,
-                    Err(e) => {
-                        debug!(error = %e, "report pull interrupted");
-                        continue;
-                    }
-                };
-                match serde_json::from_slice::<Report>(&msg.payload) {
-                    Ok(r) => decoded.push((msg, r)),
-                    Err(e) => dead_letter_report(&shared, msg, e).await,
-                }
-            }
-            futures::future::join_all(
-                group_by_job(decoded)
-                    .into_iter()
-                    .map(|(_, list)| handle_job(&shared, list)),
-            )
-            .await;
+    let how = Consume {
+        service: "scheduler",
+        js: &shared.js,
+        batch: shared.config.scheduler.report_batch,
+        dead_letter_retry: RETRY,
+    };
+    // A fixed pause after a consumer error: reports are the scheduler's
+    // main input, and it pulls again as soon as the bus is back.
+    consume::consume_grouped(
+        how,
+        PullBackoff::fixed(RETRY),
+        &consumer,
+        &shutdown,
+        sort,
+        |group| handle_job(&shared, group),
+        |reason| metrics().dead_letters.with_label_values(&[reason]).inc(),
+    )
+    .await;
+}
+
+/// A report's job (its group), or the dead-letter of an undecodable one.
+fn sort(msg: &jetstream::Message) -> Result<(Uuid, Report), Disposition> {
+    match serde_json::from_slice::<Report>(&msg.payload) {
+        Ok(r) => Ok((r.job_id, r)),
+        Err(e) => {
+            metrics().invalid_reports.inc();
+            warn!(subject = %msg.subject, error = %e, "undecodable report dead-lettered");
+            Err(Disposition::DeadLetter {
+                reason: INVALID_REPORT,
+                error: e.to_string(),
+            })
         }
     }
 }
 
-/// Applies, then acks or naks, the reports of one job.
-async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) {
+/// Applies the reports of one job (in pull order); the disposition of
+/// them all.
+async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) -> Disposition {
     let reports: Vec<&Report> = list.iter().map(|(_, r)| r).collect();
     let deliveries = list
         .iter()
         .filter_map(|(m, _)| m.info().ok().map(|i| i.delivered))
         .max()
         .unwrap_or(1);
-    let kind = match handle_reports(shared, &reports, deliveries).await {
-        Disposition::Ack => AckKind::Ack,
-        Disposition::Nak(after) => AckKind::Nak(Some(after)),
-        // Undecodable reports are dead-lettered before they are grouped.
-        Disposition::DeadLetter { .. } => AckKind::Ack,
-    };
-    for (msg, _) in &list {
-        if let Err(e) = msg.ack_with(kind).await {
-            debug!(error = %e, "cannot ack report");
-        }
-    }
+    handle_reports(shared, &reports, deliveries).await
 }
 
 fn count_rejected(r: &Report, why: Rejection) {
@@ -108,97 +94,133 @@ async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -
     };
     let job_id = first.job_id;
     let m = metrics();
-    // Classifications by report index, kept across compare-and-set retries.
-    let mut classified: HashMap<usize, Classification> = HashMap::new();
-    for _ in 0..16 {
-        let current = match shared.store.get(&job_id).await {
-            Ok(Some(v)) => v,
-            Ok(None) => {
-                for r in reports {
-                    count_rejected(r, Rejection::UnknownJob);
-                    warn!(job.id = %job_id, bot.id = %r.bot_id, "report for unknown job rejected");
-                }
-                return Disposition::Ack;
+    let step = Apply {
+        shared,
+        reports,
+        deliveries,
+        classified: HashMap::new(),
+    };
+    let folded = match cas::run(&shared.store.at(job_id), RETRY_CAS, step).await {
+        Ok(Outcome::Written { with: folded, .. }) => folded,
+        Ok(Outcome::Stopped(d)) => return d,
+        Err(Failure::Conflict { .. }) => return Disposition::Nak(RETRY),
+        Err(Failure::Store { source: e, .. }) if e.is_transient() => {
+            return Disposition::Nak(RETRY)
+        }
+        Err(Failure::Store {
+            phase: Phase::Read,
+            source: e,
+            ..
+        }) => {
+            warn!(job.id = %job_id, error = %e, "job record unreadable; reports dropped");
+            for r in reports {
+                count_rejected(r, Rejection::CorruptJob);
             }
-            Err(e) if e.is_transient() => return Disposition::Nak(RETRY),
-            Err(e) => {
-                warn!(job.id = %job_id, error = %e, "job record unreadable; reports dropped");
-                for r in reports {
-                    count_rejected(r, Rejection::CorruptJob);
-                }
-                return Disposition::Ack;
+            return Disposition::Ack;
+        }
+        Err(Failure::Store {
+            source: StoreError::TooLarge,
+            ..
+        }) => {
+            warn!(job.id = %job_id, "job record would exceed the size limit; reports dropped");
+            return Disposition::Ack;
+        }
+        Err(Failure::Store { source: e, .. }) => {
+            warn!(job.id = %job_id, error = %e, "cannot write job; reports dropped");
+            return Disposition::Ack;
+        }
+        Err(Failure::Refused(never)) => match never {},
+    };
+    for (fate, blame) in folded.fates {
+        count_fate(fate, blame);
+    }
+    for (blame, detail) in folded.failed {
+        count_crash(&shared.config, blame, &detail);
+    }
+    for (state, secs) in folded.ended {
+        m.job_duration
+            .with_label_values(&[state.as_str()])
+            .observe(secs);
+    }
+    // A report whose events did not all go out is not acked:
+    // redelivered, it is a duplicate, and they are sent again.
+    let mut events_out = true;
+    for c in &folded.crashes {
+        events_out &= act_on_classification(shared, &folded.job, c).await;
+    }
+    for (r, outcome) in &folded.outcomes {
+        count_outcome(job_id, r, *outcome);
+    }
+    if !events_out {
+        return Disposition::Nak(RETRY);
+    }
+    republish_crash_events(shared, &folded.job, &folded.duplicates, deliveries).await
+}
+
+/// The reports' compare-and-set: 16 attempts, lost races retried at once;
+/// a store error naks the reports (they come again after [`RETRY`]).
+const RETRY_CAS: Retry = Retry {
+    attempts: 16,
+    on_conflict: OnConflict::AtOnce,
+    store_errors: Backoff::NONE,
+};
+
+/// One attempt at applying the reports of one job: classify its crashes,
+/// then [`fold`].
+struct Apply<'s, 'r> {
+    shared: &'s Shared,
+    reports: &'s [&'r Report],
+    deliveries: i64,
+    /// Classifications by report index, kept across attempts.
+    classified: HashMap<usize, Classification>,
+}
+
+impl<'r> Change<Job> for Apply<'_, 'r> {
+    type Write = Fold<'r>;
+    /// Nothing to write: what becomes of the reports.
+    type Stop = Disposition;
+    type Error = Never;
+
+    async fn step(
+        &mut self,
+        current: Option<Job>,
+    ) -> Result<Step<Job, Fold<'r>, Disposition>, Never> {
+        let (shared, reports, deliveries) = (self.shared, self.reports, self.deliveries);
+        let Some(job) = current else {
+            for r in reports {
+                count_rejected(r, Rejection::UnknownJob);
+                warn!(job.id = %r.job_id, bot.id = %r.bot_id, "report for unknown job rejected");
             }
+            return Ok(Step::Stop(Disposition::Ack));
         };
         // Crashes are classified before anything is decided, so the retry
         // policy acts on the classifier's blame and detail.
         for (i, r) in reports.iter().enumerate() {
-            if classified.contains_key(&i) || !crash_to_classify(&current.job, r) {
+            if self.classified.contains_key(&i) || !crash_to_classify(&job, r) {
                 continue;
             }
-            match classify(shared, &current.job, r, deliveries).await {
+            match classify(shared, &job, r, deliveries).await {
                 Some(c) => {
-                    classified.insert(i, c);
+                    self.classified.insert(i, c);
                 }
-                None => return Disposition::Nak(RETRY),
+                None => return Ok(Step::Stop(Disposition::Nak(RETRY))),
             }
         }
-        let folded = fold(
-            &current.job,
-            reports,
-            &classified,
-            &shared.config,
-            Utc::now(),
-        );
+        let folded = fold(&job, reports, &self.classified, &shared.config, Utc::now());
         if folded.all_duplicates() {
+            let m = metrics();
             for (r, outcome) in &folded.outcomes {
                 m.reports
                     .with_label_values(&[r.kind.name(), outcome.label()])
                     .inc();
             }
             // A redelivered crash: its events may not have gone out.
-            return republish_crash_events(shared, &folded.job, reports, deliveries).await;
+            return Ok(Step::Stop(
+                republish_crash_events(shared, &folded.job, reports, deliveries).await,
+            ));
         }
-        match shared.store.update(&folded.job, current.revision).await {
-            Ok(_) => {
-                for (fate, blame) in folded.fates {
-                    count_fate(fate, blame);
-                }
-                for (blame, detail) in folded.failed {
-                    count_crash(&shared.config, blame, &detail);
-                }
-                for (state, secs) in folded.ended {
-                    m.job_duration
-                        .with_label_values(&[state.as_str()])
-                        .observe(secs);
-                }
-                // A report whose events did not all go out is not acked:
-                // redelivered, it is a duplicate, and they are sent again.
-                let mut events_out = true;
-                for c in &folded.crashes {
-                    events_out &= act_on_classification(shared, &folded.job, c).await;
-                }
-                for (r, outcome) in &folded.outcomes {
-                    count_outcome(job_id, r, *outcome);
-                }
-                if !events_out {
-                    return Disposition::Nak(RETRY);
-                }
-                return republish_crash_events(shared, &folded.job, &folded.duplicates, deliveries)
-                    .await;
-            }
-            Err(StoreError::Conflict(_)) => continue,
-            Err(StoreError::TooLarge) => {
-                warn!(job.id = %job_id, "job record would exceed the size limit; reports dropped");
-                return Disposition::Ack;
-            }
-            Err(e) if e.is_transient() => return Disposition::Nak(RETRY),
-            Err(e) => {
-                warn!(job.id = %job_id, error = %e, "cannot write job; reports dropped");
-                return Disposition::Ack;
-            }
-        }
+        Ok(Step::Write(folded.job.clone(), folded))
     }
-    Disposition::Nak(RETRY)
 }
 
 /// Counts (and logs) one report's outcome once its write is durable.
@@ -255,30 +277,4 @@ async fn republish_crash_events(
         debug!(job.id = %job.id, epoch = r.epoch, "events of a redelivered crash published again");
     }
     Disposition::Ack
-}
-
-async fn dead_letter_report(shared: &Shared, msg: jetstream::Message, err: serde_json::Error) {
-    metrics().invalid_reports.inc();
-    warn!(subject = %msg.subject, error = %err, "undecodable report dead-lettered");
-    let subject = msg.subject.to_string();
-    let error = err.to_string();
-    match runtime::dead_letter(
-        &shared.js,
-        "scheduler",
-        INVALID_REPORT,
-        &subject,
-        &error,
-        &msg.payload,
-    )
-    .await
-    {
-        Ok(()) => {
-            metrics()
-                .dead_letters
-                .with_label_values(&[INVALID_REPORT])
-                .inc();
-            let _ = msg.ack().await;
-        }
-        Err(e) => warn!(error = %e, "cannot dead-letter report; will be redelivered"),
-    }
 }

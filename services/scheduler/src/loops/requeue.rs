@@ -7,8 +7,10 @@ use std::time::Duration;
 use chrono::Utc;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
+use warden_shared::cas::{self, Backoff, Change, Never, OnConflict, Outcome, Retry, Step};
+use warden_shared::job::Job;
 use warden_shared::resource::{resource_key, Resource, ResourceState};
-use warden_shared::store::StoreError;
+use warden_shared::retry::Fate;
 
 use crate::metrics::{count_crash, count_fate, metrics};
 use crate::requeue::{holder_grace, still_held, take_back, RequeueReason};
@@ -28,21 +30,75 @@ pub async fn requeue(
     epoch: Option<u32>,
     reason: RequeueReason,
 ) {
-    let mut pause = Duration::from_millis(100);
-    for _ in 0..30 {
-        let current = match shared.store.get(&id).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return,
-            Err(e) => {
-                debug!(job.id = %id, error = %e, "cannot read the job to take its lease back; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-                continue;
+    let step = Decide {
+        shared,
+        session,
+        epoch,
+        reason,
+    };
+    match cas::run(&shared.store.at(id), RETRY, step).await {
+        Ok(Outcome::Written {
+            value: next,
+            with: fate,
+            ..
+        }) => {
+            let m = metrics();
+            m.requeued.with_label_values(&[reason.label()]).inc();
+            m.transitions
+                .with_label_values(&["RUNNING", next.state.as_str()])
+                .inc();
+            if let Some(fate) = fate {
+                count_fate(fate, next.blame);
+                // A lost worker's attempt failed with the blame it was
+                // recorded with; a closed resource's costs nothing
+                // (requeued, blame cleared) unless it made the job poison.
+                if let (Some(blame), Some(detail)) = (next.blame, next.detail.as_deref()) {
+                    count_crash(&shared.config, blame, detail);
+                }
             }
+            info!(job.id = %id, session, reason = reason.label(), state = %next.state, "lease taken back");
+        }
+        Ok(Outcome::Stopped(())) => {}
+        Err(e) => {
+            warn!(job.id = %id, session, error = %e, "cannot take the lease back; the sweep tries again")
+        }
+    }
+}
+
+/// A take-back's attempts: 30 in all, lost races retried at once, store
+/// errors (a NATS node down) after 100 ms doubling to 2 s.
+const RETRY: Retry = Retry {
+    attempts: 30,
+    on_conflict: OnConflict::AtOnce,
+    store_errors: Backoff {
+        retries: 29,
+        first: Duration::from_millis(100),
+        max: Duration::from_secs(2),
+    },
+};
+
+/// One attempt's decision: whether the lease is still the one to take
+/// back, and what the job becomes ([`take_back`]).
+struct Decide<'a> {
+    shared: &'a Shared,
+    session: &'a str,
+    epoch: Option<u32>,
+    reason: RequeueReason,
+}
+
+impl Change<Job> for Decide<'_> {
+    /// What the retry policy did, to count once written.
+    type Write = Option<Fate>;
+    type Stop = ();
+    type Error = Never;
+
+    async fn step(&mut self, current: Option<Job>) -> Result<Step<Job, Option<Fate>, ()>, Never> {
+        let shared = self.shared;
+        let Some(job) = current else {
+            return Ok(Step::Stop(()));
         };
-        let job = &current.job;
-        if !still_held(job, session, epoch) {
-            return;
+        if !still_held(&job, self.session, self.epoch) {
+            return Ok(Step::Stop(()));
         }
         let names = job
             .lease
@@ -52,44 +108,27 @@ pub async fn requeue(
         // This replica's view of the resources may lag (a resource closed,
         // then reopened as a new incarnation): act only on a closure the
         // bucket still shows.
-        if reason == RequeueReason::ResourceClosed && !closed_now(shared, &names).await {
-            debug!(job.id = %id, "its resource is no longer closed; lease kept");
-            return;
+        if self.reason == RequeueReason::ResourceClosed && !closed_now(shared, &names).await {
+            debug!(job.id = %job.id, "its resource is no longer closed; lease kept");
+            return Ok(Step::Stop(()));
         }
         let closed = shared.leases().closed(&names);
         let policy = shared.config.retry_policy(&job.task);
         let grace = holder_grace(&shared.config);
-        let Some(back) = take_back(job, session, reason, &closed, &policy, grace, Utc::now())
-        else {
-            return;
-        };
-        let next = back.next;
-        match shared.store.update(&next, current.revision).await {
-            Ok(_) => {
-                let m = metrics();
-                m.requeued.with_label_values(&[reason.label()]).inc();
-                m.transitions
-                    .with_label_values(&["RUNNING", next.state.as_str()])
-                    .inc();
-                if let Some(fate) = back.fate {
-                    count_fate(fate, next.blame);
-                    // A lost worker's attempt failed with the blame it was
-                    // recorded with; a closed resource's costs nothing
-                    // (requeued, blame cleared) unless it made the job poison.
-                    if let (Some(blame), Some(detail)) = (next.blame, next.detail.as_deref()) {
-                        count_crash(&shared.config, blame, detail);
-                    }
-                }
-                info!(job.id = %id, session, reason = reason.label(), state = %next.state, "lease taken back");
-                return;
-            }
-            Err(StoreError::Conflict(_)) => continue,
-            Err(e) => {
-                warn!(job.id = %id, error = %e, "cannot requeue; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-        }
+        Ok(
+            match take_back(
+                &job,
+                self.session,
+                self.reason,
+                &closed,
+                &policy,
+                grace,
+                Utc::now(),
+            ) {
+                Some(back) => Step::Write(back.next, back.fate),
+                None => Step::Stop(()),
+            },
+        )
     }
 }
 
