@@ -204,38 +204,6 @@ impl<'de> Deserialize<'de> for ErrorCode {
     }
 }
 
-/// Transition only, for callers that still name a code by its string
-/// (`ErrorBody::new("unavailable", ..)`): the code it names,
-/// [`ErrorCode::Unknown`] if none. Name a variant instead.
-impl From<&str> for ErrorCode {
-    fn from(s: &str) -> ErrorCode {
-        ErrorCode::from_wire(s)
-    }
-}
-
-/// Reads as its wire string (`Option<ErrorCode>::as_deref()` is the
-/// `Option<&str>` older callers compare).
-impl std::ops::Deref for ErrorCode {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-/// Compares with a wire string, so tests can say
-/// `assert_eq!(e.code, "not_found")`.
-impl PartialEq<&str> for ErrorCode {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl PartialEq<str> for ErrorCode {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::ErrorCode;
@@ -272,6 +240,6 @@ mod tests {
             ErrorCode::from_wire("invalid_request"),
             ErrorCode::InvalidRequest
         );
-        assert_eq!(ErrorCode::InvalidRequest, "invalid_request");
+        assert_eq!(ErrorCode::InvalidRequest.as_str(), "invalid_request");
     }
 }

@@ -586,11 +586,11 @@ mod tests {
         let body = super::encode_reply(&Broken);
         assert!(!body.is_empty());
         let s: super::SessionReply = serde_json::from_slice(&body).expect("a session reply");
-        assert_eq!(s.error.map(|e| e.code).as_deref(), Some("internal"));
+        assert_eq!(s.error.map(|e| e.code), Some(ErrorCode::Internal));
         let h: super::HealthReply = serde_json::from_slice(&body).expect("a health reply");
-        assert_eq!(h.error.map(|e| e.code).as_deref(), Some("internal"));
+        assert_eq!(h.error.map(|e| e.code), Some(ErrorCode::Internal));
         let c: super::ClassifyReply = serde_json::from_slice(&body).expect("a classify reply");
-        assert_eq!(c.error.map(|e| e.code).as_deref(), Some("internal"));
+        assert_eq!(c.error.map(|e| e.code), Some(ErrorCode::Internal));
         let ok = super::encode_reply(&super::ErrorBody::new(
             crate::error::ErrorCode::Internal,
             "y",

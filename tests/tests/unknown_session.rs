@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use warden_e2e::{acquire_request, open_session, try_acquire, InProcess};
+use warden_shared::error::ErrorCode;
 use warden_shared::job::Job;
 use warden_shared::messages::AcquireReply;
-use warden_shared::session::UNKNOWN_SESSION;
 use warden_shared::JobState;
 
 async fn acquire(client: &async_nats::Client, session: &str, bot: &str) -> AcquireReply {
@@ -34,8 +34,8 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     .await;
     assert!(made_up.leases.is_empty(), "{made_up:?}");
     assert_eq!(
-        made_up.error.as_ref().map(|e| e.code.as_str()),
-        Some(UNKNOWN_SESSION),
+        made_up.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::UnknownSession),
         "{made_up:?}"
     );
     let v = store.get(&job.id).await.unwrap().unwrap();
@@ -55,8 +55,8 @@ async fn a_made_up_session_gets_no_lease_and_a_real_one_is_served_at_once() {
     let stolen = acquire(&client, &reply, "bot-x").await;
     assert!(stolen.leases.is_empty(), "{stolen:?}");
     assert_eq!(
-        stolen.error.as_ref().map(|e| e.code.as_str()),
-        Some(UNKNOWN_SESSION)
+        stolen.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::UnknownSession)
     );
     let v = store.get(&other.id).await.unwrap().unwrap();
     assert_eq!((v.job.state, v.job.attempt), (JobState::Scheduled, 0));

@@ -625,13 +625,13 @@ mod tests {
         r.outcome = Some("PASSED".into());
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
 
         let mut r = req("FINISHED");
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_outcome"
+            ErrorCode::InvalidOutcome
         );
         r.outcome = Some("PASSED".into());
         assert!(matches!(
@@ -641,34 +641,34 @@ mod tests {
         r.outcome = Some("PASS ED".into());
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_outcome"
+            ErrorCode::InvalidOutcome
         );
 
         let mut r = req("CRASHED");
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_blame"
+            ErrorCode::InvalidBlame
         );
         r.blame = Some("the-moon".into());
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_blame"
+            ErrorCode::InvalidBlame
         );
         r.blame = Some("third_party".into());
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_detail"
+            ErrorCode::InvalidDetail
         );
         r.detail = Some("net work".into());
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_detail"
+            ErrorCode::InvalidDetail
         );
         r.detail = Some("network".into());
         r.description = Some("x".repeat(MAX_REASON + 1));
         assert_eq!(
             Switch::from_request(&r).unwrap_err().body.code,
-            "invalid_request"
+            ErrorCode::InvalidRequest
         );
         r.description = Some("mirror timed out".into());
         let Ok(Switch::Crashed { fault }) = Switch::from_request(&r) else {
@@ -680,7 +680,7 @@ mod tests {
         for s in ["SCHEDULED", "CANCELLED", "", "done"] {
             assert_eq!(
                 Switch::from_request(&req(s)).unwrap_err().body.code,
-                "invalid_state",
+                ErrorCode::InvalidState,
                 "{s}"
             );
         }

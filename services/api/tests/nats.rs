@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use common::Api;
 use serde_json::Value;
 use warden_api::{ApiClient, ClientError, ListQuery};
+use warden_shared::error::ErrorCode;
 use warden_shared::job::NewJob;
 use warden_shared::{subjects, Action, JobState};
 
@@ -66,7 +67,7 @@ async fn error_replies() {
     let mut api = Api::start().await;
     let client = api.api_client().await;
     match client.create(new_job("nope")).await {
-        Err(ClientError::Api(e)) => assert_eq!(e.code, "unknown_task"),
+        Err(ClientError::Api(e)) => assert_eq!(e.code, ErrorCode::UnknownTask),
         other => panic!("expected unknown_task, got {other:?}"),
     }
     let bad_state = client
@@ -203,7 +204,7 @@ async fn illegal_changes_over_nats_are_409_and_change_nothing() {
         };
         match err {
             ClientError::Api(e) => {
-                assert_eq!(e.code, "illegal_transition");
+                assert_eq!(e.code, ErrorCode::IllegalTransition);
                 assert_eq!(
                     e.message,
                     format!("illegal transition: cannot {action} a {state} job")

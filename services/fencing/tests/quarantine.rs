@@ -11,10 +11,9 @@ mod common;
 
 use tokio_util::sync::CancellationToken;
 use warden_shared::clock::{Clock, ManualClock};
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
-use warden_shared::session::{
-    bot_key, session_key, Session, SessionState, SESSION_SUPERSEDED, UNKNOWN_SESSION,
-};
+use warden_shared::session::{bot_key, session_key, Session, SessionState};
 use warden_shared::{runtime, subjects, Config};
 use warden_testsupport::{eventually, NatsServer};
 
@@ -143,7 +142,7 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
 
     // (1) A bot that never registered.
     let r = heartbeat(&client, "no-such-session").await;
-    assert_eq!(r.error.map(|e| e.code).as_deref(), Some(UNKNOWN_SESSION));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::UnknownSession));
     assert!(
         kv.entry(session_key("no-such-session"))
             .await
@@ -195,9 +194,9 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         }],
     };
     let r = request(&client, subjects::SESSION_HEARTBEAT, &claim).await;
-    assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
     let r = heartbeat(&client, &old).await;
-    assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
     let after = jobs.get(&job.id).await.unwrap().unwrap();
     assert_eq!(
         (after.revision, &after.job),
@@ -251,7 +250,7 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
     for _ in 0..3 {
         assert!(heartbeat(&client, &new).await.error.is_none());
         let r = heartbeat(&client, &old).await;
-        assert_eq!(r.error.map(|e| e.code).as_deref(), Some(SESSION_SUPERSEDED));
+        assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
     }
 
     f.stop_service().await;
@@ -378,7 +377,7 @@ async fn a_session_with_its_own_timeout_expires_by_it() {
         req.bot_id = "bad-timeout".into();
         let r = request(&client, subjects::SESSION_CREATE, &req).await;
         assert!(r.session.is_none(), "{bad:?} accepted");
-        assert_eq!(r.error.expect("an error").code, "invalid_request");
+        assert_eq!(r.error.expect("an error").code, ErrorCode::InvalidRequest);
     }
     assert!(
         kv.get(warden_shared::session::bot_key("bad-timeout"))

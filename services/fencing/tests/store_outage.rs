@@ -13,6 +13,7 @@ use common::never_within;
 use common::{create_request, heartbeat_of, try_request as request};
 use tokio_util::sync::CancellationToken;
 use warden_shared::clock::ManualClock;
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::SessionReply;
 use warden_shared::session::{session_key, Session, SessionState};
 use warden_shared::{runtime, subjects};
@@ -195,7 +196,7 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     let refused_now = || async {
         let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
         r.and_then(|r| r.error)
-            .is_some_and(|e| e.code == "unavailable")
+            .is_some_and(|e| e.code == ErrorCode::Unavailable)
             .then_some(())
     };
     let mut refused = 0;

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warden_shared::clock::{self, Clock, ManualClock};
+use warden_shared::error::ErrorCode;
 use warden_shared::messages::{
     CheckReply, CheckRequest, HealthReply, HealthRequest, ResourceRecycle, ResourceSuspect,
 };
@@ -447,24 +448,24 @@ async fn operators_check_and_close_and_bad_input_gets_a_clear_answer() {
     f.wait("host-1/wc", ResourceState::Closed).await;
 
     let again = f.ask(subjects::HEALTH_CLOSE, "host-1").await;
-    assert_eq!(again.error.unwrap().code, "illegal_transition");
+    assert_eq!(again.error.unwrap().code, ErrorCode::IllegalTransition);
     // Its working copy cannot be checked while its host is closed; the
     // host can, and opens as a new incarnation when it passes.
     let wc_closed = f.ask(subjects::HEALTH_CHECK, "host-1/wc").await;
-    assert_eq!(wc_closed.error.unwrap().code, "illegal_transition");
+    assert_eq!(wc_closed.error.unwrap().code, ErrorCode::IllegalTransition);
     let check_closed = f.ask(subjects::HEALTH_CHECK, "host-1").await;
     assert!(check_closed.error.is_none(), "{check_closed:?}");
     let r = check_closed.resource.unwrap();
     assert_eq!((r.state, r.incarnation), (ResourceState::Open, 2), "{r:?}");
     let unknown = f.ask(subjects::HEALTH_CHECK, "nowhere").await;
-    assert_eq!(unknown.error.unwrap().code, "not_found");
+    assert_eq!(unknown.error.unwrap().code, ErrorCode::NotFound);
     let garbage = f
         .client
         .request(subjects::HEALTH_CHECK, Bytes::from_static(b"{not json"))
         .await
         .unwrap();
     let garbage: HealthReply = serde_json::from_slice(&garbage.payload).unwrap();
-    assert_eq!(garbage.error.unwrap().code, "invalid_request");
+    assert_eq!(garbage.error.unwrap().code, ErrorCode::InvalidRequest);
 
     // An undecodable suspect event is dead-lettered with its reason, and
     // the service goes on.
@@ -490,7 +491,7 @@ async fn operators_check_and_close_and_bad_input_gets_a_clear_answer() {
     })
     .await;
     let ok = f.ask(subjects::HEALTH_CHECK, "nowhere").await;
-    assert_eq!(ok.error.unwrap().code, "not_found");
+    assert_eq!(ok.error.unwrap().code, ErrorCode::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -485,6 +485,7 @@ pub async fn bots(config: &Config, json: bool) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warden_shared::error::ErrorCode;
     use warden_shared::messages::ErrorBody;
     use warden_shared::Blame;
 
@@ -575,7 +576,7 @@ mod tests {
     #[test]
     fn api_refusals_exit_1_and_transport_failures_are_errors() {
         let refusal = warden_api::ClientError::Api(ErrorBody::new(
-            "illegal_transition",
+            ErrorCode::IllegalTransition,
             "illegal transition: cannot retry a FINISHED job",
         ));
         assert_eq!(refused("retry", refusal).ok(), Some(1));

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use warden_shared::clock::Clock;
 use warden_shared::messages::{CreateSession, Heartbeat, SessionReply};
 use warden_shared::{subjects, Config};
-pub use warden_testsupport::never_within;
 use warden_testsupport::eventually;
+pub use warden_testsupport::never_within;
 
 pub type Service = JoinHandle<Result<(), warden_fencing::FencingError>>;
 
