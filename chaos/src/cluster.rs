@@ -51,21 +51,10 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// real routes arrive when the others connect to it.
 const PLACEHOLDER_ROUTE: &str = "nats-route://127.0.0.1:1";
 
-/// The ports a node bound, from its ports file
-/// (`{"nats": ["nats://127.0.0.1:P"], "cluster": [...]}`).
-fn parse_ports(text: &str) -> Option<(u16, u16)> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let port = |key: &str| -> Option<u16> {
-        v.get(key)?
-            .as_array()?
-            .first()?
-            .as_str()?
-            .rsplit(':')
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some((port("nats")?, port("cluster")?))
+/// The ports a node bound, from its ports file: client and cluster.
+fn node_ports(dir: &std::path::Path) -> Option<(u16, u16)> {
+    let p = warden_shared::nats_ports::read_any(dir)?;
+    Some((p.client, p.cluster?))
 }
 
 /// Node `i`'s config; `ports` `None` lets it pick both (`-1`).
@@ -200,17 +189,7 @@ impl Cluster {
         let mut ports = None;
         for _ in 0..400 {
             if ports.is_none() {
-                ports = std::fs::read_dir(&self.nodes[i].ports_dir)
-                    .ok()
-                    .and_then(|entries| {
-                        entries.flatten().find_map(|e| {
-                            let name = e.file_name();
-                            if !name.to_string_lossy().ends_with(".ports") {
-                                return None;
-                            }
-                            parse_ports(&std::fs::read_to_string(e.path()).ok()?)
-                        })
-                    });
+                ports = node_ports(&self.nodes[i].ports_dir);
             }
             if let Some(p) = ports {
                 if tokio::net::TcpStream::connect(("127.0.0.1", p.0))
@@ -294,18 +273,6 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_ports_file_gives_the_client_and_cluster_ports() {
-        assert_eq!(
-            parse_ports(
-                r#"{"nats":["nats://127.0.0.1:34297"],"cluster":["nats://127.0.0.1:34659"]}"#
-            ),
-            Some((34297, 34659))
-        );
-        assert_eq!(parse_ports(r#"{"nats":["nats://127.0.0.1:1"]}"#), None);
-        assert_eq!(parse_ports("{"), None, "a file still being written");
-    }
 
     #[test]
     fn node_configs_pick_ports_first_and_keep_them_after() {

@@ -26,6 +26,7 @@ pub mod guard;
 pub mod job;
 pub mod messages;
 pub mod metrics;
+pub mod nats_ports;
 pub mod ready;
 pub mod resource;
 pub mod retry;

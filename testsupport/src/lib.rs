@@ -36,50 +36,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The ports a nats-server bound, as it wrote them to
-/// `--ports_file_dir` (`<exe>_<pid>.ports`: `{"nats": ["nats://h:p"],
-/// "cluster": [...]}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ports {
-    pub client: u16,
-    pub cluster: Option<u16>,
-}
-
-fn first_port(v: &serde_json::Value, key: &str) -> Option<u16> {
-    v.get(key)?
-        .as_array()?
-        .first()?
-        .as_str()?
-        .rsplit(':')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Parses a ports file's text; `None` until it names a client port.
-pub fn parse_ports(text: &str) -> Option<Ports> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    Some(Ports {
-        client: first_port(&v, "nats")?,
-        cluster: first_port(&v, "cluster"),
-    })
-}
+pub use warden_shared::nats_ports::{parse as parse_ports, Ports};
 
 /// Waits for `child`'s ports file in `dir`, then for its client port to
 /// accept connections.
 fn wait_for_ports(dir: &Path, child: &mut Child, deadline: Duration) -> Ports {
     let start = Instant::now();
-    let suffix = format!("_{}.ports", child.id());
     while start.elapsed() < deadline {
-        let found = std::fs::read_dir(dir).ok().and_then(|entries| {
-            entries.flatten().find_map(|e| {
-                let name = e.file_name();
-                if !name.to_string_lossy().ends_with(&suffix) {
-                    return None;
-                }
-                parse_ports(&std::fs::read_to_string(e.path()).ok()?)
-            })
-        });
+        let found = warden_shared::nats_ports::read(dir, child.id());
         if let Some(ports) = found {
             wait_for_port(
                 ports.client,
@@ -482,28 +446,6 @@ pub fn accounts_conf(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ports_files_are_read_with_and_without_a_cluster_port() {
-        assert_eq!(
-            parse_ports(
-                r#"{"nats":["nats://127.0.0.1:34297"],"cluster":["nats://127.0.0.1:34659"]}"#
-            ),
-            Some(Ports {
-                client: 34297,
-                cluster: Some(34659)
-            })
-        );
-        assert_eq!(
-            parse_ports(r#"{"nats":["nats://127.0.0.1:4000"]}"#),
-            Some(Ports {
-                client: 4000,
-                cluster: None
-            })
-        );
-        assert_eq!(parse_ports(""), None, "a file still being written");
-        assert_eq!(parse_ports(r#"{"cluster":["nats://127.0.0.1:1"]}"#), None);
-    }
 
     #[tokio::test]
     async fn never_within_passes_when_nothing_happens() {

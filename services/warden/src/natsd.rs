@@ -160,30 +160,14 @@ fn wait_for_port_free(port: u16, pid_file: &Path, dir: &Path) -> anyhow::Result<
 }
 
 /// The client port of the server whose pid is in `pid_file`, from the
-/// ports file (`<exe>_<pid>.ports`) it wrote into `dir`; `None` until
-/// both are written.
+/// ports file it wrote into `dir`; `None` until both are written.
 fn listening_port(dir: &Path, pid_file: &Path) -> Option<u16> {
-    let pid = std::fs::read_to_string(pid_file).ok()?.trim().to_string();
-    let suffix = format!("_{pid}.ports");
-    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
-        if !e.file_name().to_string_lossy().ends_with(&suffix) {
-            return None;
-        }
-        client_port(&std::fs::read_to_string(e.path()).ok()?)
-    })
-}
-
-/// The client port in a ports file's text (`{"nats":["nats://h:p"],...}`).
-fn client_port(text: &str) -> Option<u16> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    v.get("nats")?
-        .as_array()?
-        .first()?
-        .as_str()?
-        .rsplit(':')
-        .next()?
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
         .parse()
-        .ok()
+        .ok()?;
+    warden_shared::nats_ports::read(dir, pid).map(|p| p.client)
 }
 
 fn port_in_use(port: u16) -> bool {
@@ -237,16 +221,6 @@ mod tests {
         let m = port_in_use_message(4300, None, dir);
         assert!(m.contains("port 4300") && m.contains("--nats-url"), "{m}");
         assert!(!m.contains("pid"), "{m}");
-    }
-
-    #[test]
-    fn the_client_port_is_read_from_the_ports_file() {
-        assert_eq!(
-            client_port(r#"{"nats":["nats://127.0.0.1:34297"],"cluster":["nats://127.0.0.1:1"]}"#),
-            Some(34297)
-        );
-        assert_eq!(client_port(""), None, "a file still being written");
-        assert_eq!(client_port(r#"{"cluster":["nats://127.0.0.1:1"]}"#), None);
     }
 
     #[test]
