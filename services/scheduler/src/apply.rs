@@ -356,7 +356,6 @@ pub fn describe(c: &CrashInfo) -> String {
 
 /// The job with the cancelled attempt's late report recorded.
 pub fn record_after_cancel(job: &Job, r: &Report, now: DateTime<Utc>) -> Job {
-    let mut next = job.clone();
     let how = match &r.kind {
         ReportKind::Finished { outcome, .. } => format!("outcome {outcome}"),
         ReportKind::Crashed { crash, .. } => describe(crash),
@@ -364,23 +363,13 @@ pub fn record_after_cancel(job: &Job, r: &Report, now: DateTime<Utc>) -> Job {
         ReportKind::Released { reason } => format!("released: {reason}"),
         ReportKind::Stopped { reason } => format!("stopped: {reason}"),
     };
-    next.push_history(HistoryEntry {
-        at: now,
-        action: Action::RejectReport,
-        attempt: r.epoch,
-        from: None,
-        to: None,
-        actor: r.session.clone(),
-        bot_id: Some(r.bot_id.clone()),
-        resource: None,
-        note: Some(format!("{}: {how}", after_cancel_prefix(r))),
-    });
-    next.updated_at = now;
-    next
+    let note = format!("{}: {how}", after_cancel_prefix(r));
+    with_report_noted(job, r, note, now)
 }
 
-/// The job with a rejected report recorded (no state change).
-pub fn record_rejection(job: &Job, r: &Report, reason: RejectReason, now: DateTime<Utc>) -> Job {
+/// The job with a report that changes nothing recorded in its history
+/// (`reject_report`, attempt and session of the report).
+fn with_report_noted(job: &Job, r: &Report, note: String, now: DateTime<Utc>) -> Job {
     let mut next = job.clone();
     next.push_history(HistoryEntry {
         at: now,
@@ -391,16 +380,22 @@ pub fn record_rejection(job: &Job, r: &Report, reason: RejectReason, now: DateTi
         actor: r.session.clone(),
         bot_id: Some(r.bot_id.clone()),
         resource: None,
-        note: Some(format!(
-            "{} report rejected: {} (current attempt {}, report for attempt {})",
-            r.kind.name(),
-            reason.as_str(),
-            job.attempt,
-            r.epoch
-        )),
+        note: Some(note),
     });
     next.updated_at = now;
     next
+}
+
+/// The job with a rejected report recorded (no state change).
+pub fn record_rejection(job: &Job, r: &Report, reason: RejectReason, now: DateTime<Utc>) -> Job {
+    let note = format!(
+        "{} report rejected: {} (current attempt {}, report for attempt {})",
+        r.kind.name(),
+        reason.as_str(),
+        job.attempt,
+        r.epoch
+    );
+    with_report_noted(job, r, note, now)
 }
 
 #[cfg(test)]
