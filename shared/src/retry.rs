@@ -433,7 +433,6 @@ pub fn after_loss(
 mod tests {
     use super::*;
     use crate::job::Lease;
-    use std::collections::BTreeMap;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -449,16 +448,7 @@ mod tests {
 
     fn running(attempt: u32, bot: &str) -> Job {
         let now = Utc::now();
-        let mut j = Job::new(
-            Uuid::new_v4(),
-            "t".into(),
-            BTreeMap::new(),
-            "p".into(),
-            0,
-            None,
-            "test",
-            now,
-        );
+        let mut j = Job::builder("t").pool("p").at(now).build();
         j.state = JobState::Running;
         j.attempt = attempt;
         j.lease = Some(Lease {

@@ -390,20 +390,17 @@ fn required_matches<T: Serialize>(doc: &Value, name: &str, minimal: &T) {
 
 fn full_job() -> Job {
     let now = Utc::now();
-    let mut job = Job::new(
-        Uuid::new_v4(),
-        "build".into(),
-        BTreeMap::from([("nvr".to_string(), "a-1-1".to_string())]),
-        "builders".into(),
-        3,
-        Some(Source {
+    let mut job = Job::builder("build")
+        .args(BTreeMap::from([("nvr".to_string(), "a-1-1".to_string())]))
+        .pool("builders")
+        .priority(3)
+        .source(Source {
             message_id: "m-1".into(),
             subject: "org.example.build".into(),
             rule: Some("r".into()),
-        }),
-        "test",
-        now,
-    );
+        })
+        .at(now)
+        .build();
     job.state = JobState::Crashed;
     job.attempt = 2;
     job.lease = Some(Lease {
@@ -549,16 +546,11 @@ fn the_schemas_match_the_bodies() {
         },
     );
     reply_matches(&doc, "JobSummary", &job.summary());
-    let minimal = Job::new(
-        Uuid::new_v4(),
-        "t".into(),
-        BTreeMap::new(),
-        "p".into(),
-        0,
-        None,
-        "api",
-        Utc::now(),
-    );
+    let minimal = Job::builder("t")
+        .pool("p")
+        .actor("api")
+        .at(Utc::now())
+        .build();
     required_matches(&doc, "Job", &minimal);
     required_matches(&doc, "JobSummary", &minimal.summary());
     reply_matches(

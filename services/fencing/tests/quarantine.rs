@@ -163,16 +163,10 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
     // A job leased to the current session: nothing the old one says moves it.
     let jobs = warden_shared::store::JobStore::new(handles.jobs.clone());
     let now = chrono::Utc::now();
-    let mut job = warden_shared::Job::new(
-        uuid::Uuid::new_v4(),
-        "noop".into(),
-        Default::default(),
-        "default".into(),
-        0,
-        None,
-        "test",
-        now,
-    );
+    let mut job = warden_shared::Job::builder("noop")
+        .pool("default")
+        .at(now)
+        .build();
     job.state = warden_shared::JobState::Running;
     job.attempt = 1;
     job.lease = Some(warden_shared::job::Lease {

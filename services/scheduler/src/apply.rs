@@ -401,23 +401,13 @@ pub fn record_rejection(job: &Job, r: &Report, reason: RejectReason, now: DateTi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use uuid::Uuid;
     use warden_shared::job::Lease;
     use warden_shared::messages::Fault;
 
     fn running(epoch: u32, session: &str) -> Job {
         let now = Utc::now();
-        let mut j = Job::new(
-            Uuid::new_v4(),
-            "t".into(),
-            BTreeMap::new(),
-            "p".into(),
-            0,
-            None,
-            "test",
-            now,
-        );
+        let mut j = Job::builder("t").pool("p").at(now).build();
         j.state = JobState::Running;
         j.attempt = epoch;
         j.lease = Some(Lease {

@@ -204,21 +204,15 @@ pub fn age(reply: &mut QueueReply, now: DateTime<Utc>) {
 mod tests {
     use super::*;
     use chrono::Duration;
-    use std::collections::BTreeMap as Map;
 
     fn job(pool: &str, priority: i32, age_s: i64) -> Versioned {
         let t = Utc::now() - Duration::seconds(age_s);
         Versioned {
-            job: Job::new(
-                Uuid::new_v4(),
-                "t".into(),
-                Map::new(),
-                pool.into(),
-                priority,
-                None,
-                "test",
-                t,
-            ),
+            job: Job::builder("t")
+                .pool(pool)
+                .priority(priority)
+                .at(t)
+                .build(),
             revision: 1,
         }
     }

@@ -1,7 +1,5 @@
 //! Records for the unit tests of the decision modules.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 use warden_shared::job::{CrashInfo, Job, Lease};
@@ -17,16 +15,11 @@ pub fn at(s: i64) -> DateTime<Utc> {
 
 /// A SCHEDULED job of task `t` in pool `p`, created at `at(0)`.
 pub fn scheduled() -> Job {
-    Job::new(
-        Uuid::from_u128(7),
-        "t".into(),
-        BTreeMap::new(),
-        "p".into(),
-        0,
-        None,
-        "test",
-        at(0),
-    )
+    Job::builder("t")
+        .id(Uuid::from_u128(7))
+        .pool("p")
+        .at(at(0))
+        .build()
 }
 
 /// A job RUNNING attempt `epoch` for `session` (bot `bot`) on resource

@@ -490,16 +490,11 @@ mod tests {
     use warden_shared::Blame;
 
     fn job() -> Job {
-        Job::new(
-            Uuid::new_v4(),
-            "build".into(),
-            BTreeMap::new(),
-            "builders".into(),
-            0,
-            None,
-            "api",
-            chrono::Utc::now(),
-        )
+        Job::builder("build")
+            .pool("builders")
+            .actor("api")
+            .at(chrono::Utc::now())
+            .build()
     }
 
     #[test]
