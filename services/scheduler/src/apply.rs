@@ -401,7 +401,6 @@ pub fn record_rejection(job: &Job, r: &Report, reason: RejectReason, now: DateTi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
     use warden_shared::job::Lease;
     use warden_shared::messages::Fault;
 
