@@ -22,7 +22,7 @@ pub const JOB_VERSION: u32 = 1;
 /// [`Job::history_dropped`].
 pub const MAX_HISTORY: usize = 200;
 
-/// Who should act on a crash (DESIGN.md "Crash classification").
+/// Who should act on a crash (docs/design.md "Blame and crash classification").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum Blame {

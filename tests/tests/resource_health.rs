@@ -1,4 +1,4 @@
-//! Resource health with real processes (DESIGN.md "Resources and health";
+//! Resource health with real processes (docs/design.md "Resources and health";
 //! Drydock's rule: check after failure).
 //!
 //! - The Drydock case: a task deletes the marker its working copy's check

@@ -362,7 +362,8 @@ enum StatusFile {
     Invalid(&'static str),
 }
 
-/// DESIGN.md's status file: `OK`, a JSON verdict, or a JSON fault.
+/// The status file (docs/design.md "Tasks, verdicts and the status
+/// file"): `OK`, a JSON verdict, or a JSON fault.
 fn read_status(text: &str) -> StatusFile {
     if text.is_empty() {
         return StatusFile::None;

@@ -1,5 +1,5 @@
 //! Health checks the agent runs on its own resources when the health
-//! service asks (DESIGN.md "Resources and health"). Every configured check
+//! service asks (docs/design.md "Resources and health"). Every configured check
 //! of the resource's kind runs, each under a time limit; the resource
 //! passes only if all pass. A kind with no checks passes: the agent
 //! answered.

@@ -1,4 +1,5 @@
-//! Running a task as a real process, and DESIGN.md's verdict rules.
+//! Running a task as a real process, and the verdict rules of
+//! docs/design.md ("Tasks, verdicts and the status file").
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -117,7 +118,7 @@ pub enum Verdict {
     Crashed(Option<Fault>),
 }
 
-/// DESIGN.md: the status file first (`OK`, a JSON verdict, or a JSON fault),
+/// docs/design.md: the status file first (`OK`, a JSON verdict, or a JSON fault),
 /// then the task's configured exit-code verdicts; a signal, any other exit
 /// code or a malformed status file is a crash. A task killed for running
 /// past its time limit has crashed whatever it wrote.
