@@ -339,7 +339,6 @@ pub async fn connect_with_topology(
     Connect::new(config, service).topology_forever().await
 }
 
-
 /// Why a durable consumer or a service API could not be set up.
 #[derive(Debug, Error)]
 pub enum SetupError {
