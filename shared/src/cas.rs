@@ -14,9 +14,10 @@
 //! - anything else (a record that cannot be decoded, one too large): give
 //!   up.
 //!
-//! Every attempt, whatever ended it, counts against [`Retry::attempts`].
-//! [`modify`] is the plain form: a JSON record under a KV key, a
-//! synchronous change, [`Policy`].
+//! Every attempt, whatever ended it, counts against [`Retry::attempts`];
+//! a [`Change`] hears of each lost race ([`Change::lost_race`], e.g. to
+//! count it). Records: [`KvKey`] (JSON under a KV key), [`KvText`] (raw
+//! text under a KV key), [`crate::store::JobStore::at`] (a job).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -28,34 +29,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-/// How often a plain [`modify`] tries: lost races are retried after a
-/// jittered pause, a store error gives up at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// Attempts in all (the first one included).
-    pub attempts: u32,
-}
-
-impl Policy {
-    /// The policy every Warden compare-and-set uses unless it has a reason.
-    pub const DEFAULT: Policy = Policy { attempts: 16 };
-
-    /// The pause before retry `attempt` (1…): a few milliseconds, growing,
-    /// jittered so that replicas that collided do not collide again in
-    /// step (and one whose read came from a lagging follower reads again
-    /// after it caught up).
-    pub fn pause(&self, attempt: u32) -> Duration {
-        pause_with(attempt, uuid::Uuid::new_v4().as_u128())
-    }
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy::DEFAULT
-    }
-}
-
-/// [`Policy::pause`] with its randomness given: 2 ms plus a jitter below
+/// [`OnConflict::pause`] with its randomness given: 2 ms plus a jitter below
 /// `5·min(attempt, 10) + 5` ms.
 fn pause_with(attempt: u32, random: u128) -> Duration {
     let ceiling = 5 * u64::from(attempt.min(10)) + 5;
@@ -69,8 +43,22 @@ pub enum OnConflict {
     /// Read again at once: the winner's write is already readable from the
     /// node that refused ours.
     AtOnce,
-    /// Read again after [`Policy::pause`].
+    /// Read again after [`OnConflict::pause`].
     Jittered,
+}
+
+impl OnConflict {
+    /// The pause before retry `attempt` (1…) after a lost race: none
+    /// [`OnConflict::AtOnce`]; [`OnConflict::Jittered`], a few
+    /// milliseconds, growing, jittered so that replicas that collided do
+    /// not collide again in step (and one whose read came from a lagging
+    /// follower reads again after it caught up).
+    pub fn pause(&self, attempt: u32) -> Duration {
+        match self {
+            OnConflict::AtOnce => Duration::ZERO,
+            OnConflict::Jittered => pause_with(attempt, uuid::Uuid::new_v4().as_u128()),
+        }
+    }
 }
 
 /// Retries after a store error (not a lost race): `retries` of them at
@@ -110,13 +98,20 @@ pub struct Retry {
     pub store_errors: Backoff,
 }
 
-impl From<Policy> for Retry {
-    fn from(p: Policy) -> Retry {
-        Retry {
-            attempts: p.attempts,
-            on_conflict: OnConflict::Jittered,
-            store_errors: Backoff::NONE,
-        }
+impl Retry {
+    /// The policy every Warden compare-and-set uses unless it has a
+    /// reason: 16 attempts, lost races retried after a jittered pause, a
+    /// store error returned at once.
+    pub const DEFAULT: Retry = Retry {
+        attempts: 16,
+        on_conflict: OnConflict::Jittered,
+        store_errors: Backoff::NONE,
+    };
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry::DEFAULT
     }
 }
 
@@ -188,6 +183,12 @@ pub trait Change<V> {
         &mut self,
         current: Option<V>,
     ) -> impl Future<Output = Result<Step<V, Self::Write, Self::Stop>, Self::Error>>;
+    /// The write of attempt `attempt` (0…) lost the race for the key;
+    /// called for each lost race, the last attempt's too. Does nothing
+    /// unless the change counts or logs them.
+    fn lost_race(&mut self, attempt: u32) {
+        let _ = attempt;
+    }
 }
 
 impl<V, C: Change<V>> Change<V> for &mut C {
@@ -199,6 +200,9 @@ impl<V, C: Change<V>> Change<V> for &mut C {
         current: Option<V>,
     ) -> impl Future<Output = Result<Step<V, C::Write, C::Stop>, C::Error>> {
         (**self).step(current)
+    }
+    fn lost_race(&mut self, attempt: u32) {
+        (**self).lost_race(attempt)
     }
 }
 
@@ -260,10 +264,7 @@ where
         if attempt > 0 {
             let pause = match &last {
                 Some(_) => retry.store_errors.pause(store_errors),
-                None => match retry.on_conflict {
-                    OnConflict::AtOnce => Duration::ZERO,
-                    OnConflict::Jittered => Policy::DEFAULT.pause(attempt),
-                },
+                None => retry.on_conflict.pause(attempt),
             };
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
@@ -302,7 +303,8 @@ where
                 })
             }
             Err(e) if St::fault(&e) == Fault::LostRace => {
-                tracing::trace!(key = %store.key(), "compare-and-set lost the race; reading again");
+                tracing::trace!(key = %store.key(), attempt, "compare-and-set lost the race");
+                change.lost_race(attempt);
                 last = None;
             }
             Err(e) => give_up_unless_transient::<St, C::Error>(
@@ -419,7 +421,14 @@ impl<T: Serialize + DeserializeOwned> CasStore for KvKey<'_, T> {
     }
 
     fn fault(error: &KvError) -> Fault {
-        match error {
+        error.fault()
+    }
+}
+
+impl KvError {
+    /// What the error means for a retry (by kind).
+    pub fn fault(&self) -> Fault {
+        match self {
             KvError::Create(e)
                 if e.kind() == kv::CreateErrorKind::AlreadyExists || crate::store::lost_race(e) =>
             {
@@ -435,6 +444,75 @@ impl<T: Serialize + DeserializeOwned> CasStore for KvKey<'_, T> {
             KvError::Decode(_) | KvError::Encode(_) => Fault::Fatal,
         }
     }
+
+    /// The record under `key` cannot be decoded (not a store failure).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, KvError::Decode(_))
+    }
+
+    /// The error as one line with its cause, naming `key`:
+    /// `{key}: store unavailable: …`, `{key}: record cannot be decoded: …`
+    /// or `{key}: record cannot be encoded: …`.
+    pub fn describe(&self, key: &str) -> String {
+        match self {
+            KvError::Read(e) => format!("{key}: store unavailable: {e}"),
+            KvError::Create(e) => format!("{key}: store unavailable: {e}"),
+            KvError::Update(e) => format!("{key}: store unavailable: {e}"),
+            KvError::Decode(e) => format!("{key}: record cannot be decoded: {e}"),
+            KvError::Encode(e) => format!("{key}: record cannot be encoded: {e}"),
+        }
+    }
+}
+
+/// Raw text (not JSON) under `key` in `kv`, e.g. a bot's pointer to its
+/// current session. Bytes that are not UTF-8 are read lossily.
+pub struct KvText<'a> {
+    kv: &'a kv::Store,
+    key: &'a str,
+}
+
+impl<'a> KvText<'a> {
+    pub fn new(kv: &'a kv::Store, key: &'a str) -> Self {
+        KvText { kv, key }
+    }
+}
+
+impl CasStore for KvText<'_> {
+    type Value = String;
+    type Error = KvError;
+
+    fn key(&self) -> String {
+        self.key.to_string()
+    }
+
+    async fn get(&self) -> Result<Option<(String, u64)>, KvError> {
+        match self.kv.entry(self.key).await.map_err(KvError::Read)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                String::from_utf8_lossy(&e.value).into_owned(),
+                e.revision,
+            ))),
+            // A deleted or purged key: `create` writes over its marker.
+            _ => Ok(None),
+        }
+    }
+
+    async fn create(&self, value: &String) -> Result<u64, KvError> {
+        self.kv
+            .create(self.key, Bytes::from(value.clone()))
+            .await
+            .map_err(KvError::Create)
+    }
+
+    async fn update(&self, value: &String, revision: u64) -> Result<u64, KvError> {
+        self.kv
+            .update(self.key, Bytes::from(value.clone()), revision)
+            .await
+            .map_err(KvError::Update)
+    }
+
+    fn fault(error: &KvError) -> Fault {
+        error.fault()
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Bytes, KvError> {
@@ -443,106 +521,11 @@ fn encode<T: Serialize>(value: &T) -> Result<Bytes, KvError> {
         .map_err(KvError::Encode)
 }
 
-/// Why a [`modify`] did not land.
-#[derive(Debug, Error)]
-pub enum CasError<E: std::error::Error + 'static> {
-    /// Every attempt lost the race for the key.
-    #[error("{key}: still changing after {attempts} attempts")]
-    Conflict { key: String, attempts: u32 },
-    /// The store failed (read or write), not a lost race.
-    #[error("{key}: store unavailable")]
-    Store {
-        key: String,
-        #[source]
-        source: async_nats::Error,
-    },
-    /// The stored record is not valid JSON of the type asked for.
-    #[error("{key}: record cannot be decoded")]
-    Decode {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The new record cannot be encoded.
-    #[error("{key}: record cannot be encoded")]
-    Encode {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The change refused.
-    #[error(transparent)]
-    Refused(E),
-}
-
-impl<E: std::error::Error + 'static> CasError<E> {
-    /// Worth trying again later (the store is down, or too busy).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, CasError::Store { .. } | CasError::Conflict { .. })
-    }
-}
-
-impl<E: std::error::Error + 'static> From<Failure<KvError, E>> for CasError<E> {
-    fn from(f: Failure<KvError, E>) -> Self {
-        match f {
-            Failure::Conflict { key, attempts } => CasError::Conflict { key, attempts },
-            Failure::Refused(e) => CasError::Refused(e),
-            Failure::Store { key, source, .. } => match source {
-                KvError::Decode(source) => CasError::Decode { key, source },
-                KvError::Encode(source) => CasError::Encode { key, source },
-                KvError::Read(e) => CasError::Store {
-                    key,
-                    source: e.into(),
-                },
-                KvError::Create(e) => CasError::Store {
-                    key,
-                    source: e.into(),
-                },
-                KvError::Update(e) => CasError::Store {
-                    key,
-                    source: e.into(),
-                },
-            },
-        }
-    }
-}
-
 /// A change that cannot refuse.
 #[derive(Debug, Error)]
 #[error("never")]
 pub enum Never {}
 
-/// Reads `key` (absent, or a deleted key, is `None`), gives it to
-/// `change`, and writes what it returns if the key's revision has not
-/// moved; `Ok(None)` when `change` returns `Ok(None)` (nothing to write),
-/// `Ok(Some((value, revision)))` once written. `change` may run several
-/// times, once per attempt, on the latest value each time. [`run`] with
-/// [`Retry::from`] `policy`: lost races retried after a jittered pause, a
-/// store error returned at once.
-pub async fn modify<T, E, F>(
-    kv: &kv::Store,
-    key: &str,
-    policy: Policy,
-    mut change: F,
-) -> Result<Option<(T, u64)>, CasError<E>>
-where
-    T: Serialize + DeserializeOwned,
-    E: std::error::Error + 'static,
-    F: FnMut(Option<T>) -> Result<Option<T>, E>,
-{
-    let step = decide(|current| {
-        Ok(match change(current)? {
-            Some(next) => Step::Write(next, ()),
-            None => Step::Stop(()),
-        })
-    });
-    match run(&KvKey::new(kv, key), policy.into(), step).await? {
-        Outcome::Written {
-            value, revision, ..
-        } => Ok(Some((value, revision))),
-        Outcome::Stopped(()) => Ok(None),
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,15 +546,21 @@ mod tests {
 
     #[test]
     fn the_default_policy_is_sixteen_attempts() {
-        assert_eq!(Policy::default().attempts, 16);
+        assert_eq!(Retry::default().attempts, 16);
     }
 
     #[test]
     fn a_plain_policy_jitters_on_conflicts_and_gives_up_on_store_errors() {
-        let r = Retry::from(Policy { attempts: 5 });
+        let r = Retry {
+            attempts: 5,
+            ..Retry::DEFAULT
+        };
         assert_eq!(r.attempts, 5);
         assert_eq!(r.on_conflict, OnConflict::Jittered);
         assert_eq!(r.store_errors, Backoff::NONE);
+        assert_eq!(OnConflict::AtOnce.pause(3), Duration::ZERO);
+        let p = OnConflict::Jittered.pause(3);
+        assert!(p >= Duration::from_millis(2) && p < Duration::from_millis(22));
     }
 
     #[test]
@@ -693,7 +682,7 @@ mod tests {
         assert_eq!(s.value(), Some(1));
         // A plain policy gives up at the first one.
         let s = Scripted::new(Some(1), &[T]);
-        let plain = Retry::from(Policy::DEFAULT);
+        let plain = Retry::DEFAULT;
         match run(&s, plain, add_one()).await {
             Err(Failure::Store { .. }) => {}
             other => panic!("{other:?}"),
@@ -742,6 +731,53 @@ mod tests {
         }
     }
 
+    /// Counts the lost races it hears of, and the steps it took.
+    struct Counting {
+        steps: u32,
+        lost: Vec<u32>,
+    }
+
+    impl Change<u32> for Counting {
+        type Write = ();
+        type Stop = ();
+        type Error = Never;
+        async fn step(&mut self, current: Option<u32>) -> Plain {
+            self.steps += 1;
+            Ok(Step::Write(current.unwrap_or(0) + 1, ()))
+        }
+        fn lost_race(&mut self, attempt: u32) {
+            self.lost.push(attempt);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_change_hears_of_every_lost_race_and_of_nothing_else() {
+        const T: Option<Fault> = Some(Fault::Transient);
+        const RACE: Option<Fault> = Some(Fault::LostRace);
+        // Attempt 0 loses, attempt 1's read fails, attempt 2 loses,
+        // attempt 3 lands.
+        let s = Scripted::new(Some(1), &[None, RACE, T, None, RACE, None, None]);
+        let mut c = Counting {
+            steps: 0,
+            lost: Vec::new(),
+        };
+        let out = run(&s, QUICK, &mut c).await.expect("lands");
+        assert!(matches!(out, Outcome::Written { value: 2, .. }));
+        assert_eq!(c.lost, vec![0, 2]);
+        assert_eq!(c.steps, 3);
+        // Every attempt lost: each is heard of, the last one too.
+        let s = Scripted::new(Some(1), &[None, RACE].repeat(6));
+        let mut c = Counting {
+            steps: 0,
+            lost: Vec::new(),
+        };
+        match run(&s, QUICK, &mut c).await {
+            Err(Failure::Conflict { attempts: 6, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.lost, (0..6).collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn a_stop_or_a_refusal_writes_nothing() {
         let s = Scripted::new(Some(1), &[]);
@@ -769,6 +805,45 @@ mod server_tests {
     use warden_testsupport::NatsServer;
 
     #[tokio::test]
+    async fn raw_text_is_written_as_is_and_over_a_deleted_key() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.expect("connects");
+        let js = jetstream::new(client);
+        let kv = js
+            .create_key_value(kv::Config {
+                bucket: "cas_text".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("bucket");
+        // Each write names what it replaced.
+        let point = |to: &'static str| {
+            decide(move |cur: Option<String>| Ok::<_, Never>(Step::Write(to.to_string(), cur)))
+        };
+        let at = KvText::new(&kv, "p");
+        for (to, before) in [("a", None), ("b", Some("a")), ("c", Some("b"))] {
+            match run(&at, Retry::DEFAULT, point(to)).await.expect("lands") {
+                Outcome::<_, _, ()>::Written { value, with, .. } => {
+                    assert_eq!(value, to);
+                    assert_eq!(with.as_deref(), before);
+                }
+                Outcome::Stopped(()) => panic!("stopped"),
+            }
+            let raw = kv.get("p").await.expect("reads").expect("written");
+            assert_eq!(&raw[..], to.as_bytes());
+        }
+        kv.delete("p").await.expect("deletes");
+        assert!(at.get().await.expect("reads").is_none());
+        match run(&at, Retry::DEFAULT, point("d")).await.expect("lands") {
+            Outcome::<_, _, ()>::Written { with, .. } => assert_eq!(with, None),
+            Outcome::Stopped(()) => panic!("stopped"),
+        }
+        let (v, _) = at.get().await.expect("reads").expect("written");
+        assert_eq!(v, "d");
+    }
+
+    #[tokio::test]
     async fn concurrent_modifiers_both_land() {
         let server = NatsServer::start();
         let client = async_nats::connect(server.url()).await.expect("connects");
@@ -785,18 +860,19 @@ mod server_tests {
             let kv = kv.clone();
             async move {
                 for i in 0..20 {
-                    modify(
-                        &kv,
-                        "k",
-                        Policy { attempts: 64 },
-                        |cur: Option<Vec<String>>| {
-                            let mut v = cur.unwrap_or_default();
-                            v.push(format!("{who}{i}"));
-                            Ok::<_, Never>(Some(v))
-                        },
-                    )
-                    .await
-                    .expect("lands");
+                    let retry = Retry {
+                        attempts: 64,
+                        ..Retry::DEFAULT
+                    };
+                    let step = decide(|cur: Option<Vec<String>>| {
+                        let mut v = cur.unwrap_or_default();
+                        v.push(format!("{who}{i}"));
+                        Ok::<_, Never>(Step::Write(v, ()))
+                    });
+                    let out = run(&KvKey::new(&kv, "k"), retry, step)
+                        .await
+                        .expect("lands");
+                    assert!(matches!(out, Outcome::<_, (), ()>::Written { .. }));
                 }
             }
         };
@@ -813,12 +889,20 @@ mod server_tests {
             }
         }
         // Nothing to write: the record stays.
-        let none = modify(&kv, "k", Policy::DEFAULT, |_: Option<Vec<String>>| {
-            Ok::<_, Never>(None)
-        })
+        let none = run(
+            &KvKey::new(&kv, "k"),
+            Retry::DEFAULT,
+            decide(|_: Option<Vec<String>>| Ok::<Step<_, (), ()>, Never>(Step::Stop(()))),
+        )
         .await
         .expect("reads");
-        assert!(none.is_none());
+        assert!(matches!(none, Outcome::Stopped(())));
+        let (after, _) = KvKey::<Vec<String>>::new(&kv, "k")
+            .get()
+            .await
+            .expect("reads")
+            .expect("written");
+        assert_eq!(after, v);
     }
 }
 

@@ -330,21 +330,13 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats
         .collect()
 }
 
-/// `Connect::new(config, service).topology_forever()`.
+/// `Connect::new(config, service).topology_forever()`: kept for the tests
+/// that still call it (new code uses [`Connect`]).
 pub async fn connect_with_topology(
     config: &Config,
     service: &str,
 ) -> Result<(async_nats::Client, Handles), ConnectError> {
     Connect::new(config, service).topology_forever().await
-}
-
-/// `Connect::new(config, service).topology(shutdown)`.
-pub async fn connect_with_topology_until(
-    config: &Config,
-    service: &str,
-    shutdown: &CancellationToken,
-) -> Result<Option<(async_nats::Client, Handles)>, ConnectError> {
-    Connect::new(config, service).topology(shutdown).await
 }
 
 /// Why a durable consumer or a service API could not be set up.

@@ -108,8 +108,9 @@ pub async fn run_with_clock(
 ) -> Result<(), FencingError> {
     warden_shared::metrics::starting("fencing");
     metrics::init();
-    let Some((client, handles)) =
-        runtime::connect_with_topology_until(&config, "fencing", &shutdown).await?
+    let Some((client, handles)) = runtime::Connect::new(&config, "fencing")
+        .topology(&shutdown)
+        .await?
     else {
         return Ok(());
     };

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tracing::{info, warn};
 use uuid::Uuid;
-use warden_shared::cas::{self, CasError, Never, Policy};
+use warden_shared::cas::{
+    self, Change, Failure, KvError, KvKey, KvText, Never, Outcome, Retry, Step,
+};
 use warden_shared::clock::{self, Clock};
 use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
 use warden_shared::session::{bot_key, session_key, Session, SessionState};
@@ -19,15 +21,71 @@ use crate::decide::{self, SweepClock};
 use crate::metrics::{self, metrics};
 use crate::{store_err, GetError, OpError};
 
-/// How often a compare-and-set on a session record is tried again after
-/// the record changed under it (re-read each time).
+/// How often a compare-and-set on a session record is tried in all (the
+/// record re-read each time it changed under the write).
 const CAS_ATTEMPTS: u32 = 5;
 
-/// An error as text, with its cause.
-fn error_text(e: &dyn std::error::Error) -> String {
-    match e.source() {
-        Some(cause) => format!("{e}: {cause}"),
-        None => e.to_string(),
+/// A quarantine: after a lost race, read again after a jittered pause.
+const QUARANTINE: Retry = Retry {
+    attempts: CAS_ATTEMPTS,
+    ..Retry::DEFAULT
+};
+
+/// A close: after a lost race, read again (session and pointer) at once.
+const CLOSE: Retry = Retry {
+    attempts: CAS_ATTEMPTS,
+    on_conflict: cas::OnConflict::AtOnce,
+    ..Retry::DEFAULT
+};
+
+/// Pointing a bot at its new session: after a lost race (another create
+/// of the same bot moved the pointer first), read again at once.
+const POINT: Retry = Retry {
+    attempts: 16,
+    on_conflict: cas::OnConflict::AtOnce,
+    ..Retry::DEFAULT
+};
+
+/// Closing session `name`: refused unless it exists and is its bot's
+/// current one, the pointer read on every attempt.
+struct Close<'a> {
+    sessions: &'a Sessions,
+    name: &'a str,
+}
+
+impl Change<Session> for Close<'_> {
+    type Write = ();
+    type Stop = Never;
+    type Error = OpError;
+
+    async fn step(
+        &mut self,
+        current: Option<Session>,
+    ) -> Result<Step<Session, (), Never>, OpError> {
+        let Some(s) = current else {
+            return Err(decide::unknown(self.name).into());
+        };
+        let pointer = self.sessions.current_of(&s.bot_id).await?;
+        decide::is_current(self.name, &s, pointer.as_ref().map(|(n, _)| n.as_str()))?;
+        Ok(Step::Write(decide::close(s), ()))
+    }
+}
+
+/// A session store failure of a compare-and-set, as the answer's error:
+/// an undecodable record is corrupt, anything else the store's fault.
+fn kv_error(key: &str, e: &KvError) -> OpError {
+    match e {
+        KvError::Decode(error) => OpError::Corrupt(
+            GetError::Corrupt {
+                key: key.to_string(),
+                error: error.to_string(),
+            }
+            .to_string(),
+        ),
+        KvError::Read(e) => store_err(e),
+        KvError::Create(e) => store_err(e),
+        KvError::Update(e) => store_err(e),
+        KvError::Encode(e) => store_err(e),
     }
 }
 
@@ -130,25 +188,24 @@ impl Sessions {
     /// compare-and-set on the revision read, re-reading when it changed
     /// (an expiry or a last heartbeat landing meanwhile).
     async fn quarantine(&self, old: &str, new: &str) -> Result<bool, OpError> {
-        let policy = Policy {
-            attempts: CAS_ATTEMPTS,
-        };
-        let written = cas::modify(
-            &self.kv,
-            &session_key(old),
-            policy,
-            |current: Option<Session>| {
-                Ok::<_, Never>(current.and_then(|s| decide::quarantine(s, new)))
-            },
-        )
-        .await;
-        match written {
-            Ok(w) => Ok(w.is_some()),
-            Err(CasError::Conflict { .. }) => Err(OpError::Store(format!(
+        let key = session_key(old);
+        let step = cas::decide(|current: Option<Session>| {
+            Ok::<_, Never>(match current.and_then(|s| decide::quarantine(s, new)) {
+                Some(q) => Step::Write(q, ()),
+                None => Step::Stop(()),
+            })
+        });
+        match cas::run(&KvKey::new(&self.kv, &key), QUARANTINE, step).await {
+            Ok(Outcome::Written { .. }) => Ok(true),
+            Ok(Outcome::Stopped(())) => Ok(false),
+            Err(Failure::Conflict { .. }) => Err(OpError::Store(format!(
                 "session {old} kept changing; not quarantined"
             ))),
-            Err(e @ CasError::Decode { .. }) => Err(OpError::Corrupt(error_text(&e))),
-            Err(e) => Err(OpError::Store(error_text(&e))),
+            Err(Failure::Store { key, source, .. }) if source.is_corrupt() => {
+                Err(OpError::Corrupt(source.describe(&key)))
+            }
+            Err(Failure::Store { key, source, .. }) => Err(OpError::Store(source.describe(&key))),
+            Err(Failure::Refused(never)) => match never {},
         }
     }
 
@@ -163,30 +220,23 @@ impl Sessions {
         }
     }
 
-    /// Points `bot_id` at session `name` by compare-and-set on the pointer
-    /// read (`current`): `Ok(false)` when another create moved it first.
-    async fn point(
-        &self,
-        bot_id: &str,
-        name: &str,
-        current: &Option<(String, u64)>,
-    ) -> Result<bool, OpError> {
-        let body = Bytes::from(name.to_string());
-        match current {
-            None => match self.kv.create(bot_key(bot_id), body).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost_race(&e) => {
-                    Ok(false)
-                }
-                Err(e) => Err(store_err(e)),
-            },
-            Some((_, rev)) => match self.kv.update(bot_key(bot_id), body, *rev).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => {
-                    Ok(false)
-                }
-                Err(e) => Err(store_err(e)),
-            },
+    /// Points `bot_id` at session `name` by compare-and-set on the
+    /// pointer, so of two concurrent creates exactly one is current and
+    /// the other is told; returns the session it named before (none when
+    /// absent, empty or deleted).
+    async fn point(&self, bot_id: &str, name: &str) -> Result<Option<String>, OpError> {
+        let key = bot_key(bot_id);
+        let step = cas::decide(|current: Option<String>| {
+            Ok::<Step<_, _, ()>, Never>(Step::Write(name.to_string(), decide::previous(current)))
+        });
+        match cas::run(&KvText::new(&self.kv, &key), POINT, step).await {
+            Ok(Outcome::Written { with: previous, .. }) => Ok(previous),
+            Ok(Outcome::Stopped(())) => Ok(None),
+            Err(Failure::Conflict { attempts, .. }) => Err(OpError::Store(format!(
+                "the session pointer of bot {bot_id} kept changing ({attempts} attempts)"
+            ))),
+            Err(Failure::Store { key, source, .. }) => Err(kv_error(&key, &source)),
+            Err(Failure::Refused(never)) => match never {},
         }
     }
 
@@ -195,15 +245,7 @@ impl Sessions {
         let name = Uuid::new_v4().to_string();
         let session = decide::new_session(&req, name.clone(), self.now());
         self.put(&session).await?;
-        // Point the bot at the new session by compare-and-set, so of two
-        // concurrent creates exactly one is current and the other is told.
-        let previous = loop {
-            let current = self.current_of(&req.bot_id).await?;
-            if self.point(&req.bot_id, &name, &current).await? {
-                break decide::previous(current.map(|(n, _)| n));
-            }
-        };
-        if let Some(old) = previous {
+        if let Some(old) = self.point(&req.bot_id, &name).await? {
             match self.quarantine(&old, &name).await {
                 Ok(true) => {
                     info!(bot.id = %req.bot_id, old = %old, new = %name, "older session quarantined")
@@ -327,15 +369,20 @@ impl Sessions {
     /// it changed meanwhile (an expiry, a quarantine, a heartbeat) it is
     /// read again, and a session no longer current is refused as usual.
     pub(crate) async fn close(&self, req: CloseSession) -> Result<(), OpError> {
-        for _ in 0..CAS_ATTEMPTS {
-            let (s, rev) = self.current(&req.session).await?;
-            if self.update(&decide::close(s), rev).await? {
-                return Ok(());
-            }
+        let key = session_key(&req.session);
+        let step = Close {
+            sessions: self,
+            name: &req.session,
+        };
+        match cas::run(&KvKey::new(&self.kv, &key), CLOSE, step).await {
+            Ok(Outcome::Written { .. }) => Ok(()),
+            Ok(Outcome::Stopped(never)) => match never {},
+            Err(Failure::Conflict { .. }) => Err(OpError::Store(format!(
+                "session {} kept changing; not closed",
+                req.session
+            ))),
+            Err(Failure::Store { key, source, .. }) => Err(kv_error(&key, &source)),
+            Err(Failure::Refused(e)) => Err(e),
         }
-        Err(OpError::Store(format!(
-            "session {} kept changing; not closed",
-            req.session
-        )))
     }
 }

@@ -161,8 +161,9 @@ pub async fn run_with_clock(
 ) -> Result<(), HealthError> {
     warden_shared::metrics::starting("health");
     metrics::init();
-    let Some((client, handles)) =
-        runtime::connect_with_topology_until(&config, "health", &shutdown).await?
+    let Some((client, handles)) = runtime::Connect::new(&config, "health")
+        .topology(&shutdown)
+        .await?
     else {
         return Ok(());
     };
@@ -293,7 +294,12 @@ mod tests {
             // JetStream needs a meta leader before it takes R3 buckets.
             let (client, handles) = eventually(Duration::from_secs(30), "the topology", || {
                 let c = c.clone();
-                async move { runtime::connect_with_topology(&c, "test").await.ok() }
+                async move {
+                    runtime::Connect::new(&c, "test")
+                        .topology_forever()
+                        .await
+                        .ok()
+                }
             })
             .await;
             replicas.push(Health::new(c, client, &handles, clock::system()));

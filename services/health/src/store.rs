@@ -4,7 +4,7 @@
 use async_nats::jetstream::kv;
 use thiserror::Error;
 use tracing::debug;
-use warden_shared::cas::{self, CasError, Never, Policy};
+use warden_shared::cas::{self, Change, Failure, KvKey, Never, Outcome, Retry, Step};
 use warden_shared::error::ErrorCode;
 use warden_shared::messages::ErrorBody;
 use warden_shared::resource::{resource_key, Resource};
@@ -35,14 +35,35 @@ impl OpError {
 }
 
 /// Writes of one record tried before giving up, and the pauses between
-/// them (16 attempts: the default).
-const CAS: Policy = Policy::DEFAULT;
+/// them (16 attempts, jittered: the default).
+const CAS: Retry = Retry::DEFAULT;
 
-/// A store error as text, with its cause.
-fn store_text<E: std::error::Error>(e: &CasError<E>) -> String {
-    match std::error::Error::source(e) {
-        Some(cause) => format!("{e}: {cause}"),
-        None => e.to_string(),
+/// A change of one resource record: `change` on the current record
+/// (`None`: absent), `None` from it writes nothing. Counts every lost race
+/// (`warden_health_write_conflicts_total`).
+struct Counted<'a, F> {
+    name: &'a str,
+    change: F,
+}
+
+impl<F> Change<Resource> for Counted<'_, F>
+where
+    F: FnMut(Option<Resource>) -> Option<Resource>,
+{
+    type Write = ();
+    type Stop = ();
+    type Error = Never;
+
+    async fn step(&mut self, current: Option<Resource>) -> Result<Step<Resource, (), ()>, Never> {
+        Ok(match (self.change)(current) {
+            Some(next) => Step::Write(next, ()),
+            None => Step::Stop(()),
+        })
+    }
+
+    fn lost_race(&mut self, attempt: u32) {
+        metrics().cas_conflicts.inc();
+        debug!(resource = %self.name, attempt, "resource changed meanwhile; re-reading");
     }
 }
 
@@ -68,43 +89,26 @@ impl Health {
     /// claims and results, recycling, closing by hand). `change` gets the
     /// current record (`None`: absent) and returns the new one, or `None`
     /// to write nothing; on a conflict it runs again on what another
-    /// writer left, after a short jittered pause. Returns what was
-    /// written. Each attempt is one `warden_shared::cas::modify`, so that
-    /// every lost race is counted (`warden_health_write_conflicts_total`).
-    pub(crate) async fn modify<F>(
-        &self,
-        name: &str,
-        mut change: F,
-    ) -> Result<Option<Resource>, OpError>
+    /// writer left, after a short jittered pause, and the lost race is
+    /// counted (`warden_health_write_conflicts_total`). Returns what was
+    /// written.
+    pub(crate) async fn modify<F>(&self, name: &str, change: F) -> Result<Option<Resource>, OpError>
     where
         F: FnMut(Option<Resource>) -> Option<Resource>,
     {
         let key = resource_key(name);
-        let once = Policy { attempts: 1 };
-        for attempt in 0..CAS.attempts {
-            if attempt > 0 {
-                tokio::time::sleep(CAS.pause(attempt)).await;
+        let step = Counted { name, change };
+        match cas::run(&KvKey::new(&self.kv, &key), CAS, step).await {
+            Ok(Outcome::Stopped(())) => Ok(None),
+            Ok(Outcome::Written { value: next, .. }) => {
+                self.cache().insert(next.name.clone(), next.clone());
+                Ok(Some(next))
             }
-            let written = cas::modify(&self.kv, &key, once, |current| {
-                Ok::<_, Never>(change(current))
-            })
-            .await;
-            match written {
-                Ok(None) => return Ok(None),
-                Ok(Some((next, _))) => {
-                    self.cache().insert(next.name.clone(), next.clone());
-                    return Ok(Some(next));
-                }
-                Err(e @ CasError::Conflict { .. }) => {
-                    metrics().cas_conflicts.inc();
-                    debug!(resource = %name, attempt, error = %e, "resource changed meanwhile; re-reading");
-                }
-                Err(e) => return Err(OpError::Store(store_text(&e))),
-            }
+            Err(Failure::Conflict { attempts, .. }) => Err(OpError::Store(format!(
+                "{name}: still changing after {attempts} attempts"
+            ))),
+            Err(Failure::Store { key, source, .. }) => Err(OpError::Store(source.describe(&key))),
+            Err(Failure::Refused(never)) => match never {},
         }
-        Err(OpError::Store(format!(
-            "{name}: still changing after {} attempts",
-            CAS.attempts
-        )))
     }
 }

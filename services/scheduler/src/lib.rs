@@ -132,8 +132,9 @@ impl Shared {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), SchedulerError> {
     warden_shared::metrics::starting("scheduler");
     metrics::init(&config);
-    let Some((client, handles)) =
-        runtime::connect_with_topology_until(&config, "scheduler", &shutdown).await?
+    let Some((client, handles)) = runtime::Connect::new(&config, "scheduler")
+        .topology(&shutdown)
+        .await?
     else {
         return Ok(());
     };
