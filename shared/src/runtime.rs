@@ -330,15 +330,6 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, async_nats
         .collect()
 }
 
-/// `Connect::new(config, service).topology_forever()`: kept for the tests
-/// that still call it (new code uses [`Connect`]).
-pub async fn connect_with_topology(
-    config: &Config,
-    service: &str,
-) -> Result<(async_nats::Client, Handles), ConnectError> {
-    Connect::new(config, service).topology_forever().await
-}
-
 /// Why a durable consumer or a service API could not be set up.
 #[derive(Debug, Error)]
 pub enum SetupError {

@@ -78,13 +78,6 @@ pub fn bot_key(bot_id: &str) -> String {
     format!("bot.{}", crate::subjects::hex_token(bot_id))
 }
 
-/// Stable error codes a bot acts on, as text: kept while the fencing
-/// service and tests still compare codes as strings; new code names
-/// [`crate::error::ErrorCode::UnknownSession`] and
-/// [`crate::error::ErrorCode::SessionSuperseded`].
-pub const UNKNOWN_SESSION: &str = "unknown_session";
-pub const SESSION_SUPERSEDED: &str = "session_superseded";
-
 impl Session {
     /// How long this session may stay silent before it expires.
     pub fn timeout(&self, default: std::time::Duration) -> std::time::Duration {

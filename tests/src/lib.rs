@@ -647,7 +647,8 @@ impl InProcess {
     pub async fn start(extra: &str) -> InProcess {
         let nats = NatsServer::start();
         let config = config(&nats.url(), extra);
-        let (client, handles) = warden_shared::runtime::connect_with_topology(&config, "test")
+        let (client, handles) = warden_shared::runtime::Connect::new(&config, "test")
+            .topology_forever()
             .await
             .expect("connect with the topology");
         let store = warden_shared::store::JobStore::new(handles.jobs.clone());

@@ -47,7 +47,8 @@ async fn a_self_fenced_kill_is_a_lost_worker_not_the_tasks_crash() {
     ));
     let agent = tokio::spawn(warden_worker::run(worker, stop.clone()));
 
-    let (_client, handles) = runtime::connect_with_topology(&services, "test")
+    let (_client, handles) = runtime::Connect::new(&services, "test")
+        .topology_forever()
         .await
         .unwrap();
     let store = JobStore::new(handles.jobs.clone());

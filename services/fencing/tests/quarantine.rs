@@ -91,7 +91,8 @@ impl Fixture {
         clock: Option<Arc<dyn Clock>>,
     ) -> Fixture {
         let config: Arc<Config> = common::config(&nats.url(), extra);
-        let (client, handles) = runtime::connect_with_topology(&config, "test")
+        let (client, handles) = runtime::Connect::new(&config, "test")
+            .topology_forever()
             .await
             .unwrap();
         let mut f = Fixture {

@@ -34,7 +34,8 @@ async fn start(
     clock: Option<Arc<dyn warden_shared::clock::Clock>>,
     within: Duration,
 ) -> Started {
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
+    let (client, handles) = runtime::Connect::new(&config, "test")
+        .topology_forever()
         .await
         .unwrap();
     let shutdown = CancellationToken::new();

@@ -54,7 +54,8 @@ async fn start_with_clock(nats: &NatsServer, extra: &str, clock: Arc<dyn Clock>)
         nats.url()
     );
     let config = Arc::new(Config::from_parts(Some(&text), Vec::new()).unwrap());
-    let (client, handles) = runtime::connect_with_topology(&config, "test")
+    let (client, handles) = runtime::Connect::new(&config, "test")
+        .topology_forever()
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
