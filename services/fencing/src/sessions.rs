@@ -21,6 +21,20 @@ use crate::decide::{self, SweepClock};
 use crate::metrics::{self, metrics};
 use crate::{store_err, GetError, OpError};
 
+/// Why a sweep stopped before its end (the store failed); nothing it had
+/// not written yet was expired.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SweepError {
+    #[error("cannot list the sessions: {0}")]
+    List(#[from] kv::WatchError),
+    #[error("cannot list the sessions: {0}")]
+    ListKey(#[from] kv::WatcherError),
+    #[error(transparent)]
+    Read(GetError),
+    #[error(transparent)]
+    Write(OpError),
+}
+
 /// How often a compare-and-set on a session record is tried in all (the
 /// record re-read each time it changed under the write).
 const CAS_ATTEMPTS: u32 = 5;
@@ -317,12 +331,12 @@ impl Sessions {
         timeout: std::time::Duration,
         since: DateTime<Utc>,
         max_listing: std::time::Duration,
-    ) -> Result<Option<Vec<(String, String)>>, String> {
+    ) -> Result<Option<Vec<(String, String)>>, SweepError> {
         let started = std::time::Instant::now();
-        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        let mut keys = self.kv.keys().await?;
         let mut names = Vec::new();
         while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| e.to_string())?;
+            let k = k?;
             if let Some(name) = k.strip_prefix("session.") {
                 names.push(name.to_string());
             }
@@ -341,7 +355,7 @@ impl Sessions {
                     warn!(key = %key, error = %error, "undecodable session record skipped");
                     continue;
                 }
-                Err(GetError::Store(e)) => return Err(e),
+                Err(e @ GetError::Store(_)) => return Err(SweepError::Read(e)),
             };
             let clock = SweepClock {
                 now: self.now(),
@@ -358,7 +372,7 @@ impl Sessions {
             match self.update(&gone, rev).await {
                 Ok(true) => expired.push((gone.bot_id, name)),
                 Ok(false) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(SweepError::Write(e)),
             }
         }
         metrics::set_sessions(|state| by_state.get(&state).copied().unwrap_or(0));
