@@ -552,6 +552,18 @@ impl Agent {
                 info!(bot.id = %self.bot_id, "resources open again; taking leases");
                 unavailable = false;
             }
+            // Leases granted to a session this worker has since replaced
+            // (it fenced itself, or was superseded, while the request was
+            // in flight) are not its own: the scheduler takes them back
+            // when it sees that session gone, and may lease the job again
+            // at once. Running one would run the job twice.
+            if *self.session.read().await != req.session {
+                for lease in &reply.leases {
+                    metrics().stale_grants.inc();
+                    warn!(job.id = %lease.job_id, epoch = lease.epoch, session = %req.session, "lease granted to a replaced session; not running it");
+                }
+                continue;
+            }
             for lease in reply.leases {
                 let Some(permit) = permits.pop() else {
                     // The scheduler sent more than asked: run it anyway

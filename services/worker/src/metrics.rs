@@ -16,6 +16,8 @@ pub struct Metrics {
     pub duration: Histogram,
     pub checks: IntCounterVec,
     pub acquire_unavailable: IntCounter,
+    /// Leases that answered an acquire of a session since replaced: not run.
+    pub stale_grants: IntCounter,
 }
 
 /// `result` of `warden_worker_attempts_total`.
@@ -100,6 +102,13 @@ pub fn metrics() -> &'static Metrics {
             IntCounter::new(
                 "warden_worker_acquire_unavailable_total",
                 "Acquire requests answered with no lease because a resource is not open",
+            )
+            .expect("valid metric"),
+        ),
+        stale_grants: register(
+            IntCounter::new(
+                "warden_worker_stale_grants_total",
+                "Leases granted to a session this worker had replaced meanwhile: not run",
             )
             .expect("valid metric"),
         ),
