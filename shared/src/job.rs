@@ -280,8 +280,8 @@ impl Job {
     }
 
     /// A SCHEDULED job with its creation recorded in the history.
-    // Every argument is a field a caller must decide; a builder would only
-    // move the same list elsewhere.
+    // Every argument is a field a production caller decides; fixtures,
+    // which care about one or two, use [`Job::builder`].
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: Uuid,

@@ -114,22 +114,7 @@ impl Fixture {
             &self.shutdown,
             self.clock.clone(),
         ));
-        eventually(Duration::from_secs(10), "fencing service answers", || {
-            let client = self.client.clone();
-            async move {
-                // One probe at most a second: a request that reached a
-                // subscription of a service instance just stopped is never
-                // answered, and must not use up the whole wait.
-                tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.request(subjects::SESSION_HEARTBEAT, "{}".into()),
-                )
-                .await
-                .ok()?
-                .ok()
-            }
-        })
-        .await;
+        common::answers(&self.client, Duration::from_secs(10)).await;
     }
 
     async fn stop_service(&mut self) {

@@ -246,32 +246,16 @@ async fn watch_loop(health: Arc<Health>, shutdown: CancellationToken) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use warden_shared::resource::ResourceDecl;
-    use warden_shared::session::{Session, SessionState};
+    use warden_shared::session::Session;
     use warden_testsupport::{eventually, Cluster};
 
+    /// The decisions' fixture session, stamped now: the service reads it
+    /// from a real bucket.
     fn session(i: usize) -> Session {
         Session {
-            version: 1,
-            name: format!("s{i}"),
-            bot_id: format!("bot-{i}"),
-            resource: Some("shared-host".into()),
-            resources: vec![ResourceDecl {
-                name: "shared-host".into(),
-                kind: "host".into(),
-                path: None,
-                depends_on: None,
-            }],
-            agent_instance: format!("agent-{i}"),
-            pools: vec!["default".into()],
-            capacity: 1,
-            agent_version: "test".into(),
-            timeout_ms: None,
-            state: SessionState::Active,
             created_at: Utc::now(),
             last_heartbeat: Utc::now(),
-            superseded_by: None,
-            leases: Vec::new(),
+            ..crate::decide::sessions::tests::session(i)
         }
     }
 

@@ -94,13 +94,8 @@ pub async fn keeps_waiting(service: &Service, duration: Duration) {
     .await;
 }
 
-/// Fencing on `url` answers a request, then `/healthz` is 200.
-pub async fn answers_then_ready(url: &str, within: Duration) {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(url)
-        .await
-        .unwrap();
+/// Waits until a fencing service answers a session request on `client`.
+pub async fn answers(client: &async_nats::Client, within: Duration) {
     eventually(within, "fencing answers", || {
         let client = client.clone();
         async move {
@@ -117,6 +112,16 @@ pub async fn answers_then_ready(url: &str, within: Duration) {
         }
     })
     .await;
+}
+
+/// Fencing on `url` answers a request, then `/healthz` is 200.
+pub async fn answers_then_ready(url: &str, within: Duration) {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .unwrap();
+    answers(&client, within).await;
     eventually(Duration::from_secs(5), "/healthz 200", || async {
         (warden_shared::metrics::health().0 == 200).then_some(())
     })
