@@ -569,17 +569,23 @@ impl Agent {
                     // The scheduler sent more than asked: run it anyway
                     // rather than strand a RUNNING lease.
                     warn!(job.id = %lease.job_id, "more leases than requested");
-                    attempts.spawn(self.clone().attempt(lease, None));
+                    attempts.spawn(self.clone().attempt(lease, req.session.clone(), None));
                     continue;
                 };
-                attempts.spawn(self.clone().attempt(lease, Some(permit)));
+                attempts.spawn(
+                    self.clone()
+                        .attempt(lease, req.session.clone(), Some(permit)),
+                );
             }
         }
     }
 
+    /// Runs `lease`, granted to `session`: its reports name that session,
+    /// the one the scheduler fences them against.
     async fn attempt(
         self: Arc<Self>,
         lease: LeaseGrant,
+        session: String,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let _permit = permit;
@@ -597,7 +603,6 @@ impl Agent {
             );
         let m = metrics();
         m.running.inc();
-        let session = self.session.read().await.clone();
         let bot_id = self.bot_id.clone();
         let report = |kind| Report {
             version: MESSAGE_VERSION,
