@@ -139,6 +139,97 @@ pub fn hex_token(s: &str) -> String {
     k
 }
 
+/// Text back from [`hex_token`]; `None` if `token` is not one.
+pub fn from_hex_token(token: &str) -> Option<String> {
+    if token.len() % 2 != 0 || token.is_empty() {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+// --- Subjects that carry the bot id ----------------------------------
+//
+// A bot's identity is its NATS user: each bot has its own user whose
+// permissions name only subjects that carry its own bot token (its id in
+// hex, [`bot_token`]); the services read the bot id off the subject, never
+// from the body. [`bot_permissions`] is that permission set, spelled once.
+
+/// A bot id as the one subject token its permissions are written on.
+pub fn bot_token(bot_id: &str) -> String {
+    hex_token(bot_id)
+}
+
+/// Bot → fencing: create a session (`warden.session.create.<bot>`).
+pub fn session_create_subject(bot_id: &str) -> String {
+    format!("{SESSION_CREATE}.{}", bot_token(bot_id))
+}
+/// Bot → fencing: heartbeat (`warden.session.heartbeat.<bot>`).
+pub fn session_heartbeat_subject(bot_id: &str) -> String {
+    format!("{SESSION_HEARTBEAT}.{}", bot_token(bot_id))
+}
+/// Bot → fencing: close its session (`warden.session.close.<bot>`).
+pub fn session_close_subject(bot_id: &str) -> String {
+    format!("{SESSION_CLOSE}.{}", bot_token(bot_id))
+}
+/// Bot → scheduler: long-poll for leases (`warden.sched.acquire.<bot>`).
+pub fn acquire_subject(bot_id: &str) -> String {
+    format!("{ACQUIRE}.{}", bot_token(bot_id))
+}
+/// Bot → WARDEN_REPORTS: a report about `job_id`
+/// (`warden.report.<bot>.<job>`).
+pub fn bot_report_subject(bot_id: &str, job_id: &Uuid) -> String {
+    format!("{REPORTS_PREFIX}.{}.{job_id}", bot_token(bot_id))
+}
+/// Where a bot's client receives its replies: `_INBOX.bot.<bot>`; only
+/// that bot may subscribe below it.
+pub fn bot_inbox_prefix(bot_id: &str) -> String {
+    format!("{INBOX_ROOT}.bot.{}", bot_token(bot_id))
+}
+/// Where a role's clients receive their replies: `_INBOX.<role>`.
+pub fn role_inbox_prefix(role: &str) -> String {
+    format!("{INBOX_ROOT}.{role}")
+}
+/// The root every inbox prefix is under.
+pub const INBOX_ROOT: &str = "_INBOX";
+
+/// The bot id a subject `<prefix>.<bot>` or `<prefix>.<bot>.<rest>` was
+/// published on, if it has that shape (`prefix` is e.g. [`SESSION_CREATE`],
+/// [`ACQUIRE`] or [`REPORTS_PREFIX`]).
+pub fn bot_of_subject(prefix: &str, subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let token = rest.split('.').next()?;
+    from_hex_token(token)
+}
+
+/// What one bot's NATS user may do, and nothing more: the subjects of its
+/// own bot token. `warden bot add` writes these into the server's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotPermissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+pub fn bot_permissions(bot_id: &str) -> BotPermissions {
+    let t = bot_token(bot_id);
+    BotPermissions {
+        publish: vec![
+            format!("{SESSION_CREATE}.{t}"),
+            format!("{SESSION_HEARTBEAT}.{t}"),
+            format!("{SESSION_CLOSE}.{t}"),
+            format!("{ACQUIRE}.{t}"),
+            format!("{REPORTS_PREFIX}.{t}.*"),
+        ],
+        subscribe: vec![
+            format!("{}.>", bot_inbox_prefix(bot_id)),
+            agent_check_subject(bot_id),
+        ],
+    }
+}
+
 pub fn deadletter_subject(service: &str, reason: &str) -> String {
     format!("{DEADLETTER_PREFIX}.{service}.{reason}")
 }
@@ -300,6 +391,53 @@ pub fn recycle_hook_consumer(name: &str) -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(300),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod bot_subject_tests {
+    use super::*;
+
+    #[test]
+    fn the_bot_is_read_back_off_each_of_its_subjects() {
+        let bot = "build-01.example.org";
+        let job = Uuid::nil();
+        assert_eq!(
+            bot_of_subject(SESSION_CREATE, &session_create_subject(bot)).as_deref(),
+            Some(bot)
+        );
+        assert_eq!(
+            bot_of_subject(ACQUIRE, &acquire_subject(bot)).as_deref(),
+            Some(bot)
+        );
+        assert_eq!(
+            bot_of_subject(REPORTS_PREFIX, &bot_report_subject(bot, &job)).as_deref(),
+            Some(bot)
+        );
+    }
+
+    #[test]
+    fn a_subject_without_a_bot_token_names_no_bot() {
+        assert_eq!(bot_of_subject(SESSION_CREATE, SESSION_CREATE), None);
+        assert_eq!(
+            bot_of_subject(SESSION_CREATE, "warden.session.create.zz"),
+            None
+        );
+        assert_eq!(
+            bot_of_subject(SESSION_CREATE, "warden.session.create.6"),
+            None
+        );
+        assert_eq!(bot_of_subject(ACQUIRE, "warden.session.create.6161"), None);
+    }
+
+    #[test]
+    fn a_bots_permissions_name_only_its_own_token() {
+        let p = bot_permissions("a");
+        let mine = bot_token("a");
+        for s in p.publish.iter().chain(&p.subscribe) {
+            assert!(s.contains(&mine), "{s}");
+            assert!(!s.ends_with(".>") || s.starts_with("_INBOX.bot."), "{s}");
+        }
     }
 }
 
