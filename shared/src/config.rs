@@ -35,6 +35,10 @@ pub struct NatsConfig {
     /// NATS credentials file (user JWT + seed) for this service's role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
+    /// A bot's nkey seed file (`warden bot add` writes it, mode 0600): the
+    /// bot's own NATS user, whose permissions carry its bot id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_file: Option<PathBuf>,
     /// User and password for servers configured with per-role users
     /// (`deploy/nats/cluster/accounts.conf`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -351,6 +355,7 @@ const SECTIONS: &[&str] = &[
 /// from the environment.
 const OPTIONAL_KEYS: &[(&str, &str)] = &[
     ("nats", "credentials"),
+    ("nats", "nkey_file"),
     ("nats", "user"),
     ("nats", "password"),
     ("http", "token"),
@@ -485,6 +490,17 @@ impl Config {
         }
         if n.user.is_some() != n.password.is_some() {
             p.push("nats.user and nats.password: set both or neither".into());
+        }
+        let logins = [
+            n.credentials.is_some(),
+            n.nkey_file.is_some(),
+            n.user.is_some(),
+        ];
+        if logins.iter().filter(|set| **set).count() > 1 {
+            p.push(
+                "nats.credentials, nats.nkey_file and nats.user/password: set one login, not several"
+                    .into(),
+            );
         }
         if !(1..=5).contains(&n.replicas) {
             p.push(format!(

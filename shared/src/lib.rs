@@ -16,6 +16,7 @@
 //! - [`services`]: the one list of Warden's services;
 //! - [`xorshift`]: reproducible pseudo-random numbers (tests, benchmarks).
 
+pub mod bots;
 pub mod cas;
 pub mod classify;
 pub mod clock;

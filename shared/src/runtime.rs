@@ -256,6 +256,15 @@ impl<'a> Connect<'a> {
                         source,
                     })?;
         }
+        if let Some(path) = &config.nats.nkey_file {
+            let seed = tokio::fs::read_to_string(path).await.map_err(|source| {
+                ConnectError::Credentials {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            opts = opts.nkey(seed.trim().to_string());
+        }
         if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
             opts = opts.user_and_password(user.clone(), password.clone());
         }

@@ -443,6 +443,39 @@ pub fn accounts_conf(dir: &Path) -> PathBuf {
     path
 }
 
+/// A bot's NATS user for tests: its id and the seed file its client names
+/// in `nats.nkey_file`.
+#[derive(Debug, Clone)]
+pub struct TestBot {
+    pub bot_id: String,
+    pub nkey_file: PathBuf,
+    pub public_key: String,
+}
+
+/// [`accounts_conf`] with a user for each of `bots`, written the way
+/// `warden bot add` writes them (`warden_shared::bots`), their seeds in
+/// `dir/<n>.nk`.
+pub fn accounts_conf_with_bots(dir: &Path, bots: &[&str]) -> (PathBuf, Vec<TestBot>) {
+    use warden_shared::bots;
+    let path = accounts_conf(dir);
+    let mut text = std::fs::read_to_string(&path).expect("read accounts.conf");
+    let mut out = Vec::new();
+    for (n, bot_id) in bots.iter().enumerate() {
+        let key = bots::BotKey::generate().expect("nkey");
+        text = bots::upsert_user(&text, bot_id, &bots::user_entry(bot_id, &key.public_key))
+            .expect("the shipped accounts.conf has a bots block");
+        let nkey_file = dir.join(format!("bot-{n}.nk"));
+        std::fs::write(&nkey_file, &key.seed).expect("write seed");
+        out.push(TestBot {
+            bot_id: bot_id.to_string(),
+            nkey_file,
+            public_key: key.public_key,
+        });
+    }
+    std::fs::write(&path, text).expect("write accounts.conf");
+    (path, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

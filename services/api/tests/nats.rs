@@ -344,7 +344,7 @@ async fn connect_as(api: &Api, user: &str, password: &str) -> async_nats::Client
 #[tokio::test]
 async fn only_the_service_user_may_retry_or_cancel() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let conf = warden_testsupport::accounts_conf(dir.path());
+    let (conf, bots) = warden_testsupport::accounts_conf_with_bots(dir.path(), &["bot-1"]);
     let nats = warden_testsupport::NatsServer::start_with_args(&[
         "-c",
         conf.to_str().expect("utf-8 path"),
@@ -362,12 +362,21 @@ async fn only_the_service_user_may_retry_or_cancel() {
 
     for (user, password) in [
         ("warden-readonly", "readonly-pw"),
-        ("warden-worker", "worker-pw"),
+        ("bot-1", ""),
         ("warden-publisher", "publisher-pw"),
         ("warden-executor", "executor-pw"),
     ] {
-        let client = ApiClient::new(connect_as(&api, user, password).await)
-            .with_timeout(std::time::Duration::from_millis(500));
+        let connection = match bots.iter().find(|b| b.bot_id == user) {
+            Some(bot) => {
+                let seed = std::fs::read_to_string(&bot.nkey_file).expect("seed");
+                async_nats::ConnectOptions::with_nkey(seed)
+                    .connect(api.nats.url())
+                    .await
+                    .expect("connect as a bot")
+            }
+            None => connect_as(&api, user, password).await,
+        };
+        let client = ApiClient::new(connection).with_timeout(std::time::Duration::from_millis(500));
         let retried = client.retry(shelved.id).await;
         assert!(
             matches!(retried, Err(ref e) if e.code().is_none()),
