@@ -141,7 +141,7 @@ pub fn hex_token(s: &str) -> String {
 
 /// Text back from [`hex_token`]; `None` if `token` is not one.
 pub fn from_hex_token(token: &str) -> Option<String> {
-    if token.len() % 2 != 0 || token.is_empty() {
+    if !token.len().is_multiple_of(2) || token.is_empty() {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())
