@@ -157,27 +157,27 @@ mod tests {
     fn a_bot_entry_is_added_replaced_and_removed_leaving_the_rest() {
         let a1 = user_entry("bot-a", "UAAA");
         let b = user_entry("bot-b", "UBBB");
-        let one = upsert_user(ACCOUNTS, "bot-a", &a1).unwrap();
-        let two = upsert_user(&one, "bot-b", &b).unwrap();
+        let one = upsert_user(ACCOUNTS, "bot-a", &a1).expect("ok");
+        let two = upsert_user(&one, "bot-b", &b).expect("ok");
         assert!(two.contains("UAAA") && two.contains("UBBB"));
         let a2 = user_entry("bot-a", "UA22");
-        let replaced = upsert_user(&two, "bot-a", &a2).unwrap();
+        let replaced = upsert_user(&two, "bot-a", &a2).expect("ok");
         assert!(
             !replaced.contains("UAAA") && replaced.contains("UA22") && replaced.contains("UBBB")
         );
-        let gone = remove_user(&replaced, "bot-a").unwrap().unwrap();
+        let gone = remove_user(&replaced, "bot-a").expect("block").expect("entry");
         assert!(!gone.contains("UA22") && gone.contains("UBBB"));
-        let back = remove_user(&gone, "bot-b").unwrap().unwrap();
+        let back = remove_user(&gone, "bot-b").expect("block").expect("entry");
         assert_eq!(back, ACCOUNTS);
-        assert_eq!(remove_user(ACCOUNTS, "bot-a").unwrap(), None);
+        assert_eq!(remove_user(ACCOUNTS, "bot-a").expect("ok"), None);
     }
 
     #[test]
     fn a_bot_whose_token_starts_another_ones_is_kept_apart() {
         // "a" is 61, "ab" is 6162: removing "a" must not remove "ab".
-        let both = upsert_user(ACCOUNTS, "a", &user_entry("a", "UA")).unwrap();
-        let both = upsert_user(&both, "ab", &user_entry("ab", "UAB")).unwrap();
-        let left = remove_user(&both, "a").unwrap().unwrap();
+        let both = upsert_user(ACCOUNTS, "a", &user_entry("a", "UA")).expect("ok");
+        let both = upsert_user(&both, "ab", &user_entry("ab", "UAB")).expect("ok");
+        let left = remove_user(&both, "a").expect("block").expect("entry");
         assert!(left.contains("UAB") && !left.contains("nkey: UA\n"));
     }
 
@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_generated_key_is_a_user_nkey() {
-        let k = BotKey::generate().unwrap();
+        let k = BotKey::generate().expect("ok");
         assert!(k.public_key.starts_with('U'), "{}", k.public_key);
         assert!(k.seed.starts_with("SU"), "seed kind");
     }
