@@ -11,6 +11,7 @@ use tracing::{error, info};
 use warden_shared::{runtime, services, Config};
 
 use crate::natsd::LocalNats;
+use crate::secure;
 use crate::UpArgs;
 
 /// Default port of a spawned nats-server (`--nats-port`).
@@ -23,15 +24,43 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         config.http.listen = http.clone();
     }
     runtime::exit_on_problems(&config, "warden");
+    if args.secure && external_nats {
+        anyhow::bail!("--secure runs its own secured nats-server: drop --nats-url");
+    }
+    let secure = if args.secure {
+        let dir = args.data_dir.join("secure");
+        Some(secure::ensure(&dir).with_context(|| {
+            format!("cannot make the secured setup in {}", dir.display())
+        })?)
+    } else {
+        None
+    };
     let mut nats = if external_nats {
         None
     } else {
         let dir = args.data_dir.join("nats");
-        let n = LocalNats::spawn(&dir, Some(args.nats_port), false)
-            .context("cannot start nats-server")?;
+        let n = match &secure {
+            Some(s) => {
+                let extra = format!(
+                    "{}include \"accounts.conf\"\n",
+                    s.server_tls_block()
+                );
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::write(dir.join("accounts.conf"), secure::ACCOUNTS_CONF)
+                    .with_context(|| format!("cannot write {}", dir.display()))?;
+                LocalNats::spawn_with(&dir, Some(args.nats_port), false, &extra, &s.server_env())
+            }
+            None => LocalNats::spawn(&dir, Some(args.nats_port), false),
+        }
+        .context("cannot start nats-server")?;
         config.nats.url = n.url();
         Some(n)
     };
+    if let Some(s) = &secure {
+        s.write_client_configs(&config.nats.url)?;
+        s.apply(&mut config.nats, "service")?;
+    }
 
     let shutdown = runtime::shutdown_on_signal();
     let config = Arc::new(config);
@@ -64,6 +93,11 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
                 .display()
                 .to_string();
         }
+        if let Some(s) = &secure {
+            // TODO(bot-identity): the shared `warden-worker` user until
+            // every bot has a user of its own (`warden bot add`).
+            s.apply(&mut wc.nats, "worker")?;
+        }
         bots.push(wc.worker.bot_id.clone());
         start(
             &mut set,
@@ -80,7 +114,20 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
             n.url(),
             n.store_dir.display()
         ),
-        None => println!("  NATS      {} (external)", config.nats.url),
+        None => println!(
+            "  NATS      {} (external)",
+            warden_shared::redact::redact(&config.nats.url)
+        ),
+    }
+    if let Some(s) = &secure {
+        println!(
+            "  secured   TLS with client certificates and per-role users; files in {}",
+            s.dir.display()
+        );
+        println!(
+            "  CLI       warden --config {} job list   (or client-service.toml to submit)",
+            s.client_toml("readonly").display()
+        );
     }
     println!("  HTTP API  http://{http}/api/v1/jobs");
     println!("  metrics   http://{http}/metrics");
