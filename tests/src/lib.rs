@@ -81,7 +81,18 @@ impl Warden {
     /// config, log and data dir (`data`) in `dir`: a second one on the
     /// same `dir` finds the first one's data.
     pub fn up_local(dir: &Path, nats_port: u16, config: &str, workers: u32) -> Warden {
-        let w = Warden::spawn(dir, None, Some(nats_port), config, workers);
+        Warden::up_local_with(dir, nats_port, config, workers, &[])
+    }
+
+    /// [`Warden::up_local`] with more `warden up` arguments (`--secure`).
+    pub fn up_local_with(
+        dir: &Path,
+        nats_port: u16,
+        config: &str,
+        workers: u32,
+        extra: &[&str],
+    ) -> Warden {
+        let w = Warden::spawn_with(dir, None, Some(nats_port), config, workers, extra);
         w.wait_healthy();
         w
     }
@@ -92,6 +103,17 @@ impl Warden {
         nats_port: Option<u16>,
         config: &str,
         workers: u32,
+    ) -> Warden {
+        Warden::spawn_with(dir, nats_url, nats_port, config, workers, &[])
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        nats_url: Option<&str>,
+        nats_port: Option<u16>,
+        config: &str,
+        workers: u32,
+        extra: &[&str],
     ) -> Warden {
         let conf = dir.join("warden.toml");
         std::fs::write(&conf, config).unwrap();
@@ -105,6 +127,7 @@ impl Warden {
             .unwrap();
         let mut cmd = Command::new(warden_bin());
         cmd.args(["up", "--http", &http, "--workers", &workers.to_string()]);
+        cmd.args(extra);
         if let Some(url) = nats_url {
             cmd.args(["--nats-url", url]);
         }
