@@ -904,9 +904,15 @@ mod tests {
         };
         let text = e.problems().join("\n");
         assert!(text.contains("nats.url"), "{text}");
-        assert!(text.contains("nats.user") && text.contains("nats.password"), "{text}");
+        assert!(
+            text.contains("nats.user") && text.contains("nats.password"),
+            "{text}"
+        );
         assert!(text.contains("nats.credentials"), "{text}");
-        assert!(!text.contains("s3cret"), "the password is not echoed: {text}");
+        assert!(
+            !text.contains("s3cret"),
+            "the password is not echoed: {text}"
+        );
         let env_url = env(&[("WARDEN_NATS_URL", "nats://u:pw@h:4222")]);
         assert!(Config::from_parts(None, env_url).is_err());
     }
@@ -923,7 +929,10 @@ mod tests {
             ]),
         )
         .expect("valid");
-        assert_eq!(c.nats.tls_ca_file, Some(PathBuf::from("/etc/warden/ca.pem")));
+        assert_eq!(
+            c.nats.tls_ca_file,
+            Some(PathBuf::from("/etc/warden/ca.pem"))
+        );
         assert!(c.nats.tls_required);
         assert!(!Config::defaults().nats.tls_required);
         let Err(e) = Config::from_parts(Some("[nats]\ntls_cert_file = \"/w.pem\"\n"), []) else {

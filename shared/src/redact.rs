@@ -7,10 +7,7 @@
 /// (`user:password@`, or a token `token@`) of each replaced by `***@`;
 /// anything else as it was.
 pub fn redact(url: &str) -> String {
-    url.split(',')
-        .map(redact_one)
-        .collect::<Vec<_>>()
-        .join(",")
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
 }
 
 /// Whether any URL of `url` carries a login.

@@ -28,9 +28,8 @@ fn tls_server(pki: &TestPki, verify: bool) -> (NatsServer, tempfile::TempDir) {
 }
 
 fn config(url: &str, role: &str, tls: &str) -> Config {
-    let text = format!(
-        "[nats]\nurl = {url:?}\nuser = \"warden-{role}\"\npassword = \"{role}-pw\"\n{tls}"
-    );
+    let text =
+        format!("[nats]\nurl = {url:?}\nuser = \"warden-{role}\"\npassword = \"{role}-pw\"\n{tls}");
     Config::from_parts(Some(&text), []).expect("valid config")
 }
 
@@ -57,7 +56,10 @@ async fn a_client_with_the_tls_keys_connects_and_one_without_is_refused() {
 
     // The server's certificate is not trusted without nats.tls_ca_file.
     let no_ca = config(&server.url(), "service", "");
-    assert!(connect(&no_ca).await.is_err(), "untrusted server certificate");
+    assert!(
+        connect(&no_ca).await.is_err(),
+        "untrusted server certificate"
+    );
 
     // Trusting the server but presenting no certificate: verify refuses.
     let ca_only = format!("tls_ca_file = {:?}\n", pki.ca().display().to_string());
@@ -76,11 +78,16 @@ async fn a_client_with_the_tls_keys_connects_and_one_without_is_refused() {
         foreign.cert.display().to_string(),
         foreign.key.display().to_string()
     );
-    assert!(connect(&config(&server.url(), "service", &mixed)).await.is_err());
+    assert!(connect(&config(&server.url(), "service", &mixed))
+        .await
+        .is_err());
 
     // No TLS at all: never a PONG.
     let said = plain_client_answer(server.port());
-    assert!(said.contains("tls_required"), "the server asks for TLS: {said}");
+    assert!(
+        said.contains("tls_required"),
+        "the server asks for TLS: {said}"
+    );
     assert!(!said.contains("PONG"), "a plain client is refused: {said}");
 }
 
@@ -112,7 +119,9 @@ async fn tls_required_refuses_a_server_without_tls() {
     assert!(connect(&c).await.is_err(), "no TLS offered: refused");
     let text = format!("[nats]\nurl = {:?}\n", server.url());
     let c = Config::from_parts(Some(&text), []).unwrap();
-    connect(&c).await.expect("without tls_required a plain server is fine");
+    connect(&c)
+        .await
+        .expect("without tls_required a plain server is fine");
 }
 
 #[tokio::test]
@@ -139,7 +148,10 @@ async fn the_shipped_cluster_config_runs_with_tls_and_a_warden_client_connects()
             .and_then(|p| p.parse().ok())
             .unwrap();
         let said = plain_client_answer(port);
-        assert!(!said.contains("PONG"), "node {i} refuses a plain client: {said}");
+        assert!(
+            !said.contains("PONG"),
+            "node {i} refuses a plain client: {said}"
+        );
     }
     let ca_only = format!("tls_ca_file = {:?}\n", pki.ca().display().to_string());
     assert!(

@@ -307,7 +307,10 @@ pub fn shipped_node_conf(
     );
     replace("http: 127.0.0.1:8222", "");
     replace(&format!("\"/var/lib/nats/n{n}\""), &quoted(store));
-    replace(&format!("\"/etc/nats/tls/n{n}.crt\""), &quoted(&server.cert));
+    replace(
+        &format!("\"/etc/nats/tls/n{n}.crt\""),
+        &quoted(&server.cert),
+    );
     replace(&format!("\"/etc/nats/tls/n{n}.key\""), &quoted(&server.key));
     replace("\"/etc/nats/tls/ca.crt\"", &quoted(&pki.ca()));
     let start = text.find("routes: [").expect("n.conf has routes");
@@ -693,7 +696,10 @@ pub fn plain_client_answer(port: u16) -> String {
         }
         let text = String::from_utf8_lossy(&said);
         if !sent && text.contains("INFO ") && text.contains("\r\n") {
-            if conn.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n").is_err() {
+            if conn
+                .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+                .is_err()
+            {
                 break;
             }
             sent = true;

@@ -1191,7 +1191,10 @@ mod tests {
         let file = format!("[nats]\nurl = {url:?}\n");
         let (line, code) = main(Config::from_parts(Some(&file), []), &args("bus")).await;
         assert_eq!(code, 3, "{line}");
-        assert!(line.contains("nats.user") && !line.contains("s3cret"), "{line}");
+        assert!(
+            line.contains("nats.user") && !line.contains("s3cret"),
+            "{line}"
+        );
         // Even a URL that got past validation is printed redacted.
         let mut c = Config::defaults();
         c.nats.url = url;

@@ -297,13 +297,7 @@ mod tests {
         let s = ensure(&d).expect("made");
         s.write_client_configs("nats://127.0.0.1:4300")
             .expect("client configs");
-        let mode = |p: &Path| {
-            std::fs::metadata(p)
-                .expect("exists")
-                .permissions()
-                .mode()
-                & 0o777
-        };
+        let mode = |p: &Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
         assert_eq!(mode(&d), 0o700);
         for entry in std::fs::read_dir(&d).expect("list") {
             let p = entry.expect("entry").path();

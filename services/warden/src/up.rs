@@ -29,9 +29,10 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     }
     let secure = if args.secure {
         let dir = args.data_dir.join("secure");
-        Some(secure::ensure(&dir).with_context(|| {
-            format!("cannot make the secured setup in {}", dir.display())
-        })?)
+        Some(
+            secure::ensure(&dir)
+                .with_context(|| format!("cannot make the secured setup in {}", dir.display()))?,
+        )
     } else {
         None
     };
@@ -41,10 +42,7 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         let dir = args.data_dir.join("nats");
         let n = match &secure {
             Some(s) => {
-                let extra = format!(
-                    "{}include \"accounts.conf\"\n",
-                    s.server_tls_block()
-                );
+                let extra = format!("{}include \"accounts.conf\"\n", s.server_tls_block());
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
                 std::fs::write(dir.join("accounts.conf"), secure::ACCOUNTS_CONF)
