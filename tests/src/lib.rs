@@ -102,7 +102,18 @@ impl Warden {
     /// config, log and data dir (`data`) in `dir`: a second one on the
     /// same `dir` finds the first one's data.
     pub fn up_local(dir: &Path, nats_port: u16, config: &str, workers: u32) -> Warden {
-        let w = Warden::spawn(dir, None, Some(nats_port), config, workers, &[]);
+        Warden::up_local_with(dir, nats_port, config, workers, &[])
+    }
+
+    /// [`Warden::up_local`] with more `warden up` arguments (`--secure`).
+    pub fn up_local_with(
+        dir: &Path,
+        nats_port: u16,
+        config: &str,
+        workers: u32,
+        extra: &[&str],
+    ) -> Warden {
+        let w = Warden::spawn_with(dir, None, Some(nats_port), config, workers, extra, &[]);
         w.wait_healthy();
         w
     }
@@ -113,6 +124,18 @@ impl Warden {
         nats_port: Option<u16>,
         config: &str,
         workers: u32,
+        env: &[(String, String)],
+    ) -> Warden {
+        Warden::spawn_with(dir, nats_url, nats_port, config, workers, &[], env)
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        nats_url: Option<&str>,
+        nats_port: Option<u16>,
+        config: &str,
+        workers: u32,
+        extra: &[&str],
         env: &[(String, String)],
     ) -> Warden {
         let conf = dir.join("warden.toml");
@@ -127,6 +150,7 @@ impl Warden {
             .unwrap();
         let mut cmd = Command::new(warden_bin());
         cmd.args(["up", "--http", &http, "--workers", &workers.to_string()]);
+        cmd.args(extra);
         if let Some(url) = nats_url {
             cmd.args(["--nats-url", url]);
         }
