@@ -157,6 +157,14 @@ pub struct WorkerConfig {
     /// a working copy; each depends on the host unless it names another.
     #[serde(default)]
     pub resources: Vec<crate::resource::ResourceDecl>,
+    /// Names passed through from the worker's environment to its tasks,
+    /// beside the built-in allowlist (`crate::task_env`).
+    #[serde(default)]
+    pub task_env: Vec<String>,
+    /// Run tasks as this user (a name, `uid` or `uid:gid`); empty: as the
+    /// worker's own user. Needs the worker to run as root.
+    #[serde(default)]
+    pub task_user: String,
 }
 
 /// Resource health (docs/design.md "Resources and health").
@@ -599,6 +607,23 @@ impl Config {
         if w.acquire_wait.is_zero() {
             p.push("worker.acquire_wait: must be positive".into());
         }
+        for name in &w.task_env {
+            if !crate::task_env::valid_env_name(name) {
+                p.push(format!(
+                    "worker.task_env: {name:?} is not an environment variable name"
+                ));
+            } else if let Some(why) = crate::task_env::refused(name) {
+                p.push(format!(
+                    "worker.task_env: {name:?} is never passed to a task: {why}"
+                ));
+            }
+        }
+        if !w.task_user.is_empty() && !crate::task_env::valid_user_spec(&w.task_user) {
+            p.push(format!(
+                "worker.task_user: {:?} is neither a user name nor uid[:gid]",
+                w.task_user
+            ));
+        }
         let mut declared = BTreeSet::new();
         for (i, r) in w.resources.iter().enumerate() {
             let at = format!("worker.resources[{i}] ({})", r.name);
@@ -634,6 +659,11 @@ impl Config {
             }
             if task.pool.is_empty() {
                 p.push(format!("{at}: pool must not be empty"));
+            }
+            for name in task.env.keys() {
+                if let Some(why) = crate::task_env::refused_fixed(name) {
+                    p.push(format!("{at}: env.{name}: not allowed: {why}"));
+                }
             }
             for (code, outcome) in &task.verdicts {
                 if code.parse::<i32>().is_err() {
@@ -939,6 +969,30 @@ mod tests {
             .problems()
             .join("\n");
         assert!(text.contains("WARDEN_WORKER_CAPASITY"), "{text}");
+    }
+
+    #[test]
+    fn task_env_never_lists_the_workers_secrets() {
+        let file = "[worker]\ntask_env = [\"CI_CACHE\", \"WARDEN_NATS_PASSWORD\", \"NATS_CREDS\", \"GITHUB_TOKEN\", \"A=B\"]\ntask_user = \"a b\"\n[tasks.x]\ncommand = [\"true\"]\nenv = { WARDEN_HTTP_TOKEN = \"t\", GITHUB_TOKEN = \"fine\" }\n";
+        let problems = Config::from_parts(Some(file), Vec::new())
+            .expect_err("refused names")
+            .problems();
+        let text = problems.join("\n");
+        for needle in [
+            "worker.task_env: \"WARDEN_NATS_PASSWORD\" is never passed",
+            "worker.task_env: \"NATS_CREDS\" is never passed",
+            "worker.task_env: \"GITHUB_TOKEN\" is never passed",
+            "worker.task_env: \"A=B\" is not an environment variable name",
+            "worker.task_user: \"a b\"",
+            "tasks.x: env.WARDEN_HTTP_TOKEN: not allowed",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        // From the environment too, comma-separated.
+        let c = Config::from_parts(None, env(&[("WARDEN_WORKER_TASK_ENV", "CI_CACHE, http_proxy")]))
+            .expect("allowed names");
+        assert_eq!(c.worker.task_env, ["CI_CACHE", "http_proxy"]);
     }
 
     #[test]
