@@ -58,6 +58,27 @@ pub struct HttpConfig {
     /// [`MAX_EXECUTION_TIMEOUT`].
     #[serde(with = "humantime_serde")]
     pub execution_timeout: Duration,
+    /// A connection that has not sent a whole request head within this is
+    /// closed (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request whose body has not arrived whole within this (from the
+    /// end of its head) is refused.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+}
+
+/// Why serving HTTP on `listen` with `token` is refused: writes would be
+/// open to more than this host. `None` when it is allowed (a loopback
+/// address, or a token is set).
+pub fn http_exposure_problem(listen: SocketAddr, token: Option<&str>) -> Option<String> {
+    if listen.ip().is_loopback() || token.is_some_and(|t| !t.is_empty()) {
+        return None;
+    }
+    Some(format!(
+        "http.listen: {listen} is not a loopback address, so writes need a token: \
+         set http.token (or WARDEN_HTTP_TOKEN) to a secret, or listen on 127.0.0.1"
+    ))
 }
 
 /// The longest session an external executor may ask for.
@@ -514,6 +535,12 @@ impl Config {
         {
             p.push("http.execution_timeout: must be between 1s and 24h".into());
         }
+        if self.http.header_timeout.is_zero() {
+            p.push("http.header_timeout: must be positive".into());
+        }
+        if self.http.body_timeout.is_zero() {
+            p.push("http.body_timeout: must be positive".into());
+        }
         if self.http.token.as_deref().is_some_and(str::is_empty) {
             p.push("http.token: must not be empty when set".into());
         }
@@ -708,6 +735,20 @@ impl Config {
             .listen
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// What stops this config from serving the HTTP API (`warden-api`,
+    /// `warden up`): see [`http_exposure_problem`]. Not part of
+    /// [`Config::problems`], since workers and other services share the
+    /// file and never serve it.
+    pub fn http_serving_problems(&self) -> Vec<String> {
+        self.http
+            .listen
+            .parse::<SocketAddr>()
+            .ok()
+            .and_then(|addr| http_exposure_problem(addr, self.http.token.as_deref()))
+            .into_iter()
+            .collect()
     }
 
     /// The standalone metrics address, if any (validated at load time).
@@ -993,6 +1034,34 @@ mod tests {
         let c = Config::from_parts(None, env(&[("WARDEN_WORKER_TASK_ENV", "CI_CACHE, http_proxy")]))
             .expect("allowed names");
         assert_eq!(c.worker.task_env, ["CI_CACHE", "http_proxy"]);
+    }
+
+    #[test]
+    fn writes_beyond_loopback_need_a_token() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(http_exposure_problem(at("127.0.0.1:8080"), None), None);
+        assert_eq!(http_exposure_problem(at("[::1]:8080"), None), None);
+        assert_eq!(http_exposure_problem(at("0.0.0.0:8080"), Some("s3cret")), None);
+        for addr in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:80"] {
+            let problem = http_exposure_problem(at(addr), None).unwrap_or_default();
+            assert!(
+                problem.contains("http.token") && problem.contains("WARDEN_HTTP_TOKEN"),
+                "{addr}: {problem:?}"
+            );
+            assert!(http_exposure_problem(at(addr), Some("")).is_some());
+        }
+        let open = Config::from_parts(None, env(&[("WARDEN_HTTP_LISTEN", "0.0.0.0:8080")]))
+            .expect("a worker may share the file");
+        assert_eq!(open.http_serving_problems().len(), 1);
+        let closed = Config::from_parts(
+            None,
+            env(&[
+                ("WARDEN_HTTP_LISTEN", "0.0.0.0:8080"),
+                ("WARDEN_HTTP_TOKEN", "s3cret"),
+            ]),
+        )
+        .expect("valid");
+        assert!(closed.http_serving_problems().is_empty());
     }
 
     #[test]
