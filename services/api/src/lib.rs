@@ -18,6 +18,7 @@ pub mod index;
 pub mod metrics;
 pub mod nats;
 pub mod ops;
+pub mod redact;
 pub mod types;
 
 use std::sync::Arc;

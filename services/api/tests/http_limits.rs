@@ -12,7 +12,7 @@ use common::Api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use warden_shared::Config;
+use warden_shared::{Config, JobState};
 use warden_testsupport::NatsServer;
 
 const SHORT: &str = "header_timeout = \"500ms\"\nbody_timeout = \"500ms\"\n";
@@ -116,5 +116,53 @@ async fn no_token_beyond_loopback_is_refused_before_serving() {
     assert!(
         matches!(err, warden_api::ApiError::Exposed(_)) && text.contains("WARDEN_HTTP_TOKEN"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn reads_without_the_token_show_no_session_names_or_argument_values() {
+    let api = Api::start_with_token(Some("s3cret")).await;
+    let store = api.store().await;
+    let (mut job, _) = api.put_job(JobState::Running, 1).await;
+    // A job with an argument and a history entry by the session.
+    job.args.insert("nvr".into(), "private-pkg-1.0".into());
+    let mut by_session = job.history[0].clone();
+    by_session.actor = "session-1".into();
+    job.history.push(by_session);
+    let v = store.get(&job.id).await.unwrap().unwrap();
+    store.update(&job, v.revision).await.unwrap();
+
+    let url = api.url(&format!("/api/v1/jobs/{}", job.id));
+    let open = api.http.get(&url).send().await.unwrap();
+    assert!(open.status().is_success());
+    let open = open.text().await.unwrap();
+    for secret in ["session-1", "private-pkg-1.0"] {
+        assert!(!open.contains(secret), "{secret} in {open}");
+    }
+    assert!(open.contains("[redacted]") && open.contains("bot-c"), "{open}");
+    let wrong = api
+        .http
+        .get(&url)
+        .bearer_auth("guess")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!wrong.contains("session-1"), "{wrong}");
+    let whole = api
+        .http
+        .get(&url)
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        whole.contains("session-1") && whole.contains("private-pkg-1.0"),
+        "{whole}"
     );
 }
