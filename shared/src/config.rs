@@ -1031,17 +1031,26 @@ mod tests {
         }
         assert_eq!(problems.len(), 6, "{problems:?}");
         // From the environment too, comma-separated.
-        let c = Config::from_parts(None, env(&[("WARDEN_WORKER_TASK_ENV", "CI_CACHE, http_proxy")]))
-            .expect("allowed names");
+        let c = Config::from_parts(
+            None,
+            env(&[("WARDEN_WORKER_TASK_ENV", "CI_CACHE, http_proxy")]),
+        )
+        .expect("allowed names");
         assert_eq!(c.worker.task_env, ["CI_CACHE", "http_proxy"]);
     }
 
     #[test]
     fn writes_beyond_loopback_need_a_token() {
-        let at = |s: &str| s.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        let at = |s: &str| {
+            s.parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{s}: {e}"))
+        };
         assert_eq!(http_exposure_problem(at("127.0.0.1:8080"), None), None);
         assert_eq!(http_exposure_problem(at("[::1]:8080"), None), None);
-        assert_eq!(http_exposure_problem(at("0.0.0.0:8080"), Some("s3cret")), None);
+        assert_eq!(
+            http_exposure_problem(at("0.0.0.0:8080"), Some("s3cret")),
+            None
+        );
         for addr in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:80"] {
             let problem = http_exposure_problem(at(addr), None).unwrap_or_default();
             assert!(

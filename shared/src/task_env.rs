@@ -120,7 +120,7 @@ pub fn task_environment(
     for (name, value) in inherited {
         let allowed = DEFAULT_PASS.contains(&name.as_str())
             || DEFAULT_PREFIXES.iter().any(|p| name.starts_with(p))
-            || extra.iter().any(|e| *e == name);
+            || extra.contains(&name);
         if !allowed || refused(&name).is_some() {
             continue;
         }
@@ -146,7 +146,9 @@ pub struct TaskUser {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TaskUserError {
-    #[error("worker.task_user: no user {0:?} in /etc/passwd (give uid:gid for users from elsewhere)")]
+    #[error(
+        "worker.task_user: no user {0:?} in /etc/passwd (give uid:gid for users from elsewhere)"
+    )]
     Unknown(String),
     #[error("worker.task_user: {0:?} is neither a user name nor uid[:gid]")]
     Invalid(String),
@@ -347,10 +349,7 @@ mod tests {
         assert_eq!(resolve_user("1500", PASSWD), Ok(builder.clone()));
         assert_eq!(
             resolve_user("1500:42", PASSWD),
-            Ok(TaskUser {
-                gid: 42,
-                ..builder
-            })
+            Ok(TaskUser { gid: 42, ..builder })
         );
         assert_eq!(
             resolve_user("7000", PASSWD),

@@ -45,7 +45,8 @@ async fn a_task_sees_none_of_the_workers_secrets() {
             .spawn()
             .expect("spawn warden worker"),
     );
-    s.wait_active_session("env-bot", Duration::from_secs(20)).await;
+    s.wait_active_session("env-bot", Duration::from_secs(20))
+        .await;
 
     let out = s.dir().join("task-env.txt");
     let id = s.submit(&["envdump", "--arg", &format!("out={}", out.display())]);
@@ -64,7 +65,10 @@ async fn a_task_sees_none_of_the_workers_secrets() {
         "NOT_LISTED",
         "WARDEN_LOG",
     ] {
-        assert!(!env.contains_key(secret), "{secret} reached the task:\n{text}");
+        assert!(
+            !env.contains_key(secret),
+            "{secret} reached the task:\n{text}"
+        );
     }
     for value in ["worker-pw-e2e", "http-token-e2e", "worker.creds"] {
         assert!(!text.contains(value), "{value} reached the task:\n{text}");

@@ -7,22 +7,23 @@ use std::time::{Duration, Instant};
 use warden_shared::error::ErrorCode;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::{Json, Router};
 use futures::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, Method, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{on, MethodFilter, MethodRouter};
-use axum::{Json, Router};
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
+use crate::redact;
 use crate::types::IDEMPOTENT_REPLAYED;
 use crate::types::{
     BotsQuery, CancelBody, ErrorReply, ListQuery, RetryBody, StateRequest, StatsQuery, TakeRequest,
@@ -197,10 +198,8 @@ pub async fn serve_http(
             },
             _ = shutdown.cancelled() => break,
         };
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(app.clone()),
-        );
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -257,7 +256,10 @@ async fn read_body(State(ops): State<Arc<Ops>>, req: Request, next: Next) -> Res
     let deadline = tokio::time::Instant::now() + http.body_timeout;
     let (parts, body) = req.into_parts();
     match collect_body(body, http.max_body_bytes, deadline).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
         Err(BodyError::TooLarge) => {
             OpError::too_large("request body is larger than http.max_body_bytes").into_response()
         }
@@ -306,12 +308,30 @@ async fn create_job(
     Ok((StatusCode::CREATED, Json(created.job)).into_response())
 }
 
+/// Whether this request sees whole answers (see [`redact`]).
+fn sees_everything(ops: &Ops, headers: &HeaderMap) -> bool {
+    redact::sees_everything(ops.config.http.token.as_deref(), bearer(headers))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 async fn get_job(
     State(ops): State<Arc<Ops>>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, OpError> {
     let Path(id) = id.map_err(|e| OpError::bad_request(ErrorCode::InvalidId, e.body_text()))?;
-    Ok(Json(ops.get_str(&id).await?).into_response())
+    let mut job = ops.get_str(&id).await?;
+    if !sees_everything(&ops, &headers) {
+        redact::redact_job(&mut job);
+    }
+    Ok(Json(job).into_response())
 }
 
 async fn retry_job(
@@ -351,17 +371,26 @@ async fn stats(
     Ok(Json(ops.stats(q).await?).into_response())
 }
 
-async fn resources(State(ops): State<Arc<Ops>>) -> Result<Response, OpError> {
-    Ok(Json(ops.resources().await?).into_response())
+async fn resources(State(ops): State<Arc<Ops>>, headers: HeaderMap) -> Result<Response, OpError> {
+    let mut reply = ops.resources().await?;
+    if !sees_everything(&ops, &headers) {
+        reply.resources.iter_mut().for_each(redact::redact_resource);
+    }
+    Ok(Json(reply).into_response())
 }
 
 async fn bots(
     State(ops): State<Arc<Ops>>,
+    headers: HeaderMap,
     query: Result<Query<BotsQuery>, QueryRejection>,
 ) -> Result<Response, OpError> {
     let Query(q) =
         query.map_err(|e| OpError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
-    Ok(Json(ops.bots(q).await?).into_response())
+    let mut reply = ops.bots(q).await?;
+    if !sees_everything(&ops, &headers) {
+        reply.bots.iter_mut().for_each(redact::redact_session);
+    }
+    Ok(Json(reply).into_response())
 }
 
 async fn take(
@@ -435,13 +464,7 @@ async fn require_token(State(ops): State<Arc<Ops>>, req: Request, next: Next) ->
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
+    match bearer(req.headers()) {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => next.run(req).await,
         _ => {
             metrics::http_refused(metrics::NO_TOKEN);
@@ -461,7 +484,7 @@ async fn require_token(State(ops): State<Arc<Ops>>, req: Request, next: Next) ->
 
 /// Compares without stopping at the first difference, so response timing
 /// does not tell how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

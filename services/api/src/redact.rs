@@ -89,9 +89,7 @@ mod tests {
 
     #[test]
     fn a_job_loses_session_names_argument_values_and_task_output() {
-        let mut job = Job::builder("build")
-            .arg("nvr", "secret-pkg-1.0")
-            .build();
+        let mut job = Job::builder("build").arg("nvr", "secret-pkg-1.0").build();
         job.lease = Some(Lease {
             session: "bot-a-7f3e".into(),
             bot_id: "bot-a".into(),

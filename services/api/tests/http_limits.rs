@@ -92,7 +92,11 @@ async fn a_trickled_body_is_refused_at_the_body_timeout() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
     assert!(answer.contains("invalid_body"), "{answer:?}");
     assert!(answer.contains("http.body_timeout"), "{answer:?}");
-    assert!(t0.elapsed() >= Duration::from_millis(400), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
     let text = reqwest::get(api.url("/metrics"))
         .await
         .unwrap()
@@ -105,7 +109,10 @@ async fn a_trickled_body_is_refused_at_the_body_timeout() {
 #[tokio::test]
 async fn no_token_beyond_loopback_is_refused_before_serving() {
     let nats = NatsServer::start();
-    let toml = format!("[nats]\nurl = {:?}\n[http]\nlisten = \"0.0.0.0:0\"\n", nats.url());
+    let toml = format!(
+        "[nats]\nurl = {:?}\n[http]\nlisten = \"0.0.0.0:0\"\n",
+        nats.url()
+    );
     let config = Arc::new(Config::from_parts(Some(&toml), Vec::new()).expect("valid config"));
     assert_eq!(config.http_serving_problems().len(), 1);
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
@@ -139,7 +146,10 @@ async fn reads_without_the_token_show_no_session_names_or_argument_values() {
     for secret in ["session-1", "private-pkg-1.0"] {
         assert!(!open.contains(secret), "{secret} in {open}");
     }
-    assert!(open.contains("[redacted]") && open.contains("bot-c"), "{open}");
+    assert!(
+        open.contains("[redacted]") && open.contains("bot-c"),
+        "{open}"
+    );
     let wrong = api
         .http
         .get(&url)

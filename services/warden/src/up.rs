@@ -176,10 +176,16 @@ mod tests {
 
     #[test]
     fn warns_only_beyond_loopback() {
-        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap_or_else(|e| panic!("{e}"));
+        let at = |s: &str| {
+            s.parse::<std::net::SocketAddr>()
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
         assert_eq!(beyond_loopback_warning(at("127.0.0.1:8080")), None);
         assert_eq!(beyond_loopback_warning(at("[::1]:8080")), None);
         let line = beyond_loopback_warning(at("0.0.0.0:8080")).unwrap_or_default();
-        assert!(line.contains("WARNING") && line.contains("0.0.0.0:8080"), "{line}");
+        assert!(
+            line.contains("WARNING") && line.contains("0.0.0.0:8080"),
+            "{line}"
+        );
     }
 }
