@@ -76,6 +76,27 @@ pub struct HttpConfig {
     /// [`MAX_EXECUTION_TIMEOUT`].
     #[serde(with = "humantime_serde")]
     pub execution_timeout: Duration,
+    /// A connection that has not sent a whole request head within this is
+    /// closed (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request whose body has not arrived whole within this (from the
+    /// end of its head) is refused.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+}
+
+/// Why serving HTTP on `listen` with `token` is refused: writes would be
+/// open to more than this host. `None` when it is allowed (a loopback
+/// address, or a token is set).
+pub fn http_exposure_problem(listen: SocketAddr, token: Option<&str>) -> Option<String> {
+    if listen.ip().is_loopback() || token.is_some_and(|t| !t.is_empty()) {
+        return None;
+    }
+    Some(format!(
+        "http.listen: {listen} is not a loopback address, so writes need a token: \
+         set http.token (or WARDEN_HTTP_TOKEN) to a secret, or listen on 127.0.0.1"
+    ))
 }
 
 /// The longest session an external executor may ask for.
@@ -175,6 +196,14 @@ pub struct WorkerConfig {
     /// a working copy; each depends on the host unless it names another.
     #[serde(default)]
     pub resources: Vec<crate::resource::ResourceDecl>,
+    /// Names passed through from the worker's environment to its tasks,
+    /// beside the built-in allowlist (`crate::task_env`).
+    #[serde(default)]
+    pub task_env: Vec<String>,
+    /// Run tasks as this user (a name, `uid` or `uid:gid`); empty: as the
+    /// worker's own user. Needs the worker to run as root.
+    #[serde(default)]
+    pub task_user: String,
 }
 
 /// Resource health (docs/design.md "Resources and health").
@@ -540,6 +569,12 @@ impl Config {
         {
             p.push("http.execution_timeout: must be between 1s and 24h".into());
         }
+        if self.http.header_timeout.is_zero() {
+            p.push("http.header_timeout: must be positive".into());
+        }
+        if self.http.body_timeout.is_zero() {
+            p.push("http.body_timeout: must be positive".into());
+        }
         if self.http.token.as_deref().is_some_and(str::is_empty) {
             p.push("http.token: must not be empty when set".into());
         }
@@ -633,6 +668,23 @@ impl Config {
         if w.acquire_wait.is_zero() {
             p.push("worker.acquire_wait: must be positive".into());
         }
+        for name in &w.task_env {
+            if !crate::task_env::valid_env_name(name) {
+                p.push(format!(
+                    "worker.task_env: {name:?} is not an environment variable name"
+                ));
+            } else if let Some(why) = crate::task_env::refused(name) {
+                p.push(format!(
+                    "worker.task_env: {name:?} is never passed to a task: {why}"
+                ));
+            }
+        }
+        if !w.task_user.is_empty() && !crate::task_env::valid_user_spec(&w.task_user) {
+            p.push(format!(
+                "worker.task_user: {:?} is neither a user name nor uid[:gid]",
+                w.task_user
+            ));
+        }
         let mut declared = BTreeSet::new();
         for (i, r) in w.resources.iter().enumerate() {
             let at = format!("worker.resources[{i}] ({})", r.name);
@@ -668,6 +720,11 @@ impl Config {
             }
             if task.pool.is_empty() {
                 p.push(format!("{at}: pool must not be empty"));
+            }
+            for name in task.env.keys() {
+                if let Some(why) = crate::task_env::refused_fixed(name) {
+                    p.push(format!("{at}: env.{name}: not allowed: {why}"));
+                }
             }
             for (code, outcome) in &task.verdicts {
                 if code.parse::<i32>().is_err() {
@@ -712,6 +769,20 @@ impl Config {
             .listen
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// What stops this config from serving the HTTP API (`warden-api`,
+    /// `warden up`): see [`http_exposure_problem`]. Not part of
+    /// [`Config::problems`], since workers and other services share the
+    /// file and never serve it.
+    pub fn http_serving_problems(&self) -> Vec<String> {
+        self.http
+            .listen
+            .parse::<SocketAddr>()
+            .ok()
+            .and_then(|addr| http_exposure_problem(addr, self.http.token.as_deref()))
+            .into_iter()
+            .collect()
     }
 
     /// The standalone metrics address, if any (validated at load time).
@@ -1057,6 +1128,67 @@ mod tests {
             .problems()
             .join("\n");
         assert!(text.contains("WARDEN_WORKER_CAPASITY"), "{text}");
+    }
+
+    #[test]
+    fn task_env_never_lists_the_workers_secrets() {
+        let file = "[worker]\ntask_env = [\"CI_CACHE\", \"WARDEN_NATS_PASSWORD\", \"NATS_CREDS\", \"GITHUB_TOKEN\", \"A=B\"]\ntask_user = \"a b\"\n[tasks.x]\ncommand = [\"true\"]\nenv = { WARDEN_HTTP_TOKEN = \"t\", GITHUB_TOKEN = \"fine\" }\n";
+        let problems = Config::from_parts(Some(file), Vec::new())
+            .expect_err("refused names")
+            .problems();
+        let text = problems.join("\n");
+        for needle in [
+            "worker.task_env: \"WARDEN_NATS_PASSWORD\" is never passed",
+            "worker.task_env: \"NATS_CREDS\" is never passed",
+            "worker.task_env: \"GITHUB_TOKEN\" is never passed",
+            "worker.task_env: \"A=B\" is not an environment variable name",
+            "worker.task_user: \"a b\"",
+            "tasks.x: env.WARDEN_HTTP_TOKEN: not allowed",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        // From the environment too, comma-separated.
+        let c = Config::from_parts(
+            None,
+            env(&[("WARDEN_WORKER_TASK_ENV", "CI_CACHE, http_proxy")]),
+        )
+        .expect("allowed names");
+        assert_eq!(c.worker.task_env, ["CI_CACHE", "http_proxy"]);
+    }
+
+    #[test]
+    fn writes_beyond_loopback_need_a_token() {
+        let at = |s: &str| {
+            s.parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{s}: {e}"))
+        };
+        assert_eq!(http_exposure_problem(at("127.0.0.1:8080"), None), None);
+        assert_eq!(http_exposure_problem(at("[::1]:8080"), None), None);
+        assert_eq!(
+            http_exposure_problem(at("0.0.0.0:8080"), Some("s3cret")),
+            None
+        );
+        for addr in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:80"] {
+            let problem = http_exposure_problem(at(addr), None).unwrap_or_default();
+            assert!(
+                problem.contains("http.token") && problem.contains("WARDEN_HTTP_TOKEN"),
+                "{addr}: {problem:?}"
+            );
+            assert!(http_exposure_problem(at(addr), Some("")).is_some());
+        }
+        let open = Config::from_parts(None, env(&[("WARDEN_HTTP_LISTEN", "0.0.0.0:8080")]))
+            .expect("a worker may share the file");
+        assert_eq!(open.http_serving_problems().len(), 1);
+        let closed = Config::from_parts(
+            None,
+            env(&[
+                ("WARDEN_HTTP_LISTEN", "0.0.0.0:8080"),
+                ("WARDEN_HTTP_TOKEN", "s3cret"),
+            ]),
+        )
+        .expect("valid");
+        assert!(closed.http_serving_problems().is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   JetStream pull loop and the compare-and-set retry every service uses;
 //! - [`clock`]: the time, injectable in tests;
 //! - [`services`]: the one list of Warden's services;
+//! - [`task_env`]: the environment and user a task starts with;
 //! - [`xorshift`]: reproducible pseudo-random numbers (tests, benchmarks).
 
 pub mod bots;
@@ -39,6 +40,7 @@ pub mod session;
 pub mod state;
 pub mod store;
 pub mod subjects;
+pub mod task_env;
 pub mod template;
 pub mod xorshift;
 

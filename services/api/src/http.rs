@@ -3,20 +3,27 @@
 //! `{"error": {"code", "message"}}`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use warden_shared::error::ErrorCode;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
+use futures::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 use crate::ops::{OpError, Ops};
+use crate::redact;
 use crate::types::IDEMPOTENT_REPLAYED;
 use crate::types::{
     BotsQuery, CancelBody, ErrorReply, ListQuery, RetryBody, StateRequest, StatsQuery, TakeRequest,
@@ -149,12 +156,134 @@ pub fn router(ops: Arc<Ops>) -> Router {
     }
     let api = api
         .method_not_allowed_fallback(method_not_allowed)
+        // Inner first: the token is checked before the body is read.
+        .route_layer(middleware::from_fn_with_state(ops.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(ops);
     api.merge(warden_shared::metrics::router())
         .fallback(not_found)
         .layer(middleware::from_fn(track))
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open
+/// connections finish (the caller bounds how long). Unlike `axum::serve`
+/// it closes a connection that has not sent a whole request head within
+/// `header_timeout` (slowloris), counted as `header_timeout` in
+/// `warden_api_http_refusals_total`. HTTP/1.1 only, like axum's default.
+pub async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little
+                    // rather than spin.
+                    tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                if e.is_timeout() {
+                    metrics::http_refused(metrics::HEADER_TIMEOUT);
+                    tracing::debug!("closed a connection that sent no request head in time");
+                } else {
+                    tracing::debug!(error = %e, "http connection ended with an error");
+                }
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Why a request body could not be had.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyError {
+    TimedOut,
+    TooLarge,
+    Unreadable,
+}
+
+/// The whole of `body`, at most `max` bytes, by `deadline`.
+pub async fn collect_body(
+    body: Body,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(BodyError::TimedOut),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => return Err(BodyError::Unreadable),
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(BodyError::TooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+/// Reads the body whole within `http.body_timeout` before the handler
+/// runs, so a client trickling a body cannot hold a handler (and its
+/// connection) open: too slow is 400 `invalid_body`, the connection
+/// closed, and counted as `body_timeout`.
+async fn read_body(State(ops): State<Arc<Ops>>, req: Request, next: Next) -> Response {
+    let http = &ops.config.http;
+    let deadline = tokio::time::Instant::now() + http.body_timeout;
+    let (parts, body) = req.into_parts();
+    match collect_body(body, http.max_body_bytes, deadline).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(BodyError::TooLarge) => {
+            OpError::too_large("request body is larger than http.max_body_bytes").into_response()
+        }
+        Err(BodyError::Unreadable) => {
+            OpError::bad_request(ErrorCode::InvalidBody, "cannot read the request body")
+                .into_response()
+        }
+        Err(BodyError::TimedOut) => {
+            metrics::http_refused(metrics::BODY_TIMEOUT);
+            let mut resp = OpError::bad_request(
+                ErrorCode::InvalidBody,
+                format!(
+                    "request body not received within http.body_timeout ({:?})",
+                    http.body_timeout
+                ),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+    }
 }
 
 async fn openapi() -> Response {
@@ -179,12 +308,30 @@ async fn create_job(
     Ok((StatusCode::CREATED, Json(created.job)).into_response())
 }
 
+/// Whether this request sees whole answers (see [`redact`]).
+fn sees_everything(ops: &Ops, headers: &HeaderMap) -> bool {
+    redact::sees_everything(ops.config.http.token.as_deref(), bearer(headers))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 async fn get_job(
     State(ops): State<Arc<Ops>>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, OpError> {
     let Path(id) = id.map_err(|e| OpError::bad_request(ErrorCode::InvalidId, e.body_text()))?;
-    Ok(Json(ops.get_str(&id).await?).into_response())
+    let mut job = ops.get_str(&id).await?;
+    if !sees_everything(&ops, &headers) {
+        redact::redact_job(&mut job);
+    }
+    Ok(Json(job).into_response())
 }
 
 async fn retry_job(
@@ -224,17 +371,26 @@ async fn stats(
     Ok(Json(ops.stats(q).await?).into_response())
 }
 
-async fn resources(State(ops): State<Arc<Ops>>) -> Result<Response, OpError> {
-    Ok(Json(ops.resources().await?).into_response())
+async fn resources(State(ops): State<Arc<Ops>>, headers: HeaderMap) -> Result<Response, OpError> {
+    let mut reply = ops.resources().await?;
+    if !sees_everything(&ops, &headers) {
+        reply.resources.iter_mut().for_each(redact::redact_resource);
+    }
+    Ok(Json(reply).into_response())
 }
 
 async fn bots(
     State(ops): State<Arc<Ops>>,
+    headers: HeaderMap,
     query: Result<Query<BotsQuery>, QueryRejection>,
 ) -> Result<Response, OpError> {
     let Query(q) =
         query.map_err(|e| OpError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
-    Ok(Json(ops.bots(q).await?).into_response())
+    let mut reply = ops.bots(q).await?;
+    if !sees_everything(&ops, &headers) {
+        reply.bots.iter_mut().for_each(redact::redact_session);
+    }
+    Ok(Json(reply).into_response())
 }
 
 async fn take(
@@ -308,15 +464,10 @@ async fn require_token(State(ops): State<Arc<Ops>>, req: Request, next: Next) ->
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
+    match bearer(req.headers()) {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => next.run(req).await,
         _ => {
+            metrics::http_refused(metrics::NO_TOKEN);
             let mut resp = OpError::new(
                 ErrorCode::Unauthorized,
                 "writes need Authorization: Bearer <token>",
@@ -333,7 +484,7 @@ async fn require_token(State(ops): State<Arc<Ops>>, req: Request, next: Next) ->
 
 /// Compares without stopping at the first difference, so response timing
 /// does not tell how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -18,9 +18,9 @@ pub mod index;
 pub mod metrics;
 pub mod nats;
 pub mod ops;
+pub mod redact;
 pub mod types;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,10 +54,15 @@ pub enum ApiError {
     Service(#[source] async_nats::Error),
     #[error("http server failed")]
     Http(#[source] std::io::Error),
+    #[error("refusing to serve HTTP: {0}")]
+    Exposed(String),
 }
 
 /// Binds `http.listen` and serves until `shutdown`.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ApiError> {
+    if let Some(problem) = config.http_serving_problems().into_iter().next() {
+        return Err(ApiError::Exposed(problem));
+    }
     let listener = TcpListener::bind(&config.http.listen)
         .await
         .map_err(|source| ApiError::Bind {
@@ -75,6 +80,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ApiError> {
     let addr = listener.local_addr().map_err(ApiError::Http)?;
+    // Checked on the address actually bound, whatever the config says.
+    if let Some(problem) =
+        warden_shared::config::http_exposure_problem(addr, config.http.token.as_deref())
+    {
+        return Err(ApiError::Exposed(problem));
+    }
     warden_shared::metrics::starting("api");
     metrics::init();
     let Some((client, handles)) = runtime::Connect::new(&config, "api")
@@ -103,9 +114,12 @@ pub async fn serve(
     let (service, endpoints) = nats::start(&client).await.map_err(ApiError::Service)?;
     tracker.spawn(nats::serve(ops.clone(), endpoints, shutdown.clone()));
 
-    let server = axum::serve(listener, http::router(ops))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = http::serve_http(
+        listener,
+        http::router(ops),
+        config.http.header_timeout,
+        shutdown.clone(),
+    );
     let mut server = tokio::spawn(server);
     warden_shared::metrics::ready("api");
     info!(%addr, "api listening");
@@ -119,15 +133,14 @@ pub async fn serve(
         Some(r) => {
             shutdown.cancel();
             match r {
-                Ok(Err(e)) => Err(ApiError::Http(e)),
-                Ok(Ok(())) => Ok(()),
+                Ok(()) => Ok(()),
                 Err(e) => Err(ApiError::Http(std::io::Error::other(e))),
             }
         }
         None => {
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(Ok(Err(e))) => warn!(error = %e, "http server failed while stopping"),
-                Ok(_) => {}
+                Ok(Err(e)) => warn!(error = %e, "http server failed while stopping"),
+                Ok(Ok(())) => {}
                 Err(_) => {
                     warn!("http connections still open after grace period");
                     server.abort();

@@ -18,7 +18,15 @@ pub struct Metrics {
     pub jobs: IntGaugeVec,
     /// State changes made by hand (retry, cancel).
     pub transitions: IntCounterVec,
+    /// HTTP requests refused before a handler ran, by reason.
+    pub http_refusals: IntCounterVec,
 }
+
+/// `reason` of `warden_api_http_refusals_total`.
+pub const HEADER_TIMEOUT: &str = "header_timeout";
+pub const BODY_TIMEOUT: &str = "body_timeout";
+pub const NO_TOKEN: &str = "no_token";
+pub const REFUSAL_REASONS: [&str; 3] = [HEADER_TIMEOUT, BODY_TIMEOUT, NO_TOKEN];
 
 /// What a person can do to a job through the API.
 pub const ACTIONS: [Action; 2] = [Action::Retry, Action::Cancel];
@@ -70,6 +78,16 @@ pub fn metrics() -> &'static Metrics {
             )
             .expect("valid metric"),
         ),
+        http_refusals: register(
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_api_http_refusals_total",
+                    "HTTP connections or requests refused before a handler ran, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        ),
     })
 }
 
@@ -78,6 +96,7 @@ pub fn metrics() -> &'static Metrics {
 /// bucket.
 pub fn init() {
     let m = metrics();
+    warden_shared::metrics::touch_each(&m.http_refusals, &REFUSAL_REASONS);
     for from in JobState::ALL {
         for action in ACTIONS {
             if let Ok(to) = transition(from, action) {
@@ -85,6 +104,11 @@ pub fn init() {
             }
         }
     }
+}
+
+/// Counts one HTTP refusal (one of [`REFUSAL_REASONS`]).
+pub fn http_refused(reason: &'static str) {
+    metrics().http_refusals.with_label_values(&[reason]).inc();
 }
 
 /// Counts one change made by hand.

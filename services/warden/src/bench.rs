@@ -86,7 +86,7 @@ pub async fn run(
     if !args.no_process {
         let process: Arc<dyn Executor> = Arc::new(warden_worker::ProcessExecutor::new(Arc::new(
             config.clone(),
-        )));
+        ))?);
         phase(&config, &args, "process `true`", process, true).await?;
     }
     Ok(0)

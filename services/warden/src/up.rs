@@ -24,6 +24,14 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         config.http.listen = http.clone();
     }
     runtime::exit_on_problems(&config, "warden");
+    let exposed = config.http_serving_problems();
+    if !exposed.is_empty() {
+        eprintln!(
+            "warden: invalid configuration:\n  - {}",
+            exposed.join("\n  - ")
+        );
+        std::process::exit(warden_shared::config::EXIT_CONFIG);
+    }
     if args.secure && external_nats {
         anyhow::bail!("--secure runs its own secured nats-server: drop --nats-url");
     }
@@ -129,6 +137,9 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         );
     }
     println!("  HTTP API  http://{http}/api/v1/jobs");
+    if let Some(line) = beyond_loopback_warning(http) {
+        println!("{line}");
+    }
     println!("  metrics   http://{http}/metrics");
     println!(
         "  workers   {} in pool(s) {} ({})",
@@ -148,6 +159,17 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     }
     println!("Warden stopped");
     Ok(code)
+}
+
+/// The warning `warden up` prints when its HTTP API is reachable from
+/// other hosts (it only starts so with a token).
+fn beyond_loopback_warning(http: std::net::SocketAddr) -> Option<String> {
+    (!http.ip().is_loopback()).then(|| {
+        format!(
+            "  WARNING   the HTTP API listens on {http}, beyond this host: writes need \
+             http.token; reads without it are redacted"
+        )
+    })
 }
 
 fn start<F, E>(set: &mut JoinSet<ServiceResult>, name: &str, fut: F)
@@ -197,4 +219,24 @@ async fn supervise(set: &mut JoinSet<ServiceResult>, shutdown: &CancellationToke
 /// The bot id of `warden up`'s `i`-th local worker.
 fn local_bot_id(i: u32) -> String {
     format!("local-{i}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_beyond_loopback() {
+        let at = |s: &str| {
+            s.parse::<std::net::SocketAddr>()
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert_eq!(beyond_loopback_warning(at("127.0.0.1:8080")), None);
+        assert_eq!(beyond_loopback_warning(at("[::1]:8080")), None);
+        let line = beyond_loopback_warning(at("0.0.0.0:8080")).unwrap_or_default();
+        assert!(
+            line.contains("WARNING") && line.contains("0.0.0.0:8080"),
+            "{line}"
+        );
+    }
 }

@@ -16,7 +16,10 @@ use warden_shared::config::TaskConfig;
 use warden_shared::guard::{self, Ended};
 use warden_shared::job::{Blame, CrashInfo};
 use warden_shared::messages::Fault;
+use warden_shared::task_env::{self, TaskUser, TaskUserError};
 use warden_shared::Config;
+
+use crate::metrics::metrics;
 
 /// One attempt to run.
 #[derive(Debug, Clone)]
@@ -182,14 +185,79 @@ pub fn verdict(
 
 /// Runs the task's argv from the worker's config. Arguments are passed as
 /// `WARDEN_ARG_<NAME>` environment variables, never through a shell line.
+/// The task starts from a cleared environment (`warden_shared::task_env`),
+/// as `worker.task_user` when one is set.
 pub struct ProcessExecutor {
     config: Arc<Config>,
     work_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
+    /// The worker's variables every task gets (taken once: the worker's
+    /// environment does not change).
+    passed_env: BTreeMap<String, String>,
+    user: Option<TaskUser>,
+}
+
+/// The values a task's environment must never hold: the worker's NATS
+/// password, HTTP token and credentials path.
+fn worker_secrets(config: &Config) -> Vec<String> {
+    let mut secrets = Vec::new();
+    secrets.extend(config.nats.password.clone());
+    secrets.extend(config.http.token.clone());
+    if let Some(path) = &config.nats.credentials {
+        secrets.push(path.display().to_string());
+    }
+    secrets
+}
+
+/// `worker.task_user`, resolved and checked against this process's user.
+fn task_user(config: &Config) -> Result<Option<TaskUser>, TaskUserError> {
+    let spec = config.worker.task_user.trim();
+    if spec.is_empty() {
+        return Ok(None);
+    }
+    let passwd = match std::fs::read_to_string("/etc/passwd") {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(TaskUserError::Passwd(e.to_string())),
+    };
+    let user = task_env::resolve_user(spec, &passwd)?;
+    task_env::check_can_switch(&user, rustix::process::geteuid().as_raw())?;
+    Ok(Some(user))
 }
 
 impl ProcessExecutor {
-    pub fn new(config: Arc<Config>) -> ProcessExecutor {
+    /// Fails when `worker.task_user` is set but cannot be used.
+    pub fn new(config: Arc<Config>) -> Result<ProcessExecutor, TaskUserError> {
+        Self::with_environment(config, std::env::vars())
+    }
+
+    /// Like [`ProcessExecutor::new`], with `inherited` standing for the
+    /// worker's environment.
+    pub fn with_environment(
+        config: Arc<Config>,
+        inherited: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ProcessExecutor, TaskUserError> {
+        let user = task_user(&config)?;
+        let secrets = worker_secrets(&config);
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let passed = task_env::task_environment(inherited, &config.worker.task_env, &secrets);
+        for name in &passed.dropped {
+            tracing::warn!(
+                variable = %name,
+                "not passed to tasks: its value holds one of the worker's secrets"
+            );
+            metrics().task_env_dropped.inc();
+        }
+        let mut passed_env = passed.env;
+        if let Some(u) = &user {
+            if let Some(home) = &u.home {
+                passed_env.insert("HOME".into(), home.clone());
+            }
+            if let Some(name) = &u.name {
+                passed_env.insert("USER".into(), name.clone());
+                passed_env.insert("LOGNAME".into(), name.clone());
+            }
+        }
         let (work_dir, temp) = if config.worker.work_dir.is_empty() {
             match tempfile::Builder::new().prefix("warden-worker-").tempdir() {
                 Ok(t) => (t.path().to_path_buf(), Some(t)),
@@ -203,11 +271,13 @@ impl ProcessExecutor {
             }
             (dir, None)
         };
-        ProcessExecutor {
+        Ok(ProcessExecutor {
             config,
             work_dir,
             _temp: temp,
-        }
+            passed_env,
+            user,
+        })
     }
 
     fn setup_failed(description: String) -> Execution {
@@ -236,6 +306,21 @@ impl ProcessExecutor {
         if let Err(e) = tokio::fs::create_dir_all(&dir).await {
             return Self::setup_failed(format!("cannot create work dir {}: {e}", dir.display()));
         }
+        if let Some(u) = &self.user {
+            // The task writes its status file and scratch files here.
+            if let Err(e) = rustix::fs::chown(
+                &dir,
+                Some(rustix::fs::Uid::from_raw(u.uid)),
+                Some(rustix::fs::Gid::from_raw(u.gid)),
+            ) {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                return Self::setup_failed(format!(
+                    "cannot give work dir {} to uid {}: {e}",
+                    dir.display(),
+                    u.uid
+                ));
+            }
+        }
         let status_path = dir.join("warden-status");
         let result = self
             .spawn_and_wait(task, &req, &dir, &status_path, cancel)
@@ -262,9 +347,21 @@ impl ProcessExecutor {
                 return Self::setup_failed(format!("cannot start {:?}: {e}", task.command[0]))
             }
         };
+        let mut std_cmd = std_cmd;
+        #[cfg(unix)]
+        if let Some(u) = &self.user {
+            // On the guard, which passes its user on to the task; std
+            // drops the supplementary groups when it switches.
+            use std::os::unix::process::CommandExt;
+            std_cmd.uid(u.uid).gid(u.gid);
+        }
         let mut cmd = tokio::process::Command::from(std_cmd);
+        // The guard passes its environment on to the task: clearing it
+        // here clears both (the worker's secrets reach neither).
         cmd.args(&task.command[1..])
             .current_dir(dir)
+            .env_clear()
+            .envs(&self.passed_env)
             .envs(&task.env)
             .env("WARDEN_JOB_ID", req.job_id.to_string())
             .env("WARDEN_ATTEMPT", req.epoch.to_string())

@@ -41,6 +41,8 @@ use metrics::metrics;
 pub enum WorkerError {
     #[error(transparent)]
     Connect(#[from] runtime::ConnectError),
+    #[error(transparent)]
+    TaskUser(#[from] warden_shared::task_env::TaskUserError),
 }
 
 /// The worker's command-line flags, for `warden-worker` and `warden
@@ -115,7 +117,7 @@ struct Agent {
 }
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-    let executor = Arc::new(ProcessExecutor::new(config.clone()));
+    let executor = Arc::new(ProcessExecutor::new(config.clone())?);
     run_with(config, executor, shutdown).await
 }
 

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub acquire_unavailable: IntCounter,
     /// Leases that answered an acquire of a session since replaced: not run.
     pub stale_grants: IntCounter,
+    /// Allowlisted variables not passed to tasks because their value holds
+    /// one of the worker's secrets.
+    pub task_env_dropped: IntCounter,
 }
 
 /// `result` of `warden_worker_attempts_total`.
@@ -109,6 +112,13 @@ pub fn metrics() -> &'static Metrics {
             IntCounter::new(
                 "warden_worker_stale_grants_total",
                 "Leases granted to a session this worker had replaced meanwhile: not run",
+            )
+            .expect("valid metric"),
+        ),
+        task_env_dropped: register(
+            IntCounter::new(
+                "warden_worker_task_env_dropped_total",
+                "Allowlisted variables kept from tasks because their value holds a worker secret",
             )
             .expect("valid metric"),
         ),

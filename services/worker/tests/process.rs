@@ -17,7 +17,7 @@ fn executor(tasks: &str) -> ProcessExecutor {
         Vec::new(),
     )
     .expect("config");
-    ProcessExecutor::new(Arc::new(config))
+    ProcessExecutor::new(Arc::new(config)).expect("executor")
 }
 
 fn req(task: &str, args: &[(&str, &str)]) -> ExecRequest {

@@ -42,6 +42,16 @@ impl Api {
         token: Option<&str>,
         user: Option<(&str, &str)>,
     ) -> Api {
+        Api::start_with_http(nats, token, user, "").await
+    }
+
+    /// Like [`Api::start_on`], with `http` (TOML keys) added to `[http]`.
+    pub async fn start_with_http(
+        nats: NatsServer,
+        token: Option<&str>,
+        user: Option<(&str, &str)>,
+        http: &str,
+    ) -> Api {
         let mut toml = format!("[nats]\nurl = {:?}\n", nats.url());
         if let Some((name, password)) = user {
             toml.push_str(&format!("user = {name:?}\npassword = {password:?}\n"));
@@ -52,6 +62,8 @@ impl Api {
         if let Some(t) = token {
             toml.push_str(&format!("token = {t:?}\n"));
         }
+        toml.push_str(http);
+        toml.push('\n');
         toml.push_str("[tasks.build]\ncommand = [\"true\"]\npool = \"builders\"\npriority = 7\n");
         let config = Arc::new(Config::from_parts(Some(&toml), Vec::new()).expect("valid config"));
         let listener = tokio::net::TcpListener::bind(&config.http.listen)
