@@ -23,7 +23,7 @@ async fn request<T: serde::Serialize>(
     body: &T,
 ) -> SessionReply {
     let msg = client
-        .request(subject, serde_json::to_vec(body).unwrap().into())
+        .request(subject.to_string(), serde_json::to_vec(body).unwrap().into())
         .await
         .unwrap();
     serde_json::from_slice(&msg.payload).unwrap()
