@@ -226,7 +226,10 @@ fn seen(job: &Job, token: &ExecutionToken, action: Action) -> Seen {
 /// Why `token` no longer holds `job`, or `None` if it does.
 /// The executor's bot id: that of the lease its token's session holds
 /// (its session subjects carry it).
-fn executor_bot(lease: Option<&warden_shared::job::Lease>, token: &ExecutionToken) -> Option<String> {
+fn executor_bot(
+    lease: Option<&warden_shared::job::Lease>,
+    token: &ExecutionToken,
+) -> Option<String> {
     lease
         .filter(|l| l.session == token.session)
         .map(|l| l.bot_id.clone())

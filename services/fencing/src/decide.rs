@@ -312,7 +312,9 @@ pub fn admit_create(
     if recent.len() >= per_minute as usize {
         return Err(Rejection::new(
             ErrorCode::RateLimited,
-            format!("more than {per_minute} session creates of this bot in a minute; try again later"),
+            format!(
+                "more than {per_minute} session creates of this bot in a minute; try again later"
+            ),
         ));
     }
     recent.push_back(now);
@@ -489,7 +491,10 @@ mod tests {
             owns("attacker", "s", &s).unwrap_err().code,
             ErrorCode::NotYourSession
         );
-        assert_eq!(unidentified("warden.session.create").code, ErrorCode::BotUnidentified);
+        assert_eq!(
+            unidentified("warden.session.create").code,
+            ErrorCode::BotUnidentified
+        );
     }
 
     #[test]
@@ -499,7 +504,9 @@ mod tests {
         r.capacity = 2;
         assert!(allowed(&r, Some(&record(&["default", "gpu", "x"], 2)), true).is_ok());
         assert_eq!(
-            allowed(&r, Some(&record(&["default"], 2)), false).unwrap_err().code,
+            allowed(&r, Some(&record(&["default"], 2)), false)
+                .unwrap_err()
+                .code,
             ErrorCode::PoolNotAllowed
         );
         assert_eq!(
@@ -508,7 +515,10 @@ mod tests {
                 .code,
             ErrorCode::CapacityNotAllowed
         );
-        assert!(allowed(&r, None, false).is_ok(), "registration not required");
+        assert!(
+            allowed(&r, None, false).is_ok(),
+            "registration not required"
+        );
         assert_eq!(
             allowed(&r, None, true).unwrap_err().code,
             ErrorCode::BotNotRegistered

@@ -149,15 +149,23 @@ mod tests {
     #[test]
     fn the_bot_is_the_subjects_and_a_bare_subject_names_none() {
         let subject = subjects::session_heartbeat_subject("bot-a");
-        assert_eq!(bot_of(Op::Heartbeat, &subject).ok().as_deref(), Some("bot-a"));
-        let e = bot_of(Op::Create, subjects::SESSION_CREATE).err().map(|e| e.body().code);
+        assert_eq!(
+            bot_of(Op::Heartbeat, &subject).ok().as_deref(),
+            Some("bot-a")
+        );
+        let e = bot_of(Op::Create, subjects::SESSION_CREATE)
+            .err()
+            .map(|e| e.body().code);
         assert_eq!(e, Some(ErrorCode::BotUnidentified));
         // A create subject is not an executor one, nor the other way.
         assert!(bot_of(Op::ExecutorCreate, &subjects::session_create_subject("b")).is_err());
         assert_eq!(
-            bot_of(Op::ExecutorCreate, &subjects::executor_session_create_subject("b"))
-                .ok()
-                .as_deref(),
+            bot_of(
+                Op::ExecutorCreate,
+                &subjects::executor_session_create_subject("b")
+            )
+            .ok()
+            .as_deref(),
             Some("b")
         );
     }

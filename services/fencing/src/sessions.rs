@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tracing::{info, warn};
 use uuid::Uuid;
+use warden_shared::bots::{self, BotRecord};
 use warden_shared::cas::{
     self, Change, Failure, KvError, KvKey, KvText, Never, Outcome, Retry, Step,
 };
-use warden_shared::bots::{self, BotRecord};
 use warden_shared::clock::{self, Clock};
 use warden_shared::config::FencingConfig;
 use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
@@ -252,10 +252,12 @@ impl Sessions {
         let key = session_key(old);
         let now = self.now();
         let step = cas::decide(|current: Option<Session>| {
-            Ok::<_, Never>(match current.and_then(|s| decide::quarantine(s, new, now)) {
-                Some(q) => Step::Write(q, ()),
-                None => Step::Stop(()),
-            })
+            Ok::<_, Never>(
+                match current.and_then(|s| decide::quarantine(s, new, now)) {
+                    Some(q) => Step::Write(q, ()),
+                    None => Step::Stop(()),
+                },
+            )
         });
         match cas::run(&KvKey::new(&self.kv, &key), QUARANTINE, step).await {
             Ok(Outcome::Written { .. }) => Ok(true),
@@ -306,9 +308,8 @@ impl Sessions {
     async fn record_of(&self, bot_id: &str) -> Result<Option<BotRecord>, OpError> {
         let key = bots::record_key(bot_id);
         match self.bots.entry(key.clone()).await.map_err(store_err)? {
-            Some(e) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
-                .map(Some)
-                .map_err(|error| {
+            Some(e) if e.operation == kv::Operation::Put => {
+                serde_json::from_slice(&e.value).map(Some).map_err(|error| {
                     OpError::Corrupt(
                         GetError::Corrupt {
                             key: format!("{}/{key}", warden_shared::subjects::BOTS_BUCKET),
@@ -316,7 +317,8 @@ impl Sessions {
                         }
                         .to_string(),
                     )
-                }),
+                })
+            }
             _ => Ok(None),
         }
     }
@@ -352,11 +354,9 @@ impl Sessions {
         self.admit_create(&req.bot_id)?;
         let record = self.record_of(&req.bot_id).await?;
         match creator {
-            Creator::Bot => decide::allowed(
-                &req,
-                record.as_ref(),
-                self.limits.require_registered_bots,
-            )?,
+            Creator::Bot => {
+                decide::allowed(&req, record.as_ref(), self.limits.require_registered_bots)?
+            }
             Creator::Executor => decide::executor_allowed(&req, record.as_ref())?,
         }
         let name = Uuid::new_v4().to_string();

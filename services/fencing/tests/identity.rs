@@ -137,13 +137,17 @@ async fn refused_by_the_server<T: serde::Serialize>(b: &BotClient, subject: Stri
     let before = b.denied.lock().unwrap().len();
     let r = ask(&b.client, subject.clone(), body).await;
     assert!(r.is_none(), "{subject} answered: {r:?}");
-    eventually(Duration::from_secs(5), "a permissions violation", || async {
-        let d = b.denied.lock().unwrap();
-        d[before..]
-            .iter()
-            .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(&subject))
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a permissions violation",
+        || async {
+            let d = b.denied.lock().unwrap();
+            d[before..]
+                .iter()
+                .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(&subject))
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -184,9 +188,13 @@ async fn another_bots_credentials_change_nothing_of_the_victims() {
         session: name.clone(),
         leases: held.clone(),
     };
-    let ok = ask(&victim.client, subjects::session_heartbeat_subject("victim"), &hb)
-        .await
-        .unwrap();
+    let ok = ask(
+        &victim.client,
+        subjects::session_heartbeat_subject("victim"),
+        &hb,
+    )
+    .await
+    .unwrap();
     assert_eq!(code(&ok), None);
     let session_keys = vec![session_key(&name), bot_key("victim"), bot_key("attacker")];
     let job_key = vec![job.id.to_string()];
@@ -197,35 +205,62 @@ async fn another_bots_credentials_change_nothing_of_the_victims() {
     assert!(before.0[0].is_some() && before.0[1].is_some() && before.1[0].is_some());
 
     // (a) The victim's subjects are not the attacker's to publish on.
-    refused_by_the_server(&attacker, subjects::session_create_subject("victim"), &create_request("victim")).await;
-    refused_by_the_server(&attacker, subjects::session_heartbeat_subject("victim"), &hb).await;
+    refused_by_the_server(
+        &attacker,
+        subjects::session_create_subject("victim"),
+        &create_request("victim"),
+    )
+    .await;
+    refused_by_the_server(
+        &attacker,
+        subjects::session_heartbeat_subject("victim"),
+        &hb,
+    )
+    .await;
     let close = CloseSession {
         version: 1,
         session: name.clone(),
     };
     refused_by_the_server(&attacker, subjects::session_close_subject("victim"), &close).await;
-    refused_by_the_server(&attacker, subjects::SESSION_CREATE.to_string(), &create_request("victim")).await;
+    refused_by_the_server(
+        &attacker,
+        subjects::SESSION_CREATE.to_string(),
+        &create_request("victim"),
+    )
+    .await;
 
     // (b) Its own subject with the victim's id in the body.
     let r = create_as(&attacker, "attacker", &create_request("victim")).await;
     assert_eq!((code(&r), r.session), (Some(ErrorCode::BotMismatch), None));
 
     // (c) The victim's session named on its own subjects.
-    let r = ask(&attacker.client, subjects::session_heartbeat_subject("attacker"), &hb)
-        .await
-        .unwrap();
+    let r = ask(
+        &attacker.client,
+        subjects::session_heartbeat_subject("attacker"),
+        &hb,
+    )
+    .await
+    .unwrap();
     assert_eq!(code(&r), Some(ErrorCode::NotYourSession));
     assert!(r.cancel.is_empty(), "no lease cancelled: {:?}", r.cancel);
-    let r = ask(&attacker.client, subjects::session_close_subject("attacker"), &close)
-        .await
-        .unwrap();
+    let r = ask(
+        &attacker.client,
+        subjects::session_close_subject("attacker"),
+        &close,
+    )
+    .await
+    .unwrap();
     assert_eq!(code(&r), Some(ErrorCode::NotYourSession));
 
     // A request on a bare subject (older workers; only the services' user
     // may publish there) names no bot.
-    let r = ask(&s.service, subjects::SESSION_CREATE.to_string(), &create_request("victim"))
-        .await
-        .unwrap();
+    let r = ask(
+        &s.service,
+        subjects::SESSION_CREATE.to_string(),
+        &create_request("victim"),
+    )
+    .await
+    .unwrap();
     assert_eq!(code(&r), Some(ErrorCode::BotUnidentified));
     let r = ask(&s.service, subjects::SESSION_HEARTBEAT.to_string(), &hb)
         .await
@@ -236,11 +271,18 @@ async fn another_bots_credentials_change_nothing_of_the_victims() {
         raw(&s.handles.sessions, &session_keys).await,
         raw(&s.handles.jobs, &job_key).await,
     );
-    assert_eq!(after, before, "the victim's session, pointer and job changed");
+    assert_eq!(
+        after, before,
+        "the victim's session, pointer and job changed"
+    );
     // The victim's session lives on.
-    let ok = ask(&victim.client, subjects::session_heartbeat_subject("victim"), &hb)
-        .await
-        .unwrap();
+    let ok = ask(
+        &victim.client,
+        subjects::session_heartbeat_subject("victim"),
+        &hb,
+    )
+    .await
+    .unwrap();
     assert_eq!((code(&ok), ok.cancel), (None, Vec::new()));
 }
 
@@ -269,16 +311,26 @@ async fn a_bot_claims_only_what_the_registry_allows() {
     let mut gpu = create_request("victim");
     gpu.pools = vec!["default".into(), "gpu".into()];
     let r = create_as(&victim, "victim", &gpu).await;
-    assert_eq!((code(&r), r.session), (Some(ErrorCode::PoolNotAllowed), None));
+    assert_eq!(
+        (code(&r), r.session),
+        (Some(ErrorCode::PoolNotAllowed), None)
+    );
     let mut big = create_request("victim");
     big.capacity = 3;
     let r = create_as(&victim, "victim", &big).await;
     assert_eq!(code(&r), Some(ErrorCode::CapacityNotAllowed));
-    assert_eq!(raw(&s.handles.sessions, &[bot_key("victim")]).await, vec![None], "nothing written");
+    assert_eq!(
+        raw(&s.handles.sessions, &[bot_key("victim")]).await,
+        vec![None],
+        "nothing written"
+    );
 
     let r = create_as(&attacker, "attacker", &create_request("attacker")).await;
     assert_eq!(code(&r), Some(ErrorCode::BotNotRegistered));
-    assert_eq!(raw(&s.handles.sessions, &[bot_key("attacker")]).await, vec![None]);
+    assert_eq!(
+        raw(&s.handles.sessions, &[bot_key("attacker")]).await,
+        vec![None]
+    );
 
     let mut fits = create_request("victim");
     fits.capacity = 2;
@@ -286,14 +338,22 @@ async fn a_bot_claims_only_what_the_registry_allows() {
 
     // An external executor's session (the API service asks, as the
     // services' user): for an id of its own, never a registered bot's.
-    let r = ask(&s.service, subjects::executor_session_create_subject("script-1"), &create_request("script-1"))
-        .await
-        .unwrap();
+    let r = ask(
+        &s.service,
+        subjects::executor_session_create_subject("script-1"),
+        &create_request("script-1"),
+    )
+    .await
+    .unwrap();
     assert!(r.session.is_some(), "{r:?}");
     let before = raw(&s.handles.sessions, &[bot_key("victim")]).await;
-    let r = ask(&s.service, subjects::executor_session_create_subject("victim"), &create_request("victim"))
-        .await
-        .unwrap();
+    let r = ask(
+        &s.service,
+        subjects::executor_session_create_subject("victim"),
+        &create_request("victim"),
+    )
+    .await
+    .unwrap();
     assert_eq!(code(&r), Some(ErrorCode::BotRegistered));
     assert_eq!(raw(&s.handles.sessions, &[bot_key("victim")]).await, before);
 }
@@ -312,9 +372,16 @@ async fn creates_are_rate_limited_and_heartbeats_capped_at_capacity() {
     let pointer = raw(&s.handles.sessions, &[bot_key("victim")]).await;
     let r = create_as(&victim, "victim", &create_request("victim")).await;
     assert_eq!((code(&r), r.session), (Some(ErrorCode::RateLimited), None));
-    assert_eq!(raw(&s.handles.sessions, &[bot_key("victim")]).await, pointer, "nothing written");
+    assert_eq!(
+        raw(&s.handles.sessions, &[bot_key("victim")]).await,
+        pointer,
+        "nothing written"
+    );
     s.clock.advance(Duration::from_secs(61));
-    assert!(create_as(&victim, "victim", &create_request("victim")).await.session.is_some());
+    assert!(create_as(&victim, "victim", &create_request("victim"))
+        .await
+        .session
+        .is_some());
     let _ = last;
 
     // Capacity 1: a heartbeat listing 5,000 leases (the issue saw 20,000) is refused and renews
@@ -337,31 +404,51 @@ async fn creates_are_rate_limited_and_heartbeats_capped_at_capacity() {
             })
             .collect(),
     };
-    let r = ask(&victim.client, subjects::session_heartbeat_subject("victim"), &many)
-        .await
-        .unwrap();
+    let r = ask(
+        &victim.client,
+        subjects::session_heartbeat_subject("victim"),
+        &many,
+    )
+    .await
+    .unwrap();
     assert_eq!(code(&r), Some(ErrorCode::TooManyLeases));
-    assert_eq!(raw(&s.handles.sessions, &[session_key(&name)]).await, before);
+    assert_eq!(
+        raw(&s.handles.sessions, &[session_key(&name)]).await,
+        before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_sessions_are_deleted_after_the_retention_and_the_pointer_kept_right() {
-    let s = secured("[fencing]\nsession_timeout = \"400ms\"\nclosed_session_retention = \"1h\"\n").await;
+    let s = secured("[fencing]\nsession_timeout = \"400ms\"\nclosed_session_retention = \"1h\"\n")
+        .await;
     let victim = s.bot("victim").await;
     let attacker = s.bot("attacker").await;
     // victim: a closed session (its pointer names it); attacker: one
     // quarantined by a newer one (its pointer names the newer).
-    let closed = create_as(&victim, "victim", &create_request("victim")).await.session.unwrap();
+    let closed = create_as(&victim, "victim", &create_request("victim"))
+        .await
+        .session
+        .unwrap();
     let r = ask(
         &victim.client,
         subjects::session_close_subject("victim"),
-        &CloseSession { version: 1, session: closed.clone() },
+        &CloseSession {
+            version: 1,
+            session: closed.clone(),
+        },
     )
     .await
     .unwrap();
     assert_eq!(code(&r), None);
-    let old = create_as(&attacker, "attacker", &create_request("attacker")).await.session.unwrap();
-    let new = create_as(&attacker, "attacker", &create_request("attacker")).await.session.unwrap();
+    let old = create_as(&attacker, "attacker", &create_request("attacker"))
+        .await
+        .session
+        .unwrap();
+    let new = create_as(&attacker, "attacker", &create_request("attacker"))
+        .await
+        .session
+        .unwrap();
     let kv = s.handles.sessions.clone();
 
     // Within the retention (sweeps run meanwhile): kept.
@@ -377,14 +464,18 @@ async fn ended_sessions_are_deleted_after_the_retention_and_the_pointer_kept_rig
     .await;
 
     s.clock.advance(Duration::from_secs(2 * 60));
-    eventually(Duration::from_secs(10), "both ended sessions deleted", || {
-        let kv = kv.clone();
-        let (closed, old) = (closed.clone(), old.clone());
-        async move {
-            let r = raw(&kv, &[session_key(&closed), session_key(&old)]).await;
-            r.iter().all(Option::is_none).then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "both ended sessions deleted",
+        || {
+            let kv = kv.clone();
+            let (closed, old) = (closed.clone(), old.clone());
+            async move {
+                let r = raw(&kv, &[session_key(&closed), session_key(&old)]).await;
+                r.iter().all(Option::is_none).then_some(())
+            }
+        },
+    )
     .await;
     // The victim's pointer named the deleted session: gone with it. The
     // attacker's names its newer session (expired only now, when the
@@ -394,5 +485,8 @@ async fn ended_sessions_are_deleted_after_the_retention_and_the_pointer_kept_rig
     assert_eq!(pointer, Bytes::from(new.clone()));
     assert!(raw(&kv, &[session_key(&new)]).await[0].is_some());
     // A bot whose pointer was deleted opens a session again.
-    assert!(create_as(&victim, "victim", &create_request("victim")).await.session.is_some());
+    assert!(create_as(&victim, "victim", &create_request("victim"))
+        .await
+        .session
+        .is_some());
 }

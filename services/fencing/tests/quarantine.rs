@@ -23,7 +23,10 @@ async fn request<T: serde::Serialize>(
     body: &T,
 ) -> SessionReply {
     let msg = client
-        .request(subject.to_string(), serde_json::to_vec(body).unwrap().into())
+        .request(
+            subject.to_string(),
+            serde_json::to_vec(body).unwrap().into(),
+        )
         .await
         .unwrap();
     serde_json::from_slice(&msg.payload).unwrap()
@@ -179,7 +182,12 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
             epoch: 1,
         }],
     };
-    let r = request(&client, &subjects::session_heartbeat_subject("bot-1"), &claim).await;
+    let r = request(
+        &client,
+        &subjects::session_heartbeat_subject("bot-1"),
+        &claim,
+    )
+    .await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
     let r = heartbeat(&client, "bot-1", &old).await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
@@ -210,7 +218,12 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
             epoch: 1,
         }],
     };
-    let r = request(&client, &subjects::session_heartbeat_subject("bot-1"), &mine).await;
+    let r = request(
+        &client,
+        &subjects::session_heartbeat_subject("bot-1"),
+        &mine,
+    )
+    .await;
     assert!(r.error.is_none() && r.cancel.is_empty(), "{r:?}");
     // A lease for an attempt that is not current must be stopped.
     let stale = Heartbeat {
@@ -222,9 +235,13 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         }],
     };
     assert_eq!(
-        request(&client, &subjects::session_heartbeat_subject("bot-1"), &stale)
-            .await
-            .cancel,
+        request(
+            &client,
+            &subjects::session_heartbeat_subject("bot-1"),
+            &stale
+        )
+        .await
+        .cancel,
         vec![job.id]
     );
 
@@ -361,7 +378,12 @@ async fn a_session_with_its_own_timeout_expires_by_it() {
     for bad in [Some(10), Some(90_000_000)] {
         req.timeout_ms = bad;
         req.bot_id = "bad-timeout".into();
-        let r = request(&client, &subjects::session_create_subject("bad-timeout"), &req).await;
+        let r = request(
+            &client,
+            &subjects::session_create_subject("bad-timeout"),
+            &req,
+        )
+        .await;
         assert!(r.session.is_none(), "{bad:?} accepted");
         assert_eq!(r.error.expect("an error").code, ErrorCode::InvalidRequest);
     }

@@ -45,9 +45,13 @@ async fn start(
         let client = client.clone();
         let create = create.clone();
         async move {
-            request(&client, &subjects::session_create_subject("steady"), &create)
-                .await?
-                .session
+            request(
+                &client,
+                &subjects::session_create_subject("steady"),
+                &create,
+            )
+            .await?
+            .session
         }
     })
     .await;
@@ -150,7 +154,12 @@ async fn a_store_without_quorum_evicts_nobody() {
         errors.lock().unwrap()
     );
     let tail: Vec<String> = errors.lock().unwrap()[during..].to_vec();
-    let last = request(&client, &subjects::session_heartbeat_subject("steady"), &heartbeat_of(&name)).await;
+    let last = request(
+        &client,
+        &subjects::session_heartbeat_subject("steady"),
+        &heartbeat_of(&name),
+    )
+    .await;
     assert!(
         last.as_ref().is_some_and(|r| r.error.is_none()),
         "heartbeats fail after the store is back: {last:?} (after the outage: {tail:?})"

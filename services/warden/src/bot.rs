@@ -174,7 +174,10 @@ async fn remove(config: &Config, bot_id: &str, accounts: &Path) -> anyhow::Resul
     let key = bots::record_key(bot_id);
     let registered = matches!(kv.entry(&key).await?, Some(e) if e.operation == kv::Operation::Put);
     if removed.is_none() && !registered {
-        bail!("no bot {bot_id:?} in {} nor in the registry", accounts.display());
+        bail!(
+            "no bot {bot_id:?} in {} nor in the registry",
+            accounts.display()
+        );
     }
     if registered {
         kv.delete(&key)
@@ -279,9 +282,18 @@ mod tests {
 
     #[test]
     fn a_seed_file_stays_inside_the_out_directory() {
-        assert_eq!(seed_file_name("build-01.example.org"), "build-01.example.org.nk");
-        assert_eq!(seed_file_name("../etc/x"), format!("{}.nk", subjects::bot_token("../etc/x")));
-        assert_eq!(seed_file_name(".hidden"), format!("{}.nk", subjects::bot_token(".hidden")));
+        assert_eq!(
+            seed_file_name("build-01.example.org"),
+            "build-01.example.org.nk"
+        );
+        assert_eq!(
+            seed_file_name("../etc/x"),
+            format!("{}.nk", subjects::bot_token("../etc/x"))
+        );
+        assert_eq!(
+            seed_file_name(".hidden"),
+            format!("{}.nk", subjects::bot_token(".hidden"))
+        );
     }
 
     #[test]
@@ -298,7 +310,11 @@ mod tests {
         write_secret(&seed, b"SUAAA").expect("written");
         let mode = std::fs::metadata(&seed).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 2, "no temp left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            2,
+            "no temp left"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! (`check`).
 
 mod bench;
-mod bot;
 mod bench_search;
+mod bot;
 mod check;
 mod classify;
 mod cli;

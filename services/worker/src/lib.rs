@@ -211,10 +211,9 @@ pub async fn run_with(
     if let Ok(body) = serde_json::to_vec(&close) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            agent.client.request(
-                subjects::session_close_subject(&agent.bot_id),
-                body.into(),
-            ),
+            agent
+                .client
+                .request(subjects::session_close_subject(&agent.bot_id), body.into()),
         )
         .await;
     }
@@ -320,8 +319,10 @@ impl Agent {
             }
             let res = tokio::time::timeout(
                 Duration::from_secs(5),
-                self.client
-                    .request(subjects::session_create_subject(&self.bot_id), body.clone().into()),
+                self.client.request(
+                    subjects::session_create_subject(&self.bot_id),
+                    body.clone().into(),
+                ),
             )
             .await;
             match res {
@@ -391,8 +392,10 @@ impl Agent {
             };
             match tokio::time::timeout(
                 period,
-                self.client
-                    .request(subjects::session_heartbeat_subject(&self.bot_id), body.into()),
+                self.client.request(
+                    subjects::session_heartbeat_subject(&self.bot_id),
+                    body.into(),
+                ),
             )
             .await
             {

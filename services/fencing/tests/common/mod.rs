@@ -52,7 +52,10 @@ pub async fn try_request<T: serde::Serialize>(
 ) -> Option<SessionReply> {
     let msg = tokio::time::timeout(
         Duration::from_secs(2),
-        client.request(subject.to_string(), serde_json::to_vec(body).unwrap().into()),
+        client.request(
+            subject.to_string(),
+            serde_json::to_vec(body).unwrap().into(),
+        ),
     )
     .await
     .ok()?
