@@ -9,9 +9,33 @@
 //! bot keeps the seed (the secret half), the server only ever sees the
 //! public key.
 
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::subjects;
+
+/// A bot in the registry (`warden_bots`, key [`record_key`]): what it
+/// may claim when it opens a session. Written by `warden bot add`, read
+/// by the fencing service at every create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotRecord {
+    pub bot_id: String,
+    /// The pools its sessions may serve (a create naming another is
+    /// refused).
+    pub pools: Vec<String>,
+    /// The largest capacity its sessions may claim.
+    pub max_capacity: u32,
+    /// The public half of its nkey (the server config names it too).
+    pub public_key: String,
+    pub added_at: DateTime<Utc>,
+}
+
+/// The registry key of `bot_id`: its bot token (KV keys are not free
+/// text).
+pub fn record_key(bot_id: &str) -> String {
+    subjects::bot_token(bot_id)
+}
 
 /// The marker lines in the accounts config between which bot users live.
 pub const BEGIN_BOTS: &str = "# BEGIN WARDEN BOTS (written by `warden bot add`; do not edit)";

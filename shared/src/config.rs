@@ -170,6 +170,14 @@ pub struct SchedulerConfig {
 pub struct FencingConfig {
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// Refuse a session for a bot that is not in the bot registry
+    /// (`warden bot add`).
+    pub require_registered_bots: bool,
+    /// Session creates accepted per bot per minute (per fencing replica).
+    pub session_creates_per_minute: u32,
+    /// How long a closed, quarantined or expired session stays on record.
+    #[serde(with = "humantime_serde")]
+    pub closed_session_retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -654,6 +662,12 @@ impl Config {
         }
         if self.fencing.session_timeout < Duration::from_millis(100) {
             p.push("fencing.session_timeout: must be at least 100ms".into());
+        }
+        if self.fencing.session_creates_per_minute == 0 {
+            p.push("fencing.session_creates_per_minute: must be at least 1".into());
+        }
+        if self.fencing.closed_session_retention < Duration::from_secs(1) {
+            p.push("fencing.closed_session_retention: must be at least 1s".into());
         }
         let w = &self.worker;
         if w.pools.is_empty() || w.pools.iter().any(|x| x.is_empty()) {

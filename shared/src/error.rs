@@ -84,6 +84,24 @@ pub enum ErrorCode {
     ResourceUnavailable,
     /// `unknown_resource`: A worker was asked to check a resource it does not have.
     UnknownResource,
+    /// `bot_unidentified`: A session request on a subject that names no bot: use `warden.session.<op>.<bot>`.
+    BotUnidentified,
+    /// `bot_mismatch`: The request's `bot_id` is not the bot its credentials (its subject) prove.
+    BotMismatch,
+    /// `not_your_session`: The session named belongs to another bot.
+    NotYourSession,
+    /// `bot_not_registered`: The bot is not in the bot registry (`warden bot add`) and registration is required.
+    BotNotRegistered,
+    /// `bot_registered`: An executor session for a bot id that is a registered worker bot's.
+    BotRegistered,
+    /// `pool_not_allowed`: A pool the bot's registry record does not allow.
+    PoolNotAllowed,
+    /// `capacity_not_allowed`: A capacity above the bot's registered `max_capacity`.
+    CapacityNotAllowed,
+    /// `rate_limited`: Too many requests of this kind from this bot: wait and try again.
+    RateLimited,
+    /// `too_many_leases`: A heartbeat listing more leases than the session's capacity.
+    TooManyLeases,
     /// A code this build does not know (sent by a newer peer); encodes as
     /// `"unknown"`. Never sent by this build on purpose.
     Unknown,
@@ -91,7 +109,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build sends (not [`ErrorCode::Unknown`]).
-    pub const ALL: [ErrorCode; 37] = [
+    pub const ALL: [ErrorCode; 46] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidBody,
@@ -129,6 +147,15 @@ impl ErrorCode {
         ErrorCode::SessionSuperseded,
         ErrorCode::ResourceUnavailable,
         ErrorCode::UnknownResource,
+        ErrorCode::BotUnidentified,
+        ErrorCode::BotMismatch,
+        ErrorCode::NotYourSession,
+        ErrorCode::BotNotRegistered,
+        ErrorCode::BotRegistered,
+        ErrorCode::PoolNotAllowed,
+        ErrorCode::CapacityNotAllowed,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManyLeases,
     ];
 
     /// The wire string.
@@ -171,6 +198,15 @@ impl ErrorCode {
             ErrorCode::SessionSuperseded => "session_superseded",
             ErrorCode::ResourceUnavailable => "resource_unavailable",
             ErrorCode::UnknownResource => "unknown_resource",
+            ErrorCode::BotUnidentified => "bot_unidentified",
+            ErrorCode::BotMismatch => "bot_mismatch",
+            ErrorCode::NotYourSession => "not_your_session",
+            ErrorCode::BotNotRegistered => "bot_not_registered",
+            ErrorCode::BotRegistered => "bot_registered",
+            ErrorCode::PoolNotAllowed => "pool_not_allowed",
+            ErrorCode::CapacityNotAllowed => "capacity_not_allowed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyLeases => "too_many_leases",
             ErrorCode::Unknown => "unknown",
         }
     }

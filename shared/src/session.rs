@@ -64,6 +64,10 @@ pub struct Session {
     pub last_heartbeat: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<String>,
+    /// When it stopped being active (closed, quarantined, expired); the
+    /// sweep deletes it `fencing.closed_session_retention` later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
     /// Leases the bot said it held at its last heartbeat.
     #[serde(default)]
     pub leases: Vec<crate::messages::HeldLease>,

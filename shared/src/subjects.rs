@@ -28,6 +28,9 @@ pub fn kv_stream(bucket: &str) -> String {
 }
 /// Resources and their health (value: [`crate::resource::Resource`]).
 pub const RESOURCES_BUCKET: &str = "warden_resources";
+/// The bot registry, written by `warden bot add`: key = the bot's token
+/// ([`bot_token`]), value: [`crate::bots::BotRecord`].
+pub const BOTS_BUCKET: &str = "warden_bots";
 
 /// Durable consumer names.
 pub const TRIGGER_CONSUMER: &str = "warden-trigger";
@@ -49,6 +52,11 @@ pub const SESSION_GROUP: &str = "warden.session";
 pub const SESSION_CREATE: &str = "warden.session.create";
 pub const SESSION_HEARTBEAT: &str = "warden.session.heartbeat";
 pub const SESSION_CLOSE: &str = "warden.session.close";
+/// API service → fencing: create an external executor's session
+/// (`warden.session.executor.create.<bot>`). Only the services' user may
+/// publish here (a bot may publish only on its own subjects); such a bot
+/// id has no NATS user of its own and must not be a registered bot's.
+pub const SESSION_EXECUTOR_CREATE: &str = "warden.session.executor.create";
 
 /// API service over NATS (the same operations as HTTP).
 pub const API_SERVICE: &str = "warden-api";
@@ -174,6 +182,10 @@ pub fn session_heartbeat_subject(bot_id: &str) -> String {
 /// Bot → fencing: close its session (`warden.session.close.<bot>`).
 pub fn session_close_subject(bot_id: &str) -> String {
     format!("{SESSION_CLOSE}.{}", bot_token(bot_id))
+}
+/// API service → fencing: an executor's session for `bot_id`.
+pub fn executor_session_create_subject(bot_id: &str) -> String {
+    format!("{SESSION_EXECUTOR_CREATE}.{}", bot_token(bot_id))
 }
 /// Bot → scheduler: long-poll for leases (`warden.sched.acquire.<bot>`).
 pub fn acquire_subject(bot_id: &str) -> String {
@@ -333,6 +345,18 @@ impl Topology {
         }
     }
 
+    pub fn bots_bucket(&self) -> kv::Config {
+        kv::Config {
+            bucket: BOTS_BUCKET.into(),
+            description: "registered bots: pools and capacity each may claim".into(),
+            history: 1,
+            max_value_size: 4096,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
     pub fn sessions_bucket(&self) -> kv::Config {
         kv::Config {
             bucket: SESSIONS_BUCKET.into(),
@@ -464,6 +488,7 @@ pub struct Handles {
     pub jobs: kv::Store,
     pub sessions: kv::Store,
     pub resources: kv::Store,
+    pub bots: kv::Store,
 }
 
 /// Creates (or brings up to date) every stream and bucket. Safe to run from
@@ -491,5 +516,6 @@ pub async fn ensure(js: &jetstream::Context, topo: &Topology) -> Result<Handles,
         jobs: bucket(topo.jobs_bucket()).await?,
         sessions: bucket(topo.sessions_bucket()).await?,
         resources: bucket(topo.resources_bucket()).await?,
+        bots: bucket(topo.bots_bucket()).await?,
     })
 }

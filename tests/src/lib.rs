@@ -927,12 +927,17 @@ pub async fn open_session(client: &async_nats::Client, bot_id: &str) -> String {
         timeout_ms: None,
     };
     let body = serde_json::to_vec(&create).expect("a session request");
+    let bot = bot_id.to_string();
     eventually(Duration::from_secs(20), "a session", || {
         let client = client.clone();
         let body = body.clone();
+        let bot = bot.clone();
         async move {
             let msg = client
-                .request(warden_shared::subjects::SESSION_CREATE, body.into())
+                .request(
+                    warden_shared::subjects::session_create_subject(&bot),
+                    body.into(),
+                )
                 .await
                 .ok()?;
             serde_json::from_slice::<SessionReply>(&msg.payload)

@@ -47,7 +47,7 @@ async fn a_grant_that_never_reached_its_worker_is_taken_back() {
                 };
                 let _ = client
                     .request(
-                        subjects::SESSION_HEARTBEAT,
+                        subjects::session_heartbeat_subject("bot-deaf"),
                         serde_json::to_vec(&hb).unwrap().into(),
                     )
                     .await;

@@ -52,7 +52,7 @@ async fn a_grant_for_a_replaced_session_is_not_run() {
     });
     let reply = client
         .request(
-            subjects::SESSION_CREATE,
+            subjects::session_create_subject("grant-bot"),
             serde_json::to_vec(&create).unwrap().into(),
         )
         .await

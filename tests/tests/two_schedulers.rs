@@ -41,6 +41,7 @@ async fn two_replicas_never_dispatch_one_job_twice() {
             created_at: now,
             last_heartbeat: now,
             superseded_by: None,
+            ended_at: None,
             leases: Vec::new(),
         };
         handles

@@ -224,6 +224,17 @@ fn seen(job: &Job, token: &ExecutionToken, action: Action) -> Seen {
 }
 
 /// Why `token` no longer holds `job`, or `None` if it does.
+/// The executor's bot id: that of the lease its token's session holds
+/// (its session subjects carry it).
+fn executor_bot(
+    lease: Option<&warden_shared::job::Lease>,
+    token: &ExecutionToken,
+) -> Option<String> {
+    lease
+        .filter(|l| l.session == token.session)
+        .map(|l| l.bot_id.clone())
+}
+
 fn stale(job: &Job, token: &ExecutionToken) -> Option<OpError> {
     if job.attempt == token.epoch && job.is_held_by(&token.session, token.epoch) {
         return None;
@@ -306,12 +317,21 @@ impl Ops {
             timeout_ms: Some(timeout.as_millis() as u64),
         };
         let reply: SessionReply = self
-            .ask(subjects::SESSION_CREATE, &create, BUS_TIMEOUT, "fencing")
+            .ask(
+                &subjects::executor_session_create_subject(&bot_id),
+                &create,
+                BUS_TIMEOUT,
+                "fencing",
+            )
             .await?;
         let session = match (reply.session, reply.error) {
             (Some(s), _) => s,
             (None, Some(e)) if e.code == ErrorCode::InvalidRequest => {
                 return Err(OpError::bad_request(ErrorCode::InvalidRequest, e.message))
+            }
+            // A registered worker bot's id: an executor needs its own.
+            (None, Some(e)) if e.code == ErrorCode::BotRegistered => {
+                return Err(OpError::bad_request(ErrorCode::InvalidBotId, e.message))
             }
             (None, e) => {
                 return Err(OpError::unavailable(format!(
@@ -342,12 +362,12 @@ impl Ops {
         let grant = match reply {
             Ok(r) => r.leases.into_iter().next(),
             Err(e) => {
-                self.close_session(&session).await;
+                self.close_session(&bot_id, &session).await;
                 return Err(e);
             }
         };
         let Some(grant) = grant else {
-            self.close_session(&session).await;
+            self.close_session(&bot_id, &session).await;
             return Ok(TakeReply { execution: None });
         };
         let token = ExecutionToken {
@@ -478,7 +498,9 @@ impl Ops {
             }
         };
         if switch != Switch::Running {
-            self.close_session(&token.session).await;
+            if let Some(bot) = executor_bot(lease.as_ref(), &token) {
+                self.close_session(&bot, &token.session).await;
+            }
         }
         tracing::info!(job.id = %id, epoch = token.epoch, state = %last.state, "external executor switched state");
         Ok(StateReply {
@@ -490,6 +512,12 @@ impl Ops {
     /// Heartbeats the executor's session; refuses if it is no longer live
     /// or the fencing service says the lease is not its own any more.
     async fn renew(&self, job: &Job, token: &ExecutionToken) -> Result<(), OpError> {
+        let Some(bot) = executor_bot(job.lease.as_ref(), token) else {
+            return Err(OpError::new(
+                ErrorCode::StaleExecution,
+                format!("job {} is no longer this execution's", job.id),
+            ));
+        };
         let hb = Heartbeat {
             version: MESSAGE_VERSION,
             session: token.session.clone(),
@@ -499,7 +527,12 @@ impl Ops {
             }],
         };
         let reply: SessionReply = self
-            .ask(subjects::SESSION_HEARTBEAT, &hb, BUS_TIMEOUT, "fencing")
+            .ask(
+                &subjects::session_heartbeat_subject(&bot),
+                &hb,
+                BUS_TIMEOUT,
+                "fencing",
+            )
             .await?;
         match reply.error {
             Some(e)
@@ -543,13 +576,18 @@ impl Ops {
     }
 
     /// Best effort: an unclosed session expires by its timeout anyway.
-    async fn close_session(&self, session: &str) {
+    async fn close_session(&self, bot_id: &str, session: &str) {
         let req = CloseSession {
             version: MESSAGE_VERSION,
             session: session.to_string(),
         };
         if let Err(e) = self
-            .ask::<SessionReply>(subjects::SESSION_CLOSE, &req, BUS_TIMEOUT, "fencing")
+            .ask::<SessionReply>(
+                &subjects::session_close_subject(bot_id),
+                &req,
+                BUS_TIMEOUT,
+                "fencing",
+            )
             .await
         {
             tracing::debug!(%session, error = %e.body.message, "cannot close an executor session");

@@ -456,6 +456,7 @@ fn session(state: SessionState) -> Session {
         created_at: Utc::now(),
         last_heartbeat: Utc::now(),
         superseded_by: Some("t".into()),
+        ended_at: None,
         leases: vec![HeldLease {
             job_id: Uuid::new_v4(),
             epoch: 1,

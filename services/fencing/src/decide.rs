@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 
+use std::collections::VecDeque;
+
 use chrono::{DateTime, Utc};
+use warden_shared::bots::BotRecord;
 use warden_shared::error::ErrorCode;
 use warden_shared::messages::{CreateSession, MESSAGE_VERSION};
 use warden_shared::session::{Session, SessionState};
@@ -63,6 +66,7 @@ pub fn new_session(req: &CreateSession, name: String, now: DateTime<Utc>) -> Ses
         created_at: now,
         last_heartbeat: now,
         superseded_by: None,
+        ended_at: None,
         leases: Vec::new(),
     }
 }
@@ -75,12 +79,13 @@ pub fn previous(pointer: Option<String>) -> Option<String> {
 
 /// Newest wins: the older session `s`, superseded by `new`, quarantined
 /// (`None`: not active any more, nothing to write).
-pub fn quarantine(mut s: Session, new: &str) -> Option<Session> {
+pub fn quarantine(mut s: Session, new: &str, now: DateTime<Utc>) -> Option<Session> {
     if s.state != SessionState::Active {
         return None;
     }
     s.state = SessionState::Quarantined;
     s.superseded_by = Some(new.to_string());
+    s.ended_at = Some(now);
     Some(s)
 }
 
@@ -120,8 +125,9 @@ pub fn renew(
 }
 
 /// The bot leaves.
-pub fn close(mut s: Session) -> Session {
+pub fn close(mut s: Session, now: DateTime<Utc>) -> Session {
     s.state = SessionState::Closed;
+    s.ended_at = Some(now);
     s
 }
 
@@ -174,8 +180,157 @@ pub fn expire(s: &Session, clock: &SweepClock) -> Option<Session> {
     silent.then(|| {
         let mut s = s.clone();
         s.state = SessionState::Expired;
+        s.ended_at = Some(clock.now);
         s
     })
+}
+
+// --- Identity: the bot a request may act as is the one its subject
+// names (only that bot's NATS user may publish there).
+
+/// A create may only open a session for the bot its subject names.
+pub fn same_bot(subject_bot: &str, req: &CreateSession) -> Result<(), Rejection> {
+    if req.bot_id != subject_bot {
+        return Err(Rejection::new(
+            ErrorCode::BotMismatch,
+            format!(
+                "bot_id {:?} is not the bot these credentials are for ({subject_bot:?}); nothing written",
+                req.bot_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A heartbeat or close may only name a session of the bot its subject
+/// names.
+pub fn owns(subject_bot: &str, name: &str, s: &Session) -> Result<(), Rejection> {
+    if s.bot_id != subject_bot {
+        return Err(Rejection::new(
+            ErrorCode::NotYourSession,
+            format!("session {name} is not a session of bot {subject_bot:?}; nothing changed"),
+        ));
+    }
+    Ok(())
+}
+
+/// What a bot may claim at create, by its registry record: its pools a
+/// subset of the registered ones, its capacity at most the registered
+/// one. Without a record: refused when registration is `required`,
+/// anything otherwise.
+pub fn allowed(
+    req: &CreateSession,
+    record: Option<&BotRecord>,
+    required: bool,
+) -> Result<(), Rejection> {
+    let Some(r) = record else {
+        if required {
+            return Err(Rejection::new(
+                ErrorCode::BotNotRegistered,
+                format!(
+                    "bot {:?} is not registered (`warden bot add`), and fencing.require_registered_bots is on",
+                    req.bot_id
+                ),
+            ));
+        }
+        return Ok(());
+    };
+    if let Some(p) = req.pools.iter().find(|p| !r.pools.contains(p)) {
+        return Err(Rejection::new(
+            ErrorCode::PoolNotAllowed,
+            format!(
+                "bot {:?} may serve pools {:?}, not {p:?}",
+                req.bot_id, r.pools
+            ),
+        ));
+    }
+    if req.capacity > r.max_capacity {
+        return Err(Rejection::new(
+            ErrorCode::CapacityNotAllowed,
+            format!(
+                "bot {:?} may claim a capacity of at most {}, not {}",
+                req.bot_id, r.max_capacity, req.capacity
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An external executor's session (created by the API service) is for a
+/// bot id without a NATS user: never a registered bot's, so no executor
+/// can supersede a worker.
+pub fn executor_allowed(req: &CreateSession, record: Option<&BotRecord>) -> Result<(), Rejection> {
+    if record.is_some() {
+        return Err(Rejection::new(
+            ErrorCode::BotRegistered,
+            format!(
+                "bot {:?} is a registered worker bot; an executor needs an id of its own",
+                req.bot_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A request on a subject that names no bot (the bare
+/// `warden.session.<op>` of older workers).
+pub fn unidentified(subject: &str) -> Rejection {
+    Rejection::new(
+        ErrorCode::BotUnidentified,
+        format!("{subject} names no bot; session requests go to {subject}.<bot token> (hex of the bot id)"),
+    )
+}
+
+// --- Bounds.
+
+/// A heartbeat may list at most the session's capacity of leases.
+pub fn leases_within_capacity(s: &Session, listed: usize) -> Result<(), Rejection> {
+    if listed > s.capacity as usize {
+        return Err(Rejection::new(
+            ErrorCode::TooManyLeases,
+            format!(
+                "the heartbeat lists {listed} leases; session {} has a capacity of {}",
+                s.name, s.capacity
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The per-bot create limit: `recent` holds the times of the bot's
+/// accepted creates within the last minute (oldest first). A create at
+/// `now` is admitted (and recorded) while fewer than `per_minute` are.
+pub fn admit_create(
+    recent: &mut VecDeque<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    per_minute: u32,
+) -> Result<(), Rejection> {
+    let window = chrono::Duration::minutes(1);
+    while recent.front().is_some_and(|t| now - *t >= window) {
+        recent.pop_front();
+    }
+    if recent.len() >= per_minute as usize {
+        return Err(Rejection::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {per_minute} session creates of this bot in a minute; try again later"
+            ),
+        ));
+    }
+    recent.push_back(now);
+    Ok(())
+}
+
+/// Whether the sweep deletes `s` at `now`: it ended (closed, quarantined,
+/// expired) more than `retention` ago. A record from before `ended_at`
+/// was kept counts from its last heartbeat, which is never later.
+pub fn retired(s: &Session, now: DateTime<Utc>, retention: std::time::Duration) -> bool {
+    if s.state == SessionState::Active {
+        return false;
+    }
+    let ended = s.ended_at.unwrap_or(s.last_heartbeat);
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    now - ended > retention
 }
 
 /// Sessions by state for the gauge, one session counted as `state`.
@@ -258,10 +413,10 @@ mod tests {
         assert_eq!(previous(Some(String::new())), None);
         assert_eq!(previous(Some("old".into())).as_deref(), Some("old"));
         let old = new_session(&req("b", None), "old".into(), t(0));
-        let q = quarantine(old, "new").unwrap();
+        let q = quarantine(old, "new", t(1)).unwrap();
         assert_eq!(q.state, SessionState::Quarantined);
         assert_eq!(q.superseded_by.as_deref(), Some("new"));
-        assert!(quarantine(q, "newer").is_none());
+        assert!(quarantine(q, "newer", t(2)).is_none());
     }
 
     #[test]
@@ -277,7 +432,7 @@ mod tests {
             e.message,
             "session s of bot b is active and not current; start a new session"
         );
-        let closed = close(s);
+        let closed = close(s, t(1));
         assert_eq!(
             is_current("s", &closed, Some("s")).unwrap_err().code,
             ErrorCode::SessionSuperseded
@@ -301,12 +456,142 @@ mod tests {
         let renewed = renew(s.clone(), Vec::new(), t(5));
         assert!(expire(&renewed, &clock(11)).is_none());
         assert!(
-            expire(&close(s), &clock(100)).is_none(),
+            expire(&close(s, t(1)), &clock(100)).is_none(),
             "only active sessions expire"
         );
         let mut by_state = HashMap::new();
         count(&mut by_state, SessionState::Active);
         count(&mut by_state, SessionState::Active);
         assert_eq!(by_state[&SessionState::Active], 2);
+    }
+
+    fn record(pools: &[&str], max_capacity: u32) -> BotRecord {
+        BotRecord {
+            bot_id: "b".into(),
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            max_capacity,
+            public_key: "UKEY".into(),
+            added_at: t(0),
+        }
+    }
+
+    #[test]
+    fn a_create_is_for_the_subjects_bot_only() {
+        assert!(same_bot("b", &req("b", None)).is_ok());
+        let e = same_bot("attacker", &req("victim", None)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BotMismatch);
+        assert!(e.message.contains("attacker") && e.message.contains("victim"));
+    }
+
+    #[test]
+    fn a_heartbeat_or_close_names_only_the_subjects_bots_sessions() {
+        let s = new_session(&req("victim", None), "s".into(), t(0));
+        assert!(owns("victim", "s", &s).is_ok());
+        assert_eq!(
+            owns("attacker", "s", &s).unwrap_err().code,
+            ErrorCode::NotYourSession
+        );
+        assert_eq!(
+            unidentified("warden.session.create").code,
+            ErrorCode::BotUnidentified
+        );
+    }
+
+    #[test]
+    fn a_registered_bot_claims_only_its_pools_and_capacity() {
+        let mut r = req("b", None);
+        r.pools = vec!["default".into(), "gpu".into()];
+        r.capacity = 2;
+        assert!(allowed(&r, Some(&record(&["default", "gpu", "x"], 2)), true).is_ok());
+        assert_eq!(
+            allowed(&r, Some(&record(&["default"], 2)), false)
+                .unwrap_err()
+                .code,
+            ErrorCode::PoolNotAllowed
+        );
+        assert_eq!(
+            allowed(&r, Some(&record(&["default", "gpu"], 1)), false)
+                .unwrap_err()
+                .code,
+            ErrorCode::CapacityNotAllowed
+        );
+        assert!(
+            allowed(&r, None, false).is_ok(),
+            "registration not required"
+        );
+        assert_eq!(
+            allowed(&r, None, true).unwrap_err().code,
+            ErrorCode::BotNotRegistered
+        );
+        assert!(executor_allowed(&r, None).is_ok());
+        assert_eq!(
+            executor_allowed(&r, Some(&record(&["default"], 1)))
+                .unwrap_err()
+                .code,
+            ErrorCode::BotRegistered
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_lists_at_most_capacity_leases() {
+        let lease = |n: u128| warden_shared::messages::HeldLease {
+            job_id: uuid::Uuid::from_u128(n),
+            epoch: 1,
+        };
+        let mut r = req("b", None);
+        r.capacity = 2;
+        let s = new_session(&r, "s".into(), t(0));
+        assert!(leases_within_capacity(&s, 0).is_ok());
+        assert!(leases_within_capacity(&s, 2).is_ok());
+        let e = leases_within_capacity(&s, 20_000).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooManyLeases);
+        assert_eq!(renew(s, vec![lease(1), lease(2)], t(1)).leases.len(), 2);
+    }
+
+    #[test]
+    fn creates_are_limited_per_minute_sliding() {
+        let mut recent = VecDeque::new();
+        for i in 0..3 {
+            assert!(admit_create(&mut recent, t(i), 3).is_ok(), "{i}");
+        }
+        let e = admit_create(&mut recent, t(10), 3).unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert_eq!(recent.len(), 3, "a refused create is not recorded");
+        // The first one leaves the window at t(60).
+        assert!(admit_create(&mut recent, t(59), 3).is_err());
+        assert!(admit_create(&mut recent, t(60), 3).is_ok());
+        assert!(admit_create(&mut recent, t(60), 3).is_err());
+        // 300 creates in a blink: 30 admitted.
+        let mut burst = VecDeque::new();
+        let admitted = (0..300)
+            .filter(|_| admit_create(&mut burst, t(0), 30).is_ok())
+            .count();
+        assert_eq!(admitted, 30);
+    }
+
+    #[test]
+    fn ended_sessions_are_deleted_after_the_retention_active_ones_never() {
+        let hour = std::time::Duration::from_secs(3600);
+        let s = new_session(&req("b", None), "s".into(), t(0));
+        assert!(!retired(&s, t(100_000), hour), "active");
+        let closed = close(s.clone(), t(10));
+        assert_eq!(closed.ended_at, Some(t(10)));
+        assert!(!retired(&closed, t(3610), hour));
+        assert!(retired(&closed, t(3611), hour));
+        let q = quarantine(s.clone(), "n", t(20)).unwrap();
+        assert!(!retired(&q, t(3620), hour) && retired(&q, t(3621), hour));
+        let clock = SweepClock {
+            now: t(30),
+            available_since: t(0),
+            last_store_failure: None,
+            default_timeout: std::time::Duration::from_secs(10),
+        };
+        let gone = expire(&s, &clock).unwrap();
+        assert_eq!(gone.ended_at, Some(t(30)));
+        // A record written before `ended_at` existed: from its last heartbeat.
+        let mut old = close(s, t(0));
+        old.ended_at = None;
+        old.last_heartbeat = t(5);
+        assert!(retired(&old, t(3606), hour) && !retired(&old, t(3605), hour));
     }
 }

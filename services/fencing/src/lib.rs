@@ -1,8 +1,14 @@
 //! `warden-fencing`: owns bot sessions (docs/design.md "Bot
 //! sessions and fencing") and answers session requests over the NATS service API.
 //!
+//! Every request names its bot in its subject (`warden.session.<op>.<bot
+//! token>`), which only that bot's NATS user may publish on
+//! (docs/security.md "Bot identity"); a request acting on another bot is
+//! refused and changes nothing.
+//!
 //! - create: the server names the session; a second session for the same
-//!   `bot_id` quarantines the older one (newest wins);
+//!   `bot_id` quarantines the older one (newest wins); limited per bot and
+//!   by the bot's registry record (`warden_bots`);
 //! - heartbeat: keeps a session alive; an unknown or superseded name gets a
 //!   typed error and changes nothing;
 //! - close: the bot leaves.
@@ -117,6 +123,8 @@ pub async fn run_with_clock(
     let sessions = Arc::new(Sessions::with_clock(
         handles.sessions.clone(),
         warden_shared::store::JobStore::new(handles.jobs.clone()),
+        handles.bots.clone(),
+        sessions::Limits::from_config(&config.fencing),
         clock,
     ));
     let Some(service) = runtime::start_service_api(
@@ -131,19 +139,34 @@ pub async fn run_with_clock(
     else {
         return Ok(());
     };
+    // Each operation on `<op>.<bot token>` (the bot is read off the
+    // subject), and on the bare `<op>` only to refuse it as
+    // `bot_unidentified`.
     let group = service.group(subjects::SESSION_GROUP);
-    let create = group
-        .endpoint("create")
-        .await
-        .map_err(FencingError::Service)?;
-    let heartbeat = group
-        .endpoint("heartbeat")
-        .await
-        .map_err(FencingError::Service)?;
-    let close = group
-        .endpoint("close")
-        .await
-        .map_err(FencingError::Service)?;
+    let mut endpoints = Vec::new();
+    for (op, name) in [
+        (Op::Create, "create"),
+        (Op::Heartbeat, "heartbeat"),
+        (Op::Close, "close"),
+        (Op::ExecutorCreate, "executor.create"),
+    ] {
+        let ep = group
+            .endpoint_builder()
+            .name(name.replace('.', "-"))
+            .add(format!("{name}.*"))
+            .await
+            .map_err(FencingError::Service)?;
+        endpoints.push((op, ep));
+        if op != Op::ExecutorCreate {
+            let bare = group
+                .endpoint_builder()
+                .name(format!("{name}-unidentified"))
+                .add(name)
+                .await
+                .map_err(FencingError::Service)?;
+            endpoints.push((op, bare));
+        }
+    }
     tokio::spawn(sweep::sweep_loop(
         client.clone(),
         sessions.clone(),
@@ -152,13 +175,11 @@ pub async fn run_with_clock(
     ));
     warden_shared::metrics::ready("fencing");
     info!("fencing service running");
-    let requests = futures::stream::select_all([
-        serve::endpoint(create).map(|r| (Op::Create, r)).boxed(),
-        serve::endpoint(heartbeat)
-            .map(|r| (Op::Heartbeat, r))
-            .boxed(),
-        serve::endpoint(close).map(|r| (Op::Close, r)).boxed(),
-    ]);
+    let requests = futures::stream::select_all(
+        endpoints
+            .into_iter()
+            .map(|(op, ep)| serve::endpoint(ep).map(move |r| (op, r)).boxed()),
+    );
     serve::serve_tagged("fencing", requests, &shutdown, move |op, msg| {
         requests::handle(sessions.clone(), op, msg)
     })

@@ -12,19 +12,31 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub rejected: IntCounterVec,
     pub expired: IntCounter,
+    pub deleted: IntCounter,
     pub corrupt: IntCounter,
     pub sessions: IntGaugeVec,
 }
 
 /// `op` and `result` of `warden_fencing_requests_total`.
-pub const OPS: [&str; 3] = ["create", "heartbeat", "close"];
+pub const OPS: [&str; 4] = ["create", "executor_create", "heartbeat", "close"];
 pub const RESULTS: [&str; 2] = ["ok", "error"];
 /// `code` of `warden_fencing_rejected_total`: a request that could not be
-/// decoded or a create without a bot id, and the two fencing errors.
-pub const REJECT_CODES: [ErrorCode; 3] = [
+/// decoded or a create without a bot id, the two fencing errors, the
+/// identity refusals (a bot acting as another, a subject naming no bot,
+/// what the registry does not allow) and the bounds.
+pub const REJECT_CODES: [ErrorCode; 12] = [
     ErrorCode::InvalidRequest,
     ErrorCode::UnknownSession,
     ErrorCode::SessionSuperseded,
+    ErrorCode::BotUnidentified,
+    ErrorCode::BotMismatch,
+    ErrorCode::NotYourSession,
+    ErrorCode::BotNotRegistered,
+    ErrorCode::BotRegistered,
+    ErrorCode::PoolNotAllowed,
+    ErrorCode::CapacityNotAllowed,
+    ErrorCode::RateLimited,
+    ErrorCode::TooManyLeases,
 ];
 
 pub fn metrics() -> &'static Metrics {
@@ -64,6 +76,13 @@ pub fn metrics() -> &'static Metrics {
             IntCounter::new(
                 "warden_fencing_sessions_expired_total",
                 "Sessions expired for missing heartbeats",
+            )
+            .expect("valid metric"),
+        ),
+        deleted: register(
+            IntCounter::new(
+                "warden_fencing_sessions_deleted_total",
+                "Ended sessions deleted after fencing.closed_session_retention",
             )
             .expect("valid metric"),
         ),
@@ -116,6 +135,8 @@ mod tests {
             r#"warden_fencing_sessions{state="active"} 3"#,
             r#"warden_fencing_sessions{state="quarantined"} 0"#,
             "warden_fencing_sessions_expired_total 0",
+            "warden_fencing_sessions_deleted_total 0",
+            r#"warden_fencing_rejected_total{code="bot_mismatch"} 0"#,
             "warden_fencing_corrupt_sessions_total 0",
         ] {
             assert!(text.contains(series), "{series} missing:\n{text}");

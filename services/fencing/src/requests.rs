@@ -1,5 +1,9 @@
-//! Session requests (`warden.session.{create,heartbeat,close}`): decoded
-//! by their [`Op`], answered with a [`SessionReply`].
+//! Session requests (`warden.session.{create,heartbeat,close}.<bot>`, and
+//! `warden.session.executor.create.<bot>` from the API service): the bot
+//! is read off the subject (only its own NATS user may publish there),
+//! the body decoded by its [`Op`], answered with a [`SessionReply`]. A
+//! request on a subject without a bot token is refused as
+//! `bot_unidentified`.
 
 use std::sync::Arc;
 
@@ -10,28 +14,51 @@ use warden_shared::messages::{
 
 use warden_shared::error::ErrorCode;
 use warden_shared::serve::Reply;
+use warden_shared::subjects;
 
 use crate::metrics::metrics;
-use crate::sessions::Sessions;
+use crate::sessions::{Creator, Sessions};
 use crate::OpError;
 
 /// The session request operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
     Create,
+    /// An external executor's session, asked by the API service.
+    ExecutorCreate,
     Heartbeat,
     Close,
 }
 
 impl Op {
+    #[cfg(test)]
+    pub(crate) const ALL: [Op; 4] = [Op::Create, Op::ExecutorCreate, Op::Heartbeat, Op::Close];
+
     /// Its `op` label (`metrics::OPS`).
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Op::Create => "create",
+            Op::ExecutorCreate => "executor_create",
             Op::Heartbeat => "heartbeat",
             Op::Close => "close",
         }
     }
+
+    /// The subject prefix its bot token follows.
+    pub(crate) fn prefix(self) -> &'static str {
+        match self {
+            Op::Create => subjects::SESSION_CREATE,
+            Op::ExecutorCreate => subjects::SESSION_EXECUTOR_CREATE,
+            Op::Heartbeat => subjects::SESSION_HEARTBEAT,
+            Op::Close => subjects::SESSION_CLOSE,
+        }
+    }
+}
+
+/// The bot a request on `subject` acts as, or the refusal.
+pub(crate) fn bot_of(op: Op, subject: &str) -> Result<String, OpError> {
+    subjects::bot_of_subject(op.prefix(), subject)
+        .ok_or_else(|| crate::decide::unidentified(subject).into())
 }
 
 fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, OpError> {
@@ -44,27 +71,37 @@ fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, OpError
 async fn dispatch(
     sessions: &Sessions,
     op: Op,
+    subject: &str,
     payload: &[u8],
 ) -> Result<(Option<String>, Vec<uuid::Uuid>), OpError> {
+    let bot = bot_of(op, subject)?;
     match op {
-        Op::Create => {
+        Op::Create | Op::ExecutorCreate => {
+            let creator = if op == Op::Create {
+                Creator::Bot
+            } else {
+                Creator::Executor
+            };
             let r: CreateSession = decode(payload)?;
-            sessions.create(r).await.map(|n| (Some(n), Vec::new()))
+            sessions
+                .create(&bot, creator, r)
+                .await
+                .map(|n| (Some(n), Vec::new()))
         }
         Op::Heartbeat => {
             let r: Heartbeat = decode(payload)?;
-            sessions.heartbeat(r).await.map(|c| (None, c))
+            sessions.heartbeat(&bot, r).await.map(|c| (None, c))
         }
         Op::Close => {
             let r: CloseSession = decode(payload)?;
-            sessions.close(r).await.map(|_| (None, Vec::new()))
+            sessions.close(&bot, r).await.map(|_| (None, Vec::new()))
         }
     }
 }
 
 /// Answers one request of `op`.
 pub(crate) async fn handle(sessions: Arc<Sessions>, op: Op, msg: async_nats::Message) -> Reply {
-    let result = dispatch(&sessions, op, &msg.payload).await;
+    let result = dispatch(&sessions, op, msg.subject.as_str(), &msg.payload).await;
     if let Err(OpError::Store(_)) = &result {
         sessions.store_failed();
     }
@@ -86,7 +123,7 @@ pub(crate) async fn handle(sessions: Arc<Sessions>, op: Op, msg: async_nats::Mes
             if let OpError::Rejected(code, _) = &e {
                 m.rejected.with_label_values(&[code.as_str()]).inc();
             }
-            warn!(op, code = %body.code, error = %body.message, "session request rejected");
+            warn!(op, subject = %msg.subject, code = %body.code, error = %body.message, "session request rejected");
             SessionReply {
                 version: MESSAGE_VERSION,
                 session: None,
@@ -104,9 +141,33 @@ mod tests {
 
     #[test]
     fn every_op_has_its_metrics_label() {
-        for op in [Op::Create, Op::Heartbeat, Op::Close] {
+        for op in Op::ALL {
             assert!(crate::metrics::OPS.contains(&op.as_str()), "{op:?}");
         }
+    }
+
+    #[test]
+    fn the_bot_is_the_subjects_and_a_bare_subject_names_none() {
+        let subject = subjects::session_heartbeat_subject("bot-a");
+        assert_eq!(
+            bot_of(Op::Heartbeat, &subject).ok().as_deref(),
+            Some("bot-a")
+        );
+        let e = bot_of(Op::Create, subjects::SESSION_CREATE)
+            .err()
+            .map(|e| e.body().code);
+        assert_eq!(e, Some(ErrorCode::BotUnidentified));
+        // A create subject is not an executor one, nor the other way.
+        assert!(bot_of(Op::ExecutorCreate, &subjects::session_create_subject("b")).is_err());
+        assert_eq!(
+            bot_of(
+                Op::ExecutorCreate,
+                &subjects::executor_session_create_subject("b")
+            )
+            .ok()
+            .as_deref(),
+            Some("b")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The session store (`warden_sessions`): reads, compare-and-set writes,
 //! and the operations built of them (decisions in `decide`).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
@@ -9,10 +10,12 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tracing::{info, warn};
 use uuid::Uuid;
+use warden_shared::bots::{self, BotRecord};
 use warden_shared::cas::{
     self, Change, Failure, KvError, KvKey, KvText, Never, Outcome, Retry, Step,
 };
 use warden_shared::clock::{self, Clock};
+use warden_shared::config::FencingConfig;
 use warden_shared::messages::{CloseSession, CreateSession, Heartbeat};
 use warden_shared::session::{bot_key, session_key, Session, SessionState};
 use warden_shared::store::lost_race;
@@ -65,6 +68,8 @@ const POINT: Retry = Retry {
 struct Close<'a> {
     sessions: &'a Sessions,
     name: &'a str,
+    /// The bot the request's subject names.
+    bot: &'a str,
 }
 
 impl Change<Session> for Close<'_> {
@@ -79,9 +84,10 @@ impl Change<Session> for Close<'_> {
         let Some(s) = current else {
             return Err(decide::unknown(self.name).into());
         };
+        decide::owns(self.bot, self.name, &s)?;
         let pointer = self.sessions.current_of(&s.bot_id).await?;
         decide::is_current(self.name, &s, pointer.as_ref().map(|(n, _)| n.as_str()))?;
-        Ok(Step::Write(decide::close(s), ()))
+        Ok(Step::Write(decide::close(s, self.sessions.now()), ()))
     }
 }
 
@@ -103,9 +109,40 @@ fn kv_error(key: &str, e: &KvError) -> OpError {
     }
 }
 
+/// What the fencing service enforces beyond newest-wins (`[fencing]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub require_registered_bots: bool,
+    pub session_creates_per_minute: u32,
+    pub closed_session_retention: std::time::Duration,
+}
+
+impl Limits {
+    pub fn from_config(c: &FencingConfig) -> Limits {
+        Limits {
+            require_registered_bots: c.require_registered_bots,
+            session_creates_per_minute: c.session_creates_per_minute,
+            closed_session_retention: c.closed_session_retention,
+        }
+    }
+}
+
+/// Who asks for a session: a bot for itself (on its own subject) or the
+/// API service for an external executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Creator {
+    Bot,
+    Executor,
+}
+
 pub struct Sessions {
     kv: kv::Store,
     jobs: warden_shared::store::JobStore,
+    /// The bot registry (`warden_bots`).
+    bots: kv::Store,
+    limits: Limits,
+    /// Each bot's accepted creates of the last minute (this replica's).
+    recent_creates: Mutex<HashMap<String, VecDeque<DateTime<Utc>>>>,
     /// The last time this replica saw the session store fail.
     last_store_failure: Mutex<Option<DateTime<Utc>>>,
     /// Where every decision reads the time.
@@ -113,19 +150,29 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(kv: kv::Store, jobs: warden_shared::store::JobStore) -> Sessions {
-        Sessions::with_clock(kv, jobs, clock::system())
+    pub fn new(
+        kv: kv::Store,
+        jobs: warden_shared::store::JobStore,
+        bots: kv::Store,
+        limits: Limits,
+    ) -> Sessions {
+        Sessions::with_clock(kv, jobs, bots, limits, clock::system())
     }
 
     /// [`Sessions::new`] reading the time from `clock`.
     pub fn with_clock(
         kv: kv::Store,
         jobs: warden_shared::store::JobStore,
+        bots: kv::Store,
+        limits: Limits,
         clock: Arc<dyn Clock>,
     ) -> Sessions {
         Sessions {
             kv,
             jobs,
+            bots,
+            limits,
+            recent_creates: Mutex::new(HashMap::new()),
             last_store_failure: Mutex::new(None),
             clock,
         }
@@ -203,11 +250,14 @@ impl Sessions {
     /// (an expiry or a last heartbeat landing meanwhile).
     async fn quarantine(&self, old: &str, new: &str) -> Result<bool, OpError> {
         let key = session_key(old);
+        let now = self.now();
         let step = cas::decide(|current: Option<Session>| {
-            Ok::<_, Never>(match current.and_then(|s| decide::quarantine(s, new)) {
-                Some(q) => Step::Write(q, ()),
-                None => Step::Stop(()),
-            })
+            Ok::<_, Never>(
+                match current.and_then(|s| decide::quarantine(s, new, now)) {
+                    Some(q) => Step::Write(q, ()),
+                    None => Step::Stop(()),
+                },
+            )
         });
         match cas::run(&KvKey::new(&self.kv, &key), QUARANTINE, step).await {
             Ok(Outcome::Written { .. }) => Ok(true),
@@ -254,8 +304,61 @@ impl Sessions {
         }
     }
 
-    pub(crate) async fn create(&self, req: CreateSession) -> Result<String, OpError> {
+    /// `bot_id`'s registry record, if it has one.
+    async fn record_of(&self, bot_id: &str) -> Result<Option<BotRecord>, OpError> {
+        let key = bots::record_key(bot_id);
+        match self.bots.entry(key.clone()).await.map_err(store_err)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                serde_json::from_slice(&e.value).map(Some).map_err(|error| {
+                    OpError::Corrupt(
+                        GetError::Corrupt {
+                            key: format!("{}/{key}", warden_shared::subjects::BOTS_BUCKET),
+                            error: error.to_string(),
+                        }
+                        .to_string(),
+                    )
+                })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The per-bot create limit ([`decide::admit_create`]).
+    fn admit_create(&self, bot_id: &str) -> Result<(), OpError> {
+        let now = self.now();
+        let mut recent = self
+            .recent_creates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Bots with no create in the last minute take no memory.
+        if recent.len() > 1024 {
+            let window = chrono::Duration::minutes(1);
+            recent.retain(|_, times| times.back().is_some_and(|t| now - *t < window));
+        }
+        let times = recent.entry(bot_id.to_string()).or_default();
+        decide::admit_create(times, now, self.limits.session_creates_per_minute)?;
+        Ok(())
+    }
+
+    /// A create on the subject of `subject_bot`: refused unless the body
+    /// names that bot, within the create limit and (for a bot) what its
+    /// registry record allows; nothing is written when refused.
+    pub(crate) async fn create(
+        &self,
+        subject_bot: &str,
+        creator: Creator,
+        req: CreateSession,
+    ) -> Result<String, OpError> {
         decide::validate_create(&req)?;
+        decide::same_bot(subject_bot, &req)?;
+        self.admit_create(&req.bot_id)?;
+        let record = self.record_of(&req.bot_id).await?;
+        match creator {
+            Creator::Bot => {
+                decide::allowed(&req, record.as_ref(), self.limits.require_registered_bots)?
+            }
+            Creator::Executor => decide::executor_allowed(&req, record.as_ref())?,
+        }
         let name = Uuid::new_v4().to_string();
         let session = decide::new_session(&req, name.clone(), self.now());
         self.put(&session).await?;
@@ -277,11 +380,12 @@ impl Sessions {
         Ok(name)
     }
 
-    /// The session if it exists and is its bot's current one.
-    async fn current(&self, name: &str) -> Result<(Session, u64), OpError> {
+    /// The session if it exists, is `bot`'s and is its current one.
+    async fn current(&self, bot: &str, name: &str) -> Result<(Session, u64), OpError> {
         let Some((s, rev)) = self.get(name).await? else {
             return Err(decide::unknown(name).into());
         };
+        decide::owns(bot, name, &s)?;
         let pointer = self.current_of(&s.bot_id).await?;
         decide::is_current(name, &s, pointer.as_ref().map(|(n, _)| n.as_str()))?;
         Ok((s, rev))
@@ -302,20 +406,24 @@ impl Sessions {
         cancel
     }
 
-    pub(crate) async fn heartbeat(&self, req: Heartbeat) -> Result<Vec<Uuid>, OpError> {
-        self.renew(&req).await?;
+    /// A heartbeat on the subject of `bot`: refused (and nothing changed)
+    /// unless it names `bot`'s current session and lists at most its
+    /// capacity of leases.
+    pub(crate) async fn heartbeat(&self, bot: &str, req: Heartbeat) -> Result<Vec<Uuid>, OpError> {
+        self.renew(bot, &req).await?;
         Ok(self.stale_leases(&req).await)
     }
 
-    async fn renew(&self, req: &Heartbeat) -> Result<(), OpError> {
-        let (s, rev) = self.current(&req.session).await?;
+    async fn renew(&self, bot: &str, req: &Heartbeat) -> Result<(), OpError> {
+        let (s, rev) = self.current(bot, &req.session).await?;
+        decide::leases_within_capacity(&s, req.leases.len())?;
         let s = decide::renew(s, req.leases.clone(), self.now());
         // CAS: a concurrent quarantine must not be overwritten by a late
         // heartbeat of the old session.
         if self.update(&s, rev).await? {
             Ok(())
         } else {
-            self.current(&req.session).await.map(|_| ())
+            self.current(bot, &req.session).await.map(|_| ())
         }
     }
 
@@ -357,6 +465,17 @@ impl Sessions {
                 }
                 Err(e @ GetError::Store(_)) => return Err(SweepError::Read(e)),
             };
+            if decide::retired(&s, self.now(), self.limits.closed_session_retention) {
+                match self.delete(&s, rev).await {
+                    Ok(true) => {
+                        metrics().deleted.inc();
+                        info!(bot.id = %s.bot_id, session = %name, state = s.state.as_str(), "ended session deleted after the retention");
+                    }
+                    Ok(false) => decide::count(&mut by_state, s.state),
+                    Err(e) => return Err(SweepError::Write(e)),
+                }
+                continue;
+            }
             let clock = SweepClock {
                 now: self.now(),
                 available_since: since,
@@ -379,14 +498,46 @@ impl Sessions {
         Ok(Some(expired))
     }
 
+    /// Deletes the ended session `s` (read at `rev`) and its bot's
+    /// pointer if that still names it, each by compare-and-set: a record
+    /// that changed meanwhile is left for the next sweep (`Ok(false)`),
+    /// a pointer that moved to a newer session is kept.
+    async fn delete(&self, s: &Session, rev: u64) -> Result<bool, OpError> {
+        match self
+            .kv
+            .delete_expect_revision(session_key(&s.name), Some(rev))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if lost_race(&e) => return Ok(false),
+            Err(e) => return Err(store_err(e)),
+        }
+        if let Some((pointed, prev)) = self.current_of(&s.bot_id).await? {
+            if pointed == s.name {
+                match self
+                    .kv
+                    .delete_expect_revision(bot_key(&s.bot_id), Some(prev))
+                    .await
+                {
+                    Ok(()) => {}
+                    // A create moved it meanwhile: it names the new one.
+                    Err(e) if lost_race(&e) => {}
+                    Err(e) => return Err(store_err(e)),
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Closes the session by compare-and-set on the revision read; when
     /// it changed meanwhile (an expiry, a quarantine, a heartbeat) it is
     /// read again, and a session no longer current is refused as usual.
-    pub(crate) async fn close(&self, req: CloseSession) -> Result<(), OpError> {
+    pub(crate) async fn close(&self, bot: &str, req: CloseSession) -> Result<(), OpError> {
         let key = session_key(&req.session);
         let step = Close {
             sessions: self,
             name: &req.session,
+            bot,
         };
         match cas::run(&KvKey::new(&self.kv, &key), CLOSE, step).await {
             Ok(Outcome::Written { .. }) => Ok(()),

@@ -19,11 +19,14 @@ use warden_testsupport::{eventually, NatsServer};
 
 async fn request<T: serde::Serialize>(
     client: &async_nats::Client,
-    subject: &'static str,
+    subject: &str,
     body: &T,
 ) -> SessionReply {
     let msg = client
-        .request(subject, serde_json::to_vec(body).unwrap().into())
+        .request(
+            subject.to_string(),
+            serde_json::to_vec(body).unwrap().into(),
+        )
         .await
         .unwrap();
     serde_json::from_slice(&msg.payload).unwrap()
@@ -41,16 +44,16 @@ async fn create(client: &async_nats::Client, bot: &str) -> String {
         agent_version: "test".into(),
         timeout_ms: None,
     };
-    request(client, subjects::SESSION_CREATE, &req)
+    request(client, &subjects::session_create_subject(bot), &req)
         .await
         .session
         .expect("a session name")
 }
 
-async fn heartbeat(client: &async_nats::Client, session: &str) -> SessionReply {
+async fn heartbeat(client: &async_nats::Client, bot: &str, session: &str) -> SessionReply {
     request(
         client,
-        subjects::SESSION_HEARTBEAT,
+        &subjects::session_heartbeat_subject(bot),
         &Heartbeat {
             version: 1,
             session: session.into(),
@@ -133,7 +136,7 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
     let kv = handles.sessions.clone();
 
     // (1) A bot that never registered.
-    let r = heartbeat(&client, "no-such-session").await;
+    let r = heartbeat(&client, "bot-1", "no-such-session").await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::UnknownSession));
     assert!(
         kv.entry(session_key("no-such-session"))
@@ -145,7 +148,7 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
 
     // (2) An old instance whose name no longer matches the one on file.
     let old = create(&client, "bot-1").await;
-    assert!(heartbeat(&client, &old).await.error.is_none());
+    assert!(heartbeat(&client, "bot-1", &old).await.error.is_none());
     let new = create(&client, "bot-1").await;
     assert_ne!(old, new);
     let (old_rec, _) = session(&kv, &old).await;
@@ -179,9 +182,14 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
             epoch: 1,
         }],
     };
-    let r = request(&client, subjects::SESSION_HEARTBEAT, &claim).await;
+    let r = request(
+        &client,
+        &subjects::session_heartbeat_subject("bot-1"),
+        &claim,
+    )
+    .await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
-    let r = heartbeat(&client, &old).await;
+    let r = heartbeat(&client, "bot-1", &old).await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
     let after = jobs.get(&job.id).await.unwrap().unwrap();
     assert_eq!(
@@ -210,7 +218,12 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
             epoch: 1,
         }],
     };
-    let r = request(&client, subjects::SESSION_HEARTBEAT, &mine).await;
+    let r = request(
+        &client,
+        &subjects::session_heartbeat_subject("bot-1"),
+        &mine,
+    )
+    .await;
     assert!(r.error.is_none() && r.cancel.is_empty(), "{r:?}");
     // A lease for an attempt that is not current must be stopped.
     let stale = Heartbeat {
@@ -222,9 +235,13 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         }],
     };
     assert_eq!(
-        request(&client, subjects::SESSION_HEARTBEAT, &stale)
-            .await
-            .cancel,
+        request(
+            &client,
+            &subjects::session_heartbeat_subject("bot-1"),
+            &stale
+        )
+        .await
+        .cancel,
         vec![job.id]
     );
 
@@ -234,8 +251,8 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         String::from_utf8(kv.get(bot_key("bot-1")).await.unwrap().unwrap().to_vec()).unwrap();
     assert_eq!(pointer, new);
     for _ in 0..3 {
-        assert!(heartbeat(&client, &new).await.error.is_none());
-        let r = heartbeat(&client, &old).await;
+        assert!(heartbeat(&client, "bot-1", &new).await.error.is_none());
+        let r = heartbeat(&client, "bot-1", &old).await;
         assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::SessionSuperseded));
     }
 
@@ -262,7 +279,7 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
     // longer than the timeout: after it comes back, the session has a full
     // timeout to heartbeat again and is not expired.
     let busy = create(&client, "busy").await;
-    assert!(heartbeat(&client, &busy).await.error.is_none());
+    assert!(heartbeat(&client, "busy", &busy).await.error.is_none());
     f.stop_service().await;
     time.advance(Duration::from_millis(1500));
     f.start_service().await;
@@ -283,7 +300,7 @@ async fn silent_sessions_expire_but_not_during_the_grace_after_a_restart() {
         async move {
             let msg = client
                 .request(
-                    subjects::SESSION_HEARTBEAT,
+                    subjects::session_heartbeat_subject("busy"),
                     serde_json::to_vec(&Heartbeat {
                         version: 1,
                         session: busy,
@@ -327,7 +344,7 @@ async fn a_session_with_its_own_timeout_expires_by_it() {
         agent_version: "test".into(),
         timeout_ms: Some(3000),
     };
-    let long = request(&client, subjects::SESSION_CREATE, &req)
+    let long = request(&client, &subjects::session_create_subject("executor"), &req)
         .await
         .session
         .expect("a session name");
@@ -361,7 +378,12 @@ async fn a_session_with_its_own_timeout_expires_by_it() {
     for bad in [Some(10), Some(90_000_000)] {
         req.timeout_ms = bad;
         req.bot_id = "bad-timeout".into();
-        let r = request(&client, subjects::SESSION_CREATE, &req).await;
+        let r = request(
+            &client,
+            &subjects::session_create_subject("bad-timeout"),
+            &req,
+        )
+        .await;
         assert!(r.session.is_none(), "{bad:?} accepted");
         assert_eq!(r.error.expect("an error").code, ErrorCode::InvalidRequest);
     }
@@ -402,7 +424,7 @@ async fn a_nats_outage_longer_than_the_timeout_expires_no_healthy_session() {
                 let res = tokio::time::timeout(
                     Duration::from_millis(300),
                     client.request(
-                        subjects::SESSION_HEARTBEAT,
+                        subjects::session_heartbeat_subject("steady"),
                         serde_json::to_vec(&hb).unwrap().into(),
                     ),
                 )

@@ -45,9 +45,13 @@ async fn start(
         let client = client.clone();
         let create = create.clone();
         async move {
-            request(&client, subjects::SESSION_CREATE, &create)
-                .await?
-                .session
+            request(
+                &client,
+                &subjects::session_create_subject("steady"),
+                &create,
+            )
+            .await?
+            .session
         }
     })
     .await;
@@ -88,7 +92,7 @@ async fn a_store_without_quorum_evicts_nobody() {
             loop {
                 every.tick().await;
                 let hb = heartbeat_of(&name);
-                match request(&client, subjects::SESSION_HEARTBEAT, &hb).await {
+                match request(&client, &subjects::session_heartbeat_subject("steady"), &hb).await {
                     Some(SessionReply { error: Some(e), .. }) => {
                         errors.lock().unwrap().push(e.code.to_string())
                     }
@@ -150,7 +154,12 @@ async fn a_store_without_quorum_evicts_nobody() {
         errors.lock().unwrap()
     );
     let tail: Vec<String> = errors.lock().unwrap()[during..].to_vec();
-    let last = request(&client, subjects::SESSION_HEARTBEAT, &heartbeat_of(&name)).await;
+    let last = request(
+        &client,
+        &subjects::session_heartbeat_subject("steady"),
+        &heartbeat_of(&name),
+    )
+    .await;
     assert!(
         last.as_ref().is_some_and(|r| r.error.is_none()),
         "heartbeats fail after the store is back: {last:?} (after the outage: {tail:?})"
@@ -178,7 +187,7 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     } = start(config, Some(time.shared()), Duration::from_secs(10)).await;
     let kv = handles.sessions.clone();
     let hb = heartbeat_of(&name);
-    let ok = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
+    let ok = request(&client, &subjects::session_heartbeat_subject("steady"), &hb).await;
     assert!(ok.is_some_and(|r| r.error.is_none()));
 
     // Full: no write fits any more.
@@ -195,7 +204,7 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
     js.update_stream(&full).await.unwrap();
     // Heartbeats fail for three timeouts (of the service's clock).
     let refused_now = || async {
-        let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
+        let r = request(&client, &subjects::session_heartbeat_subject("steady"), &hb).await;
         r.and_then(|r| r.error)
             .is_some_and(|e| e.code == ErrorCode::Unavailable)
             .then_some(())
@@ -225,7 +234,7 @@ async fn a_store_refusing_writes_past_the_timeout_evicts_nobody() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = request(&client, subjects::SESSION_HEARTBEAT, &hb).await;
+    let r = request(&client, &subjects::session_heartbeat_subject("steady"), &hb).await;
     assert!(
         r.as_ref().is_some_and(|r| r.error.is_none()),
         "heartbeat refused after the store is back: {r:?}"

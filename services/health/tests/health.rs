@@ -137,6 +137,7 @@ fn session(name: &str, state: SessionState, agent: &str) -> Session {
         created_at: Utc::now(),
         last_heartbeat: Utc::now(),
         superseded_by: None,
+        ended_at: None,
         leases: Vec::new(),
     }
 }

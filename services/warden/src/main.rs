@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_search;
+mod bot;
 mod check;
 mod classify;
 mod cli;
@@ -45,6 +46,9 @@ pub enum Command {
     Publish { subject: String, file: PathBuf },
     /// Run a worker agent (a bot) on this host
     Worker(warden_worker::WorkerArgs),
+    /// Add, remove and list bots: their NATS users (nkeys) and registry records
+    #[command(subcommand)]
+    Bot(bot::BotCommand),
     /// List bot sessions: bot id, session, resource, pools, state, leases, last heartbeat
     Bots {
         #[arg(long)]
@@ -367,6 +371,7 @@ async fn run() {
         Command::Job(cmd) => cli::job(&config, cmd).await,
         Command::Publish { subject, file } => cli::publish(&config, subject, file).await,
         Command::Bots { json } => cli::bots(&config, *json).await,
+        Command::Bot(cmd) => bot::run(&config, cmd).await,
         Command::Worker(args) => {
             let mut config = config;
             args.clone().apply(&mut config.worker);

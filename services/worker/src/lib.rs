@@ -213,7 +213,9 @@ pub async fn run_with(
     if let Ok(body) = serde_json::to_vec(&close) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            agent.client.request(subjects::SESSION_CLOSE, body.into()),
+            agent
+                .client
+                .request(subjects::session_close_subject(&agent.bot_id), body.into()),
         )
         .await;
     }
@@ -319,8 +321,10 @@ impl Agent {
             }
             let res = tokio::time::timeout(
                 Duration::from_secs(5),
-                self.client
-                    .request(subjects::SESSION_CREATE, body.clone().into()),
+                self.client.request(
+                    subjects::session_create_subject(&self.bot_id),
+                    body.clone().into(),
+                ),
             )
             .await;
             match res {
@@ -390,8 +394,10 @@ impl Agent {
             };
             match tokio::time::timeout(
                 period,
-                self.client
-                    .request(subjects::SESSION_HEARTBEAT, body.into()),
+                self.client.request(
+                    subjects::session_heartbeat_subject(&self.bot_id),
+                    body.into(),
+                ),
             )
             .await
             {

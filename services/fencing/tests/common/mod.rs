@@ -47,12 +47,15 @@ pub fn heartbeat_of(session: &str) -> Heartbeat {
 /// A request answered within 2 s, or `None`.
 pub async fn try_request<T: serde::Serialize>(
     client: &async_nats::Client,
-    subject: &'static str,
+    subject: &str,
     body: &T,
 ) -> Option<SessionReply> {
     let msg = tokio::time::timeout(
         Duration::from_secs(2),
-        client.request(subject, serde_json::to_vec(body).unwrap().into()),
+        client.request(
+            subject.to_string(),
+            serde_json::to_vec(body).unwrap().into(),
+        ),
     )
     .await
     .ok()?
@@ -104,7 +107,7 @@ pub async fn answers(client: &async_nats::Client, within: Duration) {
             // answered, and must not use up the whole wait.
             tokio::time::timeout(
                 Duration::from_secs(1),
-                client.request(subjects::SESSION_HEARTBEAT, "{}".into()),
+                client.request(subjects::session_heartbeat_subject("probe"), "{}".into()),
             )
             .await
             .ok()?

@@ -160,6 +160,7 @@ pub(crate) mod tests {
             created_at: t(0),
             last_heartbeat: t(0),
             superseded_by: None,
+            ended_at: None,
             leases: Vec::new(),
         }
     }
