@@ -40,7 +40,7 @@ fn example_config_with_optional_keys_uncommented_is_valid() {
         .collect();
     let c = Config::from_parts(Some(&text), Vec::new())
         .expect("example with optional keys uncommented must be a valid config");
-    assert!(c.nats.credentials.is_some(), "nats.credentials documented");
+    assert!(c.nats.user.is_some(), "a nats login documented");
     assert!(c.http.token.is_some(), "http.token documented");
     assert_eq!(c.worker.resources.len(), 1, "worker.resources documented");
     assert_eq!(c.health.checks["host"].len(), 2, "a dns check documented");
@@ -80,8 +80,11 @@ fn example_config_documents_every_default_key() {
         }
     }
     for needle in [
-        "# credentials = ",
+        "#   credentials = ",
         "WARDEN_NATS_CREDENTIALS",
+        "#   nkey_file = ",
+        "WARDEN_NATS_NKEY_FILE",
+        "# user = ",
         "# token = ",
         "WARDEN_HTTP_TOKEN",
         "[[trigger.rules]]",
