@@ -84,6 +84,10 @@ pub enum ErrorCode {
     ResourceUnavailable,
     /// `unknown_resource`: A worker was asked to check a resource it does not have.
     UnknownResource,
+    /// `bot_mismatch`: The request names a bot other than the one its credentials (its subject) prove.
+    BotMismatch,
+    /// `pool_not_allowed`: Acquire asked for a pool its session does not serve.
+    PoolNotAllowed,
     /// A code this build does not know (sent by a newer peer); encodes as
     /// `"unknown"`. Never sent by this build on purpose.
     Unknown,
@@ -91,7 +95,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build sends (not [`ErrorCode::Unknown`]).
-    pub const ALL: [ErrorCode; 37] = [
+    pub const ALL: [ErrorCode; 39] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidRequest,
         ErrorCode::InvalidBody,
@@ -129,6 +133,8 @@ impl ErrorCode {
         ErrorCode::SessionSuperseded,
         ErrorCode::ResourceUnavailable,
         ErrorCode::UnknownResource,
+        ErrorCode::BotMismatch,
+        ErrorCode::PoolNotAllowed,
     ];
 
     /// The wire string.
@@ -171,6 +177,8 @@ impl ErrorCode {
             ErrorCode::SessionSuperseded => "session_superseded",
             ErrorCode::ResourceUnavailable => "resource_unavailable",
             ErrorCode::UnknownResource => "unknown_resource",
+            ErrorCode::BotMismatch => "bot_mismatch",
+            ErrorCode::PoolNotAllowed => "pool_not_allowed",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -416,6 +416,7 @@ impl Ops {
                 .unwrap_or_else(|| "unknown".into()),
             epoch: token.epoch,
             at: Utc::now(),
+            secret: None,
             kind,
         };
         let started = lease

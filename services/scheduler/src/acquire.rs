@@ -193,6 +193,7 @@ pub fn dispatched(mut job: Job, req: &AcquireRequest, now: DateTime<Utc>) -> Opt
         epoch: job.attempt,
         leased_at: now,
         started_at: None,
+        secret_hash: None,
     });
     job.outcome = None;
     job.blame = None;

@@ -36,6 +36,7 @@ pub fn running(epoch: u32, session: &str) -> Job {
         epoch,
         leased_at: at(0),
         started_at: None,
+        secret_hash: None,
     });
     j
 }
@@ -48,6 +49,7 @@ pub fn report(job: &Job, epoch: u32, session: &str, kind: ReportKind) -> Report 
         bot_id: "bot".into(),
         epoch,
         at: at(1),
+        secret: None,
         kind,
     }
 }

@@ -611,6 +611,7 @@ impl Agent {
             bot_id: bot_id.clone(),
             epoch: lease.epoch,
             at: Utc::now(),
+            secret: None,
             kind,
         };
         debug!(job.id = %lease.job_id, epoch = lease.epoch, task = %lease.task, "attempt starting");
