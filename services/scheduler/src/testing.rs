@@ -94,3 +94,25 @@ pub fn acquire_req(session: &str, bot: &str) -> AcquireRequest {
         wait_ms: 0,
     }
 }
+
+/// A session `name` of bot `bot` in `state`, serving pool `default` with
+/// capacity 2, as the fencing service writes it.
+pub fn session(name: &str, bot: &str, state: warden_shared::session::SessionState) -> warden_shared::session::Session {
+    warden_shared::session::Session {
+        version: MESSAGE_VERSION,
+        name: name.into(),
+        bot_id: bot.into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: String::new(),
+        pools: vec!["default".into()],
+        capacity: 2,
+        agent_version: String::new(),
+        timeout_ms: None,
+        state,
+        created_at: at(0),
+        last_heartbeat: at(0),
+        superseded_by: None,
+        leases: Vec::new(),
+    }
+}
