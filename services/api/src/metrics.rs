@@ -18,7 +18,12 @@ pub struct Metrics {
     pub jobs: IntGaugeVec,
     /// State changes made by hand (retry, cancel).
     pub transitions: IntCounterVec,
+    /// Execution tokens refused: old (w1) or without the lease's secret.
+    pub forged_tokens: IntCounterVec,
 }
+
+/// `reason` of `warden_api_execution_tokens_refused_total`.
+pub const TOKEN_REFUSALS: [&str; 3] = ["outdated", "malformed", "wrong_secret"];
 
 /// What a person can do to a job through the API.
 pub const ACTIONS: [Action; 2] = [Action::Retry, Action::Cancel];
@@ -70,6 +75,16 @@ pub fn metrics() -> &'static Metrics {
             )
             .expect("valid metric"),
         ),
+        forged_tokens: register(
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_api_execution_tokens_refused_total",
+                    "State switches refused for their execution token: outdated (w1, without a secret), malformed, or wrong_secret (not the lease's)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        ),
     })
 }
 
@@ -78,6 +93,9 @@ pub fn metrics() -> &'static Metrics {
 /// bucket.
 pub fn init() {
     let m = metrics();
+    for reason in TOKEN_REFUSALS {
+        touch(&m.forged_tokens, &[reason]);
+    }
     for from in JobState::ALL {
         for action in ACTIONS {
             if let Ok(to) = transition(from, action) {
