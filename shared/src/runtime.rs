@@ -157,6 +157,7 @@ pub struct Connect<'a> {
     name: Option<String>,
     short_lived: Option<(Duration, usize)>,
     on_server_error: Option<ServerErrorHook>,
+    inbox_prefix: Option<String>,
 }
 
 impl<'a> Connect<'a> {
@@ -167,7 +168,16 @@ impl<'a> Connect<'a> {
             name: None,
             short_lived: None,
             on_server_error: None,
+            inbox_prefix: None,
         }
+    }
+
+    /// Replies come to `<prefix>.<id>` instead of `_INBOX.<id>`: a bot's
+    /// permissions let it subscribe only below its own prefix
+    /// ([`subjects::bot_inbox_prefix`]).
+    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.inbox_prefix = Some(prefix.into());
+        self
     }
 
     /// The connection's name instead of `<nats.name>-<service>`.
@@ -200,6 +210,9 @@ impl<'a> Connect<'a> {
             .clone()
             .unwrap_or_else(|| format!("{}-{service}", config.nats.name));
         let mut opts = async_nats::ConnectOptions::new().name(name);
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix.clone());
+        }
         match self.short_lived {
             Some((timeout, max_reconnects)) => {
                 opts = opts
