@@ -87,7 +87,7 @@ async fn suspect_event_arrives_after_its_first_publish_failed() {
     };
     runtime::publish_with_id(
         &js,
-        subjects::report_subject(&job.id),
+        subjects::bot_report_subject(&report.bot_id, &job.id),
         &report.msg_id(),
         &report,
     )
