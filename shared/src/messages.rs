@@ -653,7 +653,10 @@ mod tests {
         let mut held = r.clone();
         held.secret = Some(crate::lease_secret::generate());
         let id = held.msg_id();
-        assert!(id.starts_with(&format!("{}:3:crashed:", Uuid::nil())), "{id}");
+        assert!(
+            id.starts_with(&format!("{}:3:crashed:", Uuid::nil())),
+            "{id}"
+        );
         assert_ne!(id, r.msg_id());
         let mut other = held.clone();
         other.secret = Some(crate::lease_secret::generate());

@@ -48,13 +48,11 @@ async fn open_session(s: &Stack, bot: &str, pools: &[&str]) -> String {
         let (own, service, body) = (own.clone(), service.clone(), body.clone());
         async move {
             let ask = |c: async_nats::Client, subject: String, body: Vec<u8>| async move {
-                let msg = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    c.request(subject, body.into()),
-                )
-                .await
-                .ok()?
-                .ok()?;
+                let msg =
+                    tokio::time::timeout(Duration::from_secs(2), c.request(subject, body.into()))
+                        .await
+                        .ok()?
+                        .ok()?;
                 serde_json::from_slice::<SessionReply>(&msg.payload)
                     .ok()?
                     .session
@@ -105,7 +103,14 @@ async fn state(s: &Stack) -> [BTreeMap<String, Vec<u8>>; 3] {
     ]
 }
 
-fn report(job: Uuid, session: &str, bot: &str, epoch: u32, secret: Option<String>, kind: ReportKind) -> Report {
+fn report(
+    job: Uuid,
+    session: &str,
+    bot: &str,
+    epoch: u32,
+    secret: Option<String>,
+    kind: ReportKind,
+) -> Report {
     Report {
         version: 1,
         job_id: job,
@@ -176,12 +181,30 @@ async fn an_attacker_bot_cannot_take_finish_hang_or_forge_the_victims_work() {
     let before = state(&s).await;
     let mine = subjects::acquire_subject(ATTACKER);
     for (req, code) in [
-        (acquire_req("made-up", ATTACKER, &[POOL]), ErrorCode::UnknownSession),
-        (acquire_req(&Uuid::new_v4().to_string(), ATTACKER, &[POOL]), ErrorCode::UnknownSession),
-        (acquire_req(&victim_session, ATTACKER, &[POOL]), ErrorCode::UnknownSession),
-        (acquire_req(&victim_session, VICTIM, &[POOL]), ErrorCode::BotMismatch),
-        (acquire_req(&attacker_session, ATTACKER, &[POOL]), ErrorCode::PoolNotAllowed),
-        (acquire_req(&attacker_session, ATTACKER, &["default", POOL]), ErrorCode::PoolNotAllowed),
+        (
+            acquire_req("made-up", ATTACKER, &[POOL]),
+            ErrorCode::UnknownSession,
+        ),
+        (
+            acquire_req(&Uuid::new_v4().to_string(), ATTACKER, &[POOL]),
+            ErrorCode::UnknownSession,
+        ),
+        (
+            acquire_req(&victim_session, ATTACKER, &[POOL]),
+            ErrorCode::UnknownSession,
+        ),
+        (
+            acquire_req(&victim_session, VICTIM, &[POOL]),
+            ErrorCode::BotMismatch,
+        ),
+        (
+            acquire_req(&attacker_session, ATTACKER, &[POOL]),
+            ErrorCode::PoolNotAllowed,
+        ),
+        (
+            acquire_req(&attacker_session, ATTACKER, &["default", POOL]),
+            ErrorCode::PoolNotAllowed,
+        ),
     ] {
         let reply = eventually(Duration::from_secs(20), "the scheduler answers", || {
             acquire_on(&attacker, mine.clone(), &req)
@@ -198,7 +221,11 @@ async fn an_attacker_bot_cannot_take_finish_hang_or_forge_the_victims_work() {
     )
     .await;
     assert!(stolen.is_none(), "{stolen:?}");
-    assert_eq!(state(&s).await, before, "an attacker's acquire changed something");
+    assert_eq!(
+        state(&s).await,
+        before,
+        "an attacker's acquire changed something"
+    );
 
     // The victim takes its job, with the lease secret.
     let grant: LeaseGrant = eventually(Duration::from_secs(20), "the victim's lease", || {
@@ -223,8 +250,14 @@ async fn an_attacker_bot_cannot_take_finish_hang_or_forge_the_victims_work() {
     // What anyone who reads the job sees.
     let session = shown["lease"]["session"].as_str().unwrap().to_string();
     let epoch = shown["lease"]["epoch"].as_u64().unwrap() as u32;
-    assert_eq!((session.as_str(), epoch), (victim_session.as_str(), grant.epoch));
-    assert!(!shown.to_string().contains(&secret), "the job shows the secret");
+    assert_eq!(
+        (session.as_str(), epoch),
+        (victim_session.as_str(), grant.epoch)
+    );
+    assert!(
+        !shown.to_string().contains(&secret),
+        "the job shows the secret"
+    );
 
     // (b) A Finished report with the victim's session and epoch, and
     // (c) reports published ahead with the old and any guessable ids.
@@ -233,16 +266,36 @@ async fn an_attacker_bot_cannot_take_finish_hang_or_forge_the_victims_work() {
     let forged = report(job_id, &session, ATTACKER, epoch, None, finished());
     let as_victim = report(job_id, &session, VICTIM, epoch, None, finished());
     assert!(
-        !publish(&ajs, subjects::bot_report_subject(VICTIM, &job_id), &forged.msg_id(), &as_victim).await,
+        !publish(
+            &ajs,
+            subjects::bot_report_subject(VICTIM, &job_id),
+            &forged.msg_id(),
+            &as_victim
+        )
+        .await,
         "the attacker published on the victim's report subject"
     );
     assert!(
-        !publish(&ajs, subjects::report_subject(&job_id), &forged.msg_id(), &as_victim).await,
+        !publish(
+            &ajs,
+            subjects::report_subject(&job_id),
+            &forged.msg_id(),
+            &as_victim
+        )
+        .await,
         "the attacker published on the old report subject"
     );
     let own = subjects::bot_report_subject(ATTACKER, &job_id);
     assert!(publish(&ajs, own.clone(), &forged.msg_id(), &forged).await);
-    assert!(publish(&ajs, own.clone(), &format!("{job_id}:{epoch}:finished:x"), &as_victim).await);
+    assert!(
+        publish(
+            &ajs,
+            own.clone(),
+            &format!("{job_id}:{epoch}:finished:x"),
+            &as_victim
+        )
+        .await
+    );
     for kind in ["started", "finished", "crashed", "stopped"] {
         for id in [
             format!("{job_id}:{epoch}:{kind}"),
@@ -251,14 +304,18 @@ async fn an_attacker_bot_cannot_take_finish_hang_or_forge_the_victims_work() {
             publish(&ajs, own.clone(), &id, &forged).await;
         }
     }
-    eventually(Duration::from_secs(20), "the forged reports dead-lettered", || {
-        let s = &s;
-        async move {
-            (dead_letters(s, "report_from_other_bot").await >= 1
-                && dead_letters(s, "bot_mismatch").await >= 1)
-                .then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the forged reports dead-lettered",
+        || {
+            let s = &s;
+            async move {
+                (dead_letters(s, "report_from_other_bot").await >= 1
+                    && dead_letters(s, "bot_mismatch").await >= 1)
+                    .then_some(())
+            }
+        },
+    )
     .await;
 
     // (d) Execution tokens: the old form built from what the job shows,
@@ -266,7 +323,10 @@ async fn an_attacker_bot_cannot_take_finish_hang_or_forge_the_victims_work() {
     let service = s.service_client().await;
     for token in [
         format!("w1.{job_id}.{epoch}.{session}"),
-        format!("w2.{job_id}.{epoch}.{session}.{}", warden_shared::lease_secret::generate()),
+        format!(
+            "w2.{job_id}.{epoch}.{session}.{}",
+            warden_shared::lease_secret::generate()
+        ),
     ] {
         let body = serde_json::json!({
             "id": id, "token": token, "state": "FINISHED", "outcome": "passed"

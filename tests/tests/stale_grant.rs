@@ -109,7 +109,10 @@ async fn a_grant_for_a_replaced_session_is_not_run() {
             let reports = reports.clone();
             async move {
                 reports
-                    .get_last_raw_message_by_subject(&subjects::bot_report_subject("grant-bot", &job))
+                    .get_last_raw_message_by_subject(&subjects::bot_report_subject(
+                        "grant-bot",
+                        &job,
+                    ))
                     .await
                     .ok()
                     .map(|m| String::from_utf8_lossy(&m.payload).into_owned())

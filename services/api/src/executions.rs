@@ -101,7 +101,8 @@ impl ExecutionToken {
             .parse::<Uuid>()
             .map_err(|_| TokenError::Malformed)?
             .to_string();
-        if secret.len() != lease_secret::SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_hexdigit())
+        if secret.len() != lease_secret::SECRET_LEN
+            || !secret.bytes().all(|b| b.is_ascii_hexdigit())
         {
             return Err(TokenError::Malformed);
         }

@@ -86,10 +86,8 @@ pub fn api_status(code: ErrorCode) -> Option<u16> {
         TooLarge => 413,
         Internal => 500,
         Unavailable => 503,
-        UnknownSession | SessionSuperseded | ResourceUnavailable | UnknownResource | BotMismatch
-        | PoolNotAllowed | Unknown => {
-            return None
-        }
+        UnknownSession | SessionSuperseded | ResourceUnavailable | UnknownResource
+        | BotMismatch | PoolNotAllowed | Unknown => return None,
     })
 }
 

@@ -285,8 +285,7 @@ pub fn read_back(
             if v.job.is_held_by(session, attempt)
                 && v.job.lease.as_ref().is_some_and(|l| {
                     now - l.leased_at < grace
-                        && l
-                            .secret_hash
+                        && l.secret_hash
                             .as_deref()
                             .is_some_and(|h| lease_secret::matches(secret, h))
                 }) =>
@@ -474,7 +473,9 @@ mod tests {
         assert_eq!((last.action, last.actor.as_str()), (Action::Dispatch, "s1"));
         // The record keeps only the secret's hash; the grant carries it.
         assert_eq!(lease.secret_hash, Some(lease_secret::hash(&secret)));
-        assert!(!serde_json::to_string(&next).expect("json").contains(&secret));
+        assert!(!serde_json::to_string(&next)
+            .expect("json")
+            .contains(&secret));
         let g = grant(&next, &secret);
         assert_eq!((g.epoch, g.secret.as_deref()), (1, Some(secret.as_str())));
         // A running job is not dispatched again.
@@ -524,6 +525,9 @@ mod tests {
             read_back(Some(None), &secret, "s1", 1, 7, grace, at(2)),
             ReadBack::Moved
         );
-        assert_eq!(read_back(None, &secret, "s1", 1, 7, grace, at(2)), ReadBack::Requeue);
+        assert_eq!(
+            read_back(None, &secret, "s1", 1, 7, grace, at(2)),
+            ReadBack::Requeue
+        );
     }
 }

@@ -541,7 +541,10 @@ mod tests {
         use warden_shared::subjects::{bot_report_subject, report_subject};
         let job = running(1, "s1");
         let r = report(&job, 1, "s1", finished());
-        assert_eq!(check_subject(&bot_report_subject("bot", &job.id), &r), Ok(()));
+        assert_eq!(
+            check_subject(&bot_report_subject("bot", &job.id), &r),
+            Ok(())
+        );
         assert_eq!(
             check_subject(&report_subject(&job.id), &r),
             Err(Refusal::NoBotSubject)

@@ -97,7 +97,11 @@ pub fn acquire_req(session: &str, bot: &str) -> AcquireRequest {
 
 /// A session `name` of bot `bot` in `state`, serving pool `default` with
 /// capacity 2, as the fencing service writes it.
-pub fn session(name: &str, bot: &str, state: warden_shared::session::SessionState) -> warden_shared::session::Session {
+pub fn session(
+    name: &str,
+    bot: &str,
+    state: warden_shared::session::SessionState,
+) -> warden_shared::session::Session {
     warden_shared::session::Session {
         version: MESSAGE_VERSION,
         name: name.into(),

@@ -39,11 +39,12 @@ pub async fn serve(shared: Arc<Shared>, sub: async_nats::Subscriber, shutdown: C
                 return Reply::default();
             }
             let bot = subjects::bot_of_subject(subjects::ACQUIRE, msg.subject.as_str());
-            let (result, answer) = match (bot, serde_json::from_slice::<AcquireRequest>(&msg.payload)) {
-                (Some(bot), Ok(req)) => acquire(&shared, &bot, req, &shutdown).await,
-                (None, _) => invalid("the subject names no bot"),
-                (_, Err(e)) => invalid(&e.to_string()),
-            };
+            let (result, answer) =
+                match (bot, serde_json::from_slice::<AcquireRequest>(&msg.payload)) {
+                    (Some(bot), Ok(req)) => acquire(&shared, &bot, req, &shutdown).await,
+                    (None, _) => invalid("the subject names no bot"),
+                    (_, Err(e)) => invalid(&e.to_string()),
+                };
             metrics()
                 .acquire_requests
                 .with_label_values(&[result.label()])
@@ -74,8 +75,7 @@ async fn acquire(
         Ok(None) => None,
         Err(e) => {
             warn!(session = %req.session, error = %e, "cannot read the session; acquire refused for now");
-            return session_unreadable(&req.session, &e.to_string())
-                .reply(AcquireResult::Rejected);
+            return session_unreadable(&req.session, &e.to_string()).reply(AcquireResult::Rejected);
         }
     };
     if let Err(refusal) = session_verdict(&req, bot, known.as_ref()) {

@@ -26,7 +26,9 @@ use super::classify::{act_on_classification, classify};
 use crate::apply::crash_to_classify;
 use crate::classification;
 use crate::metrics::{count_crash, count_fate, metrics, INVALID_REPORT};
-use crate::reports::{bound, check_holder, check_subject, fold, Fold, Refusal, Rejection, ReportOutcome};
+use crate::reports::{
+    bound, check_holder, check_subject, fold, Fold, Refusal, Rejection, ReportOutcome,
+};
 use crate::Shared;
 
 /// How long a report that could not be applied now waits to come again.
@@ -142,7 +144,10 @@ async fn handle_reports(
     };
     let result = cas::run(&shared.store.at(job_id), RETRY_CAS, &mut step).await;
     let refused = std::mem::take(&mut step.refused);
-    (settle_reports(shared, job_id, reports, deliveries, result).await, refused)
+    (
+        settle_reports(shared, job_id, reports, deliveries, result).await,
+        refused,
+    )
 }
 
 type ApplyResult<'r> = Result<Outcome<Job, Fold<'r>, Disposition>, Failure<StoreError, Never>>;
