@@ -441,7 +441,7 @@ impl Ops {
     /// Switches the state of job `id` for the executor holding `req.token`.
     pub async fn switch_state(&self, id: &str, req: StateRequest) -> Result<StateReply, OpError> {
         let id = parse_id(id)?;
-        let token = ExecutionToken::parse(&req.token).map_err(|e| {
+        let token = ExecutionToken::parse(&req.token).inspect_err(|e| {
             let reason = match e {
                 TokenError::Outdated => "outdated",
                 TokenError::Malformed => "malformed",
@@ -450,7 +450,6 @@ impl Ops {
                 .forged_tokens
                 .with_label_values(&[reason])
                 .inc();
-            e
         });
         let token = token.map_err(|e| match e {
             TokenError::Outdated => OpError::bad_request(
