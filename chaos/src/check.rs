@@ -684,6 +684,7 @@ mod tests {
             epoch: 1,
             leased_at: t(1),
             started_at: None,
+            secret_hash: None,
         });
         assert_eq!(check(&evidence(vec![j])), vec![]);
     }

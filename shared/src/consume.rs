@@ -100,8 +100,9 @@ pub async fn consume<H, Fut>(
 /// message that cannot be used, its disposition at once), grouped by key
 /// ([`group_by`]: in pull order), and each group goes to `handler` as one
 /// (groups concurrently); every message of a group is settled with the
-/// disposition it returns, once the handler is done. `pull_backoff`: the
-/// pauses after consumer errors.
+/// disposition the handler returns for it (one per message, in order; a
+/// message it returns none for gets the last one), once the handler is
+/// done. `pull_backoff`: the pauses after consumer errors.
 pub async fn consume_grouped<K, T, S, H, Fut>(
     how: Consume<'_>,
     pull_backoff: PullBackoff,
@@ -114,7 +115,7 @@ pub async fn consume_grouped<K, T, S, H, Fut>(
     K: PartialEq,
     S: Fn(&jetstream::Message) -> Result<(K, T), Disposition>,
     H: Fn(Vec<(jetstream::Message, T)>) -> Fut,
-    Fut: Future<Output = Disposition>,
+    Fut: Future<Output = Vec<Disposition>>,
 {
     let (sort, handler, on_dead_letter, how) = (&sort, &handler, &on_dead_letter, &how);
     pull(
@@ -140,9 +141,11 @@ pub async fn consume_grouped<K, T, S, H, Fut>(
                 |(_, group)| async move {
                     let messages: Vec<jetstream::Message> =
                         group.iter().map(|(m, _)| m.clone()).collect();
-                    let d = handler(group).await;
-                    for m in &messages {
-                        settle(how, m, d.clone(), on_dead_letter).await;
+                    let each = handler(group).await;
+                    let last = each.last().cloned().unwrap_or(Disposition::Ack);
+                    for (i, m) in messages.iter().enumerate() {
+                        let d = each.get(i).cloned().unwrap_or_else(|| last.clone());
+                        settle(how, m, d, on_dead_letter).await;
                     }
                 },
             ));

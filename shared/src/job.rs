@@ -106,6 +106,12 @@ pub struct Lease {
     pub leased_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
+    /// SHA-256 of the secret handed to the holder with the grant
+    /// ([`crate::lease_secret`]): a report or execution token is the
+    /// holder's only if its secret hashes to this. `None` on leases written
+    /// before secrets existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
 }
 
 impl Lease {
@@ -721,6 +727,7 @@ mod tests {
             epoch: 2,
             leased_at: now,
             started_at: None,
+            secret_hash: None,
         });
         assert!(j.is_held_by("s1", 2));
         assert!(!j.is_held_by("s1", 1), "an older attempt");

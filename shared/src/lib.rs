@@ -26,6 +26,7 @@ pub mod consume;
 pub mod error;
 pub mod guard;
 pub mod job;
+pub mod lease_secret;
 pub mod messages;
 pub mod metrics;
 pub mod nats_ports;

@@ -50,6 +50,10 @@ pub struct LeaseGrant {
     pub args: BTreeMap<String, String>,
     pub pool: String,
     pub priority: i32,
+    /// The lease secret ([`crate::lease_secret`]): only the holder gets it;
+    /// its reports carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +184,10 @@ pub struct Report {
     pub bot_id: String,
     pub epoch: u32,
     pub at: DateTime<Utc>,
+    /// The lease secret of the grant ([`LeaseGrant::secret`]): proves the
+    /// report comes from the lease holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     #[serde(flatten)]
     pub kind: ReportKind,
 }
@@ -272,9 +280,17 @@ impl ReportKind {
 }
 
 impl Report {
-    /// JetStream de-duplication id: one report of each kind per attempt.
+    /// JetStream de-duplication id: one report of each kind per attempt,
+    /// with a tag of the lease secret ([`crate::lease_secret::dedup_tag`]),
+    /// so nobody without the secret can publish a report with the holder's
+    /// id ahead of it (the stream would drop the holder's as a duplicate).
     pub fn msg_id(&self) -> String {
-        format!("{}:{}:{}", self.job_id, self.epoch, self.kind.name())
+        let tag = self
+            .secret
+            .as_deref()
+            .map(crate::lease_secret::dedup_tag)
+            .unwrap_or_else(|| "-".into());
+        format!("{}:{}:{}:{tag}", self.job_id, self.epoch, self.kind.name())
     }
 }
 
@@ -616,6 +632,7 @@ mod tests {
             bot_id: "b".into(),
             epoch: 3,
             at: Utc::now(),
+            secret: None,
             kind: ReportKind::Crashed {
                 crash: CrashInfo {
                     exit_code: Some(2),
@@ -630,7 +647,22 @@ mod tests {
         assert_eq!(v["exit_code"], 2);
         let back: Report = serde_json::from_value(v).expect("back");
         assert_eq!(back, r);
-        assert_eq!(r.msg_id(), format!("{}:3:crashed", Uuid::nil()));
+        assert_eq!(r.msg_id(), format!("{}:3:crashed:-", Uuid::nil()));
+        // With the lease secret, the id carries a tag of it: nobody
+        // without the secret can publish the holder's id first.
+        let mut held = r.clone();
+        held.secret = Some(crate::lease_secret::generate());
+        let id = held.msg_id();
+        assert!(
+            id.starts_with(&format!("{}:3:crashed:", Uuid::nil())),
+            "{id}"
+        );
+        assert_ne!(id, r.msg_id());
+        let mut other = held.clone();
+        other.secret = Some(crate::lease_secret::generate());
+        assert_ne!(other.msg_id(), id);
+        let v: serde_json::Value = serde_json::to_value(&held).expect("json");
+        assert_eq!(serde_json::from_value::<Report>(v).expect("back"), held);
     }
 
     #[test]
@@ -642,6 +674,7 @@ mod tests {
             bot_id: "b".into(),
             epoch: 2,
             at: Utc::now(),
+            secret: None,
             kind: ReportKind::Stopped {
                 reason: StopReason::SelfFenced,
             },
@@ -651,7 +684,7 @@ mod tests {
         assert_eq!(v["reason"], "self_fenced");
         let back: Report = serde_json::from_value(v).expect("back");
         assert_eq!(back, r);
-        assert_eq!(r.msg_id(), format!("{}:2:stopped", Uuid::nil()));
+        assert_eq!(r.msg_id(), format!("{}:2:stopped:-", Uuid::nil()));
         for reason in StopReason::ALL {
             let v = serde_json::to_value(reason).expect("json");
             assert_eq!(v, reason.as_str());

@@ -459,6 +459,7 @@ mod tests {
             epoch: attempt,
             leased_at: now,
             started_at: None,
+            secret_hash: None,
         });
         j
     }

@@ -107,6 +107,8 @@ pub const SERVICE_PING: &str = "$SRV.PING";
 /// what `warden publish` and webhooks use when no bridge topic applies.
 pub const LOCAL_EVENTS: &str = "warden.events.>";
 
+/// The subject reports used before bot identity (`warden.report.<job>`):
+/// the scheduler refuses reports on it (nothing proves who sent them).
 pub fn report_subject(job_id: &Uuid) -> String {
     format!("{REPORTS_PREFIX}.{job_id}")
 }
@@ -190,6 +192,21 @@ pub fn executor_session_create_subject(bot_id: &str) -> String {
 /// Bot → scheduler: long-poll for leases (`warden.sched.acquire.<bot>`).
 pub fn acquire_subject(bot_id: &str) -> String {
     format!("{ACQUIRE}.{}", bot_token(bot_id))
+}
+/// What the scheduler replicas subscribe to (queue group): every bot's
+/// acquire subject.
+pub fn acquire_all() -> String {
+    format!("{ACQUIRE}.*")
+}
+/// The job a report subject `warden.report.<bot>.<job>` is about, if the
+/// subject has that shape (the old `warden.report.<job>` has not).
+pub fn job_of_report_subject(subject: &str) -> Option<Uuid> {
+    let rest = subject.strip_prefix(REPORTS_PREFIX)?.strip_prefix('.')?;
+    let mut parts = rest.split('.');
+    let (Some(_bot), Some(job), None) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    job.parse().ok()
 }
 /// Bot → WARDEN_REPORTS: a report about `job_id`
 /// (`warden.report.<bot>.<job>`).
@@ -438,6 +455,19 @@ mod bot_subject_tests {
             bot_of_subject(REPORTS_PREFIX, &bot_report_subject(bot, &job)).as_deref(),
             Some(bot)
         );
+    }
+
+    #[test]
+    fn a_report_subject_names_its_bot_and_job_and_the_old_one_neither() {
+        let job = Uuid::from_u128(7);
+        let s = bot_report_subject("bot-a", &job);
+        assert_eq!(job_of_report_subject(&s), Some(job));
+        assert_eq!(bot_of_subject(REPORTS_PREFIX, &s).as_deref(), Some("bot-a"));
+        let old = report_subject(&job);
+        assert_eq!(job_of_report_subject(&old), None);
+        assert_eq!(bot_of_subject(REPORTS_PREFIX, &old), None);
+        assert_eq!(job_of_report_subject(&format!("{s}.x")), None);
+        assert!(acquire_subject("bot-a").starts_with(acquire_all().trim_end_matches('*')));
     }
 
     #[test]

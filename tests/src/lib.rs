@@ -905,7 +905,10 @@ pub async fn try_acquire(
 ) -> Option<warden_shared::messages::AcquireReply> {
     let body = serde_json::to_vec(req).ok()?;
     let reply = client
-        .request(warden_shared::subjects::ACQUIRE, body.into())
+        .request(
+            warden_shared::subjects::acquire_subject(&req.bot_id),
+            body.into(),
+        )
         .await
         .ok()?;
     serde_json::from_slice(&reply.payload).ok()

@@ -38,6 +38,7 @@ async fn suspect_event_arrives_after_its_first_publish_failed() {
         epoch: 1,
         leased_at: now,
         started_at: Some(now),
+        secret_hash: None,
     });
     job.push_history(HistoryEntry {
         at: now,
@@ -73,6 +74,7 @@ async fn suspect_event_arrives_after_its_first_publish_failed() {
         bot_id: "bot-a".into(),
         epoch: 1,
         at: Utc::now(),
+        secret: None,
         kind: ReportKind::Crashed {
             crash: CrashInfo {
                 exit_code: Some(1),
@@ -85,7 +87,7 @@ async fn suspect_event_arrives_after_its_first_publish_failed() {
     };
     runtime::publish_with_id(
         &js,
-        subjects::report_subject(&job.id),
+        subjects::bot_report_subject(&report.bot_id, &job.id),
         &report.msg_id(),
         &report,
     )

@@ -40,7 +40,6 @@ macro_rules! enc {
 }
 
 #[tokio::test]
-#[ignore = "the bot worker's acquire and reports move to its bot subjects in the identity-scheduler branch; until then a bot worker under the shipped permissions gets no job"]
 async fn an_attacker_bot_cannot_touch_the_victims_session() {
     let s = Scenario::new().secured(&["victim", "attacker"]).up();
     let _victim = s.bot_worker("victim");

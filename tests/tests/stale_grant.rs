@@ -31,7 +31,7 @@ async fn a_grant_for_a_replaced_session_is_not_run() {
         .topology_forever()
         .await
         .unwrap();
-    let mut acquires = client.subscribe(subjects::ACQUIRE).await.unwrap();
+    let mut acquires = client.subscribe(subjects::acquire_all()).await.unwrap();
     let stop = CancellationToken::new();
     let fencing = tokio::spawn(warden_fencing::run(config.clone(), stop.clone()));
     let worker = tokio::spawn(warden_worker::run(config.clone(), stop.clone()));
@@ -84,6 +84,7 @@ async fn a_grant_for_a_replaced_session_is_not_run() {
             args: [("seconds".to_string(), "30".to_string())].into(),
             pool: "default".into(),
             priority: 0,
+            secret: None,
         }],
         error: None,
     };
@@ -108,7 +109,10 @@ async fn a_grant_for_a_replaced_session_is_not_run() {
             let reports = reports.clone();
             async move {
                 reports
-                    .get_last_raw_message_by_subject(&subjects::report_subject(&job))
+                    .get_last_raw_message_by_subject(&subjects::bot_report_subject(
+                        "grant-bot",
+                        &job,
+                    ))
                     .await
                     .ok()
                     .map(|m| String::from_utf8_lossy(&m.payload).into_owned())

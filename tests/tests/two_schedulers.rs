@@ -77,7 +77,10 @@ async fn two_replicas_never_dispatch_one_job_twice() {
                         wait_ms: 300,
                     };
                     let reply = client
-                        .request(subjects::ACQUIRE, serde_json::to_vec(&req).unwrap().into())
+                        .request(
+                            subjects::acquire_subject(&req.bot_id),
+                            serde_json::to_vec(&req).unwrap().into(),
+                        )
                         .await
                         .unwrap();
                     let reply: AcquireReply = serde_json::from_slice(&reply.payload).unwrap();

@@ -15,9 +15,14 @@
 //! - silence past the session's timeout expires it, and the scheduler
 //!   takes the job back like a lost worker's.
 //!
-//! The token (`w1.<job>.<epoch>.<session>`) is a fencing token, not a
-//! secret: writes are authorised by `http.token` (HTTP) or by NATS
-//! permissions, as every other write.
+//! The token (`w2.<job>.<epoch>.<session>.<secret>`) is a fencing token
+//! and a secret: it carries the lease secret the scheduler handed to the
+//! take ([`warden_shared::lease_secret`]), and a switch is made only if the
+//! secret's hash is the lease's. Job, epoch and session are what anyone
+//! who reads the job sees; the secret only the take's caller has, so no
+//! token can be built for a lease held by another (a worker bot's, or
+//! another executor's). Tokens of the old form (`w1.`, without a secret)
+//! are refused.
 
 use std::time::Duration;
 use warden_shared::error::ErrorCode;
@@ -32,7 +37,7 @@ use warden_shared::messages::{
     ReportKind, SessionReply, MESSAGE_VERSION,
 };
 use warden_shared::state::Action;
-use warden_shared::{subjects, Blame, Job, JobState};
+use warden_shared::{lease_secret, subjects, Blame, Job, JobState};
 
 use crate::ops::{parse_id, OpError, Ops, MAX_REASON};
 use crate::types::{Execution, StateReply, StateRequest, TakeReply, TakeRequest};
@@ -49,36 +54,88 @@ const APPLY_WAIT: Duration = Duration::from_secs(10);
 /// How long the fencing service and the scheduler get to answer.
 const BUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The fencing token of one attempt held by an executor.
+/// The fencing token of one attempt held by an executor, with the lease
+/// secret of its grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutionToken {
     pub job_id: Uuid,
     pub epoch: u32,
     pub session: String,
+    pub secret: String,
+}
+
+/// Why a string is not an execution token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// A token of the old form (`w1.`): it carries no secret.
+    Outdated,
+    /// Not a token at all.
+    Malformed,
 }
 
 impl ExecutionToken {
     pub fn encode(&self) -> String {
-        format!("w1.{}.{}.{}", self.job_id, self.epoch, self.session)
+        format!(
+            "w2.{}.{}.{}.{}",
+            self.job_id, self.epoch, self.session, self.secret
+        )
     }
 
-    pub fn parse(s: &str) -> Option<ExecutionToken> {
-        let mut parts = s.trim().split('.');
-        let (Some("w1"), Some(job), Some(epoch), Some(session), None) = (
+    pub fn parse(s: &str) -> Result<ExecutionToken, TokenError> {
+        let s = s.trim();
+        if s.starts_with("w1.") {
+            return Err(TokenError::Outdated);
+        }
+        let mut parts = s.split('.');
+        let (Some("w2"), Some(job), Some(epoch), Some(session), Some(secret), None) = (
+            parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
         ) else {
-            return None;
+            return Err(TokenError::Malformed);
         };
-        let session = session.parse::<Uuid>().ok()?.to_string();
-        Some(ExecutionToken {
-            job_id: job.parse().ok()?,
-            epoch: epoch.parse().ok().filter(|e| *e > 0)?,
+        let session = session
+            .parse::<Uuid>()
+            .map_err(|_| TokenError::Malformed)?
+            .to_string();
+        if secret.len() != lease_secret::SECRET_LEN
+            || !secret.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(TokenError::Malformed);
+        }
+        Ok(ExecutionToken {
+            job_id: job.parse().map_err(|_| TokenError::Malformed)?,
+            epoch: epoch
+                .parse()
+                .ok()
+                .filter(|e| *e > 0)
+                .ok_or(TokenError::Malformed)?,
             session,
+            secret: secret.to_string(),
         })
+    }
+}
+
+/// Whether `token` may speak for the attempt it names on `job`: if the
+/// job's lease is that attempt's, its secret's hash must be the lease's
+/// (a lease without a hash was never an executor's take). A token for
+/// another attempt claims nothing; [`stale`] answers it.
+fn holds_secret(job: &Job, token: &ExecutionToken) -> Result<(), OpError> {
+    let Some(lease) = job.lease.as_ref().filter(|l| l.epoch == token.epoch) else {
+        return Ok(());
+    };
+    match &lease.secret_hash {
+        Some(h) if lease_secret::matches(&token.secret, h) => Ok(()),
+        _ => Err(OpError::bad_request(
+            ErrorCode::InvalidToken,
+            format!(
+                "the token does not hold attempt {} of job {}: its secret is not the lease's",
+                token.epoch, job.id
+            ),
+        )),
     }
 }
 
@@ -353,7 +410,7 @@ impl Ops {
         };
         let reply: Result<AcquireReply, OpError> = self
             .ask(
-                subjects::ACQUIRE,
+                &subjects::acquire_subject(&bot_id),
                 &acquire,
                 Duration::from_millis(wait_ms) + BUS_TIMEOUT,
                 "scheduler",
@@ -370,10 +427,19 @@ impl Ops {
             self.close_session(&bot_id, &session).await;
             return Ok(TakeReply { execution: None });
         };
+        let Some(secret) = grant.secret.clone() else {
+            // A scheduler from before lease secrets: its lease cannot be
+            // held by a token; it goes back when the session closes.
+            self.close_session(&bot_id, &session).await;
+            return Err(OpError::unavailable(
+                "the scheduler granted a lease without a secret (an older scheduler); try again",
+            ));
+        };
         let token = ExecutionToken {
             job_id: grant.job_id,
             epoch: grant.epoch,
             session: session.clone(),
+            secret,
         };
         tracing::info!(job.id = %grant.job_id, epoch = grant.epoch, bot.id = %bot_id, %session, "job taken by an external executor");
         Ok(TakeReply {
@@ -395,11 +461,25 @@ impl Ops {
     /// Switches the state of job `id` for the executor holding `req.token`.
     pub async fn switch_state(&self, id: &str, req: StateRequest) -> Result<StateReply, OpError> {
         let id = parse_id(id)?;
-        let token = ExecutionToken::parse(&req.token).ok_or_else(|| {
-            OpError::bad_request(
+        let token = ExecutionToken::parse(&req.token).inspect_err(|e| {
+            let reason = match e {
+                TokenError::Outdated => "outdated",
+                TokenError::Malformed => "malformed",
+            };
+            crate::metrics::metrics()
+                .forged_tokens
+                .with_label_values(&[reason])
+                .inc();
+        });
+        let token = token.map_err(|e| match e {
+            TokenError::Outdated => OpError::bad_request(
+                ErrorCode::InvalidToken,
+                "w1 execution tokens are no longer accepted (they carry no secret): take the job again for a w2 token",
+            ),
+            TokenError::Malformed => OpError::bad_request(
                 ErrorCode::InvalidToken,
                 "token is not an execution token from a take",
-            )
+            ),
         })?;
         if token.job_id != id {
             return Err(OpError::bad_request(
@@ -410,6 +490,14 @@ impl Ops {
         let switch = Switch::from_request(&req)?;
         let action = switch.action();
         let job = self.get(&id).await?;
+        if let Err(refusal) = holds_secret(&job, &token) {
+            crate::metrics::metrics()
+                .forged_tokens
+                .with_label_values(&["wrong_secret"])
+                .inc();
+            tracing::warn!(job.id = %id, epoch = token.epoch, "execution token without the lease's secret refused");
+            return Err(refusal);
+        }
 
         // A repeated call (the answer to the first was lost) changes nothing.
         // RUNNING again is also the keep-alive: once the attempt is no
@@ -436,6 +524,7 @@ impl Ops {
                 .unwrap_or_else(|| "unknown".into()),
             epoch: token.epoch,
             at: Utc::now(),
+            secret: Some(token.secret.clone()),
             kind,
         };
         let started = lease
@@ -567,7 +656,7 @@ impl Ops {
     async fn publish_report(&self, report: &Report) -> Result<(), OpError> {
         warden_shared::runtime::publish_with_id(
             &self.js,
-            subjects::report_subject(&report.job_id),
+            subjects::bot_report_subject(&report.bot_id, &report.job_id),
             &report.msg_id(),
             report,
         )
@@ -625,27 +714,79 @@ impl Ops {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tokens_round_trip_and_junk_is_refused() {
-        let t = ExecutionToken {
+    fn token() -> ExecutionToken {
+        ExecutionToken {
             job_id: Uuid::new_v4(),
             epoch: 3,
             session: Uuid::new_v4().to_string(),
-        };
-        assert_eq!(ExecutionToken::parse(&t.encode()), Some(t.clone()));
+            secret: lease_secret::generate(),
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_junk_is_refused() {
+        let t = token();
+        assert_eq!(ExecutionToken::parse(&t.encode()), Ok(t.clone()));
         let s = t.encode();
         for bad in [
             "",
-            "w1",
+            "w2",
             "w2.a.b.c",
-            &s.replace("w1.", "w2."),
+            &s.replace("w2.", "w3."),
             &format!("{s}.extra"),
             &s.replace(".3.", ".0."),
             &s.replace(".3.", ".x."),
             &s.replace(&t.session, "not-a-session"),
+            &s.replace(&t.secret, "abc"),
+            &s.replace(&t.secret, &"z".repeat(lease_secret::SECRET_LEN)),
         ] {
-            assert_eq!(ExecutionToken::parse(bad), None, "{bad:?}");
+            assert_eq!(
+                ExecutionToken::parse(bad),
+                Err(TokenError::Malformed),
+                "{bad:?}"
+            );
         }
+        // The old form, built from what the job shows: refused as such.
+        let w1 = format!("w1.{}.{}.{}", t.job_id, t.epoch, t.session);
+        assert_eq!(ExecutionToken::parse(&w1), Err(TokenError::Outdated));
+    }
+
+    #[test]
+    fn only_the_lease_secret_holds_the_attempt() {
+        let t = token();
+        let mut job = Job::builder("t").id(t.job_id).build();
+        job.state = JobState::Running;
+        job.attempt = t.epoch;
+        job.lease = Some(warden_shared::job::Lease {
+            session: t.session.clone(),
+            bot_id: "bot".into(),
+            resource: None,
+            resources: Vec::new(),
+            epoch: t.epoch,
+            leased_at: Utc::now(),
+            started_at: None,
+            secret_hash: Some(lease_secret::hash(&t.secret)),
+        });
+        assert!(holds_secret(&job, &t).is_ok());
+        let mut forged = t.clone();
+        forged.secret = lease_secret::generate();
+        assert_eq!(
+            holds_secret(&job, &forged).map_err(|e| e.body.code),
+            Err(ErrorCode::InvalidToken)
+        );
+        // The hash (which the job shows) is not the secret.
+        forged.secret = lease_secret::hash(&t.secret);
+        assert!(holds_secret(&job, &forged).is_err());
+        // A lease without a hash (a worker's from before secrets) is never
+        // an executor's.
+        if let Some(l) = job.lease.as_mut() {
+            l.secret_hash = None;
+        }
+        assert!(holds_secret(&job, &t).is_err());
+        // Another attempt's token claims nothing here: stale() answers it.
+        let mut old = t.clone();
+        old.epoch = 2;
+        assert!(holds_secret(&job, &old).is_ok());
     }
 
     fn req(state: &str) -> StateRequest {

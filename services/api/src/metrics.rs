@@ -20,6 +20,8 @@ pub struct Metrics {
     pub transitions: IntCounterVec,
     /// HTTP requests refused before a handler ran, by reason.
     pub http_refusals: IntCounterVec,
+    /// Execution tokens refused: old (w1) or without the lease's secret.
+    pub forged_tokens: IntCounterVec,
 }
 
 /// `reason` of `warden_api_http_refusals_total`.
@@ -27,6 +29,9 @@ pub const HEADER_TIMEOUT: &str = "header_timeout";
 pub const BODY_TIMEOUT: &str = "body_timeout";
 pub const NO_TOKEN: &str = "no_token";
 pub const REFUSAL_REASONS: [&str; 3] = [HEADER_TIMEOUT, BODY_TIMEOUT, NO_TOKEN];
+
+/// `reason` of `warden_api_execution_tokens_refused_total`.
+pub const TOKEN_REFUSALS: [&str; 3] = ["outdated", "malformed", "wrong_secret"];
 
 /// What a person can do to a job through the API.
 pub const ACTIONS: [Action; 2] = [Action::Retry, Action::Cancel];
@@ -88,6 +93,16 @@ pub fn metrics() -> &'static Metrics {
             )
             .expect("valid metric"),
         ),
+        forged_tokens: register(
+            IntCounterVec::new(
+                Opts::new(
+                    "warden_api_execution_tokens_refused_total",
+                    "State switches refused for their execution token: outdated (w1, without a secret), malformed, or wrong_secret (not the lease's)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        ),
     })
 }
 
@@ -97,6 +112,7 @@ pub fn metrics() -> &'static Metrics {
 pub fn init() {
     let m = metrics();
     warden_shared::metrics::touch_each(&m.http_refusals, &REFUSAL_REASONS);
+    warden_shared::metrics::touch_each(&m.forged_tokens, &TOKEN_REFUSALS);
     for from in JobState::ALL {
         for action in ACTIONS {
             if let Ok(to) = transition(from, action) {

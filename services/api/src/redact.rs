@@ -40,6 +40,8 @@ pub fn redact_job(job: &mut Job) {
     }
     if let Some(lease) = job.lease.as_mut() {
         lease.session = REDACTED.into();
+        // Not the secret, but nothing a reader needs either.
+        lease.secret_hash = None;
     }
     for h in &mut job.history {
         if !public_actor(&h.actor) {
@@ -98,6 +100,7 @@ mod tests {
             epoch: 1,
             leased_at: chrono::Utc::now(),
             started_at: None,
+            secret_hash: Some("ab".repeat(32)),
         });
         let mut from_session = job.history[0].clone();
         from_session.actor = "bot-a-7f3e".into();

@@ -78,6 +78,7 @@ async fn writes_by_other_services_show_up_in_searches() {
         epoch: 1,
         leased_at: at,
         started_at: None,
+        secret_hash: None,
     });
     v.job.updated_at = at;
     store.update(&v.job, v.revision).await.expect("update");

@@ -411,6 +411,7 @@ fn full_job() -> Job {
         epoch: 2,
         leased_at: now,
         started_at: Some(now),
+        secret_hash: None,
     });
     job.outcome = Some("passed".into());
     job.blame = Some(Blame::ThirdParty);

@@ -177,6 +177,7 @@ async fn another_bots_credentials_change_nothing_of_the_victims() {
         epoch: 1,
         leased_at: now,
         started_at: None,
+        secret_hash: None,
     });
     jobs.create(&job).await.unwrap();
     let held = vec![HeldLease {

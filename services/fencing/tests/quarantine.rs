@@ -172,6 +172,7 @@ async fn stale_and_unknown_sessions_get_typed_errors_and_change_nothing() {
         epoch: 1,
         leased_at: now,
         started_at: None,
+        secret_hash: None,
     });
     let job_rev = jobs.create(&job).await.unwrap();
     let claim = Heartbeat {

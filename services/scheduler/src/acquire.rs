@@ -10,10 +10,10 @@ use warden_shared::job::{HistoryEntry, Job, Lease};
 use warden_shared::messages::{
     AcquireReply, AcquireRequest, ErrorBody, LeaseGrant, MESSAGE_VERSION,
 };
-use warden_shared::session::SessionState;
+use warden_shared::session::{Session, SessionState};
 use warden_shared::state::{transition, Action};
 use warden_shared::store::Versioned;
-use warden_shared::Config;
+use warden_shared::{lease_secret, Config};
 
 use crate::requeue::RequeueReason;
 
@@ -73,11 +73,12 @@ impl Refusal {
     }
 }
 
-/// How long a request may wait for work, and how many leases it may get.
-pub fn limits(req: &AcquireRequest, config: &Config) -> (Duration, usize) {
+/// How long a request may wait for work, and how many leases it may get:
+/// never more than its session's capacity.
+pub fn limits(req: &AcquireRequest, config: &Config, capacity: u32) -> (Duration, usize) {
     (
         Duration::from_millis(req.wait_ms).min(config.scheduler.acquire_wait),
-        req.max.clamp(1, 1000) as usize,
+        req.max.clamp(1, capacity.clamp(1, 1000)) as usize,
     )
 }
 
@@ -98,36 +99,65 @@ pub fn session_unreadable(session: &str, error: &str) -> Refusal {
     )
 }
 
-/// May `req` be served, given what is known of its session (state and
-/// bot; `None`: the fencing service never created it)? The refusal
-/// otherwise.
+/// May `req`, published on the acquire subject of `subject_bot` (the bot
+/// its credentials prove), be served, given its session as the fencing
+/// service wrote it (`None`: never created, or deleted)? The refusal
+/// otherwise. Served only: the bot the subject names, its own session,
+/// active, and only pools that session serves.
 pub fn session_verdict(
     req: &AcquireRequest,
-    known: Option<(SessionState, &str)>,
+    subject_bot: &str,
+    known: Option<&Session>,
 ) -> Result<(), Refusal> {
     let name = &req.session;
-    match known {
-        None => Err(Refusal::new(
+    if req.bot_id != subject_bot {
+        return Err(Refusal::new(
+            ErrorCode::BotMismatch,
+            format!(
+                "the request names bot {:?}, but its credentials are bot {subject_bot:?}",
+                req.bot_id
+            ),
+        ));
+    }
+    let Some(session) = known else {
+        return Err(Refusal::new(
             ErrorCode::UnknownSession,
             format!("session {name} does not exist"),
-        )),
-        Some((_, bot)) if bot != req.bot_id => Err(Refusal::new(
+        ));
+    };
+    if session.bot_id != subject_bot {
+        // Another bot's session: said as if it did not exist (whose it is
+        // is none of this bot's business).
+        return Err(Refusal::new(
             ErrorCode::UnknownSession,
-            format!("session {name} belongs to bot {bot}, not to {}", req.bot_id),
-        )),
-        Some((SessionState::Active, _)) => Ok(()),
-        Some((SessionState::Quarantined, _)) => Err(Refusal::new(
-            ErrorCode::SessionSuperseded,
-            format!(
-                "session {name} is no longer current ({})",
-                RequeueReason::SessionSuperseded
-            ),
-        )),
-        Some((state, _)) => Err(Refusal::new(
-            ErrorCode::UnknownSession,
-            format!("session {name} is {}", state.as_str()),
-        )),
+            format!("session {name} is not a session of bot {subject_bot}"),
+        ));
     }
+    match session.state {
+        SessionState::Active => {}
+        SessionState::Quarantined => {
+            return Err(Refusal::new(
+                ErrorCode::SessionSuperseded,
+                format!(
+                    "session {name} is no longer current ({})",
+                    RequeueReason::SessionSuperseded
+                ),
+            ))
+        }
+        state => {
+            return Err(Refusal::new(
+                ErrorCode::UnknownSession,
+                format!("session {name} is {}", state.as_str()),
+            ))
+        }
+    }
+    if let Some(pool) = req.pools.iter().find(|p| !session.pools.contains(p)) {
+        return Err(Refusal::new(
+            ErrorCode::PoolNotAllowed,
+            format!("session {name} does not serve pool {pool:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The refusal of a request whose session this replica learned is dead
@@ -179,8 +209,14 @@ pub fn request_resources(req: &AcquireRequest) -> Vec<String> {
 }
 
 /// The record of `job` dispatched to `req`'s session: SCHEDULED → RUNNING
-/// with a new epoch. `None` when the state machine does not allow it.
-pub fn dispatched(mut job: Job, req: &AcquireRequest, now: DateTime<Utc>) -> Option<Job> {
+/// with a new epoch, its lease keeping `secret_hash` (of the secret only
+/// the grant carries). `None` when the state machine does not allow it.
+pub fn dispatched(
+    mut job: Job,
+    req: &AcquireRequest,
+    secret_hash: String,
+    now: DateTime<Utc>,
+) -> Option<Job> {
     let to = transition(job.state, Action::Dispatch).ok()?;
     let from = job.state;
     job.state = to;
@@ -193,6 +229,7 @@ pub fn dispatched(mut job: Job, req: &AcquireRequest, now: DateTime<Utc>) -> Opt
         epoch: job.attempt,
         leased_at: now,
         started_at: None,
+        secret_hash: Some(secret_hash),
     });
     job.outcome = None;
     job.blame = None;
@@ -229,9 +266,11 @@ pub enum ReadBack {
 
 /// [`ReadBack`] of dispatch `attempt` to `session` of the record read at
 /// `revision`, given `read` (`None`: it could not be read; `Some(None)`:
-/// no such job).
+/// no such job). A grant carries `secret`, the one whose hash the dispatch
+/// wrote: a lease of ours whose hash is another's is not ours.
 pub fn read_back(
     read: Option<Option<&Versioned>>,
+    secret: &str,
     session: &str,
     attempt: u32,
     revision: u64,
@@ -244,12 +283,14 @@ pub fn read_back(
         // sweep takes back instead.
         Some(Some(v))
             if v.job.is_held_by(session, attempt)
-                && v.job
-                    .lease
-                    .as_ref()
-                    .is_some_and(|l| now - l.leased_at < grace) =>
+                && v.job.lease.as_ref().is_some_and(|l| {
+                    now - l.leased_at < grace
+                        && l.secret_hash
+                            .as_deref()
+                            .is_some_and(|h| lease_secret::matches(secret, h))
+                }) =>
         {
-            ReadBack::Grant(grant(&v.job))
+            ReadBack::Grant(grant(&v.job, secret))
         }
         Some(Some(v)) if v.revision != revision => ReadBack::Moved,
         Some(None) => ReadBack::Moved,
@@ -257,8 +298,9 @@ pub fn read_back(
     }
 }
 
-/// The lease handed to the worker.
-pub fn grant(job: &Job) -> LeaseGrant {
+/// The lease handed to the worker, with the secret whose hash its record
+/// keeps.
+pub fn grant(job: &Job, secret: &str) -> LeaseGrant {
     LeaseGrant {
         job_id: job.id,
         epoch: job.attempt,
@@ -266,40 +308,52 @@ pub fn grant(job: &Job) -> LeaseGrant {
         args: job.args.clone(),
         pool: job.pool.clone(),
         priority: job.priority,
+        secret: Some(secret.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{acquire_req as req, at, running, scheduled};
+    use crate::testing::{acquire_req as req, at, running, scheduled, session};
     use warden_shared::JobState;
 
     #[test]
-    fn only_an_active_session_of_the_requesting_bot_is_served() {
+    fn only_an_active_session_of_the_subjects_bot_is_served() {
         let r = req("s1", "bot-a");
-        assert_eq!(
-            session_verdict(&r, Some((SessionState::Active, "bot-a"))),
-            Ok(())
-        );
-        let code = |known| session_verdict(&r, known).map_err(|f| f.code);
-        assert_eq!(code(None), Err(ErrorCode::UnknownSession));
-        assert_eq!(
-            code(Some((SessionState::Active, "bot-b"))),
-            Err(ErrorCode::UnknownSession)
-        );
-        assert_eq!(
-            code(Some((SessionState::Quarantined, "bot-a"))),
-            Err(ErrorCode::SessionSuperseded)
-        );
-        assert_eq!(
-            code(Some((SessionState::Expired, "bot-a"))),
-            Err(ErrorCode::UnknownSession)
-        );
-        assert_eq!(
-            code(Some((SessionState::Closed, "bot-a"))),
-            Err(ErrorCode::UnknownSession)
-        );
+        let mine = session("s1", "bot-a", SessionState::Active);
+        assert_eq!(session_verdict(&r, "bot-a", Some(&mine)), Ok(()));
+        let code = |bot: &str, known: Option<&Session>| {
+            session_verdict(&r, bot, known).map_err(|f| f.code)
+        };
+        // Never created (or made up).
+        assert_eq!(code("bot-a", None), Err(ErrorCode::UnknownSession));
+        // Another bot's session, the body naming the credentials' bot.
+        let theirs = session("s1", "bot-b", SessionState::Active);
+        assert_eq!(code("bot-a", Some(&theirs)), Err(ErrorCode::UnknownSession));
+        // The body naming a bot the credentials are not.
+        assert_eq!(code("bot-b", Some(&theirs)), Err(ErrorCode::BotMismatch));
+        assert_eq!(code("bot-b", None), Err(ErrorCode::BotMismatch));
+        for (state, want) in [
+            (SessionState::Quarantined, ErrorCode::SessionSuperseded),
+            (SessionState::Expired, ErrorCode::UnknownSession),
+            (SessionState::Closed, ErrorCode::UnknownSession),
+        ] {
+            let s = session("s1", "bot-a", state);
+            assert_eq!(code("bot-a", Some(&s)), Err(want), "{state:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_sessions_own_pools_are_served() {
+        let mine = session("s1", "bot-a", SessionState::Active);
+        let mut r = req("s1", "bot-a");
+        r.pools = vec!["default".into(), "gpu".into()];
+        let f = session_verdict(&r, "bot-a", Some(&mine)).expect_err("refused");
+        assert_eq!(f.code, ErrorCode::PoolNotAllowed);
+        assert_eq!(f.message, "session s1 does not serve pool \"gpu\"");
+        r.pools = vec!["default".into()];
+        assert_eq!(session_verdict(&r, "bot-a", Some(&mine)), Ok(()));
     }
 
     #[test]
@@ -340,7 +394,7 @@ mod tests {
 
     #[test]
     fn the_reply_is_leased_empty_or_resource_unavailable() {
-        let g = grant(&running(1, "s1"));
+        let g = grant(&running(1, "s1"), "secret");
         let (result, reply) = finish(vec![g.clone()], None);
         assert_eq!((result, reply.error), (AcquireResult::Leased, None));
         // Leases got before a resource closed are handed out all the same.
@@ -385,15 +439,17 @@ mod tests {
     }
 
     #[test]
-    fn limits_cap_the_wait_and_the_count() {
+    fn limits_cap_the_wait_and_the_count_at_the_sessions_capacity() {
         let config = Config::defaults();
         let mut r = req("s1", "bot-a");
         r.max = 0;
         r.wait_ms = u64::MAX / 2;
-        assert_eq!(limits(&r, &config), (config.scheduler.acquire_wait, 1));
+        assert_eq!(limits(&r, &config, 4), (config.scheduler.acquire_wait, 1));
         r.max = 5000;
         r.wait_ms = 1;
-        assert_eq!(limits(&r, &config), (Duration::from_millis(1), 1000));
+        assert_eq!(limits(&r, &config, 4), (Duration::from_millis(1), 4));
+        assert_eq!(limits(&r, &config, 0), (Duration::from_millis(1), 1));
+        assert_eq!(limits(&r, &config, u32::MAX).1, 1000);
     }
 
     #[test]
@@ -403,7 +459,8 @@ mod tests {
         job.not_before = Some(at(5));
         let mut r = req("s1", "bot-a");
         r.resource = Some("host".into());
-        let next = dispatched(job, &r, at(10)).expect("dispatched");
+        let secret = lease_secret::generate();
+        let next = dispatched(job, &r, lease_secret::hash(&secret), at(10)).expect("dispatched");
         assert_eq!((next.state, next.attempt), (JobState::Running, 1));
         let lease = next.lease.as_ref().expect("a lease");
         assert_eq!(
@@ -414,31 +471,44 @@ mod tests {
         assert_eq!((next.blame, next.not_before), (None, None));
         let last = next.history.last().expect("history");
         assert_eq!((last.action, last.actor.as_str()), (Action::Dispatch, "s1"));
-        assert_eq!(grant(&next).epoch, 1);
+        // The record keeps only the secret's hash; the grant carries it.
+        assert_eq!(lease.secret_hash, Some(lease_secret::hash(&secret)));
+        assert!(!serde_json::to_string(&next)
+            .expect("json")
+            .contains(&secret));
+        let g = grant(&next, &secret);
+        assert_eq!((g.epoch, g.secret.as_deref()), (1, Some(secret.as_str())));
         // A running job is not dispatched again.
-        assert_eq!(dispatched(next, &r, at(11)), None);
+        assert_eq!(dispatched(next, &r, String::new(), at(11)), None);
     }
 
     #[test]
     fn a_dispatch_read_back_is_granted_only_when_ours_and_fresh() {
         let grace = chrono::Duration::seconds(5);
-        let ours = Versioned {
-            job: running(1, "s1"),
-            revision: 8,
-        };
+        let mut job = running(1, "s1");
+        let secret = lease_secret::generate();
+        if let Some(l) = job.lease.as_mut() {
+            l.secret_hash = Some(lease_secret::hash(&secret));
+        }
+        let ours = Versioned { job, revision: 8 };
+        // Same session and epoch, but another dispatch's secret: not ours.
+        assert_eq!(
+            read_back(Some(Some(&ours)), "other", "s1", 1, 7, grace, at(2)),
+            ReadBack::Moved
+        );
         // Ours and fresh: hand it out.
         assert!(matches!(
-            read_back(Some(Some(&ours)), "s1", 1, 7, grace, at(2)),
-            ReadBack::Grant(g) if g.epoch == 1
+            read_back(Some(Some(&ours)), &secret, "s1", 1, 7, grace, at(2)),
+            ReadBack::Grant(g) if g.epoch == 1 && g.secret.as_deref() == Some(secret.as_str())
         ));
         // Ours but old: the orphan sweep takes it back; moved on otherwise.
         assert_eq!(
-            read_back(Some(Some(&ours)), "s1", 1, 7, grace, at(6)),
+            read_back(Some(Some(&ours)), &secret, "s1", 1, 7, grace, at(6)),
             ReadBack::Moved
         );
         // Another session's: moved on.
         assert_eq!(
-            read_back(Some(Some(&ours)), "s2", 1, 7, grace, at(2)),
+            read_back(Some(Some(&ours)), &secret, "s2", 1, 7, grace, at(2)),
             ReadBack::Moved
         );
         // Unchanged (the write did not happen): back in the queue.
@@ -447,14 +517,17 @@ mod tests {
             revision: 7,
         };
         assert_eq!(
-            read_back(Some(Some(&unchanged)), "s1", 1, 7, grace, at(2)),
+            read_back(Some(Some(&unchanged)), &secret, "s1", 1, 7, grace, at(2)),
             ReadBack::Requeue
         );
         // Gone: moved on; unreadable: back in the queue.
         assert_eq!(
-            read_back(Some(None), "s1", 1, 7, grace, at(2)),
+            read_back(Some(None), &secret, "s1", 1, 7, grace, at(2)),
             ReadBack::Moved
         );
-        assert_eq!(read_back(None, "s1", 1, 7, grace, at(2)), ReadBack::Requeue);
+        assert_eq!(
+            read_back(None, &secret, "s1", 1, 7, grace, at(2)),
+            ReadBack::Requeue
+        );
     }
 }

@@ -417,6 +417,7 @@ mod tests {
             epoch,
             leased_at: now,
             started_at: None,
+            secret_hash: None,
         });
         j
     }
@@ -429,6 +430,7 @@ mod tests {
             bot_id: "bot".into(),
             epoch,
             at: Utc::now(),
+            secret: None,
             kind,
         }
     }

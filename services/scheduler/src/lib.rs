@@ -4,7 +4,7 @@
 //! Three loops share one in-memory [`queue::Queue`] (a cache of the jobs
 //! bucket, rebuilt at start):
 //! - **watch**: every change in `warden_jobs` updates the queue;
-//! - **acquire**: workers long-poll [`subjects::ACQUIRE`]; each job handed
+//! - **acquire**: workers long-poll their own [`subjects::acquire_subject`]; each job handed
 //!   out is first moved SCHEDULED → RUNNING by a compare-and-set on its
 //!   revision, so two replicas can never lease one attempt twice;
 //! - **reports**: a durable consumer, shared by all replicas, applies
@@ -170,7 +170,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     };
     let acquire = client
         .queue_subscribe(
-            subjects::ACQUIRE,
+            subjects::acquire_all(),
             subjects::SCHEDULER_QUEUE_GROUP.to_string(),
         )
         .await

@@ -15,7 +15,7 @@ use warden_shared::{Blame, Config, JobState};
 
 use crate::acquire::AcquireResult;
 use crate::apply::RejectReason;
-use crate::reports::{Rejection, ReportOutcome};
+use crate::reports::{Refusal, Rejection, ReportOutcome};
 use crate::requeue::RequeueReason;
 
 pub struct Metrics {
@@ -26,6 +26,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub invalid_reports: IntCounter,
     pub dead_letters: IntCounterVec,
+    pub reports_refused: IntCounterVec,
+    pub reports_truncated: IntCounter,
+    pub acquire_refused: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub oldest_age: IntGaugeVec,
     pub dispatch_latency: Histogram,
@@ -52,6 +55,13 @@ pub const SHELVE_REASONS: [Fate; 2] = [Fate::ShelvedRetriesExhausted, Fate::Shel
 /// notification is sent for party `none`).
 pub const NOTIFY_PARTIES: [&str; 2] = ["operators", "owners"];
 pub const NOTIFY_RESULTS: [&str; 2] = ["published", "failed"];
+/// `code` of `warden_scheduler_acquire_refused_total`.
+pub const ACQUIRE_REFUSALS: [warden_shared::error::ErrorCode; 4] = [
+    warden_shared::error::ErrorCode::BotMismatch,
+    warden_shared::error::ErrorCode::UnknownSession,
+    warden_shared::error::ErrorCode::SessionSuperseded,
+    warden_shared::error::ErrorCode::PoolNotAllowed,
+];
 /// `reason` of `warden_scheduler_dead_letters_total`.
 pub const INVALID_REPORT: &str = "invalid_report";
 /// `state` of `warden_scheduler_job_duration_seconds`: how an attempt
@@ -104,6 +114,20 @@ pub fn metrics() -> &'static Metrics {
                 "warden_scheduler_dead_letters_total",
                 "Messages kept on the dead-letter stream (acknowledged by it), by reason",
                 &["reason"],
+            ),
+            reports_refused: counter_vec(
+                "warden_scheduler_reports_refused_total",
+                "Reports refused before anything was decided on them (dead-lettered, the job untouched): not from the lease holder (subject without a bot, another bot, without the lease's secret) or out of bounds, by reason",
+                &["reason"],
+            ),
+            reports_truncated: counter(
+                "warden_scheduler_reports_truncated_total",
+                "Reports whose fault or crash text was cut to its bound",
+            ),
+            acquire_refused: counter_vec(
+                "warden_scheduler_acquire_refused_total",
+                "Acquire requests refused for their session, bot or pools, by error code",
+                &["code"],
             ),
             queue_depth: gauge_vec(
                 "warden_scheduler_queue_depth",
@@ -235,6 +259,13 @@ pub fn init(config: &Config) {
         touch(&m.rejected, &[r.label()]);
     }
     touch_each(&m.dead_letters, &[INVALID_REPORT]);
+    for r in Refusal::ALL {
+        touch(&m.reports_refused, &[r.label()]);
+        touch(&m.dead_letters, &[r.label()]);
+    }
+    for code in ACQUIRE_REFUSALS {
+        touch(&m.acquire_refused, &[code.as_str()]);
+    }
     for r in AcquireResult::ALL {
         touch(&m.acquire_requests, &[r.label()]);
     }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use warden_shared::job::Job;
-use warden_shared::messages::{Classification, Report};
+use warden_shared::lease_secret;
+use warden_shared::messages::{Classification, Report, ReportKind};
 use warden_shared::retry::{self, Fate, Loss};
 use warden_shared::{Blame, Config, JobState};
 
@@ -70,6 +71,170 @@ impl Rejection {
             Rejection::CorruptJob => "corrupt_job",
         }
     }
+}
+
+/// Why a report is refused before anything is decided on it: it does not
+/// come from the lease holder, or it is out of bounds. Dead-lettered with
+/// its [`label`](Self::label) as the reason (and counted in
+/// `warden_scheduler_reports_refused_total`); the job is not touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// On a subject that names no bot (the old `warden.report.<job>`, which
+    /// any holder of the old shared credentials could publish on).
+    NoBotSubject,
+    /// The subject's job is not the report's.
+    SubjectJob,
+    /// The report's `bot_id` is not the bot its subject (credentials) name.
+    BotMismatch,
+    /// The lease of that attempt is another bot's.
+    OtherBot,
+    /// The lease has a secret and the report does not carry it.
+    Forged,
+    /// A Finished report's outcome is longer than [`MAX_OUTCOME`].
+    OutcomeTooLong,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::NoBotSubject,
+        Refusal::SubjectJob,
+        Refusal::BotMismatch,
+        Refusal::OtherBot,
+        Refusal::Forged,
+        Refusal::OutcomeTooLong,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NoBotSubject => "report_without_bot",
+            Refusal::SubjectJob => "report_subject_mismatch",
+            Refusal::BotMismatch => "bot_mismatch",
+            Refusal::OtherBot => "report_from_other_bot",
+            Refusal::Forged => "forged_report",
+            Refusal::OutcomeTooLong => "outcome_too_long",
+        }
+    }
+
+    /// What the dead letter says.
+    pub fn explain(self, r: &Report) -> String {
+        match self {
+            Refusal::NoBotSubject => format!(
+                "report for job {} on a subject without a bot (the old warden.report.<job>): refused",
+                r.job_id
+            ),
+            Refusal::SubjectJob => format!("report for job {} on another job's subject", r.job_id),
+            Refusal::BotMismatch => format!(
+                "report names bot {:?}, its subject another bot",
+                r.bot_id
+            ),
+            Refusal::OtherBot => format!(
+                "report by bot {:?} for attempt {} of job {}, leased to another bot",
+                r.bot_id, r.epoch, r.job_id
+            ),
+            Refusal::Forged => format!(
+                "report by bot {:?} for attempt {} of job {} without the lease's secret",
+                r.bot_id, r.epoch, r.job_id
+            ),
+            Refusal::OutcomeTooLong => format!(
+                "report for job {}: outcome longer than {MAX_OUTCOME} bytes",
+                r.job_id
+            ),
+        }
+    }
+}
+
+/// Longest outcome a Finished report may carry (bytes): an outcome is a
+/// short token (`passed`, `failed`, ...).
+pub const MAX_OUTCOME: usize = 64;
+/// Longest fault detail and description, and stop/release reason (bytes);
+/// longer ones are cut with [`TRUNCATED`].
+pub const MAX_FAULT_TEXT: usize = 4096;
+/// Longest crash log tail and status file (bytes); longer ones are cut
+/// with [`TRUNCATED`].
+pub const MAX_CRASH_TEXT: usize = 65536;
+/// What ends a text cut to its bound.
+pub const TRUNCATED: &str = "...[truncated by warden]";
+
+/// The report its subject proves: the subject must be
+/// `warden.report.<bot>.<job>` of the report's own job and bot
+/// ([`warden_shared::subjects::bot_report_subject`]).
+pub fn check_subject(subject: &str, r: &Report) -> Result<(), Refusal> {
+    use warden_shared::subjects::{bot_of_subject, job_of_report_subject, REPORTS_PREFIX};
+    let (Some(bot), Some(job)) = (
+        bot_of_subject(REPORTS_PREFIX, subject),
+        job_of_report_subject(subject),
+    ) else {
+        return Err(Refusal::NoBotSubject);
+    };
+    if job != r.job_id {
+        return Err(Refusal::SubjectJob);
+    }
+    if bot != r.bot_id {
+        return Err(Refusal::BotMismatch);
+    }
+    Ok(())
+}
+
+/// Whether `r` may be decided on against `job`: a report about the
+/// attempt the lease is for must come from the lease's bot and carry the
+/// secret whose hash the lease keeps. A lease written before secrets
+/// existed (no hash) is held by its bot alone. A report about another
+/// attempt claims nothing the lease holds; the fold rejects it by epoch.
+pub fn check_holder(job: &Job, r: &Report) -> Result<(), Refusal> {
+    let Some(lease) = job.lease.as_ref().filter(|l| l.epoch == r.epoch) else {
+        return Ok(());
+    };
+    if lease.bot_id != r.bot_id {
+        return Err(Refusal::OtherBot);
+    }
+    match (&lease.secret_hash, &r.secret) {
+        (None, _) => Ok(()),
+        (Some(h), Some(secret)) if lease_secret::matches(secret, h) => Ok(()),
+        (Some(_), _) => Err(Refusal::Forged),
+    }
+}
+
+fn cut(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    let mut end = max.saturating_sub(TRUNCATED.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(TRUNCATED);
+    true
+}
+
+/// `r` within its bounds: an outcome over [`MAX_OUTCOME`] is refused;
+/// fault and crash text over theirs is cut (with [`TRUNCATED`]). Whether
+/// anything was cut.
+pub fn bound(r: &mut Report) -> Result<bool, Refusal> {
+    Ok(match &mut r.kind {
+        ReportKind::Finished { outcome, .. } => {
+            if outcome.len() > MAX_OUTCOME {
+                return Err(Refusal::OutcomeTooLong);
+            }
+            false
+        }
+        ReportKind::Crashed { crash, fault } => {
+            let mut cut_any = cut(&mut crash.log_tail, MAX_CRASH_TEXT);
+            if let Some(status) = crash.status_file.as_mut() {
+                cut_any |= cut(status, MAX_CRASH_TEXT);
+            }
+            if let Some(f) = fault.as_mut() {
+                cut_any |= cut(&mut f.detail, MAX_FAULT_TEXT);
+                cut_any |= cut(&mut f.description, MAX_FAULT_TEXT);
+            }
+            cut_any
+        }
+        ReportKind::Released { reason } => cut(reason, MAX_FAULT_TEXT),
+        ReportKind::Started { resource } => resource
+            .as_mut()
+            .is_some_and(|res| cut(res, MAX_FAULT_TEXT)),
+        ReportKind::Stopped { .. } => false,
+    })
 }
 
 /// The reports of one job folded into one write.
@@ -369,6 +534,117 @@ mod tests {
         );
         assert_eq!(Rejection::UnknownJob.label(), "unknown_job");
         assert_eq!(Rejection::CorruptJob.label(), "corrupt_job");
+    }
+
+    #[test]
+    fn a_report_is_only_its_subjects_bots_and_jobs() {
+        use warden_shared::subjects::{bot_report_subject, report_subject};
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", finished());
+        assert_eq!(
+            check_subject(&bot_report_subject("bot", &job.id), &r),
+            Ok(())
+        );
+        assert_eq!(
+            check_subject(&report_subject(&job.id), &r),
+            Err(Refusal::NoBotSubject)
+        );
+        assert_eq!(
+            check_subject(&bot_report_subject("attacker", &job.id), &r),
+            Err(Refusal::BotMismatch)
+        );
+        assert_eq!(
+            check_subject(&bot_report_subject("bot", &uuid::Uuid::from_u128(1)), &r),
+            Err(Refusal::SubjectJob)
+        );
+    }
+
+    #[test]
+    fn only_the_lease_holder_with_its_secret_is_heard() {
+        let mut job = running(1, "s1");
+        let secret = lease_secret::generate();
+        if let Some(l) = job.lease.as_mut() {
+            l.secret_hash = Some(lease_secret::hash(&secret));
+        }
+        let mut r = report(&job, 1, "s1", finished());
+        // The victim's session and epoch are not enough.
+        assert_eq!(check_holder(&job, &r), Err(Refusal::Forged));
+        r.secret = Some(lease_secret::generate());
+        assert_eq!(check_holder(&job, &r), Err(Refusal::Forged));
+        // The lease's hash is not its secret.
+        r.secret = job.lease.as_ref().and_then(|l| l.secret_hash.clone());
+        assert_eq!(check_holder(&job, &r), Err(Refusal::Forged));
+        r.secret = Some(secret.clone());
+        assert_eq!(check_holder(&job, &r), Ok(()));
+        // Even with the secret, another bot's report is not the holder's.
+        r.bot_id = "attacker".into();
+        assert_eq!(check_holder(&job, &r), Err(Refusal::OtherBot));
+        // Another attempt's report claims nothing: the fold decides.
+        let stale = report(&job, 0, "s0", finished());
+        assert_eq!(check_holder(&job, &stale), Ok(()));
+    }
+
+    #[test]
+    fn a_lease_from_before_secrets_is_held_by_its_bot_alone() {
+        let job = running(1, "s1");
+        let r = report(&job, 1, "s1", finished());
+        assert_eq!(check_holder(&job, &r), Ok(()));
+        let mut other = r.clone();
+        other.bot_id = "attacker".into();
+        assert_eq!(check_holder(&job, &other), Err(Refusal::OtherBot));
+    }
+
+    #[test]
+    fn outcomes_are_short_tokens_and_fault_text_is_cut() {
+        let job = running(1, "s1");
+        let mut r = report(
+            &job,
+            1,
+            "s1",
+            ReportKind::Finished {
+                outcome: "x".repeat(MAX_OUTCOME + 1),
+                duration_ms: 1,
+            },
+        );
+        assert_eq!(bound(&mut r), Err(Refusal::OutcomeTooLong));
+        let mut ok = report(&job, 1, "s1", finished());
+        assert_eq!(bound(&mut ok), Ok(false));
+        let mut c = report(
+            &job,
+            1,
+            "s1",
+            ReportKind::Crashed {
+                crash: warden_shared::job::CrashInfo {
+                    log_tail: "é".repeat(MAX_CRASH_TEXT),
+                    ..Default::default()
+                },
+                fault: Some(warden_shared::messages::Fault {
+                    blame: Blame::Task,
+                    detail: "d".into(),
+                    description: "y".repeat(MAX_FAULT_TEXT * 2),
+                }),
+            },
+        );
+        assert_eq!(bound(&mut c), Ok(true));
+        let ReportKind::Crashed { crash, fault } = &c.kind else {
+            panic!("kind changed")
+        };
+        assert!(crash.log_tail.len() <= MAX_CRASH_TEXT && crash.log_tail.ends_with(TRUNCATED));
+        let f = fault.as_ref().expect("fault kept");
+        assert_eq!(f.detail, "d");
+        assert!(f.description.len() <= MAX_FAULT_TEXT && f.description.ends_with(TRUNCATED));
+        let labels: Vec<&str> = Refusal::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "report_without_bot",
+                "report_subject_mismatch",
+                "bot_mismatch",
+                "report_from_other_bot",
+                "forged_report",
+                "outcome_too_long"
+            ]
+        );
     }
 
     #[test]

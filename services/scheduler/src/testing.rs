@@ -36,6 +36,7 @@ pub fn running(epoch: u32, session: &str) -> Job {
         epoch,
         leased_at: at(0),
         started_at: None,
+        secret_hash: None,
     });
     j
 }
@@ -48,6 +49,7 @@ pub fn report(job: &Job, epoch: u32, session: &str, kind: ReportKind) -> Report 
         bot_id: "bot".into(),
         epoch,
         at: at(1),
+        secret: None,
         kind,
     }
 }
@@ -90,5 +92,32 @@ pub fn acquire_req(session: &str, bot: &str) -> AcquireRequest {
         pools: vec!["default".into()],
         max: 1,
         wait_ms: 0,
+    }
+}
+
+/// A session `name` of bot `bot` in `state`, serving pool `default` with
+/// capacity 2, as the fencing service writes it.
+pub fn session(
+    name: &str,
+    bot: &str,
+    state: warden_shared::session::SessionState,
+) -> warden_shared::session::Session {
+    warden_shared::session::Session {
+        version: MESSAGE_VERSION,
+        name: name.into(),
+        bot_id: bot.into(),
+        resource: None,
+        resources: Vec::new(),
+        agent_instance: String::new(),
+        pools: vec!["default".into()],
+        capacity: 2,
+        agent_version: String::new(),
+        timeout_ms: None,
+        state,
+        created_at: at(0),
+        last_heartbeat: at(0),
+        superseded_by: None,
+        leases: Vec::new(),
+        ended_at: None,
     }
 }

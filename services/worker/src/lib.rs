@@ -513,7 +513,7 @@ impl Agent {
             };
             let res = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(wait + Duration::from_secs(2), self.client.request(subjects::ACQUIRE, body.into())) => r,
+                r = tokio::time::timeout(wait + Duration::from_secs(2), self.client.request(subjects::acquire_subject(&self.bot_id), body.into())) => r,
             };
             let reply = match res {
                 Ok(Ok(msg)) => serde_json::from_slice::<AcquireReply>(&msg.payload).ok(),
@@ -622,6 +622,10 @@ impl Agent {
             bot_id: bot_id.clone(),
             epoch: lease.epoch,
             at: Utc::now(),
+            // The lease's secret: only this attempt has it; the scheduler
+            // hears no report without it, and it makes the de-duplication
+            // id one nobody else can publish first.
+            secret: lease.secret.clone(),
             kind,
         };
         debug!(job.id = %lease.job_id, epoch = lease.epoch, task = %lease.task, "attempt starting");
@@ -710,7 +714,7 @@ impl Agent {
         let Ok(body) = serde_json::to_vec(&report) else {
             return;
         };
-        let subject = subjects::report_subject(&report.job_id);
+        let subject = subjects::bot_report_subject(&report.bot_id, &report.job_id);
         let msg_id = report.msg_id();
         let kind = report.kind.name();
         let give_up = Instant::now() + Duration::from_secs(3600);

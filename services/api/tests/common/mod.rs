@@ -144,6 +144,7 @@ impl Api {
                 epoch: attempt,
                 leased_at: now,
                 started_at: Some(now),
+                secret_hash: None,
             });
         }
         let revision = store.create(&job).await.expect("create");

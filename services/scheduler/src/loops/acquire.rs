@@ -1,4 +1,6 @@
-//! The acquire long poll: workers ask [`warden_shared::subjects::ACQUIRE`];
+//! The acquire long poll: workers ask on their own acquire subject
+//! ([`warden_shared::subjects::acquire_subject`], the bot its credentials
+//! prove); the session must be one the fencing service wrote for that bot;
 //! each job handed out is first moved SCHEDULED → RUNNING by a
 //! compare-and-set on its revision, so two replicas can never lease one
 //! attempt twice. Decisions in [`crate::acquire`].
@@ -13,6 +15,7 @@ use warden_shared::messages::{AcquireReply, AcquireRequest, LeaseGrant};
 use warden_shared::serve::{self, Reply};
 use warden_shared::session::{session_key, Session};
 use warden_shared::store::{StoreError, Versioned};
+use warden_shared::{lease_secret, subjects};
 
 use crate::acquire::{
     dead_session, dispatched, finish, grant, invalid, limits, read_back, request_resources,
@@ -35,10 +38,13 @@ pub async fn serve(shared: Arc<Shared>, sub: async_nats::Subscriber, shutdown: C
             if msg.reply.is_none() {
                 return Reply::default();
             }
-            let (result, answer) = match serde_json::from_slice::<AcquireRequest>(&msg.payload) {
-                Ok(req) => acquire(&shared, req, &shutdown).await,
-                Err(e) => invalid(&e.to_string()),
-            };
+            let bot = subjects::bot_of_subject(subjects::ACQUIRE, msg.subject.as_str());
+            let (result, answer) =
+                match (bot, serde_json::from_slice::<AcquireRequest>(&msg.payload)) {
+                    (Some(bot), Ok(req)) => acquire(&shared, &bot, req, &shutdown).await,
+                    (None, _) => invalid("the subject names no bot"),
+                    (_, Err(e)) => invalid(&e.to_string()),
+                };
             metrics()
                 .acquire_requests
                 .with_label_values(&[result.label()])
@@ -49,39 +55,43 @@ pub async fn serve(shared: Arc<Shared>, sub: async_nats::Subscriber, shutdown: C
     .await;
 }
 
-/// Leases up to `req.max` jobs to the requesting session, waiting up to
+/// Leases up to `req.max` jobs (at most its session's capacity) to the
+/// requesting session of `bot` (read off the subject), waiting up to
 /// `req.wait_ms` (capped by config) for work to appear.
 async fn acquire(
     shared: &Shared,
+    bot: &str,
     req: AcquireRequest,
     shutdown: &CancellationToken,
 ) -> (AcquireResult, AcquireReply) {
-    let (wait, max) = limits(&req, &shared.config);
+    // The session as the fencing service wrote it, read from the bucket
+    // every time: only what fencing created for this bot, active, and the
+    // pools it serves get a lease (a cache could hold a session this
+    // replica never saw written, or miss one).
+    let known = match shared.sessions_kv.get(session_key(&req.session)).await {
+        Ok(Some(bytes)) => serde_json::from_slice::<Session>(&bytes)
+            .ok()
+            .filter(|s| s.name == req.session),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(session = %req.session, error = %e, "cannot read the session; acquire refused for now");
+            return session_unreadable(&req.session, &e.to_string()).reply(AcquireResult::Rejected);
+        }
+    };
+    if let Err(refusal) = session_verdict(&req, bot, known.as_ref()) {
+        metrics()
+            .acquire_refused
+            .with_label_values(&[refusal.code.as_str()])
+            .inc();
+        warn!(bot.id = %bot, session = %req.session, code = %refusal.code, reason = %refusal.message, "acquire refused");
+        return refusal.reply(AcquireResult::Rejected);
+    }
+    let capacity = known.as_ref().map(|s| s.capacity).unwrap_or(1);
+    let (wait, max) = limits(&req, &shared.config, capacity);
     let deadline = tokio::time::Instant::now() + wait;
     let mut leases = Vec::new();
     let resources = request_resources(&req);
     let mut blocked: Option<String>;
-    // Only a session known to be active, and the requesting bot's own,
-    // gets a lease: one this replica has not seen yet is read from the
-    // bucket (it may just have been created).
-    let known = shared.leases().session(&req.session);
-    let known = match known {
-        Some(k) => Some(k),
-        None => match shared.sessions_kv.get(session_key(&req.session)).await {
-            Ok(Some(bytes)) => serde_json::from_slice::<Session>(&bytes)
-                .ok()
-                .map(|s| (s.state, s.bot_id)),
-            Ok(None) => None,
-            Err(e) => {
-                warn!(session = %req.session, error = %e, "cannot read the session; acquire refused for now");
-                return session_unreadable(&req.session, &e.to_string())
-                    .reply(AcquireResult::Rejected);
-            }
-        },
-    };
-    if let Err(refusal) = session_verdict(&req, known.as_ref().map(|(s, b)| (*s, b.as_str()))) {
-        return refusal.reply(AcquireResult::Rejected);
-    }
     loop {
         // Register interest before looking, so a job that arrives between
         // the look and the wait still wakes us.
@@ -142,7 +152,10 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
     let revision = v.revision;
     let original = v.clone();
     let from = v.job.state;
-    let job = dispatched(v.job, req, now)?;
+    // A fresh secret for every grant: only the holder gets it, the record
+    // keeps its hash.
+    let secret = lease_secret::generate();
+    let job = dispatched(v.job, req, lease_secret::hash(&secret), now)?;
     match shared.store.update(&job, revision).await {
         Ok(_) => {
             let m = metrics();
@@ -153,7 +166,7 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
             m.dispatch_latency
                 .observe((now - job.queued_at).num_milliseconds().max(0) as f64 / 1000.0);
             debug!(job.id = %job.id, epoch = job.attempt, bot.id = %req.bot_id, "job dispatched");
-            Some(grant(&job))
+            Some(grant(&job, &secret))
         }
         Err(StoreError::Conflict(_)) => {
             metrics().dispatch_conflicts.inc();
@@ -168,6 +181,7 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
             let grace = holder_grace(&shared.config);
             match read_back(
                 read.as_ref().map(Option::as_ref),
+                &secret,
                 &req.session,
                 job.attempt,
                 revision,

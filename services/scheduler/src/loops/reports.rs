@@ -1,7 +1,9 @@
 //! The reports consumer: a durable consumer shared by all replicas. Each
 //! pull batch is grouped by job; the reports of one job are folded into
 //! one compare-and-set write ([`crate::reports::fold`]), different jobs
-//! are written concurrently.
+//! are written concurrently. A report that does not come from its lease's
+//! holder (the bot its subject names and the lease's secret) is
+//! dead-lettered without touching the job.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +26,9 @@ use super::classify::{act_on_classification, classify};
 use crate::apply::crash_to_classify;
 use crate::classification;
 use crate::metrics::{count_crash, count_fate, metrics, INVALID_REPORT};
-use crate::reports::{fold, Fold, Rejection, ReportOutcome};
+use crate::reports::{
+    bound, check_holder, check_subject, fold, Fold, Refusal, Rejection, ReportOutcome,
+};
 use crate::Shared;
 
 /// How long a report that could not be applied now waits to come again.
@@ -51,31 +55,64 @@ pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer, shutdown: Canc
     .await;
 }
 
-/// A report's job (its group), or the dead-letter of an undecodable one.
+/// A report's job (its group), or the dead-letter of one that cannot be
+/// decoded, is on a subject that does not prove its bot, or is out of
+/// bounds. Text over its bound is cut here (counted).
 fn sort(msg: &jetstream::Message) -> Result<(Uuid, Report), Disposition> {
-    match serde_json::from_slice::<Report>(&msg.payload) {
-        Ok(r) => Ok((r.job_id, r)),
+    let mut r = match serde_json::from_slice::<Report>(&msg.payload) {
+        Ok(r) => r,
         Err(e) => {
             metrics().invalid_reports.inc();
             warn!(subject = %msg.subject, error = %e, "undecodable report dead-lettered");
-            Err(Disposition::DeadLetter {
+            return Err(Disposition::DeadLetter {
                 reason: INVALID_REPORT,
                 error: e.to_string(),
-            })
+            });
         }
+    };
+    let checked = check_subject(msg.subject.as_str(), &r).and_then(|()| bound(&mut r));
+    match checked {
+        Ok(cut) => {
+            if cut {
+                metrics().reports_truncated.inc();
+                debug!(job.id = %r.job_id, "report text cut to its bound");
+            }
+            Ok((r.job_id, r))
+        }
+        Err(why) => Err(refuse(msg.subject.as_str(), &r, why)),
+    }
+}
+
+/// The dead letter of a refused report, counted and logged.
+fn refuse(subject: &str, r: &Report, why: Refusal) -> Disposition {
+    metrics()
+        .reports_refused
+        .with_label_values(&[why.label()])
+        .inc();
+    warn!(%subject, job.id = %r.job_id, bot.id = %r.bot_id, epoch = r.epoch, reason = why.label(), "report refused; dead-lettered, the job untouched");
+    Disposition::DeadLetter {
+        reason: why.label(),
+        error: why.explain(r),
     }
 }
 
 /// Applies the reports of one job (in pull order); the disposition of
-/// them all.
-async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) -> Disposition {
+/// each.
+async fn handle_job(shared: &Shared, list: Vec<(jetstream::Message, Report)>) -> Vec<Disposition> {
     let reports: Vec<&Report> = list.iter().map(|(_, r)| r).collect();
     let deliveries = list
         .iter()
         .filter_map(|(m, _)| m.info().ok().map(|i| i.delivered))
         .max()
         .unwrap_or(1);
-    handle_reports(shared, &reports, deliveries).await
+    let (rest, refused) = handle_reports(shared, &reports, deliveries).await;
+    list.iter()
+        .enumerate()
+        .map(|(i, (m, r))| match refused.iter().find(|(j, _)| *j == i) {
+            Some((_, why)) => refuse(m.subject.as_str(), r, *why),
+            None => rest.clone(),
+        })
+        .collect()
 }
 
 fn count_rejected(r: &Report, why: Rejection) {
@@ -87,20 +124,44 @@ fn count_rejected(r: &Report, why: Rejection) {
 }
 
 /// Applies the reports of one job, in order, with a single
-/// compare-and-set (decided by [`fold`]).
-async fn handle_reports(shared: &Shared, reports: &[&Report], deliveries: i64) -> Disposition {
+/// compare-and-set (decided by [`fold`]): the disposition of those decided
+/// on, and those refused (by index) as not the lease holder's.
+async fn handle_reports(
+    shared: &Shared,
+    reports: &[&Report],
+    deliveries: i64,
+) -> (Disposition, Vec<(usize, Refusal)>) {
     let Some(first) = reports.first() else {
-        return Disposition::Ack;
+        return (Disposition::Ack, Vec::new());
     };
     let job_id = first.job_id;
-    let m = metrics();
-    let step = Apply {
+    let mut step = Apply {
         shared,
         reports,
         deliveries,
         classified: HashMap::new(),
+        refused: Vec::new(),
     };
-    let folded = match cas::run(&shared.store.at(job_id), RETRY_CAS, step).await {
+    let result = cas::run(&shared.store.at(job_id), RETRY_CAS, &mut step).await;
+    let refused = std::mem::take(&mut step.refused);
+    (
+        settle_reports(shared, job_id, reports, deliveries, result).await,
+        refused,
+    )
+}
+
+type ApplyResult<'r> = Result<Outcome<Job, Fold<'r>, Disposition>, Failure<StoreError, Never>>;
+
+/// What becomes of the reports decided on, once the write is done.
+async fn settle_reports(
+    shared: &Shared,
+    job_id: Uuid,
+    reports: &[&Report],
+    deliveries: i64,
+    result: ApplyResult<'_>,
+) -> Disposition {
+    let m = metrics();
+    let folded = match result {
         Ok(Outcome::Written { with: folded, .. }) => folded,
         Ok(Outcome::Stopped(d)) => return d,
         Err(Failure::Conflict { .. }) => return Disposition::Nak(RETRY),
@@ -173,6 +234,9 @@ struct Apply<'s, 'r> {
     deliveries: i64,
     /// Classifications by report index, kept across attempts.
     classified: HashMap<usize, Classification>,
+    /// Reports (by index) refused at the last attempt: not the lease
+    /// holder's.
+    refused: Vec<(usize, Refusal)>,
 }
 
 impl<'r> Change<Job> for Apply<'_, 'r> {
@@ -193,9 +257,23 @@ impl<'r> Change<Job> for Apply<'_, 'r> {
             }
             return Ok(Step::Stop(Disposition::Ack));
         };
+        // Only the lease holder's reports are decided on; the others are
+        // dead-lettered, the job untouched.
+        self.refused.clear();
+        let mut heard = Vec::with_capacity(reports.len());
+        for (i, r) in reports.iter().enumerate() {
+            match check_holder(&job, r) {
+                Ok(()) => heard.push(i),
+                Err(why) => self.refused.push((i, why)),
+            }
+        }
+        if heard.is_empty() {
+            return Ok(Step::Stop(Disposition::Ack));
+        }
         // Crashes are classified before anything is decided, so the retry
         // policy acts on the classifier's blame and detail.
-        for (i, r) in reports.iter().enumerate() {
+        for &i in &heard {
+            let r = reports[i];
             if self.classified.contains_key(&i) || !crash_to_classify(&job, r) {
                 continue;
             }
@@ -206,7 +284,14 @@ impl<'r> Change<Job> for Apply<'_, 'r> {
                 None => return Ok(Step::Stop(Disposition::Nak(RETRY))),
             }
         }
-        let folded = fold(&job, reports, &self.classified, &shared.config, Utc::now());
+        let reports: Vec<&'r Report> = heard.iter().map(|&i| reports[i]).collect();
+        let classified: HashMap<usize, Classification> = heard
+            .iter()
+            .enumerate()
+            .filter_map(|(j, i)| self.classified.get(i).map(|c| (j, c.clone())))
+            .collect();
+        let reports = &reports[..];
+        let folded = fold(&job, reports, &classified, &shared.config, Utc::now());
         if folded.all_duplicates() {
             let m = metrics();
             for (r, outcome) in &folded.outcomes {
