@@ -165,7 +165,9 @@ mod tests {
         assert!(
             !replaced.contains("UAAA") && replaced.contains("UA22") && replaced.contains("UBBB")
         );
-        let gone = remove_user(&replaced, "bot-a").expect("block").expect("entry");
+        let gone = remove_user(&replaced, "bot-a")
+            .expect("block")
+            .expect("entry");
         assert!(!gone.contains("UA22") && gone.contains("UBBB"));
         let back = remove_user(&gone, "bot-b").expect("block").expect("entry");
         assert_eq!(back, ACCOUNTS);

@@ -157,6 +157,7 @@ pub struct Connect<'a> {
     name: Option<String>,
     short_lived: Option<(Duration, usize)>,
     on_server_error: Option<ServerErrorHook>,
+    bot: Option<String>,
 }
 
 impl<'a> Connect<'a> {
@@ -167,7 +168,24 @@ impl<'a> Connect<'a> {
             name: None,
             short_lived: None,
             on_server_error: None,
+            bot: None,
         }
+    }
+
+    /// The connection of bot `bot_id` (a worker): without a user/password
+    /// login or `nats.inbox_prefix`, its replies arrive below
+    /// `_INBOX.bot.<token>`, where only its own nkey user may subscribe.
+    pub fn bot(mut self, bot_id: &str) -> Self {
+        self.bot = Some(bot_id.to_string());
+        self
+    }
+
+    /// Where this connection's replies arrive
+    /// ([`subjects::inbox_prefix`]).
+    pub fn inbox_prefix(&self) -> String {
+        let n = &self.config.nats;
+        let user = n.password.as_ref().and(n.user.as_deref());
+        subjects::inbox_prefix(n.inbox_prefix.as_deref(), user, self.bot.as_deref())
     }
 
     /// The connection's name instead of `<nats.name>-<service>`.
@@ -199,7 +217,9 @@ impl<'a> Connect<'a> {
             .name
             .clone()
             .unwrap_or_else(|| format!("{}-{service}", config.nats.name));
-        let mut opts = async_nats::ConnectOptions::new().name(name);
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .custom_inbox_prefix(self.inbox_prefix());
         match self.short_lived {
             Some((timeout, max_reconnects)) => {
                 opts = opts

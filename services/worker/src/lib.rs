@@ -125,12 +125,15 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     metrics::init();
-    let client = runtime::Connect::new(&config, "worker").client().await?;
     let bot_id = if config.worker.bot_id.is_empty() {
         format!("{}-{}", hostname(), std::process::id())
     } else {
         config.worker.bot_id.clone()
     };
+    let client = runtime::Connect::new(&config, "worker")
+        .bot(&bot_id)
+        .client()
+        .await?;
     let resource = if config.worker.resource.is_empty() {
         hostname()
     } else {
