@@ -989,6 +989,93 @@ mod tests {
             .collect()
     }
 
+    fn problems_of(text: &str) -> Vec<String> {
+        match Config::from_parts(Some(text), Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn every_stream_and_bucket_is_bounded_by_default() {
+        let t = Config::from_parts(None, Vec::new())
+            .expect("defaults")
+            .topology();
+        for s in [
+            t.events_stream(),
+            t.deadletter_stream(),
+            t.reports_stream(),
+            t.notify_stream(),
+        ] {
+            assert!(s.max_bytes > 0 && s.max_message_size > 0, "{}", s.name);
+            assert!(i64::from(s.max_message_size) <= s.max_bytes, "{}", s.name);
+        }
+        for b in [t.jobs_bucket(), t.sessions_bucket(), t.resources_bucket()] {
+            assert!(b.max_bytes > 0 && b.max_value_size > 0, "{}", b.bucket);
+        }
+        assert_eq!(t.events_stream().max_message_size, 1024 * 1024);
+    }
+
+    #[test]
+    fn bad_bounds_are_refused() {
+        let p = problems_of("[storage]\nevents_max_msg_bytes = 10\nreports_max_bytes = 1000\nnotify_max_msg_bytes = 99999999");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("storage.events_max_msg_bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.starts_with("storage.reports_max_bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("storage.notify_max_msg_bytes")),
+            "{p:?}"
+        );
+        let p = problems_of("[storage]\njobs_max_bytes = 1048576\nmax_job_bytes = 2097152");
+        assert!(
+            p.iter().any(|m| m.starts_with("storage.jobs_max_bytes")),
+            "{p:?}"
+        );
+        let p = problems_of("[worker]\nlog_tail_bytes = 200000");
+        assert!(
+            p.iter().any(|m| m.starts_with("worker.log_tail_bytes")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn inbox_prefixes_and_user_names_are_checked() {
+        assert!(problems_of("[nats]\ninbox_prefix = \"_INBOX.mine.x\"").is_empty());
+        for bad in [
+            "_INBOX",
+            "_INBOX.",
+            "OTHER.x",
+            "_INBOX.*",
+            "_INBOX.a.>",
+            "_INBOX..a",
+            "_INBOX.a b",
+        ] {
+            let p = problems_of(&format!("[nats]\ninbox_prefix = {bad:?}"));
+            assert!(
+                p.iter().any(|m| m.starts_with("nats.inbox_prefix")),
+                "{bad}: {p:?}"
+            );
+        }
+        let p = problems_of("[nats]\nuser = \"a.b\"\npassword = \"p\"");
+        assert!(p.iter().any(|m| m.starts_with("nats.user")), "{p:?}");
+        assert!(problems_of(
+            "[nats]\nuser = \"a.b\"\npassword = \"p\"\ninbox_prefix = \"_INBOX.ab\""
+        )
+        .is_empty());
+        assert!(problems_of("[nats]\nuser = \"warden-readonly\"\npassword = \"p\"").is_empty());
+        let from_env = Config::from_parts(None, env(&[("WARDEN_NATS_INBOX_PREFIX", "_INBOX.env")]))
+            .expect("valid");
+        assert_eq!(from_env.nats.inbox_prefix.as_deref(), Some("_INBOX.env"));
+    }
+
     #[test]
     fn defaults_are_valid_and_have_the_promised_tasks_and_rule() {
         let c = Config::defaults();

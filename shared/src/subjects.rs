@@ -543,6 +543,50 @@ mod bot_subject_tests {
     }
 
     #[test]
+    fn the_inbox_prefix_follows_the_login() {
+        let bot = bot_inbox_prefix("b");
+        assert_eq!(
+            inbox_prefix(Some("_INBOX.x"), Some("u"), Some("b")),
+            "_INBOX.x"
+        );
+        assert_eq!(inbox_prefix(None, Some("u"), Some("b")), "_INBOX.u");
+        assert_eq!(inbox_prefix(None, None, Some("b")), bot);
+        assert_eq!(inbox_prefix(None, None, None), "_INBOX");
+        // A bot's prefix is what its permissions let it subscribe below.
+        assert_eq!(bot_permissions("b").subscribe[0], format!("{bot}.>"));
+        assert_eq!(check_inbox_prefix(&bot), Ok(()));
+        assert_eq!(
+            check_inbox_prefix("_INBOX"),
+            Err(InboxPrefixError::NotUnderInbox)
+        );
+        assert_eq!(
+            check_inbox_prefix("_INBOXx.a"),
+            Err(InboxPrefixError::NotUnderInbox)
+        );
+        assert_eq!(
+            check_inbox_prefix("_INBOX.a..b"),
+            Err(InboxPrefixError::EmptyToken)
+        );
+        assert_eq!(
+            check_inbox_prefix("_INBOX.a.*"),
+            Err(InboxPrefixError::BadCharacter)
+        );
+        assert_eq!(check_one_token("warden-service"), Ok(()));
+        assert_eq!(check_one_token("a.b"), Err(InboxPrefixError::BadCharacter));
+    }
+
+    #[test]
+    fn work_is_never_discarded_dead_letters_drop_the_oldest() {
+        for s in [EVENTS_STREAM, REPORTS_STREAM, NOTIFY_STREAM] {
+            assert_eq!(discard_policy(s), stream::DiscardPolicy::New, "{s}");
+        }
+        assert_eq!(
+            discard_policy(DEADLETTER_STREAM),
+            stream::DiscardPolicy::Old
+        );
+    }
+
+    #[test]
     fn a_bots_permissions_name_only_its_own_token() {
         let p = bot_permissions("a");
         let mine = bot_token("a");
