@@ -310,14 +310,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
     }
     let fleet = Arc::new(Fleet { services, workers });
 
-    let client = async_nats::ConnectOptions::new()
+    // Through the one connection builder, like every other component.
+    let mut harness = warden_shared::Config::defaults();
+    harness.nats.url = url.clone();
+    let client = warden_shared::runtime::Connect::new(&harness, "chaos")
         .name("warden-chaos")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(
-            warden_shared::runtime::server_addrs(&url)
-                .map_err(|e| anyhow::anyhow!("bad cluster URL: {e}"))?,
-        )
+        .client()
         .await
         .context("cannot connect to the chaos cluster")?;
     let js = jetstream::new(client.clone());

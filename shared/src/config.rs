@@ -51,6 +51,20 @@ pub struct NatsConfig {
     /// (and no one else) subscribe below.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbox_prefix: Option<String>,
+    /// PEM file of the CA(s) the server's certificate must chain to, in
+    /// place of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (and its key, [`NatsConfig::tls_key_file`])
+    /// for a server that verifies clients (`verify: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS (also implied by a `tls://`
+    /// URL).
+    #[serde(default)]
+    pub tls_required: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -458,6 +472,9 @@ const OPTIONAL_KEYS: &[(&str, &str)] = &[
     ("nats", "user"),
     ("nats", "password"),
     ("nats", "inbox_prefix"),
+    ("nats", "tls_ca_file"),
+    ("nats", "tls_cert_file"),
+    ("nats", "tls_key_file"),
     ("http", "token"),
 ];
 
@@ -602,6 +619,7 @@ impl Config {
                     .into(),
             );
         }
+        p.extend(nats_tls_problems(n));
         if !(1..=5).contains(&n.replicas) {
             p.push(format!(
                 "nats.replicas: {} is not between 1 and 5",
@@ -899,6 +917,38 @@ fn section<T: DeserializeOwned>(
     }
 }
 
+/// What is wrong with `nats.url` and the `nats.tls_*` keys: a URL that
+/// carries a login (the client ignores it, and it would be echoed in
+/// errors and check output), half a client certificate, an empty path.
+pub fn nats_tls_problems(n: &NatsConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    if crate::redact::has_userinfo(&n.url) {
+        p.push(format!(
+            "nats.url: {} carries a login (user:password@); the client ignores it. Give it in nats.user and nats.password, or a credentials file in nats.credentials, and keep the URL as nats://host:port",
+            crate::redact::redact(&n.url)
+        ));
+    }
+    match (&n.tls_cert_file, &n.tls_key_file) {
+        (Some(_), None) => {
+            p.push("nats.tls_cert_file: set, but nats.tls_key_file (its key) is not".into())
+        }
+        (None, Some(_)) => {
+            p.push("nats.tls_key_file: set, but nats.tls_cert_file (its certificate) is not".into())
+        }
+        _ => {}
+    }
+    for (key, path) in [
+        ("nats.tls_ca_file", &n.tls_ca_file),
+        ("nats.tls_cert_file", &n.tls_cert_file),
+        ("nats.tls_key_file", &n.tls_key_file),
+    ] {
+        if path.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            p.push(format!("{key}: must not be empty when set"));
+        }
+    }
+    p
+}
+
 /// Tables merge key by key; anything else (arrays included) is replaced.
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
@@ -1091,6 +1141,58 @@ mod tests {
         assert_eq!(c.tasks["fail"].verdict(1), Some("failed"));
         assert_eq!(c.tasks["noop"].verdict(0), Some("passed"));
         assert_eq!(c.tasks["noop"].verdict(1), None);
+    }
+
+    #[test]
+    fn a_login_in_the_url_is_refused_naming_the_keys_and_not_echoed() {
+        let Err(e) = Config::from_parts(
+            Some("[nats]\nurl = \"nats://n1:4222,nats://warden-worker:s3cret@n2:4222\"\n"),
+            [],
+        ) else {
+            panic!("a login in nats.url is refused");
+        };
+        let text = e.problems().join("\n");
+        assert!(text.contains("nats.url"), "{text}");
+        assert!(
+            text.contains("nats.user") && text.contains("nats.password"),
+            "{text}"
+        );
+        assert!(text.contains("nats.credentials"), "{text}");
+        assert!(
+            !text.contains("s3cret"),
+            "the password is not echoed: {text}"
+        );
+        let env_url = env(&[("WARDEN_NATS_URL", "nats://u:pw@h:4222")]);
+        assert!(Config::from_parts(None, env_url).is_err());
+    }
+
+    #[test]
+    fn tls_keys_load_and_half_a_client_certificate_is_refused() {
+        let c = Config::from_parts(
+            None,
+            env(&[
+                ("WARDEN_NATS_TLS_CA_FILE", "/etc/warden/ca.pem"),
+                ("WARDEN_NATS_TLS_CERT_FILE", "/etc/warden/w.pem"),
+                ("WARDEN_NATS_TLS_KEY_FILE", "/etc/warden/w.key"),
+                ("WARDEN_NATS_TLS_REQUIRED", "true"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.nats.tls_ca_file,
+            Some(PathBuf::from("/etc/warden/ca.pem"))
+        );
+        assert!(c.nats.tls_required);
+        assert!(!Config::defaults().nats.tls_required);
+        let Err(e) = Config::from_parts(Some("[nats]\ntls_cert_file = \"/w.pem\"\n"), []) else {
+            panic!("a certificate without its key is refused");
+        };
+        let text = e.problems().join("\n");
+        assert!(text.contains("nats.tls_key_file"), "{text}");
+        let Err(e) = Config::from_parts(Some("[nats]\ntls_key_file = \"/w.key\"\n"), []) else {
+            panic!("a key without its certificate is refused");
+        };
+        assert!(e.problems().join("\n").contains("nats.tls_cert_file"));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod messages;
 pub mod metrics;
 pub mod nats_ports;
 pub mod ready;
+pub mod redact;
 pub mod resource;
 pub mod retry;
 pub mod runtime;

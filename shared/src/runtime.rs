@@ -134,6 +134,14 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    /// A `nats.tls_*` file that cannot be read (`key` names the setting).
+    #[error("cannot read {key} {path}")]
+    TlsFile {
+        key: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("stopped while waiting for JetStream")]
@@ -158,6 +166,7 @@ pub struct Connect<'a> {
     short_lived: Option<(Duration, usize)>,
     on_server_error: Option<ServerErrorHook>,
     bot: Option<String>,
+    inbox_prefix: Option<String>,
 }
 
 impl<'a> Connect<'a> {
@@ -169,6 +178,7 @@ impl<'a> Connect<'a> {
             short_lived: None,
             on_server_error: None,
             bot: None,
+            inbox_prefix: None,
         }
     }
 
@@ -180,12 +190,23 @@ impl<'a> Connect<'a> {
         self
     }
 
-    /// Where this connection's replies arrive
-    /// ([`subjects::inbox_prefix`]).
-    pub fn inbox_prefix(&self) -> String {
+    /// Replies come to `<prefix>.<id>`, whatever the login; only
+    /// `nats.inbox_prefix` overrides it. Mostly [`Connect::bot`] and the
+    /// login choose ([`Connect::reply_prefix`]).
+    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.inbox_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Where this connection's replies arrive: `nats.inbox_prefix`, else
+    /// one set with [`Connect::inbox_prefix`], else the login's
+    /// ([`subjects::inbox_prefix`]): so no one else's permissions cover
+    /// them.
+    pub fn reply_prefix(&self) -> String {
         let n = &self.config.nats;
         let user = n.password.as_ref().and(n.user.as_deref());
-        subjects::inbox_prefix(n.inbox_prefix.as_deref(), user, self.bot.as_deref())
+        let explicit = n.inbox_prefix.as_deref().or(self.inbox_prefix.as_deref());
+        subjects::inbox_prefix(explicit, user, self.bot.as_deref())
     }
 
     /// The connection's name instead of `<nats.name>-<service>`.
@@ -219,7 +240,7 @@ impl<'a> Connect<'a> {
             .unwrap_or_else(|| format!("{}-{service}", config.nats.name));
         let mut opts = async_nats::ConnectOptions::new()
             .name(name)
-            .custom_inbox_prefix(self.inbox_prefix());
+            .custom_inbox_prefix(self.reply_prefix());
         match self.short_lived {
             Some((timeout, max_reconnects)) => {
                 opts = opts
@@ -288,8 +309,11 @@ impl<'a> Connect<'a> {
         if let (Some(user), Some(password)) = (&config.nats.user, &config.nats.password) {
             opts = opts.user_and_password(user.clone(), password.clone());
         }
-        let url = config.nats.url.clone();
-        let addrs = server_addrs(&url).map_err(|source| ConnectError::Connect {
+        opts = tls_options(opts, &config.nats)?;
+        // Only ever shown redacted (errors, logs): it may carry a login
+        // when given on a command line.
+        let url = crate::redact::redact(&config.nats.url);
+        let addrs = server_addrs(&config.nats.url).map_err(|source| ConnectError::Connect {
             url: url.clone(),
             source,
         })?;
@@ -343,6 +367,37 @@ impl<'a> Connect<'a> {
             None => Err(ConnectError::Stopped),
         }
     }
+}
+
+/// The `nats.tls_*` settings applied to `opts`, each file checked first so
+/// a missing or unreadable one is an error naming it (the client would
+/// only say "TLS error" at connect).
+pub fn tls_options(
+    mut opts: async_nats::ConnectOptions,
+    nats: &crate::config::NatsConfig,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    let readable = |key: &'static str, path: &std::path::Path| {
+        std::fs::File::open(path)
+            .map(drop)
+            .map_err(|source| ConnectError::TlsFile {
+                key,
+                path: path.display().to_string(),
+                source,
+            })
+    };
+    if let Some(ca) = &nats.tls_ca_file {
+        readable("nats.tls_ca_file", ca)?;
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&nats.tls_cert_file, &nats.tls_key_file) {
+        readable("nats.tls_cert_file", cert)?;
+        readable("nats.tls_key_file", key)?;
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if nats.tls_required {
+        opts = opts.require_tls(true);
+    }
+    Ok(opts)
 }
 
 /// `nats.url` may list several servers separated by commas (a cluster);
@@ -636,6 +691,33 @@ pub async fn serve_metrics(addr: SocketAddr, shutdown: CancellationToken) -> std
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_missing_tls_file_is_an_error_naming_it() {
+        let mut n = crate::config::Config::defaults().nats;
+        n.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        let Err(e) = super::tls_options(async_nats::ConnectOptions::new(), &n) else {
+            panic!("a missing CA file is an error");
+        };
+        match &e {
+            super::ConnectError::TlsFile { key, path, .. } => {
+                assert_eq!(*key, "nats.tls_ca_file");
+                assert_eq!(path, "/nonexistent/ca.pem");
+            }
+            other => panic!("not a TlsFile error: {other:?}"),
+        }
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").expect("write");
+        n.tls_ca_file = Some(ca);
+        n.tls_cert_file = Some(dir.path().join("client.pem"));
+        n.tls_key_file = Some(dir.path().join("client.key"));
+        match super::tls_options(async_nats::ConnectOptions::new(), &n) {
+            Err(super::ConnectError::TlsFile { key, .. }) => assert_eq!(key, "nats.tls_cert_file"),
+            other => panic!("expected the missing client certificate: {:?}", other.err()),
+        }
+    }
+
     #[test]
     fn several_servers_separated_by_commas() {
         let a = super::server_addrs(

@@ -263,27 +263,27 @@ fn each_login_has_its_own_prefix() {
     let url = "nats://127.0.0.1:1";
     let c = user(url, "warden-readonly", "pw");
     assert_eq!(
-        runtime::Connect::new(&c, "t").inbox_prefix(),
+        runtime::Connect::new(&c, "t").reply_prefix(),
         "_INBOX.warden-readonly"
     );
     assert_eq!(
-        runtime::Connect::new(&c, "t").bot("b").inbox_prefix(),
+        runtime::Connect::new(&c, "t").bot("b").reply_prefix(),
         "_INBOX.warden-readonly",
         "a user login's permissions are its role's"
     );
     let bot = config(url, "nkey_file = \"/x.nk\"");
     assert_eq!(
-        runtime::Connect::new(&bot, "t").bot("b").inbox_prefix(),
+        runtime::Connect::new(&bot, "t").bot("b").reply_prefix(),
         format!("_INBOX.bot.{}", subjects::bot_token("b"))
     );
     let open = config(url, "");
-    assert_eq!(runtime::Connect::new(&open, "t").inbox_prefix(), "_INBOX");
+    assert_eq!(runtime::Connect::new(&open, "t").reply_prefix(), "_INBOX");
     let set = config(
         url,
         "inbox_prefix = \"_INBOX.mine\"\nuser = \"u\"\npassword = \"p\"",
     );
     assert_eq!(
-        runtime::Connect::new(&set, "t").inbox_prefix(),
+        runtime::Connect::new(&set, "t").reply_prefix(),
         "_INBOX.mine"
     );
 }

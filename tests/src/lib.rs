@@ -34,17 +34,28 @@ pub fn fixture(rel: &str) -> PathBuf {
 
 /// Runs `warden ARGS --nats-url URL` to completion.
 pub fn cli(nats_url: &str, args: &[&str]) -> Output {
+    cli_with_env(nats_url, args, &[])
+}
+
+/// [`cli`] with these environment variables (e.g. the login).
+pub fn cli_with_env(nats_url: &str, args: &[&str], env: &[(String, String)]) -> Output {
     Command::new(warden_bin())
         .args(args)
         .args(["--nats-url", nats_url])
         .env("WARDEN_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run warden")
 }
 
 /// Like [`cli`], asserting success and returning stdout.
 pub fn cli_ok(nats_url: &str, args: &[&str]) -> String {
-    let out = cli(nats_url, args);
+    cli_ok_with_env(nats_url, args, &[])
+}
+
+/// [`cli_ok`] with these environment variables.
+pub fn cli_ok_with_env(nats_url: &str, args: &[&str], env: &[(String, String)]) -> String {
+    let out = cli_with_env(nats_url, args, env);
     assert!(
         out.status.success(),
         "warden {args:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -67,11 +78,21 @@ pub struct Warden {
 impl Warden {
     /// `config` is TOML text merged over the defaults.
     pub fn up(nats_url: &str, config: &str, workers: u32) -> Warden {
+        Warden::up_with_env(nats_url, config, workers, &[])
+    }
+
+    /// [`Warden::up`] with these environment variables (e.g. the login).
+    pub fn up_with_env(
+        nats_url: &str,
+        config: &str,
+        workers: u32,
+        env: &[(String, String)],
+    ) -> Warden {
         let dir = tempfile::Builder::new()
             .prefix("warden-up-")
             .tempdir()
             .unwrap();
-        let mut w = Warden::spawn(dir.path(), Some(nats_url), None, config, workers);
+        let mut w = Warden::spawn(dir.path(), Some(nats_url), None, config, workers, env);
         w._dir = Some(dir);
         w.wait_healthy();
         w
@@ -81,7 +102,18 @@ impl Warden {
     /// config, log and data dir (`data`) in `dir`: a second one on the
     /// same `dir` finds the first one's data.
     pub fn up_local(dir: &Path, nats_port: u16, config: &str, workers: u32) -> Warden {
-        let w = Warden::spawn(dir, None, Some(nats_port), config, workers);
+        Warden::up_local_with(dir, nats_port, config, workers, &[])
+    }
+
+    /// [`Warden::up_local`] with more `warden up` arguments (`--secure`).
+    pub fn up_local_with(
+        dir: &Path,
+        nats_port: u16,
+        config: &str,
+        workers: u32,
+        extra: &[&str],
+    ) -> Warden {
+        let w = Warden::spawn_with(dir, None, Some(nats_port), config, workers, extra, &[]);
         w.wait_healthy();
         w
     }
@@ -92,6 +124,19 @@ impl Warden {
         nats_port: Option<u16>,
         config: &str,
         workers: u32,
+        env: &[(String, String)],
+    ) -> Warden {
+        Warden::spawn_with(dir, nats_url, nats_port, config, workers, &[], env)
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        nats_url: Option<&str>,
+        nats_port: Option<u16>,
+        config: &str,
+        workers: u32,
+        extra: &[&str],
+        env: &[(String, String)],
     ) -> Warden {
         let conf = dir.join("warden.toml");
         std::fs::write(&conf, config).unwrap();
@@ -105,6 +150,7 @@ impl Warden {
             .unwrap();
         let mut cmd = Command::new(warden_bin());
         cmd.args(["up", "--http", &http, "--workers", &workers.to_string()]);
+        cmd.args(extra);
         if let Some(url) = nats_url {
             cmd.args(["--nats-url", url]);
         }
@@ -117,6 +163,7 @@ impl Warden {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .env("WARDEN_LOG", "info,async_nats=warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(logf.try_clone().unwrap()))
             .stderr(Stdio::from(logf))
             .spawn()
@@ -255,6 +302,16 @@ pub async fn js(nats_url: &str) -> (async_nats::Client, async_nats::jetstream::C
 
 /// A `warden worker` process (SIGKILL or SIGSTOP it in failure tests).
 pub fn spawn_worker(nats_url: &str, config: &Path, bot_id: &str) -> Child {
+    spawn_worker_with_env(nats_url, config, bot_id, &[])
+}
+
+/// [`spawn_worker`] with these environment variables (e.g. its nkey).
+pub fn spawn_worker_with_env(
+    nats_url: &str,
+    config: &Path,
+    bot_id: &str,
+    env: &[(String, String)],
+) -> Child {
     Command::new(warden_bin())
         .args([
             "worker",
@@ -266,6 +323,7 @@ pub fn spawn_worker(nats_url: &str, config: &Path, bot_id: &str) -> Child {
         ])
         .arg(config)
         .env("WARDEN_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -371,6 +429,7 @@ pub struct Scenario {
     config: String,
     workers: u32,
     nats: Option<NatsServer>,
+    secured: Option<Vec<String>>,
 }
 
 impl Scenario {
@@ -399,24 +458,67 @@ impl Scenario {
         self
     }
 
+    /// Runs on a nats-server with the shipped permissions
+    /// (`deploy/nats/cluster/accounts.conf`, passwords `<role>-pw`) and a
+    /// NATS user for each of `bots` written as `warden bot add` writes it:
+    /// the services log in as `warden-service`, the CLI too, and workers
+    /// started with [`Stack::bot_worker`] with their bot's nkey. Local
+    /// workers of `warden up` ([`Scenario::workers`]) would run as the
+    /// services' user: keep them at 0.
+    pub fn secured(mut self, bots: &[&str]) -> Scenario {
+        self.secured = Some(bots.iter().map(|b| b.to_string()).collect());
+        self
+    }
+
     /// Starts nats-server and `warden up` (healthy when this returns).
     pub fn up(self) -> Stack {
-        let nats = self.nats.unwrap_or_else(NatsServer::start);
         let dir = tempfile::Builder::new()
             .prefix("warden-stack-")
             .tempdir()
             .unwrap();
+        let (nats, service_env, bots) = match &self.secured {
+            None => (
+                self.nats.unwrap_or_else(NatsServer::start),
+                Vec::new(),
+                Vec::new(),
+            ),
+            Some(names) => {
+                assert!(self.nats.is_none(), "secured() starts its own nats-server");
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let (conf, bots) = warden_testsupport::accounts_conf_with_bots(dir.path(), &names);
+                let nats = NatsServer::start_with_args(&["-c", conf.to_str().expect("utf-8 path")]);
+                let env = vec![
+                    ("WARDEN_NATS_USER".to_string(), SERVICE_USER.to_string()),
+                    (
+                        "WARDEN_NATS_PASSWORD".to_string(),
+                        role_password(SERVICE_USER),
+                    ),
+                ];
+                (nats, env, bots)
+            }
+        };
         let worker_config = dir.path().join("worker.toml");
         std::fs::write(&worker_config, &self.config).unwrap();
-        let warden = Warden::up(&nats.url(), &self.config, self.workers);
+        let warden = Warden::up_with_env(&nats.url(), &self.config, self.workers, &service_env);
         Stack {
             nats,
             warden,
             config: self.config,
             worker_config,
             dir,
+            service_env,
+            bots,
         }
     }
+}
+
+/// The services' NATS user in the shipped accounts config.
+pub const SERVICE_USER: &str = "warden-service";
+
+/// The test password of role user `user` (`warden-readonly` →
+/// `readonly-pw`, see `warden_testsupport::accounts_conf`).
+pub fn role_password(user: &str) -> String {
+    format!("{}-pw", user.trim_start_matches("warden-"))
 }
 
 /// What [`Scenario::up`] started. Fields are public so a test can restart
@@ -427,6 +529,10 @@ pub struct Stack {
     config: String,
     worker_config: PathBuf,
     dir: tempfile::TempDir,
+    /// The services' login (empty on an open server).
+    service_env: Vec<(String, String)>,
+    /// Bot users of a [`Scenario::secured`] stack.
+    pub bots: Vec<warden_testsupport::TestBot>,
 }
 
 impl Stack {
@@ -448,7 +554,91 @@ impl Stack {
     /// `warden job submit ARGS` (e.g. `["sleep", "--arg", "seconds=5"]`):
     /// the new job's id.
     pub fn submit(&self, args: &[&str]) -> String {
-        submit(&self.url(), args)
+        let mut full = vec!["job", "submit"];
+        full.extend_from_slice(args);
+        self.cli_ok(&full)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// `warden ARGS` on this bus with the services' login.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_with_env(&self.url(), args, &self.service_env)
+    }
+
+    /// [`Stack::cli`], asserting success; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        cli_ok_with_env(&self.url(), args, &self.service_env)
+    }
+
+    /// The test bot `bot_id` of a secured stack.
+    pub fn bot(&self, bot_id: &str) -> &warden_testsupport::TestBot {
+        self.bots
+            .iter()
+            .find(|b| b.bot_id == bot_id)
+            .unwrap_or_else(|| panic!("{bot_id} is not a bot of this stack"))
+    }
+
+    /// A `warden worker` for bot `bot_id` logged in with its own nkey
+    /// (a secured stack), with the stack's config; killed on drop.
+    pub fn bot_worker(&self, bot_id: &str) -> Proc {
+        self.bot_worker_with(&self.worker_config, bot_id)
+    }
+
+    /// [`Stack::bot_worker`] with its own config file.
+    pub fn bot_worker_with(&self, config: &Path, bot_id: &str) -> Proc {
+        let nkey = self.bot(bot_id).nkey_file.display().to_string();
+        let env = vec![("WARDEN_NATS_NKEY_FILE".to_string(), nkey)];
+        Proc(spawn_worker_with_env(&self.url(), config, bot_id, &env))
+    }
+
+    /// A client logged in as bot `bot_id` (its nkey, replies under its
+    /// own inbox prefix): what an attacker holding its credentials has.
+    pub async fn connect_bot(&self, bot_id: &str) -> async_nats::Client {
+        let seed = std::fs::read_to_string(&self.bot(bot_id).nkey_file).expect("seed");
+        async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+            .custom_inbox_prefix(warden_shared::subjects::bot_inbox_prefix(bot_id))
+            .connect(self.url())
+            .await
+            .expect("connect as a bot")
+    }
+
+    /// A client logged in as role user `user` (`warden-readonly`, ...)
+    /// with its test password, replies under `_INBOX.<user>`.
+    pub async fn connect_role(&self, user: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), role_password(user))
+            .custom_inbox_prefix(warden_shared::subjects::role_inbox_prefix(user))
+            .connect(self.url())
+            .await
+            .expect("connect as a role")
+    }
+
+    /// A client with the services' login (anonymous on an open stack).
+    pub async fn service_client(&self) -> async_nats::Client {
+        if self.service_env.is_empty() {
+            async_nats::connect(self.url()).await.expect("connect")
+        } else {
+            self.connect_role(SERVICE_USER).await
+        }
+    }
+
+    /// Every key of KV `bucket` with its raw value: compare two of these
+    /// to show nothing changed, byte for byte.
+    pub async fn kv_snapshot(&self, bucket: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        use futures::StreamExt;
+        let js = async_nats::jetstream::new(self.service_client().await);
+        let kv = js.get_key_value(bucket).await.expect("bucket");
+        let mut keys = kv.keys().await.expect("keys");
+        let mut out = std::collections::BTreeMap::new();
+        while let Some(Ok(key)) = keys.next().await {
+            if let Ok(Some(v)) = kv.get(&key).await {
+                out.insert(key, v.to_vec());
+            }
+        }
+        out
     }
 
     /// `warden job submit noop --wait --timeout 30`, asserting it passed:
@@ -536,7 +726,7 @@ impl Stack {
     /// bucket (a worker registered, or re-registered).
     pub async fn wait_active_session(&self, bot_id: &str, timeout: Duration) {
         use warden_shared::session::{bot_key, session_key, Session, SessionState};
-        let (_client, js) = js(&self.url()).await;
+        let js = async_nats::jetstream::new(self.service_client().await);
         let kv = js
             .get_key_value(warden_shared::subjects::SESSIONS_BUCKET)
             .await

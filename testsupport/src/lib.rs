@@ -268,8 +268,74 @@ fn cluster_node_conf(i: usize, store: &Path, ports: Option<Ports>, routes: &[Str
     )
 }
 
+/// Renders node `i`'s config: (node, its store, its ports if known, the
+/// routes, the cluster's directory).
+type RenderNode<'a> = dyn Fn(usize, &Path, Option<Ports>, &[String], &Path) -> String + 'a;
+
+/// Node `i` (0, 1, 2: the shipped `n1.conf`, `n2.conf`, `n3.conf`) of the
+/// shipped cluster config with loopback ports (`-1` where not known yet),
+/// `store`, `routes`, no monitoring port, and `pki`'s server certificate
+/// and CA in place of `/etc/nats/tls/`. Everything else (TLS with
+/// `verify`, `sync_interval`, the accounts include) is the shipped text;
+/// a replacement that does not match fails, so a change to the shipped
+/// file's shape shows here.
+pub fn shipped_node_conf(
+    i: usize,
+    store: &Path,
+    ports: Option<Ports>,
+    routes: &[String],
+    pki: &TestPki,
+) -> String {
+    let n = i + 1;
+    let source =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/nats/cluster/n{n}.conf"));
+    let mut text = std::fs::read_to_string(&source).expect("read the shipped node config");
+    let port = |p: Option<u16>| p.map_or_else(|| "-1".to_string(), |p| p.to_string());
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    let server = pki.server();
+    let mut replace = |from: &str, to: &str| {
+        assert!(text.contains(from), "n{n}.conf has no {from:?}");
+        text = text.replace(from, to);
+    };
+    replace(
+        "listen: 0.0.0.0:4222",
+        &format!("listen: 127.0.0.1:{}", port(ports.map(|p| p.client))),
+    );
+    replace(
+        "listen: 0.0.0.0:6222",
+        &format!("listen: 127.0.0.1:{}", port(ports.and_then(|p| p.cluster))),
+    );
+    replace("http: 127.0.0.1:8222", "");
+    replace(&format!("\"/var/lib/nats/n{n}\""), &quoted(store));
+    replace(
+        &format!("\"/etc/nats/tls/n{n}.crt\""),
+        &quoted(&server.cert),
+    );
+    replace(&format!("\"/etc/nats/tls/n{n}.key\""), &quoted(&server.key));
+    replace("\"/etc/nats/tls/ca.crt\"", &quoted(&pki.ca()));
+    let start = text.find("routes: [").expect("n.conf has routes");
+    let end = start + text[start..].find(']').expect("routes end");
+    text.replace_range(start..=end, &format!("routes: [{}]", routes.join(", ")));
+    text
+}
+
 impl Cluster {
     pub fn start() -> Cluster {
+        Self::start_with(&|i, store, ports, routes, _| cluster_node_conf(i, store, ports, routes))
+    }
+
+    /// The shipped `deploy/nats/cluster/n1.conf`, `n2.conf`, `n3.conf`
+    /// with its per-role users (`accounts_conf`, passwords `<role>-pw`)
+    /// and its client TLS block on `pki`'s server certificate and CA,
+    /// rendered with test paths and loopback ports ([`shipped_node_conf`]).
+    pub fn start_shipped(pki: &TestPki) -> Cluster {
+        Self::start_with(&|i, store, ports, routes, dir| {
+            accounts_conf(dir);
+            shipped_node_conf(i, store, ports, routes, pki)
+        })
+    }
+
+    fn start_with(render: &RenderNode<'_>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("warden-cluster-")
             .tempdir()
@@ -281,7 +347,7 @@ impl Cluster {
             let conf = dir.path().join(format!("n{i}.conf"));
             let ports_dir = dir.path().join(format!("n{i}-ports"));
             std::fs::create_dir_all(&ports_dir).unwrap();
-            let text = cluster_node_conf(i, &store, None, &routes);
+            let text = render(i, &store, None, &routes, dir.path());
             std::fs::write(&conf, text).unwrap();
             let mut node = Node {
                 child: None,
@@ -302,11 +368,12 @@ impl Cluster {
         }
         // Fixed ports and every route from now on, for restarts.
         for (i, node) in nodes.iter().enumerate() {
-            let text = cluster_node_conf(
+            let text = render(
                 i,
                 &dir.path().join(format!("n{i}")),
                 Some(node.ports),
                 &routes,
+                dir.path(),
             );
             std::fs::write(&node.conf, text).unwrap();
         }
@@ -523,4 +590,155 @@ mod tests {
         c.start_node(0);
         assert_eq!(c.node_url(0), url);
     }
+}
+
+/// Certificates made at test time: a CA, a server certificate for
+/// 127.0.0.1 and localhost, and client certificates, all signed by the CA
+/// and written as PEM files into a temporary directory.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and its key, as files.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    /// A new CA (`ca.pem`) and a server certificate (`server.pem`,
+    /// `server.key`).
+    pub fn new() -> TestPki {
+        let dir = tempfile::Builder::new()
+            .prefix("warden-pki-")
+            .tempdir()
+            .unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "warden test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        let pki = TestPki {
+            dir,
+            issuer: rcgen::Issuer::new(params, key),
+        };
+        pki.issue(
+            "server",
+            &["127.0.0.1", "localhost"],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        pki
+    }
+
+    fn issue(&self, name: &str, sans: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> CertFiles {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let files = CertFiles {
+            cert: self.dir.path().join(format!("{name}.pem")),
+            key: self.dir.path().join(format!("{name}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    /// A client certificate named `name` (its common name).
+    pub fn client(&self, name: &str) -> CertFiles {
+        self.issue(name, &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn server(&self) -> CertFiles {
+        CertFiles {
+            cert: self.dir.path().join("server.pem"),
+            key: self.dir.path().join("server.key"),
+        }
+    }
+
+    /// A nats-server `tls { }` block with the server certificate, the CA
+    /// and `verify` (client certificates required).
+    pub fn server_tls_block(&self, verify: bool) -> String {
+        let s = self.server();
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: {verify}\n  timeout: 2\n}}\n",
+            s.cert.display().to_string(),
+            s.key.display().to_string(),
+            self.ca().display().to_string()
+        )
+    }
+
+    /// The `[nats]` TLS keys of a Warden config for client `client`.
+    pub fn client_toml(&self, client: &CertFiles) -> String {
+        format!(
+            "tls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\ntls_required = true\n",
+            self.ca().display().to_string(),
+            client.cert.display().to_string(),
+            client.key.display().to_string()
+        )
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a client without TLS gets from the server on 127.0.0.1:`port`: it
+/// reads the greeting, sends `CONNECT {}` and `PING` in the clear and
+/// returns everything the server said until it closed, answered `PONG` or
+/// `-ERR`, or 5 s passed. A server that requires TLS never says `PONG`.
+pub fn plain_client_answer(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut sent = false;
+    while Instant::now() < deadline {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+        let text = String::from_utf8_lossy(&said);
+        if !sent && text.contains("INFO ") && text.contains("\r\n") {
+            if conn
+                .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+                .is_err()
+            {
+                break;
+            }
+            sent = true;
+        } else if text.contains("PONG") || text.contains("-ERR") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&said).into_owned()
 }

@@ -56,7 +56,7 @@ pub async fn run(
         args.jobs,
         args.workers,
         config.worker.capacity,
-        config.nats.url,
+        warden_shared::redact::redact(&config.nats.url),
         if args.sync_always {
             "always"
         } else {

@@ -952,7 +952,7 @@ impl ServerSaid {
 async fn run_inner(config: &Config, plan: &Plan, said: &ServerSaid) -> Outcome {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + plan.timeout;
-    let url = &config.nats.url;
+    let url = warden_shared::redact::redact(&config.nats.url);
     let within = human(plan.timeout);
     let fail = |why: String| match plan.what {
         What::Bus => bus_down(&why),
@@ -1001,6 +1001,9 @@ async fn connect(
         .map_err(|e| match e {
             ConnectError::Credentials { path, source } => {
                 NoClient::Setup(format!("cannot read credentials {path}: {source}"))
+            }
+            ConnectError::TlsFile { key, path, source } => {
+                NoClient::Setup(format!("cannot read {key} {path}: {source}"))
             }
             ConnectError::Connect { url, source } => match source.kind() {
                 async_nats::ConnectErrorKind::ServerParse => {
@@ -1175,6 +1178,32 @@ mod tests {
     use chrono::Utc;
     use warden_shared::messages::PoolQueue;
     use warden_shared::resource::ResourceSession;
+
+    #[tokio::test]
+    async fn no_password_of_a_url_reaches_the_status_line() {
+        // Nothing listens there (bound and released).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("nats://warden-readonly:s3cret@127.0.0.1:{port}");
+        // Refused by validation: the problem names the URL redacted.
+        let file = format!("[nats]\nurl = {url:?}\n");
+        let (line, code) = main(Config::from_parts(Some(&file), []), &args("bus")).await;
+        assert_eq!(code, 3, "{line}");
+        assert!(
+            line.contains("nats.user") && !line.contains("s3cret"),
+            "{line}"
+        );
+        // Even a URL that got past validation is printed redacted.
+        let mut c = Config::defaults();
+        c.nats.url = url;
+        let mut a = args("bus");
+        a.timeout = "2s".into();
+        let (line, _) = main(Ok(c), &a).await;
+        assert!(line.contains("127.0.0.1"), "{line}");
+        assert!(!line.contains("s3cret"), "{line}");
+    }
 
     fn args(what: &str) -> CheckArgs {
         CheckArgs {

@@ -9,6 +9,7 @@ mod classify;
 mod cli;
 mod natsd;
 mod resources;
+mod secure;
 mod up;
 
 use std::path::PathBuf;
@@ -100,6 +101,11 @@ pub struct UpArgs {
     /// Loopback port of the spawned nats-server (ignored with --nats-url)
     #[arg(long, default_value_t = up::LOCAL_NATS_PORT)]
     pub nats_port: u16,
+    /// Run secured: TLS with client certificates and the per-role users of
+    /// deploy/nats/cluster/accounts.conf, all made once in <data-dir>/secure
+    /// (CLI config snippets: <data-dir>/secure/client-<role>.toml)
+    #[arg(long)]
+    pub secure: bool,
 }
 
 #[derive(Subcommand)]
@@ -303,6 +309,8 @@ fn load_config(cli: &Cli) -> Config {
     let mut c = warden_shared::runtime::load_or_exit(cli.config.as_deref(), "warden");
     if let Some(url) = &cli.nats_url {
         c.nats.url = url.clone();
+        // A login in --nats-url is refused like one in the config.
+        warden_shared::runtime::exit_on_problems(&c, "warden");
     }
     c
 }
@@ -336,11 +344,17 @@ async fn run() {
         if std::env::var_os("WARDEN_LOG").is_some() {
             warden_shared::runtime::init_tracing();
         }
-        let config = Config::load(cli.config.as_deref()).map(|mut c| {
+        let config = Config::load(cli.config.as_deref()).and_then(|mut c| {
             if let Some(url) = &cli.nats_url {
                 c.nats.url = url.clone();
             }
-            c
+            // A login in --nats-url is refused like one in the config.
+            let problems = c.problems();
+            if problems.is_empty() {
+                Ok(c)
+            } else {
+                Err(warden_shared::config::ConfigError::Invalid(problems))
+            }
         });
         let (line, code) = check::main(config, args).await;
         println!("{line}");

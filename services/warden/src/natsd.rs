@@ -33,6 +33,19 @@ impl LocalNats {
     /// `sync_always` makes JetStream fsync every write (the production
     /// setting; see docs/design.md "Where state lives").
     pub fn spawn(dir: &Path, port: Option<u16>, sync_always: bool) -> anyhow::Result<LocalNats> {
+        Self::spawn_with(dir, port, sync_always, "", &[])
+    }
+
+    /// [`LocalNats::spawn`] with `extra` appended to the server's config
+    /// (`warden up --secure`: TLS and the per-role users) and `env` in the
+    /// server's environment only (the users' passwords).
+    pub fn spawn_with(
+        dir: &Path,
+        port: Option<u16>,
+        sync_always: bool,
+        extra: &str,
+        env: &[(String, String)],
+    ) -> anyhow::Result<LocalNats> {
         let pid_file = dir.join("nats-server.pid");
         if let Some(port) = port {
             wait_for_port_free(port, &pid_file, dir)?;
@@ -56,6 +69,7 @@ impl LocalNats {
             text.push_str("  sync_interval: always\n");
         }
         text.push_str("}\nmax_payload: 8MB\n");
+        text.push_str(extra);
         std::fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
         let log = std::fs::File::create(dir.join("nats-server.log"))
             .context("cannot create nats-server.log")?;
@@ -69,6 +83,7 @@ impl LocalNats {
             .arg(&conf)
             .arg("--ports_file_dir")
             .arg(dir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
         let spawned = cmd.spawn();

@@ -11,6 +11,7 @@ use tracing::{error, info};
 use warden_shared::{runtime, services, Config};
 
 use crate::natsd::LocalNats;
+use crate::secure;
 use crate::UpArgs;
 
 /// Default port of a spawned nats-server (`--nats-port`).
@@ -23,15 +24,43 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         config.http.listen = http.clone();
     }
     runtime::exit_on_problems(&config, "warden");
+    if args.secure && external_nats {
+        anyhow::bail!("--secure runs its own secured nats-server: drop --nats-url");
+    }
+    let secure = if args.secure {
+        let dir = args.data_dir.join("secure");
+        Some(
+            secure::ensure(&dir)
+                .with_context(|| format!("cannot make the secured setup in {}", dir.display()))?,
+        )
+    } else {
+        None
+    };
     let mut nats = if external_nats {
         None
     } else {
         let dir = args.data_dir.join("nats");
-        let n = LocalNats::spawn(&dir, Some(args.nats_port), false)
-            .context("cannot start nats-server")?;
+        let n = match &secure {
+            Some(s) => {
+                let extra = format!("{}include \"accounts.conf\"\n", s.server_tls_block());
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let local_bots: Vec<String> = (1..=args.workers).map(local_bot_id).collect();
+                let accounts = s.accounts_with_bots(secure::ACCOUNTS_CONF, &local_bots)?;
+                std::fs::write(dir.join("accounts.conf"), accounts)
+                    .with_context(|| format!("cannot write {}", dir.display()))?;
+                LocalNats::spawn_with(&dir, Some(args.nats_port), false, &extra, &s.server_env())
+            }
+            None => LocalNats::spawn(&dir, Some(args.nats_port), false),
+        }
+        .context("cannot start nats-server")?;
         config.nats.url = n.url();
         Some(n)
     };
+    if let Some(s) = &secure {
+        s.write_client_configs(&config.nats.url)?;
+        s.apply(&mut config.nats, "service")?;
+    }
 
     let shutdown = runtime::shutdown_on_signal();
     let config = Arc::new(config);
@@ -55,7 +84,7 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     let mut bots = Vec::new();
     for i in 1..=args.workers {
         let mut wc = (*config).clone();
-        wc.worker.bot_id = format!("local-{i}");
+        wc.worker.bot_id = local_bot_id(i);
         if wc.worker.work_dir.is_empty() {
             wc.worker.work_dir = args
                 .data_dir
@@ -63,6 +92,10 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
                 .join(&wc.worker.bot_id)
                 .display()
                 .to_string();
+        }
+        if let Some(s) = &secure {
+            // Each local bot logs in as itself: its own nkey user.
+            s.apply_bot(&mut wc.nats, &wc.worker.bot_id);
         }
         bots.push(wc.worker.bot_id.clone());
         start(
@@ -80,7 +113,20 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
             n.url(),
             n.store_dir.display()
         ),
-        None => println!("  NATS      {} (external)", config.nats.url),
+        None => println!(
+            "  NATS      {} (external)",
+            warden_shared::redact::redact(&config.nats.url)
+        ),
+    }
+    if let Some(s) = &secure {
+        println!(
+            "  secured   TLS with client certificates and per-role users; files in {}",
+            s.dir.display()
+        );
+        println!(
+            "  CLI       warden --config {} job list   (or client-service.toml to submit)",
+            s.client_toml("readonly").display()
+        );
     }
     println!("  HTTP API  http://{http}/api/v1/jobs");
     println!("  metrics   http://{http}/metrics");
@@ -146,4 +192,9 @@ async fn supervise(set: &mut JoinSet<ServiceResult>, shutdown: &CancellationToke
         return 1;
     }
     code
+}
+
+/// The bot id of `warden up`'s `i`-th local worker.
+fn local_bot_id(i: u32) -> String {
+    format!("local-{i}")
 }
