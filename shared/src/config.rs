@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::classify::ClassifierConfig;
 use crate::retry::{RetryOverride, RetryPolicy};
-use crate::subjects::Topology;
+use crate::subjects::{Bounds, Topology};
 use crate::template::Template;
 
 /// The defaults every config is merged over (`shared/src/defaults.toml`).
@@ -45,6 +45,12 @@ pub struct NatsConfig {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// Where this connection's replies arrive, instead of the one its
+    /// login implies ([`crate::subjects::inbox_prefix`]): `_INBOX.` and
+    /// one or more tokens, which the server's permissions let this user
+    /// (and no one else) subscribe below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox_prefix: Option<String>,
     /// PEM file of the CA(s) the server's certificate must chain to, in
     /// place of the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -120,7 +126,108 @@ pub struct StorageConfig {
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
     pub max_job_bytes: i32,
+    /// Bytes each stream and bucket may hold in all, and per message
+    /// (per value): docs/security.md "Bounds".
+    pub events_max_bytes: i64,
+    pub events_max_msg_bytes: i32,
+    pub deadletter_max_bytes: i64,
+    pub deadletter_max_msg_bytes: i32,
+    pub reports_max_bytes: i64,
+    pub reports_max_msg_bytes: i32,
+    pub notify_max_bytes: i64,
+    pub notify_max_msg_bytes: i32,
+    pub jobs_max_bytes: i64,
+    pub sessions_max_bytes: i64,
+    pub sessions_max_value_bytes: i32,
+    pub resources_max_bytes: i64,
+    pub resources_max_value_bytes: i32,
+    pub bots_max_bytes: i64,
+    pub bots_max_value_bytes: i32,
 }
+
+impl StorageConfig {
+    /// (key prefix, total, per message) of every stream and bucket.
+    fn bounds(&self) -> [(&'static str, i64, i32, &'static str); 8] {
+        [
+            (
+                "events",
+                self.events_max_bytes,
+                self.events_max_msg_bytes,
+                "msg",
+            ),
+            (
+                "deadletter",
+                self.deadletter_max_bytes,
+                self.deadletter_max_msg_bytes,
+                "msg",
+            ),
+            (
+                "reports",
+                self.reports_max_bytes,
+                self.reports_max_msg_bytes,
+                "msg",
+            ),
+            (
+                "notify",
+                self.notify_max_bytes,
+                self.notify_max_msg_bytes,
+                "msg",
+            ),
+            ("jobs", self.jobs_max_bytes, self.max_job_bytes, "job"),
+            (
+                "sessions",
+                self.sessions_max_bytes,
+                self.sessions_max_value_bytes,
+                "value",
+            ),
+            (
+                "resources",
+                self.resources_max_bytes,
+                self.resources_max_value_bytes,
+                "value",
+            ),
+            (
+                "bots",
+                self.bots_max_bytes,
+                self.bots_max_value_bytes,
+                "value",
+            ),
+        ]
+    }
+
+    /// What is wrong with the streams' and buckets' bounds.
+    pub fn bounds_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for (name, total, one, what) in self.bounds() {
+            let one_key = if what == "job" {
+                "storage.max_job_bytes".to_string()
+            } else {
+                format!("storage.{name}_max_{what}_bytes")
+            };
+            if one < MIN_MESSAGE_BOUND {
+                p.push(format!("{one_key}: must be at least {MIN_MESSAGE_BOUND}"));
+            }
+            if one > MAX_MESSAGE_BOUND {
+                p.push(format!(
+                    "{one_key}: must be at most {MAX_MESSAGE_BOUND} (the server's max_payload)"
+                ));
+            }
+            if total < i64::from(one).max(MIN_TOTAL_BOUND) {
+                p.push(format!(
+                    "storage.{name}_max_bytes: must be at least {MIN_TOTAL_BOUND} and at least {one_key}"
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// The smallest per-message bound: a message must still fit its headers.
+pub const MIN_MESSAGE_BOUND: i32 = 1024;
+/// The largest per-message bound: the max_payload of deploy/nats/ (8 MB).
+pub const MAX_MESSAGE_BOUND: i32 = 8 * 1024 * 1024;
+/// The smallest stream or bucket.
+pub const MIN_TOTAL_BOUND: i64 = 1024 * 1024;
 
 /// A condition on one body field: a scalar means equality, an array means
 /// "one of".
@@ -409,6 +516,7 @@ const OPTIONAL_KEYS: &[(&str, &str)] = &[
     ("nats", "nkey_file"),
     ("nats", "user"),
     ("nats", "password"),
+    ("nats", "inbox_prefix"),
     ("nats", "tls_ca_file"),
     ("nats", "tls_cert_file"),
     ("nats", "tls_key_file"),
@@ -592,6 +700,18 @@ impl Config {
                 self.metrics.listen
             ));
         }
+        p.extend(self.storage.bounds_problems());
+        if let Some(prefix) = &n.inbox_prefix {
+            if let Err(e) = crate::subjects::check_inbox_prefix(prefix) {
+                p.push(format!("nats.inbox_prefix: {prefix:?} {e}"));
+            }
+        } else if let Some(user) = &n.user {
+            if let Err(e) = crate::subjects::check_one_token(user) {
+                p.push(format!(
+                    "nats.user: {user:?} {e} (it names the inbox prefix _INBOX.<user>; or set nats.inbox_prefix)"
+                ));
+            }
+        }
         if self.storage.max_job_bytes < 4096 {
             p.push("storage.max_job_bytes: must be at least 4096".into());
         }
@@ -678,6 +798,14 @@ impl Config {
         }
         if w.log_tail_bytes == 0 {
             p.push("worker.log_tail_bytes: must be at least 1".into());
+        }
+        // A report carries the log tail and the status file; JSON escapes
+        // may double them. One that does not fit is refused by the stream.
+        let report_room = usize::try_from(self.storage.reports_max_msg_bytes).unwrap_or(0) / 2;
+        if w.log_tail_bytes.saturating_add(w.status_file_bytes) > report_room {
+            p.push(format!(
+                "worker.log_tail_bytes + worker.status_file_bytes: must be at most half of storage.reports_max_msg_bytes ({report_room})"
+            ));
         }
         if w.acquire_wait.is_zero() {
             p.push("worker.acquire_wait: must be positive".into());
@@ -767,6 +895,7 @@ impl Config {
         if !subjects.iter().any(|s| s == crate::subjects::LOCAL_EVENTS) {
             subjects.push(crate::subjects::LOCAL_EVENTS.to_string());
         }
+        let st = &self.storage;
         Topology {
             replicas: self.nats.replicas,
             event_subjects: subjects,
@@ -774,6 +903,35 @@ impl Config {
             deadletter_max_age: self.storage.deadletter_max_age,
             duplicate_window: self.storage.duplicate_window,
             max_job_bytes: self.storage.max_job_bytes,
+            events: Bounds {
+                max_bytes: st.events_max_bytes,
+                max_msg: st.events_max_msg_bytes,
+            },
+            deadletter: Bounds {
+                max_bytes: st.deadletter_max_bytes,
+                max_msg: st.deadletter_max_msg_bytes,
+            },
+            reports: Bounds {
+                max_bytes: st.reports_max_bytes,
+                max_msg: st.reports_max_msg_bytes,
+            },
+            notify: Bounds {
+                max_bytes: st.notify_max_bytes,
+                max_msg: st.notify_max_msg_bytes,
+            },
+            jobs_max_bytes: st.jobs_max_bytes,
+            sessions: Bounds {
+                max_bytes: st.sessions_max_bytes,
+                max_msg: st.sessions_max_value_bytes,
+            },
+            resources: Bounds {
+                max_bytes: st.resources_max_bytes,
+                max_msg: st.resources_max_value_bytes,
+            },
+            bots: Bounds {
+                max_bytes: st.bots_max_bytes,
+                max_msg: st.bots_max_value_bytes,
+            },
         }
     }
 
@@ -976,6 +1134,93 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn problems_of(text: &str) -> Vec<String> {
+        match Config::from_parts(Some(text), Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn every_stream_and_bucket_is_bounded_by_default() {
+        let t = Config::from_parts(None, Vec::new())
+            .expect("defaults")
+            .topology();
+        for s in [
+            t.events_stream(),
+            t.deadletter_stream(),
+            t.reports_stream(),
+            t.notify_stream(),
+        ] {
+            assert!(s.max_bytes > 0 && s.max_message_size > 0, "{}", s.name);
+            assert!(i64::from(s.max_message_size) <= s.max_bytes, "{}", s.name);
+        }
+        for b in [t.jobs_bucket(), t.sessions_bucket(), t.resources_bucket()] {
+            assert!(b.max_bytes > 0 && b.max_value_size > 0, "{}", b.bucket);
+        }
+        assert_eq!(t.events_stream().max_message_size, 1024 * 1024);
+    }
+
+    #[test]
+    fn bad_bounds_are_refused() {
+        let p = problems_of("[storage]\nevents_max_msg_bytes = 10\nreports_max_bytes = 1000\nnotify_max_msg_bytes = 99999999");
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("storage.events_max_msg_bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.starts_with("storage.reports_max_bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("storage.notify_max_msg_bytes")),
+            "{p:?}"
+        );
+        let p = problems_of("[storage]\njobs_max_bytes = 1048576\nmax_job_bytes = 2097152");
+        assert!(
+            p.iter().any(|m| m.starts_with("storage.jobs_max_bytes")),
+            "{p:?}"
+        );
+        let p = problems_of("[worker]\nlog_tail_bytes = 200000");
+        assert!(
+            p.iter().any(|m| m.starts_with("worker.log_tail_bytes")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn inbox_prefixes_and_user_names_are_checked() {
+        assert!(problems_of("[nats]\ninbox_prefix = \"_INBOX.mine.x\"").is_empty());
+        for bad in [
+            "_INBOX",
+            "_INBOX.",
+            "OTHER.x",
+            "_INBOX.*",
+            "_INBOX.a.>",
+            "_INBOX..a",
+            "_INBOX.a b",
+        ] {
+            let p = problems_of(&format!("[nats]\ninbox_prefix = {bad:?}"));
+            assert!(
+                p.iter().any(|m| m.starts_with("nats.inbox_prefix")),
+                "{bad}: {p:?}"
+            );
+        }
+        let p = problems_of("[nats]\nuser = \"a.b\"\npassword = \"p\"");
+        assert!(p.iter().any(|m| m.starts_with("nats.user")), "{p:?}");
+        assert!(problems_of(
+            "[nats]\nuser = \"a.b\"\npassword = \"p\"\ninbox_prefix = \"_INBOX.ab\""
+        )
+        .is_empty());
+        assert!(problems_of("[nats]\nuser = \"warden-readonly\"\npassword = \"p\"").is_empty());
+        let from_env = Config::from_parts(None, env(&[("WARDEN_NATS_INBOX_PREFIX", "_INBOX.env")]))
+            .expect("valid");
+        assert_eq!(from_env.nats.inbox_prefix.as_deref(), Some("_INBOX.env"));
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub struct Connect<'a> {
     name: Option<String>,
     short_lived: Option<(Duration, usize)>,
     on_server_error: Option<ServerErrorHook>,
+    bot: Option<String>,
     inbox_prefix: Option<String>,
 }
 
@@ -176,16 +177,36 @@ impl<'a> Connect<'a> {
             name: None,
             short_lived: None,
             on_server_error: None,
+            bot: None,
             inbox_prefix: None,
         }
     }
 
-    /// Replies come to `<prefix>.<id>` instead of `_INBOX.<id>`: a bot's
-    /// permissions let it subscribe only below its own prefix
-    /// ([`subjects::bot_inbox_prefix`]).
+    /// The connection of bot `bot_id` (a worker): without a user/password
+    /// login or `nats.inbox_prefix`, its replies arrive below
+    /// `_INBOX.bot.<token>`, where only its own nkey user may subscribe.
+    pub fn bot(mut self, bot_id: &str) -> Self {
+        self.bot = Some(bot_id.to_string());
+        self
+    }
+
+    /// Replies come to `<prefix>.<id>`, whatever the login; only
+    /// `nats.inbox_prefix` overrides it. Mostly [`Connect::bot`] and the
+    /// login choose ([`Connect::reply_prefix`]).
     pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.inbox_prefix = Some(prefix.into());
         self
+    }
+
+    /// Where this connection's replies arrive: `nats.inbox_prefix`, else
+    /// one set with [`Connect::inbox_prefix`], else the login's
+    /// ([`subjects::inbox_prefix`]): so no one else's permissions cover
+    /// them.
+    pub fn reply_prefix(&self) -> String {
+        let n = &self.config.nats;
+        let user = n.password.as_ref().and(n.user.as_deref());
+        let explicit = n.inbox_prefix.as_deref().or(self.inbox_prefix.as_deref());
+        subjects::inbox_prefix(explicit, user, self.bot.as_deref())
     }
 
     /// The connection's name instead of `<nats.name>-<service>`.
@@ -217,10 +238,9 @@ impl<'a> Connect<'a> {
             .name
             .clone()
             .unwrap_or_else(|| format!("{}-{service}", config.nats.name));
-        let mut opts = async_nats::ConnectOptions::new().name(name);
-        if let Some(prefix) = &self.inbox_prefix {
-            opts = opts.custom_inbox_prefix(prefix.clone());
-        }
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .custom_inbox_prefix(self.reply_prefix());
         match self.short_lived {
             Some((timeout, max_reconnects)) => {
                 opts = opts

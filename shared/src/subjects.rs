@@ -225,6 +225,69 @@ pub fn role_inbox_prefix(role: &str) -> String {
 /// The root every inbox prefix is under.
 pub const INBOX_ROOT: &str = "_INBOX";
 
+/// The inbox prefix a connection uses, so that only its own identity's
+/// permissions cover its replies (request answers, JetStream acks, KV
+/// watches, pull fetches): the configured `nats.inbox_prefix` if any;
+/// else a user/password login as `U` gets `_INBOX.<U>` (a role's users
+/// subscribe only below their own name); else a bot gets
+/// `_INBOX.bot.<token>` (its own nkey user subscribes only there); else
+/// `_INBOX` (a server without per-role permissions).
+pub fn inbox_prefix(explicit: Option<&str>, user: Option<&str>, bot_id: Option<&str>) -> String {
+    if let Some(p) = explicit {
+        return p.to_string();
+    }
+    if let Some(u) = user {
+        return role_inbox_prefix(u);
+    }
+    if let Some(b) = bot_id {
+        return bot_inbox_prefix(b);
+    }
+    INBOX_ROOT.to_string()
+}
+
+/// Why a configured inbox prefix is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum InboxPrefixError {
+    #[error("must start with \"_INBOX.\" and name at least one more token")]
+    NotUnderInbox,
+    #[error("has an empty token")]
+    EmptyToken,
+    #[error("must not hold '.', '*', '>' or white space")]
+    BadCharacter,
+}
+
+/// A configured inbox prefix: `_INBOX.` and one or more tokens, without
+/// wildcards (the client subscribes to `<prefix>.>` and its permission
+/// must be exactly that).
+pub fn check_inbox_prefix(prefix: &str) -> Result<(), InboxPrefixError> {
+    let rest = prefix
+        .strip_prefix(INBOX_ROOT)
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or(InboxPrefixError::NotUnderInbox)?;
+    if rest.is_empty() {
+        return Err(InboxPrefixError::NotUnderInbox);
+    }
+    for token in rest.split('.') {
+        check_one_token(token)?;
+    }
+    Ok(())
+}
+
+/// A role user name is one subject token: `_INBOX.<user>.>` must name
+/// exactly its own replies.
+pub fn check_one_token(token: &str) -> Result<(), InboxPrefixError> {
+    if token.is_empty() {
+        return Err(InboxPrefixError::EmptyToken);
+    }
+    if token
+        .chars()
+        .any(|c| matches!(c, '*' | '>' | '.') || c.is_whitespace() || c.is_control())
+    {
+        return Err(InboxPrefixError::BadCharacter);
+    }
+    Ok(())
+}
+
 /// The bot id a subject `<prefix>.<bot>` or `<prefix>.<bot>.<rest>` was
 /// published on, if it has that shape (`prefix` is e.g. [`SESSION_CREATE`],
 /// [`ACQUIRE`] or [`REPORTS_PREFIX`]).
@@ -275,6 +338,39 @@ pub struct Topology {
     /// within this window.
     pub duplicate_window: Duration,
     pub max_job_bytes: i32,
+    pub events: Bounds,
+    pub deadletter: Bounds,
+    pub reports: Bounds,
+    pub notify: Bounds,
+    /// The jobs bucket's total; its values are bounded by `max_job_bytes`.
+    pub jobs_max_bytes: i64,
+    pub sessions: Bounds,
+    pub resources: Bounds,
+    pub bots: Bounds,
+}
+
+/// How much a stream or bucket may hold: `max_bytes` in all, `max_msg`
+/// per message (per value for a bucket). Neither is unlimited: what comes
+/// from outside must not fill the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub max_bytes: i64,
+    pub max_msg: i32,
+}
+
+/// What a full stream does with the next message. A stream whose messages
+/// are work someone still has to do (events for the trigger, reports for
+/// the scheduler, suspects and recycles for health and the provisioners)
+/// refuses the new one, so the publisher sees an error and nothing it was
+/// told is stored is dropped; the dead letters, a record for operators
+/// that a consumer must be able to write before it acks, drop their
+/// oldest.
+pub fn discard_policy(stream: &str) -> stream::DiscardPolicy {
+    if stream == DEADLETTER_STREAM {
+        stream::DiscardPolicy::Old
+    } else {
+        stream::DiscardPolicy::New
+    }
 }
 
 impl Topology {
@@ -288,6 +384,9 @@ impl Topology {
             duplicate_window: self.duplicate_window,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.events.max_bytes,
+            max_message_size: self.events.max_msg,
+            discard: discard_policy(EVENTS_STREAM),
             ..Default::default()
         }
     }
@@ -301,6 +400,9 @@ impl Topology {
             max_age: self.deadletter_max_age,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.deadletter.max_bytes,
+            max_message_size: self.deadletter.max_msg,
+            discard: discard_policy(DEADLETTER_STREAM),
             ..Default::default()
         }
     }
@@ -314,6 +416,9 @@ impl Topology {
             duplicate_window: self.duplicate_window,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.reports.max_bytes,
+            max_message_size: self.reports.max_msg,
+            discard: discard_policy(REPORTS_STREAM),
             ..Default::default()
         }
     }
@@ -335,6 +440,9 @@ impl Topology {
             duplicate_window: self.duplicate_window,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.notify.max_bytes,
+            max_message_size: self.notify.max_msg,
+            discard: discard_policy(NOTIFY_STREAM),
             ..Default::default()
         }
     }
@@ -347,6 +455,7 @@ impl Topology {
             max_value_size: self.max_job_bytes,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.jobs_max_bytes,
             ..Default::default()
         }
     }
@@ -358,6 +467,8 @@ impl Topology {
             history: 1,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.resources.max_bytes,
+            max_value_size: self.resources.max_msg,
             ..Default::default()
         }
     }
@@ -367,7 +478,8 @@ impl Topology {
             bucket: BOTS_BUCKET.into(),
             description: "registered bots: pools and capacity each may claim".into(),
             history: 1,
-            max_value_size: 4096,
+            max_bytes: self.bots.max_bytes,
+            max_value_size: self.bots.max_msg,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
@@ -381,6 +493,8 @@ impl Topology {
             history: 1,
             num_replicas: self.replicas,
             storage: stream::StorageType::File,
+            max_bytes: self.sessions.max_bytes,
+            max_value_size: self.sessions.max_msg,
             ..Default::default()
         }
     }
@@ -482,6 +596,50 @@ mod bot_subject_tests {
             None
         );
         assert_eq!(bot_of_subject(ACQUIRE, "warden.session.create.6161"), None);
+    }
+
+    #[test]
+    fn the_inbox_prefix_follows_the_login() {
+        let bot = bot_inbox_prefix("b");
+        assert_eq!(
+            inbox_prefix(Some("_INBOX.x"), Some("u"), Some("b")),
+            "_INBOX.x"
+        );
+        assert_eq!(inbox_prefix(None, Some("u"), Some("b")), "_INBOX.u");
+        assert_eq!(inbox_prefix(None, None, Some("b")), bot);
+        assert_eq!(inbox_prefix(None, None, None), "_INBOX");
+        // A bot's prefix is what its permissions let it subscribe below.
+        assert_eq!(bot_permissions("b").subscribe[0], format!("{bot}.>"));
+        assert_eq!(check_inbox_prefix(&bot), Ok(()));
+        assert_eq!(
+            check_inbox_prefix("_INBOX"),
+            Err(InboxPrefixError::NotUnderInbox)
+        );
+        assert_eq!(
+            check_inbox_prefix("_INBOXx.a"),
+            Err(InboxPrefixError::NotUnderInbox)
+        );
+        assert_eq!(
+            check_inbox_prefix("_INBOX.a..b"),
+            Err(InboxPrefixError::EmptyToken)
+        );
+        assert_eq!(
+            check_inbox_prefix("_INBOX.a.*"),
+            Err(InboxPrefixError::BadCharacter)
+        );
+        assert_eq!(check_one_token("warden-service"), Ok(()));
+        assert_eq!(check_one_token("a.b"), Err(InboxPrefixError::BadCharacter));
+    }
+
+    #[test]
+    fn work_is_never_discarded_dead_letters_drop_the_oldest() {
+        for s in [EVENTS_STREAM, REPORTS_STREAM, NOTIFY_STREAM] {
+            assert_eq!(discard_policy(s), stream::DiscardPolicy::New, "{s}");
+        }
+        assert_eq!(
+            discard_policy(DEADLETTER_STREAM),
+            stream::DiscardPolicy::Old
+        );
     }
 
     #[test]

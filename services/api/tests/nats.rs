@@ -333,7 +333,9 @@ async fn bad_retry_and_cancel_requests_over_nats() {
 }
 
 async fn connect_as(api: &Api, user: &str, password: &str) -> async_nats::Client {
+    // Each user may subscribe only below its own inbox prefix.
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(subjects::role_inbox_prefix(user))
         .connect(api.nats.url())
         .await
         .expect("connect")
@@ -370,6 +372,7 @@ async fn only_the_service_user_may_retry_or_cancel() {
             Some(bot) => {
                 let seed = std::fs::read_to_string(&bot.nkey_file).expect("seed");
                 async_nats::ConnectOptions::with_nkey(seed)
+                    .custom_inbox_prefix(subjects::bot_inbox_prefix(user))
                     .connect(api.nats.url())
                     .await
                     .expect("connect as a bot")

@@ -133,7 +133,7 @@ pub async fn run_with(
         config.worker.bot_id.clone()
     };
     let client = runtime::Connect::new(&config, "worker")
-        .inbox_prefix(subjects::bot_inbox_prefix(&bot_id))
+        .bot(&bot_id)
         .client()
         .await?;
     let resource = if config.worker.resource.is_empty() {
