@@ -82,9 +82,10 @@ impl ExecutionToken {
     }
 }
 
-/// The state an executor asks for, validated.
+/// The state an executor asks for, validated (public for the fuzz
+/// targets).
 #[derive(Debug, Clone, PartialEq)]
-enum Switch {
+pub enum Switch {
     Running,
     Finished { outcome: String },
     Crashed { fault: Fault },
@@ -99,7 +100,7 @@ impl Switch {
         }
     }
 
-    fn from_request(req: &StateRequest) -> Result<Switch, OpError> {
+    pub fn from_request(req: &StateRequest) -> Result<Switch, OpError> {
         let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.trim().is_empty());
         let refuse_extra = |state: &str, fields: &[(&str, bool)]| -> Result<(), OpError> {
             match fields.iter().find(|(_, present)| *present) {
