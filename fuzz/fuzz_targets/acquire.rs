@@ -3,9 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use warden_scheduler::acquire::{
-    dispatched, grant, limits, request_resources, session_verdict,
-};
+use warden_scheduler::acquire::{dispatched, grant, limits, request_resources, session_verdict};
 use warden_shared::messages::AcquireRequest;
 use warden_shared::session::SessionState;
 
@@ -22,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some(r) = &req.resource {
         assert!(resources.contains(r) || !req.resources.is_empty());
     }
-    assert!(session_verdict(&req, None).is_err(), "a session never created");
+    assert!(
+        session_verdict(&req, None).is_err(),
+        "a session never created"
+    );
     let other = format!("{}-other", req.bot_id);
     assert!(
         session_verdict(&req, Some((SessionState::Active, &other))).is_err(),

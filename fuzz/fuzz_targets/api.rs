@@ -52,7 +52,10 @@ fn list_filters(q: &ListQuery) {
     if let Some(b) = nonempty(&q.blame) {
         let _ = b.parse::<Blame>();
     }
-    for t in [nonempty(&q.since), nonempty(&q.until)].into_iter().flatten() {
+    for t in [nonempty(&q.since), nonempty(&q.until)]
+        .into_iter()
+        .flatten()
+    {
         let _ = chrono::DateTime::parse_from_rfc3339(t);
     }
 }

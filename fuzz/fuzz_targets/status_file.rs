@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use warden_classifier::{Classifier, CrashInput, MAX_DESCRIPTION};
-use warden_shared::job::CrashInfo;
 use warden_shared::config::valid_name;
+use warden_shared::job::CrashInfo;
 use warden_worker::exec::{verdict, Verdict};
 
 fn classifier() -> &'static Classifier {
@@ -53,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
         if let Verdict::Crashed(Some(fault)) = &v {
             if fault.detail.len() <= 64 && valid_name(&fault.detail) {
                 assert_eq!(c.rule, "status_file", "the classifier ignored a fault");
-                assert_eq!((c.blame, c.detail.as_str()), (fault.blame, fault.detail.as_str()));
+                assert_eq!(
+                    (c.blame, c.detail.as_str()),
+                    (fault.blame, fault.detail.as_str())
+                );
             }
         }
     }

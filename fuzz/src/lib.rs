@@ -55,7 +55,10 @@ pub fn running(id: uuid::Uuid, epoch: u32, session: &str, bot: &str) -> Job {
 pub fn assert_job_round_trips(job: &Job) {
     let bytes = warden_shared::store::encode(job).expect("a job record encodes");
     let back = warden_shared::store::decode("fuzz", &bytes).expect("an encoded job decodes");
-    assert_eq!(&back, job, "a job record changed through the store encoding");
+    assert_eq!(
+        &back, job,
+        "a job record changed through the store encoding"
+    );
 }
 
 /// `value` encodes and decodes back to itself.
@@ -92,8 +95,7 @@ pub fn same_json(a: &Value, b: &Value) -> bool {
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
-                && x
-                    .iter()
+                && x.iter()
                     .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
         }
         _ => a == b,
