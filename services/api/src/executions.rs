@@ -140,8 +140,10 @@ fn holds_secret(job: &Job, token: &ExecutionToken) -> Result<(), OpError> {
 }
 
 /// The state an executor asks for, validated.
+/// The state an executor asks for, validated (public for the fuzz
+/// targets).
 #[derive(Debug, Clone, PartialEq)]
-enum Switch {
+pub enum Switch {
     Running,
     Finished { outcome: String },
     Crashed { fault: Fault },
@@ -156,7 +158,7 @@ impl Switch {
         }
     }
 
-    fn from_request(req: &StateRequest) -> Result<Switch, OpError> {
+    pub fn from_request(req: &StateRequest) -> Result<Switch, OpError> {
         let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.trim().is_empty());
         let refuse_extra = |state: &str, fields: &[(&str, bool)]| -> Result<(), OpError> {
             match fields.iter().find(|(_, present)| *present) {

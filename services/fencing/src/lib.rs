@@ -17,7 +17,7 @@
 //! unit tests; `sessions` is the store and the operations on it; `sweep`
 //! expires silent sessions; `requests` answers the service API.
 
-mod decide;
+pub mod decide;
 pub mod metrics;
 mod requests;
 mod sessions;
