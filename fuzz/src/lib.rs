@@ -47,6 +47,7 @@ pub fn running(id: uuid::Uuid, epoch: u32, session: &str, bot: &str) -> Job {
         epoch,
         leased_at: at(0),
         started_at: None,
+        secret_hash: None,
     });
     j
 }
