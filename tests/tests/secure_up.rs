@@ -44,6 +44,13 @@ async fn a_secured_warden_up_runs_a_job_and_refuses_plain_clients() {
         String::from_utf8_lossy(&out.stderr),
         warden.log_text()
     );
+    // Its bot is registered (only registered bots get a session there).
+    let out = warden_with(&service, &["bot", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("local-1"),
+        "the local bot is in the registry: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The read-only snippet lists it.
     let out = warden_with(&secure.join("client-readonly.toml"), &["job", "list"]);
     assert!(

@@ -105,6 +105,17 @@ impl Secure {
         Ok(text)
     }
 
+    /// The public key of bot `bot_id`'s nkey (made by
+    /// [`Secure::accounts_with_bots`]).
+    pub fn bot_public_key(&self, bot_id: &str) -> anyhow::Result<String> {
+        let path = self.bot_nkey(bot_id);
+        let seed = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(nkeys::KeyPair::from_seed(seed.trim())
+            .with_context(|| format!("{} is not an nkey seed", path.display()))?
+            .public_key())
+    }
+
     /// `nats` logged in as bot `bot_id` (its nkey) over TLS.
     pub fn apply_bot(&self, nats: &mut NatsConfig, bot_id: &str) {
         nats.user = None;

@@ -68,6 +68,10 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     if let Some(s) = &secure {
         s.write_client_configs(&config.nats.url)?;
         s.apply(&mut config.nats, "service")?;
+        // As in production: its bots are in the registry, and only
+        // registered bots get a session.
+        register_local_bots(&config, s, args.workers).await?;
+        config.fencing.require_registered_bots = true;
     }
 
     let shutdown = runtime::shutdown_on_signal();
@@ -214,6 +218,36 @@ async fn supervise(set: &mut JoinSet<ServiceResult>, shutdown: &CancellationToke
         return 1;
     }
     code
+}
+
+/// Writes the registry record of each local bot of a `--secure` setup
+/// (what `warden bot add` writes): the worker config's pools and capacity.
+async fn register_local_bots(
+    config: &Config,
+    s: &secure::Secure,
+    workers: u32,
+) -> anyhow::Result<()> {
+    use warden_shared::bots::{record_key, BotRecord};
+    let (_client, handles) = runtime::Connect::new(config, "up")
+        .topology_forever()
+        .await
+        .context("cannot reach the local nats-server to register the bots")?;
+    for i in 1..=workers {
+        let bot_id = local_bot_id(i);
+        let record = BotRecord {
+            bot_id: bot_id.clone(),
+            pools: config.worker.pools.clone(),
+            max_capacity: config.worker.capacity,
+            public_key: s.bot_public_key(&bot_id)?,
+            added_at: chrono::Utc::now(),
+        };
+        handles
+            .bots
+            .put(record_key(&bot_id), serde_json::to_vec(&record)?.into())
+            .await
+            .with_context(|| format!("cannot register bot {bot_id}"))?;
+    }
+    Ok(())
 }
 
 /// The bot id of `warden up`'s `i`-th local worker.
