@@ -370,13 +370,16 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<Summary> {
 
     // Drain: every job final and every live agent's host open.
     let drain_start = Instant::now();
-    let jobs_kv = js.get_key_value(subjects::JOBS_BUCKET).await?;
-    let resources_kv = js.get_key_value(subjects::RESOURCES_BUCKET).await?;
     let live_hosts: Vec<String> = (0..args.workers).map(host).collect();
     let deadline = Instant::now() + args.drain;
     let mut last_read = None;
     let (jobs, resources) = loop {
+        // The bucket handles too are looked up inside the retried read: the
+        // cluster may still be electing a leader when the last fault ends,
+        // and a lookup that timed out then is no reason to stop the run.
         let read = async {
+            let jobs_kv = js.get_key_value(subjects::JOBS_BUCKET).await?;
+            let resources_kv = js.get_key_value(subjects::RESOURCES_BUCKET).await?;
             let jobs: Vec<Job> = read_all(&jobs_kv).await?;
             let resources: Vec<Resource> = read_all(&resources_kv).await?;
             anyhow::Ok((jobs, resources))
