@@ -166,7 +166,6 @@ pub struct Connect<'a> {
     short_lived: Option<(Duration, usize)>,
     on_server_error: Option<ServerErrorHook>,
     bot: Option<String>,
-    inbox_prefix: Option<String>,
 }
 
 impl<'a> Connect<'a> {
@@ -178,7 +177,6 @@ impl<'a> Connect<'a> {
             short_lived: None,
             on_server_error: None,
             bot: None,
-            inbox_prefix: None,
         }
     }
 
@@ -190,23 +188,13 @@ impl<'a> Connect<'a> {
         self
     }
 
-    /// Replies come to `<prefix>.<id>`, whatever the login; only
-    /// `nats.inbox_prefix` overrides it. Mostly [`Connect::bot`] and the
-    /// login choose ([`Connect::reply_prefix`]).
-    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.inbox_prefix = Some(prefix.into());
-        self
-    }
-
     /// Where this connection's replies arrive: `nats.inbox_prefix`, else
-    /// one set with [`Connect::inbox_prefix`], else the login's
-    /// ([`subjects::inbox_prefix`]): so no one else's permissions cover
-    /// them.
+    /// the login's ([`subjects::inbox_prefix`]): so no one else's
+    /// permissions cover them.
     pub fn reply_prefix(&self) -> String {
         let n = &self.config.nats;
         let user = n.password.as_ref().and(n.user.as_deref());
-        let explicit = n.inbox_prefix.as_deref().or(self.inbox_prefix.as_deref());
-        subjects::inbox_prefix(explicit, user, self.bot.as_deref())
+        subjects::inbox_prefix(n.inbox_prefix.as_deref(), user, self.bot.as_deref())
     }
 
     /// The connection's name instead of `<nats.name>-<service>`.

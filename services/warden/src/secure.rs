@@ -91,9 +91,7 @@ impl Secure {
         for bot_id in bots {
             let path = self.bot_nkey(bot_id);
             let public_key = match std::fs::read_to_string(&path) {
-                Ok(seed) => nkeys::KeyPair::from_seed(seed.trim())
-                    .with_context(|| format!("{} is not an nkey seed", path.display()))?
-                    .public_key(),
+                Ok(seed) => public_key_of(&seed, &path)?,
                 Err(_) => {
                     let key = bots::BotKey::generate()?;
                     write_private(&path, key.seed.as_bytes())?;
@@ -111,9 +109,7 @@ impl Secure {
         let path = self.bot_nkey(bot_id);
         let seed = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(nkeys::KeyPair::from_seed(seed.trim())
-            .with_context(|| format!("{} is not an nkey seed", path.display()))?
-            .public_key())
+        public_key_of(&seed, &path)
     }
 
     /// `nats` logged in as bot `bot_id` (its nkey) over TLS.
@@ -197,6 +193,13 @@ pub fn client_toml(nats: &NatsConfig) -> String {
         path(&nats.tls_cert_file),
         path(&nats.tls_key_file),
     )
+}
+
+/// The public key of the nkey `seed` read from `path`.
+fn public_key_of(seed: &str, path: &Path) -> anyhow::Result<String> {
+    Ok(nkeys::KeyPair::from_seed(seed.trim())
+        .with_context(|| format!("{} is not an nkey seed", path.display()))?
+        .public_key())
 }
 
 /// `role password` lines.
