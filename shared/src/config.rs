@@ -471,6 +471,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub retry: RetryPolicy,
     pub classifier: ClassifierConfig,
+    pub amqp: crate::amqp::AmqpConfig,
     pub tasks: BTreeMap<String, TaskConfig>,
 }
 
@@ -507,6 +508,7 @@ const SECTIONS: &[&str] = &[
     "health",
     "retry",
     "classifier",
+    "amqp",
 ];
 
 /// Keys that are optional (absent from the defaults) but may still be set
@@ -521,6 +523,9 @@ const OPTIONAL_KEYS: &[(&str, &str)] = &[
     ("nats", "tls_cert_file"),
     ("nats", "tls_key_file"),
     ("http", "token"),
+    ("amqp", "tls_ca_file"),
+    ("amqp", "tls_cert_file"),
+    ("amqp", "tls_key_file"),
 ];
 
 /// Environment variables starting with `WARDEN_` that are not config keys.
@@ -599,6 +604,7 @@ impl Config {
         let health = section::<HealthConfig>(&merged, "health", &mut problems);
         let retry = section::<RetryPolicy>(&merged, "retry", &mut problems);
         let classifier = section::<ClassifierConfig>(&merged, "classifier", &mut problems);
+        let amqp = section::<crate::amqp::AmqpConfig>(&merged, "amqp", &mut problems);
         let tasks = section::<BTreeMap<String, TaskConfig>>(&merged, "tasks", &mut problems);
 
         let (
@@ -613,10 +619,11 @@ impl Config {
             Some(health),
             Some(retry),
             Some(classifier),
+            Some(amqp),
             Some(tasks),
         ) = (
             nats, http, metrics, storage, trigger, scheduler, fencing, worker, health, retry,
-            classifier, tasks,
+            classifier, amqp, tasks,
         )
         else {
             return Err(ConfigError::Invalid(problems));
@@ -633,6 +640,7 @@ impl Config {
             health,
             retry,
             classifier,
+            amqp,
             tasks,
         };
         problems.extend(config.problems());
@@ -717,6 +725,14 @@ impl Config {
         }
         if self.storage.duplicate_window.is_zero() {
             p.push("storage.duplicate_window: must be positive".into());
+        }
+        p.extend(self.amqp.problems());
+        for task in self.amqp.ci_messages.tasks.keys() {
+            if !self.tasks.contains_key(task) {
+                p.push(format!(
+                    "amqp.ci_messages.tasks.{task}: task {task:?} is not defined in [tasks]"
+                ));
+            }
         }
         let t = &self.trigger;
         if t.subjects.is_empty() {

@@ -17,6 +17,7 @@
 //! - [`task_env`]: the environment and user a task starts with;
 //! - [`xorshift`]: reproducible pseudo-random numbers (tests, benchmarks).
 
+pub mod amqp;
 pub mod bots;
 pub mod cas;
 pub mod classify;

@@ -193,11 +193,27 @@ pub fn waiting_for_jetstream(service: &str, what: &str, waited: std::time::Durat
         r.insert(
             service.to_string(),
             Phase::Waiting {
-                what: what.to_string(),
+                what: format!("for JetStream: {what}"),
                 waited,
             },
         );
     }
+}
+
+/// The service waits for something other than JetStream (`what`, e.g.
+/// its AMQP broker) since `waited`: `/healthz` says so, even for a
+/// service that was ready (it lost what it needs).
+pub fn waiting_for(service: &str, what: &str, waited: std::time::Duration) {
+    readiness()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            service.to_string(),
+            Phase::Waiting {
+                what: format!("for {what}"),
+                waited,
+            },
+        );
 }
 
 /// The wait of [`waiting_for_jetstream`] is over; the service is still
@@ -230,10 +246,9 @@ pub fn health() -> (u16, String) {
         .filter_map(|(name, phase)| match phase {
             Phase::Ready => None,
             Phase::Starting => Some(name.clone()),
-            Phase::Waiting { what, waited } => Some(format!(
-                "{name} (waiting for JetStream: {what}, {} s)",
-                waited.as_secs()
-            )),
+            Phase::Waiting { what, waited } => {
+                Some(format!("{name} (waiting {what}, {} s)", waited.as_secs()))
+            }
         })
         .collect();
     if waiting.is_empty() {

@@ -25,7 +25,7 @@ impl Service {
 }
 
 /// Every service, in the order `warden up` starts them.
-pub const ALL: [Service; 7] = [
+pub const ALL: [Service; 8] = [
     Service {
         name: "trigger",
         about: "Warden trigger: bus events become jobs",
@@ -61,6 +61,13 @@ pub const ALL: [Service; 7] = [
         about: "Warden crash classifier",
         srv: Some(subjects::CLASSIFIER_SERVICE),
         in_up: true,
+    },
+    // Only where `[amqp] url` is set: `warden up` starts it then.
+    Service {
+        name: "bridge",
+        about: "Warden AMQP bridge: fedora-messaging in, CI messages out",
+        srv: None,
+        in_up: false,
     },
     Service {
         name: "worker",

@@ -107,6 +107,37 @@ pub const SERVICE_PING: &str = "$SRV.PING";
 /// what `warden publish` and webhooks use when no bridge topic applies.
 pub const LOCAL_EVENTS: &str = "warden.events.>";
 
+/// NATS subject matching: `*` is one token, `>` one or more trailing ones.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Headers the AMQP bridge (`warden bridge amqp`) sets on every event it
+/// publishes: [`HEADER_EVENT_SOURCE`] = [`EVENT_SOURCE_AMQP`] says the
+/// payload is the bus message's body alone (fedora-messaging puts the id
+/// and headers in AMQP properties, not in the body), its id is the
+/// `Nats-Msg-Id` header and its topic (the routing key as sent) is
+/// [`HEADER_EVENT_TOPIC`].
+pub const HEADER_EVENT_SOURCE: &str = "Warden-Event-Source";
+pub const EVENT_SOURCE_AMQP: &str = "amqp";
+pub const HEADER_EVENT_TOPIC: &str = "Warden-Topic";
+/// The exchange the bridged message was published to.
+pub const HEADER_AMQP_EXCHANGE: &str = "Warden-Amqp-Exchange";
+/// The AMQP `content_type` / `content_encoding` / `timestamp` properties.
+pub const HEADER_AMQP_CONTENT_TYPE: &str = "Warden-Amqp-Content-Type";
+pub const HEADER_AMQP_CONTENT_ENCODING: &str = "Warden-Amqp-Content-Encoding";
+pub const HEADER_AMQP_TIMESTAMP: &str = "Warden-Amqp-Timestamp";
+
 /// The subject reports used before bot identity (`warden.report.<job>`):
 /// the scheduler refuses reports on it (nothing proves who sent them).
 pub fn report_subject(job_id: &Uuid) -> String {

@@ -13,20 +13,7 @@ use warden_shared::Config;
 
 use crate::decode::Event;
 
-/// NATS subject matching: `*` is one token, `>` one or more trailing ones.
-pub fn subject_matches(pattern: &str, subject: &str) -> bool {
-    let mut p = pattern.split('.');
-    let mut s = subject.split('.');
-    loop {
-        match (p.next(), s.next()) {
-            (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub use warden_shared::subjects::subject_matches;
 
 fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {

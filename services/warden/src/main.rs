@@ -46,6 +46,9 @@ pub enum Command {
     Publish { subject: String, file: PathBuf },
     /// Run a worker agent (a bot) on this host
     Worker(warden_worker::WorkerArgs),
+    /// Bridge another bus to Warden
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
     /// Add, remove and list bots: their NATS users (nkeys) and registry records
     #[command(subcommand)]
     Bot(bot::BotCommand),
@@ -110,6 +113,18 @@ pub struct UpArgs {
     /// (CLI config snippets: <data-dir>/secure/client-<role>.toml)
     #[arg(long)]
     pub secure: bool,
+}
+
+#[derive(Subcommand)]
+pub enum BridgeCommand {
+    /// AMQP 0-9-1 (fedora-messaging on RabbitMQ): the [amqp] queue's messages
+    /// become events; with [amqp.ci_messages], job changes go out as CI messages
+    Amqp {
+        /// Fault injection for tests: exit (status 137) right after the Nth
+        /// event JetStream acknowledged, before its AMQP ack
+        #[arg(long, hide = true)]
+        crash_after_publish: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -378,6 +393,19 @@ async fn run() {
             warden_shared::runtime::exit_on_problems(&config, "warden");
             let (config, shutdown) = warden_shared::runtime::start_service(config);
             warden_worker::run(config, shutdown)
+                .await
+                .map(|_| 0)
+                .map_err(anyhow::Error::from)
+        }
+        Command::Bridge(BridgeCommand::Amqp {
+            crash_after_publish,
+        }) => {
+            warden_shared::runtime::exit_on_problems(&config, "warden");
+            let (config, shutdown) = warden_shared::runtime::start_service(config);
+            let options = warden_bridge::Options {
+                crash_after_publish: *crash_after_publish,
+            };
+            warden_bridge::run_with(config, options, shutdown)
                 .await
                 .map(|_| 0)
                 .map_err(anyhow::Error::from)

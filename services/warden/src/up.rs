@@ -81,6 +81,9 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
     for s in services::in_up() {
         warden_shared::metrics::starting(s.name);
     }
+    if config.amqp.enabled() {
+        warden_shared::metrics::starting("bridge");
+    }
     for s in services::in_up() {
         let (c, t) = (config.clone(), shutdown.clone());
         match s.name {
@@ -92,6 +95,10 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
             "classifier" => start(&mut set, s.name, warden_classifier::service::run(c, t)),
             other => anyhow::bail!("warden up does not know how to run {other}"),
         }
+    }
+    if config.amqp.enabled() {
+        let (c, t) = (config.clone(), shutdown.clone());
+        start(&mut set, "bridge", warden_bridge::run(c, t));
     }
     let mut bots = Vec::new();
     for i in 1..=args.workers {

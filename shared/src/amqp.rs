@@ -1,0 +1,196 @@
+//! `[amqp]`: the bridge to an AMQP 0-9-1 bus (fedora-messaging on
+//! RabbitMQ). One connection for both directions: bus messages in (a queue
+//! bound to an exchange with routing keys, each message an event on the
+//! events stream) and, optionally, CI messages out (`[amqp.ci_messages]`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:port/vhost` or `amqps://...` (TLS).
+    /// Empty: no bridge (`warden up` starts none; `warden bridge amqp`
+    /// refuses to start).
+    pub url: String,
+    /// PEM CA bundle the broker's certificate must chain to (amqps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (Fedora's public broker asks for one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Longest one connect attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnect attempts (the backoff doubles from
+    /// one second up to this).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// The queue the bridge consumes. Replicas that name the same queue
+    /// share its messages. Fedora's public broker wants a UUID here. Empty:
+    /// nothing is consumed (CI messages may still be published).
+    pub queue: String,
+    /// Exchange the queue is bound to.
+    pub exchange: String,
+    /// Routing keys bound (AMQP topic patterns: `*` one word, `#` any).
+    pub routing_keys: Vec<String>,
+    /// Declare the queue durable (it and its persistent messages survive
+    /// a broker restart).
+    pub queue_durable: bool,
+    /// `x-expires` for the queue: the broker deletes it after it was
+    /// unused this long (Fedora's public broker enforces about an hour).
+    /// "0s": never.
+    #[serde(with = "humantime_serde")]
+    pub queue_expires: Duration,
+    /// Messages delivered to one bridge and not yet acknowledged
+    /// (`basic.qos` prefetch).
+    pub prefetch: u16,
+    /// Prefix put before the subject made of the routing key ("" none;
+    /// e.g. "amqp" gives `amqp.org.fedoraproject...`). The events stream
+    /// must listen on the result (`trigger.subjects`).
+    pub subject_prefix: String,
+    /// How long a message whose publish to JetStream failed is held before
+    /// it is handed back to the broker (nack, requeue) to be delivered
+    /// again.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+    pub ci_messages: CiMessagesConfig,
+}
+
+/// `[amqp.ci_messages]`: job state changes published as Fedora CI
+/// messages (the `ci-messages` spec) for ResultsDB, dashboards and gating.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiMessagesConfig {
+    /// Off by default.
+    pub enabled: bool,
+    /// Exchange CI messages are published to.
+    pub exchange: String,
+    /// Topic = `<topic_prefix>.<namespace>.<artifact type>.test.<status>`.
+    pub topic_prefix: String,
+    /// `test.namespace` (also in the topic): whose results these are.
+    pub namespace: String,
+    /// Base URL of the API, for links to jobs (`run.url`, `run.log`).
+    pub api_url: String,
+    /// `contact` of every message.
+    pub contact: CiContact,
+    /// Which tasks publish, and how (tasks not listed publish nothing).
+    #[serde(default)]
+    pub tasks: BTreeMap<String, CiTask>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiContact {
+    pub name: String,
+    pub team: String,
+    pub docs: String,
+    pub email: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irc: Option<String>,
+}
+
+/// How one task's jobs become CI messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiTask {
+    /// Artifact type: `koji-build` or `fedora-update` (more to come).
+    pub artifact: String,
+    /// `test.category`: functional, integration, interoperability,
+    /// static-analysis, system or validation.
+    pub category: String,
+    /// `test.type` (default: the task name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_type: Option<String>,
+    /// Artifact fields from the job's arguments: field -> template over
+    /// the job's args (`{nvr}`), e.g. `{ id = "{build_id}", nvr = "{nvr}" }`.
+    #[serde(default)]
+    pub artifact_args: BTreeMap<String, String>,
+}
+
+impl AmqpConfig {
+    /// Whether a bridge is configured at all.
+    pub fn enabled(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+
+    /// Whether the bridge consumes bus messages.
+    pub fn consumes(&self) -> bool {
+        self.enabled() && !self.queue.is_empty()
+    }
+
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !self.enabled() {
+            if self.ci_messages.enabled {
+                p.push("amqp.ci_messages.enabled: needs amqp.url".into());
+            }
+            return p;
+        }
+        let url = self.url.trim();
+        let tls = url.starts_with("amqps://");
+        if !tls && !url.starts_with("amqp://") {
+            p.push(format!(
+                "amqp.url: {} is not an amqp:// or amqps:// URL",
+                crate::redact::redact(url)
+            ));
+        }
+        if !tls
+            && (self.tls_ca_file.is_some()
+                || self.tls_cert_file.is_some()
+                || self.tls_key_file.is_some())
+        {
+            p.push("amqp.tls_*: set, but amqp.url is not amqps://".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            p.push("amqp.tls_cert_file and amqp.tls_key_file: set both or neither".into());
+        }
+        if self.connect_timeout.is_zero() {
+            p.push("amqp.connect_timeout: must be positive".into());
+        }
+        if self.reconnect_max < Duration::from_secs(1) {
+            p.push("amqp.reconnect_max: must be at least 1s".into());
+        }
+        if self.prefetch == 0 {
+            p.push("amqp.prefetch: must be at least 1".into());
+        }
+        if self.retry_delay.is_zero() {
+            p.push("amqp.retry_delay: must be positive".into());
+        }
+        if !self.queue.is_empty() && self.routing_keys.is_empty() {
+            p.push("amqp.routing_keys: a consumed queue needs at least one routing key".into());
+        }
+        if !self.subject_prefix.is_empty() {
+            for token in self.subject_prefix.split('.') {
+                if let Err(e) = crate::subjects::check_one_token(token) {
+                    p.push(format!(
+                        "amqp.subject_prefix: {:?}: {e}",
+                        self.subject_prefix
+                    ));
+                    break;
+                }
+            }
+        }
+        let ci = &self.ci_messages;
+        if ci.enabled {
+            if ci.exchange.is_empty() {
+                p.push("amqp.ci_messages.exchange: must not be empty".into());
+            }
+            if ci.namespace.is_empty() || ci.namespace.contains('.') {
+                p.push("amqp.ci_messages.namespace: one word, no dots".into());
+            }
+            if ci.tasks.is_empty() {
+                p.push("amqp.ci_messages.tasks: name at least one task that publishes".into());
+            }
+        }
+        p
+    }
+}
