@@ -3,6 +3,8 @@
 //! - fedmsg: `{"topic", "msg_id", "msg", ...}`; messages from before 2015
 //!   carry no `msg_id`, so the id is a hash of the whole message.
 //! - fedora-messaging: `{"id", "topic", "headers", "body"}`.
+//! - fedora-messaging as the AMQP bridge publishes it ([`decode_bridged`]):
+//!   the body alone, id and topic in NATS headers.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -99,6 +101,48 @@ pub fn decode(subject: &str, payload: &[u8], max: usize) -> Result<Event, Decode
     })
 }
 
+/// What the AMQP bridge said about an event in its headers
+/// (`warden_shared::subjects::HEADER_EVENT_*`, `Nats-Msg-Id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bridged<'a> {
+    pub message_id: Option<&'a str>,
+    pub topic: Option<&'a str>,
+}
+
+/// An event the AMQP bridge published: `payload` is the fedora-messaging
+/// body itself (a JSON object); the id is the AMQP message id the bridge
+/// put in `Nats-Msg-Id`, the topic its routing key (else the subject).
+pub fn decode_bridged(
+    subject: &str,
+    bridged: Bridged<'_>,
+    payload: &[u8],
+    max: usize,
+) -> Result<Event, DecodeError> {
+    if payload.len() > max {
+        return Err(DecodeError::TooLarge {
+            size: payload.len(),
+            max,
+        });
+    }
+    let body: Value = serde_json::from_slice(payload).map_err(DecodeError::InvalidJson)?;
+    if !body.is_object() {
+        return Err(DecodeError::InvalidField("body"));
+    }
+    let topic = match bridged.topic {
+        Some(t) if !t.is_empty() => t.to_string(),
+        _ => subject.to_string(),
+    };
+    let message_id = match bridged.message_id {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => content_id(&body),
+    };
+    Ok(Event {
+        message_id,
+        topic,
+        body,
+    })
+}
+
 /// `sha256:<hex>` of the message in canonical form (keys sorted at every
 /// level, no whitespace), so key order on the wire does not matter.
 pub fn content_id(value: &Value) -> String {
@@ -146,6 +190,46 @@ fn canonical(v: &Value, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bridged_event_is_the_body_with_id_and_topic_from_headers() {
+        let body = br#"{"build_id": 1, "new": 1}"#;
+        let b = Bridged {
+            message_id: Some("7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01"),
+            topic: Some("org.fedoraproject.prod.buildsys.build.state.change"),
+        };
+        let e = decode_bridged("org.fedoraproject.prod.buildsys.build.state.change", b, body, 1024)
+            .unwrap();
+        assert_eq!(e.message_id, "7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01");
+        assert_eq!(e.topic, "org.fedoraproject.prod.buildsys.build.state.change");
+        assert_eq!(e.body["build_id"], 1);
+        // A body that has a `body` field of its own is still the body.
+        let nested = br#"{"body": {"x": 1}, "id": "inner"}"#;
+        let e = decode_bridged("s", b, nested, 1024).unwrap();
+        assert_eq!(e.message_id, "7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01");
+        assert_eq!(e.body["id"], "inner");
+    }
+
+    #[test]
+    fn a_bridged_event_without_headers_falls_back_to_subject_and_content_id() {
+        let none = Bridged {
+            message_id: None,
+            topic: None,
+        };
+        let e = decode_bridged("org.x.y", none, br#"{"a": 1}"#, 1024).unwrap();
+        assert_eq!(e.topic, "org.x.y");
+        assert!(e.message_id.starts_with("sha256:"));
+        for (payload, reason) in [
+            (&b"[1]"[..], "invalid_field"),
+            (&b"nope"[..], "invalid_json"),
+            (&[b' '; 2048][..], "too_large"),
+        ] {
+            assert_eq!(
+                decode_bridged("s", none, payload, 1024).unwrap_err().reason(),
+                reason
+            );
+        }
+    }
     use serde_json::Map;
 
     fn fixture(name: &str) -> Vec<u8> {

@@ -104,8 +104,23 @@ impl Trigger {
     async fn handle(&self, msg: &jetstream::Message) -> Disposition {
         let m = metrics();
         let subject = msg.subject.as_str();
-        let event = match decode::decode(subject, &msg.payload, self.config.trigger.max_event_bytes)
-        {
+        let max = self.config.trigger.max_event_bytes;
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str())
+        };
+        let decoded = if header(subjects::HEADER_EVENT_SOURCE) == Some(subjects::EVENT_SOURCE_AMQP) {
+            let bridged = decode::Bridged {
+                message_id: header(async_nats::header::NATS_MESSAGE_ID.as_ref()),
+                topic: header(subjects::HEADER_EVENT_TOPIC),
+            };
+            decode::decode_bridged(subject, bridged, &msg.payload, max)
+        } else {
+            decode::decode(subject, &msg.payload, max)
+        };
+        let event = match decoded {
             Ok(e) => e,
             Err(e) => {
                 warn!(subject, reason = e.reason(), error = %e, "undecodable event");
