@@ -950,3 +950,158 @@ pub async fn open_session(client: &async_nats::Client, bot_id: &str) -> String {
     })
     .await
 }
+
+/// A `warden bridge amqp` process: its own config (TOML text merged over
+/// the defaults, with an `[amqp]` section), its own `/metrics` and
+/// `/healthz` port, its log in a temp dir. SIGKILL on drop.
+pub struct Bridge {
+    child: Option<Child>,
+    nats_url: String,
+    conf: PathBuf,
+    log: PathBuf,
+    /// `http://127.0.0.1:<port>` of its metrics server.
+    pub metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bridge {
+    /// Starts the bridge and waits until `/healthz` says it consumes.
+    pub fn start(nats_url: &str, config: &str) -> Bridge {
+        let b = Bridge::spawn(nats_url, config, &[]);
+        b.wait_healthy();
+        b
+    }
+
+    /// Starts the bridge with more arguments (e.g. the hidden
+    /// `--crash-after-publish N`), without waiting.
+    pub fn spawn(nats_url: &str, config: &str, extra: &[&str]) -> Bridge {
+        let dir = tempfile::Builder::new()
+            .prefix("warden-bridge-")
+            .tempdir()
+            .unwrap();
+        let conf = dir.path().join("bridge.toml");
+        std::fs::write(&conf, config).unwrap();
+        let mut b = Bridge {
+            child: None,
+            nats_url: nats_url.to_string(),
+            conf,
+            log: dir.path().join("bridge.log"),
+            metrics: format!("http://127.0.0.1:{}", free_port()),
+            _dir: dir,
+        };
+        b.launch(extra);
+        b
+    }
+
+    fn launch(&mut self, extra: &[&str]) {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(warden_bin())
+            .args(["--nats-url", &self.nats_url, "--config"])
+            .arg(&self.conf)
+            .args(["bridge", "amqp"])
+            .args(extra)
+            .env("WARDEN_LOG", "info,async_nats=warn,lapin=warn")
+            .env(
+                "WARDEN_METRICS_LISTEN",
+                self.metrics.trim_start_matches("http://"),
+            )
+            .stdout(Stdio::from(logf.try_clone().unwrap()))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .expect("spawn warden bridge amqp");
+        self.child = Some(child);
+    }
+
+    /// Starts it again (same config, same metrics port) after it exited
+    /// or was killed, and waits until it consumes.
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.launch(&[]);
+        self.wait_healthy();
+    }
+
+    /// Waits until `/healthz` answers 200 (connected to NATS and the
+    /// broker, consuming).
+    pub fn wait_healthy(&self) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = self.metrics.trim_start_matches("http://").to_string();
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = std::net::TcpStream::connect(&addr) {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut answer = String::new();
+                if conn
+                    .write_all(b"GET /healthz HTTP/1.0\r\nHost: bridge\r\n\r\n")
+                    .is_ok()
+                    && conn.read_to_string(&mut answer).is_ok()
+                    && answer.starts_with("HTTP/1.")
+                    && answer.contains(" 200 ")
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the bridge did not answer /healthz within 60s; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Waits for the process to exit on its own; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the bridge did not exit within {timeout:?}");
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit; its code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let c = self.child.as_ref()?;
+        signal(c.id(), "-TERM");
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Its `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        metrics_text(&format!("{}/metrics", self.metrics)).await
+    }
+
+    /// One sample of its `/metrics` (0 when absent).
+    pub async fn sample(&self, series: &str) -> f64 {
+        sample(&self.metrics_text().await, series).unwrap_or(0.0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

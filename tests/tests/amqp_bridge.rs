@@ -1,0 +1,315 @@
+//! Fedora's real bus: messages the real fedora-messaging client publishes
+//! to a real RabbitMQ become Warden jobs through `warden bridge amqp`
+//! (bridge → events stream → trigger → worker → FINISHED), each exactly
+//! once: delivered twice, the bridge killed between the JetStream publish
+//! and the AMQP ack, RabbitMQ restarted, NATS restarted. What cannot be an
+//! event is dead-lettered with its reason and counted, and the bridge goes
+//! on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use warden_e2e::{eventually, js, never_within, Bridge, Scenario, Stack};
+use warden_shared::subjects;
+use warden_testsupport::fedora_messaging::{self, Kind, PublishOpts};
+use warden_testsupport::rabbitmq::RabbitMq;
+
+/// Koji build completed → rpmlint; Bodhi update pushed to testing → a
+/// check of the update. Both as Fedora's production topics.
+const RULES: &str = r#"
+[tasks.bodhi-check]
+command = ["sh", "-c", "echo \"would test $WARDEN_ARG_ALIAS\""]
+verdicts = { 0 = "passed", 1 = "failed" }
+
+[[trigger.rules]]
+name = "koji-build-completed"
+topic = "org.fedoraproject.*.buildsys.build.state.change"
+when = { new = 1 }
+tasks = ["rpmlint"]
+args = { nvr = "{name}-{version}-{release}", owner = "{owner}", build_id = "{build_id}" }
+
+[[trigger.rules]]
+name = "bodhi-update-testing"
+topic = "org.fedoraproject.*.bodhi.update.request.testing"
+tasks = ["bodhi-check"]
+args = { alias = "{update.alias}" }
+"#;
+
+/// The bridge's config: the same rules (the config is validated whole)
+/// and its queue on `rabbit`.
+fn bridge_config(rabbit: &RabbitMq, queue: &str, keys: &[&str]) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
+    format!(
+        "{RULES}\n[amqp]\nurl = {:?}\nqueue = {queue:?}\nrouting_keys = [{}]\nretry_delay = \"200ms\"\nreconnect_max = \"2s\"\n",
+        rabbit.amqp_url(),
+        keys.join(", ")
+    )
+}
+
+fn queue_name() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn jobs_of(s: &Stack, task: &str) -> Vec<serde_json::Value> {
+    let v = s
+        .get(&format!("/api/v1/jobs?task={task}&limit=1000"))
+        .await;
+    v["jobs"].as_array().cloned().unwrap_or_default()
+}
+
+async fn events_in_stream(url: &str) -> u64 {
+    let (_c, jsx) = js(url).await;
+    let mut stream = jsx.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+async fn wait_finished(s: &Stack, task: &str, n: usize) -> Vec<serde_json::Value> {
+    eventually(
+        Duration::from_secs(90),
+        &format!("{n} FINISHED {task} jobs"),
+        || async {
+            let jobs = jobs_of(s, task).await;
+            (jobs.len() == n && jobs.iter().all(|j| j["state"] == "FINISHED")).then_some(jobs)
+        },
+    )
+    .await
+}
+
+fn koji(id_prefix: &str, count: usize) -> PublishOpts {
+    PublishOpts {
+        count: Some(count),
+        id_prefix: Some(id_prefix.to_string()),
+        ..PublishOpts::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn koji_and_bodhi_messages_become_finished_jobs_exactly_once() {
+    let rabbit = RabbitMq::start();
+    let s = Scenario::new().config(RULES).workers(2).up();
+    let queue = queue_name();
+    let bridge = Bridge::start(
+        &s.url(),
+        &bridge_config(&rabbit, &queue, &["org.fedoraproject.prod.#"]),
+    );
+    let url = rabbit.amqp_url();
+
+    let k = fedora_messaging::publish(&url, Kind::Koji, &koji("koji-e2e", 1));
+    let b = fedora_messaging::publish(&url, Kind::Bodhi, &koji("bodhi-e2e", 1));
+    let rpmlint = wait_finished(&s, "rpmlint", 1).await;
+    let bodhi = wait_finished(&s, "bodhi-check", 1).await;
+    assert_eq!(rpmlint[0]["outcome"], "passed", "{}", rpmlint[0]);
+    assert_eq!(rpmlint[0]["args"]["nvr"], "chromium-80.0.3987.132-1.fc33");
+    assert_eq!(rpmlint[0]["source"]["message_id"], k[0].id.as_str());
+    assert_eq!(
+        rpmlint[0]["source"]["subject"],
+        "org.fedoraproject.prod.buildsys.build.state.change"
+    );
+    assert_eq!(bodhi[0]["args"]["alias"], "FEDORA-2019-f1ca3c00e5");
+    assert_eq!(bodhi[0]["source"]["message_id"], b[0].id.as_str());
+
+    // The event as stored: the body byte for byte, the id and headers
+    // fedora-messaging sent.
+    let (_c, jsx) = js(&s.url()).await;
+    let stream = jsx.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    let stored = stream
+        .get_last_raw_message_by_subject("org.fedoraproject.prod.buildsys.build.state.change")
+        .await
+        .unwrap();
+    let headers = stored.headers;
+    assert_eq!(
+        headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(k[0].id.as_str())
+    );
+    assert_eq!(
+        headers
+            .get("fedora_messaging_schema")
+            .map(|v| v.as_str()),
+        Some("koji_fedoramessaging.build.BuildStateChangeV1")
+    );
+    assert!(headers.get("sent-at").is_some(), "{headers:?}");
+    assert_eq!(
+        headers.get(subjects::HEADER_EVENT_SOURCE).map(|v| v.as_str()),
+        Some(subjects::EVENT_SOURCE_AMQP)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(body["build_id"], 1478312);
+
+    // The same two messages again (same ids): no new event, no new job.
+    fedora_messaging::publish(&url, Kind::Koji, &koji("koji-e2e", 1));
+    fedora_messaging::publish(&url, Kind::Bodhi, &koji("bodhi-e2e", 1));
+    eventually(Duration::from_secs(30), "4 messages received", || async {
+        (bridge.sample("warden_bridge_received_total").await >= 4.0).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the queue drained", || async {
+        (rabbit.queue_messages(&queue) == (0, 0)).then_some(())
+    })
+    .await;
+    assert_eq!(events_in_stream(&s.url()).await, 2);
+    never_within(Duration::from_secs(3), "a second job", || async {
+        let n = jobs_of(&s, "rpmlint").await.len() + jobs_of(&s, "bodhi-check").await.len();
+        (n != 2).then_some(n)
+    })
+    .await;
+    assert_eq!(bridge.sample("warden_bridge_published_total").await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_between_publish_and_ack_makes_one_job() {
+    let rabbit = RabbitMq::start();
+    let s = Scenario::new().config(RULES).workers(1).up();
+    let queue = queue_name();
+    let config = bridge_config(&rabbit, &queue, &["org.fedoraproject.prod.#"]);
+    // Declared before the bridge first runs, so the message waits for it.
+    fedora_messaging::declare_queue(
+        &rabbit.amqp_url(),
+        &queue,
+        &["org.fedoraproject.prod.#"],
+    );
+    let k = fedora_messaging::publish(&rabbit.amqp_url(), Kind::Koji, &koji("koji-kill", 1));
+
+    // Exits right after JetStream acknowledged the event, before the AMQP
+    // ack: the event is stored, the broker still holds the message.
+    let mut bridge = Bridge::spawn(&s.url(), &config, &["--crash-after-publish", "1"]);
+    assert_eq!(bridge.wait_exit(Duration::from_secs(60)), Some(137), "{}", bridge.log_text());
+    assert_eq!(events_in_stream(&s.url()).await, 1);
+    eventually(
+        Duration::from_secs(30),
+        "the broker requeued the unacknowledged message",
+        || async { (rabbit.queue_messages(&queue) == (1, 0)).then_some(()) },
+    )
+    .await;
+
+    // Started again: the message comes again, is one event still
+    // (Nats-Msg-Id), is acknowledged this time, and makes one job.
+    bridge.start_again();
+    eventually(Duration::from_secs(30), "the queue drained", || async {
+        (rabbit.queue_messages(&queue) == (0, 0)).then_some(())
+    })
+    .await;
+    assert_eq!(bridge.sample("warden_bridge_redelivered_total").await, 1.0);
+    assert_eq!(events_in_stream(&s.url()).await, 1);
+    let jobs = wait_finished(&s, "rpmlint", 1).await;
+    assert_eq!(jobs[0]["source"]["message_id"], k[0].id.as_str());
+    assert_eq!(jobs[0]["attempt"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_survives_rabbitmq_and_nats_restarts_with_nothing_lost_or_doubled() {
+    let mut rabbit = RabbitMq::start();
+    let mut s = Scenario::new().config(RULES).workers(2).up();
+    let queue = queue_name();
+    let bridge = Bridge::start(
+        &s.url(),
+        &bridge_config(&rabbit, &queue, &["org.fedoraproject.prod.#"]),
+    );
+    let url = rabbit.amqp_url();
+
+    // 1. Ten messages, bridged.
+    fedora_messaging::publish(&url, Kind::Koji, &koji("before", 10));
+    eventually(Duration::from_secs(60), "10 events", || async {
+        (events_in_stream(&s.url()).await == 10).then_some(())
+    })
+    .await;
+
+    // 2. RabbitMQ restarts; ten more published once it is back.
+    rabbit.restart();
+    fedora_messaging::publish(&url, Kind::Koji, &koji("after-rabbit", 10));
+    eventually(Duration::from_secs(90), "20 events", || async {
+        (events_in_stream(&s.url()).await == 20).then_some(())
+    })
+    .await;
+    assert!(
+        bridge.sample("warden_bridge_amqp_connects_total{result=\"ok\"}").await >= 2.0,
+        "the bridge reconnected: {}",
+        bridge.log_text()
+    );
+
+    // 3. NATS goes away; ten more reach RabbitMQ meanwhile and wait there
+    // (handed back, delivered again) until NATS is back.
+    s.nats.stop();
+    fedora_messaging::publish(&url, Kind::Koji, &koji("during-nats", 10));
+    eventually(Duration::from_secs(30), "a publish handed back", || async {
+        (bridge.sample("warden_bridge_publish_retries_total").await >= 1.0).then_some(())
+    })
+    .await;
+    s.nats.start_again();
+    eventually(Duration::from_secs(90), "the queue drained", || async {
+        (rabbit.queue_messages(&queue) == (0, 0)).then_some(())
+    })
+    .await;
+
+    // Every message once: 30 events, 30 jobs, all FINISHED.
+    assert_eq!(events_in_stream(&s.url()).await, 30);
+    let jobs = wait_finished(&s, "rpmlint", 30).await;
+    let mut ids: Vec<&str> = jobs
+        .iter()
+        .map(|j| j["source"]["message_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+    assert_eq!(bridge.sample("warden_bridge_published_total").await, 30.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_messages_are_dead_lettered_with_a_reason_and_the_bridge_goes_on() {
+    let rabbit = RabbitMq::start();
+    let s = Scenario::new().config(RULES).workers(1).up();
+    let queue = queue_name();
+    let bridge = Bridge::start(
+        &s.url(),
+        &bridge_config(
+            &rabbit,
+            &queue,
+            &["org.fedoraproject.prod.#", "com.example.#"],
+        ),
+    );
+    let url = rabbit.amqp_url();
+    let koji_key = "org.fedoraproject.prod.buildsys.build.state.change";
+    fedora_messaging::publish_raw(&url, koji_key, b"{not json");
+    fedora_messaging::publish_raw(&url, koji_key, b"[1, 2, 3]");
+    fedora_messaging::publish_raw(&url, koji_key, &[0xff, 0xfe, 0x00]);
+    // Valid, but on a topic the events stream does not listen on.
+    fedora_messaging::publish_raw(&url, "com.example.elsewhere", b"{}");
+
+    for (reason, n) in [
+        ("invalid_json", 2.0),
+        ("not_an_object", 1.0),
+        ("no_events_subject", 1.0),
+    ] {
+        let series = format!("warden_bridge_dead_lettered_total{{reason=\"{reason}\"}}");
+        eventually(Duration::from_secs(30), &series, || async {
+            (bridge.sample(&series).await == n).then_some(())
+        })
+        .await;
+    }
+    // Each on the dead-letter stream with its reason, the body kept.
+    let (_c, jsx) = js(&s.url()).await;
+    let dl = jsx.get_stream(subjects::DEADLETTER_STREAM).await.unwrap();
+    let letter = dl
+        .get_last_raw_message_by_subject(&subjects::deadletter_subject(
+            "bridge",
+            "no_events_subject",
+        ))
+        .await
+        .unwrap();
+    let letter: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["reason"], "no_events_subject");
+    assert_eq!(letter["subject"], "com.example.elsewhere");
+    assert!(
+        letter["error"].as_str().unwrap().contains("com.example.elsewhere"),
+        "{letter}"
+    );
+
+    // Nothing reached the events stream, nothing is left in the queue,
+    // and a good message after them still becomes a job.
+    assert_eq!(events_in_stream(&s.url()).await, 0);
+    fedora_messaging::publish(&url, Kind::Koji, &koji("after-garbage", 1));
+    wait_finished(&s, "rpmlint", 1).await;
+    eventually(Duration::from_secs(30), "the queue drained", || async {
+        (rabbit.queue_messages(&queue) == (0, 0)).then_some(())
+    })
+    .await;
+}
