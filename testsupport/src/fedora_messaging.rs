@@ -151,7 +151,13 @@ pub fn publish_raw_with_id(
     std::fs::write(file.path(), body).unwrap();
     let mut cmd = Command::new(python());
     cmd.arg(script("fm_publish.py"))
-        .args(["--amqp-url", url, "--routing-key", routing_key, "--raw-body"])
+        .args([
+            "--amqp-url",
+            url,
+            "--routing-key",
+            routing_key,
+            "--raw-body",
+        ])
         .arg(file.path());
     if let Some(id) = id {
         cmd.args(["--id", id]);

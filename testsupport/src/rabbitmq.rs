@@ -108,14 +108,26 @@ impl RabbitMq {
                  ssl_options.certfile = {}\n\
                  ssl_options.keyfile = {}\n\
                  ssl_options.verify = verify_peer\n\
-                 ssl_options.fail_if_no_peer_cert = true\n",
+                 ssl_options.fail_if_no_peer_cert = true\n\
+                 # fedora-messaging logs in with SASL EXTERNAL when it has a\n\
+                 # client certificate (as on Fedora's broker): the user is the\n\
+                 # certificate's CN (RabbitMq::add_cert_user).\n\
+                 auth_mechanisms.1 = PLAIN\n\
+                 auth_mechanisms.2 = AMQPLAIN\n\
+                 auth_mechanisms.3 = EXTERNAL\n\
+                 ssl_cert_login_from = common_name\n",
                 pki.ca().display(),
                 server.cert.display(),
                 server.key.display()
             ));
         }
         std::fs::write(dir.path().join("rabbitmq.conf"), conf).unwrap();
-        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").unwrap();
+        let plugins = if pki.is_some() {
+            "[rabbitmq_auth_mechanism_ssl].\n"
+        } else {
+            "[].\n"
+        };
+        std::fs::write(dir.path().join("enabled_plugins"), plugins).unwrap();
         std::fs::write(dir.path().join("rabbitmq-env.conf"), "").unwrap();
         // The cookie before anything starts, so the node and every
         // rabbitmqctl read the same one (whoever came first would make one).
@@ -224,12 +236,20 @@ impl RabbitMq {
     /// The last lines of the node's log and console output, for failures.
     fn log_tail(&self) -> String {
         let mut out = String::new();
-        let log = self.dir.path().join("log").join(format!("{}.log", self.node));
+        let log = self
+            .dir
+            .path()
+            .join("log")
+            .join(format!("{}.log", self.node));
         for path in [self.dir.path().join("stdout.log"), log] {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(30);
-            out.push_str(&format!("--- {}\n{}\n", path.display(), lines[from..].join("\n")));
+            out.push_str(&format!(
+                "--- {}\n{}\n",
+                path.display(),
+                lines[from..].join("\n")
+            ));
         }
         out
     }
@@ -337,6 +357,19 @@ impl RabbitMq {
             .find(|(name, _, _)| name == queue)
             .map(|(_, r, u)| (*r, *u))
             .unwrap_or_else(|| panic!("no queue {queue:?} on {}; queues: {all:?}", self.node))
+    }
+
+    /// A user `name` with `password` and every permission on vhost `/`.
+    pub fn add_user(&self, name: &str, password: &str) {
+        self.ctl(&["add_user", name, password]);
+        self.ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+    }
+
+    /// The user a client certificate with common name `cn` logs in as
+    /// with SASL EXTERNAL (what fedora-messaging does when it has a
+    /// certificate and key), with every permission on `/`.
+    pub fn add_cert_user(&self, cn: &str) {
+        self.add_user(cn, &format!("{cn}-unused-pw"));
     }
 
     /// Graceful stop (`rabbitmqctl shutdown`, which waits for the VM to

@@ -10,14 +10,25 @@ use warden_testsupport::{eventually, RabbitMq, TestPki};
 
 const KOJI_TOPIC: &str = "org.fedoraproject.prod.buildsys.build.state.change";
 
-/// Processes whose command line mentions `needle`.
+/// Pids of processes whose environment holds `needle` (e.g.
+/// `RABBITMQ_NODENAME=<node>`: the script, the VM, the CLI, epmd, all get
+/// the node's environment).
 fn processes_with(needle: &str) -> Vec<String> {
-    let out = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(needle) && !l.contains("ps -eo"))
-        .map(str::to_string)
-        .collect()
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let cmd = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+            out.push(format!("{name} {}", cmd.replace('\0', " ")));
+        }
+    }
+    out
 }
 
 #[test]
@@ -25,7 +36,11 @@ fn a_node_starts_and_a_koji_message_published_by_fedora_messaging_reads_back() {
     let mq = RabbitMq::start();
     eprintln!("rabbitmq started in {:?}", mq.started_in());
     assert!(std::net::TcpStream::connect(("127.0.0.1", mq.port())).is_ok());
-    fm::declare_queue(&mq.amqp_url(), "koji-in", &["org.fedoraproject.prod.buildsys.#"]);
+    fm::declare_queue(
+        &mq.amqp_url(),
+        "koji-in",
+        &["org.fedoraproject.prod.buildsys.#"],
+    );
     assert_eq!(mq.queue_messages("koji-in"), (0, 0));
 
     let sent = fm::publish(
@@ -73,7 +88,12 @@ fn a_bodhi_message_and_raw_bytes_arrive_with_their_routing_keys() {
         sent[0].routing_key,
         "org.fedoraproject.prod.bodhi.update.request.testing"
     );
-    fm::publish_raw_with_id(&mq.amqp_url(), KOJI_TOPIC, b"\xff\xfe not json", Some("raw-1"));
+    fm::publish_raw_with_id(
+        &mq.amqp_url(),
+        KOJI_TOPIC,
+        b"\xff\xfe not json",
+        Some("raw-1"),
+    );
     let got = fm::get_messages(&mq.amqp_url(), "all", 10);
     assert_eq!(got.len(), 2);
     assert_eq!(got[0]["properties"]["message_id"], sent[0].id.as_str());
@@ -125,7 +145,10 @@ fn two_nodes_run_at_once_and_drop_leaves_no_process_behind() {
     assert_ne!(a.epmd_port(), b.epmd_port());
     fm::declare_queue(&a.amqp_url(), "only-on-a", &["#"]);
     assert!(b.queues().iter().all(|(n, _, _)| n != "only-on-a"));
-    let (node, epmd) = (a.node_name().to_string(), a.epmd_port());
+    let (node, epmd) = (
+        format!("RABBITMQ_NODENAME={}", a.node_name()),
+        a.epmd_port(),
+    );
     let pid = a.beam_pid().unwrap();
     assert!(!processes_with(&node).is_empty(), "the node runs");
     drop(a);
@@ -146,6 +169,7 @@ fn the_tls_listener_requires_a_client_certificate_and_accepts_one() {
     let pki = TestPki::new();
     let mq = RabbitMq::start_tls(&pki);
     let client = pki.client("fm-test");
+    mq.add_cert_user("fm-test");
     fm::declare_queue(&mq.amqp_url(), "tls-in", &["#"]);
     let sent = fm::publish(
         &mq.amqps_url(),
@@ -157,7 +181,8 @@ fn the_tls_listener_requires_a_client_certificate_and_accepts_one() {
     );
     assert_eq!(sent.len(), 1);
     assert_eq!(mq.queue_messages("tls-in"), (1, 0));
-    // A handshake without a client certificate is refused.
+    // The server's certificate verifies against the test CA (a bare
+    // handshake, no client certificate offered)...
     let out = Command::new("openssl")
         .args(["s_client", "-connect"])
         .arg(format!("127.0.0.1:{}", mq.tls_port().unwrap()))
@@ -166,9 +191,13 @@ fn the_tls_listener_requires_a_client_certificate_and_accepts_one() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("Verify return code: 0"), "server cert verified: {text}");
-    // With one, it completes.
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Verify return code: 0"),
+        "server cert verified: {text}"
+    );
+    // ...and a handshake with a client certificate completes.
     let out = Command::new("openssl")
         .args(["s_client", "-connect"])
         .arg(format!("127.0.0.1:{}", mq.tls_port().unwrap()))
@@ -181,7 +210,11 @@ fn the_tls_listener_requires_a_client_certificate_and_accepts_one() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A koji-build.test.complete body per the ci-messages schemas (0.2.5).
@@ -211,8 +244,18 @@ async fn the_ci_consumer_validates_what_it_receives() {
     let mut bad = ci_complete_body();
     bad["test"]["result"] = "green".into();
     bad.as_object_mut().unwrap().remove("run");
-    fm::publish_raw_with_id(&mq.amqp_url(), topic, good.to_string().as_bytes(), Some("ci-good"));
-    fm::publish_raw_with_id(&mq.amqp_url(), topic, bad.to_string().as_bytes(), Some("ci-bad"));
+    fm::publish_raw_with_id(
+        &mq.amqp_url(),
+        topic,
+        good.to_string().as_bytes(),
+        Some("ci-good"),
+    );
+    fm::publish_raw_with_id(
+        &mq.amqp_url(),
+        topic,
+        bad.to_string().as_bytes(),
+        Some("ci-bad"),
+    );
     let got = eventually(Duration::from_secs(30), "two CI messages", || {
         let m = consumer.messages();
         async move { (m.len() >= 2).then_some(m) }
@@ -229,13 +272,22 @@ async fn the_ci_consumer_validates_what_it_receives() {
     assert!(b["errors"].as_array().unwrap().len() >= 2, "{b}");
     // A field whose schema is not in the spec's files: invalid, no crash.
     let mut with_system = ci_complete_body();
-    with_system["system"] = serde_json::json!([{"os": "fedora-33", "provider": "warden", "architecture": "x86_64"}]);
-    fm::publish_raw_with_id(&mq.amqp_url(), topic, with_system.to_string().as_bytes(), Some("ci-system"));
+    with_system["system"] =
+        serde_json::json!([{"os": "fedora-33", "provider": "warden", "architecture": "x86_64"}]);
+    fm::publish_raw_with_id(
+        &mq.amqp_url(),
+        topic,
+        with_system.to_string().as_bytes(),
+        Some("ci-system"),
+    );
     let s = eventually(Duration::from_secs(30), "the third CI message", || {
         let m = consumer.messages();
         async move { m.into_iter().find(|m| m["id"] == "ci-system") }
     })
     .await;
     assert_eq!(s["valid"], false, "{s}");
-    assert!(s["errors"][0].as_str().unwrap().contains("unresolvable"), "{s}");
+    assert!(
+        s["errors"][0].as_str().unwrap().contains("unresolvable"),
+        "{s}"
+    );
 }
