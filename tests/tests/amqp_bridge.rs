@@ -63,8 +63,10 @@ async fn events_in_stream(url: &str) -> u64 {
     stream.info().await.unwrap().state.messages
 }
 
+/// Waits for exactly `n` jobs of `task`, all FINISHED; each in full
+/// (args, source, history).
 async fn wait_finished(s: &Stack, task: &str, n: usize) -> Vec<serde_json::Value> {
-    eventually(
+    let listed = eventually(
         Duration::from_secs(90),
         &format!("{n} FINISHED {task} jobs"),
         || async {
@@ -72,7 +74,12 @@ async fn wait_finished(s: &Stack, task: &str, n: usize) -> Vec<serde_json::Value
             (jobs.len() == n && jobs.iter().all(|j| j["state"] == "FINISHED")).then_some(jobs)
         },
     )
-    .await
+    .await;
+    let mut full = Vec::with_capacity(n);
+    for j in listed {
+        full.push(s.job(j["id"].as_str().unwrap()).await);
+    }
+    full
 }
 
 fn koji(id_prefix: &str, count: usize) -> PublishOpts {
