@@ -320,3 +320,35 @@ async fn undecodable_messages_are_dead_lettered_with_a_reason_and_the_bridge_goe
     })
     .await;
 }
+
+/// As against Fedora's broker: amqps with the broker's CA and a client
+/// certificate, logging in with SASL EXTERNAL (the certificate is the
+/// login, as fedora-messaging does it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_consumes_over_tls_with_a_client_certificate() {
+    let pki = warden_testsupport::TestPki::new();
+    let rabbit = RabbitMq::start_tls(&pki);
+    let client = pki.client("warden-bridge");
+    rabbit.add_cert_user("warden-bridge");
+    let s = Scenario::new().config(RULES).workers(1).up();
+    let queue = queue_name();
+    let tls_port = rabbit.tls_port().unwrap();
+    let config = format!(
+        "{RULES}\n[amqp]\nurl = \"amqps://127.0.0.1:{tls_port}/%2F\"\ntls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\nqueue = {queue:?}\nrouting_keys = [\"org.fedoraproject.prod.#\"]\n",
+        pki.ca(),
+        client.cert,
+        client.key
+    );
+    let bridge = Bridge::start(&s.url(), &config);
+    let k = fedora_messaging::publish(&rabbit.amqp_url(), Kind::Koji, &koji("koji-tls", 1));
+    let jobs = wait_finished(&s, "rpmlint", 1).await;
+    assert_eq!(jobs[0]["source"]["message_id"], k[0].id.as_str());
+    let conns = rabbit.ctl(&["list_connections", "-q", "user", "ssl", "auth_mechanism"]);
+    assert!(
+        conns.lines().any(|l| l.starts_with("warden-bridge")
+            && l.contains("true")
+            && l.contains("EXTERNAL")),
+        "the bridge's connection: {conns}"
+    );
+    assert_eq!(bridge.sample("warden_bridge_published_total").await, 1.0);
+}

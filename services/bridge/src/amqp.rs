@@ -53,12 +53,25 @@ pub fn tls_config(c: &AmqpConfig) -> Result<OwnedTLSConfig, ConnectError> {
     })
 }
 
+/// The URL the bridge connects with: with a client certificate and no
+/// `auth_mechanism` in the URL it logs in with SASL EXTERNAL (the broker
+/// takes the user from the certificate), as fedora-messaging does and
+/// Fedora's broker expects.
+pub fn effective_url(c: &AmqpConfig) -> String {
+    let url = c.url.trim();
+    if c.tls_cert_file.is_none() || url.contains("auth_mechanism=") {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}auth_mechanism=external")
+}
+
 /// One connection attempt named `name` (the broker's management UI and
 /// `rabbitmqctl list_connections` show it).
 pub async fn connect(c: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
     let tls = tls_config(c)?;
     let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-    let url = c.url.trim().to_string();
+    let url = effective_url(c);
     let runtime = lapin::runtime::default_runtime().map_err(|source| ConnectError::Connect {
         url: warden_shared::redact::redact(&url),
         source,
@@ -75,5 +88,31 @@ pub async fn connect(c: &AmqpConfig, name: &str) -> Result<Connection, ConnectEr
             source,
         }),
         Err(_) => Err(ConnectError::Timeout(c.connect_timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_shared::Config;
+
+    #[test]
+    fn a_client_certificate_means_sasl_external_unless_the_url_says_otherwise() {
+        let mut c = Config::defaults().amqp;
+        c.url = "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub".into();
+        assert_eq!(effective_url(&c), c.url);
+        c.tls_cert_file = Some("cert.pem".into());
+        c.tls_key_file = Some("key.pem".into());
+        assert_eq!(
+            effective_url(&c),
+            "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub?auth_mechanism=external"
+        );
+        c.url = "amqps://h/%2F?heartbeat=30".into();
+        assert_eq!(
+            effective_url(&c),
+            "amqps://h/%2F?heartbeat=30&auth_mechanism=external"
+        );
+        c.url = "amqps://u:p@h/%2F?auth_mechanism=plain".into();
+        assert_eq!(effective_url(&c), c.url);
     }
 }
