@@ -51,9 +51,7 @@ fn queue_name() -> String {
 }
 
 async fn jobs_of(s: &Stack, task: &str) -> Vec<serde_json::Value> {
-    let v = s
-        .get(&format!("/api/v1/jobs?task={task}&limit=1000"))
-        .await;
+    let v = s.get(&format!("/api/v1/jobs?task={task}&limit=1000")).await;
     v["jobs"].as_array().cloned().unwrap_or_default()
 }
 
@@ -129,14 +127,14 @@ async fn koji_and_bodhi_messages_become_finished_jobs_exactly_once() {
         Some(k[0].id.as_str())
     );
     assert_eq!(
-        headers
-            .get("fedora_messaging_schema")
-            .map(|v| v.as_str()),
+        headers.get("fedora_messaging_schema").map(|v| v.as_str()),
         Some("koji_fedoramessaging.build.BuildStateChangeV1")
     );
     assert!(headers.get("sent-at").is_some(), "{headers:?}");
     assert_eq!(
-        headers.get(subjects::HEADER_EVENT_SOURCE).map(|v| v.as_str()),
+        headers
+            .get(subjects::HEADER_EVENT_SOURCE)
+            .map(|v| v.as_str()),
         Some(subjects::EVENT_SOURCE_AMQP)
     );
     let body: serde_json::Value = serde_json::from_slice(&stored.payload).unwrap();
@@ -169,17 +167,18 @@ async fn a_bridge_killed_between_publish_and_ack_makes_one_job() {
     let queue = queue_name();
     let config = bridge_config(&rabbit, &queue, &["org.fedoraproject.prod.#"]);
     // Declared before the bridge first runs, so the message waits for it.
-    fedora_messaging::declare_queue(
-        &rabbit.amqp_url(),
-        &queue,
-        &["org.fedoraproject.prod.#"],
-    );
+    fedora_messaging::declare_queue(&rabbit.amqp_url(), &queue, &["org.fedoraproject.prod.#"]);
     let k = fedora_messaging::publish(&rabbit.amqp_url(), Kind::Koji, &koji("koji-kill", 1));
 
     // Exits right after JetStream acknowledged the event, before the AMQP
     // ack: the event is stored, the broker still holds the message.
     let mut bridge = Bridge::spawn(&s.url(), &config, &["--crash-after-publish", "1"]);
-    assert_eq!(bridge.wait_exit(Duration::from_secs(60)), Some(137), "{}", bridge.log_text());
+    assert_eq!(
+        bridge.wait_exit(Duration::from_secs(60)),
+        Some(137),
+        "{}",
+        bridge.log_text()
+    );
     assert_eq!(events_in_stream(&s.url()).await, 1);
     eventually(
         Duration::from_secs(30),
@@ -228,7 +227,10 @@ async fn the_bridge_survives_rabbitmq_and_nats_restarts_with_nothing_lost_or_dou
     })
     .await;
     assert!(
-        bridge.sample("warden_bridge_amqp_connects_total{result=\"ok\"}").await >= 2.0,
+        bridge
+            .sample("warden_bridge_amqp_connects_total{result=\"ok\"}")
+            .await
+            >= 2.0,
         "the bridge reconnected: {}",
         bridge.log_text()
     );
@@ -306,7 +308,10 @@ async fn undecodable_messages_are_dead_lettered_with_a_reason_and_the_bridge_goe
     assert_eq!(letter["reason"], "no_events_subject");
     assert_eq!(letter["subject"], "com.example.elsewhere");
     assert!(
-        letter["error"].as_str().unwrap().contains("com.example.elsewhere"),
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("com.example.elsewhere"),
         "{letter}"
     );
 

@@ -198,10 +198,18 @@ mod tests {
             message_id: Some("7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01"),
             topic: Some("org.fedoraproject.prod.buildsys.build.state.change"),
         };
-        let e = decode_bridged("org.fedoraproject.prod.buildsys.build.state.change", b, body, 1024)
-            .unwrap();
+        let e = decode_bridged(
+            "org.fedoraproject.prod.buildsys.build.state.change",
+            b,
+            body,
+            1024,
+        )
+        .unwrap();
         assert_eq!(e.message_id, "7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01");
-        assert_eq!(e.topic, "org.fedoraproject.prod.buildsys.build.state.change");
+        assert_eq!(
+            e.topic,
+            "org.fedoraproject.prod.buildsys.build.state.change"
+        );
         assert_eq!(e.body["build_id"], 1);
         // A body that has a `body` field of its own is still the body.
         let nested = br#"{"body": {"x": 1}, "id": "inner"}"#;
@@ -225,7 +233,9 @@ mod tests {
             (&[b' '; 2048][..], "too_large"),
         ] {
             assert_eq!(
-                decode_bridged("s", none, payload, 1024).unwrap_err().reason(),
+                decode_bridged("s", none, payload, 1024)
+                    .unwrap_err()
+                    .reason(),
                 reason
             );
         }

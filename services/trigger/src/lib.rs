@@ -111,7 +111,8 @@ impl Trigger {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str())
         };
-        let decoded = if header(subjects::HEADER_EVENT_SOURCE) == Some(subjects::EVENT_SOURCE_AMQP) {
+        let decoded = if header(subjects::HEADER_EVENT_SOURCE) == Some(subjects::EVENT_SOURCE_AMQP)
+        {
             let bridged = decode::Bridged {
                 message_id: header(async_nats::header::NATS_MESSAGE_ID.as_ref()),
                 topic: header(subjects::HEADER_EVENT_TOPIC),
