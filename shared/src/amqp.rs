@@ -314,3 +314,76 @@ impl AmqpConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enabled() -> AmqpConfig {
+        let mut c = crate::Config::from_parts(None, Vec::new())
+            .expect("defaults")
+            .amqp;
+        c.url = "amqp://localhost:5672/%2f".into();
+        c.ci_messages.enabled = true;
+        c.ci_messages.tasks.insert(
+            "rpmlint".into(),
+            CiTask {
+                artifact: "koji-build".into(),
+                category: "static-analysis".into(),
+                test_type: None,
+                artifact_args: [
+                    ("id", "{build_id}"),
+                    ("issuer", "{owner}"),
+                    ("component", "{name}"),
+                    ("nvr", "{nvr}"),
+                    ("scratch", "false"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn a_complete_ci_messages_config_passes() {
+        assert_eq!(enabled().problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ci_messages_mistakes_are_named() {
+        let mut c = enabled();
+        let t = c.ci_messages.tasks.get_mut("rpmlint").expect("task");
+        t.category = "unit".into();
+        t.artifact = "koji.build".into();
+        t.artifact_args.remove("nvr");
+        t.artifact_args.insert("type".into(), "x".into());
+        t.artifact_args.insert("source".into(), "{unclosed".into());
+        c.ci_messages.api_url = "warden.example.org".into();
+        c.ci_messages.topic_prefix = "org..ci".into();
+        c.ci_messages.contact.email = " ".into();
+        c.ci_messages.confirm_timeout = Duration::ZERO;
+        c.ci_messages.marker_max_bytes = 0;
+        let p = c.problems().join("\n");
+        for needle in [
+            "tasks.rpmlint.category",
+            "tasks.rpmlint.artifact:",
+            "artifact_args.type",
+            "artifact_args.source",
+            "api_url",
+            "topic_prefix",
+            "contact.email",
+            "confirm_timeout",
+            "marker_max_bytes",
+        ] {
+            assert!(p.contains(needle), "{needle} not in:\n{p}");
+        }
+        // koji.build is not koji-build, so nvr is not required of it; a
+        // koji-build without nvr is refused.
+        let mut c = enabled();
+        let t = c.ci_messages.tasks.get_mut("rpmlint").expect("task");
+        t.artifact_args.remove("nvr");
+        assert!(c.problems().join("\n").contains("artifact_args.nvr"));
+    }
+}

@@ -555,12 +555,11 @@ pub fn trigger_consumer() -> consumer::pull::Config {
 
 /// The CI-messages publishers' durable consumer on [`kv_stream`] of
 /// [`JOBS_BUCKET`]: every job revision, but only those written after the
-/// consumer was first made (`DeliverPolicy::New`): a first start does not
-/// replay the jobs of the past as CI messages. Later starts resume where
-/// the consumer is. Publishing can take a while (a broker confirm), so
-/// the ack wait is generous and redeliveries are bounded by nothing but
-/// the retained revision: a job revision superseded in the bucket
-/// (history 1) is gone from the stream, and its redelivery with it.
+/// consumer was first made (`DeliverPolicy::New`), so a first start does
+/// not replay the past's jobs as CI messages; later starts resume where
+/// the consumer stands. The bucket keeps one revision per job: one
+/// superseded before a publisher pulled it (all publishers down or far
+/// behind) is gone, and only the job's latest state is published.
 pub fn ci_messages_consumer() -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(CI_MESSAGES_CONSUMER.into()),

@@ -42,6 +42,16 @@
 //! between hosts) publishes no `queued` for that stay; its `running`
 //! (a new attempt) still follows.
 //!
+//! # What may be missed
+//!
+//! The jobs bucket keeps one revision per job. A revision superseded
+//! before any publisher pulled it (every bridge down, or far behind) is
+//! gone: then only the job's latest state is published. A job's last word
+//! (`complete` or `error`, the spec's mandatory messages) is its latest
+//! revision and so is always seen; `queued` and `running` (optional) may
+//! be skipped. Jobs written before the publisher's consumer first existed
+//! publish nothing (no flood of history on a first start).
+//!
 //! [`CI_PUBLISHED_BUCKET`]: warden_shared::subjects::CI_PUBLISHED_BUCKET
 
 pub mod out;
