@@ -233,7 +233,10 @@ pub fn topic(ci: &CiMessagesConfig, artifact: &str, status: CiStatus) -> String 
 
 /// The API's page of job `id`.
 pub fn job_url(ci: &CiMessagesConfig, id: &Uuid) -> String {
-    format!("{}{API_JOB_PATH}{id}", ci.api_url.trim().trim_end_matches('/'))
+    format!(
+        "{}{API_JOB_PATH}{id}",
+        ci.api_url.trim().trim_end_matches('/')
+    )
 }
 
 /// A value of an artifact field as the schema types it: koji/brew `id` an

@@ -100,17 +100,21 @@ async fn a_finished_job_is_queued_running_complete_on_the_bus() {
     // a revision superseded before the publisher pulled it is gone (the
     // bucket keeps one per job): wait until it is pulling, as a running
     // bridge is.
-    eventually(Duration::from_secs(30), "the CI publisher is pulling", || {
-        let js = js.clone();
-        async move {
-            let s = js
-                .get_stream(subjects::kv_stream(subjects::JOBS_BUCKET))
-                .await
-                .ok()?;
-            let info = s.consumer_info(subjects::CI_MESSAGES_CONSUMER).await.ok()?;
-            (info.num_waiting > 0).then_some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the CI publisher is pulling",
+        || {
+            let js = js.clone();
+            async move {
+                let s = js
+                    .get_stream(subjects::kv_stream(subjects::JOBS_BUCKET))
+                    .await
+                    .ok()?;
+                let info = s.consumer_info(subjects::CI_MESSAGES_CONSUMER).await.ok()?;
+                (info.num_waiting > 0).then_some(())
+            }
+        },
+    )
     .await;
 
     // A job's life as the trigger and the scheduler write it.
@@ -207,7 +211,10 @@ async fn a_finished_job_is_queued_running_complete_on_the_bus() {
         );
         assert!(matches!(h.get("sent-at"), Some(AMQPValue::LongString(_))));
         let body: serde_json::Value = serde_json::from_slice(&d.data).expect("JSON body");
-        assert_eq!(body["pipeline"]["id"], serde_json::json!(job.id.to_string()));
+        assert_eq!(
+            body["pipeline"]["id"],
+            serde_json::json!(job.id.to_string())
+        );
         assert_eq!(body["artifact"]["id"], serde_json::json!(2345678));
         assert_eq!(body["artifact"]["scratch"], serde_json::json!(false));
         assert_eq!(

@@ -31,8 +31,8 @@ use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -357,8 +357,12 @@ async fn write_marker(markers: &kv::Store, key: &str, marker: &Marker, mut revis
                 .await
                 .map(|_| ())
                 .map_err(|e| {
-                    let race = e.kind() == kv::CreateErrorKind::AlreadyExists || store::lost_race(&e);
-                    (race, Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    let race =
+                        e.kind() == kv::CreateErrorKind::AlreadyExists || store::lost_race(&e);
+                    (
+                        race,
+                        Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
+                    )
                 }),
             Some(rev) => markers
                 .update(key, bytes.clone(), rev)
@@ -367,7 +371,10 @@ async fn write_marker(markers: &kv::Store, key: &str, marker: &Marker, mut revis
                 .map_err(|e| {
                     let race =
                         e.kind() == kv::UpdateErrorKind::WrongLastRevision || store::lost_race(&e);
-                    (race, Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    (
+                        race,
+                        Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
+                    )
                 }),
         };
         match r {

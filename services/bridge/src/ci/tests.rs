@@ -233,8 +233,7 @@ fn artifact_fields_are_typed_and_required() {
     assert_eq!(msg(&j), Err(Skip::InvalidArtifact));
     let mut c = ci();
     let t = c.tasks.get_mut("rpmlint").expect("task");
-    t.artifact_args
-        .insert("scratch".into(), "{scratch}".into());
+    t.artifact_args.insert("scratch".into(), "{scratch}".into());
     let mut j = job();
     j.args.insert("scratch".into(), "True".into());
     let m = message_for(&j, &c, false, Utc::now()).expect("message");
@@ -323,9 +322,7 @@ fn random_orders_publish_each_message_at_most_once_and_never_a_stale_one() {
     let all = expected(&revs);
     assert_eq!(
         all.iter().map(|m| m.status.as_str()).collect::<Vec<_>>(),
-        [
-            "queued", "running", "queued", "running", "queued", "running", "complete"
-        ]
+        ["queued", "running", "queued", "running", "queued", "running", "complete"]
     );
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     for _ in 0..2000 {
