@@ -2,7 +2,9 @@
 //! moved SCHEDULED → RUNNING → FINISHED through the job store (as the
 //! scheduler writes it, with repeated writes of one state) comes out as
 //! exactly `queued`, `running`, `complete`, in order, with
-//! fedora-messaging's properties.
+//! fedora-messaging's properties; a crashed job as an `error`. The real
+//! fedora-messaging consumer validates every one against the ci-messages
+//! schemas.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -18,9 +20,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
-use warden_shared::job::Lease;
+use warden_shared::job::{Blame, Lease};
 use warden_shared::store::JobStore;
 use warden_shared::{subjects, Config, Job, JobState};
+use warden_testsupport::fedora_messaging::CiConsumer;
 use warden_testsupport::rabbitmq::RabbitMq;
 use warden_testsupport::{eventually, never_within, NatsServer};
 
@@ -82,6 +85,19 @@ async fn a_finished_job_is_queued_running_complete_on_the_bus() {
     )
     .await
     .expect("bind");
+
+    // And the real fedora-messaging consumer, validating each message
+    // against the ci-messages schemas (as ResultsDB's listener would).
+    let url = rmq.amqp_url();
+    let fm = tokio::task::spawn_blocking(move || {
+        CiConsumer::start(
+            &url,
+            "5d1e3c2a-9f0b-4c7e-8a61-2b4f6d8e0c13",
+            "org.fedoraproject.prod.ci.#",
+        )
+    })
+    .await
+    .expect("the fedora-messaging consumer starts");
 
     let client = async_nats::connect(nats.url()).await.expect("NATS");
     let js = jetstream::new(client);
@@ -242,6 +258,83 @@ async fn a_finished_job_is_queued_running_complete_on_the_bus() {
         }
     })
     .await;
+
+    // A crash that is not retried: queued, running, error.
+    let mut job2 = Job::builder("rpmlint")
+        .arg("build_id", "2345679")
+        .arg("nvr", "bash-5.2-2.fc40")
+        .arg("owner", "alice")
+        .arg("name", "bash")
+        .build();
+    job2.retry = false;
+    let mut rev = store.create(&job2).await.expect("create");
+    job2.state = JobState::Running;
+    job2.attempt = 1;
+    job2.lease = job.lease.clone();
+    rev = store.update(&job2, rev).await.expect("dispatch");
+    job2.state = JobState::Crashed;
+    job2.blame = Some(Blame::Task);
+    job2.detail = Some("segfault".into());
+    job2.description = Some("the task died of SIGSEGV".into());
+    store.update(&job2, rev).await.expect("crash");
+
+    let valid = eventually(
+        Duration::from_secs(60),
+        "six CI messages at the fedora-messaging consumer",
+        || {
+            let m = fm.messages();
+            async move { (m.len() >= 6).then_some(m) }
+        },
+    )
+    .await;
+    for m in &valid {
+        // The consumer validates each body with jsonschema against the
+        // spec's schemas itself. The client's own check (the schema class
+        // in the headers) needs the schemas installed where the
+        // `ci-messages` package looks for them; where they are not, it
+        // rejects the message for that alone, and the consumer says so as
+        // an error of its own, which is not about the message.
+        let client_lacks_schemas = |e: &serde_json::Value| {
+            e.as_str().is_some_and(|e| {
+                e.starts_with("fedora-messaging rejected it: FileNotFoundError")
+                    && e.contains("message-schemas")
+            })
+        };
+        let errors: Vec<&serde_json::Value> = m["errors"]
+            .as_array()
+            .map(|a| a.iter().filter(|e| !client_lacks_schemas(e)).collect())
+            .unwrap_or_default();
+        assert!(errors.is_empty(), "{m}\n{}", fm.stderr());
+        let status = m["topic"]
+            .as_str()
+            .and_then(|t| t.rsplit('.').next())
+            .expect("a topic");
+        assert_eq!(
+            m["schema"],
+            serde_json::json!(format!("koji-build.test.{status}.json"))
+        );
+        assert_eq!(
+            m["headers"]["fedora_messaging_schema_package"],
+            serde_json::json!("ci_messages")
+        );
+        assert_eq!(m["headers"]["priority"], serde_json::json!(0));
+    }
+    let error = valid
+        .iter()
+        .find(|m| {
+            m["topic"]
+                .as_str()
+                .is_some_and(|t| t.ends_with(".test.error"))
+        })
+        .expect("an error message");
+    assert_eq!(
+        error["body"]["pipeline"]["id"],
+        serde_json::json!(job2.id.to_string())
+    );
+    assert_eq!(
+        error["body"]["error"]["reason"],
+        serde_json::json!("crashed (blame: task, detail: segfault): the task died of SIGSEGV")
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), publisher)
