@@ -83,6 +83,38 @@ pub struct CiMessagesConfig {
     /// Which tasks publish, and how (tasks not listed publish nothing).
     #[serde(default)]
     pub tasks: BTreeMap<String, CiTask>,
+    /// Longest wait for the broker's publisher confirm of one CI message;
+    /// past it the publish counts as failed and is retried.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// How long the per-job marker of what was published is kept
+    /// (bucket `warden_ci_published`). A job that changes again after its
+    /// marker expired publishes as if new.
+    #[serde(with = "humantime_serde")]
+    pub marker_max_age: Duration,
+    /// Bound of the marker bucket in bytes (about 100 bytes a job).
+    pub marker_max_bytes: i64,
+}
+
+/// `test.category` values the CI-messages spec allows.
+pub const CI_CATEGORIES: [&str; 6] = [
+    "functional",
+    "integration",
+    "interoperability",
+    "static-analysis",
+    "system",
+    "validation",
+];
+
+/// Artifact fields the CI-messages schemas require, per artifact type
+/// Warden knows (`type` is always set from [`CiTask::artifact`]); other
+/// types are published with whatever `artifact_args` give.
+pub fn ci_required_artifact_fields(artifact: &str) -> &'static [&'static str] {
+    match artifact {
+        "koji-build" | "brew-build" => &["id", "issuer", "component", "nvr", "scratch"],
+        "fedora-update" => &["id"],
+        _ => &[],
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +146,93 @@ pub struct CiTask {
     /// the job's args (`{nvr}`), e.g. `{ id = "{build_id}", nvr = "{nvr}" }`.
     #[serde(default)]
     pub artifact_args: BTreeMap<String, String>,
+}
+
+impl CiMessagesConfig {
+    /// What is wrong with the keys beyond `exchange`, `namespace` and
+    /// `tasks` being set (checked only when enabled).
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let words_ok = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|w| {
+                    !w.is_empty()
+                        && !w
+                            .chars()
+                            .any(|c| matches!(c, '*' | '#') || c.is_whitespace() || c.is_control())
+                })
+        };
+        if !words_ok(&self.topic_prefix) {
+            p.push(format!(
+                "amqp.ci_messages.topic_prefix: {:?} must be dot-separated words without '*', '#' or spaces",
+                self.topic_prefix
+            ));
+        }
+        let api = self.api_url.trim();
+        if !(api.starts_with("http://") || api.starts_with("https://")) {
+            p.push(format!(
+                "amqp.ci_messages.api_url: {api:?} is not an http:// or https:// URL"
+            ));
+        }
+        let c = &self.contact;
+        for (key, v) in [
+            ("name", &c.name),
+            ("team", &c.team),
+            ("docs", &c.docs),
+            ("email", &c.email),
+        ] {
+            if v.trim().is_empty() {
+                p.push(format!("amqp.ci_messages.contact.{key}: must not be empty"));
+            }
+        }
+        if self.confirm_timeout.is_zero() {
+            p.push("amqp.ci_messages.confirm_timeout: must be positive".into());
+        }
+        if self.marker_max_age < Duration::from_secs(60) {
+            p.push("amqp.ci_messages.marker_max_age: must be at least 1m".into());
+        }
+        if self.marker_max_bytes <= 0 {
+            p.push("amqp.ci_messages.marker_max_bytes: must be positive".into());
+        }
+        for (name, t) in &self.tasks {
+            let at = format!("amqp.ci_messages.tasks.{name}");
+            if t.artifact.is_empty() || !words_ok(&t.artifact) || t.artifact.contains('.') {
+                p.push(format!(
+                    "{at}.artifact: {:?} must be one word (it is part of the topic)",
+                    t.artifact
+                ));
+            }
+            if !CI_CATEGORIES.contains(&t.category.as_str()) {
+                p.push(format!(
+                    "{at}.category: {:?} is not one of {}",
+                    t.category,
+                    CI_CATEGORIES.join(", ")
+                ));
+            }
+            if t.test_type.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                p.push(format!("{at}.test_type: must not be empty"));
+            }
+            if t.artifact_args.contains_key("type") {
+                p.push(format!(
+                    "{at}.artifact_args.type: the artifact type is `artifact`, not an argument"
+                ));
+            }
+            for (field, template) in &t.artifact_args {
+                if let Err(e) = crate::template::Template::parse(template) {
+                    p.push(format!("{at}.artifact_args.{field}: {e}"));
+                }
+            }
+            for field in ci_required_artifact_fields(&t.artifact) {
+                if !t.artifact_args.contains_key(*field) {
+                    p.push(format!(
+                        "{at}.artifact_args.{field}: a {} artifact needs it",
+                        t.artifact
+                    ));
+                }
+            }
+        }
+        p
+    }
 }
 
 impl AmqpConfig {
@@ -190,7 +309,81 @@ impl AmqpConfig {
             if ci.tasks.is_empty() {
                 p.push("amqp.ci_messages.tasks: name at least one task that publishes".into());
             }
+            p.extend(ci.problems());
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enabled() -> AmqpConfig {
+        let mut c = crate::Config::from_parts(None, Vec::new())
+            .expect("defaults")
+            .amqp;
+        c.url = "amqp://localhost:5672/%2f".into();
+        c.ci_messages.enabled = true;
+        c.ci_messages.tasks.insert(
+            "rpmlint".into(),
+            CiTask {
+                artifact: "koji-build".into(),
+                category: "static-analysis".into(),
+                test_type: None,
+                artifact_args: [
+                    ("id", "{build_id}"),
+                    ("issuer", "{owner}"),
+                    ("component", "{name}"),
+                    ("nvr", "{nvr}"),
+                    ("scratch", "false"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn a_complete_ci_messages_config_passes() {
+        assert_eq!(enabled().problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ci_messages_mistakes_are_named() {
+        let mut c = enabled();
+        let t = c.ci_messages.tasks.get_mut("rpmlint").expect("task");
+        t.category = "unit".into();
+        t.artifact = "koji.build".into();
+        t.artifact_args.remove("nvr");
+        t.artifact_args.insert("type".into(), "x".into());
+        t.artifact_args.insert("source".into(), "{unclosed".into());
+        c.ci_messages.api_url = "warden.example.org".into();
+        c.ci_messages.topic_prefix = "org..ci".into();
+        c.ci_messages.contact.email = " ".into();
+        c.ci_messages.confirm_timeout = Duration::ZERO;
+        c.ci_messages.marker_max_bytes = 0;
+        let p = c.problems().join("\n");
+        for needle in [
+            "tasks.rpmlint.category",
+            "tasks.rpmlint.artifact:",
+            "artifact_args.type",
+            "artifact_args.source",
+            "api_url",
+            "topic_prefix",
+            "contact.email",
+            "confirm_timeout",
+            "marker_max_bytes",
+        ] {
+            assert!(p.contains(needle), "{needle} not in:\n{p}");
+        }
+        // koji.build is not koji-build, so nvr is not required of it; a
+        // koji-build without nvr is refused.
+        let mut c = enabled();
+        let t = c.ci_messages.tasks.get_mut("rpmlint").expect("task");
+        t.artifact_args.remove("nvr");
+        assert!(c.problems().join("\n").contains("artifact_args.nvr"));
     }
 }

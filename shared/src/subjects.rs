@@ -32,8 +32,17 @@ pub const RESOURCES_BUCKET: &str = "warden_resources";
 /// ([`bot_token`]), value: [`crate::bots::BotRecord`].
 pub const BOTS_BUCKET: &str = "warden_bots";
 
+/// What the CI-messages publisher (`warden bridge amqp`,
+/// `[amqp.ci_messages]`) last published per job: key = job id, value = the
+/// ordering key of that message. Created by the publisher itself, so only
+/// deployments that publish CI messages have it.
+pub const CI_PUBLISHED_BUCKET: &str = "warden_ci_published";
+
 /// Durable consumer names.
 pub const TRIGGER_CONSUMER: &str = "warden-trigger";
+/// The CI-messages publishers' shared durable consumer on the jobs
+/// bucket's stream (every bridge replica pulls from it).
+pub const CI_MESSAGES_CONSUMER: &str = "warden-bridge-ci-messages";
 pub const SCHEDULER_REPORTS_CONSUMER: &str = "warden-scheduler-reports";
 pub const HEALTH_SUSPECTS_CONSUMER: &str = "warden-health-suspects";
 
@@ -540,6 +549,41 @@ pub fn trigger_consumer() -> consumer::pull::Config {
         ack_wait: Duration::from_secs(30),
         max_deliver: 20,
         max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// The CI-messages publishers' durable consumer on [`kv_stream`] of
+/// [`JOBS_BUCKET`]: every job revision, but only those written after the
+/// consumer was first made (`DeliverPolicy::New`), so a first start does
+/// not replay the past's jobs as CI messages; later starts resume where
+/// the consumer stands. The bucket keeps one revision per job: one
+/// superseded before a publisher pulled it (all publishers down or far
+/// behind) is gone, and only the job's latest state is published.
+pub fn ci_messages_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(CI_MESSAGES_CONSUMER.into()),
+        description: Some("bridge: job changes as Fedora CI messages".into()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: 1_000,
+        ..Default::default()
+    }
+}
+
+/// [`CI_PUBLISHED_BUCKET`]: one small value per job, kept `max_age`, at
+/// most `max_bytes` in all.
+pub fn ci_published_bucket(replicas: usize, max_bytes: i64, max_age: Duration) -> kv::Config {
+    kv::Config {
+        bucket: CI_PUBLISHED_BUCKET.into(),
+        description: "CI messages published per job (what was sent last)".into(),
+        history: 1,
+        max_age,
+        max_bytes,
+        max_value_size: 1024,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
         ..Default::default()
     }
 }

@@ -144,4 +144,5 @@ pub fn init() {
     touch_each(&m.dead_lettered, &Undecodable::REASONS);
     touch_each(&m.connects, &CONNECT_RESULTS);
     touch_each(&m.ci_published, &CI_STATUSES);
+    touch_each(&m.ci_skipped, &crate::ci::Skip::REASONS);
 }
