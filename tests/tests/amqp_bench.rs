@@ -45,7 +45,7 @@ async fn stored_rate(jsx: &async_nats::jetstream::Context, subject: &str, n: u64
 }
 
 async fn count(jsx: &async_nats::jetstream::Context, subject: &str) -> u64 {
-    let mut stream = jsx.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    let stream = jsx.get_stream(subjects::EVENTS_STREAM).await.unwrap();
     let info = stream
         .info_with_subjects(subject)
         .await

@@ -92,6 +92,7 @@ pub async fn connect(c: &AmqpConfig, name: &str) -> Result<Connection, ConnectEr
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use warden_shared::Config;

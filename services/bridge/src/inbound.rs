@@ -278,6 +278,7 @@ fn json(v: &AMQPValue) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -86,6 +86,7 @@ pub fn routing_key(subject: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use warden_shared::xorshift::XorShift;

@@ -204,7 +204,7 @@ mod tests {
             body,
             1024,
         )
-        .unwrap();
+        .expect("decodes");
         assert_eq!(e.message_id, "7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01");
         assert_eq!(
             e.topic,
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(e.body["build_id"], 1);
         // A body that has a `body` field of its own is still the body.
         let nested = br#"{"body": {"x": 1}, "id": "inner"}"#;
-        let e = decode_bridged("s", b, nested, 1024).unwrap();
+        let e = decode_bridged("s", b, nested, 1024).expect("decodes");
         assert_eq!(e.message_id, "7a4d7c9e-0b5a-4d0e-8c3b-2f1e7e8b9c01");
         assert_eq!(e.body["id"], "inner");
     }
@@ -224,7 +224,7 @@ mod tests {
             message_id: None,
             topic: None,
         };
-        let e = decode_bridged("org.x.y", none, br#"{"a": 1}"#, 1024).unwrap();
+        let e = decode_bridged("org.x.y", none, br#"{"a": 1}"#, 1024).expect("decodes");
         assert_eq!(e.topic, "org.x.y");
         assert!(e.message_id.starts_with("sha256:"));
         for (payload, reason) in [
@@ -234,7 +234,7 @@ mod tests {
         ] {
             assert_eq!(
                 decode_bridged("s", none, payload, 1024)
-                    .unwrap_err()
+                    .expect_err("refused")
                     .reason(),
                 reason
             );
