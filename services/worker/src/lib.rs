@@ -10,6 +10,7 @@
 
 pub mod checks;
 pub mod exec;
+pub mod fencing;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -114,6 +115,16 @@ struct Agent {
     fenced: tokio::sync::Notify,
     /// Why (superseded or unknown), said by whoever notified `fenced`.
     fence_reason: Mutex<Option<StopReason>>,
+    /// When the last heartbeat (or session create) that the fencing
+    /// service answered was *sent*, and whether this stretch of silence
+    /// has fenced already: the watchdog's input.
+    contact: Mutex<Contact>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Contact {
+    last_ok_sent: Instant,
+    fenced: bool,
 }
 
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), WorkerError> {
@@ -155,6 +166,10 @@ pub async fn run_with(
         slots: Arc::new(Semaphore::new(config.worker.capacity as usize)),
         fenced: tokio::sync::Notify::new(),
         fence_reason: Mutex::new(None),
+        contact: Mutex::new(Contact {
+            last_ok_sent: Instant::now(),
+            fenced: false,
+        }),
         config,
     });
     // Answer health checks before the resources are registered, so the
@@ -179,6 +194,7 @@ pub async fn run_with(
 
     let attempts = TaskTracker::new();
     let heartbeat = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
+    let watchdog = tokio::spawn(agent.clone().silence_watchdog(shutdown.clone()));
     agent
         .clone()
         .acquire_loop(attempts.clone(), shutdown.clone())
@@ -197,6 +213,7 @@ pub async fn run_with(
         attempts.wait().await;
     }
     heartbeat.abort();
+    watchdog.abort();
     if let Some(mut c) = checks {
         // Checks in flight get their answer (the loop stopped taking new
         // ones at shutdown), for at most one check timeout.
@@ -319,6 +336,7 @@ impl Agent {
             if shutdown.is_cancelled() {
                 return None;
             }
+            let sent = Instant::now();
             let res = tokio::time::timeout(
                 Duration::from_secs(5),
                 self.client.request(
@@ -334,6 +352,7 @@ impl Agent {
                         ..
                     }) => {
                         info!(bot.id = %self.bot_id, session = %name, "session created");
+                        self.heard_back(sent);
                         return Some(name);
                     }
                     Ok(r) => warn!(error = ?r.error, "session refused"),
@@ -350,12 +369,67 @@ impl Agent {
         }
     }
 
-    /// Heartbeats; replaces the session when it is rejected; stops all
-    /// attempts when the bus has been unreachable past the session timeout.
+    /// The fencing service answered a request sent at `sent`.
+    fn heard_back(&self, sent: Instant) {
+        let mut c = self.contact.lock().unwrap_or_else(|p| p.into_inner());
+        if sent >= c.last_ok_sent {
+            *c = Contact {
+                last_ok_sent: sent,
+                fenced: false,
+            };
+        }
+    }
+
+    /// How long since the last answered request to the fencing service
+    /// was sent.
+    fn silence(&self) -> Duration {
+        self.contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_ok_sent
+            .elapsed()
+    }
+
+    /// Stops every attempt once the fencing service has not answered for
+    /// [`fencing::self_fence_after`] of the session timeout, on a timer of
+    /// its own: a heartbeat waiting for its answer does not delay it. Then
+    /// the heartbeat loop replaces the session.
+    async fn silence_watchdog(self: Arc<Self>, shutdown: CancellationToken) {
+        let timeout = self.config.fencing.session_timeout;
+        let tick = fencing::watchdog_tick(timeout);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let due = {
+                let mut c = self.contact.lock().unwrap_or_else(|p| p.into_inner());
+                let due = !c.fenced && fencing::fence_due(c.last_ok_sent.elapsed(), timeout);
+                if due {
+                    c.fenced = true;
+                }
+                due
+            };
+            if !due || self.held().is_empty() {
+                continue;
+            }
+            warn!(bot.id = %self.bot_id, silent_ms = self.silence().as_millis() as u64, "the fencing service has not answered for most of the session timeout; stopping own tasks before the session can expire");
+            metrics()
+                .session_resets
+                .with_label_values(&[metrics::SELF_FENCED])
+                .inc();
+            self.stop_all(StopReason::SelfFenced);
+            *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(StopReason::SelfFenced);
+            self.fenced.notify_one();
+        }
+    }
+
+    /// Heartbeats; replaces the session when it is rejected or the
+    /// watchdog fenced it.
     async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let timeout = self.config.fencing.session_timeout;
         let period = timeout / 3;
-        let mut last_ok = Instant::now();
         let mut need_new: Option<StopReason> = None;
         // Heartbeats in a row that were not recorded (store unavailable,
         // no answer): the next one goes soon, not a full period later, so
@@ -379,7 +453,6 @@ impl Agent {
                 self.stop_all(why);
                 if let Some(name) = self.create_session(&shutdown).await {
                     *self.session.write().await = name;
-                    last_ok = Instant::now();
                     need_new = None;
                 }
                 continue;
@@ -392,8 +465,9 @@ impl Agent {
             let Ok(body) = serde_json::to_vec(&hb) else {
                 continue;
             };
+            let sent = Instant::now();
             match tokio::time::timeout(
-                period,
+                fencing::heartbeat_timeout(timeout),
                 self.client.request(
                     subjects::session_heartbeat_subject(&self.bot_id),
                     body.into(),
@@ -426,7 +500,7 @@ impl Agent {
                         }
                         None => {
                             failed = 0;
-                            last_ok = Instant::now();
+                            self.heard_back(sent);
                             for id in reply.cancel {
                                 self.stop_one(&id, StopReason::Cancelled);
                             }
@@ -441,14 +515,6 @@ impl Agent {
                     failed += 1;
                     debug!(failed, "heartbeat not answered")
                 }
-            }
-            if need_new.is_none() && last_ok.elapsed() > timeout && !self.held().is_empty() {
-                warn!(bot.id = %self.bot_id, silent_ms = last_ok.elapsed().as_millis() as u64, "cannot reach the bus past the session timeout; stopping own tasks");
-                metrics()
-                    .session_resets
-                    .with_label_values(&[metrics::SELF_FENCED])
-                    .inc();
-                need_new = Some(StopReason::SelfFenced);
             }
         }
     }
@@ -497,6 +563,17 @@ impl Agent {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
+            }
+            // No new work while the fencing service is not answering: the
+            // session may be about to expire, and the watchdog would stop
+            // the task at once.
+            if !fencing::may_acquire(self.silence(), self.config.fencing.session_timeout) {
+                drop(permits);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
             }
             let req = AcquireRequest {
                 version: MESSAGE_VERSION,
