@@ -357,3 +357,72 @@ async fn the_bridge_consumes_over_tls_with_a_client_certificate() {
     );
     assert_eq!(bridge.sample("warden_bridge_published_total").await, 1.0);
 }
+
+/// Two bridges share one queue (the broker spreads the deliveries); one
+/// is SIGKILLed while messages flow. What it held unacknowledged comes
+/// again to the other: every message is one event, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridges_share_a_queue_and_one_dying_loses_nothing() {
+    let rabbit = RabbitMq::start();
+    let nats = warden_e2e::NatsServer::start();
+    let queue = queue_name();
+    let url = rabbit.amqp_url();
+    let koji_key = "org.fedoraproject.prod.buildsys.build.state.change";
+    fedora_messaging::declare_queue(&url, &queue, &[koji_key]);
+    // A small prefetch, so both get deliveries from the first messages on.
+    let config = format!(
+        "{}prefetch = 4\n",
+        bridge_config(&rabbit, &queue, &[koji_key])
+    );
+    let mut a = Bridge::start(&nats.url(), &config);
+    let b = Bridge::start(&nats.url(), &config);
+    fedora_messaging::publish(
+        &url,
+        Kind::Koji,
+        &PublishOpts {
+            count: Some(200),
+            id_prefix: Some("shared".into()),
+            fast: true,
+            ..PublishOpts::default()
+        },
+    );
+    eventually(Duration::from_secs(60), "both bridges at work", || async {
+        (a.sample("warden_bridge_published_total").await >= 1.0
+            && b.sample("warden_bridge_published_total").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    a.kill();
+    eventually(Duration::from_secs(90), "the queue drained", || async {
+        (rabbit.queue_messages(&queue) == (0, 0)).then_some(())
+    })
+    .await;
+    assert_eq!(events_in_stream(&nats.url()).await, 200);
+}
+
+/// `warden up` runs the bridge when `amqp.url` is set: the two commands of
+/// the README are all a Fedora deployment needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warden_up_runs_the_bridge_when_amqp_is_configured() {
+    let rabbit = RabbitMq::start();
+    let queue = queue_name();
+    let s = Scenario::new()
+        .config(&bridge_config(
+            &rabbit,
+            &queue,
+            &["org.fedoraproject.prod.#"],
+        ))
+        .workers(1)
+        .up();
+    // `up` is healthy only once the bridge consumes: its queue exists.
+    assert_eq!(rabbit.queue_messages(&queue), (0, 0));
+    let k = fedora_messaging::publish(&rabbit.amqp_url(), Kind::Koji, &koji("koji-up", 1));
+    let jobs = wait_finished(&s, "rpmlint", 1).await;
+    assert_eq!(jobs[0]["source"]["message_id"], k[0].id.as_str());
+    let m = s.metrics().await;
+    assert_eq!(
+        warden_e2e::sample(&m, "warden_bridge_published_total"),
+        Some(1.0),
+        "{m}"
+    );
+}
