@@ -961,6 +961,7 @@ pub struct Bridge {
     log: PathBuf,
     /// `http://127.0.0.1:<port>` of its metrics server.
     pub metrics: String,
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -975,6 +976,16 @@ impl Bridge {
     /// Starts the bridge with more arguments (e.g. the hidden
     /// `--crash-after-publish N`), without waiting.
     pub fn spawn(nats_url: &str, config: &str, extra: &[&str]) -> Bridge {
+        Bridge::spawn_with_env(nats_url, config, extra, &[])
+    }
+
+    /// [`Bridge::spawn`] with these environment variables (its NATS login).
+    pub fn spawn_with_env(
+        nats_url: &str,
+        config: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Bridge {
         let dir = tempfile::Builder::new()
             .prefix("warden-bridge-")
             .tempdir()
@@ -987,6 +998,7 @@ impl Bridge {
             conf,
             log: dir.path().join("bridge.log"),
             metrics: format!("http://127.0.0.1:{}", free_port()),
+            env: env.to_vec(),
             _dir: dir,
         };
         b.launch(extra);
@@ -1004,6 +1016,7 @@ impl Bridge {
             .arg(&self.conf)
             .args(["bridge", "amqp"])
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("WARDEN_LOG", "info,async_nats=warn,lapin=warn")
             .env(
                 "WARDEN_METRICS_LISTEN",

@@ -26,7 +26,7 @@ name = "koji-build-completed"
 topic = "org.fedoraproject.*.buildsys.build.state.change"
 when = { new = 1 }
 tasks = ["rpmlint"]
-args = { nvr = "{name}-{version}-{release}", owner = "{owner}", build_id = "{build_id}" }
+args = { nvr = "{name}-{version}-{release}", owner = "{owner}", build_id = "{build_id}", name = "{name}" }
 
 [[trigger.rules]]
 name = "bodhi-update-testing"
@@ -425,4 +425,86 @@ async fn warden_up_runs_the_bridge_when_amqp_is_configured() {
         Some(1.0),
         "{m}"
     );
+}
+
+/// With the shipped NATS permissions: the bridge logs in as its own user
+/// (`warden-bridge`, no JetStream administration), brings a Koji message
+/// in and the finished job's CI message out, valid to the real
+/// fedora-messaging client, with no permission refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_works_in_and_out_with_its_own_nats_user() {
+    let rabbit = RabbitMq::start();
+    let s = Scenario::new().config(RULES).secured(&["bot-a"]).up();
+    let _worker = s.bot_worker("bot-a");
+    let ci = fedora_messaging::CiConsumer::start(
+        &rabbit.amqp_url(),
+        &queue_name(),
+        "org.fedoraproject.prod.ci.#",
+    );
+    let queue = queue_name();
+    let config = format!(
+        "{}\n[amqp.ci_messages]\nenabled = true\n\n[amqp.ci_messages.tasks.rpmlint]\nartifact = \"koji-build\"\ncategory = \"static-analysis\"\nartifact_args = {{ id = \"{{build_id}}\", nvr = \"{{nvr}}\", issuer = \"{{owner}}\", component = \"{{name}}\", scratch = \"false\" }}\n",
+        bridge_config(&rabbit, &queue, &["org.fedoraproject.prod.#"])
+    );
+    let login = vec![
+        ("WARDEN_NATS_USER".to_string(), "warden-bridge".to_string()),
+        (
+            "WARDEN_NATS_PASSWORD".to_string(),
+            warden_e2e::role_password("warden-bridge"),
+        ),
+    ];
+    let bridge = Bridge::spawn_with_env(&s.url(), &config, &[], &login);
+    bridge.wait_healthy();
+    // The CI consumer is ready before the first job change.
+    eventually(
+        Duration::from_secs(60),
+        "the CI publisher pulling",
+        || async { (bridge.log_text().contains("CI messages: AMQP connected")).then_some(()) },
+    )
+    .await;
+    let k = fedora_messaging::publish(&rabbit.amqp_url(), Kind::Koji, &koji("koji-secured", 1));
+    let jobs = wait_finished(&s, "rpmlint", 1).await;
+    assert_eq!(jobs[0]["source"]["message_id"], k[0].id.as_str());
+    let complete = eventually(Duration::from_secs(60), "a complete CI message", || {
+        let m = ci.messages();
+        async move {
+            m.into_iter().find(|m| {
+                m["topic"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with(".test.complete"))
+            })
+        }
+    })
+    .await;
+    assert_eq!(complete["valid"], true, "{complete}");
+    assert_eq!(complete["client_validated"], true, "{complete}");
+    assert_eq!(complete["body"]["test"]["result"], "passed");
+    assert_eq!(
+        complete["body"]["pipeline"]["id"],
+        jobs[0]["id"].as_str().unwrap()
+    );
+    assert_eq!(complete["body"]["artifact"]["id"], 1478312);
+    assert_eq!(complete["body"]["artifact"]["component"], "chromium");
+    // One complete message, and not a warning in the bridge's log: a
+    // permission the bridge lacks shows as a refused or timed-out request
+    // (and a CI message published again for a marker it cannot write).
+    never_within(Duration::from_secs(3), "a second complete message", || {
+        let n = ci
+            .messages()
+            .iter()
+            .filter(|m| {
+                m["topic"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with(".test.complete"))
+            })
+            .count();
+        async move { (n != 1).then_some(n) }
+    })
+    .await;
+    let log = bridge.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
 }

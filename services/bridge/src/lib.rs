@@ -41,6 +41,8 @@ pub enum BridgeError {
     Connect(#[from] runtime::ConnectError),
     #[error("cannot read the AMQP TLS files")]
     Tls(#[from] amqp::ConnectError),
+    #[error("cannot look up the events stream")]
+    Events(#[source] async_nats::jetstream::context::GetStreamError),
 }
 
 /// Options of one bridge process beyond its config.
@@ -68,15 +70,33 @@ pub async fn run_with(
     amqp::tls_config(&config.amqp)?;
     warden_shared::metrics::starting(SERVICE);
     metrics::init();
-    let Some((client, handles)) = runtime::Connect::new(&config, SERVICE)
-        .topology(&shutdown)
-        .await?
-    else {
-        return Ok(());
-    };
+    // The bridge creates no stream: the services do (its NATS user,
+    // warden-bridge, may not). It waits for the events stream instead.
+    let client = runtime::Connect::new(&config, SERVICE).client().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    if config.amqp.consumes() {
+        let found = warden_shared::ready::retry_until_ready(
+            SERVICE,
+            "the events stream",
+            &shutdown,
+            || {
+                let js = js.clone();
+                async move {
+                    js.get_stream(warden_shared::subjects::EVENTS_STREAM)
+                        .await
+                        .map(|_| ())
+                }
+            },
+        )
+        .await
+        .map_err(BridgeError::Events)?;
+        if found.is_none() {
+            return Ok(());
+        }
+    }
     let mut tasks = tokio::task::JoinSet::new();
     if config.amqp.ci_messages.enabled {
-        let (c, js, t) = (config.clone(), handles.js.clone(), shutdown.clone());
+        let (c, js, t) = (config.clone(), js.clone(), shutdown.clone());
         tasks.spawn(async move { ci::run(c, js, t).await });
     }
     if config.amqp.consumes() {
@@ -86,7 +106,7 @@ pub async fn run_with(
             .filter(|n| *n > 0)
             .unwrap_or(usize::MAX);
         let ib = Arc::new(Inbound {
-            js: handles.js.clone(),
+            js: js.clone(),
             amqp: config.amqp.clone(),
             rules: inbound::Rules {
                 subject_prefix: config.amqp.subject_prefix.clone(),

@@ -97,8 +97,16 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         }
     }
     if config.amqp.enabled() {
-        let (c, t) = (config.clone(), shutdown.clone());
-        start(&mut set, "bridge", warden_bridge::run(c, t));
+        let mut bc = (*config).clone();
+        if let Some(s) = &secure {
+            // Secured, the bridge logs in as its own user, as in production.
+            s.apply(&mut bc.nats, "bridge")?;
+        }
+        start(
+            &mut set,
+            "bridge",
+            warden_bridge::run(Arc::new(bc), shutdown.clone()),
+        );
     }
     let mut bots = Vec::new();
     for i in 1..=args.workers {
