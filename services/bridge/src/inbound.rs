@@ -106,11 +106,13 @@ pub fn to_event(msg: &Message<'_>, rules: &Rules) -> Result<Event, Undecodable> 
             return Err(Undecodable::UnsupportedEncoding(enc.to_string()));
         }
     }
-    // Syntax only: the trigger reads the body; this keeps what it would
-    // refuse out of the events stream, without building a tree.
-    serde_json::from_slice::<serde::de::IgnoredAny>(msg.body)
-        .map_err(|e| Undecodable::InvalidJson(e.to_string()))?;
-    if msg.body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    // Parsed as the trigger parses it, so nothing the trigger would
+    // refuse for its form reaches the events stream (a syntax-only pass
+    // lets through invalid UTF-8 inside strings and lone surrogate
+    // escapes, which the trigger refuses: found by fuzz/amqp).
+    let value: Value =
+        serde_json::from_slice(msg.body).map_err(|e| Undecodable::InvalidJson(e.to_string()))?;
+    if !value.is_object() {
         return Err(Undecodable::NotAnObject);
     }
     let subject = crate::subject::prefixed(&rules.subject_prefix, msg.routing_key);
@@ -190,14 +192,22 @@ fn header_safe(v: &str) -> bool {
     !v.chars().any(char::is_control)
 }
 
-/// `v` as a header value: control characters JSON-escaped inside the
-/// text (a value with none is unchanged).
+/// `v` as a header value: each control character (CR, LF, DEL, ...)
+/// written `\uXXXX` as JSON would, a backslash before one doubled (a value
+/// with none is unchanged).
 fn header_value(v: &str) -> String {
     if header_safe(v) {
         return v.to_string();
     }
-    let quoted = Value::String(v.to_string()).to_string();
-    quoted[1..quoted.len() - 1].to_string()
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `n` as a header name: visible ASCII but `:`; anything else becomes `_`.
@@ -379,6 +389,10 @@ mod tests {
             ),
             (koji(b"\xff\xfe not json"), "invalid_json"),
             (koji(b"{\"a\": "), "invalid_json"),
+            // Invalid UTF-8 in a string, and a lone surrogate: the trigger
+            // refuses both (found by fuzz/amqp).
+            (koji(b"{\"a\": \"x\x8fy\"}"), "invalid_json"),
+            (koji(br#"{"a": "\ud800"}"#), "invalid_json"),
             (koji(b"[1, 2]"), "not_an_object"),
             (koji(b"\"text\""), "not_an_object"),
             (
@@ -428,7 +442,16 @@ mod tests {
         );
         assert_ne!(header(&e, "Warden-Topic"), Some("forged"));
         assert!(header(&e, "Nats-Msg-Id").is_none());
-        assert_eq!(header(&e, "bad_name_"), Some("line\\r\\nbreak"));
+        assert_eq!(header(&e, "bad_name_"), Some("line\\u000d\\u000abreak"));
+        // DEL too (found by fuzz/amqp: a routing key with one).
+        let mut m = koji(b"{}");
+        m.routing_key = "org.fedoraproject.a\u{7f}b";
+        let e = to_event(&m, &rules()).unwrap();
+        assert_eq!(
+            header(&e, "Warden-Topic"),
+            Some("org.fedoraproject.a\\u007fb")
+        );
+        assert_eq!(e.subject, "org.fedoraproject.a%7Fb");
     }
 
     #[test]
