@@ -1118,3 +1118,13 @@ impl Drop for Bridge {
         self.kill();
     }
 }
+
+/// Creates Warden's streams and buckets (the default topology) on the
+/// server at `nats_url`, as the services do at start: for a test that runs
+/// a client which creates none (the AMQP bridge) without the services.
+pub async fn ensure_topology(nats_url: &str) {
+    let (_client, jsx) = js(nats_url).await;
+    warden_shared::subjects::ensure(&jsx, &warden_shared::Config::defaults().topology())
+        .await
+        .expect("streams and buckets");
+}

@@ -66,6 +66,8 @@ async fn bridge_throughput_against_jetstream_alone() {
         .unwrap_or(2000);
     let rabbit = RabbitMq::start();
     let nats = NatsServer::start();
+    // The bridge creates no stream (the services do): make them here.
+    warden_e2e::ensure_topology(&nats.url()).await;
     let queue = uuid::Uuid::new_v4().to_string();
     let koji = "org.fedoraproject.prod.buildsys.build.state.change";
     fedora_messaging::declare_queue(&rabbit.amqp_url(), &queue, &[koji]);

@@ -365,6 +365,8 @@ async fn the_bridge_consumes_over_tls_with_a_client_certificate() {
 async fn two_bridges_share_a_queue_and_one_dying_loses_nothing() {
     let rabbit = RabbitMq::start();
     let nats = warden_e2e::NatsServer::start();
+    // The bridge creates no stream (the services do): make them here.
+    warden_e2e::ensure_topology(&nats.url()).await;
     let queue = queue_name();
     let url = rabbit.amqp_url();
     let koji_key = "org.fedoraproject.prod.buildsys.build.state.change";
