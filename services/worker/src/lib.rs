@@ -450,6 +450,13 @@ impl Agent {
                 }
             }
             if let Some(why) = need_new {
+                // The old session is given up before the new one is asked
+                // for: a grant to it that arrives meanwhile (an acquire
+                // sent under it, answered late) is then not this worker's
+                // (`acquire_loop` compares), even in the moment between
+                // the fencing service recording the new session and this
+                // worker hearing of it.
+                self.session.write().await.clear();
                 self.stop_all(why);
                 if let Some(name) = self.create_session(&shutdown).await {
                     *self.session.write().await = name;
@@ -563,6 +570,15 @@ impl Agent {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
+            }
+            // No session while one is being replaced: nothing to ask under.
+            if self.session.read().await.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
             }
             // No new work while the fencing service is not answering: the
             // session may be about to expire, and the watchdog would stop
