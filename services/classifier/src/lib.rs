@@ -67,6 +67,7 @@ struct RuleFile {
 
 struct Compiled {
     rule: ClassifyRule,
+    origin: Origin,
     blame: Blame,
     tasks: Vec<String>,
     codes: Vec<(i64, i64)>,
@@ -117,8 +118,8 @@ impl Classifier {
     pub fn from_config(config: &Config) -> Result<Classifier, Vec<String>> {
         let c = &config.classifier;
         let mut problems = Vec::new();
-        let mut sources: Vec<(String, Vec<ClassifyRule>)> =
-            vec![("classifier.rules".into(), c.rules.clone())];
+        let mut sources: Vec<(String, Origin, Vec<ClassifyRule>)> =
+            vec![("classifier.rules".into(), Origin::Operator, c.rules.clone())];
         if c.default_rules {
             match toml::from_str::<RuleFile>(DEFAULT_RULES_TOML) {
                 Ok(f) => {
@@ -132,13 +133,13 @@ impl Classifier {
                             ));
                         }
                     }
-                    sources.push(("default rules".into(), f.rules));
+                    sources.push(("default rules".into(), Origin::Shipped, f.rules));
                 }
                 Err(e) => problems.push(format!("default rules: {e}")),
             }
         }
         let mut rules = Vec::new();
-        for (from, list) in sources {
+        for (from, origin, list) in sources {
             for (i, rule) in list.into_iter().enumerate() {
                 let at = format!("{from}[{i}] ({})", rule.name);
                 let log = rule.log.as_deref().map(|p| compile(p, "log", &at));
@@ -156,6 +157,7 @@ impl Classifier {
                     .or_else(|| c.details.get(&rule.detail).map(|d| d.blame))
                     .unwrap_or(Blame::Unknown);
                 rules.push(Compiled {
+                    origin,
                     blame,
                     tasks: rule
                         .task
@@ -249,16 +251,30 @@ impl Classifier {
         let log = tail(&crash.log_tail, self.max_scan);
         let status_scan = tail(status, self.max_scan);
         for r in &self.rules {
-            if let Some(found) = self.matches(r, input, log, status_scan) {
-                let description = render(&r.rule.description, &found, input);
-                return self.finish(
-                    r.blame,
-                    r.rule.detail.clone(),
-                    description,
-                    r.rule.name.clone(),
-                );
+            if let RuleCheck::Matched { line } = check(r, input, log, status_scan) {
+                return self.decide(r, &line, input);
             }
         }
+        self.without_rule(status_verdict, status, crash)
+    }
+
+    fn decide(&self, r: &Compiled, line: &str, input: &CrashInput) -> Classification {
+        let description = render(&r.rule.description, line, input);
+        self.finish(
+            r.blame,
+            r.rule.detail.clone(),
+            description,
+            r.rule.name.clone(),
+        )
+    }
+
+    /// The decision when no rule matched.
+    fn without_rule(
+        &self,
+        status_verdict: StatusFile,
+        status: &str,
+        crash: &CrashInfo,
+    ) -> Classification {
         if let StatusFile::Invalid(why) = status_verdict {
             return self.finish(
                 Blame::Task,
@@ -278,39 +294,224 @@ impl Classifier {
         )
     }
 
-    /// The matched line (or "" when the rule has no pattern) if every
-    /// condition of `r` holds.
-    fn matches(&self, r: &Compiled, input: &CrashInput, log: &str, status: &str) -> Option<String> {
-        let c = input.crash;
-        if !r.tasks.is_empty() && !r.tasks.iter().any(|t| t == input.task) {
-            return None;
+    /// Every rule tried against `input`, in order, with why it matched or
+    /// not, and the decision [`Classifier::classify`] makes (`warden
+    /// classify --explain`). Costs a full pass of every rule, where
+    /// `classify` stops at the first match.
+    pub fn explain(&self, input: &CrashInput) -> Explanation {
+        let crash = input.crash;
+        let status = crash.status_file.as_deref().map(str::trim).unwrap_or("");
+        let status_verdict = read_status(status);
+        let status_file = match &status_verdict {
+            StatusFile::None => StatusFileRead::Absent,
+            StatusFile::Verdict => StatusFileRead::Verdict,
+            StatusFile::Fault { .. } => StatusFileRead::Fault,
+            StatusFile::Invalid(why) => StatusFileRead::Invalid {
+                why: (*why).to_string(),
+            },
+        };
+        let log = tail(&crash.log_tail, self.max_scan);
+        let status_scan = tail(status, self.max_scan);
+        let rules: Vec<RuleTrace> = self
+            .rules
+            .iter()
+            .map(|r| RuleTrace {
+                rule: r.rule.name.clone(),
+                origin: r.origin,
+                blame: r.blame,
+                detail: r.rule.detail.clone(),
+                check: check(r, input, log, status_scan),
+            })
+            .collect();
+        let decision = self.classify(input);
+        let matched: Vec<&str> = rules
+            .iter()
+            .filter(|t| matches!(t.check, RuleCheck::Matched { .. }))
+            .map(|t| t.rule.as_str())
+            .collect();
+        let why = why_it_won(&decision, &status_file, &matched);
+        Explanation {
+            status_file,
+            rules,
+            decision,
+            why,
         }
-        if !r.codes.is_empty() {
-            let code = i64::from(c.exit_code?);
-            if !r.codes.iter().any(|(a, b)| (*a..=*b).contains(&code)) {
-                return None;
-            }
-        }
-        if !r.signals.is_empty() && !r.signals.contains(&c.signal?) {
-            return None;
-        }
-        if let Some(t) = r.rule.timed_out {
-            if c.timed_out != t {
-                return None;
-            }
-        }
-        let mut found = String::new();
-        if let Some(re) = &r.status {
-            let m = re.find(status)?;
-            found = line_of(status, m.start(), m.end());
-        }
-        if let Some(re) = &r.log {
-            // The last match: the line nearest the end is the likeliest cause.
-            let m = re.find_iter(log).last()?;
-            found = line_of(log, m.start(), m.end());
-        }
-        Some(found)
     }
+}
+
+/// Where a rule comes from: an operator's `[[classifier.rules]]` are tried
+/// before the shipped ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    Operator,
+    Shipped,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Operator => "operator",
+            Origin::Shipped => "shipped",
+        }
+    }
+}
+
+/// One rule against one crash: it matched (on which line), or the first
+/// of its conditions, in the order they are checked, that did not hold.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RuleCheck {
+    /// Every condition held; `line` is the matched line ("" when the rule
+    /// has no pattern).
+    Matched { line: String },
+    /// The rule names other tasks.
+    OtherTask,
+    /// The rule wants other exit codes (or the task did not exit).
+    ExitCode { exit_code: Option<i32> },
+    /// The rule wants other signals (or no signal ended the task).
+    Signal { signal: Option<i32> },
+    /// The rule wants `timed_out` to be the other way.
+    TimedOut { timed_out: bool },
+    /// The status-file pattern found nothing.
+    NoStatusMatch,
+    /// The log pattern found nothing in the scanned tail.
+    NoLogMatch,
+}
+
+impl RuleCheck {
+    /// One line for a person.
+    pub fn describe(&self) -> String {
+        match self {
+            RuleCheck::Matched { line } if line.is_empty() => "matched".into(),
+            RuleCheck::Matched { line } => format!("matched: {line}"),
+            RuleCheck::OtherTask => "not this task".into(),
+            RuleCheck::ExitCode { exit_code: Some(c) } => format!("not for exit code {c}"),
+            RuleCheck::ExitCode { exit_code: None } => {
+                "wants an exit code; the task did not exit".into()
+            }
+            RuleCheck::Signal { signal: Some(s) } => format!("not for {}", signal_name(*s)),
+            RuleCheck::Signal { signal: None } => "wants a signal; none ended the task".into(),
+            RuleCheck::TimedOut { timed_out: true } => {
+                "not for a task killed at its time limit".into()
+            }
+            RuleCheck::TimedOut { timed_out: false } => {
+                "only for a task killed at its time limit".into()
+            }
+            RuleCheck::NoStatusMatch => "its status pattern is not in the status file".into(),
+            RuleCheck::NoLogMatch => "its log pattern is not in the log".into(),
+        }
+    }
+}
+
+/// One line of [`Explanation::rules`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RuleTrace {
+    pub rule: String,
+    pub origin: Origin,
+    pub blame: Blame,
+    pub detail: String,
+    pub check: RuleCheck,
+}
+
+/// What the status file said, as the classifier read it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "read", rename_all = "snake_case")]
+pub enum StatusFileRead {
+    Absent,
+    Verdict,
+    /// A fault (`{"blame", "detail"}`): it decides, before any rule.
+    Fault,
+    Invalid {
+        why: String,
+    },
+}
+
+/// [`Classifier::explain`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Explanation {
+    pub status_file: StatusFileRead,
+    /// Every rule in the order tried.
+    pub rules: Vec<RuleTrace>,
+    /// What `classify` decides.
+    pub decision: Classification,
+    /// Why that rule (or the status file, or the fallback) decided.
+    pub why: String,
+}
+
+/// Why `decision` won, given which rules matched.
+fn why_it_won(decision: &Classification, status: &StatusFileRead, matched: &[&str]) -> String {
+    let others = |skip: usize| -> String {
+        let rest: Vec<&str> = matched.iter().skip(skip).copied().collect();
+        if rest.is_empty() {
+            "no other rule matched".into()
+        } else {
+            format!(
+                "{} later rule{} also matched ({}) but the first match decides",
+                rest.len(),
+                if rest.len() == 1 { "" } else { "s" },
+                rest.join(", ")
+            )
+        }
+    };
+    if *status == StatusFileRead::Fault {
+        return format!(
+            "the task's status file declared a fault, which wins over every rule; {}",
+            others(0).replace("later ", "")
+        );
+    }
+    match matched.first() {
+        Some(first) => format!(
+            "{first} is the first rule that matched (an operator's rules are tried before the shipped ones, each in file order); {}",
+            others(1)
+        ),
+        None if decision.rule == "status_file_invalid" => {
+            "no rule matched, and the status file is not OK, a verdict or a fault".into()
+        }
+        None => "no rule matched".into(),
+    }
+}
+
+/// Every condition of `r` against `input`, cheapest first: the matched
+/// line, or the first condition that does not hold.
+fn check(r: &Compiled, input: &CrashInput, log: &str, status: &str) -> RuleCheck {
+    let c = input.crash;
+    if !r.tasks.is_empty() && !r.tasks.iter().any(|t| t == input.task) {
+        return RuleCheck::OtherTask;
+    }
+    if !r.codes.is_empty() {
+        let code = c.exit_code.map(i64::from);
+        if !code.is_some_and(|code| r.codes.iter().any(|(a, b)| (*a..=*b).contains(&code))) {
+            return RuleCheck::ExitCode {
+                exit_code: c.exit_code,
+            };
+        }
+    }
+    if !r.signals.is_empty() && !c.signal.is_some_and(|s| r.signals.contains(&s)) {
+        return RuleCheck::Signal { signal: c.signal };
+    }
+    if let Some(t) = r.rule.timed_out {
+        if c.timed_out != t {
+            return RuleCheck::TimedOut {
+                timed_out: c.timed_out,
+            };
+        }
+    }
+    let mut line = String::new();
+    if let Some(re) = &r.status {
+        let Some(m) = re.find(status) else {
+            return RuleCheck::NoStatusMatch;
+        };
+        line = line_of(status, m.start(), m.end());
+    }
+    if let Some(re) = &r.log {
+        // The last match: the line nearest the end is the likeliest cause.
+        let Some(m) = re.find_iter(log).last() else {
+            return RuleCheck::NoLogMatch;
+        };
+        line = line_of(log, m.start(), m.end());
+    }
+    RuleCheck::Matched { line }
 }
 
 /// `docs/crash-details.md`: the catalogue as operators read it, generated
@@ -644,6 +845,91 @@ description = "{task} exit {exit_code}: {match}"
         assert_ne!(
             run(&c, &crash("mirror a is down", Some(99), None)).rule,
             "ours"
+        );
+    }
+
+    fn trace<'a>(e: &'a Explanation, rule: &str) -> &'a RuleTrace {
+        e.rules
+            .iter()
+            .find(|t| t.rule == rule)
+            .unwrap_or_else(|| panic!("no rule {rule}"))
+    }
+
+    #[test]
+    fn explain_lists_every_rule_and_agrees_with_classify() {
+        let c = classifier(
+            r#"
+[[classifier.rules]]
+name = "ours"
+exit_code = 3
+log = "mirror is down"
+detail = "network"
+description = "{match}"
+"#,
+        );
+        let info = crash(
+            "Could not resolve host: example.org\nmirror is down\n",
+            Some(3),
+            None,
+        );
+        let input = CrashInput {
+            task: "t",
+            crash: &info,
+            resource: None,
+        };
+        let e = c.explain(&input);
+        assert_eq!(e.decision, c.classify(&input));
+        assert_eq!(e.rules.len(), c.rule_names().count());
+        assert_eq!(e.rules[0].rule, "ours");
+        assert_eq!(e.rules[0].origin, Origin::Operator);
+        assert_eq!(
+            e.rules[0].check,
+            RuleCheck::Matched {
+                line: "mirror is down".into()
+            }
+        );
+        let network = trace(&e, "network");
+        assert_eq!(network.origin, Origin::Shipped);
+        assert!(matches!(network.check, RuleCheck::Matched { .. }));
+        assert!(
+            e.why.starts_with("ours is the first rule that matched") && e.why.contains("network"),
+            "{}",
+            e.why
+        );
+        // Each condition that rules a rule out is named.
+        let time = trace(&e, "time-limit");
+        assert_eq!(time.check, RuleCheck::TimedOut { timed_out: false });
+        let sig = trace(&e, "segfault");
+        assert_eq!(sig.check, RuleCheck::Signal { signal: None });
+        let exit = trace(&e, "sigkill-killed");
+        assert_eq!(exit.check, RuleCheck::ExitCode { exit_code: Some(3) });
+
+        // A status-file fault decides before every rule, and says so.
+        let mut info = info.clone();
+        info.status_file = Some(r#"{"blame":"task","detail":"task_failure"}"#.into());
+        let e = c.explain(&CrashInput {
+            task: "t",
+            crash: &info,
+            resource: None,
+        });
+        assert_eq!(e.status_file, StatusFileRead::Fault);
+        assert_eq!(e.decision.rule, "status_file");
+        assert!(e.why.starts_with("the task's status file declared a fault"));
+
+        // Nothing matches: the fallback, and the explanation says so.
+        let info = crash("all good\n", Some(42), None);
+        let e = c.explain(&CrashInput {
+            task: "t",
+            crash: &info,
+            resource: None,
+        });
+        assert!(e
+            .rules
+            .iter()
+            .all(|t| !matches!(t.check, RuleCheck::Matched { .. })));
+        assert_eq!(
+            (e.decision.rule.as_str(), e.why.as_str()),
+            ("fallback", "no rule matched")
         );
     }
 

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use warden_classifier::{Classifier, CrashInput};
+use warden_classifier::{Classifier, CrashInput, Explanation, RuleCheck, StatusFileRead};
 use warden_shared::classify::signal_number;
 use warden_shared::job::CrashInfo;
 use warden_shared::Config;
@@ -32,7 +32,13 @@ pub struct ClassifyArgs {
     /// The worker killed the task for its time limit
     #[arg(long)]
     pub timed_out: bool,
-    /// Print a JSON object
+    /// Also show every rule tried, in order, whether it matched (and on
+    /// which line) or which condition ruled it out, and why the decision
+    /// won
+    #[arg(long)]
+    pub explain: bool,
+    /// Print a JSON object (with --explain: the decision, every rule's
+    /// result and why)
     #[arg(long)]
     pub json: bool,
 }
@@ -62,6 +68,46 @@ fn read_head(path: &Path, max: usize) -> anyhow::Result<String> {
     };
     let bytes = read().with_context(|| format!("cannot read {}", path.display()))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `--explain` as text: the status file, every rule with its result (the
+/// deciding one marked), and why it decided.
+fn explanation_text(e: &Explanation) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nstatus file: {}\n",
+        match &e.status_file {
+            StatusFileRead::Absent => "none".to_string(),
+            StatusFileRead::Verdict => "a verdict (rules decide)".to_string(),
+            StatusFileRead::Fault => "a fault: it decides before any rule".to_string(),
+            StatusFileRead::Invalid { why } => format!("invalid ({why})"),
+        }
+    ));
+    out.push_str("rules, in the order tried:\n");
+    let width = e.rules.iter().map(|t| t.rule.len()).max().unwrap_or(0);
+    let mut decided = false;
+    for (i, t) in e.rules.iter().enumerate() {
+        let matched = matches!(t.check, RuleCheck::Matched { .. });
+        let mark = if matched && !decided && e.decision.rule == t.rule {
+            decided = true;
+            "=>"
+        } else if matched {
+            " +"
+        } else {
+            "  "
+        };
+        out.push_str(&format!(
+            "{mark} {:>3}. {:<width$}  {:<8}  {}/{}: {}\n",
+            i + 1,
+            t.rule,
+            t.origin.as_str(),
+            t.blame,
+            t.detail,
+            t.check.describe(),
+        ));
+    }
+    out.push_str(&format!("why: {}\n", e.why));
+    out
 }
 
 pub fn run(config: &Config, args: &ClassifyArgs) -> anyhow::Result<i32> {
@@ -107,23 +153,33 @@ pub fn run(config: &Config, args: &ClassifyArgs) -> anyhow::Result<i32> {
         timed_out: args.timed_out,
         resources: Vec::new(),
     };
-    let c = classifier.classify(&CrashInput {
+    let input = CrashInput {
         task: &args.task,
         crash: &crash,
         resource: None,
-    });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
-    } else {
-        println!("blame:       {}", c.blame);
-        println!("detail:      {}", c.detail);
-        println!("description: {}", c.description);
-        println!("rule:        {}", c.rule);
-        println!("notify:      {}", c.notify.as_str());
-        println!(
-            "suspect:     {}",
-            if c.suspect_resource { "resource" } else { "no" }
-        );
+    };
+    let explained = args.explain.then(|| classifier.explain(&input));
+    let c = match &explained {
+        Some(e) => e.decision.clone(),
+        None => classifier.classify(&input),
+    };
+    match (&explained, args.json) {
+        (Some(e), true) => println!("{}", serde_json::to_string_pretty(e)?),
+        (None, true) => println!("{}", serde_json::to_string_pretty(&c)?),
+        (_, false) => {
+            println!("blame:       {}", c.blame);
+            println!("detail:      {}", c.detail);
+            println!("description: {}", c.description);
+            println!("rule:        {}", c.rule);
+            println!("notify:      {}", c.notify.as_str());
+            println!(
+                "suspect:     {}",
+                if c.suspect_resource { "resource" } else { "no" }
+            );
+        }
+    }
+    if let (Some(e), false) = (&explained, args.json) {
+        print!("{}", explanation_text(e));
     }
     Ok(0)
 }

@@ -185,3 +185,74 @@ fn bad_input_is_an_error_with_exit_64() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("(broken)"), "{err}");
 }
+
+#[test]
+fn explain_shows_every_rule_and_why_the_first_match_won() {
+    // From https://github.com/openshift/jenkins/issues/1774: dnf could not
+    // download the metadata because the host did not resolve: the
+    // repository rule and the network rule both match; the repository rule
+    // comes first and decides.
+    let log = fixture("dnf-rhel8-baseos-unresolvable.log");
+    let out = warden(&["classify", "--log", &log, "--exit-code", "1", "--explain"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |rule: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!(". {rule} ")))
+            .unwrap_or_else(|| panic!("no line for {rule}:\n{text}"))
+            .to_string()
+    };
+    assert!(
+        line("repository-unreachable").starts_with("=>"),
+        "the deciding rule is marked:\n{text}"
+    );
+    assert!(
+        line("repository-unreachable").contains("matched: "),
+        "{text}"
+    );
+    assert!(
+        line("network").starts_with(" +"),
+        "a later match is shown as such:\n{text}"
+    );
+    assert!(
+        line("time-limit").contains("only for a task killed at its time limit"),
+        "{text}"
+    );
+    assert!(
+        line("sigkill-killed").contains("not for exit code 1"),
+        "{text}"
+    );
+    assert!(
+        line("oom-killer").contains("its log pattern is not in the log"),
+        "{text}"
+    );
+    let why = text.lines().find(|l| l.starts_with("why: ")).unwrap();
+    assert!(
+        why.contains("repository-unreachable is the first rule that matched")
+            && why.contains("1 later rule also matched (network)"),
+        "{why}"
+    );
+
+    // As JSON: every rule, in order, with its result.
+    let out = warden(&[
+        "classify",
+        "--log",
+        &log,
+        "--exit-code",
+        "1",
+        "--explain",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decision"]["rule"], "repository-unreachable", "{v}");
+    let rules = v["rules"].as_array().unwrap();
+    assert!(rules.len() > 10, "{v}");
+    let first_match = rules
+        .iter()
+        .find(|r| r["check"]["result"] == "matched")
+        .unwrap();
+    assert_eq!(first_match["rule"], "repository-unreachable");
+    assert_eq!(first_match["origin"], "shipped");
+    assert_eq!(v["status_file"]["read"], "absent");
+}
