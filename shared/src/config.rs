@@ -387,7 +387,7 @@ pub struct TaskConfig {
     /// Exit code → verdict (`outcome`). Any other exit is a crash.
     #[serde(default = "default_verdicts")]
     pub verdicts: BTreeMap<String, String>,
-    /// Kill the task after this long (a crash, `watchdog_timeout` later).
+    /// Kill the task after this long (a crash, `task/time_limit`).
     #[serde(
         default,
         with = "humantime_serde",

@@ -26,7 +26,7 @@ pub mod service;
 
 use std::collections::BTreeMap;
 
-use regex::{Regex, RegexBuilder};
+use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder, SetMatches};
 use serde::Deserialize;
 use warden_shared::classify::{signal_name, ClassifyRule, DetailEntry};
 use warden_shared::job::{Blame, CrashInfo};
@@ -73,12 +73,20 @@ struct Compiled {
     codes: Vec<(i64, i64)>,
     signals: Vec<i32>,
     log: Option<Regex>,
+    /// `log`'s index in [`Classifier::log_set`].
+    log_in_set: Option<usize>,
     status: Option<Regex>,
 }
 
 /// Compiled rules and the catalogue.
 pub struct Classifier {
     rules: Vec<Compiled>,
+    /// Every rule's log pattern in one automaton: one pass over the log
+    /// says which rules' patterns occur, so a log costs one scan however
+    /// many rules there are, and only a rule whose pattern occurs scans
+    /// again for its line. `None` when the patterns together exceed the
+    /// size limit: then each rule scans on its own.
+    log_set: Option<RegexSet>,
     catalogue: Catalogue,
     max_scan: usize,
 }
@@ -95,9 +103,33 @@ pub struct PatternError {
     pub reason: String,
 }
 
+/// Patterns match ASCII-minded: `\w`, `\d`, `\s`, `\b` and `(?i)` are
+/// ASCII (non-ASCII literals still match), which keeps every pattern on the
+/// regex crate's lazy DFA: a Unicode `\b` makes it give up on the first
+/// non-ASCII byte and fall back to an engine two orders of magnitude
+/// slower on a log full of them. A pattern that needs Unicode classes
+/// (`\p{L}`) says `(?u:...)`; one that does not compile ASCII-minded at all
+/// is compiled as written, Unicode on, so no existing rule stops working.
+fn ascii_minded(pattern: &str) -> String {
+    let parses = |unicode: bool| {
+        !matches!(
+            RegexBuilder::new(pattern).unicode(unicode).build(),
+            Err(regex::Error::Syntax(_))
+        )
+    };
+    if !parses(false) && parses(true) {
+        format!("(?u:{pattern})")
+    } else {
+        // As written: ASCII-minded, or an error reported against the
+        // operator's own text.
+        pattern.to_string()
+    }
+}
+
 fn compile(pattern: &str, what: &'static str, at: &str) -> Result<Regex, PatternError> {
     RegexBuilder::new(pattern)
         .multi_line(true)
+        .unicode(false)
         .size_limit(REGEX_SIZE_LIMIT)
         .dfa_size_limit(4 * REGEX_SIZE_LIMIT)
         .build()
@@ -110,6 +142,18 @@ fn compile(pattern: &str, what: &'static str, at: &str) -> Result<Regex, Pattern
                 reason: first.to_string(),
             }
         })
+}
+
+/// [`Classifier::log_set`] over `patterns` (already [`ascii_minded`]), or
+/// `None` if together they are too big.
+fn compile_set(patterns: &[String]) -> Option<RegexSet> {
+    RegexSetBuilder::new(patterns)
+        .multi_line(true)
+        .unicode(false)
+        .size_limit(REGEX_SIZE_LIMIT.saturating_mul(patterns.len().max(1)))
+        .dfa_size_limit(4 * REGEX_SIZE_LIMIT.saturating_mul(patterns.len().max(1)))
+        .build()
+        .ok()
 }
 
 impl Classifier {
@@ -139,11 +183,16 @@ impl Classifier {
             }
         }
         let mut rules = Vec::new();
+        let mut set_patterns = Vec::new();
         for (from, origin, list) in sources {
             for (i, rule) in list.into_iter().enumerate() {
                 let at = format!("{from}[{i}] ({})", rule.name);
-                let log = rule.log.as_deref().map(|p| compile(p, "log", &at));
-                let status = rule.status.as_deref().map(|p| compile(p, "status", &at));
+                let log_pattern = rule.log.as_deref().map(ascii_minded);
+                let log = log_pattern.as_deref().map(|p| compile(p, "log", &at));
+                let status = rule
+                    .status
+                    .as_deref()
+                    .map(|p| compile(&ascii_minded(p), "status", &at));
                 let (log, status) = match (log.transpose(), status.transpose()) {
                     (Ok(l), Ok(s)) => (l, s),
                     (l, s) => {
@@ -156,8 +205,13 @@ impl Classifier {
                     .blame
                     .or_else(|| c.details.get(&rule.detail).map(|d| d.blame))
                     .unwrap_or(Blame::Unknown);
+                let log_in_set = log_pattern.map(|p| {
+                    set_patterns.push(p);
+                    set_patterns.len() - 1
+                });
                 rules.push(Compiled {
                     origin,
+                    log_in_set,
                     blame,
                     tasks: rule
                         .task
@@ -184,6 +238,7 @@ impl Classifier {
         }
         if problems.is_empty() {
             Ok(Classifier {
+                log_set: compile_set(&set_patterns),
                 rules,
                 catalogue: c.details.clone(),
                 max_scan: c.max_scan_bytes,
@@ -250,12 +305,18 @@ impl Classifier {
         }
         let log = tail(&crash.log_tail, self.max_scan);
         let status_scan = tail(status, self.max_scan);
+        let in_log = self.in_log(log);
         for r in &self.rules {
-            if let RuleCheck::Matched { line } = check(r, input, log, status_scan) {
+            if let RuleCheck::Matched { line } = check(r, input, log, status_scan, in_log.as_ref()) {
                 return self.decide(r, &line, input);
             }
         }
         self.without_rule(status_verdict, status, crash)
+    }
+
+    /// Which rules' log patterns occur in `log`: one pass.
+    fn in_log(&self, log: &str) -> Option<SetMatches> {
+        self.log_set.as_ref().map(|set| set.matches(log.as_bytes()))
     }
 
     fn decide(&self, r: &Compiled, line: &str, input: &CrashInput) -> Classification {
@@ -312,6 +373,7 @@ impl Classifier {
         };
         let log = tail(&crash.log_tail, self.max_scan);
         let status_scan = tail(status, self.max_scan);
+        let in_log = self.in_log(log);
         let rules: Vec<RuleTrace> = self
             .rules
             .iter()
@@ -320,7 +382,7 @@ impl Classifier {
                 origin: r.origin,
                 blame: r.blame,
                 detail: r.rule.detail.clone(),
-                check: check(r, input, log, status_scan),
+                check: check(r, input, log, status_scan, in_log.as_ref()),
             })
             .collect();
         let decision = self.classify(input);
@@ -474,7 +536,13 @@ fn why_it_won(decision: &Classification, status: &StatusFileRead, matched: &[&st
 
 /// Every condition of `r` against `input`, cheapest first: the matched
 /// line, or the first condition that does not hold.
-fn check(r: &Compiled, input: &CrashInput, log: &str, status: &str) -> RuleCheck {
+fn check(
+    r: &Compiled,
+    input: &CrashInput,
+    log: &str,
+    status: &str,
+    in_log: Option<&SetMatches>,
+) -> RuleCheck {
     let c = input.crash;
     if !r.tasks.is_empty() && !r.tasks.iter().any(|t| t == input.task) {
         return RuleCheck::OtherTask;
@@ -499,14 +567,19 @@ fn check(r: &Compiled, input: &CrashInput, log: &str, status: &str) -> RuleCheck
     }
     let mut line = String::new();
     if let Some(re) = &r.status {
-        let Some(m) = re.find(status) else {
+        let Some(m) = re.find(status.as_bytes()) else {
             return RuleCheck::NoStatusMatch;
         };
         line = line_of(status, m.start(), m.end());
     }
     if let Some(re) = &r.log {
+        if let (Some(found), Some(i)) = (in_log, r.log_in_set) {
+            if !found.matched(i) {
+                return RuleCheck::NoLogMatch;
+            }
+        }
         // The last match: the line nearest the end is the likeliest cause.
-        let Some(m) = re.find_iter(log).last() else {
+        let Some(m) = re.find_iter(log.as_bytes()).last() else {
             return RuleCheck::NoLogMatch;
         };
         line = line_of(log, m.start(), m.end());
@@ -619,11 +692,21 @@ fn tail(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
-/// The whole line around a match, trimmed and bounded.
+/// The whole line around a match, trimmed and bounded. `start..end` are
+/// byte offsets (a byte pattern may match inside a character); the line
+/// runs from just after a `\n` to just before one, so it is whole
+/// characters.
 fn line_of(text: &str, start: usize, end: usize) -> String {
-    let from = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let to = text[end..].find('\n').map_or(text.len(), |i| end + i);
-    excerpt(&text[from..to.max(end)])
+    let bytes = text.as_bytes();
+    let from = bytes[..start]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let to = bytes[end..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| end + i);
+    excerpt(&String::from_utf8_lossy(&bytes[from..to]))
 }
 
 /// Control characters replaced, so a description is one printable line.
@@ -770,6 +853,9 @@ mod tests {
             "oom",
             "disk_full",
             "watchdog_timeout",
+            "time_limit",
+            "host_failure",
+            "killed",
             "network",
             "dependency_missing",
             "upstream_error",
@@ -786,21 +872,33 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_sigkill_is_not_called_oom() {
+    fn a_bare_kill_is_not_called_oom() {
         let c = classifier("");
-        let got = run(&c, &crash("", None, Some(9)));
-        assert_eq!(
-            (got.blame, got.detail.as_str()),
-            (Blame::Unknown, "unclassified")
+        // SIGKILL, exit 137 and a shell's "Killed" are what the OOM killer
+        // leaves, and operators, runners and time limits too: unknown.
+        for (log, exit, signal) in [
+            ("", None, Some(9)),
+            ("compiling...\n", Some(137), None),
+            ("compiling...\nKilled\n", Some(137), None),
+            ("g++: fatal error: Killed signal terminated program cc1plus\n", Some(1), None),
+        ] {
+            let got = run(&c, &crash(log, exit, signal));
+            assert_eq!(
+                (got.blame, got.detail.as_str()),
+                (Blame::Unknown, "killed"),
+                "{log:?} {exit:?} {signal:?}"
+            );
+        }
+        // With the OOM killer's banner it is OOM.
+        let got = run(
+            &c,
+            &crash(
+                "Out of memory: Killed process 4242 (cc1plus)\nKilled\n",
+                Some(137),
+                None,
+            ),
         );
-        let got = run(&c, &crash("compiling...\n", Some(137), None));
-        assert_eq!(got.detail, "unclassified");
-        // With the shell's "Killed" it is.
-        let got = run(&c, &crash("compiling...\nKilled\n", Some(137), None));
-        assert_eq!(
-            (got.detail.as_str(), got.rule.as_str()),
-            ("oom", "sigkill-killed")
-        );
+        assert_eq!((got.detail.as_str(), got.rule.as_str()), ("oom", "oom-killer"));
         // A site can decide otherwise with its own rule.
         let c = classifier(
             r#"
@@ -816,6 +914,32 @@ description = "killed by {signal}"
             (got.detail.as_str(), got.description.as_str()),
             ("oom", "killed by SIGKILL")
         );
+    }
+
+    #[test]
+    fn a_time_limit_is_the_tasks_and_a_watchdog_the_hosts() {
+        let c = classifier("");
+        let mut timed_out = crash("sleeping\n", None, Some(9));
+        timed_out.timed_out = true;
+        let got = run(&c, &timed_out);
+        assert_eq!(
+            (got.blame, got.detail.as_str(), got.notify),
+            (Blame::Task, "time_limit", Party::Owners)
+        );
+        assert!(!got.suspect_resource);
+        let got = run(
+            &c,
+            &crash(
+                "[  672.55] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [make:978]\n",
+                Some(2),
+                None,
+            ),
+        );
+        assert_eq!(
+            (got.blame, got.detail.as_str()),
+            (Blame::System, "watchdog_timeout")
+        );
+        assert!(got.suspect_resource, "the host is checked");
     }
 
     #[test]
@@ -901,7 +1025,7 @@ description = "{match}"
         assert_eq!(time.check, RuleCheck::TimedOut { timed_out: false });
         let sig = trace(&e, "segfault");
         assert_eq!(sig.check, RuleCheck::Signal { signal: None });
-        let exit = trace(&e, "sigkill-killed");
+        let exit = trace(&e, "killed-exit-code");
         assert_eq!(exit.check, RuleCheck::ExitCode { exit_code: Some(3) });
 
         // A status-file fault decides before every rule, and says so.
@@ -934,6 +1058,45 @@ description = "{match}"
     }
 
     #[test]
+    fn patterns_are_ascii_minded_unless_they_ask_for_unicode() {
+        let c = classifier(
+            r#"
+[[classifier.rules]]
+name = "greek"
+log = "\\p{Greek}+ failed"
+detail = "network"
+description = "{match}"
+
+[[classifier.rules]]
+name = "word"
+log = "^\\w+ crashed$"
+detail = "task_failure"
+description = "{match}"
+"#,
+        );
+        // A Unicode class still works (compiled with Unicode on).
+        let got = run(&c, &crash("αβγ failed\n", Some(1), None));
+        assert_eq!(got.rule, "greek");
+        // \\w is ASCII: a non-ASCII word is not one, an ASCII one is, and
+        // a non-ASCII literal still matches.
+        assert_ne!(run(&c, &crash("données crashed\n", Some(1), None)).rule, "word");
+        assert_eq!(run(&c, &crash("data crashed\n", Some(1), None)).rule, "word");
+        // The matched line is whole even when the match starts inside a
+        // character.
+        let c = classifier(
+            r#"
+[[classifier.rules]]
+name = "any"
+log = ".{2}ailed here"
+detail = "network"
+description = "{match}"
+"#,
+        );
+        let got = run(&c, &crash("x\nüfailed here\ny", Some(1), None));
+        assert_eq!((got.rule.as_str(), got.description.as_str()), ("any", "üfailed here"));
+    }
+
+    #[test]
     fn nothing_known_is_unclassified() {
         let c = classifier("");
         let got = run(&c, &crash("all good here\n", Some(42), None));
@@ -956,7 +1119,7 @@ description = "x"
 
 [[classifier.rules]]
 name = "huge"
-log = "\\w{1000}\\w{1000}\\w{1000}"
+log = "\\w{1000}{1000}"
 detail = "network"
 description = "x"
 "#,

@@ -30,18 +30,29 @@ fn fixture(name: &str) -> String {
 
 #[test]
 fn classifies_a_real_log_in_plain_text() {
-    // From https://github.com/hoytech/strfry/issues/41
-    let log = fixture("gcc-killed-signal-make-j4.log");
-    let out = warden(&["classify", "--log", &log, "--exit-code", "2"]);
+    // From https://github.com/opensim-org/opensim-core/issues/3303
+    let log = fixture("gcc-virtual-memory-exhausted.log");
+    let out = warden(&["classify", "--log", &log, "--exit-code", "1"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("blame:       system"), "{text}");
     assert!(text.contains("detail:      oom"), "{text}");
     assert!(text.contains("rule:        allocation-failure"), "{text}");
     assert!(
-        text.contains("description: the task ran out of memory: g++: fatal error: Killed signal terminated program cc1plus"),
+        text.contains(
+            "description: the task ran out of memory: virtual memory exhausted: Cannot allocate memory"
+        ),
         "{text}"
     );
+    assert!(text.contains("suspect:     resource"), "{text}");
+
+    // From https://github.com/hoytech/strfry/issues/41: gcc says its
+    // compiler was killed, and nothing says by whom: no guess.
+    let log = fixture("gcc-killed-signal-make-j4.log");
+    let out = warden(&["classify", "--log", &log, "--exit-code", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("blame:       unknown"), "{text}");
+    assert!(text.contains("detail:      killed"), "{text}");
 }
 
 #[test]
@@ -219,7 +230,7 @@ fn explain_shows_every_rule_and_why_the_first_match_won() {
         "{text}"
     );
     assert!(
-        line("sigkill-killed").contains("not for exit code 1"),
+        line("killed-exit-code").contains("not for exit code 1"),
         "{text}"
     );
     assert!(
