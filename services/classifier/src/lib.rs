@@ -286,32 +286,42 @@ impl Classifier {
         let crash = input.crash;
         let status = crash.status_file.as_deref().map(str::trim).unwrap_or("");
         let status_verdict = read_status(status);
-        if let StatusFile::Fault {
-            blame,
-            detail,
-            description,
-        } = &status_verdict
-        {
-            return self.finish(
-                *blame,
-                detail.clone(),
-                if description.is_empty() {
-                    format!("the task reported {blame}/{detail}")
-                } else {
-                    description.clone()
-                },
-                "status_file".into(),
-            );
+        if let Some(fault) = self.declared_fault(&status_verdict) {
+            return fault;
         }
         let log = tail(&crash.log_tail, self.max_scan);
         let status_scan = tail(status, self.max_scan);
         let in_log = self.in_log(log);
         for r in &self.rules {
-            if let RuleCheck::Matched { line } = check(r, input, log, status_scan, in_log.as_ref()) {
+            if let RuleCheck::Matched { line } = check(r, input, log, status_scan, in_log.as_ref())
+            {
                 return self.decide(r, &line, input);
             }
         }
         self.without_rule(status_verdict, status, crash)
+    }
+
+    /// A fault the task declared in its status file decides before any
+    /// rule: the task knows best.
+    fn declared_fault(&self, status: &StatusFile) -> Option<Classification> {
+        let StatusFile::Fault {
+            blame,
+            detail,
+            description,
+        } = status
+        else {
+            return None;
+        };
+        Some(self.finish(
+            *blame,
+            detail.clone(),
+            if description.is_empty() {
+                format!("the task reported {blame}/{detail}")
+            } else {
+                description.clone()
+            },
+            "status_file".into(),
+        ))
     }
 
     /// Which rules' log patterns occur in `log`: one pass.
@@ -385,7 +395,21 @@ impl Classifier {
                 check: check(r, input, log, status_scan, in_log.as_ref()),
             })
             .collect();
-        let decision = self.classify(input);
+        // What classify decides, from the same checks (one pass, not two).
+        let decision = match self.declared_fault(&status_verdict) {
+            Some(fault) => fault,
+            None => match self
+                .rules
+                .iter()
+                .zip(&rules)
+                .find_map(|(r, t)| match &t.check {
+                    RuleCheck::Matched { line } => Some((r, line)),
+                    _ => None,
+                }) {
+                Some((r, line)) => self.decide(r, line, input),
+                None => self.without_rule(status_verdict, status, crash),
+            },
+        };
         let matched: Vec<&str> = rules
             .iter()
             .filter(|t| matches!(t.check, RuleCheck::Matched { .. }))
@@ -880,7 +904,11 @@ mod tests {
             ("", None, Some(9)),
             ("compiling...\n", Some(137), None),
             ("compiling...\nKilled\n", Some(137), None),
-            ("g++: fatal error: Killed signal terminated program cc1plus\n", Some(1), None),
+            (
+                "g++: fatal error: Killed signal terminated program cc1plus\n",
+                Some(1),
+                None,
+            ),
         ] {
             let got = run(&c, &crash(log, exit, signal));
             assert_eq!(
@@ -898,7 +926,10 @@ mod tests {
                 None,
             ),
         );
-        assert_eq!((got.detail.as_str(), got.rule.as_str()), ("oom", "oom-killer"));
+        assert_eq!(
+            (got.detail.as_str(), got.rule.as_str()),
+            ("oom", "oom-killer")
+        );
         // A site can decide otherwise with its own rule.
         let c = classifier(
             r#"
@@ -1079,8 +1110,14 @@ description = "{match}"
         assert_eq!(got.rule, "greek");
         // \\w is ASCII: a non-ASCII word is not one, an ASCII one is, and
         // a non-ASCII literal still matches.
-        assert_ne!(run(&c, &crash("données crashed\n", Some(1), None)).rule, "word");
-        assert_eq!(run(&c, &crash("data crashed\n", Some(1), None)).rule, "word");
+        assert_ne!(
+            run(&c, &crash("données crashed\n", Some(1), None)).rule,
+            "word"
+        );
+        assert_eq!(
+            run(&c, &crash("data crashed\n", Some(1), None)).rule,
+            "word"
+        );
         // The matched line is whole even when the match starts inside a
         // character.
         let c = classifier(
@@ -1093,7 +1130,10 @@ description = "{match}"
 "#,
         );
         let got = run(&c, &crash("x\nüfailed here\ny", Some(1), None));
-        assert_eq!((got.rule.as_str(), got.description.as_str()), ("any", "üfailed here"));
+        assert_eq!(
+            (got.rule.as_str(), got.description.as_str()),
+            ("any", "üfailed here")
+        );
     }
 
     #[test]
