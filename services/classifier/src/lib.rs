@@ -716,11 +716,14 @@ fn tail(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
-/// The whole line around a match, trimmed and bounded. `start..end` are
-/// byte offsets (a byte pattern may match inside a character); the line
-/// runs from just after a `\n` to just before one, so it is whole
-/// characters.
+/// The line around a match, trimmed and bounded: the whole line when it
+/// is short, else a window around the match with `…` where it was cut, so
+/// a long line (a log without line breaks) still shows what matched.
+/// `start..end` are byte offsets (a byte pattern may match inside a
+/// character); cuts are moved to character boundaries.
 fn line_of(text: &str, start: usize, end: usize) -> String {
+    /// Context kept on each side of the match in a long line.
+    const CONTEXT: usize = 100;
     let bytes = text.as_bytes();
     let from = bytes[..start]
         .iter()
@@ -730,7 +733,23 @@ fn line_of(text: &str, start: usize, end: usize) -> String {
         .iter()
         .position(|&b| b == b'\n')
         .map_or(bytes.len(), |i| end + i);
-    excerpt(&String::from_utf8_lossy(&bytes[from..to]))
+    let mut lo = from.max(start.saturating_sub(CONTEXT));
+    while !text.is_char_boundary(lo) {
+        lo -= 1;
+    }
+    let mut hi = to.min(end.saturating_add(CONTEXT));
+    while !text.is_char_boundary(hi) {
+        hi += 1;
+    }
+    let mut line = String::new();
+    if lo > from {
+        line.push('…');
+    }
+    line.push_str(&text[lo..hi]);
+    if hi < to {
+        line.push('…');
+    }
+    excerpt(&line)
 }
 
 /// Control characters replaced, so a description is one printable line.

@@ -133,11 +133,42 @@ fn arbitrary_inputs_never_panic() {
             duration_ms: seed,
             resources: Vec::new(),
         };
-        let got = c.classify(&CrashInput {
+        let input = CrashInput {
             task: "t",
             crash: &crash,
             resource: None,
-        });
+        };
+        let got = c.classify(&input);
         assert!(got.description.chars().count() <= MAX_DESCRIPTION);
+        // The explanation never disagrees with the decision.
+        assert_eq!(c.explain(&input).decision, got, "seed {seed}");
+    }
+}
+
+#[test]
+fn explain_agrees_with_classify_on_every_fixture_and_garbage_with_a_match_inside() {
+    let c = classifier("");
+    // A match that starts and ends next to multi-byte characters: the
+    // matched line is cut at line ends, never inside a character.
+    for seed in 1..200u64 {
+        let mut text = String::from_utf8_lossy(&garbage(300, seed)).into_owned();
+        text.push_str("é: No space left on device ü");
+        text.push_str(&String::from_utf8_lossy(&garbage(200, seed + 1)));
+        let crash = CrashInfo {
+            exit_code: Some(1),
+            log_tail: text,
+            ..Default::default()
+        };
+        let input = CrashInput {
+            task: "t",
+            crash: &crash,
+            resource: None,
+        };
+        let got = c.classify(&input);
+        assert_eq!(c.explain(&input).decision, got, "seed {seed}");
+        assert!(
+            got.description.contains("No space left on device"),
+            "seed {seed}: {got:?}"
+        );
     }
 }
