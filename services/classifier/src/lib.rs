@@ -109,42 +109,44 @@ pub struct PatternError {
 /// non-ASCII byte and fall back to an engine two orders of magnitude
 /// slower on a log full of them. A pattern that needs Unicode classes
 /// (`\p{L}`) says `(?u:...)`; one that does not compile ASCII-minded at all
-/// is compiled as written, Unicode on, so no existing rule stops working.
-fn ascii_minded(pattern: &str) -> String {
-    let parses = |unicode: bool| {
-        !matches!(
-            RegexBuilder::new(pattern).unicode(unicode).build(),
-            Err(regex::Error::Syntax(_))
-        )
+/// is compiled with Unicode on, so no existing rule stops working.
+///
+/// Returns the pattern as compiled (as written, or wrapped in `(?u:…)`,
+/// the form [`compile_set`] takes) and its regex; an error is reported
+/// against the operator's own text.
+fn compile(pattern: &str, what: &'static str, at: &str) -> Result<(String, Regex), PatternError> {
+    let build = |p: &str| {
+        RegexBuilder::new(p)
+            .multi_line(true)
+            .unicode(false)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(4 * REGEX_SIZE_LIMIT)
+            .build()
     };
-    if !parses(false) && parses(true) {
-        format!("(?u:{pattern})")
-    } else {
-        // As written: ASCII-minded, or an error reported against the
-        // operator's own text.
-        pattern.to_string()
+    let problem = |e: regex::Error| {
+        let e = e.to_string();
+        let first = e.lines().last().unwrap_or_default();
+        PatternError {
+            at: at.to_string(),
+            what,
+            reason: first.to_string(),
+        }
+    };
+    match build(pattern) {
+        Ok(re) => Ok((pattern.to_string(), re)),
+        Err(ascii @ regex::Error::Syntax(_)) => {
+            let wrapped = format!("(?u:{pattern})");
+            match build(&wrapped) {
+                Ok(re) => Ok((wrapped, re)),
+                Err(regex::Error::Syntax(_)) => Err(problem(ascii)),
+                Err(e) => Err(problem(e)),
+            }
+        }
+        Err(e) => Err(problem(e)),
     }
 }
 
-fn compile(pattern: &str, what: &'static str, at: &str) -> Result<Regex, PatternError> {
-    RegexBuilder::new(pattern)
-        .multi_line(true)
-        .unicode(false)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .dfa_size_limit(4 * REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| {
-            let e = e.to_string();
-            let first = e.lines().last().unwrap_or_default();
-            PatternError {
-                at: at.to_string(),
-                what,
-                reason: first.to_string(),
-            }
-        })
-}
-
-/// [`Classifier::log_set`] over `patterns` (already [`ascii_minded`]), or
+/// [`Classifier::log_set`] over `patterns` (as [`compile`] returned them), or
 /// `None` if together they are too big.
 fn compile_set(patterns: &[String]) -> Option<RegexSet> {
     RegexSetBuilder::new(patterns)
@@ -187,12 +189,11 @@ impl Classifier {
         for (from, origin, list) in sources {
             for (i, rule) in list.into_iter().enumerate() {
                 let at = format!("{from}[{i}] ({})", rule.name);
-                let log_pattern = rule.log.as_deref().map(ascii_minded);
-                let log = log_pattern.as_deref().map(|p| compile(p, "log", &at));
+                let log = rule.log.as_deref().map(|p| compile(p, "log", &at));
                 let status = rule
                     .status
                     .as_deref()
-                    .map(|p| compile(&ascii_minded(p), "status", &at));
+                    .map(|p| compile(p, "status", &at).map(|(_, re)| re));
                 let (log, status) = match (log.transpose(), status.transpose()) {
                     (Ok(l), Ok(s)) => (l, s),
                     (l, s) => {
@@ -205,10 +206,13 @@ impl Classifier {
                     .blame
                     .or_else(|| c.details.get(&rule.detail).map(|d| d.blame))
                     .unwrap_or(Blame::Unknown);
-                let log_in_set = log_pattern.map(|p| {
-                    set_patterns.push(p);
-                    set_patterns.len() - 1
-                });
+                let (log_in_set, log) = match log {
+                    Some((p, re)) => {
+                        set_patterns.push(p);
+                        (Some(set_patterns.len() - 1), Some(re))
+                    }
+                    None => (None, None),
+                };
                 rules.push(Compiled {
                     origin,
                     log_in_set,
@@ -289,12 +293,9 @@ impl Classifier {
         if let Some(fault) = self.declared_fault(&status_verdict) {
             return fault;
         }
-        let log = tail(&crash.log_tail, self.max_scan);
-        let status_scan = tail(status, self.max_scan);
-        let in_log = self.in_log(log);
+        let scanned = self.scan(crash, status);
         for r in &self.rules {
-            if let RuleCheck::Matched { line } = check(r, input, log, status_scan, in_log.as_ref())
-            {
+            if let RuleCheck::Matched { line } = check(r, input, &scanned) {
                 return self.decide(r, &line, input);
             }
         }
@@ -324,9 +325,15 @@ impl Classifier {
         ))
     }
 
-    /// Which rules' log patterns occur in `log`: one pass.
-    fn in_log(&self, log: &str) -> Option<SetMatches> {
-        self.log_set.as_ref().map(|set| set.matches(log.as_bytes()))
+    /// What the rules look at: the scanned tails of the log and the status
+    /// file, and which rules' log patterns occur in the log (one pass).
+    fn scan<'a>(&self, crash: &'a CrashInfo, status: &'a str) -> Scanned<'a> {
+        let log = tail(&crash.log_tail, self.max_scan);
+        Scanned {
+            log,
+            status: tail(status, self.max_scan),
+            in_log: self.log_set.as_ref().map(|set| set.matches(log.as_bytes())),
+        }
     }
 
     fn decide(&self, r: &Compiled, line: &str, input: &CrashInput) -> Classification {
@@ -381,9 +388,7 @@ impl Classifier {
                 why: (*why).to_string(),
             },
         };
-        let log = tail(&crash.log_tail, self.max_scan);
-        let status_scan = tail(status, self.max_scan);
-        let in_log = self.in_log(log);
+        let scanned = self.scan(crash, status);
         let rules: Vec<RuleTrace> = self
             .rules
             .iter()
@@ -392,7 +397,7 @@ impl Classifier {
                 origin: r.origin,
                 blame: r.blame,
                 detail: r.rule.detail.clone(),
-                check: check(r, input, log, status_scan, in_log.as_ref()),
+                check: check(r, input, &scanned),
             })
             .collect();
         // What classify decides, from the same checks (one pass, not two).
@@ -560,13 +565,20 @@ fn why_it_won(decision: &Classification, status: &StatusFileRead, matched: &[&st
 
 /// Every condition of `r` against `input`, cheapest first: the matched
 /// line, or the first condition that does not hold.
-fn check(
-    r: &Compiled,
-    input: &CrashInput,
-    log: &str,
-    status: &str,
-    in_log: Option<&SetMatches>,
-) -> RuleCheck {
+/// [`Classifier::scan`]'s answer, which every rule is checked against.
+struct Scanned<'a> {
+    log: &'a str,
+    status: &'a str,
+    /// `None` when the rules have no [`Classifier::log_set`].
+    in_log: Option<SetMatches>,
+}
+
+fn check(r: &Compiled, input: &CrashInput, scanned: &Scanned) -> RuleCheck {
+    let Scanned {
+        log,
+        status,
+        in_log,
+    } = scanned;
     let c = input.crash;
     if !r.tasks.is_empty() && !r.tasks.iter().any(|t| t == input.task) {
         return RuleCheck::OtherTask;

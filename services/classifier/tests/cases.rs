@@ -4,12 +4,13 @@
 //! reported at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde::Deserialize;
 use warden_classifier::{Classifier, CrashInput};
-use warden_shared::job::CrashInfo;
 use warden_shared::Config;
 
 #[derive(Deserialize)]
@@ -55,16 +56,12 @@ fn shipped_rules_classify_every_fixture() {
     let cases = cases();
     let mut wrong = Vec::new();
     for c in &cases {
-        // Bytes as the worker reads them: invalid UTF-8 replaced.
-        let bytes = std::fs::read(fixtures().join("logs").join(&c.file))
-            .unwrap_or_else(|e| panic!("{}: {e}", c.file));
-        let crash = CrashInfo {
-            exit_code: c.exit_code,
-            signal: c.signal,
-            timed_out: c.timed_out,
-            log_tail: String::from_utf8_lossy(&bytes).into_owned(),
-            ..Default::default()
-        };
+        let crash = common::crash_from_log(
+            &fixtures().join("logs").join(&c.file),
+            c.exit_code,
+            c.signal,
+            c.timed_out,
+        );
         let got = classifier.classify(&CrashInput {
             task: "t",
             crash: &crash,
@@ -112,13 +109,12 @@ fn the_manifest_is_honest_and_complete() {
             );
         }
     }
-    let used: BTreeSet<&str> = cases.iter().map(|c| c.file.as_str()).collect();
-    let on_disk: BTreeSet<String> = std::fs::read_dir(fixtures().join("logs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    let on_disk: BTreeSet<&str> = on_disk.iter().map(String::as_str).collect();
-    assert_eq!(used, on_disk, "every log has a case and every case a log");
+    let used: BTreeSet<String> = cases.iter().map(|c| c.file.clone()).collect();
+    assert_eq!(
+        used,
+        common::files_in(&fixtures().join("logs")),
+        "every log has a case and every case a log"
+    );
     let covered: BTreeSet<&str> = real.iter().map(|c| c.detail.as_str()).collect();
     let rules: toml::Table = toml::from_str(warden_classifier::DEFAULT_RULES_TOML).unwrap();
     for r in rules["rules"].as_array().unwrap() {

@@ -7,6 +7,8 @@
 //! tuning fixtures (tests/fixtures/) from other logs, never from these.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -73,28 +75,25 @@ fn held_out_blame_accuracy() {
     let classifier = Classifier::from_config(&Config::defaults()).expect("shipped rules compile");
 
     // The set is whole: every listed log exists, every log is listed once.
-    let listed: BTreeSet<&str> = cases.iter().map(|c| c.file.as_str()).collect();
+    let listed: BTreeSet<String> = cases.iter().map(|c| c.file.clone()).collect();
     assert_eq!(listed.len(), cases.len(), "a log is listed twice");
-    let on_disk: BTreeSet<String> = std::fs::read_dir(heldout().join("logs"))
-        .expect("logs/")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    let on_disk: BTreeSet<&str> = on_disk.iter().map(String::as_str).collect();
-    assert_eq!(listed, on_disk, "logs/ and heldout.toml differ");
+    assert_eq!(
+        listed,
+        common::files_in(&heldout().join("logs")),
+        "logs/ and heldout.toml differ"
+    );
 
     let mut families: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut log_only_tally: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut misses = Vec::new();
     for c in &cases {
         assert!(c.source.starts_with("https://"), "{}: source", c.file);
-        let bytes = std::fs::read(heldout().join("logs").join(&c.file)).expect("log");
-        let crash = CrashInfo {
-            exit_code: c.exit_code,
-            signal: c.signal,
-            timed_out: c.timed_out,
-            log_tail: String::from_utf8_lossy(&bytes).into_owned(),
-            ..Default::default()
-        };
+        let crash = common::crash_from_log(
+            &heldout().join("logs").join(&c.file),
+            c.exit_code,
+            c.signal,
+            c.timed_out,
+        );
         let got = classifier.classify(&CrashInput {
             task: "t",
             crash: &crash,
