@@ -450,6 +450,8 @@ impl Job {
             detail: self.detail.clone(),
             bot_id: self.lease.as_ref().map(|l| l.bot_id.clone()),
             source_message_id: self.source.as_ref().map(|s| s.message_id.clone()),
+            not_before: self.not_before,
+            queued_at: self.queued_at,
             created_at: self.created_at,
             updated_at: self.updated_at,
         }
@@ -472,6 +474,11 @@ pub struct JobSummary {
     pub bot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_message_id: Option<String>,
+    /// SCHEDULED for a delayed retry: not dispatched before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    /// When it last entered the queue (creation, retry or requeue).
+    pub queued_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -224,6 +224,12 @@ impl Loss {
     }
 }
 
+/// Attempts the job has used of its budget, and the budget: what a
+/// person reads as "attempt 2 of 3".
+pub fn budget(job: &Job, policy: &RetryPolicy) -> (u32, u32) {
+    (attempts_used(job), limit(job, policy))
+}
+
 fn attempts_used(job: &Job) -> u32 {
     job.attempt.saturating_sub(job.budget_from)
 }

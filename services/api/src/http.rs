@@ -144,9 +144,10 @@ pub const SHARED_ROUTES: &[(Method, &str, &str)] = &[
 /// `GET /api/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// The whole HTTP surface: the job API ([`ROUTES`]) plus `/metrics` and
-/// `/healthz`.
-pub fn router(ops: Arc<Ops>) -> Router {
+/// The whole HTTP surface: the job API ([`ROUTES`]), `/metrics`,
+/// `/healthz` and the web console ([`crate::console::ROUTES`]). `shutdown`
+/// ends the console's live event streams.
+pub fn router(ops: Arc<Ops>, shutdown: CancellationToken) -> Router {
     let max_body = ops.config.http.max_body_bytes;
     let mut api = Router::new();
     for r in ROUTES {
@@ -154,15 +155,21 @@ pub fn router(ops: Arc<Ops>) -> Router {
             .expect("every route's method is one axum can route");
         api = api.route(r.path, (r.handler)(filter));
     }
+    let console = crate::console::router(ops.clone(), shutdown)
+        .route_layer(middleware::from_fn_with_state(ops.clone(), read_body))
+        .layer(DefaultBodyLimit::max(max_body));
     let api = api
         .method_not_allowed_fallback(method_not_allowed)
         // Inner first: the token is checked before the body is read.
         .route_layer(middleware::from_fn_with_state(ops.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(ops.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(ops);
-    api.merge(warden_shared::metrics::router())
-        .fallback(not_found)
+        .with_state(ops.clone());
+    api.merge(console)
+        .merge(warden_shared::metrics::router())
+        .fallback(move |headers: HeaderMap, uri: axum::http::Uri| {
+            not_found(ops.clone(), headers, uri)
+        })
         .layer(middleware::from_fn(track))
 }
 
@@ -444,8 +451,12 @@ fn body_rejection(e: BytesRejection) -> OpError {
     }
 }
 
-async fn not_found() -> OpError {
-    OpError::not_found("no such route")
+/// JSON for API clients; a page for a browser that asked for HTML.
+async fn not_found(ops: Arc<Ops>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    if crate::console::wants_html(&headers) {
+        return crate::console::not_found_page(&ops, &headers, &uri);
+    }
+    OpError::not_found("no such route").into_response()
 }
 
 async fn method_not_allowed() -> OpError {
@@ -516,6 +527,11 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
     {
         return r.name;
     }
+    if let Some((_, _, name)) = crate::console::ROUTES.iter().find(|(m, p, _)| {
+        *p == path && (m == method || (*m == Method::GET && method == Method::HEAD))
+    }) {
+        return name;
+    }
     // Any method: axum's `get` also answers HEAD.
     SHARED_ROUTES
         .iter()
@@ -543,6 +559,11 @@ mod tests {
         assert_eq!(route_name(&Method::POST, None), "other");
         let mut names: Vec<&str> = ROUTES.iter().map(|r| r.name).collect();
         names.extend(SHARED_ROUTES.iter().map(|(_, _, n)| *n));
+        names.extend(crate::console::ROUTES.iter().map(|(_, _, n)| *n));
+        for (m, p, n) in crate::console::ROUTES {
+            assert_eq!(route_name(m, Some(p)), *n, "{m} {p}");
+        }
+        assert_eq!(route_name(&Method::POST, Some("/jobs")), "other");
         let count = names.len();
         names.sort_unstable();
         names.dedup();

@@ -113,6 +113,30 @@ pub struct Stats {
     pub shelved: usize,
 }
 
+/// One pool and priority of the queue of SCHEDULED jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueRow {
+    pub pool: String,
+    pub priority: i32,
+    /// Ready for dispatch now.
+    pub ready: usize,
+    /// Waiting for a delayed retry.
+    pub delayed: usize,
+    /// When the longest-waiting ready job entered the queue.
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+    /// The earliest delayed retry's due time.
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+/// One slice of time in [`JobIndex::blame_series`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesBucket {
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// Every blame, in [`Blame::ALL`] order, with its count.
+    pub by_blame: Vec<(Blame, usize)>,
+}
+
 /// One posting set: jobs by creation time, newest first.
 type Postings = BTreeSet<Key>;
 /// (creation time in microseconds, newest first; id).
@@ -500,6 +524,73 @@ impl JobIndex {
         self.walk(base.range((start, end)), filter, limit, offset)
     }
 
+    /// The SCHEDULED jobs by pool and priority (highest priority first
+    /// within a pool): how many are ready and how many wait for a delayed
+    /// retry at `now`, the oldest ready one's `queued_at`, and the next
+    /// retry due. Walks the SCHEDULED posting set: live work, not history.
+    pub fn queues(&self, now: DateTime<Utc>) -> Vec<QueueRow> {
+        let mut rows: BTreeMap<(String, Reverse<i32>), QueueRow> = BTreeMap::new();
+        let Some(set) = self.postings.get(&Facet::State(JobState::Scheduled)) else {
+            return Vec::new();
+        };
+        for (_, id) in set {
+            let Some(j) = self.jobs.get(id) else { continue };
+            let row = rows
+                .entry((j.pool.clone(), Reverse(j.priority)))
+                .or_insert_with(|| QueueRow {
+                    pool: j.pool.clone(),
+                    priority: j.priority,
+                    ..QueueRow::default()
+                });
+            match j.not_before {
+                Some(due) if due > now => {
+                    row.delayed += 1;
+                    row.next_due = Some(row.next_due.map_or(due, |d| d.min(due)));
+                }
+                _ => {
+                    row.ready += 1;
+                    row.oldest_queued_at = Some(
+                        row.oldest_queued_at
+                            .map_or(j.queued_at, |q| q.min(j.queued_at)),
+                    );
+                }
+            }
+        }
+        rows.into_values().collect()
+    }
+
+    /// Jobs carrying a blame, by blame, in `buckets` equal slices of
+    /// `[since, until)` by their last change: the same jobs
+    /// [`JobIndex::stats`] counts in `by_blame`, over time.
+    pub fn blame_series(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        buckets: usize,
+    ) -> Vec<SeriesBucket> {
+        let (from, to) = (since.timestamp_micros(), until.timestamp_micros());
+        if buckets == 0 || from >= to {
+            return Vec::new();
+        }
+        let n = i64::try_from(buckets).unwrap_or(i64::MAX);
+        let width = ((to - from) / n).max(1);
+        (0..n)
+            .map(|i| {
+                let a = from + i * width;
+                let b = if i == n - 1 { to } else { a + width };
+                let mut t = Tally::default();
+                if a < b {
+                    self.tally(a, b, &mut t);
+                }
+                SeriesBucket {
+                    since: DateTime::from_timestamp_micros(a).unwrap_or(since),
+                    until: DateTime::from_timestamp_micros(b).unwrap_or(until),
+                    by_blame: Blame::ALL.iter().copied().zip(t.by_blame).collect(),
+                }
+            })
+            .collect()
+    }
+
     fn walk<'a>(
         &self,
         keys: impl Iterator<Item = &'a Key>,
@@ -542,6 +633,9 @@ pub struct SharedIndex {
     // A std mutex: nothing awaits while it is held, and searches are short.
     index: Mutex<JobIndex>,
     caught_up: watch::Sender<bool>,
+    /// Bumped at every job change applied after the first pass: what the
+    /// console's live pages wait on.
+    changes: watch::Sender<u64>,
 }
 
 impl Default for SharedIndex {
@@ -549,6 +643,7 @@ impl Default for SharedIndex {
         SharedIndex {
             index: Mutex::new(JobIndex::default()),
             caught_up: watch::Sender::new(false),
+            changes: watch::Sender::new(0),
         }
     }
 }
@@ -568,6 +663,11 @@ impl SharedIndex {
         let mut rx = self.caught_up.subscribe();
         let waited = tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await;
         matches!(waited, Ok(Ok(_)))
+    }
+
+    /// A receiver that sees every job change the index applies (counted).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn mark_caught_up(&self) {
@@ -687,6 +787,7 @@ async fn watch_once(
                 applied += 1;
                 if passed {
                     index.publish_counts();
+                    index.changes.send_modify(|n| *n = n.wrapping_add(1));
                 } else {
                     if let Some(id) = id {
                         seen.insert(id);
@@ -755,6 +856,8 @@ mod tests {
             detail: None,
             bot_id: None,
             source_message_id: None,
+            not_before: None,
+            queued_at: at,
             created_at: at,
             updated_at: at,
         }
@@ -995,5 +1098,60 @@ mod tests {
         assert!(idx.is_empty());
         assert_eq!(idx.count(JobState::Running), 0);
         assert_eq!(idx.search(&Filter::default(), 10, 0).total, 0);
+    }
+
+    #[test]
+    fn queues_split_ready_from_delayed_by_pool_and_priority() {
+        let mut idx = JobIndex::default();
+        let now = Utc.timestamp_opt(1_700_010_000, 0).single().expect("time");
+        let mut a = job(1, 10, JobState::Scheduled, "t", "p");
+        a.priority = 5;
+        let mut b = job(2, 20, JobState::Scheduled, "t", "p");
+        b.priority = 5;
+        b.not_before = Some(now + chrono::Duration::seconds(30));
+        let c = job(3, 5, JobState::Scheduled, "t", "p");
+        // A retry whose due time has passed is ready again.
+        let mut d = job(4, 30, JobState::Scheduled, "t", "q");
+        d.not_before = Some(now - chrono::Duration::seconds(1));
+        let e = job(5, 1, JobState::Running, "t", "p");
+        for j in [a.clone(), b.clone(), c.clone(), d.clone(), e] {
+            idx.upsert(j);
+        }
+        let rows = idx.queues(now);
+        let view: Vec<(&str, i32, usize, usize)> = rows
+            .iter()
+            .map(|r| (r.pool.as_str(), r.priority, r.ready, r.delayed))
+            .collect();
+        assert_eq!(view, [("p", 5, 1, 1), ("p", 0, 1, 0), ("q", 0, 1, 0)]);
+        assert_eq!(rows[0].oldest_queued_at, Some(a.queued_at));
+        assert_eq!(rows[0].next_due, b.not_before);
+        assert_eq!(rows[1].oldest_queued_at, Some(c.queued_at));
+    }
+
+    #[test]
+    fn the_blame_series_adds_up_to_the_stats() {
+        let mut idx = JobIndex::default();
+        for i in 0..300u128 {
+            let mut j = job(i, (i as i64) * 97, JobState::Crashed, "t", "p");
+            j.blame = Some(Blame::ALL[(i % 4) as usize]);
+            idx.upsert(j);
+        }
+        let since = Utc.timestamp_opt(1_700_000_000, 0).single().expect("time");
+        let until = since + chrono::Duration::seconds(300 * 97);
+        let series = idx.blame_series(since, until, 24);
+        assert_eq!(series.len(), 24);
+        assert_eq!(series[0].since, since);
+        assert_eq!(series[23].until, until);
+        let stats = idx.stats(since, until);
+        for b in Blame::ALL {
+            let summed: usize = series
+                .iter()
+                .flat_map(|s| s.by_blame.iter())
+                .filter(|(x, _)| *x == b)
+                .map(|(_, n)| n)
+                .sum();
+            assert_eq!(Some(&summed), stats.by_blame.get(b.as_str()), "{b}");
+        }
+        assert!(idx.blame_series(until, since, 24).is_empty());
     }
 }

@@ -6,12 +6,14 @@
 //!   is fresh and carries the full history.
 //! - Searches read [`index::JobIndex`], an in-memory view of the bucket
 //!   that a KV watch keeps current and that every start rebuilds.
-//! - HTTP also serves `/metrics` and `/healthz`.
+//! - HTTP also serves `/metrics`, `/healthz` and the operators' web
+//!   console ([`console`]) under `/`.
 //!
 //! [`run`] binds `http.listen`; [`serve`] takes a listener the caller bound
 //! (say on `127.0.0.1:0`) so it can learn the port first.
 
 pub mod client;
+pub mod console;
 pub mod executions;
 pub mod http;
 pub mod index;
@@ -116,7 +118,7 @@ pub async fn serve(
 
     let server = http::serve_http(
         listener,
-        http::router(ops),
+        http::router(ops, shutdown.clone()),
         config.http.header_timeout,
         shutdown.clone(),
     );

@@ -28,7 +28,11 @@ pub struct Metrics {
 pub const HEADER_TIMEOUT: &str = "header_timeout";
 pub const BODY_TIMEOUT: &str = "body_timeout";
 pub const NO_TOKEN: &str = "no_token";
-pub const REFUSAL_REASONS: [&str; 3] = [HEADER_TIMEOUT, BODY_TIMEOUT, NO_TOKEN];
+/// A console form without the CSRF token its cookie holds.
+pub const CSRF: &str = "csrf";
+/// A console write from another site (`Origin`, `Sec-Fetch-Site`).
+pub const CROSS_SITE: &str = "cross_site";
+pub const REFUSAL_REASONS: [&str; 5] = [HEADER_TIMEOUT, BODY_TIMEOUT, NO_TOKEN, CSRF, CROSS_SITE];
 
 /// `reason` of `warden_api_execution_tokens_refused_total`.
 pub const TOKEN_REFUSALS: [&str; 3] = ["outdated", "malformed", "wrong_secret"];

@@ -68,10 +68,31 @@ pub fn redact_session(session: &mut Session) {
     }
 }
 
-/// A resource record (JSON) as a reader without the token may see it.
+/// A resource record (JSON) as a reader without the token may see it:
+/// its path, and the names of the sessions that declared it.
 pub fn redact_resource(resource: &mut serde_json::Value) {
     if let Some(path) = resource.get_mut("path").filter(|p| !p.is_null()) {
         *path = serde_json::Value::String(REDACTED.into());
+    }
+    if let Some(sessions) = resource
+        .get_mut("sessions")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for s in sessions {
+            if let Some(name) = s.get_mut("session") {
+                *name = serde_json::Value::String(REDACTED.into());
+            }
+        }
+    }
+}
+
+/// [`redact_resource`] on the typed record (the console's).
+pub fn redact_resource_record(resource: &mut warden_shared::resource::Resource) {
+    if resource.path.is_some() {
+        resource.path = Some(REDACTED.into());
+    }
+    for s in &mut resource.sessions {
+        s.session = REDACTED.into();
     }
 }
 
@@ -137,5 +158,16 @@ mod tests {
         let mut none = serde_json::json!({"name": "host-b", "path": null});
         redact_resource(&mut none);
         assert!(none["path"].is_null());
+    }
+
+    /// A session name was enough to forge a report: the resources listing
+    /// gave it away to any reader until the console's review found it.
+    #[test]
+    fn the_sessions_that_declared_a_resource_lose_their_names() {
+        let mut v = serde_json::json!({"name": "host-a", "path": null,
+            "sessions": [{"session": "s-secret-1", "bot_id": "bot-a"}]});
+        redact_resource(&mut v);
+        assert_eq!(v["sessions"][0]["session"], REDACTED);
+        assert_eq!(v["sessions"][0]["bot_id"], "bot-a");
     }
 }

@@ -105,6 +105,8 @@ fn summary(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> JobSummary {
         detail,
         bot_id: (attempt > 0).then(|| format!("bot-{:03}", skewed(rng, BOTS))),
         source_message_id: (rng.below(10) < 6).then(|| format!("2026-{:016x}", rng.next_u64())),
+        not_before: None,
+        queued_at: updated,
         created_at: created,
         updated_at: updated,
     }

@@ -1527,6 +1527,8 @@ mod tests {
             detail: Some("task_failure".into()),
             bot_id: None,
             source_message_id: None,
+            not_before: None,
+            queued_at: Utc::now(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }
