@@ -156,6 +156,26 @@ pub fn status_line(job: &Job) -> String {
     }
 }
 
+/// Why a CRASHED job was not retried by the policy, in words; `retryable`
+/// is the policy's answer for its blame and detail.
+pub fn not_retried_because(job: &Job, retryable: bool) -> Option<String> {
+    if job.state != JobState::Crashed {
+        return None;
+    }
+    let what = format!(
+        "{}/{}",
+        job.blame.map(|b| b.as_str()).unwrap_or("unknown"),
+        job.detail.as_deref().unwrap_or("unclassified")
+    );
+    Some(if !job.retry {
+        "Not retried: the job was submitted with automatic retries off.".to_string()
+    } else if !retryable {
+        format!("Not retried: the retry policy does not retry {what} (running it again would fail the same way, or it needs a person). Retry it by hand once the cause is fixed.")
+    } else {
+        format!("Not retried automatically ({what}).")
+    })
+}
+
 /// Whether the console offers Retry / Cancel for a job in `state` (the
 /// API decides; these only say which buttons to show).
 pub fn can_retry(state: JobState) -> bool {
@@ -276,6 +296,11 @@ mod tests {
         j.history.push(e);
         assert!(status_line(&j).contains("retries used up"));
         assert!(can_retry(j.state) && !can_cancel(j.state));
+        assert_eq!(not_retried_because(&j, false), None, "only a crash says this");
+        j.state = JobState::Crashed;
+        assert!(not_retried_because(&j, false).is_some_and(|s| s.contains("does not retry system/oom")));
+        j.retry = false;
+        assert!(not_retried_because(&j, true).is_some_and(|s| s.contains("retries off")));
         assert!(can_cancel(JobState::Running) && !can_retry(JobState::Running));
     }
 }

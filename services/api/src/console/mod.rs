@@ -124,7 +124,9 @@ pub fn router(ops: Arc<Ops>, shutdown: CancellationToken) -> Router {
 }
 
 /// Headers on every console response: the CSP, no sniffing, no framing,
-/// no referrer (job ids stay on this site), and no caching of pages.
+/// a referrer only within this site (job ids stay here; `no-referrer`
+/// would make browsers send `Origin: null` on the console's own forms),
+/// and no caching of pages.
 async fn security_headers(req: Request, next: Next) -> Response {
     let is_asset = req.uri().path().starts_with("/assets/");
     let mut resp = next.run(req).await;
@@ -140,7 +142,7 @@ async fn security_headers(req: Request, next: Next) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     if !is_asset {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -482,6 +484,9 @@ async fn job(State(c): Shared, headers: HeaderMap, uri: Uri, Path(id): Path<Stri
         attempts_used: used,
         attempts_allowed: allowed,
         pool,
+        retryable: job
+            .blame
+            .is_some_and(|b| policy.is_retryable(b, job.detail.as_deref().unwrap_or("unclassified"))),
         now: Utc::now(),
     };
     let title = format!("Job {} · {}", &job.id.simple().to_string()[..8], job.task);

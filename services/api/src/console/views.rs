@@ -479,6 +479,8 @@ pub struct JobContext<'a> {
     pub attempts_used: u32,
     pub attempts_allowed: u32,
     pub pool: Option<&'a PoolQueue>,
+    /// Whether the retry policy retries the job's blame and detail.
+    pub retryable: bool,
     pub now: DateTime<Utc>,
 }
 
@@ -534,6 +536,9 @@ pub fn job_detail(job: &Job, ctx: &JobContext<'_>) -> Markup {
         p.status { (state_badge(job.state)) " " span id="status-line" { (explain::status_line(job)) } }
         @if let Some(w) = explain::why_waiting(job, ctx.pool, now) {
             p.waiting id="why-waiting" { (w) }
+        }
+        @if let Some(w) = explain::not_retried_because(job, ctx.retryable) {
+            p.waiting id="why-not-retried" { (w) }
         }
         dl.facts {
             dt { "Job" } dd { code { (job.id) } }
@@ -861,6 +866,7 @@ mod tests {
             attempts_used: 1,
             attempts_allowed: 3,
             pool: None,
+            retryable: false,
             now: Utc::now(),
         };
         let html = job_detail(&job, &ctx).into_string();
