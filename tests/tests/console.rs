@@ -180,14 +180,20 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
 
     // Why did the job crash, on which host, and was it retried?
     let status = text(&b, "#status-line").await;
-    assert!(status.contains("Crashed at attempt 1: system/oom"), "{status}");
+    assert!(
+        status.contains("Crashed at attempt 1: system/oom"),
+        "{status}"
+    );
     let attempt = text(&b, "#attempt-1 h3").await;
     assert!(attempt.contains("Attempt 1 on bot"), "{attempt}");
     assert!(attempt.contains(", resource "), "{attempt}");
     let why = text(&b, "#why-not-retried").await;
     assert!(why.contains("does not retry system/oom"), "{why}");
     let log = text(&b, "pre.log").await;
-    assert!(log.contains("building chromium") && log.contains("Killed process 4242"), "{log}");
+    assert!(
+        log.contains("building chromium") && log.contains("Killed process 4242"),
+        "{log}"
+    );
     b.screenshot("02-job-crashed-oom").await;
 
     // The job list, filtered from the form.
@@ -227,7 +233,10 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
         assert!(h.contains("crash"), "attempt {n}: {h}");
     }
     let history = text(&b, "#attempt-1 table").await;
-    assert!(history.contains("retry 1 of 1"), "the retry and its delay: {history}");
+    assert!(
+        history.contains("retry 1 of 1"),
+        "the retry and its delay: {history}"
+    );
     b.screenshot("05-job-shelved").await;
 
     // Retry it from the page; the page then follows it live, without a
@@ -254,7 +263,10 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
     assert_eq!(same, "yes", "the update arrived without a reload");
     let refreshed = b
         .client()
-        .execute("return document.getElementById('live').dataset.refreshed;", vec![])
+        .execute(
+            "return document.getElementById('live').dataset.refreshed;",
+            vec![],
+        )
         .await
         .unwrap();
     assert!(refreshed.as_str().is_some_and(|n| n != "0"), "{refreshed}");
@@ -262,8 +274,10 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
     assert_eq!(job(&s, &jobs.shelved).await["attempt"], 4);
 
     // Cancel the running job from its page.
-    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.running))).await;
-    b.wait_text("#status-line", "Running attempt 1 on bot").await;
+    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.running)))
+        .await;
+    b.wait_text("#status-line", "Running attempt 1 on bot")
+        .await;
     b.wait_for("#cancel-reason")
         .await
         .send_keys("not needed any more")
@@ -282,16 +296,24 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
     b.screenshot("07-job-cancelled").await;
 
     // Why waiting jobs wait.
-    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.waiting))).await;
-    b.wait_text("#why-waiting", "no active bot on an open resource serves pool unserved")
+    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.waiting)))
         .await;
+    b.wait_text(
+        "#why-waiting",
+        "no active bot on an open resource serves pool unserved",
+    )
+    .await;
     b.screenshot("08-job-waiting-unserved").await;
-    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.delayed))).await;
-    b.wait_text("#why-waiting", "Waiting for a delayed retry").await;
+    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.delayed)))
+        .await;
+    b.wait_text("#why-waiting", "Waiting for a delayed retry")
+        .await;
     b.screenshot("09-job-delayed-retry").await;
-    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.passed))).await;
+    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.passed)))
+        .await;
     b.wait_text("#status-line", "outcome passed").await;
-    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.failed))).await;
+    b.goto(&s.warden.url(&format!("/jobs/{}", jobs.failed)))
+        .await;
     b.wait_text("#status-line", "outcome failed").await;
 
     // The other pages.
@@ -306,7 +328,10 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
     visit(&b, &s, "/stats", "Statistics", "13-stats").await;
     b.wait_for("figure.chart svg rect").await;
     let top = text(&b, "#live").await;
-    assert!(top.contains("system/oom") && top.contains("third_party/network"), "{top}");
+    assert!(
+        top.contains("system/oom") && top.contains("third_party/network"),
+        "{top}"
+    );
     visit(&b, &s, "/", "Overview", "14-overview").await;
 
     // A resource checked by hand from its page.
@@ -461,7 +486,15 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
             }
         }
     }
-    for must in ["/", "/jobs", "/bots", "/resources", "/queues", "/stats", "/login?next=%2F"] {
+    for must in [
+        "/",
+        "/jobs",
+        "/bots",
+        "/resources",
+        "/queues",
+        "/stats",
+        "/login?next=%2F",
+    ] {
         assert!(seen.contains(must), "{must} is not linked: {seen:#?}");
     }
     assert!(
@@ -469,7 +502,11 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
         "the crashed job is linked"
     );
     assert!(seen.len() > 30, "{seen:#?}");
-    eprintln!("crawled {} pages and assets, {} write forms", seen.len(), posts.len());
+    eprintln!(
+        "crawled {} pages and assets, {} write forms",
+        seen.len(),
+        posts.len()
+    );
 
     // Every API error is a page saying what went wrong, with its status.
     let missing = uuid::Uuid::new_v4();
@@ -482,7 +519,12 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
         (&format!("/jobs/{missing}"), 404, "not_found", "no job"),
         ("/stats?window=forever", 400, "invalid_window", "forever"),
         ("/bots?state=asleep", 400, "invalid_state", "asleep"),
-        ("/no/such/page", 404, "not_found", "no page at /no/such/page"),
+        (
+            "/no/such/page",
+            404,
+            "not_found",
+            "no page at /no/such/page",
+        ),
     ] {
         let resp = http
             .get(s.warden.url(path))
@@ -493,12 +535,22 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
         assert_eq!(resp.status(), status, "{path}");
         let body = resp.text().await.unwrap();
         assert!(body.contains("role=\"alert\""), "{path}: {body}");
-        assert!(body.contains(&format!("<code>{code}</code>")), "{path}: {body}");
+        assert!(
+            body.contains(&format!("<code>{code}</code>")),
+            "{path}: {body}"
+        );
         assert!(body.contains(words), "{path}: no {words:?} in {body}");
-        assert!(body.contains("<nav aria-label=\"Sections\">"), "{path} is a whole page");
+        assert!(
+            body.contains("<nav aria-label=\"Sections\">"),
+            "{path} is a whole page"
+        );
     }
     // An API client still gets JSON for an unknown route.
-    let resp = http.get(s.warden.url("/no/such/page")).send().await.unwrap();
+    let resp = http
+        .get(s.warden.url("/no/such/page"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "not_found");
@@ -508,19 +560,26 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
     let first = http.get(s.warden.url("/jobs")).send().await.unwrap();
     let csrf = csrf_of(&first).expect("a CSRF cookie on the first page");
     let retry_finished = format!("/jobs/{}/retry", jobs.passed);
-    let post = |path: &str, cookie: String, form: Vec<(&'static str, String)>, origin: Option<&str>| {
-        let mut r = http
-            .post(s.warden.url(path))
-            .header("cookie", cookie)
-            .form(&form);
-        if let Some(o) = origin {
-            r = r.header("origin", o);
-        }
-        r.send()
-    };
+    let post =
+        |path: &str, cookie: String, form: Vec<(&'static str, String)>, origin: Option<&str>| {
+            let mut r = http
+                .post(s.warden.url(path))
+                .header("cookie", cookie)
+                .form(&form);
+            if let Some(o) = origin {
+                r = r.header("origin", o);
+            }
+            r.send()
+        };
     let origin = s.warden.url("");
     let cases = [
-        (format!("warden_csrf={csrf}"), vec![], Some(origin.as_str()), 403, "out of date"),
+        (
+            format!("warden_csrf={csrf}"),
+            vec![],
+            Some(origin.as_str()),
+            403,
+            "out of date",
+        ),
         (
             format!("warden_csrf={csrf}"),
             vec![("csrf", csrf.clone())],
@@ -540,29 +599,48 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
         let resp = post(&retry_finished, cookie, form, origin).await.unwrap();
         assert_eq!(resp.status(), status, "{words}");
         let body = resp.text().await.unwrap();
-        assert!(body.contains(words) && body.contains("role=\"alert\""), "{body}");
+        assert!(
+            body.contains(words) && body.contains("role=\"alert\""),
+            "{body}"
+        );
     }
     // A wrong token does not sign in; the right one does.
     let resp = post(
         "/login",
         format!("warden_csrf={csrf}"),
-        vec![("csrf", csrf.clone()), ("token", "guess".into()), ("next", "/".into())],
+        vec![
+            ("csrf", csrf.clone()),
+            ("token", "guess".into()),
+            ("next", "/".into()),
+        ],
         Some(&origin),
     )
     .await
     .unwrap();
     assert_eq!(resp.status(), 401);
-    assert!(resp.text().await.unwrap().contains("That is not the API token"));
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("That is not the API token"));
     let resp = post(
         "/login",
         format!("warden_csrf={csrf}"),
-        vec![("csrf", csrf.clone()), ("token", TOKEN.into()), ("next", "//evil.example".into())],
+        vec![
+            ("csrf", csrf.clone()),
+            ("token", TOKEN.into()),
+            ("next", "//evil.example".into()),
+        ],
         Some(&origin),
     )
     .await
     .unwrap();
     assert_eq!(resp.status(), 303);
-    assert_eq!(resp.headers()["location"], "/?done=signed_in", "never to another site");
+    assert_eq!(
+        resp.headers()["location"],
+        "/?done=signed_in",
+        "never to another site"
+    );
     let session = resp
         .headers()
         .get_all("set-cookie")
@@ -573,13 +651,21 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
         .expect("a sign-in cookie");
     assert!(!session.contains(TOKEN));
     let cookies = format!("warden_csrf={csrf}; warden_console={session}");
-    let resp = post(&retry_finished, cookies.clone(), vec![("csrf", csrf.clone())], Some(&origin))
-        .await
-        .unwrap();
+    let resp = post(
+        &retry_finished,
+        cookies.clone(),
+        vec![("csrf", csrf.clone())],
+        Some(&origin),
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status(), 409);
     let body = resp.text().await.unwrap();
     assert!(body.contains("<code>illegal_transition</code>"), "{body}");
-    assert!(body.contains(&format!("href=\"/jobs/{}\"", jobs.passed)), "a way back: {body}");
+    assert!(
+        body.contains(&format!("href=\"/jobs/{}\"", jobs.passed)),
+        "a way back: {body}"
+    );
     let resp = post(
         "/resources/close",
         cookies.clone(),
@@ -604,8 +690,11 @@ async fn every_link_leads_somewhere_and_every_error_reads_as_a_message() {
 
     let m = s.metrics().await;
     for (reason, at_least) in [("csrf", 1.0), ("cross_site", 1.0), ("no_token", 2.0)] {
-        let n = sample(&m, &format!("warden_api_http_refusals_total{{reason=\"{reason}\"}}"))
-            .unwrap_or(0.0);
+        let n = sample(
+            &m,
+            &format!("warden_api_http_refusals_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0);
         assert!(n >= at_least, "{reason}: {n}\n{m}");
     }
 }

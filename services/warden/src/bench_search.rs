@@ -345,7 +345,141 @@ fn in_memory(args: &BenchSearchArgs) -> anyhow::Result<()> {
         let (p50, p99, max) = percentiles(samples);
         println!("  {name:<34} {jobs:>9} {p50:>9.3} {p99:>9.3} {max:>9.3}");
     }
+    console_pages(&index, args.repeat);
     Ok(())
+}
+
+/// The console's pages rendered from this index: the server's work for a
+/// page (the index lookups and the HTML), next to the JSON API's answer
+/// to the same question (lookup and encoding): the ceiling a page is
+/// measured against.
+fn console_pages(index: &JobIndex, repeat: usize) {
+    use warden_api::console::views;
+    println!(
+        "  {:<34} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "console page (server time)", "bytes", "page p50", "page p99", "json p50", "json p99"
+    );
+    let viewer = views::Viewer {
+        token_set: false,
+        signed_in: true,
+        csrf: "0".repeat(32),
+        here: "/jobs".into(),
+    };
+    let list = |q: &ListQuery, f: &Filter| {
+        let r = index.search(f, q.limit.unwrap_or(views::PAGE), q.offset.unwrap_or(0));
+        warden_api::ListReply {
+            jobs: r.jobs,
+            total: r.total,
+            total_exact: r.total_exact,
+        }
+    };
+    let jobs_page = |q: &ListQuery, f: &Filter| -> (usize, usize) {
+        let reply = list(q, f);
+        let json = serde_json::to_vec(&reply).map(|v| v.len()).unwrap_or(0);
+        let page = views::layout(
+            "Jobs",
+            views::Section::Jobs,
+            &viewer,
+            None,
+            views::jobs_filters(q),
+            views::jobs_list(q, &Ok(reply), Utc::now()),
+        )
+        .into_string();
+        (page.len(), json)
+    };
+    let crashed = ListQuery {
+        state: Some("CRASHED".into()),
+        ..ListQuery::default()
+    };
+    let crashed_filter = Filter {
+        state: Some(JobState::Crashed),
+        ..Filter::default()
+    };
+    let deep = ListQuery {
+        offset: Some(5_000),
+        ..ListQuery::default()
+    };
+    let cases: Vec<(&str, Box<dyn Fn() -> usize>, Box<dyn Fn() -> usize>)> = vec![
+        (
+            "/jobs (all, first 50)",
+            Box::new(|| jobs_page(&ListQuery::default(), &Filter::default()).0),
+            Box::new(|| jobs_page(&ListQuery::default(), &Filter::default()).1),
+        ),
+        (
+            "/jobs?state=CRASHED",
+            Box::new(|| jobs_page(&crashed, &crashed_filter).0),
+            Box::new(|| {
+                let r = list(&crashed, &crashed_filter);
+                serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0)
+            }),
+        ),
+        (
+            "/jobs?offset=5000",
+            Box::new(|| jobs_page(&deep, &Filter::default()).0),
+            Box::new(|| {
+                let r = list(&deep, &Filter::default());
+                serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0)
+            }),
+        ),
+        (
+            "/stats?window=30days (24 bars)",
+            Box::new(|| {
+                let until = Utc::now();
+                let since = until - chrono::Duration::days(30);
+                let st = index.stats(since, until);
+                let series = index.blame_series(since, until, 24);
+                views::layout(
+                    "Statistics",
+                    views::Section::Stats,
+                    &viewer,
+                    None,
+                    views::stats_filters("30days"),
+                    views::stats(&Ok((st, series))),
+                )
+                .into_string()
+                .len()
+            }),
+            Box::new(|| {
+                let until = Utc::now();
+                let st = index.stats(until - chrono::Duration::days(30), until);
+                serde_json::to_vec(&st).map(|v| v.len()).unwrap_or(0)
+            }),
+        ),
+        (
+            "/queues (index part)",
+            Box::new(|| {
+                let now = Utc::now();
+                let rows = index.queues(now);
+                views::layout(
+                    "Queues",
+                    views::Section::Queues,
+                    &viewer,
+                    None,
+                    maud::html! {},
+                    views::queues(&Err("not asked".into()), &rows, now),
+                )
+                .into_string()
+                .len()
+            }),
+            Box::new(|| index.queues(Utc::now()).len()),
+        ),
+    ];
+    for (name, page, json) in cases {
+        let mut pages = Vec::with_capacity(repeat);
+        let mut jsons = Vec::with_capacity(repeat);
+        let mut bytes = 0;
+        for _ in 0..repeat {
+            let t = Instant::now();
+            bytes = std::hint::black_box(page());
+            pages.push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(json());
+            jsons.push(t.elapsed());
+        }
+        let (p50, p99, _) = percentiles(pages);
+        let (j50, j99, _) = percentiles(jsons);
+        println!("  {name:<34} {bytes:>9} {p50:>9.3} {p99:>9.3} {j50:>9.3} {j99:>9.3}");
+    }
 }
 
 /// A full job record for `s`, as the scheduler would have left it.

@@ -38,6 +38,17 @@ pub fn axis_max(n: usize) -> usize {
     }
 }
 
+/// The axis' labelled values: 0, the middle when it is a whole number,
+/// and the top.
+pub fn ticks(max: usize) -> Vec<usize> {
+    let mut t = vec![0];
+    if max.is_multiple_of(2) && max >= 2 {
+        t.push(max / 2);
+    }
+    t.push(max);
+    t
+}
+
 /// One bar's segments: (blame, count, y, height) from the bottom up.
 pub fn segments(bucket: &SeriesBucket, max: usize) -> Vec<(Blame, usize, f64, f64)> {
     let plot = HEIGHT - BOTTOM - TOP;
@@ -89,12 +100,10 @@ pub fn crashes_by_blame(series: &[SeriesBucket]) -> Markup {
                 title id="chart-title" {
                     (format!("Jobs carrying a blame, by blame, in {} slices: {total} in all, at most {peak} in one slice", series.len()))
                 }
-                @for (i, frac) in [0.0, 0.5, 1.0].iter().enumerate() {
-                    @let y = HEIGHT - BOTTOM - (HEIGHT - BOTTOM - TOP) * frac;
+                @for tick in ticks(max) {
+                    @let y = HEIGHT - BOTTOM - (HEIGHT - BOTTOM - TOP) * tick as f64 / max as f64;
                     line.grid x1=(LEFT) x2=(WIDTH) y1=(y) y2=(y) {}
-                    text.axis x=(LEFT - 6.0) y=(y + 4.0) text-anchor="end" {
-                        (if i == 0 { 0 } else { (max as f64 * frac).round() as usize })
-                    }
+                    text.axis x=(LEFT - 6.0) y=(y + 4.0) text-anchor="end" { (tick) }
                 }
                 @for (i, s) in series.iter().enumerate() {
                     @let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
@@ -150,6 +159,13 @@ mod tests {
         ] {
             assert_eq!(axis_max(n), want, "{n}");
         }
+    }
+
+    #[test]
+    fn axis_labels_are_whole_numbers() {
+        assert_eq!(ticks(5), [0, 5]);
+        assert_eq!(ticks(10), [0, 5, 10]);
+        assert_eq!(ticks(1), [0, 1]);
     }
 
     #[test]

@@ -296,9 +296,15 @@ mod tests {
         j.history.push(e);
         assert!(status_line(&j).contains("retries used up"));
         assert!(can_retry(j.state) && !can_cancel(j.state));
-        assert_eq!(not_retried_because(&j, false), None, "only a crash says this");
+        assert_eq!(
+            not_retried_because(&j, false),
+            None,
+            "only a crash says this"
+        );
         j.state = JobState::Crashed;
-        assert!(not_retried_because(&j, false).is_some_and(|s| s.contains("does not retry system/oom")));
+        assert!(
+            not_retried_because(&j, false).is_some_and(|s| s.contains("does not retry system/oom"))
+        );
         j.retry = false;
         assert!(not_retried_because(&j, true).is_some_and(|s| s.contains("retries off")));
         assert!(can_cancel(JobState::Running) && !can_retry(JobState::Running));

@@ -358,7 +358,7 @@ async fn overview(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
             };
             trouble.extend(idx.search(&f, 10, 0).jobs);
         }
-        trouble.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        trouble.sort_by_key(|j| std::cmp::Reverse(j.updated_at));
         trouble.truncate(10);
         (counts, trouble)
     };
@@ -484,9 +484,9 @@ async fn job(State(c): Shared, headers: HeaderMap, uri: Uri, Path(id): Path<Stri
         attempts_used: used,
         attempts_allowed: allowed,
         pool,
-        retryable: job
-            .blame
-            .is_some_and(|b| policy.is_retryable(b, job.detail.as_deref().unwrap_or("unclassified"))),
+        retryable: job.blame.is_some_and(|b| {
+            policy.is_retryable(b, job.detail.as_deref().unwrap_or("unclassified"))
+        }),
         now: Utc::now(),
     };
     let title = format!("Job {} · {}", &job.id.simple().to_string()[..8], job.task);
@@ -523,19 +523,19 @@ fn checked_form(
     uri: &Uri,
     form: Result<Form<WriteForm>, FormRejection>,
     check_sign_in: bool,
-) -> Result<(Seen, WriteForm), Response> {
+) -> Result<(Seen, WriteForm), Box<Response>> {
     let s = seen(&c.ops, headers, uri);
     let form = match form {
         Ok(Form(f)) => f,
         Err(e) => {
-            return Err(error_page(
+            return Err(Box::new(error_page(
                 &s,
                 &OpError::bad_request(
                     ErrorCode::InvalidBody,
                     format!("the form does not parse: {}", e.body_text()),
                 ),
                 None,
-            ))
+            )))
         }
     };
     let h = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
@@ -576,7 +576,7 @@ fn checked_form(
                 &body,
                 Some((auth::safe_next(Some("/login")), "Sign in")),
             );
-            Err(html(&s, status, page))
+            Err(Box::new(html(&s, status, page)))
         }
     }
 }
@@ -590,7 +590,7 @@ async fn retry(
 ) -> Response {
     let (s, _) = match checked_form(&c, &headers, &uri, form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let back = format!("/jobs/{id}");
     match c.ops.retry(&id).await {
@@ -608,7 +608,7 @@ async fn cancel(
 ) -> Response {
     let (s, f) = match checked_form(&c, &headers, &uri, form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let back = format!("/jobs/{id}");
     let reason = f
@@ -752,7 +752,7 @@ async fn resource_write(
 ) -> Response {
     let (s, f) = match checked_form(c, headers, uri, form, true) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(name) = f.name.filter(|n| !n.is_empty()) else {
         return error_page(
@@ -917,7 +917,7 @@ async fn login(
 ) -> Response {
     let (s, f) = match checked_form(&c, &headers, &uri, form, false) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let next = auth::safe_next(f.next.as_deref()).to_string();
     let Some(token) = c.ops.config.http.token.as_deref() else {
@@ -957,7 +957,7 @@ async fn logout(
     form: Result<Form<WriteForm>, FormRejection>,
 ) -> Response {
     if let Err(r) = checked_form(&c, &headers, &uri, form, false) {
-        return r;
+        return *r;
     }
     let mut resp = Redirect::to("/login?done=signed_out").into_response();
     resp.headers_mut()

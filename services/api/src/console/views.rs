@@ -778,6 +778,13 @@ pub fn stats_filters(window: &str) -> Markup {
     }
 }
 
+/// `blame/detail` counts, most first (ties by name).
+pub fn top_details(s: &Stats) -> Vec<(&String, &usize)> {
+    let mut top: Vec<(&String, &usize)> = s.by_detail.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    top
+}
+
 pub fn stats(r: &Result<(Stats, Vec<SeriesBucket>), ErrorBody>) -> Markup {
     html! {
         @match r {
@@ -798,8 +805,7 @@ pub fn stats(r: &Result<(Stats, Vec<SeriesBucket>), ErrorBody>) -> Markup {
                 }
                 section aria-labelledby="h-top" {
                     h2 id="h-top" { "Top details" }
-                    @let mut top: Vec<(&String, &usize)> = s.by_detail.iter().collect();
-                    @let _ = top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                    @let top = top_details(s);
                     @if top.is_empty() { p.empty { "No crash in the window." } } @else {
                         div.scroll { table {
                             caption.visually-hidden { "Top details" }
