@@ -529,14 +529,14 @@ impl JobIndex {
     /// retry at `now`, the oldest ready one's `queued_at`, and the next
     /// retry due. Walks the SCHEDULED posting set: live work, not history.
     pub fn queues(&self, now: DateTime<Utc>) -> Vec<QueueRow> {
-        let mut rows: BTreeMap<(String, Reverse<i32>), QueueRow> = BTreeMap::new();
+        let mut rows: HashMap<(&str, i32), QueueRow> = HashMap::new();
         let Some(set) = self.postings.get(&Facet::State(JobState::Scheduled)) else {
             return Vec::new();
         };
         for (_, id) in set {
             let Some(j) = self.jobs.get(id) else { continue };
             let row = rows
-                .entry((j.pool.clone(), Reverse(j.priority)))
+                .entry((j.pool.as_str(), j.priority))
                 .or_insert_with(|| QueueRow {
                     pool: j.pool.clone(),
                     priority: j.priority,
@@ -556,7 +556,9 @@ impl JobIndex {
                 }
             }
         }
-        rows.into_values().collect()
+        let mut rows: Vec<QueueRow> = rows.into_values().collect();
+        rows.sort_by(|a, b| a.pool.cmp(&b.pool).then(b.priority.cmp(&a.priority)));
+        rows
     }
 
     /// Jobs carrying a blame, by blame, in `buckets` equal slices of
