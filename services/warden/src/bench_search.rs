@@ -399,7 +399,9 @@ fn console_pages(index: &JobIndex, repeat: usize) {
         offset: Some(5_000),
         ..ListQuery::default()
     };
-    let cases: Vec<(&str, Box<dyn Fn() -> usize>, Box<dyn Fn() -> usize>)> = vec![
+    /// Renders something and says how many bytes it made.
+    type Render<'a> = Box<dyn Fn() -> usize + 'a>;
+    let cases: Vec<(&str, Render, Render)> = vec![
         (
             "/jobs (all, first 50)",
             Box::new(|| jobs_page(&ListQuery::default(), &Filter::default()).0),
