@@ -444,11 +444,7 @@ async fn jobs(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
         }
         Err(e) => (ListQuery::default(), Err(bad_query(e.body_text()).body)),
     };
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(e) => StatusCode::from_u16(crate::ops::api_status(e.code).unwrap_or(500))
-            .unwrap_or(StatusCode::BAD_REQUEST),
-    };
+    let status = status_of(&result);
     let page = views::layout(
         "Jobs",
         Section::Jobs,
@@ -581,6 +577,41 @@ fn checked_form(
     }
 }
 
+/// What a person does to a job from its page.
+#[derive(Debug, Clone, Copy)]
+enum JobWrite {
+    Retry,
+    Cancel,
+}
+
+async fn job_write(
+    c: &Console,
+    headers: &HeaderMap,
+    uri: &Uri,
+    id: String,
+    form: Result<Form<WriteForm>, FormRejection>,
+    what: JobWrite,
+) -> Response {
+    let (s, f) = match checked_form(c, headers, uri, form, true) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let (result, done) = match what {
+        JobWrite::Retry => (c.ops.retry(&id).await, "retried"),
+        JobWrite::Cancel => {
+            let reason = f
+                .reason
+                .filter(|r| !r.trim().is_empty())
+                .or_else(|| Some("cancelled from the console".into()));
+            (c.ops.cancel(&id, reason).await, "cancelled")
+        }
+    };
+    match result {
+        Ok(job) => Redirect::to(&format!("/jobs/{}?done={done}", job.id)).into_response(),
+        Err(e) => error_page(&s, &e, Some((&format!("/jobs/{id}"), "Back to the job"))),
+    }
+}
+
 async fn retry(
     State(c): Shared,
     headers: HeaderMap,
@@ -588,15 +619,7 @@ async fn retry(
     Path(id): Path<String>,
     form: Result<Form<WriteForm>, FormRejection>,
 ) -> Response {
-    let (s, _) = match checked_form(&c, &headers, &uri, form, true) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let back = format!("/jobs/{id}");
-    match c.ops.retry(&id).await {
-        Ok(job) => Redirect::to(&format!("/jobs/{}?done=retried", job.id)).into_response(),
-        Err(e) => error_page(&s, &e, Some((&back, "Back to the job"))),
-    }
+    job_write(&c, &headers, &uri, id, form, JobWrite::Retry).await
 }
 
 async fn cancel(
@@ -606,19 +629,7 @@ async fn cancel(
     Path(id): Path<String>,
     form: Result<Form<WriteForm>, FormRejection>,
 ) -> Response {
-    let (s, f) = match checked_form(&c, &headers, &uri, form, true) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    let back = format!("/jobs/{id}");
-    let reason = f
-        .reason
-        .filter(|r| !r.trim().is_empty())
-        .or_else(|| Some("cancelled from the console".into()));
-    match c.ops.cancel(&id, reason).await {
-        Ok(job) => Redirect::to(&format!("/jobs/{}?done=cancelled", job.id)).into_response(),
-        Err(e) => error_page(&s, &e, Some((&back, "Back to the job"))),
-    }
+    job_write(&c, &headers, &uri, id, form, JobWrite::Cancel).await
 }
 
 async fn bots(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
