@@ -88,7 +88,15 @@ struct Console {
     ops: Arc<Ops>,
     shutdown: CancellationToken,
     live: Arc<Semaphore>,
+    /// The last walk of the waiting jobs, reused for [`QUEUE_REUSE`]: the
+    /// walk grows with the backlog, and every open queue page refreshes
+    /// at each batch of job changes.
+    queue_rows: std::sync::Mutex<Option<(std::time::Instant, Vec<crate::index::QueueRow>)>>,
 }
+
+/// How long one walk of the waiting jobs serves the queue page (the
+/// scheduler's own snapshot is as old).
+const QUEUE_REUSE: Duration = Duration::from_secs(1);
 
 type Shared = State<Arc<Console>>;
 
@@ -98,6 +106,7 @@ pub fn router(ops: Arc<Ops>, shutdown: CancellationToken) -> Router {
         ops: ops.clone(),
         shutdown,
         live: Arc::new(Semaphore::new(MAX_LIVE_STREAMS)),
+        queue_rows: std::sync::Mutex::new(None),
     });
     Router::new()
         .route("/", get(overview))
@@ -833,7 +842,17 @@ async fn queues(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
         );
     }
     let now = Utc::now();
-    let rows = c.ops.index.lock().queues(now);
+    let rows = {
+        let mut cached = c.queue_rows.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some((at, rows)) if at.elapsed() < QUEUE_REUSE => rows.clone(),
+            _ => {
+                let rows = c.ops.index.lock().queues(now);
+                *cached = Some((std::time::Instant::now(), rows.clone()));
+                rows
+            }
+        }
+    };
     let sched = scheduler_queue(&c.ops).await;
     let page = views::layout(
         "Queues",
