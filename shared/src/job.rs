@@ -437,6 +437,16 @@ impl Job {
     }
 
     /// The compact view used in listings.
+    /// `blame/detail` as history notes and the console write it
+    /// (`unknown/unclassified` where either is missing).
+    pub fn blame_detail(&self) -> String {
+        format!(
+            "{}/{}",
+            self.blame.map(Blame::as_str).unwrap_or("unknown"),
+            self.detail.as_deref().unwrap_or("unclassified")
+        )
+    }
+
     pub fn summary(&self) -> JobSummary {
         JobSummary {
             id: self.id,

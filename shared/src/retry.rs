@@ -291,11 +291,7 @@ fn retry_or_shelve(job: &mut Job, policy: &RetryPolicy, now: DateTime<Utc>) -> F
     let from = job.state;
     let used = attempts_used(job);
     let max = limit(job, policy);
-    let what = format!(
-        "{}/{}",
-        job.blame.map(Blame::as_str).unwrap_or("unknown"),
-        job.detail.as_deref().unwrap_or("unclassified")
-    );
+    let what = job.blame_detail();
     if used >= max {
         let note = format!("retries used up: {used} of {max} attempts failed; last {what}");
         return match step(job, Action::Shelve, note, None, now) {

@@ -99,11 +99,7 @@ pub fn why_waiting(job: &Job, pool: Option<&PoolQueue>, now: DateTime<Utc>) -> O
 /// How the job stands, in one sentence.
 pub fn status_line(job: &Job) -> String {
     let cause = || {
-        let mut s = format!(
-            "{}/{}",
-            job.blame.map(|b| b.as_str()).unwrap_or("unknown"),
-            job.detail.as_deref().unwrap_or("unclassified")
-        );
+        let mut s = job.blame_detail();
         if let Some(d) = job.description.as_deref().filter(|d| !d.is_empty()) {
             s.push_str(": ");
             s.push_str(d);
@@ -162,11 +158,7 @@ pub fn not_retried_because(job: &Job, retryable: bool) -> Option<String> {
     if job.state != JobState::Crashed {
         return None;
     }
-    let what = format!(
-        "{}/{}",
-        job.blame.map(|b| b.as_str()).unwrap_or("unknown"),
-        job.detail.as_deref().unwrap_or("unclassified")
-    );
+    let what = job.blame_detail();
     Some(if !job.retry {
         "Not retried: the job was submitted with automatic retries off.".to_string()
     } else if !retryable {
