@@ -162,13 +162,7 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
     b.wait_text("h1", "Sign in").await;
     let field = b.wait_for("#token").await;
     field.send_keys(TOKEN).await.unwrap();
-    b.client()
-        .find(Locator::Css("form.login button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form.login button[type=submit]").await;
     b.wait_text(".notice.ok", "Signed in").await;
     assert!(b
         .client()
@@ -200,20 +194,8 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
     visit(&b, &s, "/jobs", "Jobs", "03-jobs-all").await;
     let count = text(&b, "p.count").await;
     assert!(count.contains("7 jobs match"), "{count}");
-    b.client()
-        .find(Locator::Css("#f-state option[value=SHELVED]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.client()
-        .find(Locator::Css("form.filters button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("#f-state option[value=SHELVED]").await;
+    b.click("form.filters button[type=submit]").await;
     b.wait_text("p.count", "1 job match").await;
     b.screenshot("04-jobs-filtered-shelved").await;
 
@@ -241,13 +223,7 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
 
     // Retry it from the page; the page then follows it live, without a
     // reload, until it is shelved again after two more attempts.
-    b.client()
-        .find(Locator::Css("#retry"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("#retry").await;
     b.wait_text(".notice.ok", "Retried").await;
     b.client()
         .execute("window.__sameDocument = 'yes';", vec![])
@@ -283,13 +259,7 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
         .send_keys("not needed any more")
         .await
         .unwrap();
-    b.client()
-        .find(Locator::Css("#cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("#cancel").await;
     b.wait_text(".notice.ok", "Cancelled").await;
     b.wait_text("#status-line", "not needed any more").await;
     assert_eq!(job(&s, &jobs.running).await["state"], "CANCELLED");
@@ -336,13 +306,7 @@ async fn an_operator_answers_why_a_job_crashed_and_acts_from_the_console() {
 
     // A resource checked by hand from its page.
     b.goto(&s.warden.url("/resources")).await;
-    b.client()
-        .find(Locator::Css("form[action='/resources/check'] button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("form[action='/resources/check'] button").await;
     b.wait_text(".notice", "its check").await;
     b.screenshot("15-resource-checked").await;
 

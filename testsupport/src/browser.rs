@@ -335,6 +335,15 @@ impl Browser {
         }
     }
 
+    /// Clicks the first element matching `css`, once [`Browser::wait_for`]
+    /// finds it.
+    pub async fn click(&self, css: &str) {
+        let element = self.wait_for(css).await;
+        if let Err(e) = element.click().await {
+            panic!("cannot click {css:?} on {}: {e}", self.current_url().await);
+        }
+    }
+
     /// Waits up to [`WAIT_TIMEOUT`] until the first element matching `css`
     /// has a text containing `contains` (a live update); returns that
     /// text. Looks the element up again each time, so a re-rendered one
