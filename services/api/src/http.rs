@@ -316,7 +316,7 @@ async fn create_job(
 }
 
 /// Whether this request sees whole answers (see [`redact`]).
-fn sees_everything(ops: &Ops, headers: &HeaderMap) -> bool {
+pub(crate) fn sees_everything(ops: &Ops, headers: &HeaderMap) -> bool {
     redact::sees_everything(ops.config.http.token.as_deref(), bearer(headers))
 }
 
@@ -379,11 +379,14 @@ async fn stats(
 }
 
 async fn resources(State(ops): State<Arc<Ops>>, headers: HeaderMap) -> Result<Response, OpError> {
-    let mut reply = ops.resources().await?;
+    let mut all = ops.resource_records().await?;
     if !sees_everything(&ops, &headers) {
-        reply.resources.iter_mut().for_each(redact::redact_resource);
+        all.iter_mut().for_each(redact::redact_resource);
     }
-    Ok(Json(reply).into_response())
+    Ok(Json(crate::types::ResourcesReply {
+        resources: warden_shared::resource::listing(&all),
+    })
+    .into_response())
 }
 
 async fn bots(
@@ -527,10 +530,11 @@ fn route_name(method: &Method, path: Option<&str>) -> &'static str {
     {
         return r.name;
     }
-    if let Some((_, _, name)) = crate::console::ROUTES.iter().find(|(m, p, _)| {
-        *p == path && (m == method || (*m == Method::GET && method == Method::HEAD))
+    if let Some(r) = crate::console::ROUTES.iter().find(|r| {
+        r.path == path
+            && (r.method == *method || (r.method == Method::GET && method == Method::HEAD))
     }) {
-        return name;
+        return r.name;
     }
     // Any method: axum's `get` also answers HEAD.
     SHARED_ROUTES
@@ -559,9 +563,15 @@ mod tests {
         assert_eq!(route_name(&Method::POST, None), "other");
         let mut names: Vec<&str> = ROUTES.iter().map(|r| r.name).collect();
         names.extend(SHARED_ROUTES.iter().map(|(_, _, n)| *n));
-        names.extend(crate::console::ROUTES.iter().map(|(_, _, n)| *n));
-        for (m, p, n) in crate::console::ROUTES {
-            assert_eq!(route_name(m, Some(p)), *n, "{m} {p}");
+        names.extend(crate::console::ROUTES.iter().map(|r| r.name));
+        for r in crate::console::ROUTES {
+            assert_eq!(
+                route_name(&r.method, Some(r.path)),
+                r.name,
+                "{} {}",
+                r.method,
+                r.path
+            );
         }
         assert_eq!(route_name(&Method::POST, Some("/jobs")), "other");
         let count = names.len();

@@ -195,13 +195,31 @@ impl Ops {
     /// Every resource with its state, reason, since, dependents, sessions
     /// and recent checks.
     pub async fn resources(&self) -> Result<ResourcesReply, OpError> {
-        self.bus_up()?;
-        let all = warden_shared::resource::list(&self.resources)
-            .await
-            .map_err(|e| OpError::unavailable(format!("cannot read resources: {e}")))?;
+        let all = self.resource_records().await?;
         Ok(ResourcesReply {
             resources: warden_shared::resource::listing(&all),
         })
+    }
+
+    /// Every resource record as stored.
+    pub async fn resource_records(
+        &self,
+    ) -> Result<Vec<warden_shared::resource::Resource>, OpError> {
+        self.bus_up()?;
+        warden_shared::resource::list(&self.resources)
+            .await
+            .map_err(|e| OpError::unavailable(format!("cannot read resources: {e}")))
+    }
+
+    /// Waits (briefly) for the index's first pass over the bucket: a
+    /// search or count before it would miss jobs. 503 if it is not done.
+    pub async fn index_ready(&self) -> Result<(), OpError> {
+        if !self.index.is_caught_up() && !self.index.wait_caught_up(CATCH_UP_WAIT).await {
+            return Err(OpError::unavailable(
+                "the job index is still loading; try again",
+            ));
+        }
+        Ok(())
     }
 
     /// Every bot session on record (optionally in one state), by bot and
@@ -365,11 +383,7 @@ impl Ops {
         };
         let window = chrono::Duration::from_std(window)
             .map_err(|_| OpError::bad_request(ErrorCode::InvalidWindow, "window is too long"))?;
-        if !self.index.is_caught_up() && !self.index.wait_caught_up(CATCH_UP_WAIT).await {
-            return Err(OpError::unavailable(
-                "the job index is still loading; try again",
-            ));
-        }
+        self.index_ready().await?;
         let now = Utc::now();
         let since = now
             .checked_sub_signed(window)
@@ -488,11 +502,7 @@ impl Ops {
         };
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
         let offset = q.offset.unwrap_or(0);
-        if !self.index.is_caught_up() && !self.index.wait_caught_up(CATCH_UP_WAIT).await {
-            return Err(OpError::unavailable(
-                "the job index is still loading; try again",
-            ));
-        }
+        self.index_ready().await?;
         let r = self.index.lock().search(&filter, limit, offset);
         Ok(ListReply {
             jobs: r.jobs,

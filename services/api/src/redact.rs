@@ -68,26 +68,9 @@ pub fn redact_session(session: &mut Session) {
     }
 }
 
-/// A resource record (JSON) as a reader without the token may see it:
-/// its path, and the names of the sessions that declared it.
-pub fn redact_resource(resource: &mut serde_json::Value) {
-    if let Some(path) = resource.get_mut("path").filter(|p| !p.is_null()) {
-        *path = serde_json::Value::String(REDACTED.into());
-    }
-    if let Some(sessions) = resource
-        .get_mut("sessions")
-        .and_then(serde_json::Value::as_array_mut)
-    {
-        for s in sessions {
-            if let Some(name) = s.get_mut("session") {
-                *name = serde_json::Value::String(REDACTED.into());
-            }
-        }
-    }
-}
-
-/// [`redact_resource`] on the typed record (the console's).
-pub fn redact_resource_record(resource: &mut warden_shared::resource::Resource) {
+/// A resource as a reader without the token may see it: without its
+/// path, and without the names of the sessions that declared it.
+pub fn redact_resource(resource: &mut warden_shared::resource::Resource) {
     if resource.path.is_some() {
         resource.path = Some(REDACTED.into());
     }
@@ -149,25 +132,44 @@ mod tests {
         assert_eq!((r.id, &r.task, r.state), (job.id, &job.task, job.state));
     }
 
+    fn resource(name: &str, path: Option<&str>) -> warden_shared::resource::Resource {
+        warden_shared::resource::Resource::register(
+            &warden_shared::resource::ResourceDecl {
+                name: name.into(),
+                kind: "host".into(),
+                path: path.map(str::to_string),
+                depends_on: None,
+            },
+            1,
+            "agent-1",
+            "bot-a",
+            "registered".into(),
+            chrono::Utc::now(),
+        )
+    }
+
     #[test]
     fn resource_paths_go() {
-        let mut v = serde_json::json!({"name": "host-a", "path": "/srv/work", "state": "open"});
+        let mut v = resource("host-a", Some("/srv/work"));
         redact_resource(&mut v);
-        assert_eq!(v["path"], REDACTED);
-        assert_eq!(v["name"], "host-a");
-        let mut none = serde_json::json!({"name": "host-b", "path": null});
+        assert_eq!(v.path.as_deref(), Some(REDACTED));
+        assert_eq!(v.name, "host-a");
+        let mut none = resource("host-b", None);
         redact_resource(&mut none);
-        assert!(none["path"].is_null());
+        assert!(none.path.is_none());
     }
 
     /// A session name was enough to forge a report: the resources listing
     /// gave it away to any reader until the console's review found it.
     #[test]
     fn the_sessions_that_declared_a_resource_lose_their_names() {
-        let mut v = serde_json::json!({"name": "host-a", "path": null,
-            "sessions": [{"session": "s-secret-1", "bot_id": "bot-a"}]});
+        let mut v = resource("host-a", None);
+        v.sessions = vec![warden_shared::resource::ResourceSession {
+            session: "s-secret-1".into(),
+            bot_id: "bot-a".into(),
+        }];
         redact_resource(&mut v);
-        assert_eq!(v["sessions"][0]["session"], REDACTED);
-        assert_eq!(v["sessions"][0]["bot_id"], "bot-a");
+        assert_eq!(v.sessions[0].session, REDACTED);
+        assert_eq!(v.sessions[0].bot_id, "bot-a");
     }
 }

@@ -26,7 +26,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Form, Router};
 use chrono::Utc;
 use futures::Stream;
@@ -44,26 +44,73 @@ use crate::redact;
 use crate::types::{BotsQuery, ListQuery, StatsQuery};
 use views::{Notice, Section, Viewer};
 
-/// Every console route with its `route` label in
-/// `warden_api_requests_total`.
-pub const ROUTES: &[(Method, &str, &str)] = &[
-    (Method::GET, "/", "console_overview"),
-    (Method::GET, "/jobs", "console_jobs"),
-    (Method::GET, "/jobs/{id}", "console_job"),
-    (Method::POST, "/jobs/{id}/retry", "console_job_retry"),
-    (Method::POST, "/jobs/{id}/cancel", "console_job_cancel"),
-    (Method::GET, "/bots", "console_bots"),
-    (Method::GET, "/resources", "console_resources"),
-    (Method::POST, "/resources/check", "console_resource_check"),
-    (Method::POST, "/resources/close", "console_resource_close"),
-    (Method::GET, "/queues", "console_queues"),
-    (Method::GET, "/stats", "console_stats"),
-    (Method::GET, "/login", "console_login_form"),
-    (Method::POST, "/login", "console_login"),
-    (Method::POST, "/logout", "console_logout"),
-    (Method::GET, "/events", "console_events"),
-    (Method::GET, "/assets/{file}", "console_asset"),
-    (Method::GET, "/favicon.ico", "console_favicon"),
+/// One console route: what [`router`] is built from and what
+/// `warden_api_requests_total` names it by (its `route` label).
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub name: &'static str,
+    handler: fn(MethodFilter) -> MethodRouter<Arc<Console>>,
+}
+
+const fn route(
+    method: Method,
+    path: &'static str,
+    name: &'static str,
+    handler: fn(MethodFilter) -> MethodRouter<Arc<Console>>,
+) -> Route {
+    Route {
+        method,
+        path,
+        name,
+        handler,
+    }
+}
+
+/// Every console route.
+pub const ROUTES: &[Route] = &[
+    route(Method::GET, "/", "console_overview", |m| on(m, overview)),
+    route(Method::GET, "/jobs", "console_jobs", |m| on(m, jobs)),
+    route(Method::GET, "/jobs/{id}", "console_job", |m| on(m, job)),
+    route(Method::POST, "/jobs/{id}/retry", "console_job_retry", |m| {
+        on(m, retry)
+    }),
+    route(
+        Method::POST,
+        "/jobs/{id}/cancel",
+        "console_job_cancel",
+        |m| on(m, cancel),
+    ),
+    route(Method::GET, "/bots", "console_bots", |m| on(m, bots)),
+    route(Method::GET, "/resources", "console_resources", |m| {
+        on(m, resources)
+    }),
+    route(
+        Method::POST,
+        "/resources/check",
+        "console_resource_check",
+        |m| on(m, resource_check),
+    ),
+    route(
+        Method::POST,
+        "/resources/close",
+        "console_resource_close",
+        |m| on(m, resource_close),
+    ),
+    route(Method::GET, "/queues", "console_queues", |m| on(m, queues)),
+    route(Method::GET, "/stats", "console_stats", |m| on(m, stats)),
+    route(Method::GET, "/login", "console_login_form", |m| {
+        on(m, login_form)
+    }),
+    route(Method::POST, "/login", "console_login", |m| on(m, login)),
+    route(Method::POST, "/logout", "console_logout", |m| on(m, logout)),
+    route(Method::GET, "/events", "console_events", |m| on(m, events)),
+    route(Method::GET, "/assets/{file}", "console_asset", |m| {
+        on(m, asset)
+    }),
+    route(Method::GET, "/favicon.ico", "console_favicon", |m| {
+        on(m, favicon)
+    }),
 ];
 
 /// Live pages open at once (each holds one `/events` stream); past it a
@@ -84,7 +131,7 @@ const ICON: &str = include_str!("assets/favicon.svg");
 /// framing.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
-struct Console {
+pub struct Console {
     ops: Arc<Ops>,
     shutdown: CancellationToken,
     live: Arc<Semaphore>,
@@ -108,26 +155,13 @@ pub fn router(ops: Arc<Ops>, shutdown: CancellationToken) -> Router {
         live: Arc::new(Semaphore::new(MAX_LIVE_STREAMS)),
         queue_rows: std::sync::Mutex::new(None),
     });
-    Router::new()
-        .route("/", get(overview))
-        .route("/jobs", get(jobs))
-        .route("/jobs/{id}", get(job))
-        .route("/jobs/{id}/retry", post(retry))
-        .route("/jobs/{id}/cancel", post(cancel))
-        .route("/bots", get(bots))
-        .route("/resources", get(resources))
-        .route("/resources/check", post(resource_check))
-        .route("/resources/close", post(resource_close))
-        .route("/queues", get(queues))
-        .route("/stats", get(stats))
-        .route("/login", get(login_form).post(login))
-        .route("/logout", post(logout))
-        .route("/events", get(events))
-        .route("/assets/{file}", get(asset))
-        .route(
-            "/favicon.ico",
-            get(|| async { asset(Path("favicon.svg".into())).await }),
-        )
+    let mut router = Router::new();
+    for r in ROUTES {
+        let filter = MethodFilter::try_from(r.method.clone())
+            .expect("every console route's method is one axum can route");
+        router = router.route(r.path, (r.handler)(filter));
+    }
+    router
         .layer(middleware::from_fn(security_headers))
         .with_state(console)
 }
@@ -173,20 +207,16 @@ fn cookie_header(headers: &HeaderMap) -> &str {
         .unwrap_or("")
 }
 
+/// Sees whole pages and may write: no token is set, the request carries
+/// it (as the API takes it), or it is signed in.
 fn signed_in(ops: &Ops, headers: &HeaderMap) -> bool {
-    let Some(token) = ops.config.http.token.as_deref() else {
-        return true;
-    };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if redact::sees_everything(Some(token), bearer) {
+    if crate::http::sees_everything(ops, headers) {
         return true;
     }
-    auth::cookie(cookie_header(headers), auth::SESSION_COOKIE)
-        .is_some_and(|v| auth::session_valid(token, v, Utc::now()))
+    ops.config.http.token.as_deref().is_some_and(|token| {
+        auth::cookie(cookie_header(headers), auth::SESSION_COOKIE)
+            .is_some_and(|v| auth::session_valid(token, v, Utc::now()))
+    })
 }
 
 fn seen(ops: &Ops, headers: &HeaderMap, uri: &Uri) -> Seen {
@@ -345,13 +375,8 @@ async fn scheduler_queue(ops: &Ops) -> Result<QueueReply, String> {
 async fn overview(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
     let s = seen(&c.ops, &headers, &uri);
     let ops = &c.ops;
-    let caught_up = ops.index.is_caught_up() || ops.index.wait_caught_up(ASK_TIMEOUT).await;
-    if !caught_up {
-        return error_page(
-            &s,
-            &OpError::unavailable("the job index is still loading; try again"),
-            None,
-        );
+    if let Err(e) = ops.index_ready().await {
+        return error_page(&s, &e, None);
     }
     let (counts, trouble) = {
         let idx = ops.index.lock();
@@ -379,24 +404,22 @@ async fn overview(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
         .await
         .map(|r| r.bots.len())
         .map_err(|e| e.body.message);
-    let res = match ops.bus_up() {
-        Ok(()) => warden_shared::resource::list(&ops.resources)
-            .await
-            .map(|all| {
-                all.iter()
-                    .filter(|r| r.state != warden_shared::resource::ResourceState::Open)
-                    .map(|r| {
-                        (
-                            r.name.clone(),
-                            r.state.as_str().to_string(),
-                            r.reason.clone(),
-                        )
-                    })
-                    .collect()
-            })
-            .map_err(|e| format!("cannot read resources: {e}")),
-        Err(e) => Err(e.body.message),
-    };
+    let res = ops
+        .resource_records()
+        .await
+        .map(|all| {
+            all.iter()
+                .filter(|r| r.state != warden_shared::resource::ResourceState::Open)
+                .map(|r| {
+                    (
+                        r.name.clone(),
+                        r.state.as_str().to_string(),
+                        r.reason.clone(),
+                    )
+                })
+                .collect()
+        })
+        .map_err(|e| e.body.message);
     let o = views::Overview {
         counts,
         queue: queue.as_ref().map_err(Clone::clone),
@@ -680,18 +703,10 @@ fn status_of<T>(r: &Result<T, ErrorBody>) -> StatusCode {
 async fn resources(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
     let s = seen(&c.ops, &headers, &uri);
     let (n, _) = split_done(uri.query());
-    let all = match c.ops.bus_up() {
-        Ok(()) => warden_shared::resource::list(&c.ops.resources)
-            .await
-            .map_err(|e| OpError::unavailable(format!("cannot read resources: {e}")).body),
-        Err(e) => Err(e.body),
-    };
-    let mut all = all;
+    let mut all = c.ops.resource_records().await.map_err(|e| e.body);
     if !s.viewer.signed_in {
         if let Ok(list) = all.as_mut() {
-            for r in list.iter_mut() {
-                redact::redact_resource_record(r);
-            }
+            list.iter_mut().for_each(redact::redact_resource);
         }
     }
     let views_of = all.as_ref().map(|list| {
@@ -834,12 +849,8 @@ async fn resource_close(
 
 async fn queues(State(c): Shared, headers: HeaderMap, uri: Uri) -> Response {
     let s = seen(&c.ops, &headers, &uri);
-    if !c.ops.index.is_caught_up() && !c.ops.index.wait_caught_up(ASK_TIMEOUT).await {
-        return error_page(
-            &s,
-            &OpError::unavailable("the job index is still loading; try again"),
-            None,
-        );
+    if let Err(e) = c.ops.index_ready().await {
+        return error_page(&s, &e, None);
     }
     let now = Utc::now();
     let rows = {
@@ -1032,6 +1043,10 @@ fn change_stream(
             }
         },
     )
+}
+
+async fn favicon() -> Response {
+    asset(Path("favicon.svg".into())).await
 }
 
 async fn asset(Path(file): Path<String>) -> Response {
