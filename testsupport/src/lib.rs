@@ -13,8 +13,10 @@
 
 pub mod browser;
 pub mod fedora_messaging;
+pub mod postgres;
 pub mod rabbitmq;
 
+pub use postgres::Postgres;
 pub use rabbitmq::RabbitMq;
 
 use std::net::TcpListener;

@@ -1,0 +1,239 @@
+//! The archival steps (the recorder's janitor takes them in this order)
+//! and the retention of the database itself.
+//!
+//! 1. [`HistoryDb::archive_due`]: a terminal job last changed before the
+//!    cut-off, recorded at its latest revision, is marked archived and
+//!    counted in the archived statistics (archive state 1).
+//! 2. The janitor deletes the job from the bucket, expecting that very
+//!    revision; [`HistoryDb::mark_removed`] records it (state 2). A job
+//!    that changed meanwhile keeps its key: the recorder writes its newer
+//!    revision, which makes the row live again (state 0).
+//! 3. After a grace period in which every watcher has seen the delete, the
+//!    janitor purges the delete marker from the stream, so nothing that
+//!    replays the bucket at start pays for it;
+//!    [`HistoryDb::mark_marker_purged`] records that (state 3).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{AssertSqlSafe, Row};
+use uuid::Uuid;
+
+use crate::rows::{TallyKey, MINUTE_MICROS};
+use crate::write::{add_tallies, args, exec, Val};
+use crate::{micros, Backend, DbError, HistoryDb};
+
+/// A job at the revision the archival step is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Archived {
+    pub id: Uuid,
+    pub rev: u64,
+}
+
+const TERMINAL: &str = "('FINISHED', 'CRASHED', 'SHELVED', 'CANCELLED')";
+
+fn archived_of(row: &sqlx::any::AnyRow) -> Result<Option<Archived>, DbError> {
+    let id: String = row.try_get("id")?;
+    let rev: i64 = row.try_get("rev")?;
+    Ok(id.parse::<Uuid>().ok().map(|id| Archived {
+        id,
+        rev: u64::try_from(rev).unwrap_or(0),
+    }))
+}
+
+impl HistoryDb {
+    /// Step 1: marks up to `limit` terminal jobs last changed before
+    /// `cutoff` archived, counts them in the statistics of archived jobs,
+    /// and returns them (their bucket copies are to be deleted).
+    pub async fn archive_due(
+        &self,
+        cutoff: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Archived>, DbError> {
+        let mut tx = self.write.begin().await?;
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT id, rev, state, blame, detail, attempt, updated_at FROM jobs \
+             WHERE archived = 0 AND updated_at < $1 AND state IN {TERMINAL} \
+             ORDER BY updated_at LIMIT $2{lock}"
+        );
+        let found = sqlx::query_with(
+            AssertSqlSafe(sql),
+            args(vec![Val::I(micros(cutoff)), Val::I(limit_i64(limit))])?,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(found.len());
+        let mut tallies: BTreeMap<TallyKey, i64> = BTreeMap::new();
+        for row in &found {
+            let Some(a) = archived_of(row)? else { continue };
+            let state: String = row.try_get("state")?;
+            let blame: Option<String> = row.try_get("blame")?;
+            let detail: Option<String> = row.try_get("detail")?;
+            let key = TallyKey::new(
+                row.try_get("updated_at")?,
+                &state,
+                blame.as_deref(),
+                detail.as_deref(),
+                row.try_get("attempt")?,
+            );
+            let n = exec(
+                &mut tx,
+                "UPDATE jobs SET archive_state = 1, archived = 1, archived_at = $1 \
+                 WHERE id = $2 AND rev = $3 AND archived = 0"
+                    .to_string(),
+                vec![
+                    Val::I(micros(now)),
+                    Val::S(a.id.to_string()),
+                    Val::I(rev_of(a)),
+                ],
+            )
+            .await?;
+            if n == 1 {
+                *tallies.entry(key).or_default() += 1;
+                out.push(a);
+            }
+        }
+        add_tallies(&mut tx, &tallies).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Jobs archived whose bucket copy is still to be deleted (step 1
+    /// done, step 2 not): what a janitor that stopped halfway resumes.
+    pub async fn removals_pending(&self, limit: usize) -> Result<Vec<Archived>, DbError> {
+        self.in_archive_state(1, None, limit).await
+    }
+
+    /// Step 2 done for `a`: the bucket no longer holds that revision.
+    pub async fn mark_removed(&self, a: Archived, now: DateTime<Utc>) -> Result<bool, DbError> {
+        let mut conn = self.write.acquire().await?;
+        let n = exec(
+            &mut conn,
+            "UPDATE jobs SET archive_state = 2, archived_at = $1 \
+             WHERE id = $2 AND rev = $3 AND archive_state = 1"
+                .to_string(),
+            vec![
+                Val::I(micros(now)),
+                Val::S(a.id.to_string()),
+                Val::I(rev_of(a)),
+            ],
+        )
+        .await?;
+        Ok(n == 1)
+    }
+
+    /// Jobs deleted from the bucket before `before` whose delete marker
+    /// is still in the stream.
+    pub async fn markers_due(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Archived>, DbError> {
+        self.in_archive_state(2, Some(before), limit).await
+    }
+
+    /// Step 3 done for `a`.
+    pub async fn mark_marker_purged(&self, a: Archived) -> Result<bool, DbError> {
+        let mut conn = self.write.acquire().await?;
+        let n = exec(
+            &mut conn,
+            "UPDATE jobs SET archive_state = 3 WHERE id = $1 AND rev = $2 AND archive_state = 2"
+                .to_string(),
+            vec![Val::S(a.id.to_string()), Val::I(rev_of(a))],
+        )
+        .await?;
+        Ok(n == 1)
+    }
+
+    async fn in_archive_state(
+        &self,
+        state: i64,
+        before: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<Archived>, DbError> {
+        let (sql, vals) = match before {
+            Some(t) => (
+                "SELECT id, rev FROM jobs WHERE archive_state = $1 AND archived_at < $2 \
+                 ORDER BY archived_at LIMIT $3",
+                vec![Val::I(state), Val::I(micros(t)), Val::I(limit_i64(limit))],
+            ),
+            None => (
+                "SELECT id, rev FROM jobs WHERE archive_state = $1 ORDER BY archived_at LIMIT $2",
+                vec![Val::I(state), Val::I(limit_i64(limit))],
+            ),
+        };
+        let rows = sqlx::query_with(sql, args(vals)?)
+            .fetch_all(&self.read)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(a) = archived_of(r)? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Retention: deletes up to `limit` archived jobs (gone from the
+    /// bucket) last changed before the hour `before` falls in, with their
+    /// history, attempts and statistics. Returns how many jobs went.
+    pub async fn expire(&self, before: DateTime<Utc>, limit: usize) -> Result<usize, DbError> {
+        let hour = micros(before).div_euclid(60 * MINUTE_MICROS);
+        let cut = hour * 60 * MINUTE_MICROS;
+        let mut tx = self.write.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar_with(
+            "SELECT id FROM jobs WHERE archived = 1 AND archive_state >= 2 AND updated_at < $1 \
+             ORDER BY updated_at LIMIT $2",
+            args(vec![Val::I(cut), Val::I(limit_i64(limit))])?,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for chunk in ids.chunks(500) {
+            let list = crate::placeholders(1, chunk.len());
+            for table in ["history", "attempts"] {
+                exec(
+                    &mut tx,
+                    format!("DELETE FROM {table} WHERE job_id IN ({list})"),
+                    chunk.iter().map(|s| Val::S(s.clone())).collect(),
+                )
+                .await?;
+            }
+            exec(
+                &mut tx,
+                format!("DELETE FROM jobs WHERE id IN ({list})"),
+                chunk.iter().map(|s| Val::S(s.clone())).collect(),
+            )
+            .await?;
+        }
+        // The statistics of those hours go once their last job has.
+        if ids.len() < limit {
+            exec(
+                &mut tx,
+                "DELETE FROM stats_minute WHERE minute < $1".to_string(),
+                vec![Val::I(hour * 60)],
+            )
+            .await?;
+            exec(
+                &mut tx,
+                "DELETE FROM stats_hour WHERE hour < $1".to_string(),
+                vec![Val::I(hour)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len())
+    }
+}
+
+fn limit_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn rev_of(a: Archived) -> i64 {
+    crate::rows::rev_i64(a.rev)
+}

@@ -1,0 +1,246 @@
+//! Warden's execution database: every job the recorder saw, at its latest
+//! revision, with every history entry and attempt it ever had, and
+//! per-minute and per-hour statistics of the archived ones. SQLite (one
+//! file, embedded) or PostgreSQL, through one [`sqlx::AnyPool`]; the
+//! schema's migrations are embedded in the binary and run at open.
+//!
+//! - [`rows`]: the pure part: a job revision → its rows, a batch folded to
+//!   one write per job, what a newer revision does to an archived row.
+//! - [`write`]: recording a batch in one transaction, idempotently (a row
+//!   only ever moves to a higher revision; history and attempts merge).
+//! - [`archive`]: the archival steps the recorder's janitor takes, and
+//!   retention.
+//! - [`read`]: get, search (filters, full text, newest first), statistics
+//!   over any window, export as JSON lines.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions};
+
+pub mod archive;
+pub mod read;
+pub mod rows;
+pub mod write;
+
+pub use read::{Counts, Page, Search};
+pub use rows::Revision;
+pub use write::Recorded;
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Result<Backend, DbError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(DbError::Url(format!(
+                "{:?} is neither sqlite://PATH nor postgres://…",
+                redact_url(url)
+            )))
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("history database URL: {0}")]
+    Url(String),
+    #[error("history database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("history database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("history database holds an undecodable job {id}: {source}")]
+    Decode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl DbError {
+    /// Whether trying again later may succeed (the database is down,
+    /// busy, or a connection broke), as opposed to a broken query or row.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sql(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::Database(_)
+            ),
+            DbError::Url(_) | DbError::Migrate(_) | DbError::Decode { .. } => false,
+        }
+    }
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    warden_shared::redact::redact(url)
+}
+
+/// The execution database: a pool for reads and one for writes (SQLite
+/// has one writer at a time; its write pool is one connection, so the
+/// recorder's batches and the janitor never wait on each other's locks).
+#[derive(Debug, Clone)]
+pub struct HistoryDb {
+    read: AnyPool,
+    write: AnyPool,
+    backend: Backend,
+}
+
+/// How long a statement waits for a lock (SQLite's busy timeout) or a
+/// connection from the pool.
+const WAIT: Duration = Duration::from_secs(10);
+
+impl HistoryDb {
+    /// Connects to `url` (`sqlite://PATH`, the file made if missing, or
+    /// `postgres://USER@HOST:PORT/DB`) and brings its schema up to this
+    /// binary's version.
+    pub async fn open(url: &str) -> Result<HistoryDb, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_string(),
+        };
+        let options = AnyConnectOptions::from_str(&url)
+            .map_err(|e| DbError::Url(format!("{}: {e}", redact_url(&url))))?
+            .disable_statement_logging();
+        let (readers, writers) = match backend {
+            Backend::Sqlite => (4, 1),
+            Backend::Postgres => (8, 4),
+        };
+        let pool = |n: u32| {
+            AnyPoolOptions::new()
+                .max_connections(n)
+                .acquire_timeout(WAIT)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            for pragma in [
+                                "PRAGMA journal_mode = WAL",
+                                "PRAGMA synchronous = NORMAL",
+                                "PRAGMA busy_timeout = 10000",
+                            ] {
+                                sqlx::query(pragma).execute(&mut *conn).await?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+        };
+        let write = pool(writers).connect_with(options.clone()).await?;
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&write).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&write).await?,
+        }
+        let read = pool(readers).connect_with(options).await?;
+        Ok(HistoryDb {
+            read,
+            write,
+            backend,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The schema version (the latest migration applied).
+    pub async fn schema_version(&self) -> Result<i64, DbError> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT CAST(MAX(version) AS BIGINT) FROM _sqlx_migrations WHERE success = TRUE",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Closes both pools (the rest of the process's writes are done).
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+/// Microseconds since the epoch: how the database keeps times.
+pub fn micros(t: chrono::DateTime<chrono::Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// The instant `us` microseconds after the epoch.
+pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(us).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
+/// `$1, $2, …` for `n` values starting at `from`: a placeholder list
+/// both SQLite and PostgreSQL read.
+pub(crate) fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, …, $k), ($k+1, …)` for `rows` rows of `width` values.
+pub(crate) fn value_rows(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(1 + r * width, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_backend() {
+        assert_eq!(
+            Backend::of_url("sqlite:///tmp/h.db").ok(),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(
+            Backend::of_url("sqlite::memory:").ok(),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(
+            Backend::of_url("postgres://u@127.0.0.1:5/db").ok(),
+            Some(Backend::Postgres)
+        );
+        let e = Backend::of_url("mysql://u:secret@h/db")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| !e.contains("secret")), "{e:?}");
+    }
+
+    #[test]
+    fn placeholder_rows_number_every_value_once() {
+        assert_eq!(placeholders(3, 2), "$3, $4");
+        assert_eq!(value_rows(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    }
+}
