@@ -14,7 +14,10 @@
 //!   over any window, export as JSON lines.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions};
@@ -75,9 +78,11 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// Whether trying again later may succeed (the database is down,
-    /// busy, or a connection broke), as opposed to a broken query or row.
-    pub fn is_transient(&self) -> bool {
+    /// Whether the database could not be reached at all (down, a broken
+    /// connection, no connection free in time): trying again later is
+    /// all there is to do. Anything else is about the statement or its
+    /// data.
+    pub fn is_unavailable(&self) -> bool {
         match self {
             DbError::Sql(e) => matches!(
                 e,
@@ -87,7 +92,6 @@ impl DbError {
                     | sqlx::Error::WorkerCrashed
                     | sqlx::Error::Tls(_)
                     | sqlx::Error::Protocol(_)
-                    | sqlx::Error::Database(_)
             ),
             DbError::Url(_) | DbError::Migrate(_) | DbError::Decode { .. } => false,
         }
@@ -164,6 +168,41 @@ impl HistoryDb {
             write,
             backend,
         })
+    }
+
+    /// Opens the database, waiting with backoff while it cannot be reached
+    /// (a PostgreSQL server still starting); `Ok(None)` on shutdown. A URL
+    /// or schema that can never work is an error at once.
+    pub async fn open_waiting(
+        service: &str,
+        url: &str,
+        shutdown: &CancellationToken,
+        on_wait: impl Fn(Duration),
+    ) -> Result<Option<HistoryDb>, DbError> {
+        let since = Instant::now();
+        let mut backoff =
+            warden_shared::ready::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match HistoryDb::open(url).await {
+                Ok(db) => return Ok(Some(db)),
+                Err(e) if e.is_unavailable() => {
+                    let waited = since.elapsed();
+                    on_wait(waited);
+                    warn!(
+                        service,
+                        database = %redact_url(url),
+                        error = %e,
+                        waited_s = waited.as_secs(),
+                        "waiting for the history database"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
     }
 
     pub fn backend(&self) -> Backend {

@@ -272,6 +272,39 @@ pub struct SchedulerConfig {
     pub report_batch: usize,
 }
 
+/// The execution database and archival (`warden recorder`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`; empty: no
+    /// database (every job stays in the bucket, as before). `warden up`
+    /// fills it in with `sqlite://<data-dir>/history.sqlite`.
+    pub database: String,
+    /// How long a finished (terminal) job stays in the live bucket after
+    /// its last change, once the database has it.
+    #[serde(with = "humantime_serde")]
+    pub archive_after: Duration,
+    /// How long the delete marker of an archived job stays in the
+    /// bucket's stream (every watcher sees the delete) before it is
+    /// purged.
+    #[serde(with = "humantime_serde")]
+    pub marker_grace: Duration,
+    /// How long the database keeps an archived job; 0: for ever.
+    #[serde(with = "humantime_serde")]
+    pub retain_for: Duration,
+    /// Job revisions recorded per transaction (at most).
+    pub batch: usize,
+    /// How often the janitor looks for jobs to archive.
+    #[serde(with = "humantime_serde")]
+    pub janitor_interval: Duration,
+}
+
+impl HistoryConfig {
+    pub fn enabled(&self) -> bool {
+        !self.database.trim().is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FencingConfig {
@@ -466,6 +499,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub trigger: TriggerConfig,
     pub scheduler: SchedulerConfig,
+    pub history: HistoryConfig,
     pub fencing: FencingConfig,
     pub worker: WorkerConfig,
     pub health: HealthConfig,
@@ -503,6 +537,7 @@ const SECTIONS: &[&str] = &[
     "storage",
     "trigger",
     "scheduler",
+    "history",
     "fencing",
     "worker",
     "health",
@@ -605,6 +640,7 @@ impl Config {
         let retry = section::<RetryPolicy>(&merged, "retry", &mut problems);
         let classifier = section::<ClassifierConfig>(&merged, "classifier", &mut problems);
         let amqp = section::<crate::amqp::AmqpConfig>(&merged, "amqp", &mut problems);
+        let history = section::<HistoryConfig>(&merged, "history", &mut problems);
         let tasks = section::<BTreeMap<String, TaskConfig>>(&merged, "tasks", &mut problems);
 
         let (
@@ -620,10 +656,11 @@ impl Config {
             Some(retry),
             Some(classifier),
             Some(amqp),
+            Some(history),
             Some(tasks),
         ) = (
             nats, http, metrics, storage, trigger, scheduler, fencing, worker, health, retry,
-            classifier, amqp, tasks,
+            classifier, amqp, history, tasks,
         )
         else {
             return Err(ConfigError::Invalid(problems));
@@ -635,6 +672,7 @@ impl Config {
             storage,
             trigger,
             scheduler,
+            history,
             fencing,
             worker,
             health,
@@ -792,6 +830,35 @@ impl Config {
         }
         if self.scheduler.acquire_wait.is_zero() {
             p.push("scheduler.acquire_wait: must be positive".into());
+        }
+        let h = &self.history;
+        if h.enabled()
+            && !(h.database.starts_with("sqlite:")
+                || h.database.starts_with("postgres://")
+                || h.database.starts_with("postgresql://"))
+        {
+            p.push(format!(
+                "history.database: {:?} is neither sqlite://PATH nor postgres://USER@HOST:PORT/DB",
+                crate::redact::redact(&h.database)
+            ));
+        }
+        if h.archive_after.is_zero() {
+            p.push("history.archive_after: must be positive".into());
+        }
+        if h.marker_grace.is_zero() {
+            p.push("history.marker_grace: must be positive".into());
+        }
+        if h.janitor_interval.is_zero() {
+            p.push("history.janitor_interval: must be positive".into());
+        }
+        if h.batch == 0 {
+            p.push("history.batch: must be at least 1".into());
+        }
+        if !h.retain_for.is_zero() && h.retain_for <= h.archive_after {
+            p.push(
+                "history.retain_for: must be longer than history.archive_after (or 0: for ever)"
+                    .into(),
+            );
         }
         if self.scheduler.report_batch == 0 {
             p.push("scheduler.report_batch: must be at least 1".into());

@@ -25,7 +25,7 @@ impl Service {
 }
 
 /// Every service, in the order `warden up` starts them.
-pub const ALL: [Service; 8] = [
+pub const ALL: [Service; 9] = [
     Service {
         name: "trigger",
         about: "Warden trigger: bus events become jobs",
@@ -60,6 +60,13 @@ pub const ALL: [Service; 8] = [
         name: "classifier",
         about: "Warden crash classifier",
         srv: Some(subjects::CLASSIFIER_SERVICE),
+        in_up: true,
+    },
+    // Only where `[history] database` is set (`warden up` sets it).
+    Service {
+        name: "recorder",
+        about: "Warden recorder: job history into the execution database, archival",
+        srv: None,
         in_up: true,
     },
     // Only where `[amqp] url` is set: `warden up` starts it then.
@@ -106,7 +113,7 @@ mod tests {
         let unique: std::collections::BTreeSet<_> = pinged.iter().collect();
         assert_eq!(unique.len(), pinged.len());
         assert_eq!(pinged.len(), 5);
-        assert_eq!(super::in_up().count(), 6);
+        assert_eq!(super::in_up().count(), 7);
         assert!(super::by_name("worker").is_some_and(|w| !w.in_up && !w.pinged()));
     }
 }

@@ -23,6 +23,9 @@ pub const JOBS_BUCKET: &str = "warden_jobs";
 /// Bot sessions, keyed by session name, plus `bot.<bot_id>` → current name.
 pub const SESSIONS_BUCKET: &str = "warden_sessions";
 /// The stream JetStream keeps a key-value `bucket` in.
+/// [`kv_stream`] of [`JOBS_BUCKET`], for what needs a `&'static str`.
+pub const JOBS_STREAM: &str = "KV_warden_jobs";
+
 pub fn kv_stream(bucket: &str) -> String {
     format!("KV_{bucket}")
 }
@@ -44,6 +47,20 @@ pub const TRIGGER_CONSUMER: &str = "warden-trigger";
 /// bucket's stream (every bridge replica pulls from it).
 pub const CI_MESSAGES_CONSUMER: &str = "warden-bridge-ci-messages";
 pub const SCHEDULER_REPORTS_CONSUMER: &str = "warden-scheduler-reports";
+/// The recorders' shared durable consumer on the jobs bucket's stream.
+pub const RECORDER_CONSUMER: &str = "warden-recorder";
+
+/// The header JetStream puts on a key-value delete (`DEL`) or purge
+/// (`PURGE`) marker.
+pub const KV_OPERATION_HEADER: &str = "KV-Operation";
+
+/// Whether a message of a bucket's stream is a delete or purge marker
+/// rather than a value.
+pub fn is_kv_removal(headers: Option<&async_nats::HeaderMap>) -> bool {
+    headers
+        .and_then(|h| h.get(KV_OPERATION_HEADER))
+        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+}
 pub const HEALTH_SUSPECTS_CONSUMER: &str = "warden-health-suspects";
 
 /// Worker → scheduler: long-poll for leases (queue group across replicas).
@@ -568,6 +585,24 @@ pub fn ci_messages_consumer() -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(60),
         max_ack_pending: 1_000,
+        ..Default::default()
+    }
+}
+
+/// The recorders' durable consumer on [`kv_stream`] of [`JOBS_BUCKET`]:
+/// every job revision from the stream's start (`DeliverPolicy::All`), so
+/// a first start records every job the bucket holds (an upgraded data
+/// dir's history). Revisions superseded before a recorder pulled them are
+/// gone from the stream (the bucket keeps one per job); the latest
+/// carries the job's whole state and its recent history.
+pub fn recorder_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(RECORDER_CONSUMER.into()),
+        description: Some("recorder: job revisions into the execution database".into()),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: 20_000,
         ..Default::default()
     }
 }

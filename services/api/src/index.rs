@@ -340,6 +340,11 @@ impl JobIndex {
         self.by_state.get(&state).copied().unwrap_or(0)
     }
 
+    /// The job's summary, if it is in the index.
+    pub fn summary(&self, id: &Uuid) -> Option<JobSummary> {
+        self.jobs.get(id).cloned()
+    }
+
     pub fn contains(&self, id: &Uuid) -> bool {
         self.jobs.contains_key(id)
     }

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod console;
 pub mod executions;
+pub mod history;
 pub mod http;
 pub mod index;
 pub mod metrics;
@@ -105,6 +106,11 @@ pub async fn serve(
         index: index.clone(),
         resources: handles.resources.clone(),
         sessions: handles.sessions.clone(),
+        history: if config.history.enabled() {
+            history::History::open_in_background(config.history.database.clone(), shutdown.clone())
+        } else {
+            history::History::none()
+        },
     });
 
     let tracker = TaskTracker::new();

@@ -29,6 +29,9 @@ pub const ACTOR: &str = "api";
 /// Longest cancel reason kept in the history.
 pub const MAX_REASON: usize = 1000;
 
+/// Longest full-text query (`q`), in characters.
+pub const MAX_QUERY: usize = 200;
+
 /// Reads a retry or cancel makes before it gives up on a job that other
 /// writers (the scheduler, a second API replica) keep changing under it:
 /// each conflict means someone else's write landed, so a few are normal
@@ -140,6 +143,16 @@ impl OpError {
         }
     }
 
+    fn from_history(e: warden_history::DbError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "history database unavailable");
+            OpError::unavailable("the history database is unavailable; try again")
+        } else {
+            tracing::error!(error = %e, "history database query failed");
+            OpError::internal("the history database could not answer")
+        }
+    }
+
     fn from_store(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(source) => {
@@ -189,6 +202,8 @@ pub struct Ops {
     pub resources: async_nats::jetstream::kv::Store,
     /// The sessions bucket (one record per bot session; read as is).
     pub sessions: async_nats::jetstream::kv::Store,
+    /// The execution database: archived jobs (`[history] database`).
+    pub history: crate::history::History,
 }
 
 impl Ops {
@@ -361,12 +376,36 @@ impl Ops {
         self.get(&id).await
     }
 
+    /// From the bucket, else (archived) from the history database.
     pub async fn get(&self, id: &Uuid) -> Result<Job, OpError> {
         self.bus_up()?;
         match self.store.get(id).await.map_err(OpError::from_store)? {
             Some(v) => Ok(v.job),
-            None => Err(OpError::not_found(format!("no job {id}"))),
+            None => match self.archived(id).await? {
+                Some(job) => Ok(job),
+                None => Err(OpError::not_found(format!("no job {id}"))),
+            },
         }
+    }
+
+    /// The job as the history database last recorded it, if there is a
+    /// database and it has the job.
+    async fn archived(&self, id: &Uuid) -> Result<Option<Job>, OpError> {
+        if !self.history.configured() {
+            return Ok(None);
+        }
+        let db = self.history_db()?;
+        db.get(id)
+            .await
+            .map(|found| found.map(|(_, job)| job))
+            .map_err(OpError::from_history)
+    }
+
+    /// The open history database, or 503 while it is not (yet) open.
+    fn history_db(&self) -> Result<&warden_history::HistoryDb, OpError> {
+        self.history
+            .db()
+            .ok_or_else(|| OpError::unavailable("the history database is unavailable; try again"))
     }
 
     /// Counts by state, blame and detail over the jobs last changed within
@@ -388,7 +427,16 @@ impl Ops {
         let since = now
             .checked_sub_signed(window)
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        Ok(self.index.lock().stats(since, now))
+        let mut stats = self.index.lock().stats(since, now);
+        if self.history.configured() {
+            let counts = self
+                .history_db()?
+                .counts(since, now)
+                .await
+                .map_err(OpError::from_history)?;
+            crate::history::add_counts(&mut stats, &counts);
+        }
+        Ok(stats)
     }
 
     /// A person's retry: SHELVED, CRASHED or CANCELLED → SCHEDULED with a
@@ -427,6 +475,9 @@ impl Ops {
     ) -> Result<Job, OpError> {
         let id = parse_id(id)?;
         self.bus_up()?;
+        if let Some(job) = self.revive(&id, what, &f).await? {
+            return Ok(job);
+        }
         let step = cas::decide(|current: Option<Job>| {
             let Some(mut job) = current else {
                 return Err(OpError::not_found(format!("no job {id}")));
@@ -455,6 +506,46 @@ impl Ops {
                 ErrorCode::Conflict,
                 format!("job {id} keeps changing; try again"),
             )),
+        }
+    }
+
+    /// A change to an archived job (one the bucket no longer holds): the
+    /// changed job is created in the bucket again, live. `None`: the
+    /// bucket holds it (or it was created again meanwhile); change it
+    /// there.
+    async fn revive(
+        &self,
+        id: &Uuid,
+        what: &'static str,
+        f: &impl Fn(&mut Job, chrono::DateTime<Utc>) -> Result<(), IllegalTransition>,
+    ) -> Result<Option<Job>, OpError> {
+        if !self.history.configured()
+            || self
+                .store
+                .get(id)
+                .await
+                .map_err(OpError::from_store)?
+                .is_some()
+        {
+            return Ok(None);
+        }
+        let Some(mut job) = self.archived(id).await? else {
+            return Ok(None);
+        };
+        let from = job.state;
+        if let Err(e) = f(&mut job, Utc::now()) {
+            tracing::debug!(job.id = %id, from = %from, action = what, "archived job change refused");
+            return Err(OpError::new(ErrorCode::IllegalTransition, e.to_string()));
+        }
+        match self.store.create(&job).await {
+            Ok(_) => {
+                crate::metrics::count_transition(from, job.state);
+                tracing::info!(job.id = %id, from = %from, to = %job.state, action = what, "archived job changed by hand: live again");
+                Ok(Some(job))
+            }
+            // Someone else brought it back first: change the live one.
+            Err(StoreError::AlreadyExists(_)) => Ok(None),
+            Err(e) => Err(OpError::from_store(e)),
         }
     }
 
@@ -502,12 +593,70 @@ impl Ops {
         };
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
         let offset = q.offset.unwrap_or(0);
+        let text = nonempty(q.q);
+        if text.as_ref().is_some_and(|t| t.chars().count() > MAX_QUERY) {
+            return Err(OpError::bad_request(
+                ErrorCode::InvalidRequest,
+                format!("q is longer than {MAX_QUERY} characters"),
+            ));
+        }
         self.index_ready().await?;
-        let r = self.index.lock().search(&filter, limit, offset);
+        if !self.history.configured() {
+            if text.is_some() {
+                return Err(OpError::bad_request(
+                    ErrorCode::InvalidRequest,
+                    "full-text search (q) needs the history database ([history] database)",
+                ));
+            }
+            let r = self.index.lock().search(&filter, limit, offset);
+            return Ok(ListReply {
+                jobs: r.jobs,
+                total: r.total,
+                total_exact: r.total_exact,
+            });
+        }
+        let db = self.history_db()?;
+        if let Some(text) = text {
+            // Only the database has the words: every job it recorded,
+            // each shown as the index has it when it is live.
+            let search = crate::history::archived_search(&filter, Some(text), false);
+            let page = db
+                .search(&search, limit, offset, crate::index::TOTAL_CAP)
+                .await
+                .map_err(OpError::from_history)?;
+            let index = self.index.lock();
+            let jobs = page
+                .jobs
+                .into_iter()
+                .map(|j| index.summary(&j.id).unwrap_or(j))
+                .collect();
+            return Ok(ListReply {
+                jobs,
+                total: page.total,
+                total_exact: page.total_exact,
+            });
+        }
+        let want = offset.saturating_add(limit);
+        let search = crate::history::archived_search(&filter, None, true);
+        let archived = db
+            .search(&search, want, 0, crate::index::TOTAL_CAP)
+            .await
+            .map_err(OpError::from_history)?;
+        let index = self.index.lock();
+        let live = index.search(&filter, want, 0);
+        let total = live.total + archived.total;
+        let total_exact = live.total_exact && archived.total_exact;
+        let jobs = crate::history::merge(
+            live.jobs,
+            archived.jobs,
+            |id| index.contains(id),
+            limit,
+            offset,
+        );
         Ok(ListReply {
-            jobs: r.jobs,
-            total: r.total,
-            total_exact: r.total_exact,
+            jobs,
+            total,
+            total_exact,
         })
     }
 }

@@ -75,6 +75,10 @@ pub struct ListQuery {
     /// Jobs created before this instant (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
+    /// Words that must all be in the job's description, outcome, log
+    /// tail or status file (needs the history database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
     /// Default [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,

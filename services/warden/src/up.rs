@@ -74,6 +74,16 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         config.fencing.require_registered_bots = true;
     }
 
+    if !config.history.enabled() {
+        // The execution database, embedded: nothing else to install.
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+        config.history.database = format!(
+            "sqlite://{}",
+            args.data_dir.join("history.sqlite").display()
+        );
+    }
+
     let shutdown = runtime::shutdown_on_signal();
     let config = Arc::new(config);
     let mut set: JoinSet<ServiceResult> = JoinSet::new();
@@ -93,6 +103,7 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
             "api" => start(&mut set, s.name, warden_api::run(c, t)),
             "health" => start(&mut set, s.name, warden_health::run(c, t)),
             "classifier" => start(&mut set, s.name, warden_classifier::service::run(c, t)),
+            "recorder" => start(&mut set, s.name, warden_recorder::run(c, t)),
             other => anyhow::bail!("warden up does not know how to run {other}"),
         }
     }
@@ -156,6 +167,11 @@ pub async fn run(mut config: Config, external_nats: bool, args: &UpArgs) -> anyh
         );
     }
     println!("  HTTP API  http://{http}/api/v1/jobs");
+    println!(
+        "  history   {} (finished jobs leave the live bucket after {})",
+        warden_history::redact_url(&config.history.database),
+        humantime::format_duration(config.history.archive_after)
+    );
     if let Some(line) = beyond_loopback_warning(http) {
         println!("{line}");
     }

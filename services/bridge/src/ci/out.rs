@@ -45,8 +45,6 @@ use crate::metrics::metrics;
 
 /// The AMQP connection name of this loop.
 pub const CONNECTION_NAME: &str = "warden-bridge-ci";
-/// The header JetStream puts on a key-value delete or purge.
-const KV_OPERATION: &str = "KV-Operation";
 
 /// Why one AMQP connection's work ended (the loop reconnects).
 #[derive(Debug, thiserror::Error)]
@@ -260,12 +258,7 @@ fn skip(reason: Skip) {
 /// One revision: Ok when it is done with (published and marked, or
 /// nothing to publish), Err when the publish must be retried.
 async fn handle(out: &Out, ch: &Channel, msg: &jetstream::Message) -> Result<(), Retry> {
-    let deleted = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(KV_OPERATION))
-        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-    if deleted {
+    if subjects::is_kv_removal(msg.headers.as_ref()) {
         skip(Skip::Deleted);
         return Ok(());
     }

@@ -1,0 +1,186 @@
+//! The API's side of the execution database: opened in the background
+//! (the API serves live jobs while the database is still unreachable),
+//! and the merge of live jobs (the index) with archived ones (the
+//! database) into one newest-first page.
+
+use std::cmp::Reverse;
+use std::sync::{Arc, OnceLock};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+use warden_history::HistoryDb;
+use warden_shared::JobSummary;
+
+use crate::index::{Filter, Stats};
+
+/// The database, once open; `configured` false: there is none (every job
+/// stays in the bucket, so the index has them all).
+#[derive(Clone, Default)]
+pub struct History {
+    configured: bool,
+    db: Arc<OnceLock<HistoryDb>>,
+}
+
+impl History {
+    /// No database.
+    pub fn none() -> History {
+        History::default()
+    }
+
+    /// Opens `url` in the background until it succeeds or `shutdown`.
+    pub fn open_in_background(url: String, shutdown: CancellationToken) -> History {
+        let h = History {
+            configured: true,
+            db: Arc::new(OnceLock::new()),
+        };
+        let cell = h.db.clone();
+        tokio::spawn(async move {
+            match HistoryDb::open_waiting("api", &url, &shutdown, |_| {}).await {
+                Ok(Some(db)) => {
+                    info!(
+                        backend = db.backend().as_str(),
+                        "api reads the history database"
+                    );
+                    let _ = cell.set(db);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "cannot use the history database; archived jobs are not served")
+                }
+            }
+        });
+        h
+    }
+
+    pub fn configured(&self) -> bool {
+        self.configured
+    }
+
+    /// The database if there is one and it is open.
+    pub fn db(&self) -> Option<&HistoryDb> {
+        self.db.get()
+    }
+}
+
+/// The database search of the archived jobs matching `f`.
+pub fn archived_search(
+    f: &Filter,
+    text: Option<String>,
+    archived_only: bool,
+) -> warden_history::Search {
+    warden_history::Search {
+        state: f.state.map(|s| s.as_str().to_string()),
+        task: f.task.clone(),
+        pool: f.pool.clone(),
+        blame: f.blame.map(|b| b.as_str().to_string()),
+        detail: f.detail.clone(),
+        bot_id: f.bot_id.clone(),
+        source_message_id: f.source_message_id.clone(),
+        since: f.since,
+        until: f.until,
+        text,
+        archived_only,
+    }
+}
+
+/// The order of every listing: newest first, then by id.
+fn order_key(j: &JobSummary) -> (Reverse<i64>, Uuid) {
+    (Reverse(j.created_at.timestamp_micros()), j.id)
+}
+
+/// Live jobs and archived jobs (each newest first, each the first
+/// `offset + limit` of its side) merged into the page at `offset`. An
+/// archived job still in the index (the moment between its archival and
+/// the index seeing its delete) is the index's.
+pub fn merge(
+    live: Vec<JobSummary>,
+    archived: Vec<JobSummary>,
+    is_live: impl Fn(&Uuid) -> bool,
+    limit: usize,
+    offset: usize,
+) -> Vec<JobSummary> {
+    let archived = archived.into_iter().filter(|j| !is_live(&j.id));
+    let mut all: Vec<JobSummary> = live.into_iter().chain(archived).collect();
+    all.sort_by_key(order_key);
+    all.dedup_by_key(|j| j.id);
+    all.into_iter().skip(offset).take(limit).collect()
+}
+
+/// The live counts plus the archived ones.
+pub fn add_counts(stats: &mut Stats, c: &warden_history::Counts) {
+    stats.jobs += c.jobs;
+    for (k, n) in &c.by_state {
+        *stats.by_state.entry(k.clone()).or_default() += n;
+    }
+    for (k, n) in &c.by_blame {
+        *stats.by_blame.entry(k.clone()).or_default() += n;
+    }
+    for (k, n) in &c.by_detail {
+        *stats.by_detail.entry(k.clone()).or_default() += n;
+    }
+    stats.retried += c.retried;
+    stats.shelved += c.shelved;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone, Utc};
+    use warden_shared::Job;
+
+    fn at(minutes: i64, id: u128) -> JobSummary {
+        let t = Utc
+            .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
+            .single()
+            .unwrap_or_default()
+            + Duration::minutes(minutes);
+        Job::builder("build")
+            .id(Uuid::from_u128(id))
+            .at(t)
+            .build()
+            .summary()
+    }
+
+    #[test]
+    fn pages_interleave_live_and_archived_newest_first_without_doubles() {
+        let live = vec![at(9, 1), at(5, 2), at(5, 3)];
+        // Job 2 was archived but the index still has it.
+        let archived = vec![at(8, 10), at(5, 2), at(4, 11), at(1, 12)];
+        let is_live = |id: &Uuid| [1u128, 2, 3].contains(&id.as_u128());
+        let ids = |v: Vec<JobSummary>| v.iter().map(|j| j.id.as_u128()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(merge(live.clone(), archived.clone(), is_live, 10, 0)),
+            vec![1, 10, 2, 3, 11, 12]
+        );
+        assert_eq!(
+            ids(merge(live.clone(), archived.clone(), is_live, 2, 2)),
+            vec![2, 3]
+        );
+        assert_eq!(
+            ids(merge(live, archived, is_live, 10, 6)),
+            Vec::<u128>::new()
+        );
+    }
+
+    #[test]
+    fn archived_counts_add_to_live_ones() {
+        let mut s = Stats {
+            jobs: 2,
+            ..Stats::default()
+        };
+        s.by_state.insert("FINISHED".into(), 2);
+        let mut c = warden_history::Counts {
+            jobs: 3,
+            retried: 1,
+            ..Default::default()
+        };
+        c.by_state.insert("FINISHED".into(), 1);
+        c.by_state.insert("CRASHED".into(), 2);
+        add_counts(&mut s, &c);
+        assert_eq!(s.jobs, 5);
+        assert_eq!(s.by_state.get("FINISHED"), Some(&3));
+        assert_eq!(s.by_state.get("CRASHED"), Some(&2));
+        assert_eq!(s.retried, 1);
+    }
+}
