@@ -27,7 +27,7 @@ pub mod read;
 pub mod rows;
 pub mod write;
 
-pub use read::{Counts, Page, Search};
+pub use read::{Counts, Page, RowCounts, Search};
 pub use rows::Revision;
 pub use write::Recorded;
 
@@ -84,18 +84,36 @@ impl DbError {
     /// data.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Sql(e) => matches!(
-                e,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-            ),
+            DbError::Sql(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| unavailable_code(&c)))
+            }
             DbError::Url(_) | DbError::Migrate(_) | DbError::Decode { .. } => false,
         }
     }
+}
+
+/// Whether a database error code says the server, not the statement,
+/// failed: PostgreSQL's SQLSTATE classes 08 (connection), 53 (out of
+/// resources), 57 (shutting down, an operator's cancel) and the
+/// serialization and deadlock failures a retry resolves; SQLite's busy
+/// and locked results (extended codes, primary 5 and 6).
+pub fn unavailable_code(code: &str) -> bool {
+    if let Ok(n) = code.parse::<i64>() {
+        return matches!(n & 0xff, 5 | 6);
+    }
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57")
+        || code == "40001"
+        || code == "40P01"
 }
 
 /// The URL without its password, for logs and errors.
@@ -275,6 +293,16 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| !e.contains("secret")), "{e:?}");
+    }
+
+    #[test]
+    fn server_failures_are_told_from_statement_failures() {
+        for c in ["57P01", "08006", "53300", "40001", "40P01", "5", "517", "6"] {
+            assert!(unavailable_code(c), "{c}");
+        }
+        for c in ["23505", "42P01", "22P02", "19", "2067", "1"] {
+            assert!(!unavailable_code(c), "{c}");
+        }
     }
 
     #[test]

@@ -368,6 +368,25 @@ impl HistoryDb {
         Ok(n)
     }
 
+    /// How many rows each table holds: what the fault tests count.
+    pub async fn row_counts(&self) -> Result<RowCounts, DbError> {
+        let mut out = RowCounts::default();
+        for (table, slot) in [
+            ("jobs", &mut out.jobs),
+            ("history", &mut out.history),
+            ("attempts", &mut out.attempts),
+        ] {
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM {table}"
+            )))
+            .fetch_one(&self.read)
+            .await?;
+            *slot = u64::try_from(n).unwrap_or(0);
+        }
+        out.archived = self.job_counts().await?.1;
+        Ok(out)
+    }
+
     /// How many jobs the database holds, and how many of them archived.
     pub async fn job_counts(&self) -> Result<(u64, u64), DbError> {
         let row = sqlx::query(
@@ -380,6 +399,15 @@ impl HistoryDb {
         let a: i64 = row.try_get("archived")?;
         Ok((u64::try_from(n).unwrap_or(0), u64::try_from(a).unwrap_or(0)))
     }
+}
+
+/// Rows per table ([`HistoryDb::row_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    pub jobs: u64,
+    pub archived: u64,
+    pub history: u64,
+    pub attempts: u64,
 }
 
 fn as_i64(n: usize) -> i64 {

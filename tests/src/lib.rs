@@ -25,6 +25,17 @@ pub fn warden_bin() -> PathBuf {
     bin
 }
 
+/// `target/<profile>/warden-<service>`, beside [`warden_bin`].
+pub fn service_bin(service: &str) -> PathBuf {
+    let bin = warden_bin().with_file_name(format!("warden-{service}"));
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Fixture path under `tests/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -520,6 +520,7 @@ fn the_schemas_match_the_bodies() {
             source_message_id: s(),
             since: s(),
             until: s(),
+            q: s(),
             limit: Some(1),
             offset: Some(1),
         },

@@ -99,16 +99,18 @@ pub async fn pass(
         if due.is_empty() || shutdown.is_cancelled() {
             break;
         }
+        let mut removed = 0;
         for a in due {
             if remove(db, jobs, a).await? {
-                p.removed += 1;
+                removed += 1;
                 m.archival.with_label_values(&[metrics::REMOVED]).inc();
             } else {
                 p.changed += 1;
                 m.archival.with_label_values(&[metrics::CHANGED]).inc();
             }
         }
-        if p.changed > 0 && p.removed == 0 {
+        p.removed += removed;
+        if removed == 0 {
             // Every job of the round changed under us: the recorder has
             // newer revisions to write first; the next pass sees them.
             break;
@@ -165,8 +167,10 @@ async fn remove(db: &HistoryDb, jobs: &kv::Store, a: Archived) -> Result<bool, S
         Ok(()) => {}
         Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => {
             match jobs.entry(&key).await.map_err(StepError::Entry)? {
-                // Gone already (a delete marker is no entry).
+                // Gone already: deleted by an earlier pass that stopped
+                // before recording it (the entry is its marker).
                 None => {}
+                Some(entry) if entry.operation != kv::Operation::Put => {}
                 Some(entry) => {
                     debug!(job.id = %a.id, recorded = a.rev, bucket = entry.revision, "job changed since it was recorded; kept");
                     return Ok(false);

@@ -23,7 +23,7 @@ use crate::metrics::{self, metrics};
 #[derive(Debug)]
 pub enum Item {
     /// A job revision.
-    Revision(Revision),
+    Revision(Box<Revision>),
     /// A delete or purge marker: the janitor's own archival; nothing to
     /// record.
     Marker,
@@ -50,7 +50,7 @@ pub fn sort(msg: &jetstream::Message) -> Result<((), Item), Disposition> {
         })?;
     let key = msg.subject.as_str().rsplit('.').next().unwrap_or_default();
     match store::decode(key, &msg.payload) {
-        Ok(job) => Ok(((), Item::Revision(Revision { rev, job }))),
+        Ok(job) => Ok(((), Item::Revision(Box::new(Revision { rev, job })))),
         Err(e) => Err(Disposition::DeadLetter {
             reason: metrics::UNDECODABLE_JOB,
             error: e.to_string(),
@@ -68,7 +68,7 @@ pub async fn handle(db: &HistoryDb, batch: Vec<(jetstream::Message, Item)>) -> V
     let revisions: Vec<Revision> = batch
         .iter()
         .filter_map(|(_, item)| match item {
-            Item::Revision(r) => Some(r.clone()),
+            Item::Revision(r) => Some((**r).clone()),
             Item::Marker => None,
         })
         .collect();
