@@ -176,10 +176,7 @@ impl HistoryDb {
                 })
         };
         let write = pool(writers).connect_with(options.clone()).await?;
-        match backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&write).await?,
-            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&write).await?,
-        }
+        migrate(&write, backend).await?;
         let read = pool(readers).connect_with(options).await?;
         Ok(HistoryDb {
             read,
@@ -241,6 +238,32 @@ impl HistoryDb {
     pub async fn close(&self) {
         self.write.close().await;
         self.read.close().await;
+    }
+}
+
+/// Brings the schema up to this binary's version. PostgreSQL serializes
+/// concurrent migrations itself (an advisory lock); SQLite does not, so
+/// two processes opening a new file at once (`warden up`'s API and
+/// recorder, say) may race: the loser's transaction fails on a table the
+/// winner made, and its second try finds the migration applied.
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), DbError> {
+    static IN_PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = IN_PROCESS.lock().await;
+    let mut tries = 0;
+    loop {
+        let r = match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(pool).await,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(pool).await,
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if backend == Backend::Sqlite && tries < 3 => {
+                tries += 1;
+                tracing::debug!(error = %e, "schema migration raced another process; trying again");
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -53,7 +53,7 @@ fn details(blame: Blame) -> &'static [&'static str] {
 }
 
 /// One synthetic job summary, created within the last 30 days of `now`.
-fn summary(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> JobSummary {
+pub(crate) fn summary(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> JobSummary {
     let created =
         now - chrono::Duration::milliseconds(rng.below((DAYS * 86_400_000) as u64) as i64);
     let state = match rng.below(1000) {
@@ -113,7 +113,7 @@ fn summary(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> JobSummary {
 }
 
 /// p50, p99 and max of `samples`, in milliseconds.
-fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+pub(crate) fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     samples.sort();
     let at = |q: f64| {
         let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
@@ -122,7 +122,7 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     (at(0.50), at(0.99), at(1.0))
 }
 
-fn rss_mib() -> Option<f64> {
+pub(crate) fn rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = status
         .lines()
@@ -485,7 +485,7 @@ fn console_pages(index: &JobIndex, repeat: usize) {
 }
 
 /// A full job record for `s`, as the scheduler would have left it.
-fn record(s: &JobSummary) -> Job {
+pub(crate) fn record(s: &JobSummary) -> Job {
     let mut job = Job::new(
         s.id,
         s.task.clone(),

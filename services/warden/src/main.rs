@@ -3,6 +3,7 @@
 //! (`check`).
 
 mod bench;
+mod bench_history;
 mod bench_search;
 mod bot;
 mod check;
@@ -78,6 +79,11 @@ pub enum Command {
     Bench(BenchArgs),
     /// Search and statistics latency with a large job history (a million jobs by default)
     BenchSearch(BenchSearchArgs),
+    /// The execution database at scale: 10 million archived jobs in SQLite (and PostgreSQL with --postgres), search and statistics latency, the recorder against the bus's write rate, the scheduler's start before and after archival
+    BenchHistory(BenchHistoryArgs),
+    /// The execution database: export jobs as JSON lines, or show what it holds
+    #[command(subcommand)]
+    History(HistoryCommand),
     /// Chaos run: a 3-node cluster, two replicas of every service, workers, jobs of every kind and faults from a seed; then an invariant check (exit 0: no violation)
     Chaos(ChaosCmd),
     /// Counts by state, blame and detail over a window (jobs last changed in it)
@@ -271,6 +277,44 @@ pub struct BenchSearchArgs {
 }
 
 #[derive(Args, Clone)]
+pub struct BenchHistoryArgs {
+    /// Archived jobs loaded into each database
+    #[arg(long, default_value_t = 10_000_000)]
+    pub jobs: usize,
+    /// Times each search and statistics window is run
+    #[arg(long, default_value_t = 50)]
+    pub repeat: usize,
+    /// Also load and time a PostgreSQL database (an empty one, or one an
+    /// earlier run with the same --jobs loaded)
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// Keep the SQLite database here (a second run reuses it) instead of
+    /// a temporary directory
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Jobs for the live-path part on a real nats-server (0: skip)
+    #[arg(long, default_value_t = 20_000)]
+    pub bus_jobs: usize,
+}
+
+#[derive(Subcommand)]
+pub enum HistoryCommand {
+    /// Every recorded job created in a window, one JSON record per line (to FILE or stdout)
+    Export {
+        /// Jobs created at or after this instant (RFC 3339)
+        #[arg(long)]
+        since: Option<String>,
+        /// Jobs created before this instant (RFC 3339)
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Jobs, archived jobs, history entries and attempts the database holds, and its schema version
+    Status,
+}
+
+#[derive(Args, Clone)]
 pub struct BenchArgs {
     /// Jobs in the burst
     #[arg(long, default_value_t = 10_000)]
@@ -422,6 +466,8 @@ async fn run() {
         }
         Command::Bench(args) => bench::run(config, cli.nats_url.clone(), args.clone()).await,
         Command::BenchSearch(args) => bench_search::run(config, args.clone()).await,
+        Command::BenchHistory(args) => bench_history::run(config, args.clone()).await,
+        Command::History(cmd) => cli::history(&config, cmd).await,
         Command::Chaos(args) => chaos(args).await,
         Command::Classify(args) => classify::run(&config, args),
         Command::Stats { window, json } => cli::stats(&config, window, *json).await,

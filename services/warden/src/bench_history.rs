@@ -1,0 +1,560 @@
+//! `warden bench-history`: the execution database at scale, in one run.
+//!
+//! 1. Loads `--jobs` archived jobs (10 million by default) into SQLite
+//!    and, with `--postgres URL`, PostgreSQL, through the recorder's own
+//!    write path ([`HistoryDb::record`] in batches, then the janitor's
+//!    [`HistoryDb::archive_due`]), and prints the rate.
+//! 2. Times the searches the API sends to the database (every filter,
+//!    full text, a deep page) and statistics over 24 hours and 30 days:
+//!    p50/p99/max against the ceilings of the issue (50 ms, 200 ms), and
+//!    this process's memory with the whole history behind it.
+//! 3. On a real nats-server: writes `--bus-jobs` finished jobs (three
+//!    revisions each) as fast as the bus takes them (the ceiling),
+//!    runs a real recorder until it has recorded and archived them, and
+//!    compares its rate with the ceiling; then starts the real
+//!    `warden-scheduler` on the bucket before archival, after it, and on a
+//!    bucket that never held history, and prints its start time and peak
+//!    memory in each.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use warden_history::{HistoryDb, Revision, Search};
+use warden_shared::job::CrashInfo;
+use warden_shared::store::JobStore;
+use warden_shared::xorshift::XorShift;
+use warden_shared::{runtime, Config, Job, JobState};
+
+use crate::bench_search::{percentiles, record, rss_mib, summary};
+use crate::natsd::LocalNats;
+use crate::BenchHistoryArgs;
+
+const SEARCH_CEILING_MS: f64 = 50.0;
+const STATS_CEILING_MS: f64 = 200.0;
+/// Jobs per recorded batch while loading.
+const LOAD_BATCH: usize = 2000;
+
+pub async fn run(config: Config, args: BenchHistoryArgs) -> anyhow::Result<i32> {
+    if args.jobs == 0 || args.repeat == 0 {
+        bail!("--jobs and --repeat must be at least 1");
+    }
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            d.clone()
+        }
+        None => tempfile::Builder::new()
+            .prefix("warden-bench-history-")
+            .tempdir()
+            .context("cannot create a temp dir")?
+            .keep(),
+    };
+    println!(
+        "bench-history: {} archived jobs, each query {} times (data in {})",
+        args.jobs,
+        args.repeat,
+        dir.display()
+    );
+    let mut failed = false;
+    let sqlite = format!("sqlite://{}", dir.join("history.sqlite").display());
+    failed |= database(&sqlite, "sqlite", &args).await?;
+    if let Some(url) = &args.postgres {
+        failed |= database(url, "postgres", &args).await?;
+    }
+    if args.bus_jobs > 0 {
+        over_the_bus(config, &args, &dir).await?;
+    }
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// The archived job number `n`: created in the 30 days before `now`, a
+/// crash with a log tail now and then.
+fn archived_job(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> Job {
+    let mut s = summary(rng, n, now);
+    if matches!(s.state, JobState::Scheduled | JobState::Running) {
+        s.state = JobState::Finished;
+        s.outcome = Some("PASSED".into());
+        s.attempt = s.attempt.max(1);
+    }
+    let mut job = record(&s);
+    job.lease = s.bot_id.clone().map(|bot| warden_shared::job::Lease {
+        session: format!("{bot}-s1"),
+        bot_id: bot,
+        resource: None,
+        resources: Vec::new(),
+        epoch: s.attempt,
+        leased_at: s.created_at,
+        started_at: Some(s.created_at),
+        secret_hash: None,
+    });
+    if job.state == JobState::Crashed {
+        const TAILS: [&str; 4] = [
+            "curl: (6) Could not resolve host: mirrors.fedoraproject.org",
+            "error: Bad exit status from /var/tmp/rpm-tmp.XYZ (%build)",
+            "Out of memory: Killed process 4242 (cc1plus)",
+            "No space left on device",
+        ];
+        job.crash = Some(CrashInfo {
+            exit_code: Some(1),
+            log_tail: TAILS[(n % 4) as usize].to_string(),
+            ..CrashInfo::default()
+        });
+    }
+    job
+}
+
+/// Loads, times and prints one database; true if a ceiling was missed.
+async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Result<bool> {
+    let db = HistoryDb::open(url)
+        .await
+        .with_context(|| format!("cannot open {}", warden_history::redact_url(url)))?;
+    let now = Utc::now() - chrono::Duration::days(2);
+    let (held, archived) = db.job_counts().await?;
+    if held == args.jobs as u64 && archived == held {
+        println!("  {name}: reusing the {held} archived jobs already loaded");
+    } else if held > 0 {
+        bail!(
+            "{name}: the database holds {held} jobs, not {}: give an empty one",
+            args.jobs
+        );
+    } else {
+        let mut rng = XorShift::new(0x6a09_e667_f3bc_c908);
+        let started = Instant::now();
+        let mut next_report = Instant::now() + Duration::from_secs(30);
+        let mut n = 0u64;
+        while n < args.jobs as u64 {
+            let batch: Vec<Revision> = (n..(n + LOAD_BATCH as u64).min(args.jobs as u64))
+                .map(|i| Revision {
+                    rev: i + 1,
+                    job: archived_job(&mut rng, i, now),
+                })
+                .collect();
+            n += batch.len() as u64;
+            db.record(&batch).await?;
+            if Instant::now() >= next_report {
+                println!(
+                    "  {name}: {n} recorded ({:.0}/s)",
+                    n as f64 / started.elapsed().as_secs_f64()
+                );
+                next_report += Duration::from_secs(30);
+            }
+        }
+        let recorded = started.elapsed();
+        let started = Instant::now();
+        let mut archived = 0usize;
+        loop {
+            let done = db.archive_due(Utc::now(), Utc::now(), 5000).await?;
+            if done.is_empty() {
+                break;
+            }
+            archived += done.len();
+        }
+        let archiving = started.elapsed();
+        println!(
+            "  {name}: loaded {} jobs in {:.0}s ({:.0} jobs/s through the recorder's write), \
+             archived them in {:.0}s ({:.0}/s)",
+            args.jobs,
+            recorded.as_secs_f64(),
+            args.jobs as f64 / recorded.as_secs_f64(),
+            archiving.as_secs_f64(),
+            archived as f64 / archiving.as_secs_f64().max(1e-9)
+        );
+    }
+    let rss_before = rss_mib();
+    let mut missed = false;
+    let since = |days: i64| Some(now - chrono::Duration::days(days));
+    let s = Search::default;
+    let searches: Vec<(&str, Search, usize, usize)> = vec![
+        ("newest 100", s(), 100, 0),
+        (
+            "state=CRASHED",
+            Search {
+                state: Some("CRASHED".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "task=task-07",
+            Search {
+                task: Some("task-07".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "pool=pool-3 state=FINISHED",
+            Search {
+                pool: Some("pool-3".into()),
+                state: Some("FINISHED".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "blame=system detail=oom",
+            Search {
+                blame: Some("system".into()),
+                detail: Some("oom".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "bot=bot-150",
+            Search {
+                bot_id: Some("bot-150".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "last 24h",
+            Search {
+                since: since(1),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "days 10-11 ago, task-01",
+            Search {
+                since: since(11),
+                until: since(10),
+                task: Some("task-01".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "q=resolve host",
+            Search {
+                text: Some("resolve host".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "q=memory, task-02",
+            Search {
+                text: Some("memory".into()),
+                task: Some("task-02".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        ("offset 5000", s(), 100, 5000),
+    ];
+    println!("  {name}: search (p50 / p99 / max ms, ceiling {SEARCH_CEILING_MS} ms at p99):");
+    for (label, mut search, limit, offset) in searches {
+        search.archived_only = search.text.is_none();
+        let mut samples = Vec::with_capacity(args.repeat);
+        let mut total = 0;
+        for _ in 0..args.repeat {
+            let t = Instant::now();
+            let page = db.search(&search, limit, offset, 10_000).await?;
+            samples.push(t.elapsed());
+            total = page.total;
+        }
+        let (p50, p99, max) = percentiles(samples);
+        let over = p99 > SEARCH_CEILING_MS;
+        missed |= over;
+        println!(
+            "    {label:<28} {p50:>7.2} {p99:>7.2} {max:>7.2}  ({total} matches){}",
+            if over { "  OVER" } else { "" }
+        );
+    }
+    println!("  {name}: statistics (p50 / p99 / max ms, ceiling {STATS_CEILING_MS} ms at p99):");
+    for (label, days) in [("24 hours", 1), ("30 days", 30)] {
+        let mut samples = Vec::with_capacity(args.repeat);
+        let mut jobs = 0;
+        for _ in 0..args.repeat {
+            let until = Utc::now();
+            let t = Instant::now();
+            let c = db
+                .counts(
+                    until - chrono::Duration::days(days) - chrono::Duration::days(2),
+                    until,
+                )
+                .await?;
+            samples.push(t.elapsed());
+            jobs = c.jobs;
+        }
+        let (p50, p99, max) = percentiles(samples);
+        let over = p99 > STATS_CEILING_MS;
+        missed |= over;
+        println!(
+            "    {label:<28} {p50:>7.2} {p99:>7.2} {max:>7.2}  ({jobs} jobs){}",
+            if over { "  OVER" } else { "" }
+        );
+    }
+    println!(
+        "  {name}: this process's memory: {:.0} MiB before the queries, {:.0} MiB after \
+         (the database's pages are its own cache, bounded per connection)",
+        rss_before.unwrap_or(0.0),
+        rss_mib().unwrap_or(0.0)
+    );
+    db.close().await;
+    Ok(missed)
+}
+
+/// The live path on a real bus: the recorder against the bus's own write
+/// rate, and the scheduler's start before and after archival.
+async fn over_the_bus(
+    mut config: Config,
+    args: &BenchHistoryArgs,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let nats_dir = dir.join("nats");
+    let nats = LocalNats::spawn(&nats_dir, None, false)?;
+    config.nats.url = nats.url();
+    config.history.database = format!("sqlite://{}", dir.join("bus-history.sqlite").display());
+    config.history.archive_after = Duration::from_secs(1);
+    config.history.marker_grace = Duration::from_secs(1);
+    config.history.janitor_interval = Duration::from_millis(200);
+    let config = Arc::new(config);
+    let (_client, handles) = runtime::Connect::new(&config, "bench")
+        .topology_forever()
+        .await
+        .context("cannot connect to the bench's nats-server")?;
+    let store = JobStore::new(handles.jobs.clone());
+    let live = 1000usize;
+    // The live jobs every case has: SCHEDULED in a pool nobody serves.
+    for _ in 0..live {
+        store
+            .create(&Job::builder("bench").pool("nobody").at(Utc::now()).build())
+            .await?;
+    }
+    // The ceiling: three revisions per job, as fast as the bus takes them.
+    let old = Utc::now() - chrono::Duration::days(3);
+    let started = Instant::now();
+    let mut writes = futures::stream::iter(0..args.bus_jobs)
+        .map(|_| {
+            let store = store.clone();
+            async move {
+                let mut job = Job::builder("bench").pool("bench").at(old).build();
+                let rev = store.create(&job).await?;
+                job.state = JobState::Running;
+                let rev = store.update(&job, rev).await?;
+                job.state = JobState::Finished;
+                job.outcome = Some("PASSED".into());
+                store.update(&job, rev).await
+            }
+        })
+        .buffer_unordered(256);
+    while let Some(r) = writes.next().await {
+        r.context("cannot write a job")?;
+    }
+    let wrote = started.elapsed();
+    let ceiling = (3 * args.bus_jobs) as f64 / wrote.as_secs_f64();
+    println!(
+        "  bus: {} jobs written (3 revisions each) in {:.1}s: {ceiling:.0} revisions/s, the ceiling",
+        args.bus_jobs,
+        wrote.as_secs_f64()
+    );
+    let before = scheduler_start(&config, dir, live).await?;
+    // The recorder on the whole stream, then archival.
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let recorder = tokio::spawn(warden_recorder::run(config.clone(), shutdown.clone()));
+    let db = HistoryDb::open(&config.history.database).await?;
+    let total = (args.bus_jobs + live) as u64;
+    wait(
+        Duration::from_secs(600),
+        "the recorder to record every job",
+        || async {
+            db.row_counts()
+                .await
+                .map(|c| c.jobs >= total)
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    let recorded = started.elapsed();
+    // The bucket keeps a job's latest revision: what the recorder read.
+    println!(
+        "  bus: the recorder recorded {total} jobs in {:.1}s ({:.0} jobs/s; {:.2}x the bus's write \
+         rate of {:.0} jobs/s)",
+        recorded.as_secs_f64(),
+        total as f64 / recorded.as_secs_f64(),
+        (total as f64 / recorded.as_secs_f64()) / (ceiling / 3.0),
+        ceiling / 3.0
+    );
+    let mut stream = handles.jobs.stream.clone();
+    wait(
+        Duration::from_secs(600),
+        "archival and marker purge",
+        || {
+            let mut stream = stream.clone();
+            async move {
+                stream
+                    .info()
+                    .await
+                    .map(|i| i.state.messages == live as u64)
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await?;
+    println!(
+        "  bus: archived, and the bucket's stream is back to its {} live jobs after {:.1}s",
+        live,
+        started.elapsed().as_secs_f64()
+    );
+    shutdown.cancel();
+    let _ = recorder.await;
+    let after = scheduler_start(&config, dir, live).await?;
+    let messages = stream.info().await?.state.messages;
+    // A bucket that never held history.
+    let fresh_dir = dir.join("nats-fresh");
+    let fresh = LocalNats::spawn(&fresh_dir, None, false)?;
+    let mut fresh_config = (*config).clone();
+    fresh_config.nats.url = fresh.url();
+    let fresh_config = Arc::new(fresh_config);
+    let (_c, h) = runtime::Connect::new(&fresh_config, "bench")
+        .topology_forever()
+        .await
+        .context("cannot connect to the second nats-server")?;
+    let fresh_store = JobStore::new(h.jobs);
+    for _ in 0..live {
+        fresh_store
+            .create(&Job::builder("bench").pool("nobody").at(Utc::now()).build())
+            .await?;
+    }
+    let none = scheduler_start(&fresh_config, dir, live).await?;
+    println!("  scheduler: start (to /healthz 200), peak memory, replay of the bucket:");
+    for (label, (t, hwm, replay)) in [
+        (
+            format!("{} history jobs in the bucket", args.bus_jobs),
+            before,
+        ),
+        (format!("after archival ({messages} messages left)"), after),
+        ("a bucket that never held history".to_string(), none),
+    ] {
+        println!(
+            "    {label:<44} {:>7.0} ms {:>7.1} MiB {:>8.1} ms",
+            t.as_secs_f64() * 1000.0,
+            hwm,
+            replay.as_secs_f64() * 1000.0
+        );
+    }
+    drop(fresh);
+    drop(nats);
+    Ok(())
+}
+
+async fn wait<F, Fut>(limit: Duration, what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !done().await {
+        if started.elapsed() > limit {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The first pass of a watch of the jobs bucket, as the scheduler and the
+/// API make at every start: how long it takes.
+async fn replay(config: &Config) -> anyhow::Result<Duration> {
+    let client = async_nats::connect(&config.nats.url).await?;
+    let js = async_nats::jetstream::new(client);
+    let kv = js
+        .get_key_value(warden_shared::subjects::JOBS_BUCKET)
+        .await?;
+    let started = Instant::now();
+    let mut watch = kv.watch_with_history(">").await?;
+    while let Some(e) = watch.next().await {
+        if e?.delta == 0 {
+            break;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Starts the real `warden-scheduler` on `config`'s bus: its time to a
+/// healthy `/healthz`, its peak memory (VmHWM) once its replay of the
+/// bucket is done, and how long that replay takes.
+async fn scheduler_start(
+    config: &Config,
+    dir: &std::path::Path,
+    _live: usize,
+) -> anyhow::Result<(Duration, f64, Duration)> {
+    let bin = std::env::current_exe()?.with_file_name("warden-scheduler");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("scheduler.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[nats]\nurl = {:?}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            config.nats.url
+        ),
+    )?;
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&conf)
+        .env("WARDEN_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("scheduler.log"))?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let ready = wait(
+        Duration::from_secs(300),
+        "the scheduler to start",
+        || async {
+            http.get(&url)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    // The same replay the scheduler makes at start: once it is done here,
+    // the scheduler's (begun earlier) is too, and its peak memory holds
+    // the whole bucket's.
+    let replayed = replay(config).await;
+    let hwm = peak_mib(child.id()).unwrap_or(0.0);
+    let _ = child.kill();
+    let _ = child.wait();
+    ready?;
+    Ok((took, hwm, replayed?))
+}
+
+fn peak_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
