@@ -482,6 +482,69 @@ pub async fn bots(config: &Config, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `warden history export|status`: straight from the database
+/// (`[history] database`), no bus needed.
+pub async fn history(config: &Config, cmd: &crate::HistoryCommand) -> anyhow::Result<i32> {
+    if !config.history.enabled() {
+        bail!("history.database is not set (WARDEN_HISTORY_DATABASE or [history] database)");
+    }
+    let db = warden_history::HistoryDb::open(&config.history.database)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open {}",
+                warden_history::redact_url(&config.history.database)
+            )
+        })?;
+    let instant =
+        |what: &str, s: &Option<String>| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+            s.as_deref()
+                .map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(t)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .with_context(|| format!("--{what} {t:?} is not an RFC 3339 time"))
+                })
+                .transpose()
+        };
+    match cmd {
+        crate::HistoryCommand::Export { since, until, out } => {
+            let (since, until) = (instant("since", since)?, instant("until", until)?);
+            let n = match out {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    let n = db.export(since, until, &mut w).await?;
+                    std::io::Write::flush(&mut w)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    n
+                }
+                None => {
+                    let mut w = std::io::BufWriter::new(std::io::stdout());
+                    let n = db.export(since, until, &mut w).await?;
+                    std::io::Write::flush(&mut w).context("cannot write stdout")?;
+                    n
+                }
+            };
+            eprintln!("exported {n} jobs");
+        }
+        crate::HistoryCommand::Status => {
+            let c = db.row_counts().await?;
+            println!(
+                "database  {} ({}, schema version {})",
+                warden_history::redact_url(&config.history.database),
+                db.backend().as_str(),
+                db.schema_version().await?
+            );
+            println!("jobs      {} ({} archived)", c.jobs, c.archived);
+            println!("history   {} entries", c.history);
+            println!("attempts  {}", c.attempts);
+        }
+    }
+    db.close().await;
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,67 +642,4 @@ mod tests {
             .expect_err("no api is an error");
         assert_eq!(down.to_string(), "cannot retry: no api service is running");
     }
-}
-
-/// `warden history export|status`: straight from the database
-/// (`[history] database`), no bus needed.
-pub async fn history(config: &Config, cmd: &crate::HistoryCommand) -> anyhow::Result<i32> {
-    if !config.history.enabled() {
-        bail!("history.database is not set (WARDEN_HISTORY_DATABASE or [history] database)");
-    }
-    let db = warden_history::HistoryDb::open(&config.history.database)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open {}",
-                warden_history::redact_url(&config.history.database)
-            )
-        })?;
-    let instant =
-        |what: &str, s: &Option<String>| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
-            s.as_deref()
-                .map(|t| {
-                    chrono::DateTime::parse_from_rfc3339(t)
-                        .map(|t| t.with_timezone(&chrono::Utc))
-                        .with_context(|| format!("--{what} {t:?} is not an RFC 3339 time"))
-                })
-                .transpose()
-        };
-    match cmd {
-        crate::HistoryCommand::Export { since, until, out } => {
-            let (since, until) = (instant("since", since)?, instant("until", until)?);
-            let n = match out {
-                Some(path) => {
-                    let file = std::fs::File::create(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
-                    let mut w = std::io::BufWriter::new(file);
-                    let n = db.export(since, until, &mut w).await?;
-                    std::io::Write::flush(&mut w)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    n
-                }
-                None => {
-                    let mut w = std::io::BufWriter::new(std::io::stdout());
-                    let n = db.export(since, until, &mut w).await?;
-                    std::io::Write::flush(&mut w).context("cannot write stdout")?;
-                    n
-                }
-            };
-            eprintln!("exported {n} jobs");
-        }
-        crate::HistoryCommand::Status => {
-            let c = db.row_counts().await?;
-            println!(
-                "database  {} ({}, schema version {})",
-                warden_history::redact_url(&config.history.database),
-                db.backend().as_str(),
-                db.schema_version().await?
-            );
-            println!("jobs      {} ({} archived)", c.jobs, c.archived);
-            println!("history   {} entries", c.history);
-            println!("attempts  {}", c.attempts);
-        }
-    }
-    db.close().await;
-    Ok(0)
 }
