@@ -4,7 +4,8 @@
 //! database) into one newest-first page.
 
 use std::cmp::Reverse;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -19,7 +20,7 @@ use crate::index::{Filter, Stats};
 #[derive(Clone, Default)]
 pub struct History {
     configured: bool,
-    db: Arc<OnceLock<HistoryDb>>,
+    db: Arc<tokio::sync::watch::Sender<Option<HistoryDb>>>,
 }
 
 impl History {
@@ -32,7 +33,7 @@ impl History {
     pub fn open_in_background(url: String, shutdown: CancellationToken) -> History {
         let h = History {
             configured: true,
-            db: Arc::new(OnceLock::new()),
+            db: Arc::new(tokio::sync::watch::Sender::new(None)),
         };
         let cell = h.db.clone();
         tokio::spawn(async move {
@@ -42,7 +43,7 @@ impl History {
                         backend = db.backend().as_str(),
                         "api reads the history database"
                     );
-                    let _ = cell.set(db);
+                    cell.send_replace(Some(db));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -57,9 +58,19 @@ impl History {
         self.configured
     }
 
-    /// The database if there is one and it is open.
-    pub fn db(&self) -> Option<&HistoryDb> {
-        self.db.get()
+    /// The database if there is one and it is open, waiting at most
+    /// `wait` for it to open (a start: the API answers before its
+    /// database is ready).
+    pub async fn db(&self, wait: Duration) -> Option<HistoryDb> {
+        if let Some(db) = self.db.borrow().as_ref() {
+            return Some(db.clone());
+        }
+        let mut rx = self.db.subscribe();
+        let opened = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        match opened {
+            Ok(Ok(db)) => db.clone(),
+            _ => None,
+        }
     }
 }
 

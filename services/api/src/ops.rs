@@ -394,17 +394,19 @@ impl Ops {
         if !self.history.configured() {
             return Ok(None);
         }
-        let db = self.history_db()?;
+        let db = self.history_db().await?;
         db.get(id)
             .await
             .map(|found| found.map(|(_, job)| job))
             .map_err(OpError::from_history)
     }
 
-    /// The open history database, or 503 while it is not (yet) open.
-    fn history_db(&self) -> Result<&warden_history::HistoryDb, OpError> {
+    /// The open history database (waiting briefly after a start), or 503
+    /// while it is not open.
+    async fn history_db(&self) -> Result<warden_history::HistoryDb, OpError> {
         self.history
-            .db()
+            .db(CATCH_UP_WAIT)
+            .await
             .ok_or_else(|| OpError::unavailable("the history database is unavailable; try again"))
     }
 
@@ -430,7 +432,8 @@ impl Ops {
         let mut stats = self.index.lock().stats(since, now);
         if self.history.configured() {
             let counts = self
-                .history_db()?
+                .history_db()
+                .await?
                 .counts(since, now)
                 .await
                 .map_err(OpError::from_history)?;
@@ -615,7 +618,7 @@ impl Ops {
                 total_exact: r.total_exact,
             });
         }
-        let db = self.history_db()?;
+        let db = self.history_db().await?;
         if let Some(text) = text {
             // Only the database has the words: every job it recorded,
             // each shown as the index has it when it is live.
