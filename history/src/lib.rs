@@ -156,7 +156,9 @@ impl HistoryDb {
             Backend::Sqlite => (4, 1),
             Backend::Postgres => (8, 4),
         };
-        let pool = |n: u32| {
+        // SQLite's page cache is per connection (2 MiB by default): the
+        // writer keeps 64 MiB of the indexes it appends to, each reader 16.
+        let pool = |n: u32, cache: &'static str| {
             AnyPoolOptions::new()
                 .max_connections(n)
                 .acquire_timeout(WAIT)
@@ -167,6 +169,8 @@ impl HistoryDb {
                                 "PRAGMA journal_mode = WAL",
                                 "PRAGMA synchronous = NORMAL",
                                 "PRAGMA busy_timeout = 10000",
+                                "PRAGMA temp_store = MEMORY",
+                                cache,
                             ] {
                                 sqlx::query(pragma).execute(&mut *conn).await?;
                             }
@@ -175,9 +179,13 @@ impl HistoryDb {
                     })
                 })
         };
-        let write = pool(writers).connect_with(options.clone()).await?;
+        let write = pool(writers, "PRAGMA cache_size = -65536")
+            .connect_with(options.clone())
+            .await?;
         migrate(&write, backend).await?;
-        let read = pool(readers).connect_with(options).await?;
+        let read = pool(readers, "PRAGMA cache_size = -16384")
+            .connect_with(options)
+            .await?;
         Ok(HistoryDb {
             read,
             write,

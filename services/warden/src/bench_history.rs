@@ -74,15 +74,23 @@ pub async fn run(config: Config, args: BenchHistoryArgs) -> anyhow::Result<i32> 
     Ok(if failed { 1 } else { 0 })
 }
 
-/// The archived job number `n`: created in the 30 days before `now`, a
-/// crash with a log tail now and then.
-fn archived_job(rng: &mut XorShift, n: u64, now: DateTime<Utc>) -> Job {
+/// The archived job number `n` of `total`: created in the 30 days before
+/// `now`, in order, a crash with a log tail now and then.
+fn archived_job(rng: &mut XorShift, n: u64, total: u64, now: DateTime<Utc>) -> Job {
     let mut s = summary(rng, n, now);
     if matches!(s.state, JobState::Scheduled | JobState::Running) {
         s.state = JobState::Finished;
         s.outcome = Some("PASSED".into());
         s.attempt = s.attempt.max(1);
     }
+    // Jobs reach the recorder roughly in the order they were made: job n
+    // of N is made at n/N of the 30 days, its change up to 2 hours later.
+    let span = 30 * 86_400_000_000i64;
+    let created = now - chrono::Duration::microseconds(span)
+        + chrono::Duration::microseconds((span as f64 * (n as f64 / total as f64)) as i64);
+    s.updated_at = created + (s.updated_at - s.created_at);
+    s.created_at = created;
+    s.queued_at = created;
     let mut job = record(&s);
     job.lease = s.bot_id.clone().map(|bot| warden_shared::job::Lease {
         session: format!("{bot}-s1"),
@@ -133,7 +141,7 @@ async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Res
             let batch: Vec<Revision> = (n..(n + LOAD_BATCH as u64).min(args.jobs as u64))
                 .map(|i| Revision {
                     rev: i + 1,
-                    job: archived_job(&mut rng, i, now),
+                    job: archived_job(&mut rng, i, args.jobs as u64, now),
                 })
                 .collect();
             n += batch.len() as u64;
