@@ -95,6 +95,47 @@ pub fn archived_search(
     }
 }
 
+/// A place in the newest-first order: the jobs after it come on the next
+/// page (`after=`), whatever was created since. Written
+/// `<created_at in microseconds>.<id>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_us: i64,
+    pub id: Uuid,
+}
+
+impl Cursor {
+    pub fn of(j: &JobSummary) -> Cursor {
+        Cursor {
+            created_us: j.created_at.timestamp_micros(),
+            id: j.id,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_us, self.id)
+    }
+
+    pub fn parse(s: &str) -> Option<Cursor> {
+        let (t, id) = s.trim().split_once('.')?;
+        Some(Cursor {
+            created_us: t.parse().ok()?,
+            id: id.parse().ok()?,
+        })
+    }
+
+    /// Whether `j` comes after the cursor in the listing order.
+    pub fn is_before(&self, j: &JobSummary) -> bool {
+        order_key(j) > (Reverse(self.created_us), self.id)
+    }
+
+    /// The creation-time bound (exclusive) a search after the cursor
+    /// needs: jobs made in the cursor's microsecond or earlier.
+    pub fn until(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::from_timestamp_micros(self.created_us.saturating_add(1))
+    }
+}
+
 /// The order of every listing: newest first, then by id.
 fn order_key(j: &JobSummary) -> (Reverse<i64>, Uuid) {
     (Reverse(j.created_at.timestamp_micros()), j.id)
@@ -172,6 +213,23 @@ mod tests {
             ids(merge(live, archived, is_live, 10, 6)),
             Vec::<u128>::new()
         );
+    }
+
+    #[test]
+    fn a_cursor_continues_after_its_job_whatever_came_since() {
+        let page = [at(9, 1), at(5, 2), at(5, 3), at(4, 4)];
+        let c = Cursor::of(&page[1]);
+        assert_eq!(Cursor::parse(&c.encode()), Some(c));
+        assert!(Cursor::parse("yesterday.x").is_none());
+        let after: Vec<u128> = page
+            .iter()
+            .filter(|j| c.is_before(j))
+            .map(|j| j.id.as_u128())
+            .collect();
+        assert_eq!(after, vec![3, 4]);
+        // A job created later is never after the cursor.
+        assert!(!c.is_before(&at(10, 9)));
+        assert!(c.until().is_some_and(|u| u > page[1].created_at));
     }
 
     #[test]

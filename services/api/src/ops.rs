@@ -13,8 +13,9 @@ use warden_shared::config::{valid_name, valid_task_name};
 use warden_shared::messages::ErrorBody;
 use warden_shared::state::IllegalTransition;
 use warden_shared::store::{JobStore, StoreError};
-use warden_shared::{Blame, Config, Job, JobState};
+use warden_shared::{Blame, Config, Job, JobState, JobSummary};
 
+use crate::history::Cursor;
 use crate::index::{Filter, SharedIndex, Stats};
 use crate::types::{
     BotsQuery, BotsReply, ListQuery, ListReply, ResourcesReply, StatsQuery, DEFAULT_LIMIT,
@@ -28,6 +29,10 @@ pub const ACTOR: &str = "api";
 
 /// Longest cancel reason kept in the history.
 pub const MAX_REASON: usize = 1000;
+
+/// Jobs created in the same microsecond as a cursor's that a page after
+/// it reads and drops (they come at or before it).
+const CURSOR_TIES: usize = 64;
 
 /// Longest full-text query (`q`), in characters.
 pub const MAX_QUERY: usize = 200;
@@ -583,7 +588,7 @@ impl Ops {
                 None => Ok(None),
             }
         };
-        let filter = Filter {
+        let mut filter = Filter {
             state,
             task: nonempty(q.task),
             pool: nonempty(q.pool),
@@ -603,6 +608,48 @@ impl Ops {
                 format!("q is longer than {MAX_QUERY} characters"),
             ));
         }
+        let after = match nonempty(q.after) {
+            Some(a) => Some(Cursor::parse(&a).ok_or_else(|| {
+                OpError::bad_request(
+                    ErrorCode::InvalidQuery,
+                    format!("after {a:?} is not the `next` of a page"),
+                )
+            })?),
+            None => None,
+        };
+        if let Some(c) = after {
+            filter.until = match (filter.until, c.until()) {
+                (Some(u), Some(c)) => Some(u.min(c)),
+                (u, c) => u.or(c),
+            };
+        }
+        // After a cursor every side is read from its start (the jobs made
+        // in the cursor's own microsecond at or before it are dropped
+        // there), then paged here.
+        let (fetch, skip) = match after {
+            Some(_) => (offset.saturating_add(limit).saturating_add(CURSOR_TIES), 0),
+            None => (limit, offset),
+        };
+        let page = |jobs: Vec<JobSummary>, total: usize| -> (Vec<JobSummary>, usize) {
+            match after {
+                None => (jobs, total),
+                Some(c) => {
+                    let n = jobs.len();
+                    let kept: Vec<JobSummary> =
+                        jobs.into_iter().filter(|j| c.is_before(j)).collect();
+                    let dropped = n - kept.len();
+                    (
+                        kept.into_iter().skip(offset).take(limit).collect(),
+                        total.saturating_sub(dropped),
+                    )
+                }
+            }
+        };
+        let next_of = |jobs: &[JobSummary]| {
+            (jobs.len() == limit && limit > 0)
+                .then(|| jobs.last().map(|j| Cursor::of(j).encode()))
+                .flatten()
+        };
         self.index_ready().await?;
         if !self.history.configured() {
             if text.is_some() {
@@ -611,11 +658,14 @@ impl Ops {
                     "full-text search (q) needs the history database ([history] database)",
                 ));
             }
-            let r = self.index.lock().search(&filter, limit, offset);
+            let r = self.index.lock().search(&filter, fetch, skip);
+            let (jobs, total) = page(r.jobs, r.total);
+            let next = next_of(&jobs);
             return Ok(ListReply {
-                jobs: r.jobs,
-                total: r.total,
+                jobs,
+                total,
                 total_exact: r.total_exact,
+                next,
             });
         }
         let db = self.history_db().await?;
@@ -623,23 +673,28 @@ impl Ops {
             // Only the database has the words: every job it recorded,
             // each shown as the index has it when it is live.
             let search = crate::history::archived_search(&filter, Some(text), false);
-            let page = db
-                .search(&search, limit, offset, crate::index::TOTAL_CAP)
+            let found = db
+                .search(&search, fetch, skip, crate::index::TOTAL_CAP)
                 .await
                 .map_err(OpError::from_history)?;
+            let (jobs, total) = page(found.jobs, found.total);
             let index = self.index.lock();
-            let jobs = page
-                .jobs
+            let jobs: Vec<JobSummary> = jobs
                 .into_iter()
                 .map(|j| index.summary(&j.id).unwrap_or(j))
                 .collect();
+            let next = next_of(&jobs);
             return Ok(ListReply {
                 jobs,
-                total: page.total,
-                total_exact: page.total_exact,
+                total,
+                total_exact: found.total_exact,
+                next,
             });
         }
-        let want = offset.saturating_add(limit);
+        let want = match after {
+            Some(_) => fetch,
+            None => offset.saturating_add(limit),
+        };
         let search = crate::history::archived_search(&filter, None, true);
         let archived = db
             .search(&search, want, 0, crate::index::TOTAL_CAP)
@@ -647,19 +702,22 @@ impl Ops {
             .map_err(OpError::from_history)?;
         let index = self.index.lock();
         let live = index.search(&filter, want, 0);
-        let total = live.total + archived.total;
         let total_exact = live.total_exact && archived.total_exact;
-        let jobs = crate::history::merge(
-            live.jobs,
-            archived.jobs,
-            |id| index.contains(id),
-            limit,
-            offset,
-        );
+        let merged =
+            crate::history::merge(live.jobs, archived.jobs, |id| index.contains(id), want, 0);
+        let (jobs, total) = match after {
+            None => (
+                merged.into_iter().skip(offset).take(limit).collect(),
+                live.total + archived.total,
+            ),
+            Some(_) => page(merged, live.total + archived.total),
+        };
+        let next = next_of(&jobs);
         Ok(ListReply {
             jobs,
             total,
             total_exact,
+            next,
         })
     }
 }

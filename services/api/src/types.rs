@@ -75,6 +75,10 @@ pub struct ListQuery {
     /// Jobs created before this instant (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
+    /// A page's `next`: the jobs after the last one of that page, however
+    /// many jobs were created since (paging that new jobs do not shift).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
     /// Words that must all be in the job's description, outcome, log
     /// tail or status file (needs the history database).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +109,10 @@ pub struct ListReply {
     pub total: usize,
     #[serde(default = "exact")]
     pub total_exact: bool,
+    /// Where the next page starts (pass it as `after`), when this page is
+    /// full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 fn exact() -> bool {

@@ -78,6 +78,7 @@ macro_rules! on_both {
 
 on_both!(
     archived_jobs_are_served_like_live_ones,
+    paging_after_a_cursor_is_not_shifted_by_new_jobs,
     a_retry_brings_an_archived_job_back_to_the_bucket,
 );
 
@@ -272,4 +273,51 @@ async fn a_retry_brings_an_archived_job_back_to_the_bucket(h: Hub) {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "illegal_transition");
     assert!(store.get(&finished.id).await.unwrap().is_none());
+}
+
+async fn paging_after_a_cursor_is_not_shifted_by_new_jobs(h: Hub) {
+    let api = &h.api;
+    let store = api.store().await;
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        old.push(put(&store, "build", JobState::Finished).await);
+    }
+    archived(api, &old).await;
+    let mut live = Vec::new();
+    for _ in 0..3 {
+        live.push(put(&store, "build", JobState::Finished).await);
+    }
+    let mut expected: Vec<String> = old
+        .iter()
+        .chain(&live)
+        .rev()
+        .map(|j| j.id.to_string())
+        .collect();
+    let (status, first) = get_json(api, "/api/v1/jobs?limit=3").await;
+    assert_eq!(status, StatusCode::OK);
+    let mut seen = ids(&first);
+    let mut next = first["next"]
+        .as_str()
+        .expect("a full page has a next")
+        .to_string();
+    // New jobs arrive while someone pages: offset paging would shift.
+    for _ in 0..4 {
+        put(&store, "build", JobState::Finished).await;
+    }
+    loop {
+        let (status, p) = get_json(api, &format!("/api/v1/jobs?limit=3&after={next}")).await;
+        assert_eq!(status, StatusCode::OK, "{p}");
+        seen.extend(ids(&p));
+        match p["next"].as_str() {
+            Some(n) => next = n.to_string(),
+            None => break,
+        }
+    }
+    // A last full page's next leads to an empty page; drop nothing.
+    expected.truncate(seen.len());
+    assert_eq!(seen, expected);
+    assert_eq!(seen.len(), 8);
+    let (status, bad) = get_json(api, "/api/v1/jobs?after=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad["error"]["code"], "invalid_query");
 }

@@ -521,6 +521,7 @@ fn the_schemas_match_the_bodies() {
             since: s(),
             until: s(),
             q: s(),
+            after: s(),
             limit: Some(1),
             offset: Some(1),
         },
@@ -563,6 +564,7 @@ fn the_schemas_match_the_bodies() {
             jobs: vec![job.summary()],
             total: 1,
             total_exact: false,
+            next: Some("1764660000000000.00000000-0000-0000-0000-000000000001".into()),
         },
     );
     let execution = Execution {

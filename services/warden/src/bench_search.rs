@@ -371,6 +371,7 @@ fn console_pages(index: &JobIndex, repeat: usize) {
             jobs: r.jobs,
             total: r.total,
             total_exact: r.total_exact,
+            next: None,
         }
     };
     let jobs_page = |q: &ListQuery, f: &Filter| -> (usize, usize) {
