@@ -106,8 +106,10 @@ impl DbError {
 /// serialization and deadlock failures a retry resolves; SQLite's busy
 /// and locked results (extended codes, primary 5 and 6).
 pub fn unavailable_code(code: &str) -> bool {
-    if let Ok(n) = code.parse::<i64>() {
-        return matches!(n & 0xff, 5 | 6);
+    // A SQLSTATE is five characters; SQLite's extended codes are numbers
+    // of at most four digits.
+    if code.len() < 5 {
+        return code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
     }
     code.starts_with("08")
         || code.starts_with("53")

@@ -29,7 +29,7 @@ pub struct Search {
     pub since: Option<DateTime<Utc>>,
     /// Created before.
     pub until: Option<DateTime<Utc>>,
-    /// Words that must all be in the job's description, outcome, log
+    /// Words that must all be in the job's description, log
     /// tail or status file (any case; punctuation separates words).
     pub text: Option<String>,
     /// Only archived jobs (what the API merges with its live index);

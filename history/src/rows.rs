@@ -37,15 +37,12 @@ pub struct JobRow {
     pub body: String,
 }
 
-/// Full-text search looks in a job's description, its last crash's log
-/// tail and its status file, and its outcome.
+/// Full-text search looks in a job's description, and its last crash's
+/// log tail and status file (an outcome is a filter of its own).
 pub fn search_text(job: &Job) -> String {
     let mut parts: Vec<&str> = Vec::new();
     if let Some(d) = &job.description {
         parts.push(d);
-    }
-    if let Some(o) = &job.outcome {
-        parts.push(o);
     }
     if let Some(c) = &job.crash {
         parts.push(&c.log_tail);

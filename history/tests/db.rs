@@ -63,6 +63,7 @@ fn t0() -> DateTime<Utc> {
 fn finished(task: &str, minutes: i64, state: JobState, bot: &str) -> Job {
     let created = t0() + Duration::minutes(minutes);
     let mut j = Job::builder(task).pool("builders").at(created).build();
+    j.description = Some(format!("{task} of glibc"));
     let at = created + Duration::seconds(1);
     j.attempt = 1;
     j.lease = Some(Lease {
@@ -222,7 +223,7 @@ async fn searches_filter_page_and_read_full_text(d: Db) {
     };
     assert_eq!(db.search(&s, 50, 0, 1000).await.unwrap().total, 0);
     let s = Search {
-        text: Some("passed".into()),
+        text: Some("Lint GLIBC".into()),
         task: Some("lint".into()),
         ..Search::default()
     };

@@ -45,15 +45,20 @@ CREATE INDEX jobs_archive ON jobs (archive_state, archived_at);
 CREATE VIRTUAL TABLE jobs_text USING fts5 (
     search_text, content = 'jobs', content_rowid = 'seq'
 );
-CREATE TRIGGER jobs_text_insert AFTER INSERT ON jobs BEGIN
+-- Only rows with words in them are indexed: most jobs end without a
+-- crash or a description, and cost the text index nothing.
+CREATE TRIGGER jobs_text_insert AFTER INSERT ON jobs WHEN new.search_text != '' BEGIN
     INSERT INTO jobs_text (rowid, search_text) VALUES (new.seq, new.search_text);
 END;
-CREATE TRIGGER jobs_text_delete AFTER DELETE ON jobs BEGIN
+CREATE TRIGGER jobs_text_delete AFTER DELETE ON jobs WHEN old.search_text != '' BEGIN
     INSERT INTO jobs_text (jobs_text, rowid, search_text) VALUES ('delete', old.seq, old.search_text);
 END;
-CREATE TRIGGER jobs_text_update AFTER UPDATE OF search_text ON jobs BEGIN
-    INSERT INTO jobs_text (jobs_text, rowid, search_text) VALUES ('delete', old.seq, old.search_text);
-    INSERT INTO jobs_text (rowid, search_text) VALUES (new.seq, new.search_text);
+CREATE TRIGGER jobs_text_update AFTER UPDATE OF search_text ON jobs
+    WHEN old.search_text IS NOT new.search_text BEGIN
+    INSERT INTO jobs_text (jobs_text, rowid, search_text)
+        SELECT 'delete', old.seq, old.search_text WHERE old.search_text != '';
+    INSERT INTO jobs_text (rowid, search_text)
+        SELECT new.seq, new.search_text WHERE new.search_text != '';
 END;
 
 -- Every history entry a job ever had, also those its record dropped

@@ -79,7 +79,7 @@ pub struct ListQuery {
     /// many jobs were created since (paging that new jobs do not shift).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
-    /// Words that must all be in the job's description, outcome, log
+    /// Words that must all be in the job's description, log
     /// tail or status file (needs the history database).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub q: Option<String>,
