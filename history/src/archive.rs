@@ -152,22 +152,28 @@ impl HistoryDb {
 
     async fn in_archive_state(
         &self,
-        state: i64,
+        state: u8,
         before: Option<DateTime<Utc>>,
         limit: usize,
     ) -> Result<Vec<Archived>, DbError> {
+        // The state is written into the statement, not bound, so the
+        // planner sees it matches the partial index `jobs_archive`.
         let (sql, vals) = match before {
             Some(t) => (
-                "SELECT id, rev FROM jobs WHERE archive_state = $1 AND archived_at < $2 \
-                 ORDER BY archived_at LIMIT $3",
-                vec![Val::I(state), Val::I(micros(t)), Val::I(limit_i64(limit))],
+                format!(
+                    "SELECT id, rev FROM jobs WHERE archive_state = {state} AND archived_at < $1 \
+                     ORDER BY archived_at LIMIT $2"
+                ),
+                vec![Val::I(micros(t)), Val::I(limit_i64(limit))],
             ),
             None => (
-                "SELECT id, rev FROM jobs WHERE archive_state = $1 ORDER BY archived_at LIMIT $2",
-                vec![Val::I(state), Val::I(limit_i64(limit))],
+                format!(
+                    "SELECT id, rev FROM jobs WHERE archive_state = {state} ORDER BY archived_at LIMIT $1"
+                ),
+                vec![Val::I(limit_i64(limit))],
             ),
         };
-        let rows = sqlx::query_with(sql, args(vals)?)
+        let rows = sqlx::query_with(AssertSqlSafe(sql), args(vals)?)
             .fetch_all(&self.read)
             .await?;
         let mut out = Vec::with_capacity(rows.len());

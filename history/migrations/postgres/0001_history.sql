@@ -40,7 +40,9 @@ CREATE INDEX jobs_detail ON jobs (detail, archived, created_at DESC, id);
 CREATE INDEX jobs_bot ON jobs (bot_id, archived, created_at DESC, id);
 CREATE INDEX jobs_source ON jobs (source_message_id);
 CREATE INDEX jobs_updated ON jobs (archived, updated_at);
-CREATE INDEX jobs_archive ON jobs (archive_state, archived_at);
+-- The janitor's work list: only jobs between archival steps (1 and 2),
+-- not the millions done with (3).
+CREATE INDEX jobs_archive ON jobs (archive_state, archived_at) WHERE archive_state IN (1, 2);
 
 
 -- Every history entry a job ever had, also those its record dropped
