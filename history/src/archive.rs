@@ -156,19 +156,22 @@ impl HistoryDb {
         before: Option<DateTime<Utc>>,
         limit: usize,
     ) -> Result<Vec<Archived>, DbError> {
-        // The state is written into the statement, not bound, so the
-        // planner sees it matches the partial index `jobs_archive`.
+        // The state is written into the statement, not bound, and the
+        // partial index's own condition repeated, so the planner uses
+        // `jobs_archive` (SQLite proves a partial index only from the
+        // same term).
         let (sql, vals) = match before {
             Some(t) => (
                 format!(
-                    "SELECT id, rev FROM jobs WHERE archive_state = {state} AND archived_at < $1 \
-                     ORDER BY archived_at LIMIT $2"
+                    "SELECT id, rev FROM jobs WHERE archive_state IN (1, 2) AND archive_state = {state} \
+                     AND archived_at < $1 ORDER BY archived_at LIMIT $2"
                 ),
                 vec![Val::I(micros(t)), Val::I(limit_i64(limit))],
             ),
             None => (
                 format!(
-                    "SELECT id, rev FROM jobs WHERE archive_state = {state} ORDER BY archived_at LIMIT $1"
+                    "SELECT id, rev FROM jobs WHERE archive_state IN (1, 2) AND archive_state = {state} \
+                     ORDER BY archived_at LIMIT $1"
                 ),
                 vec![Val::I(limit_i64(limit))],
             ),
