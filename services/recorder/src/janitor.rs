@@ -85,35 +85,38 @@ pub async fn pass(
     let mut p = Pass::default();
     let archive_after =
         chrono::Duration::from_std(h.archive_after).unwrap_or(chrono::Duration::MAX);
-    // Steps 1 and 2; first what an earlier pass left halfway.
+    // Step 2 for what an earlier pass left halfway (a janitor stopped
+    // between the steps, or a job that had changed): once per pass, so
+    // jobs that keep changing never hold up new archival.
+    let pending = db.removals_pending(BATCH).await?;
+    let mut rounds = vec![pending];
     loop {
-        let mut due = db.removals_pending(BATCH).await?;
-        if due.is_empty() {
+        let Some(due) = rounds.pop() else {
+            // Steps 1 and 2 for jobs newly due; each round archives jobs
+            // that were not archived before, so the loop ends.
+            if shutdown.is_cancelled() {
+                break;
+            }
             let now = Utc::now();
-            due = db.archive_due(now - archive_after, now, BATCH).await?;
+            let due = db.archive_due(now - archive_after, now, BATCH).await?;
+            if due.is_empty() {
+                break;
+            }
             m.archival
                 .with_label_values(&[metrics::ARCHIVED])
                 .inc_by(due.len() as u64);
             p.archived += due.len();
-        }
-        if due.is_empty() || shutdown.is_cancelled() {
-            break;
-        }
-        let mut removed = 0;
+            rounds.push(due);
+            continue;
+        };
         for a in due {
             if remove(db, jobs, a).await? {
-                removed += 1;
+                p.removed += 1;
                 m.archival.with_label_values(&[metrics::REMOVED]).inc();
             } else {
                 p.changed += 1;
                 m.archival.with_label_values(&[metrics::CHANGED]).inc();
             }
-        }
-        p.removed += removed;
-        if removed == 0 {
-            // Every job of the round changed under us: the recorder has
-            // newer revisions to write first; the next pass sees them.
-            break;
         }
     }
     // Step 3.
