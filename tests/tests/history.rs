@@ -95,6 +95,22 @@ async fn write_jobs(store: &JobStore, n: usize) -> Vec<Uuid> {
     ids
 }
 
+/// Waits (at most a minute) until the bucket holds none of `ids`.
+async fn gone_from_bucket(store: &JobStore, ids: &[Uuid], what: &str) {
+    eventually(Duration::from_secs(60), what, || {
+        let (store, ids) = (store.clone(), ids.to_vec());
+        async move {
+            for id in &ids {
+                if store.get(id).await.ok()?.is_some() {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+}
+
 async fn until_recorded(db: &HistoryDb, at_least: u64) {
     eventually(
         Duration::from_secs(60),
@@ -162,22 +178,7 @@ async fn killing_the_recorder_or_the_database_mid_stream_loses_and_doubles_nothi
     assert_eq!(c.jobs, n, "{c:?}");
     assert_eq!(c.history, 2 * n, "{c:?}");
     // Archived in the database first, then deleted from the bucket.
-    eventually(
-        Duration::from_secs(60),
-        "every job gone from the bucket",
-        || {
-            let (store, ids) = (store.clone(), ids.clone());
-            async move {
-                for id in &ids {
-                    if store.get(id).await.ok()?.is_some() {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
+    gone_from_bucket(&store, &ids, "every job gone from the bucket").await;
     let counts = db
         .counts(Utc::now() - chrono::Duration::hours(1), Utc::now())
         .await
@@ -219,23 +220,7 @@ async fn an_upgraded_data_dir_moves_its_history_into_the_database() {
         "[history]\njanitor_interval = \"200ms\"\nmarker_grace = \"1s\"\n",
         0,
     );
-    eventually(
-        Duration::from_secs(60),
-        "old finished jobs left the bucket",
-        || {
-            let store = store.clone();
-            let finished = finished.clone();
-            async move {
-                for id in &finished {
-                    if store.get(id).await.ok()?.is_some() {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
+    gone_from_bucket(&store, &finished, "old finished jobs left the bucket").await;
     for id in &live {
         assert!(
             store.get(id).await.unwrap().is_some(),

@@ -29,7 +29,7 @@ use warden_shared::store::JobStore;
 use warden_shared::xorshift::XorShift;
 use warden_shared::{runtime, Config, Job, JobState};
 
-use crate::bench_search::{percentiles, record, rss_mib, summary};
+use crate::bench_search::{percentiles, record, rss_mib, status_mib, summary};
 use crate::natsd::LocalNats;
 use crate::BenchHistoryArgs;
 
@@ -548,21 +548,9 @@ async fn scheduler_start(
     // the scheduler's (begun earlier) is too, and its peak memory holds
     // the whole bucket's.
     let replayed = replay(config).await;
-    let hwm = peak_mib(child.id()).unwrap_or(0.0);
+    let hwm = status_mib(&child.id().to_string(), "VmHWM:").unwrap_or(0.0);
     let _ = child.kill();
     let _ = child.wait();
     ready?;
     Ok((took, hwm, replayed?))
-}
-
-fn peak_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }

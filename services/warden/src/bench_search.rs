@@ -122,11 +122,18 @@ pub(crate) fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     (at(0.50), at(0.99), at(1.0))
 }
 
+/// This process's resident memory, in MiB.
 pub(crate) fn rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status_mib("self", "VmRSS:")
+}
+
+/// A memory figure (`VmRSS:`, `VmHWM:`) of process `pid` (or `self`)
+/// from `/proc/<pid>/status`, in MiB.
+pub(crate) fn status_mib(pid: &str, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
