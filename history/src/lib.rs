@@ -244,6 +244,23 @@ impl HistoryDb {
         Ok(v.unwrap_or(0))
     }
 
+    /// Refreshes what the query planner knows of the tables (and, on
+    /// PostgreSQL, which pages are all visible, for index-only scans):
+    /// what a bulk import needs before its searches are fast, and what
+    /// autovacuum (PostgreSQL) or this (SQLite, sampled) does from time
+    /// to time on a database the recorder fills a little at a time.
+    pub async fn analyze(&self) -> Result<(), DbError> {
+        let statements: &[&str] = match self.backend {
+            Backend::Sqlite => &["PRAGMA analysis_limit = 1000", "ANALYZE"],
+            Backend::Postgres => &["VACUUM (ANALYZE) jobs", "ANALYZE"],
+        };
+        let mut conn = self.write.acquire().await?;
+        for sql in statements {
+            sqlx::query(*sql).execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
     /// Closes both pools (the rest of the process's writes are done).
     pub async fn close(&self) {
         self.write.close().await;

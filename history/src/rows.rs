@@ -23,6 +23,8 @@ pub struct JobRow {
     pub id: String,
     pub rev: i64,
     pub state: &'static str,
+    /// Whether the state is one no worker leaves on its own.
+    pub terminal: bool,
     pub task: String,
     pub pool: String,
     pub priority: i64,
@@ -59,6 +61,7 @@ impl JobRow {
             id: job.id.to_string(),
             rev: rev_i64(rev),
             state: job.state.as_str(),
+            terminal: job.state.is_terminal(),
             task: job.task.clone(),
             pool: job.pool.clone(),
             priority: i64::from(job.priority),

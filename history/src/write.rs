@@ -112,10 +112,43 @@ fn attempt_vals(a: &AttemptRow, out: &mut Vec<Val>) {
     ]);
 }
 
+/// What a written row is in the archival steps (`crate::archive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// In the bucket: the recorder's write (archive state 0).
+    Live,
+    /// Already gone from the bucket and its stream, archived at this time
+    /// (microseconds): an import (archive state 3).
+    Archived(i64),
+}
+
 impl HistoryDb {
     /// Records `revisions` (any order, replays welcome) in one
     /// transaction: nothing of the batch is kept unless all of it is.
     pub async fn record(&self, revisions: &[rows::Revision]) -> Result<Recorded, DbError> {
+        self.write_batch(revisions, Arrival::Live).await
+    }
+
+    /// Imports revisions of jobs the bucket no longer holds (an export
+    /// read back, a history loaded for a benchmark), in one transaction
+    /// like [`HistoryDb::record`] and as idempotent: a terminal job is
+    /// written archived at `now` with nothing left to remove from the
+    /// bucket, and counted in the statistics of archived jobs in the same
+    /// write; a job not yet terminal is recorded live, for the janitor.
+    pub async fn import_archived(
+        &self,
+        revisions: &[rows::Revision],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Recorded, DbError> {
+        self.write_batch(revisions, Arrival::Archived(crate::micros(now)))
+            .await
+    }
+
+    async fn write_batch(
+        &self,
+        revisions: &[rows::Revision],
+        arrival: Arrival,
+    ) -> Result<Recorded, DbError> {
         let folded = rows::fold(revisions);
         let mut done = Recorded::default();
         if folded.is_empty() {
@@ -123,41 +156,56 @@ impl HistoryDb {
         }
         let mut tx = self.write.begin().await?;
         let existing = self.existing(&mut tx, &folded).await?;
-        let mut writes: Vec<&JobRow> = Vec::new();
-        let mut untally: BTreeMap<TallyKey, i64> = BTreeMap::new();
+        let mut writes: Vec<(&JobRow, Option<i64>)> = Vec::new();
+        let mut tallies: BTreeMap<TallyKey, i64> = BTreeMap::new();
         for f in &folded {
             match rows::apply(existing.get(&f.row.id), &f.row) {
                 Apply::Stale => done.stale += 1,
                 Apply::Write { untally: key } => {
                     done.written += 1;
+                    let archived_at = match arrival {
+                        Arrival::Archived(at) if f.row.terminal => Some(at),
+                        _ => None,
+                    };
                     if let Some(k) = key {
-                        done.revived += 1;
-                        *untally.entry(k).or_default() -= 1;
+                        if archived_at.is_none() {
+                            done.revived += 1;
+                        }
+                        *tallies.entry(k).or_default() -= 1;
                     }
-                    writes.push(&f.row);
+                    if archived_at.is_some() {
+                        *tallies.entry(f.row.tally_key()).or_default() += 1;
+                    }
+                    writes.push((&f.row, archived_at));
                 }
             }
         }
         for chunk in writes.chunks(CHUNK) {
-            let mut vals = Vec::with_capacity(chunk.len() * 15);
-            for r in chunk {
+            let mut vals = Vec::with_capacity(chunk.len() * 18);
+            for (r, archived_at) in chunk {
                 job_vals(r, &mut vals);
+                vals.extend([
+                    Val::I(if archived_at.is_some() { 3 } else { 0 }),
+                    Val::I(i64::from(archived_at.is_some())),
+                    Val::NI(*archived_at),
+                ]);
             }
             let sql = format!(
-                "INSERT INTO jobs ({JOB_COLUMNS}) VALUES {} \
+                "INSERT INTO jobs ({JOB_COLUMNS}, archive_state, archived, archived_at) VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, state = excluded.state, \
                  task = excluded.task, pool = excluded.pool, priority = excluded.priority, \
                  attempt = excluded.attempt, blame = excluded.blame, detail = excluded.detail, \
                  bot_id = excluded.bot_id, source_message_id = excluded.source_message_id, \
                  created_at = excluded.created_at, updated_at = excluded.updated_at, \
                  search_text = excluded.search_text, body = excluded.body, \
-                 archive_state = 0, archived = 0, archived_at = NULL \
+                 archive_state = excluded.archive_state, archived = excluded.archived, \
+                 archived_at = excluded.archived_at \
                  WHERE excluded.rev > jobs.rev",
-                value_rows(chunk.len(), 15)
+                value_rows(chunk.len(), 18)
             );
             exec(&mut tx, sql, vals).await?;
         }
-        add_tallies(&mut tx, &untally).await?;
+        add_tallies(&mut tx, &tallies).await?;
         let history: Vec<&HistoryRow> = folded.iter().flat_map(|f| &f.history).collect();
         for chunk in history.chunks(CHUNK) {
             let mut vals = Vec::with_capacity(chunk.len() * 11);

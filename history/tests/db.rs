@@ -49,6 +49,7 @@ on_both!(
     replays_and_older_revisions_change_nothing,
     searches_filter_page_and_read_full_text,
     archived_jobs_count_in_statistics_until_a_retry_revives_them,
+    an_import_is_archived_and_counted_at_once_and_idempotent,
     retention_removes_old_archived_jobs_and_their_counts,
     export_writes_one_json_record_per_line,
     migrations_are_versioned_and_reopening_keeps_the_data,
@@ -326,6 +327,64 @@ async fn archived_jobs_count_in_statistics_until_a_retry_revives_them(d: Db) {
     assert_eq!(db.search(&s, 5, 0, 1000).await.unwrap().total, 89);
 }
 
+async fn an_import_is_archived_and_counted_at_once_and_idempotent(d: Db) {
+    let db = &d.db;
+    let mut revs: Vec<Revision> = (0..20)
+        .map(|i| Revision {
+            rev: 1 + i as u64,
+            job: finished(
+                "build",
+                i * 2,
+                if i % 4 == 0 {
+                    JobState::Crashed
+                } else {
+                    JobState::Finished
+                },
+                "bot-a",
+            ),
+        })
+        .collect();
+    let mut running = finished("build", 0, JobState::Finished, "bot-a");
+    running.state = JobState::Running;
+    revs.push(Revision {
+        rev: 100,
+        job: running.clone(),
+    });
+    let now = t0() + Duration::days(3);
+    let r = db.import_archived(&revs, now).await.unwrap();
+    assert_eq!((r.written, r.stale, r.revived), (21, 0, 0));
+    let window = (t0() - Duration::days(1), now);
+    let c = db.counts(window.0, window.1).await.unwrap();
+    assert_eq!((c.jobs, c.by_state.get("CRASHED")), (20, Some(&5)));
+    assert!(db.is_archived(&revs[0].job.id).await.unwrap());
+    // Nothing is left for the janitor of an archived import, and the job
+    // still running is live, for the janitor to archive once it ends.
+    assert!(db.removals_pending(100).await.unwrap().is_empty());
+    assert!(db.markers_due(now, 100).await.unwrap().is_empty());
+    assert!(!db.is_archived(&running.id).await.unwrap());
+    // Imported twice: nothing changes, nothing is counted twice.
+    let r = db.import_archived(&revs, now).await.unwrap();
+    assert_eq!((r.written, r.stale), (0, 21));
+    assert_eq!(db.counts(window.0, window.1).await.unwrap().jobs, 20);
+    // A later revision of an archived job moves its count to its new cell.
+    let mut job = revs[0].job.clone();
+    job.state = JobState::Finished;
+    job.blame = None;
+    job.detail = None;
+    let r = db
+        .import_archived(&[Revision { rev: 50, job }], now)
+        .await
+        .unwrap();
+    assert_eq!((r.written, r.revived), (1, 0));
+    let c = db.counts(window.0, window.1).await.unwrap();
+    assert_eq!((c.jobs, c.by_state.get("CRASHED")), (20, Some(&4)));
+    let s = Search {
+        archived_only: true,
+        ..Search::default()
+    };
+    assert_eq!(db.search(&s, 5, 0, 1000).await.unwrap().total, 20);
+}
+
 async fn retention_removes_old_archived_jobs_and_their_counts(d: Db) {
     let db = &d.db;
     let old = finished("build", 0, JobState::Finished, "bot-a");
@@ -384,7 +443,7 @@ async fn export_writes_one_json_record_per_line(d: Db) {
 
 async fn migrations_are_versioned_and_reopening_keeps_the_data(d: Db) {
     let db = &d.db;
-    assert_eq!(db.schema_version().await.unwrap(), 1);
+    assert_eq!(db.schema_version().await.unwrap(), 2);
     let j = finished("build", 0, JobState::Finished, "bot-a");
     db.record(&[Revision {
         rev: 1,
@@ -399,6 +458,6 @@ async fn migrations_are_versioned_and_reopening_keeps_the_data(d: Db) {
     };
     db.close().await;
     let again = HistoryDb::open(&url).await.unwrap();
-    assert_eq!(again.schema_version().await.unwrap(), 1);
+    assert_eq!(again.schema_version().await.unwrap(), 2);
     assert_eq!(again.get(&j.id).await.unwrap().map(|(r, _)| r), Some(1));
 }
