@@ -288,6 +288,10 @@ pub struct BenchHistoryArgs {
     /// earlier run with the same --jobs loaded)
     #[arg(long)]
     pub postgres: Option<String>,
+    /// Leave SQLite out (time PostgreSQL alone, say while another run
+    /// has the SQLite file)
+    #[arg(long)]
+    pub skip_sqlite: bool,
     /// Keep the SQLite database here (a second run reuses it) instead of
     /// a temporary directory
     #[arg(long)]

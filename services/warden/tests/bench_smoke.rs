@@ -79,3 +79,52 @@ fn small_search_bench_runs_in_memory_and_over_the_bus() {
     );
     assert_eq!(line("stats 30days")[2], "300", "{stdout}");
 }
+
+/// `warden bench-history` at a small size: it imports, searches and
+/// counts an SQLite history, and a real recorder on a real nats-server
+/// records and archives every job. Exit status 3 (a ceiling missed) is
+/// no failure here: an unoptimised build on a busy machine proves nothing
+/// about latency.
+#[test]
+fn small_history_bench_imports_searches_and_records_over_the_bus() {
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args([
+            "bench-history",
+            "--jobs",
+            "3000",
+            "--repeat",
+            "2",
+            "--bus-jobs",
+            "300",
+        ])
+        .env("WARDEN_LOG", "warn")
+        .output()
+        .expect("run warden bench-history");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "bench-history failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let matches = |label: &str| {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in:\n{stdout}"));
+        line.split('(')
+            .nth(1)
+            .and_then(|m| m.split(' ').next())
+            .map(str::to_string)
+    };
+    assert!(stdout.contains("imported 3000 archived jobs"), "{stdout}");
+    assert_eq!(matches("newest 100").as_deref(), Some("3000"), "{stdout}");
+    // The window ends now; the oldest imported job may fall just before.
+    let in_window: usize = matches("30 days").and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!((2990..=3000).contains(&in_window), "{stdout}");
+    // 300 finished jobs and the 1000 live ones every case has.
+    assert!(
+        stdout.contains("the recorder recorded 1300 jobs"),
+        "{stdout}"
+    );
+}
