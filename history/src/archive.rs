@@ -98,7 +98,7 @@ impl HistoryDb {
                 out.push(a);
             }
         }
-        add_tallies(&mut tx, &tallies).await?;
+        add_tallies(&mut tx, self.backend, &tallies).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -109,22 +109,18 @@ impl HistoryDb {
         self.in_archive_state(1, None, limit).await
     }
 
-    /// Step 2 done for `a`: the bucket no longer holds that revision.
-    pub async fn mark_removed(&self, a: Archived, now: DateTime<Utc>) -> Result<bool, DbError> {
-        let mut conn = self.write.acquire().await?;
-        let n = exec(
-            &mut conn,
+    /// Step 2 done for `jobs`: the bucket no longer holds those
+    /// revisions. One transaction for all of them (a row per job written
+    /// one commit at a time held SQLite's one writer away from the
+    /// recorder); returns how many moved on.
+    pub async fn mark_removed(&self, jobs: &[Archived], now: DateTime<Utc>) -> Result<usize, DbError> {
+        self.mark_all(
+            jobs,
             "UPDATE jobs SET archive_state = 2, archived_at = $1 \
-             WHERE id = $2 AND rev = $3 AND archive_state = 1"
-                .to_string(),
-            vec![
-                Val::I(micros(now)),
-                Val::S(a.id.to_string()),
-                Val::I(rev_of(a)),
-            ],
+             WHERE id = $2 AND rev = $3 AND archive_state = 1",
+            Some(micros(now)),
         )
-        .await?;
-        Ok(n == 1)
+        .await
     }
 
     /// Jobs deleted from the bucket before `before` whose delete marker
@@ -137,17 +133,36 @@ impl HistoryDb {
         self.in_archive_state(2, Some(before), limit).await
     }
 
-    /// Step 3 done for `a`.
-    pub async fn mark_marker_purged(&self, a: Archived) -> Result<bool, DbError> {
-        let mut conn = self.write.acquire().await?;
-        let n = exec(
-            &mut conn,
-            "UPDATE jobs SET archive_state = 3 WHERE id = $1 AND rev = $2 AND archive_state = 2"
-                .to_string(),
-            vec![Val::S(a.id.to_string()), Val::I(rev_of(a))],
+    /// Step 3 done for `jobs`, in one transaction; how many moved on.
+    pub async fn mark_marker_purged(&self, jobs: &[Archived]) -> Result<usize, DbError> {
+        self.mark_all(
+            jobs,
+            "UPDATE jobs SET archive_state = 3 WHERE id = $1 AND rev = $2 AND archive_state = 2",
+            None,
         )
-        .await?;
-        Ok(n == 1)
+        .await
+    }
+
+    /// Runs `sql` (`$1` the time if given, then id and revision) for each
+    /// of `jobs` in one transaction.
+    async fn mark_all(
+        &self,
+        jobs: &[Archived],
+        sql: &str,
+        at: Option<i64>,
+    ) -> Result<usize, DbError> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.write.begin().await?;
+        let mut n = 0;
+        for a in jobs {
+            let mut vals: Vec<Val> = at.map(Val::I).into_iter().collect();
+            vals.extend([Val::S(a.id.to_string()), Val::I(rev_of(*a))]);
+            n += exec(&mut tx, sql.to_string(), vals).await?;
+        }
+        tx.commit().await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     async fn in_archive_state(
@@ -203,7 +218,7 @@ impl HistoryDb {
         .fetch_all(&mut *tx)
         .await?;
         for chunk in ids.chunks(500) {
-            let list = crate::placeholders(1, chunk.len());
+            let list = crate::placeholders(self.backend, 1, chunk.len());
             for table in ["history", "attempts"] {
                 exec(
                     &mut tx,

@@ -13,7 +13,7 @@ use warden_shared::{Job, JobSummary};
 
 use crate::rows::MINUTE_MICROS;
 use crate::write::{args, Val};
-use crate::{micros, Backend, DbError, HistoryDb};
+use crate::{micros, DbError, HistoryDb};
 
 /// What a search wants; `None` matches anything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,8 +95,9 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The WHERE clause of `s` and its values, numbered from `$1`.
-fn conditions(s: &Search, backend: Backend) -> Option<(String, Vec<Val>)> {
+/// The filters of `s` other than its words, as conditions on columns
+/// `jobs` and `job_text` share, and their values, numbered from `$1`.
+pub(crate) fn filters(s: &Search) -> (Vec<String>, Vec<Val>) {
     let mut conds: Vec<String> = Vec::new();
     let mut vals: Vec<Val> = Vec::new();
     let eq = |col: &str, v: &Option<String>, conds: &mut Vec<String>, vals: &mut Vec<Val>| {
@@ -128,39 +129,19 @@ fn conditions(s: &Search, backend: Backend) -> Option<(String, Vec<Val>)> {
         vals.push(Val::I(micros(t)));
         conds.push(format!("created_at < ${}", vals.len()));
     }
-    if let Some(text) = &s.text {
-        let words = words(text);
-        if words.is_empty() {
-            // Nothing to look for matches nothing.
-            return None;
-        }
-        match backend {
-            Backend::Sqlite => {
-                let q: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
-                vals.push(Val::S(q.join(" ")));
-                conds.push(format!(
-                    "seq IN (SELECT rowid FROM jobs_text WHERE jobs_text MATCH ${})",
-                    vals.len()
-                ));
-            }
-            Backend::Postgres => {
-                vals.push(Val::S(words.join(" & ")));
-                conds.push(format!(
-                    "search_words @@ to_tsquery('simple', ${})",
-                    vals.len()
-                ));
-            }
-        }
-    }
-    let clause = if conds.is_empty() {
+    (conds, vals)
+}
+
+/// ` WHERE a AND b`, or nothing.
+pub(crate) fn where_clause(conds: &[String]) -> String {
+    if conds.is_empty() {
         String::new()
     } else {
         format!(" WHERE {}", conds.join(" AND "))
-    };
-    Some((clause, vals))
+    }
 }
 
-fn decode(id: &str, body: &str) -> Result<Job, DbError> {
+pub(crate) fn decode(id: &str, body: &str) -> Result<Job, DbError> {
     serde_json::from_str(body).map_err(|source| DbError::Decode {
         id: id.to_string(),
         source,
@@ -207,12 +188,11 @@ impl HistoryDb {
         offset: usize,
         cap: usize,
     ) -> Result<Page, DbError> {
-        let Some((clause, vals)) = conditions(s, self.backend) else {
-            return Ok(Page {
-                total_exact: true,
-                ..Page::default()
-            });
-        };
+        if let Some(text) = &s.text {
+            return self.search_text(s, &words(text), limit, offset, cap).await;
+        }
+        let (conds, vals) = filters(s);
+        let clause = where_clause(&conds);
         let n = vals.len();
         let mut page_vals = vals.clone();
         page_vals.push(Val::I(as_i64(limit)));
@@ -410,7 +390,7 @@ pub struct RowCounts {
     pub attempts: u64,
 }
 
-fn as_i64(n: usize) -> i64 {
+pub(crate) fn as_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -433,21 +413,5 @@ mod tests {
             ]
         );
         assert!(words(" -- \"*\" ").is_empty());
-    }
-
-    #[test]
-    fn a_query_with_no_words_matches_nothing_and_quotes_cannot_escape() {
-        let s = Search {
-            text: Some("\"*".into()),
-            ..Search::default()
-        };
-        assert!(conditions(&s, Backend::Sqlite).is_none());
-        let s = Search {
-            text: Some("a\" OR \"b".into()),
-            ..Search::default()
-        };
-        let (clause, vals) = conditions(&s, Backend::Sqlite).unwrap_or_default();
-        assert!(clause.contains("MATCH $1"));
-        assert!(matches!(&vals[0], Val::S(q) if q == "\"a\" \"or\" \"b\""));
     }
 }

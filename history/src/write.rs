@@ -201,11 +201,11 @@ impl HistoryDb {
                  archive_state = excluded.archive_state, archived = excluded.archived, \
                  archived_at = excluded.archived_at \
                  WHERE excluded.rev > jobs.rev",
-                value_rows(chunk.len(), 18)
+                value_rows(self.backend, chunk.len(), 18)
             );
             exec(&mut tx, sql, vals).await?;
         }
-        add_tallies(&mut tx, &tallies).await?;
+        add_tallies(&mut tx, self.backend, &tallies).await?;
         let history: Vec<&HistoryRow> = folded.iter().flat_map(|f| &f.history).collect();
         for chunk in history.chunks(CHUNK) {
             let mut vals = Vec::with_capacity(chunk.len() * 11);
@@ -215,7 +215,7 @@ impl HistoryDb {
             let sql = format!(
                 "INSERT INTO history (job_id, idx, at, action, attempt, from_state, to_state, \
                  actor, bot_id, resource, note) VALUES {} ON CONFLICT (job_id, idx) DO NOTHING",
-                value_rows(chunk.len(), 11)
+                value_rows(self.backend, chunk.len(), 11)
             );
             exec(&mut tx, sql, vals).await?;
         }
@@ -235,7 +235,7 @@ impl HistoryDb {
                  ended_at = COALESCE(attempts.ended_at, excluded.ended_at), \
                  ended_as = COALESCE(attempts.ended_as, excluded.ended_as), \
                  note = COALESCE(attempts.note, excluded.note)",
-                value_rows(chunk.len(), 8)
+                value_rows(self.backend, chunk.len(), 8)
             );
             exec(&mut tx, sql, vals).await?;
         }
@@ -259,7 +259,7 @@ impl HistoryDb {
             let sql = format!(
                 "SELECT id, rev, archived, state, blame, detail, attempt, updated_at FROM jobs \
                  WHERE id IN ({}){lock}",
-                crate::placeholders(1, chunk.len())
+                crate::placeholders(self.backend, 1, chunk.len())
             );
             let vals = chunk.iter().map(|f| Val::S(f.row.id.clone())).collect();
             let found = sqlx::query_with(AssertSqlSafe(sql), args(vals)?)
@@ -296,6 +296,7 @@ impl HistoryDb {
 /// away).
 pub(crate) async fn add_tallies(
     conn: &mut AnyConnection,
+    backend: Backend,
     tallies: &BTreeMap<TallyKey, i64>,
 ) -> Result<(), DbError> {
     for (table, unit) in [("stats_minute", "minute"), ("stats_hour", "hour")] {
@@ -329,7 +330,7 @@ pub(crate) async fn add_tallies(
                 "INSERT INTO {table} ({unit}, state, blame, detail, retried, n) VALUES {} \
                  ON CONFLICT ({unit}, state, blame, detail, retried) \
                  DO UPDATE SET n = {table}.n + excluded.n",
-                value_rows(chunk.len(), 6)
+                value_rows(backend, chunk.len(), 6)
             );
             exec(conn, sql, vals).await?;
         }

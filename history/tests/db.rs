@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use warden_history::{HistoryDb, Revision, Search};
+use warden_history::{HistoryDb, Plan, Revision, Search, TextLimits};
 use warden_shared::job::{CrashInfo, HistoryEntry, Lease};
 use warden_shared::{Action, Blame, Job, JobState};
 use warden_testsupport::Postgres;
@@ -53,6 +53,7 @@ on_both!(
     retention_removes_old_archived_jobs_and_their_counts,
     export_writes_one_json_record_per_line,
     migrations_are_versioned_and_reopening_keeps_the_data,
+    full_text_gives_the_same_pages_whichever_plan_it_takes,
 );
 
 fn t0() -> DateTime<Utc> {
@@ -297,15 +298,15 @@ async fn archived_jobs_count_in_statistics_until_a_retry_revives_them(d: Db) {
     // Archival steps 2 and 3 are recorded once each.
     let a = archived[0];
     assert_eq!(db.removals_pending(1000).await.unwrap().len(), 90);
-    assert!(db.mark_removed(a, now).await.unwrap());
-    assert!(!db.mark_removed(a, now).await.unwrap());
+    assert_eq!(db.mark_removed(&[a], now).await.unwrap(), 1);
+    assert_eq!(db.mark_removed(&[a], now).await.unwrap(), 0);
     assert_eq!(
         db.markers_due(now + Duration::minutes(1), 10)
             .await
             .unwrap(),
         vec![a]
     );
-    assert!(db.mark_marker_purged(a).await.unwrap());
+    assert_eq!(db.mark_marker_purged(&[a]).await.unwrap(), 1);
     assert!(db
         .markers_due(now + Duration::minutes(1), 10)
         .await
@@ -403,7 +404,7 @@ async fn retention_removes_old_archived_jobs_and_their_counts(d: Db) {
     .unwrap();
     let now = t0() + Duration::days(40);
     for a in db.archive_due(now, now, 10).await.unwrap() {
-        db.mark_removed(a, now).await.unwrap();
+        db.mark_removed(&[a], now).await.unwrap();
     }
     assert_eq!(db.expire(t0() + Duration::days(10), 100).await.unwrap(), 1);
     assert!(db.get(&old.id).await.unwrap().is_none());
@@ -443,7 +444,7 @@ async fn export_writes_one_json_record_per_line(d: Db) {
 
 async fn migrations_are_versioned_and_reopening_keeps_the_data(d: Db) {
     let db = &d.db;
-    assert_eq!(db.schema_version().await.unwrap(), 2);
+    assert_eq!(db.schema_version().await.unwrap(), 3);
     let j = finished("build", 0, JobState::Finished, "bot-a");
     db.record(&[Revision {
         rev: 1,
@@ -458,6 +459,137 @@ async fn migrations_are_versioned_and_reopening_keeps_the_data(d: Db) {
     };
     db.close().await;
     let again = HistoryDb::open(&url).await.unwrap();
-    assert_eq!(again.schema_version().await.unwrap(), 2);
+    assert_eq!(again.schema_version().await.unwrap(), 3);
     assert_eq!(again.get(&j.id).await.unwrap().map(|(r, _)| r), Some(1));
+}
+
+/// Full text answers a common word by walking newest first and a rare one
+/// by sorting its matches (src/text.rs). Whichever plan a search takes,
+/// its page is exactly the newest matches after the offset, and its count
+/// is exact or says it is not. With small plan limits, 80 jobs take every
+/// plan; the jobs are recorded out of creation order (their rowids do not
+/// follow creation time) and in pairs created in the same instant.
+async fn full_text_gives_the_same_pages_whichever_plan_it_takes(d: Db) {
+    let backend = d.db.backend();
+    let db = d.db.clone().with_text_limits(TextLimits {
+        sort_at_most: 6,
+        window: 4,
+        walk_windows: 3,
+    });
+    let describe = |i: usize, round: usize| -> Option<String> {
+        if i % 11 == 0 || (round == 1 && i % 4 == 0) {
+            return None;
+        }
+        let mut w = vec!["delta"];
+        if i % 2 == 0 {
+            w.push("alpha");
+        }
+        if i % 5 == 0 {
+            w.push("Beta,");
+        }
+        if i == 7 || i == 42 {
+            w.push("gamma");
+        }
+        Some(w.join(" "))
+    };
+    let mut jobs: Vec<Job> = (0..80)
+        .map(|i| {
+            let mut j = finished(&format!("t{}", i % 3), (i / 2) as i64, JobState::Finished, "bot-a");
+            j.description = describe(i, 0);
+            j
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..80).map(|i| (i * 37) % 80).collect();
+    for batch in order.chunks(10) {
+        let revs: Vec<Revision> = batch
+            .iter()
+            .map(|&i| Revision {
+                rev: 1,
+                job: jobs[i].clone(),
+            })
+            .collect();
+        db.record(&revs).await.unwrap();
+    }
+    let mut plans = std::collections::BTreeSet::new();
+    for round in 0..2 {
+        if round == 1 {
+            // A later revision takes the words off some jobs and moves
+            // others to another task: the text table follows.
+            order.reverse();
+            let revs: Vec<Revision> = order
+                .iter()
+                .map(|&i| {
+                    jobs[i].description = describe(i, 1);
+                    if i % 7 == 0 {
+                        jobs[i].task = "t1".into();
+                    }
+                    Revision {
+                        rev: 2,
+                        job: jobs[i].clone(),
+                    }
+                })
+                .collect();
+            db.record(&revs).await.unwrap();
+        }
+        let filters = [
+            Search::default(),
+            Search {
+                task: Some("t1".into()),
+                ..Search::default()
+            },
+            Search {
+                since: Some(t0() + Duration::minutes(5)),
+                until: Some(t0() + Duration::minutes(30)),
+                ..Search::default()
+            },
+        ];
+        for words in ["alpha", "beta", "gamma", "delta", "ALPHA beta", "nosuch", "delta alpha"] {
+            for f in &filters {
+                for (limit, offset, cap) in [(5, 0, 1000), (5, 7, 1000), (50, 0, 1000), (3, 30, 2), (4, 2, 1)] {
+                    let s = Search {
+                        text: Some(words.into()),
+                        ..f.clone()
+                    };
+                    let query = warden_history::read::words(words);
+                    let mut expected: Vec<&Job> = jobs
+                        .iter()
+                        .filter(|j| {
+                            let have = warden_history::read::words(j.description.as_deref().unwrap_or(""));
+                            query.iter().all(|w| have.contains(w))
+                                && f.task.as_ref().is_none_or(|t| &j.task == t)
+                                && f.since.is_none_or(|t| j.created_at >= t)
+                                && f.until.is_none_or(|t| j.created_at < t)
+                        })
+                        .collect();
+                    expected.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+                    let want: Vec<_> = expected.iter().skip(offset).take(limit).map(|j| j.id).collect();
+                    let (page, plan) = db
+                        .search_text_planned(&s, &query, limit, offset, cap)
+                        .await
+                        .unwrap();
+                    plans.insert(format!("{plan:?}"));
+                    let got: Vec<_> = page.jobs.iter().map(|j| j.id).collect();
+                    let case = format!("round {round}, {words:?}, {f:?}, limit {limit} offset {offset} cap {cap}: {plan:?}");
+                    assert_eq!(got, want, "{case}");
+                    let counted = offset + limit + cap;
+                    if page.total_exact {
+                        assert_eq!(page.total, expected.len(), "{case}");
+                    } else {
+                        assert!(page.total <= expected.len().min(counted), "{case}: {}", page.total);
+                        assert!(page.total >= offset + got.len(), "{case}: {}", page.total);
+                    }
+                    if expected.len() <= counted && plan == Plan::Sort {
+                        assert!(page.total_exact, "{case}");
+                    }
+                    // The API's search takes the same route.
+                    assert_eq!(db.search(&s, limit, offset, cap).await.unwrap(), page, "{case}");
+                }
+            }
+        }
+    }
+    let want: &[&str] = match backend {
+        warden_history::Backend::Sqlite => &["Sort", "Walk", "WalkThenSort"],
+        warden_history::Backend::Postgres => &["Sort", "Walk"],
+    };
+    assert_eq!(plans.iter().map(String::as_str).collect::<Vec<_>>(), want);
 }

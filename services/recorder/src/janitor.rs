@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::kv;
 use chrono::Utc;
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warden_history::archive::Archived;
@@ -33,6 +34,8 @@ use crate::metrics::{self, metrics};
 
 /// Jobs taken per database round.
 const BATCH: usize = 500;
+/// Bus requests (deletes, purges) of a round in flight at once.
+const IN_FLIGHT: usize = 32;
 
 /// Why one archival step did not finish (it is retried next pass).
 #[derive(Debug, thiserror::Error)]
@@ -109,14 +112,21 @@ pub async fn pass(
             rounds.push(due);
             continue;
         };
-        for a in due {
-            if remove(db, jobs, a).await? {
-                p.removed += 1;
-                m.archival.with_label_values(&[metrics::REMOVED]).inc();
-            } else {
-                p.changed += 1;
-                m.archival.with_label_values(&[metrics::CHANGED]).inc();
-            }
+        // The round's deletes go out together; the ones done are then
+        // recorded in one write, also when another failed (that one stays
+        // pending for the next pass).
+        let (removed, changed, failed) = on_the_bus(due, |a| remove(jobs, a)).await;
+        db.mark_removed(&removed, Utc::now()).await?;
+        p.removed += removed.len();
+        p.changed += changed;
+        m.archival
+            .with_label_values(&[metrics::REMOVED])
+            .inc_by(removed.len() as u64);
+        m.archival
+            .with_label_values(&[metrics::CHANGED])
+            .inc_by(changed as u64);
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     // Step 3.
@@ -126,12 +136,14 @@ pub async fn pass(
         if due.is_empty() || shutdown.is_cancelled() {
             break;
         }
-        for a in due {
-            purge_marker(db, jobs, a).await?;
-            p.markers_purged += 1;
-            m.archival
-                .with_label_values(&[metrics::MARKER_PURGED])
-                .inc();
+        let (purged, _, failed) = on_the_bus(due, |a| purge_marker(jobs, a)).await;
+        db.mark_marker_purged(&purged).await?;
+        p.markers_purged += purged.len();
+        m.archival
+            .with_label_values(&[metrics::MARKER_PURGED])
+            .inc_by(purged.len() as u64);
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     // Step 4.
@@ -161,10 +173,40 @@ pub async fn pass(
     Ok(p)
 }
 
-/// Step 2 for `a`: true once the bucket no longer holds its revision
-/// (deleted now, or by an earlier pass that stopped before recording
-/// it); false if the bucket has a newer one.
-async fn remove(db: &HistoryDb, jobs: &kv::Store, a: Archived) -> Result<bool, StepError> {
+/// Runs `step` for every job of a round, [`IN_FLIGHT`] at a time: the
+/// jobs it did, how many it left as they were (false), and the first
+/// error.
+async fn on_the_bus<F, Fut>(
+    round: Vec<Archived>,
+    step: F,
+) -> (Vec<Archived>, usize, Option<StepError>)
+where
+    F: Fn(Archived) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, StepError>>,
+{
+    let mut results = futures::stream::iter(round)
+        .map(|a| {
+            let done = step(a);
+            async move { (a, done.await) }
+        })
+        .buffer_unordered(IN_FLIGHT);
+    let (mut done, mut left, mut failed) = (Vec::new(), 0, None);
+    while let Some((a, r)) = results.next().await {
+        match r {
+            Ok(true) => done.push(a),
+            Ok(false) => left += 1,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    (done, left, failed)
+}
+
+/// Step 2's bus part for `a`: true once the bucket no longer holds its
+/// revision (deleted now, or by an earlier pass that stopped before
+/// recording it); false if the bucket has a newer one.
+async fn remove(jobs: &kv::Store, a: Archived) -> Result<bool, StepError> {
     let key = a.id.to_string();
     match jobs.delete_expect_revision(&key, Some(a.rev)).await {
         Ok(()) => {}
@@ -182,14 +224,14 @@ async fn remove(db: &HistoryDb, jobs: &kv::Store, a: Archived) -> Result<bool, S
         }
         Err(e) => return Err(StepError::Delete(e)),
     }
-    db.mark_removed(a, Utc::now()).await?;
     Ok(true)
 }
 
-/// Step 3 for `a`: purges the job's subject up to and including its
-/// delete marker; a revision after the marker (the job re-created by a
-/// retry) is kept, and the recorder's write of it makes the row live.
-async fn purge_marker(db: &HistoryDb, jobs: &kv::Store, a: Archived) -> Result<(), StepError> {
+/// Step 3's bus part for `a`: purges the job's subject up to and
+/// including its delete marker; a revision after the marker (the job
+/// re-created by a retry) is kept, and the recorder's write of it makes
+/// the row live: false then, and the row is left to that write.
+async fn purge_marker(jobs: &kv::Store, a: Archived) -> Result<bool, StepError> {
     let subject = format!("$KV.{}.{}", subjects::JOBS_BUCKET, a.id);
     match jobs.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(last) => {
@@ -202,7 +244,7 @@ async fn purge_marker(db: &HistoryDb, jobs: &kv::Store, a: Archived) -> Result<(
                     .map_err(StepError::Purge)?;
             } else {
                 // Re-created: nothing of the old job is left to purge.
-                return Ok(());
+                return Ok(false);
             }
         }
         Err(e)
@@ -210,6 +252,5 @@ async fn purge_marker(db: &HistoryDb, jobs: &kv::Store, a: Archived) -> Result<(
                 == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
         Err(e) => return Err(StepError::LastMessage(e)),
     }
-    db.mark_marker_purged(a).await?;
-    Ok(())
+    Ok(true)
 }

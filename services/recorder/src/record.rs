@@ -91,6 +91,7 @@ pub async fn handle(db: &HistoryDb, batch: Vec<(jetstream::Message, Item)>) -> V
                 revisions = revisions.len(),
                 written = done.written,
                 revived = done.revived,
+                ms = started.elapsed().as_secs_f64() * 1e3,
                 "batch recorded"
             );
             vec![Disposition::Ack; batch.len()]

@@ -121,6 +121,10 @@ fn archived_job(rng: &mut XorShift, n: u64, total: u64, now: DateTime<Utc>) -> J
             ..CrashInfo::default()
         });
     }
+    // A word in one job of 10,000: what a rare word costs.
+    if n % 10_000 == 4_321 {
+        job.description = Some("mass rebuild after the zstd soname bump".into());
+    }
     job
 }
 
@@ -287,6 +291,33 @@ async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Res
             },
             100,
             0,
+        ),
+        (
+            "q=soname (1 in 10,000)",
+            Search {
+                text: Some("soname".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "q=nosuchword",
+            Search {
+                text: Some("nosuchword".into()),
+                ..s()
+            },
+            100,
+            0,
+        ),
+        (
+            "q=resolve host, offset 1000",
+            Search {
+                text: Some("resolve host".into()),
+                ..s()
+            },
+            100,
+            1000,
         ),
         (
             "q=memory, task-02",
