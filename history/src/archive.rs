@@ -113,7 +113,11 @@ impl HistoryDb {
     /// revisions. One transaction for all of them (a row per job written
     /// one commit at a time held SQLite's one writer away from the
     /// recorder); returns how many moved on.
-    pub async fn mark_removed(&self, jobs: &[Archived], now: DateTime<Utc>) -> Result<usize, DbError> {
+    pub async fn mark_removed(
+        &self,
+        jobs: &[Archived],
+        now: DateTime<Utc>,
+    ) -> Result<usize, DbError> {
         self.mark_all(
             jobs,
             "UPDATE jobs SET archive_state = 2, archived_at = $1 \

@@ -273,7 +273,11 @@ impl HistoryDb {
         let q = fts_query(words);
         let in_text = "jobs_text WHERE jobs_text MATCH $1";
         let in_index = self
-            .count_upto(in_text, vec![Val::S(q.clone())], self.text_limits.sort_at_most + 1)
+            .count_upto(
+                in_text,
+                vec![Val::S(q.clone())],
+                self.text_limits.sort_at_most + 1,
+            )
             .await?;
         let (conds, vals) = filters(s);
         let filtered = !conds.is_empty();

@@ -494,7 +494,12 @@ async fn full_text_gives_the_same_pages_whichever_plan_it_takes(d: Db) {
     };
     let mut jobs: Vec<Job> = (0..80)
         .map(|i| {
-            let mut j = finished(&format!("t{}", i % 3), (i / 2) as i64, JobState::Finished, "bot-a");
+            let mut j = finished(
+                &format!("t{}", i % 3),
+                (i / 2) as i64,
+                JobState::Finished,
+                "bot-a",
+            );
             j.description = describe(i, 0);
             j
         })
@@ -543,9 +548,23 @@ async fn full_text_gives_the_same_pages_whichever_plan_it_takes(d: Db) {
                 ..Search::default()
             },
         ];
-        for words in ["alpha", "beta", "gamma", "delta", "ALPHA beta", "nosuch", "delta alpha"] {
+        for words in [
+            "alpha",
+            "beta",
+            "gamma",
+            "delta",
+            "ALPHA beta",
+            "nosuch",
+            "delta alpha",
+        ] {
             for f in &filters {
-                for (limit, offset, cap) in [(5, 0, 1000), (5, 7, 1000), (50, 0, 1000), (3, 30, 2), (4, 2, 1)] {
+                for (limit, offset, cap) in [
+                    (5, 0, 1000),
+                    (5, 7, 1000),
+                    (50, 0, 1000),
+                    (3, 30, 2),
+                    (4, 2, 1),
+                ] {
                     let s = Search {
                         text: Some(words.into()),
                         ..f.clone()
@@ -554,7 +573,8 @@ async fn full_text_gives_the_same_pages_whichever_plan_it_takes(d: Db) {
                     let mut expected: Vec<&Job> = jobs
                         .iter()
                         .filter(|j| {
-                            let have = warden_history::read::words(j.description.as_deref().unwrap_or(""));
+                            let have =
+                                warden_history::read::words(j.description.as_deref().unwrap_or(""));
                             query.iter().all(|w| have.contains(w))
                                 && f.task.as_ref().is_none_or(|t| &j.task == t)
                                 && f.since.is_none_or(|t| j.created_at >= t)
@@ -562,7 +582,12 @@ async fn full_text_gives_the_same_pages_whichever_plan_it_takes(d: Db) {
                         })
                         .collect();
                     expected.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
-                    let want: Vec<_> = expected.iter().skip(offset).take(limit).map(|j| j.id).collect();
+                    let want: Vec<_> = expected
+                        .iter()
+                        .skip(offset)
+                        .take(limit)
+                        .map(|j| j.id)
+                        .collect();
                     let (page, plan) = db
                         .search_text_planned(&s, &query, limit, offset, cap)
                         .await
@@ -575,14 +600,22 @@ async fn full_text_gives_the_same_pages_whichever_plan_it_takes(d: Db) {
                     if page.total_exact {
                         assert_eq!(page.total, expected.len(), "{case}");
                     } else {
-                        assert!(page.total <= expected.len().min(counted), "{case}: {}", page.total);
+                        assert!(
+                            page.total <= expected.len().min(counted),
+                            "{case}: {}",
+                            page.total
+                        );
                         assert!(page.total >= offset + got.len(), "{case}: {}", page.total);
                     }
                     if expected.len() <= counted && plan == Plan::Sort {
                         assert!(page.total_exact, "{case}");
                     }
                     // The API's search takes the same route.
-                    assert_eq!(db.search(&s, limit, offset, cap).await.unwrap(), page, "{case}");
+                    assert_eq!(
+                        db.search(&s, limit, offset, cap).await.unwrap(),
+                        page,
+                        "{case}"
+                    );
                 }
             }
         }

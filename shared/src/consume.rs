@@ -183,7 +183,14 @@ async fn pull<B, Fut>(
     let service = how.service;
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
-        let messages = match consumer.messages().await {
+        // Each pull asks for as many messages as one batch takes (the
+        // client's default is 200): with a backlog, batches come full.
+        let messages = match consumer
+            .stream()
+            .max_messages_per_batch(how.batch.max(1))
+            .messages()
+            .await
+        {
             Ok(m) => m,
             Err(e) => {
                 let pause = pull_backoff.pause(failures);
