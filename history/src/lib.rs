@@ -250,14 +250,15 @@ impl HistoryDb {
     }
 
     /// Refreshes what the query planner knows of the tables (and, on
-    /// PostgreSQL, which pages are all visible, for index-only scans):
+    /// PostgreSQL, which pages are all visible, for index-only scans, and
+    /// the text index's pending entries merged):
     /// what a bulk import needs before its searches are fast, and what
     /// autovacuum (PostgreSQL) or this (SQLite, sampled) does from time
     /// to time on a database the recorder fills a little at a time.
     pub async fn analyze(&self) -> Result<(), DbError> {
         let statements: &[&str] = match self.backend {
             Backend::Sqlite => &["PRAGMA analysis_limit = 1000", "ANALYZE"],
-            Backend::Postgres => &["VACUUM (ANALYZE) jobs", "ANALYZE"],
+            Backend::Postgres => &["VACUUM (ANALYZE) jobs, job_text", "ANALYZE"],
         };
         let mut conn = self.write.acquire().await?;
         for sql in statements {

@@ -4,7 +4,7 @@
 -- too): at 10 million jobs, a common word took 400 ms. `job_text` holds
 -- only the jobs with words in them, their words and what a search filters
 -- and orders on, so a common word is answered by walking it newest first
--- and a rare one by sorting its few matches (src/read.rs, "Full text").
+-- and a rare one by sorting its few matches (src/text.rs).
 CREATE TABLE job_text (
     seq BIGINT PRIMARY KEY,
     created_at BIGINT NOT NULL,
@@ -23,7 +23,10 @@ INSERT INTO job_text
     SELECT seq, created_at, id, archived, state, task, pool, blame, detail, bot_id,
         source_message_id, search_words
     FROM jobs WHERE search_text <> '';
-CREATE INDEX job_text_words ON job_text USING GIN (words);
+-- Without GIN's pending list: entries queued there (up to 4 MB, until
+-- the next vacuum) are read one by one by every search: on a freshly
+-- loaded database a rare word's lookup took 3.4 ms instead of 0.15 ms.
+CREATE INDEX job_text_words ON job_text USING GIN (words) WITH (fastupdate = off);
 CREATE INDEX job_text_created ON job_text (created_at DESC, id);
 CREATE INDEX job_text_state ON job_text (state, created_at DESC, id);
 CREATE INDEX job_text_task ON job_text (task, created_at DESC, id);

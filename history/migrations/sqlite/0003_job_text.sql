@@ -3,7 +3,7 @@
 -- row (about 2 KB): at 10 million jobs, a word in 100,000 of them took
 -- half a second. `job_text` holds only the jobs with words in them, and
 -- only what a search filters and orders on, so a common word is answered
--- by walking it newest first (src/read.rs, "Full text") and a rare one by
+-- by walking it newest first (src/text.rs) and a rare one by
 -- sorting its few matches. Its rowid is the job's, like `jobs_text`'s.
 CREATE TABLE job_text (
     seq INTEGER PRIMARY KEY,
