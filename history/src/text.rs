@@ -25,8 +25,9 @@
 //! `walk_windows` windows (a common word, but rare under the filters
 //! given) falls back to sorting. Counting stops at
 //! [`TEXT_COUNTED_PAST_PAGE`] past the page (a lower cap than other
-//! searches': counting is finding); on SQLite, with filters given, it also stops where the walk
-//! stops, and the total is then "at least" (not exact).
+//! searches': counting is finding); on SQLite, with filters given, it
+//! also stops where the walk stops, and the total is then "at least"
+//! (not exact).
 //!
 //! Both databases' bodies come from `jobs`, for the page's jobs only.
 
@@ -198,6 +199,19 @@ impl HistoryDb {
         count_upto_in(&mut conn, from_where, vals, upto).await
     }
 
+    /// A read transaction on PostgreSQL with the planner's `setting` (one
+    /// of its `enable_*` switches) off until it ends.
+    async fn steered(
+        &self,
+        setting: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
+        let mut tx = self.read.begin().await?;
+        sqlx::query(AssertSqlSafe(format!("SET LOCAL {setting} = off")))
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     /// The seqs of one page of `job_text` rows matching `conds`, newest
     /// first; `sort` keeps the planner off the creation-time index (so
     /// it takes the few matches from the text index and sorts them).
@@ -228,10 +242,7 @@ impl HistoryDb {
         }
         // PostgreSQL, walking: without bitmap scans the only way to the
         // rows in order is the creation-time index (or a filter's).
-        let mut tx = self.read.begin().await?;
-        sqlx::query("SET LOCAL enable_bitmapscan = off")
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.steered("enable_bitmapscan").await?;
         let seqs = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(seqs)
@@ -256,10 +267,7 @@ impl HistoryDb {
             // until the cap (47 ms for a word in 1 of 4 jobs with text and
             // a task in 1 of 20); through the filter's index and the text
             // index it takes half that.
-            let mut tx = self.read.begin().await?;
-            sqlx::query("SET LOCAL enable_seqscan = off")
-                .execute(&mut *tx)
-                .await?;
+            let mut tx = self.steered("enable_seqscan").await?;
             let n = count_upto_in(
                 &mut tx,
                 &from_where,
