@@ -36,6 +36,7 @@ pub mod redact;
 pub mod resource;
 pub mod retry;
 pub mod runtime;
+pub mod self_fence;
 pub mod serve;
 pub mod services;
 pub mod session;

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use warden_shared::job::{HistoryEntry, Job};
 use warden_shared::retry::{self, Fate, Loss, RetryPolicy};
 use warden_shared::state::{transition, Action};
-use warden_shared::{Config, JobState};
+use warden_shared::{self_fence, Config, JobState};
 
 /// Why a running attempt's lease is taken back; its [`label`](Self::label)
 /// is the `reason` of `warden_scheduler_leases_requeued_total`.
@@ -59,9 +59,9 @@ impl RequeueReason {
 
     /// Whether the lease's holder may still be alive and running the task
     /// (its resource was closed under it; the grant may have reached it
-    /// after all): a requeued job then waits [`holder_grace`], time for the
-    /// holder's next heartbeat to be told to stop, so it never runs twice
-    /// at once.
+    /// after all): a requeued job then waits [`holder_grace`], until the
+    /// holder was told to stop or has fenced itself, so it never runs
+    /// twice at once.
     pub fn holder_may_run(self) -> bool {
         match self {
             RequeueReason::ResourceClosed | RequeueReason::LeaseUndelivered => true,
@@ -78,10 +78,23 @@ impl std::fmt::Display for RequeueReason {
     }
 }
 
-/// Half a session timeout: how long a lease's holder has to learn at its
-/// next heartbeat that the lease was taken back, and how fresh a lease must
-/// be to be handed out after a dispatch read back.
+/// How long a job whose lease was taken back from a holder that may
+/// still run it waits before it is leased again: until the holder has
+/// surely stopped ([`self_fence::holder_stopped_within`], a session
+/// timeout). Half a timeout was not enough: a holder whose heartbeats
+/// went unanswered for a while (a NATS node down) kept running the task
+/// while the job's next attempt started elsewhere.
 pub fn holder_grace(config: &Config) -> chrono::Duration {
+    chrono::Duration::from_std(self_fence::holder_stopped_within(
+        config.fencing.session_timeout,
+    ))
+    .unwrap_or(chrono::Duration::seconds(10))
+}
+
+/// How fresh a lease read back after an unacknowledged dispatch must be
+/// to be handed out: half a session timeout, so the holder is listing it
+/// in its heartbeats well before the orphan sweep looks.
+pub fn fresh_lease_limit(config: &Config) -> chrono::Duration {
     chrono::Duration::from_std(config.fencing.session_timeout / 2)
         .unwrap_or(chrono::Duration::seconds(5))
 }
@@ -157,7 +170,9 @@ pub fn take_back(
         }
     };
     if reason.holder_may_run() && next.state == JobState::Scheduled {
-        next.not_before = Some(now + grace);
+        // A retry delay longer than the grace stands.
+        let free = now + grace;
+        next.not_before = Some(next.not_before.map_or(free, |t| t.max(free)));
     }
     Some(TakeBack { next, fate })
 }
@@ -287,10 +302,45 @@ mod tests {
         );
     }
 
+    /// Property: a job taken back from a holder that may still run it is
+    /// not leased again before that holder, hearing nothing more, has
+    /// fenced itself. (It was half a session timeout: with heartbeats
+    /// unanswered for six of the ten seconds, chaos saw one job's two
+    /// attempts run at once for a second.)
     #[test]
-    fn the_holder_grace_is_half_a_session_timeout() {
+    fn a_taken_back_job_waits_until_a_silent_holder_has_fenced_itself() {
+        for secs in [1, 3, 10, 60, 600] {
+            let t = std::time::Duration::from_secs(secs);
+            let mut config = Config::defaults();
+            config.fencing.session_timeout = t;
+            let fenced_by = self_fence::self_fence_after(t) + self_fence::watchdog_tick(t);
+            let grace = holder_grace(&config).to_std().expect("positive");
+            assert!(grace >= fenced_by, "{t:?}: {grace:?} < {fenced_by:?}");
+            for reason in RequeueReason::ALL
+                .into_iter()
+                .filter(|r| r.holder_may_run())
+            {
+                let policy = config.retry_policy("t");
+                let back = take_back(
+                    &running(1, "s1"),
+                    "s1",
+                    reason,
+                    &["r1".into()],
+                    &policy,
+                    holder_grace(&config),
+                    at(100),
+                )
+                .expect("taken back");
+                if back.next.state == JobState::Scheduled {
+                    let wait = (back.next.not_before.expect("waits") - at(100))
+                        .to_std()
+                        .expect("ahead");
+                    assert!(wait >= fenced_by, "{reason}: {wait:?}");
+                }
+            }
+        }
         let mut config = Config::defaults();
         config.fencing.session_timeout = std::time::Duration::from_secs(10);
-        assert_eq!(holder_grace(&config), chrono::Duration::seconds(5));
+        assert_eq!(fresh_lease_limit(&config), chrono::Duration::seconds(5));
     }
 }

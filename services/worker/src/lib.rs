@@ -10,7 +10,7 @@
 
 pub mod checks;
 pub mod exec;
-pub mod fencing;
+pub use warden_shared::self_fence as fencing;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -737,11 +737,15 @@ impl Agent {
         let t0 = Instant::now();
         let result = self.executor.execute(req, cancel.clone()).await;
         m.duration.observe(t0.elapsed().as_secs_f64());
+        // The lease stays listed in heartbeats until its final report is
+        // acknowledged: a finished attempt whose report waits for the bus
+        // is still this session's, not a grant that never arrived (which
+        // the scheduler would take back, throwing the work away).
         let stop = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&lease.job_id)
+            .get(&lease.job_id)
             .and_then(|r| r.stop);
         m.running.dec();
         let _ = started.await;
@@ -798,7 +802,11 @@ impl Agent {
                 }
             }
         };
-        self.publish(report(kind)).await;
+        self.clone().publish(report(kind)).await;
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease.job_id);
     }
 
     /// Publishes a report and waits for the bus to acknowledge it,

@@ -22,7 +22,7 @@ use crate::acquire::{
     session_unreadable, session_verdict, AcquireResult, ReadBack,
 };
 use crate::metrics::metrics;
-use crate::requeue::holder_grace;
+use crate::requeue::fresh_lease_limit;
 use crate::Shared;
 
 /// Answers acquire requests until `shutdown`, then drains: every request
@@ -178,7 +178,7 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
             // written but never handed out is taken back by the orphan
             // sweep.
             let read = shared.store.get(&job.id).await.ok();
-            let grace = holder_grace(&shared.config);
+            let grace = fresh_lease_limit(&shared.config);
             match read_back(
                 read.as_ref().map(Option::as_ref),
                 &secret,

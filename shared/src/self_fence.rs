@@ -12,6 +12,9 @@
 //! answer ([`may_acquire`]). A heartbeat waits for its answer
 //! [`heartbeat_timeout`], so a lost one is retried well within the limit:
 //! one or two lost heartbeats in a row do not fence.
+//!
+//! The scheduler leans on the same timing when it takes a lease back from
+//! a holder that may still be running it ([`holder_stopped_within`]).
 
 use std::time::Duration;
 
@@ -32,6 +35,17 @@ pub fn fence_due(silence: Duration, timeout: Duration) -> bool {
 /// it, so that is at least one lost).
 pub fn may_acquire(silence: Duration, timeout: Duration) -> bool {
     silence < timeout / 2
+}
+
+/// How long after a lease was taken back from a live session its holder
+/// has surely stopped the attempt: a heartbeat sent after the take-back
+/// was answered with the lease to cancel (killed at once), or no such
+/// answer came and the watchdog stopped every task by
+/// [`self_fence_after`] plus one [`watchdog_tick`] of the silence, which
+/// began before the take-back. A full session timeout covers both; until
+/// then the job must not be leased again, or it runs twice at once.
+pub fn holder_stopped_within(timeout: Duration) -> Duration {
+    timeout
 }
 
 /// How long a heartbeat waits for its answer: a sixth of the timeout
@@ -70,6 +84,16 @@ mod tests {
             assert!(t - latest_stop >= t.mul_f64(0.15), "{t:?}");
             assert!(!fence_due(self_fence_after(t) - MS(1), t));
             assert!(fence_due(self_fence_after(t), t));
+        }
+    }
+
+    /// Property: a holder whose heartbeats all go unanswered from the
+    /// take-back on has fenced itself before the job may be leased again.
+    #[test]
+    fn a_taken_back_lease_waits_for_a_silent_holder_to_fence_itself() {
+        for t in [MS(1000), MS(3000), MS(10_000), MS(60_000), MS(600_000)] {
+            let fenced_by = self_fence_after(t) + watchdog_tick(t);
+            assert!(holder_stopped_within(t) >= fenced_by, "{t:?}");
         }
     }
 
