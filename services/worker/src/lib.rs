@@ -114,7 +114,10 @@ struct Agent {
     /// Set when the session must be replaced; the heartbeat loop does it.
     fenced: tokio::sync::Notify,
     /// Why (superseded or unknown), said by whoever notified `fenced`.
-    fence_reason: Mutex<Option<StopReason>>,
+    /// The session it is about: a request about a session already
+    /// replaced is stale (both the watchdog and a refused acquire may ask
+    /// about one dead session; it is replaced once).
+    fence_reason: Mutex<Option<(String, StopReason)>>,
     /// When the last heartbeat (or session create) that the fencing
     /// service answered was *sent*, and whether this stretch of silence
     /// has fenced already: the watchdog's input.
@@ -419,8 +422,9 @@ impl Agent {
                 .with_label_values(&[metrics::SELF_FENCED])
                 .inc();
             self.stop_all(StopReason::SelfFenced);
+            let session = self.session.read().await.clone();
             *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(StopReason::SelfFenced);
+                Some((session, StopReason::SelfFenced));
             self.fenced.notify_one();
         }
     }
@@ -440,13 +444,19 @@ impl Agent {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(heartbeat_delay(period, failed)) => {}
                 _ = self.fenced.notified() => {
-                    let why = self
+                    let asked = self
                         .fence_reason
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                        .unwrap_or(StopReason::UnknownSession);
-                    need_new.get_or_insert(why);
+                        .take();
+                    let current = self.session.read().await.clone();
+                    match asked {
+                        Some((session, why)) if session == current => {
+                            need_new.get_or_insert(why);
+                        }
+                        // About a session this loop replaced already.
+                        _ => continue,
+                    }
                 }
             }
             if let Some(why) = need_new {
@@ -640,12 +650,14 @@ impl Agent {
                     e.code,
                     ErrorCode::UnknownSession | ErrorCode::SessionSuperseded
                 ) {
-                    *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(if e.code == ErrorCode::UnknownSession {
+                    *self.fence_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                        req.session.clone(),
+                        if e.code == ErrorCode::UnknownSession {
                             StopReason::UnknownSession
                         } else {
                             StopReason::Superseded
-                        });
+                        },
+                    ));
                     self.fenced.notify_one();
                 }
                 warn!(code = %e.code, error = %e.message, "acquire refused");
