@@ -168,6 +168,9 @@ impl HistoryDb {
             AnyPoolOptions::new()
                 .max_connections(n)
                 .acquire_timeout(WAIT)
+                // Waiting for the one SQLite writer is how writes take
+                // turns, not a sign of trouble: say so only near the limit.
+                .acquire_slow_threshold(WAIT.mul_f64(0.8))
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {

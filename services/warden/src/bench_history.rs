@@ -34,6 +34,11 @@ use crate::bench_search::{percentiles, record, rss_mib, status_mib, summary};
 use crate::natsd::LocalNats;
 use crate::BenchHistoryArgs;
 
+/// A duration in milliseconds, as the tables print them.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 const SEARCH_CEILING_MS: f64 = 50.0;
 const STATS_CEILING_MS: f64 = 200.0;
 /// The exit status of a run that measured everything and missed a
@@ -129,6 +134,10 @@ fn archived_job(rng: &mut XorShift, n: u64, total: u64, now: DateTime<Utc>) -> J
 }
 
 /// Loads, times and prints one database; true if a ceiling was missed.
+/// Each query runs once before it is timed: that first run reads from
+/// disk what the page cache does not hold (all of it after a load on a
+/// machine short of cache), and is shown but not judged; the ceilings are
+/// for a database in use.
 async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Result<bool> {
     let opening = Instant::now();
     let db = HistoryDb::open(url)
@@ -331,9 +340,14 @@ async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Res
         ),
         ("offset 5000", s(), 100, 5000),
     ];
-    println!("  {name}: search (p50 / p99 / max ms, ceiling {SEARCH_CEILING_MS} ms at p99):");
+    println!(
+        "  {name}: search (ms: a first run, then p50 / p99 / max of --repeat; ceiling {SEARCH_CEILING_MS} ms at p99)"
+    );
     for (label, mut search, limit, offset) in searches {
         search.archived_only = search.text.is_none();
+        let t = Instant::now();
+        db.search(&search, limit, offset, 10_000).await?;
+        let first = ms(t.elapsed());
         let mut samples = Vec::with_capacity(args.repeat);
         let mut total = 0;
         for _ in 0..args.repeat {
@@ -346,23 +360,32 @@ async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Res
         let over = p99 > SEARCH_CEILING_MS;
         missed |= over;
         println!(
-            "    {label:<28} {p50:>7.2} {p99:>7.2} {max:>7.2}  ({total} matches){}",
+            "    {label:<28} {first:>7.2} {p50:>7.2} {p99:>7.2} {max:>7.2}  ({total} matches){}",
             if over { "  OVER" } else { "" }
         );
     }
-    println!("  {name}: statistics (p50 / p99 / max ms, ceiling {STATS_CEILING_MS} ms at p99):");
+    println!(
+        "  {name}: statistics (ms: a first run, then p50 / p99 / max of --repeat; ceiling {STATS_CEILING_MS} ms at p99)"
+    );
     for (label, days) in [("24 hours", 1), ("30 days", 30)] {
+        // The window reaches back `days` from two days ago, where the
+        // loaded history ends.
+        let window = |until: DateTime<Utc>| {
+            (
+                until - chrono::Duration::days(days) - chrono::Duration::days(2),
+                until,
+            )
+        };
+        let t = Instant::now();
+        let (from, until) = window(Utc::now());
+        db.counts(from, until).await?;
+        let first = ms(t.elapsed());
         let mut samples = Vec::with_capacity(args.repeat);
         let mut jobs = 0;
         for _ in 0..args.repeat {
-            let until = Utc::now();
+            let (from, until) = window(Utc::now());
             let t = Instant::now();
-            let c = db
-                .counts(
-                    until - chrono::Duration::days(days) - chrono::Duration::days(2),
-                    until,
-                )
-                .await?;
+            let c = db.counts(from, until).await?;
             samples.push(t.elapsed());
             jobs = c.jobs;
         }
@@ -370,7 +393,7 @@ async fn database(url: &str, name: &str, args: &BenchHistoryArgs) -> anyhow::Res
         let over = p99 > STATS_CEILING_MS;
         missed |= over;
         println!(
-            "    {label:<28} {p50:>7.2} {p99:>7.2} {max:>7.2}  ({jobs} jobs){}",
+            "    {label:<28} {first:>7.2} {p50:>7.2} {p99:>7.2} {max:>7.2}  ({jobs} jobs){}",
             if over { "  OVER" } else { "" }
         );
     }
