@@ -38,6 +38,12 @@ pub struct Consume<'a> {
     pub batch: usize,
     /// The nak delay when a dead letter could not be written.
     pub dead_letter_retry: Duration,
+    /// How long a batch that is not full waits for more messages before
+    /// it is handled (zero: handle what is ready at once). The pull's
+    /// messages arrive a socket read at a time (about 64 job records), so
+    /// a service whose cost is per batch rather than per message (one
+    /// database transaction) fills its batches by waiting a little.
+    pub gather: Duration,
 }
 
 /// How long the loop waits after a consumer error (the stream or the bus
@@ -209,6 +215,16 @@ async fn pull<B, Fut>(
                 _ = shutdown.cancelled() => break,
                 c = chunks.next() => match c { Some(c) => c, None => break },
             };
+            let mut chunk = chunk;
+            if !how.gather.is_zero() {
+                let until = tokio::time::Instant::now() + how.gather;
+                while chunk.len() < how.batch {
+                    match tokio::time::timeout_at(until, chunks.next()).await {
+                        Ok(Some(more)) => chunk.extend(more),
+                        _ => break,
+                    }
+                }
+            }
             let mut msgs = Vec::with_capacity(chunk.len());
             for m in chunk {
                 match m {

@@ -29,6 +29,7 @@ pub(crate) async fn suspects_loop(
         js: &health.js,
         batch: 1,
         dead_letter_retry: Duration::from_secs(1),
+        gather: Duration::ZERO,
     };
     let handler = |msg: jetstream::Message| {
         let health = health.clone();

@@ -478,8 +478,11 @@ async fn over_the_bus(
     // its own rate, as after a burst (the janitor then archives what was
     // made a day before, at that day's rate, not the burst's).
     let mut draining = (*config).clone();
-    draining.history.archive_after = Duration::from_secs(86_400);
+    // (The jobs were made three days ago: a day would make them due.)
+    draining.history.archive_after = Duration::from_secs(3650 * 86_400);
     let shutdown = CancellationToken::new();
+    let in_db = &warden_recorder::metrics::metrics().batch_seconds;
+    let (batches_before, db_before) = (in_db.get_sample_count(), in_db.get_sample_sum());
     let started = Instant::now();
     let recorder = tokio::spawn(warden_recorder::run(Arc::new(draining), shutdown.clone()));
     let db = HistoryDb::open(&config.history.database).await?;
@@ -506,6 +509,13 @@ async fn over_the_bus(
         total as f64 / recorded.as_secs_f64(),
         (total as f64 / recorded.as_secs_f64()) / (ceiling / 3.0),
         ceiling / 3.0
+    );
+    let batches = in_db.get_sample_count() - batches_before;
+    let db_secs = in_db.get_sample_sum() - db_before;
+    println!(
+        "  bus: {batches} batches ({:.0} revisions each on average), {db_secs:.1}s of it in the database's transactions ({:.0}%)",
+        total as f64 / batches.max(1) as f64,
+        100.0 * db_secs / recorded.as_secs_f64()
     );
     // Then archival of all of them at once, on its own.
     let shutdown = CancellationToken::new();

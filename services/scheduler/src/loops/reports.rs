@@ -40,6 +40,7 @@ pub async fn consume(shared: Arc<Shared>, consumer: PullConsumer, shutdown: Canc
         js: &shared.js,
         batch: shared.config.scheduler.report_batch,
         dead_letter_retry: RETRY,
+        gather: Duration::ZERO,
     };
     // A fixed pause after a consumer error: reports are the scheduler's
     // main input, and it pulls again as soon as the bus is back.
