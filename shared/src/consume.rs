@@ -211,11 +211,10 @@ async fn pull<B, Fut>(
         failures = 0;
         let mut chunks = messages.ready_chunks(how.batch.max(1));
         loop {
-            let chunk = tokio::select! {
+            let mut chunk = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 c = chunks.next() => match c { Some(c) => c, None => break },
             };
-            let mut chunk = chunk;
             if !how.gather.is_zero() {
                 let until = tokio::time::Instant::now() + how.gather;
                 while chunk.len() < how.batch {

@@ -202,9 +202,7 @@ async fn streams_and_buckets_without_bounds_get_them_on_the_next_start() {
             .get_stream(&want.name)
             .await
             .unwrap()
-            .info()
-            .await
-            .unwrap()
+            .cached_info()
             .config
             .clone();
         assert_eq!(got.max_bytes, want.max_bytes, "{}", want.name);
@@ -229,9 +227,7 @@ async fn streams_and_buckets_without_bounds_get_them_on_the_next_start() {
             .get_stream(format!("KV_{}", bucket.bucket))
             .await
             .unwrap()
-            .info()
-            .await
-            .unwrap()
+            .cached_info()
             .config
             .clone();
         assert_eq!(got.max_bytes, max_bytes, "{}", bucket.bucket);

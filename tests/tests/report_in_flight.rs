@@ -51,9 +51,7 @@ async fn a_finished_attempt_whose_report_waits_keeps_its_lease() {
         .get_stream(subjects::REPORTS_STREAM)
         .await
         .unwrap()
-        .info()
-        .await
-        .unwrap()
+        .cached_info()
         .config
         .clone();
     let subjects_before = stream.subjects.clone();

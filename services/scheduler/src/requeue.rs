@@ -170,9 +170,7 @@ pub fn take_back(
         }
     };
     if reason.holder_may_run() && next.state == JobState::Scheduled {
-        // A retry delay longer than the grace stands.
-        let free = now + grace;
-        next.not_before = Some(next.not_before.map_or(free, |t| t.max(free)));
+        next.not_before = Some(now + grace);
     }
     Some(TakeBack { next, fate })
 }
