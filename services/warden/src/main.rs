@@ -3,6 +3,7 @@
 //! (`check`).
 
 mod bench;
+mod bench_bare;
 mod bench_history;
 mod bench_search;
 mod bot;
@@ -299,6 +300,13 @@ pub struct BenchHistoryArgs {
     /// Jobs for the live-path part on a real nats-server (0: skip)
     #[arg(long, default_value_t = 20_000)]
     pub bus_jobs: usize,
+    /// The database the live-path part's recorder writes to (default: a
+    /// new small SQLite file in --dir). Give the big one (the SQLite file
+    /// in --dir or the --postgres URL) to measure the recorder's rate into
+    /// a database that already holds the history; its jobs stay there and
+    /// a later run still reuses it.
+    #[arg(long)]
+    pub recorder_db: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -344,6 +352,21 @@ pub struct BenchArgs {
     /// Retry delay in the retried-jobs run, in milliseconds
     #[arg(long, default_value_t = 100)]
     pub retry_delay_ms: u64,
+    /// Seconds of steady load at half the burst rate, for latency under
+    /// load (0 skips it)
+    #[arg(long, default_value_t = 5)]
+    pub steady_secs: u64,
+    /// Jobs in the run that spawns `true` per job (and in its baseline
+    /// without Warden)
+    #[arg(long, default_value_t = 3000)]
+    pub process_jobs: usize,
+    /// Run on a 3-node JetStream cluster on loopback (replicas 3) instead
+    /// of a single node
+    #[arg(long)]
+    pub cluster: bool,
+    /// Also print every figure as one JSON line
+    #[arg(long)]
+    pub json: bool,
 }
 
 async fn chaos(args: &ChaosCmd) -> anyhow::Result<i32> {
