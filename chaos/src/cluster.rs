@@ -217,6 +217,14 @@ impl Cluster {
     }
 
     /// All client URLs, comma-separated.
+    /// The pids of the nodes' nats-server processes (those running).
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| warden_shared::nats_ports::server_pid(&n.ports_dir))
+            .collect()
+    }
+
     pub fn url(&self) -> String {
         self.nodes
             .iter()

@@ -24,13 +24,39 @@ use crate::write::{add_tallies, args, exec, Val};
 use crate::{micros, Backend, DbError, HistoryDb};
 
 /// A job at the revision the archival step is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Archived {
     pub id: Uuid,
     pub rev: u64,
 }
 
 const TERMINAL: &str = "('FINISHED', 'CRASHED', 'SHELVED', 'CANCELLED')";
+
+/// Jobs per statement of [`HistoryDb::mark_all`] and step 1: two bound
+/// values each, far under either database's limit.
+const MARK_CHUNK: usize = 500;
+
+/// The condition "one of `jobs`, at its revision", its values bound from
+/// `$first` on (pushed onto `vals`; each placeholder once, in order). The
+/// id list lets both planners look the rows up by the id index; the pairs
+/// then hold each to its revision.
+fn at_revisions(first: usize, jobs: &[Archived], vals: &mut Vec<Val>) -> String {
+    let n = jobs.len();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", first + i)).collect();
+    let pairs: Vec<String> = (0..n)
+        .map(|i| format!("(${}, ${})", first + n + 2 * i, first + n + 2 * i + 1))
+        .collect();
+    vals.extend(jobs.iter().map(|a| Val::S(a.id.to_string())));
+    for a in jobs {
+        vals.push(Val::S(a.id.to_string()));
+        vals.push(Val::I(rev_of(*a)));
+    }
+    format!(
+        "id IN ({}) AND (id, rev) IN (VALUES {})",
+        ids.join(", "),
+        pairs.join(", ")
+    )
+}
 
 fn archived_of(row: &sqlx::any::AnyRow) -> Result<Option<Archived>, DbError> {
     let id: String = row.try_get("id")?;
@@ -67,8 +93,9 @@ impl HistoryDb {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let mut out = Vec::with_capacity(found.len());
-        let mut tallies: BTreeMap<TallyKey, i64> = BTreeMap::new();
+        // What each found job adds to the archived statistics.
+        let mut found_jobs = Vec::with_capacity(found.len());
+        let mut keys = std::collections::HashMap::with_capacity(found.len());
         for row in &found {
             let Some(a) = archived_of(row)? else { continue };
             let state: String = row.try_get("state")?;
@@ -81,21 +108,31 @@ impl HistoryDb {
                 detail.as_deref(),
                 row.try_get("attempt")?,
             );
-            let n = exec(
-                &mut tx,
-                "UPDATE jobs SET archive_state = 1, archived = 1, archived_at = $1 \
-                 WHERE id = $2 AND rev = $3 AND archived = 0"
-                    .to_string(),
-                vec![
-                    Val::I(micros(now)),
-                    Val::S(a.id.to_string()),
-                    Val::I(rev_of(a)),
-                ],
+            found_jobs.push(a);
+            keys.insert(a, key);
+        }
+        // Marked in one statement per chunk; those it marked (all of them
+        // unless another writer got there first) are counted.
+        let mut out = Vec::with_capacity(found_jobs.len());
+        let mut tallies: BTreeMap<TallyKey, i64> = BTreeMap::new();
+        for chunk in found_jobs.chunks(MARK_CHUNK) {
+            let mut vals = vec![Val::I(micros(now))];
+            let cond = at_revisions(2, chunk, &mut vals);
+            let marked = sqlx::query_with(
+                AssertSqlSafe(format!(
+                    "UPDATE jobs SET archive_state = 1, archived = 1, archived_at = $1 \
+                     WHERE archived = 0 AND {cond} RETURNING id, rev"
+                )),
+                args(vals)?,
             )
+            .fetch_all(&mut *tx)
             .await?;
-            if n == 1 {
-                *tallies.entry(key).or_default() += 1;
-                out.push(a);
+            for row in &marked {
+                let Some(a) = archived_of(row)? else { continue };
+                if let Some(key) = keys.remove(&a) {
+                    *tallies.entry(key).or_default() += 1;
+                    out.push(a);
+                }
             }
         }
         add_tallies(&mut tx, self.backend, &tallies).await?;
@@ -121,7 +158,7 @@ impl HistoryDb {
         self.mark_all(
             jobs,
             "UPDATE jobs SET archive_state = 2, archived_at = $1 \
-             WHERE id = $2 AND rev = $3 AND archive_state = 1",
+             WHERE archive_state = 1 AND {jobs}",
             Some(micros(now)),
         )
         .await
@@ -141,14 +178,17 @@ impl HistoryDb {
     pub async fn mark_marker_purged(&self, jobs: &[Archived]) -> Result<usize, DbError> {
         self.mark_all(
             jobs,
-            "UPDATE jobs SET archive_state = 3 WHERE id = $1 AND rev = $2 AND archive_state = 2",
+            "UPDATE jobs SET archive_state = 3 WHERE archive_state = 2 AND {jobs}",
             None,
         )
         .await
     }
 
-    /// Runs `sql` (`$1` the time if given, then id and revision) for each
-    /// of `jobs` in one transaction.
+    /// Runs `sql` (`$1` the time if given; `{jobs}` where the condition
+    /// naming every job at its revision goes) for `jobs`, one statement
+    /// per [`MARK_CHUNK`] of them, in one transaction. (A statement per job
+    /// cost a round trip each: on PostgreSQL with 10 million rows the
+    /// janitor archived 40 to 380 jobs a second.)
     async fn mark_all(
         &self,
         jobs: &[Archived],
@@ -160,10 +200,10 @@ impl HistoryDb {
         }
         let mut tx = self.write.begin().await?;
         let mut n = 0;
-        for a in jobs {
+        for chunk in jobs.chunks(MARK_CHUNK) {
             let mut vals: Vec<Val> = at.map(Val::I).into_iter().collect();
-            vals.extend([Val::S(a.id.to_string()), Val::I(rev_of(*a))]);
-            n += exec(&mut tx, sql.to_string(), vals).await?;
+            let cond = at_revisions(vals.len() + 1, chunk, &mut vals);
+            n += exec(&mut tx, sql.replace("{jobs}", &cond), vals).await?;
         }
         tx.commit().await?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))

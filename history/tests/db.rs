@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use warden_history::archive::Archived;
 use warden_history::{HistoryDb, Plan, Revision, Search, TextLimits};
 use warden_shared::job::{CrashInfo, HistoryEntry, Lease};
 use warden_shared::{Action, Blame, Job, JobState};
@@ -312,6 +313,18 @@ async fn archived_jobs_count_in_statistics_until_a_retry_revives_them(d: Db) {
         .await
         .unwrap()
         .is_empty());
+    // Many at once: each only at the revision it names.
+    let stale = Archived {
+        rev: archived[2].rev + 7,
+        ..archived[2]
+    };
+    assert_eq!(
+        db.mark_removed(&[archived[1], stale, archived[3], a], now)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(db.removals_pending(1000).await.unwrap().len(), 87);
     // A retry: the job is live again and out of the archived counts.
     let (_, mut job) = db.get(&a.id).await.unwrap().unwrap();
     job.state = JobState::Scheduled;

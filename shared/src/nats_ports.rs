@@ -60,9 +60,35 @@ pub fn read_any(dir: &Path) -> Option<Ports> {
     })
 }
 
+/// The pid of whichever server wrote a ports file into `dir`, from the
+/// file's name (`<exe>_<pid>.ports`): the server's own pid, also under a
+/// guard (what `warden bench` reads its CPU time from).
+pub fn server_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find_map(|e| pid_of_file_name(&e.file_name().to_string_lossy()))
+}
+
+fn pid_of_file_name(name: &str) -> Option<u32> {
+    name.strip_suffix(".ports")?
+        .rsplit('_')
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pid_is_read_off_the_file_name() {
+        assert_eq!(pid_of_file_name("nats-server_4242.ports"), Some(4242));
+        assert_eq!(pid_of_file_name("nats_server_bin_7.ports"), Some(7));
+        assert_eq!(pid_of_file_name("nats-server_4242.pid"), None);
+        assert_eq!(pid_of_file_name("nats-server.ports"), None);
+    }
 
     #[test]
     fn client_and_cluster_ports_are_read() {

@@ -487,6 +487,8 @@ async fn over_the_bus(
     let shutdown = CancellationToken::new();
     let in_db = &warden_recorder::metrics::metrics().batch_seconds;
     let (batches_before, db_before) = (in_db.get_sample_count(), in_db.get_sample_sum());
+    let jobs_stream = handles.jobs.stream.clone();
+    let last = jobs_stream.clone().info().await?.state.last_sequence;
     let started = Instant::now();
     let recorder = tokio::spawn(warden_recorder::run(Arc::new(draining), shutdown.clone()));
     let db = HistoryDb::open(&config.history.database).await?;
@@ -495,20 +497,35 @@ async fn over_the_bus(
         println!("  bus: the recorder writes to a database that holds {held_before} jobs");
     }
     let total = (args.bus_jobs + live) as u64;
+    // Done when the recorder has acked the last revision (it acks after
+    // its transaction commits), read off its consumer: counting the
+    // database's rows instead would scan a big one and compete with the
+    // recorder's writes.
     wait(
         Duration::from_secs(600),
         "the recorder to record every job",
-        || async {
-            db.job_counts()
-                .await
-                .map(|(n, _)| n >= held_before + total)
-                .unwrap_or(false)
+        || {
+            let stream = jobs_stream.clone();
+            async move {
+                stream
+                    .consumer_info(warden_shared::subjects::RECORDER_CONSUMER)
+                    .await
+                    .map(|c| c.ack_floor.stream_sequence >= last && c.num_ack_pending == 0)
+                    .unwrap_or(false)
+            }
         },
     )
     .await?;
     let recorded = started.elapsed();
     shutdown.cancel();
     let _ = recorder.await;
+    let (held_after, _) = db.job_counts().await?;
+    if held_after < held_before + total {
+        bail!(
+            "the recorder acked every revision but the database holds {} of the {total} jobs",
+            held_after.saturating_sub(held_before)
+        );
+    }
     // The bucket keeps a job's latest revision: what the recorder read.
     println!(
         "  bus: the recorder recorded {total} jobs in {:.1}s ({:.0} jobs/s; {:.2}x the bus's write \

@@ -123,6 +123,16 @@ impl LocalNats {
         })
     }
 
+    /// The nats-server's own pid (from its pid file; the child this
+    /// process started is its guard).
+    pub fn server_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
