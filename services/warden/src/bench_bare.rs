@@ -26,6 +26,8 @@ use warden_shared::subjects::Topology;
 const BUCKET: &str = "warden_bench_bare";
 const STREAM: &str = "WARDEN_BENCH_BARE";
 const PREFIX: &str = "warden.bench.bare";
+/// Writes outstanding at each step, as `warden bench` submits.
+const IN_FLIGHT: usize = 512;
 
 /// What one bare run measured.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +35,10 @@ pub struct Figures {
     /// Jobs per second for a burst, submit of the first to FINISHED of
     /// the last.
     pub burst: f64,
+    /// Jobs per second when each job is its five writes in a row (create,
+    /// running, two reports, finished; 512 jobs at a time) with no
+    /// hand-off between processes: what the server's write path allows.
+    pub writes: f64,
     /// Submit→FINISHED of jobs run one at a time, milliseconds.
     pub one_p50_ms: f64,
     pub one_p99_ms: f64,
@@ -121,7 +127,7 @@ pub async fn measure(
                 Ok::<_, anyhow::Error>(id)
             }
         })
-        .buffer_unordered(512)
+        .buffer_unordered(IN_FLIGHT)
         .collect::<Vec<_>>()
         .await;
     let ids = created.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -148,10 +154,12 @@ pub async fn measure(
     one.sort_by(f64::total_cmp);
     dispatcher.abort();
     finisher.abort();
+    let writes = writes_alone(&kv, &js, jobs).await?;
     let _ = js.delete_key_value(BUCKET).await;
     let _ = js.delete_stream(STREAM).await;
     Ok(Figures {
         burst,
+        writes,
         one_p50_ms: crate::bench::pct(&one, 0.50),
         one_p99_ms: crate::bench::pct(&one, 0.99),
     })
@@ -173,6 +181,9 @@ async fn dispatch(
     done: Done,
     notify: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<()> {
+    // As many steps in flight as the submitter keeps (a task per entry
+    // unbounded made ten thousand writes wait at once, and some timed out).
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut watch = kv.watch_all().await?;
     while let Some(entry) = watch.next().await {
         let Ok(entry) = entry else { continue };
@@ -182,7 +193,11 @@ async fn dispatch(
         match job.state {
             Step::Scheduled => {
                 let (kv, js) = (kv.clone(), js.clone());
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let Ok(running) = value(job.id, Step::Running) else {
                         return;
                     };
@@ -220,11 +235,16 @@ async fn dispatch(
 /// The report consumer: a finished report moves its job to FINISHED, then
 /// is acked; a started one is acked.
 async fn finish(kv: kv::Store, consumer: consumer::PullConsumer) -> anyhow::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut messages = consumer.messages().await?;
     while let Some(msg) = messages.next().await {
         let Ok(msg) = msg else { continue };
         let kv = kv.clone();
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         tokio::spawn(async move {
+            let _slot = slot;
             if let Ok(r) = serde_json::from_slice::<BareReport>(&msg.payload) {
                 if r.finished {
                     let Ok(finished) = value(r.id, Step::Finished) else {
@@ -243,4 +263,37 @@ async fn finish(kv: kv::Store, consumer: consumer::PullConsumer) -> anyhow::Resu
         });
     }
     Ok(())
+}
+
+/// The same five acknowledged writes per job, chained in one task per
+/// job, 512 jobs at a time: no watch and no consumer between the steps.
+async fn writes_alone(kv: &kv::Store, js: &jetstream::Context, jobs: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut runs = futures::stream::iter(0..jobs)
+        .map(|_| {
+            let (kv, js) = (kv.clone(), js.clone());
+            async move {
+                let id = Uuid::new_v4();
+                let key = id.to_string();
+                let rev = kv.create(&key, value(id, Step::Scheduled)?).await?;
+                let rev = kv.update(&key, value(id, Step::Running)?, rev).await?;
+                for finished in [false, true] {
+                    let report = serde_json::to_vec(&BareReport {
+                        id,
+                        finished,
+                        revision: rev,
+                    })?;
+                    js.publish(format!("{PREFIX}.{id}"), report.into())
+                        .await?
+                        .await?;
+                }
+                kv.update(&key, value(id, Step::Finished)?, rev).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT);
+    while let Some(r) = runs.next().await {
+        r.context("bare write")?;
+    }
+    Ok(jobs as f64 / started.elapsed().as_secs_f64())
 }

@@ -22,6 +22,9 @@ fn small_bench_finishes_every_job_including_retried_ones() {
             "--no-process",
             "--fail-rate",
             "0.2",
+            "--steady-secs",
+            "1",
+            "--json",
         ])
         .env("WARDEN_LOG", "warn")
         .output()
@@ -35,6 +38,33 @@ fn small_bench_finishes_every_job_including_retried_ones() {
     );
     assert!(stdout.contains("needed a retry; all finished"), "{stdout}");
     assert!(stdout.contains("of the clean run"), "{stdout}");
+    // The ceiling measured in the same run, and Warden held to it.
+    assert!(stdout.contains("bare JetStream burst:"), "{stdout}");
+    assert!(stdout.contains("x the bare lifecycle's"), "{stdout}");
+    // One JSON line per figure, the burst's with its ceiling, ratio and
+    // CPU, the steady load's latencies among them.
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let burst = lines
+        .iter()
+        .find(|l| l["work"] == "no-op burst, jobs/s")
+        .expect("the burst's line");
+    assert!(burst["ceiling"].as_f64().unwrap() > 0.0, "{burst}");
+    assert!(burst["ratio"].as_f64().unwrap() > 0.0, "{burst}");
+    assert!(
+        burst["usage"]["nats_cpu_s_per_1000"].as_f64().unwrap() > 0.0,
+        "{burst}"
+    );
+    assert!(
+        lines.iter().any(|l| l["work"]
+            .as_str()
+            .unwrap_or("")
+            .contains("submit->RUNNING p99.9")),
+        "{stdout}"
+    );
 }
 
 /// `warden bench-search` at a small size: the index answers every search
