@@ -118,11 +118,14 @@ pub async fn run(
     let bare =
         crate::bench_bare::measure(&client, &config.topology(), args.jobs, args.sequential).await?;
     let bare_usage = usage.finish(args.jobs + args.sequential);
+    let usage = Usage::start(&nats_pids);
+    let writes = crate::bench_bare::writes_alone(&client, &config.topology(), args.jobs).await?;
+    let writes_usage = usage.finish(args.jobs);
     println!(
         "{:>16} burst:      {:.0} jobs/s (its five writes per job alone, chained: {:.0} jobs/s); one at a time: submit->FINISHED p50 {:.2} ms p99 {:.2} ms  ({bare_usage})",
         "bare JetStream",
         bare.burst,
-        bare.writes,
+        writes,
         bare.one_p50_ms,
         bare.one_p99_ms,
     );
@@ -152,9 +155,9 @@ pub async fn run(
     );
     table.row(
         "no-op burst, jobs/s, against the five writes alone",
-        Some(bare.writes),
+        Some(writes),
         clean.burst,
-        Usage::none(),
+        writes_usage,
         clean.usage,
     );
     table.row(

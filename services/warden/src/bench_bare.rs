@@ -35,10 +35,6 @@ pub struct Figures {
     /// Jobs per second for a burst, submit of the first to FINISHED of
     /// the last.
     pub burst: f64,
-    /// Jobs per second when each job is its five writes in a row (create,
-    /// running, two reports, finished; 512 jobs at a time) with no
-    /// hand-off between processes: what the server's write path allows.
-    pub writes: f64,
     /// Submit→FINISHED of jobs run one at a time, milliseconds.
     pub one_p50_ms: f64,
     pub one_p99_ms: f64,
@@ -76,23 +72,7 @@ pub async fn measure(
     sequential: usize,
 ) -> anyhow::Result<Figures> {
     let js = jetstream::new(client.clone());
-    let _ = js.delete_key_value(BUCKET).await;
-    let _ = js.delete_stream(STREAM).await;
-    let kv = js
-        .create_key_value(kv::Config {
-            bucket: BUCKET.into(),
-            ..topology.jobs_bucket()
-        })
-        .await
-        .context("cannot create the bare bucket")?;
-    let stream = js
-        .create_stream(jetstream::stream::Config {
-            name: STREAM.into(),
-            subjects: vec![format!("{PREFIX}.>")],
-            ..topology.reports_stream()
-        })
-        .await
-        .context("cannot create the bare reports stream")?;
+    let (kv, stream) = fresh(&js, topology).await?;
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some("bare".into()),
@@ -154,12 +134,9 @@ pub async fn measure(
     one.sort_by(f64::total_cmp);
     dispatcher.abort();
     finisher.abort();
-    let writes = writes_alone(&kv, &js, jobs).await?;
-    let _ = js.delete_key_value(BUCKET).await;
-    let _ = js.delete_stream(STREAM).await;
+    clean_up(&js).await;
     Ok(Figures {
         burst,
-        writes,
         one_p50_ms: crate::bench::pct(&one, 0.50),
         one_p99_ms: crate::bench::pct(&one, 0.99),
     })
@@ -265,9 +242,52 @@ async fn finish(kv: kv::Store, consumer: consumer::PullConsumer) -> anyhow::Resu
     Ok(())
 }
 
-/// The same five acknowledged writes per job, chained in one task per
-/// job, 512 jobs at a time: no watch and no consumer between the steps.
-async fn writes_alone(kv: &kv::Store, js: &jetstream::Context, jobs: usize) -> anyhow::Result<f64> {
+/// Jobs per second when each job is its five acknowledged writes in a
+/// row (create, running, two reports, finished), one task per job, 512
+/// jobs at a time, with no watch and no consumer between the steps: what
+/// the server's write path allows.
+pub async fn writes_alone(
+    client: &async_nats::Client,
+    topology: &Topology,
+    jobs: usize,
+) -> anyhow::Result<f64> {
+    let js = jetstream::new(client.clone());
+    let (kv, _stream) = fresh(&js, topology).await?;
+    let rate = chained(&kv, &js, jobs).await;
+    clean_up(&js).await;
+    rate
+}
+
+/// A new bare bucket and reports stream, with Warden's configs.
+async fn fresh(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> anyhow::Result<(kv::Store, jetstream::stream::Stream)> {
+    clean_up(js).await;
+    let kv = js
+        .create_key_value(kv::Config {
+            bucket: BUCKET.into(),
+            ..topology.jobs_bucket()
+        })
+        .await
+        .context("cannot create the bare bucket")?;
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: STREAM.into(),
+            subjects: vec![format!("{PREFIX}.>")],
+            ..topology.reports_stream()
+        })
+        .await
+        .context("cannot create the bare reports stream")?;
+    Ok((kv, stream))
+}
+
+async fn clean_up(js: &jetstream::Context) {
+    let _ = js.delete_key_value(BUCKET).await;
+    let _ = js.delete_stream(STREAM).await;
+}
+
+async fn chained(kv: &kv::Store, js: &jetstream::Context, jobs: usize) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut runs = futures::stream::iter(0..jobs)
         .map(|_| {
