@@ -251,7 +251,27 @@ pub enum Failure<SE: std::error::Error + 'static, E> {
 pub async fn run<St, C>(
     store: &St,
     retry: Retry,
+    change: C,
+) -> Result<Outcome<St::Value, C::Write, C::Stop>, Failure<St::Error, C::Error>>
+where
+    St: CasStore,
+    C: Change<St::Value>,
+{
+    run_from(store, retry, change, None).await
+}
+
+/// [`run`], whose first attempt starts from `guess` (a value and its
+/// revision the caller already holds: its own last write, a watch's
+/// latest) instead of a read. A right guess saves the read; a stale one
+/// costs a lost race, after which every attempt reads, at once (a stale
+/// cache is not a collision to back off from). A [`Step::Stop`] decided
+/// on a guess is not trusted: the step runs again on a fresh read, so a
+/// step must have no effect outside `self` when it stops.
+pub async fn run_from<St, C>(
+    store: &St,
+    retry: Retry,
     mut change: C,
+    guess: Option<(St::Value, u64)>,
 ) -> Result<Outcome<St::Value, C::Write, C::Stop>, Failure<St::Error, C::Error>>
 where
     St: CasStore,
@@ -260,8 +280,11 @@ where
     let attempts = retry.attempts.max(1);
     let mut store_errors = 0u32;
     let mut last: Option<(Phase, St::Error)> = None;
+    let mut guess = guess;
+    // Whether the attempt before this one started from the guess.
+    let mut guessed = false;
     for attempt in 0..attempts {
-        if attempt > 0 {
+        if attempt > 0 && !guessed {
             let pause = match &last {
                 Some(_) => retry.store_errors.pause(store_errors),
                 None => retry.on_conflict.pause(attempt),
@@ -270,24 +293,29 @@ where
                 tokio::time::sleep(pause).await;
             }
         }
-        let (current, revision) = match store.get().await {
-            Ok(Some((v, rev))) => (Some(v), Some(rev)),
-            Ok(None) => (None, None),
-            Err(e) => {
-                let phase = Phase::Read;
-                give_up_unless_transient::<St, C::Error>(
-                    store,
-                    phase,
-                    e,
-                    &mut store_errors,
-                    retry,
-                    &mut last,
-                )?;
-                continue;
-            }
+        guessed = guess.is_some();
+        let (current, revision) = match guess.take() {
+            Some((v, rev)) => (Some(v), Some(rev)),
+            None => match store.get().await {
+                Ok(Some((v, rev))) => (Some(v), Some(rev)),
+                Ok(None) => (None, None),
+                Err(e) => {
+                    let phase = Phase::Read;
+                    give_up_unless_transient::<St, C::Error>(
+                        store,
+                        phase,
+                        e,
+                        &mut store_errors,
+                        retry,
+                        &mut last,
+                    )?;
+                    continue;
+                }
+            },
         };
         let (next, with) = match change.step(current).await.map_err(Failure::Refused)? {
             Step::Write(next, with) => (next, with),
+            Step::Stop(_) if guessed => continue,
             Step::Stop(s) => return Ok(Outcome::Stopped(s)),
         };
         let written = match revision {
@@ -303,7 +331,7 @@ where
                 })
             }
             Err(e) if St::fault(&e) == Fault::LostRace => {
-                tracing::trace!(key = %store.key(), attempt, "compare-and-set lost the race");
+                tracing::trace!(key = %store.key(), attempt, guessed, "compare-and-set lost the race");
                 change.lost_race(attempt);
                 last = None;
             }
@@ -584,6 +612,7 @@ mod tests {
         /// `None`, or an empty script: they work.
         faults: std::sync::Mutex<std::collections::VecDeque<Option<Fault>>>,
         calls: std::sync::atomic::AtomicU32,
+        reads: std::sync::atomic::AtomicU32,
     }
 
     #[derive(Debug, Error)]
@@ -596,6 +625,7 @@ mod tests {
                 value: std::sync::Mutex::new((value, 1)),
                 faults: std::sync::Mutex::new(faults.iter().copied().collect()),
                 calls: Default::default(),
+                reads: Default::default(),
             }
         }
         fn next_fault(&self) -> Result<(), ScriptedError> {
@@ -608,6 +638,20 @@ mod tests {
         fn value(&self) -> Option<u32> {
             self.value.lock().expect("lock").0
         }
+        fn reads(&self) -> u32 {
+            self.reads.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        /// A write (scripted faults first); an update on another revision
+        /// than the record's loses the race.
+        fn write(&self, value: &u32, revision: Option<u64>) -> Result<u64, ScriptedError> {
+            self.next_fault()?;
+            let mut v = self.value.lock().expect("lock");
+            if revision.is_some_and(|r| r != v.1) {
+                return Err(ScriptedError(Fault::LostRace));
+            }
+            *v = (Some(*value), v.1 + 1);
+            Ok(v.1)
+        }
     }
 
     impl CasStore for Scripted {
@@ -617,6 +661,7 @@ mod tests {
             "scripted".into()
         }
         async fn get(&self) -> Result<Option<(u32, u64)>, ScriptedError> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             match self.next_fault() {
                 Err(ScriptedError(Fault::LostRace)) => unreachable!("reads do not race"),
                 Err(e) => Err(e),
@@ -627,13 +672,10 @@ mod tests {
             }
         }
         async fn create(&self, value: &u32) -> Result<u64, ScriptedError> {
-            self.update(value, 0).await
+            self.write(value, None)
         }
-        async fn update(&self, value: &u32, _revision: u64) -> Result<u64, ScriptedError> {
-            self.next_fault()?;
-            let mut v = self.value.lock().expect("lock");
-            *v = (Some(*value), v.1 + 1);
-            Ok(v.1)
+        async fn update(&self, value: &u32, revision: u64) -> Result<u64, ScriptedError> {
+            self.write(value, Some(revision))
         }
         fn fault(e: &ScriptedError) -> Fault {
             e.0
@@ -795,6 +837,76 @@ mod tests {
         let refused = run(&s, QUICK, decide(|_| Err::<Step<u32, (), ()>, No>(No))).await;
         assert!(matches!(refused, Err(Failure::Refused(No))));
         assert_eq!(s.value(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_right_guess_saves_the_read() {
+        // The record is 1 at revision 1; the caller holds just that.
+        let s = Scripted::new(Some(1), &[]);
+        let out = run_from(&s, QUICK, add_one(), Some((1, 1)))
+            .await
+            .expect("lands");
+        assert!(matches!(
+            out,
+            Outcome::Written {
+                value: 2,
+                revision: 2,
+                ..
+            }
+        ));
+        assert_eq!(s.reads(), 0);
+        assert_eq!(s.value(), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_stale_guess_loses_once_then_reads_and_lands_on_the_latest() {
+        // The record moved on to 5 (revision 1); the caller still holds 0
+        // at revision 0.
+        let s = Scripted::new(Some(5), &[]);
+        let mut c = Counting {
+            steps: 0,
+            lost: Vec::new(),
+        };
+        let out = run_from(&s, QUICK, &mut c, Some((0, 0)))
+            .await
+            .expect("lands");
+        // Built on the record read, not on the guess.
+        assert!(matches!(out, Outcome::Written { value: 6, .. }));
+        assert_eq!((s.reads(), c.steps, c.lost.clone()), (1, 2, vec![0]));
+    }
+
+    #[tokio::test]
+    async fn a_stop_on_a_guess_is_decided_again_on_a_read() {
+        // The guess says the work is done (odd); the record says it is not.
+        let s = Scripted::new(Some(2), &[]);
+        let mut seen = Vec::new();
+        let step = decide(|cur: Option<u32>| {
+            let cur = cur.unwrap_or(0);
+            seen.push(cur);
+            Ok::<_, Never>(match cur % 2 {
+                1 => Step::Stop("done"),
+                _ => Step::Write(cur + 2, ()),
+            })
+        });
+        let out = run_from(&s, QUICK, step, Some((1, 1)))
+            .await
+            .expect("lands");
+        assert!(matches!(out, Outcome::Written { value: 4, .. }));
+        assert_eq!(seen, vec![1, 2]);
+        assert_eq!(s.reads(), 1);
+        // A stop the read confirms stands.
+        let s = Scripted::new(Some(3), &[]);
+        let step = decide(|cur: Option<u32>| {
+            Ok::<Step<u32, (), &str>, Never>(match cur {
+                Some(_) => Step::Stop("done"),
+                None => Step::Write(0, ()),
+            })
+        });
+        let out = run_from(&s, QUICK, step, Some((3, 1)))
+            .await
+            .expect("stops");
+        assert!(matches!(out, Outcome::Stopped("done")));
+        assert_eq!((s.reads(), s.value()), (1, Some(3)));
     }
 }
 

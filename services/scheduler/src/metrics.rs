@@ -21,6 +21,7 @@ use crate::requeue::RequeueReason;
 pub struct Metrics {
     pub dispatched: IntCounter,
     pub dispatch_conflicts: IntCounter,
+    pub report_conflicts: IntCounter,
     pub transitions: IntCounterVec,
     pub reports: IntCounterVec,
     pub rejected: IntCounterVec,
@@ -90,6 +91,10 @@ pub fn metrics() -> &'static Metrics {
             dispatch_conflicts: counter(
                 "warden_scheduler_dispatch_conflicts_total",
                 "Dispatches lost to a concurrent writer (another replica or a state change)",
+            ),
+            report_conflicts: counter(
+                "warden_scheduler_report_conflicts_total",
+                "Writes of reports that lost the race for their job (another writer, or the replica's cached version of the job was not the latest) and were decided again on a fresh read",
             ),
             transitions: counter_vec(
                 "warden_scheduler_transitions_total",

@@ -21,6 +21,10 @@ pub struct Queue {
     /// Delayed retries by the instant they become ready.
     delayed: BTreeSet<(DateTime<Utc>, Uuid)>,
     jobs: HashMap<Uuid, Versioned>,
+    /// RUNNING jobs, their latest version seen: the first guess of the
+    /// compare-and-set that applies a report ([`Queue::take_running`]),
+    /// so it need not read the job first. As many as run now.
+    running: HashMap<Uuid, Versioned>,
 }
 
 fn key(job: &Job) -> Key {
@@ -36,15 +40,21 @@ impl Queue {
         self.jobs.is_empty()
     }
 
-    /// Takes in the latest version of a job: queued if SCHEDULED, dropped
-    /// otherwise. Older revisions than the one held are ignored.
+    /// Takes in the latest version of a job: queued if SCHEDULED, kept
+    /// aside if RUNNING, dropped otherwise. Older revisions than the one
+    /// held are ignored.
     pub fn observe(&mut self, v: Versioned) {
-        if let Some(held) = self.jobs.get(&v.job.id) {
-            if held.revision > v.revision {
-                return;
-            }
+        let id = v.job.id;
+        let held = self.jobs.get(&id).or_else(|| self.running.get(&id));
+        if held.is_some_and(|held| held.revision > v.revision) {
+            return;
         }
-        self.remove(&v.job.id);
+        self.remove(&id);
+        self.running.remove(&id);
+        if v.job.state == JobState::Running {
+            self.running.insert(id, v);
+            return;
+        }
         if v.job.state != JobState::Scheduled {
             return;
         }
@@ -60,6 +70,18 @@ impl Queue {
             }
         }
         self.jobs.insert(v.job.id, v);
+    }
+
+    /// The latest version seen of RUNNING job `id`, taken out (whoever
+    /// writes the job next puts its own version back).
+    pub fn take_running(&mut self, id: &Uuid) -> Option<Versioned> {
+        self.running.remove(id)
+    }
+
+    /// Forgets job `id` (deleted from the bucket).
+    pub fn forget(&mut self, id: &Uuid) {
+        self.remove(id);
+        self.running.remove(id);
     }
 
     pub fn remove(&mut self, id: &Uuid) -> Option<Versioned> {
@@ -279,6 +301,36 @@ mod tests {
         running.job.state = JobState::Running;
         q.observe(running);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn the_latest_running_version_is_kept_for_the_next_report_until_it_ends() {
+        let mut q = Queue::default();
+        let mut v = job("p", 0, 1);
+        v.revision = 3;
+        v.job.state = JobState::Running;
+        q.observe(v.clone());
+        // Not queued, and an older version seen late changes nothing.
+        assert!(q.is_empty() && q.take(&["p".into()], 1).is_empty());
+        let mut older = v.clone();
+        older.revision = 2;
+        older.job.state = JobState::Scheduled;
+        q.observe(older);
+        assert!(q.is_empty());
+        let guess = q.take_running(&v.job.id).expect("kept");
+        assert_eq!((guess.revision, guess.job.state), (3, JobState::Running));
+        // Taken: the next report reads, unless a write puts one back.
+        assert!(q.take_running(&v.job.id).is_none());
+        q.observe(v.clone());
+        let mut finished = v.clone();
+        finished.revision = 4;
+        finished.job.state = JobState::Finished;
+        q.observe(finished);
+        assert!(q.take_running(&v.job.id).is_none());
+        // A deleted job is forgotten.
+        q.observe(v.clone());
+        q.forget(&v.job.id);
+        assert!(q.take_running(&v.job.id).is_none());
     }
 
     #[test]

@@ -157,7 +157,7 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
     let secret = lease_secret::generate();
     let job = dispatched(v.job, req, lease_secret::hash(&secret), now)?;
     match shared.store.update(&job, revision).await {
-        Ok(_) => {
+        Ok(written) => {
             let m = metrics();
             m.dispatched.inc();
             m.transitions
@@ -166,7 +166,14 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
             m.dispatch_latency
                 .observe((now - job.queued_at).num_milliseconds().max(0) as f64 / 1000.0);
             debug!(job.id = %job.id, epoch = job.attempt, bot.id = %req.bot_id, "job dispatched");
-            Some(grant(&job, &secret))
+            let lease = grant(&job, &secret);
+            // Its first report starts from this write (the watch may not
+            // have delivered it yet).
+            shared.queue().observe(Versioned {
+                job,
+                revision: written,
+            });
+            Some(lease)
         }
         Err(StoreError::Conflict(_)) => {
             metrics().dispatch_conflicts.inc();

@@ -20,7 +20,7 @@ use warden_shared::cas::{
 use warden_shared::consume::{self, Consume, Disposition, PullBackoff};
 use warden_shared::job::Job;
 use warden_shared::messages::{Classification, Report};
-use warden_shared::store::StoreError;
+use warden_shared::store::{StoreError, Versioned};
 
 use super::classify::{act_on_classification, classify};
 use crate::apply::crash_to_classify;
@@ -143,15 +143,57 @@ async fn handle_reports(
         classified: HashMap::new(),
         refused: Vec::new(),
     };
-    let result = cas::run(&shared.store.at(job_id), RETRY_CAS, &mut step).await;
+    // The job as this replica last saw it RUNNING (its own write, or the
+    // watch's latest) is the first guess: a right one saves reading the
+    // job before the write; a stale one loses the race and reads.
+    let guess = shared
+        .queue()
+        .take_running(&job_id)
+        .map(|v| (v.job, v.revision));
+    let result = cas::run_from(&shared.store.at(job_id), RETRY_CAS, &mut step, guess).await;
     let refused = std::mem::take(&mut step.refused);
+    let result = match result {
+        Ok(Outcome::Written {
+            value,
+            revision,
+            with,
+        }) => {
+            // The next report of this job starts from this write.
+            shared.queue().observe(Versioned {
+                job: value,
+                revision,
+            });
+            Ok(with)
+        }
+        Ok(Outcome::Stopped(halt)) => Err(Ok(halt)),
+        Err(e) => Err(Err(e)),
+    };
     (
         settle_reports(shared, job_id, reports, deliveries, result).await,
         refused,
     )
 }
 
-type ApplyResult<'r> = Result<Outcome<Job, Fold<'r>, Disposition>, Failure<StoreError, Never>>;
+/// The fold written, or why nothing was: the step stopped, or the
+/// compare-and-set failed.
+type ApplyResult<'r> = Result<Fold<'r>, Result<Halt<'r>, Failure<StoreError, Never>>>;
+
+/// Why a step wrote nothing. What each means is done by
+/// [`settle_reports`], once the step's decision is final (one decided on
+/// a guess is decided again on a read), so it happens once.
+enum Halt<'r> {
+    /// No job with that id.
+    UnknownJob,
+    /// Every report was already applied: counted, and their crash events
+    /// published again.
+    Duplicates {
+        job: Box<Job>,
+        outcomes: Vec<(&'r Report, ReportOutcome)>,
+        reports: Vec<&'r Report>,
+    },
+    /// Nothing to do but this.
+    Settled(Disposition),
+}
 
 /// What becomes of the reports decided on, once the write is done.
 async fn settle_reports(
@@ -163,35 +205,55 @@ async fn settle_reports(
 ) -> Disposition {
     let m = metrics();
     let folded = match result {
-        Ok(Outcome::Written { with: folded, .. }) => folded,
-        Ok(Outcome::Stopped(d)) => return d,
-        Err(Failure::Conflict { .. }) => return Disposition::Nak(RETRY),
-        Err(Failure::Store { source: e, .. }) if e.is_transient() => {
+        Ok(folded) => folded,
+        Err(Ok(Halt::Settled(d))) => return d,
+        Err(Ok(Halt::UnknownJob)) => {
+            for r in reports {
+                count_rejected(r, Rejection::UnknownJob);
+                warn!(job.id = %r.job_id, bot.id = %r.bot_id, "report for unknown job rejected");
+            }
+            return Disposition::Ack;
+        }
+        Err(Ok(Halt::Duplicates {
+            job,
+            outcomes,
+            reports,
+        })) => {
+            for (r, outcome) in &outcomes {
+                m.reports
+                    .with_label_values(&[r.kind.name(), outcome.label()])
+                    .inc();
+            }
+            // A redelivered crash: its events may not have gone out.
+            return republish_crash_events(shared, &job, &reports, deliveries).await;
+        }
+        Err(Err(Failure::Conflict { .. })) => return Disposition::Nak(RETRY),
+        Err(Err(Failure::Store { source: e, .. })) if e.is_transient() => {
             return Disposition::Nak(RETRY)
         }
-        Err(Failure::Store {
+        Err(Err(Failure::Store {
             phase: Phase::Read,
             source: e,
             ..
-        }) => {
+        })) => {
             warn!(job.id = %job_id, error = %e, "job record unreadable; reports dropped");
             for r in reports {
                 count_rejected(r, Rejection::CorruptJob);
             }
             return Disposition::Ack;
         }
-        Err(Failure::Store {
+        Err(Err(Failure::Store {
             source: StoreError::TooLarge,
             ..
-        }) => {
+        })) => {
             warn!(job.id = %job_id, "job record would exceed the size limit; reports dropped");
             return Disposition::Ack;
         }
-        Err(Failure::Store { source: e, .. }) => {
+        Err(Err(Failure::Store { source: e, .. })) => {
             warn!(job.id = %job_id, error = %e, "cannot write job; reports dropped");
             return Disposition::Ack;
         }
-        Err(Failure::Refused(never)) => match never {},
+        Err(Err(Failure::Refused(never))) => match never {},
     };
     for (fate, blame) in folded.fates {
         count_fate(fate, blame);
@@ -228,7 +290,8 @@ const RETRY_CAS: Retry = Retry {
 };
 
 /// One attempt at applying the reports of one job: classify its crashes,
-/// then [`fold`].
+/// then [`fold`]. It has no effect outside itself when it stops
+/// ([`Halt`]): a stop decided on a guess is decided again.
 struct Apply<'s, 'r> {
     shared: &'s Shared,
     reports: &'s [&'r Report],
@@ -243,20 +306,13 @@ struct Apply<'s, 'r> {
 impl<'r> Change<Job> for Apply<'_, 'r> {
     type Write = Fold<'r>;
     /// Nothing to write: what becomes of the reports.
-    type Stop = Disposition;
+    type Stop = Halt<'r>;
     type Error = Never;
 
-    async fn step(
-        &mut self,
-        current: Option<Job>,
-    ) -> Result<Step<Job, Fold<'r>, Disposition>, Never> {
+    async fn step(&mut self, current: Option<Job>) -> Result<Step<Job, Fold<'r>, Halt<'r>>, Never> {
         let (shared, reports, deliveries) = (self.shared, self.reports, self.deliveries);
         let Some(job) = current else {
-            for r in reports {
-                count_rejected(r, Rejection::UnknownJob);
-                warn!(job.id = %r.job_id, bot.id = %r.bot_id, "report for unknown job rejected");
-            }
-            return Ok(Step::Stop(Disposition::Ack));
+            return Ok(Step::Stop(Halt::UnknownJob));
         };
         // Only the lease holder's reports are decided on; the others are
         // dead-lettered, the job untouched.
@@ -269,7 +325,7 @@ impl<'r> Change<Job> for Apply<'_, 'r> {
             }
         }
         if heard.is_empty() {
-            return Ok(Step::Stop(Disposition::Ack));
+            return Ok(Step::Stop(Halt::Settled(Disposition::Ack)));
         }
         // Crashes are classified before anything is decided, so the retry
         // policy acts on the classifier's blame and detail.
@@ -282,7 +338,7 @@ impl<'r> Change<Job> for Apply<'_, 'r> {
                 Some(c) => {
                     self.classified.insert(i, c);
                 }
-                None => return Ok(Step::Stop(Disposition::Nak(RETRY))),
+                None => return Ok(Step::Stop(Halt::Settled(Disposition::Nak(RETRY)))),
             }
         }
         let reports: Vec<&'r Report> = heard.iter().map(|&i| reports[i]).collect();
@@ -294,18 +350,17 @@ impl<'r> Change<Job> for Apply<'_, 'r> {
         let reports = &reports[..];
         let folded = fold(&job, reports, &classified, &shared.config, Utc::now());
         if folded.all_duplicates() {
-            let m = metrics();
-            for (r, outcome) in &folded.outcomes {
-                m.reports
-                    .with_label_values(&[r.kind.name(), outcome.label()])
-                    .inc();
-            }
-            // A redelivered crash: its events may not have gone out.
-            return Ok(Step::Stop(
-                republish_crash_events(shared, &folded.job, reports, deliveries).await,
-            ));
+            return Ok(Step::Stop(Halt::Duplicates {
+                job: Box::new(folded.job),
+                outcomes: folded.outcomes,
+                reports: reports.to_vec(),
+            }));
         }
         Ok(Step::Write(folded.job.clone(), folded))
+    }
+
+    fn lost_race(&mut self, _attempt: u32) {
+        metrics().report_conflicts.inc();
     }
 }
 

@@ -34,7 +34,7 @@ fn on_job(shared: &Arc<Shared>, entry: Entry) {
         return;
     };
     if entry.operation != Operation::Put {
-        shared.queue().remove(&id);
+        shared.queue().forget(&id);
         return;
     }
     let job = match store::decode(&entry.key, &entry.value) {
