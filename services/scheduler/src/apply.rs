@@ -60,6 +60,12 @@ pub enum Decision {
     /// its session was rejected): the lease is lost with the worker, under
     /// the retry policy ([`apply_loss`]).
     Lost(Loss),
+    /// A start report of an attempt whose end, reported by the same
+    /// session, is already applied: the two were pulled by different
+    /// scheduler replicas and the end was written first. Nothing to write
+    /// (the attempt is over; its record lacks only the start's time), and
+    /// not a rejection.
+    LateStart,
 }
 
 fn truncate_tail(s: &str, max: usize) -> String {
@@ -115,6 +121,27 @@ fn already_applied(job: &Job, r: &Report) -> bool {
                         .as_deref()
                         .is_some_and(|n| n.starts_with(&after_cancel_prefix(r)))))
     })
+}
+
+/// Is `r` a start report of an attempt whose session already reported
+/// its end (finished, crashed, handed back or stopped: an entry of that
+/// session for that attempt)? Reports of one job are pulled by whichever
+/// replica asks first, so a start can be applied after its end. Judged
+/// from the history, so it holds once the job has moved on (a crash
+/// retried and leased again).
+fn started_after_its_end(job: &Job, r: &Report) -> bool {
+    const ENDS: [Action; 4] = [
+        Action::Finish,
+        Action::Crash,
+        Action::Requeue,
+        Action::Shelve,
+    ];
+    matches!(r.kind, ReportKind::Started { .. })
+        && job
+            .history
+            .iter()
+            .rev()
+            .any(|e| e.attempt == r.epoch && e.actor == r.session && ENDS.contains(&e.action))
 }
 
 fn after_cancel_prefix(r: &Report) -> String {
@@ -174,6 +201,9 @@ pub fn decide_with(
 ) -> Decision {
     if already_applied(job, r) {
         return Decision::Duplicate;
+    }
+    if started_after_its_end(job, r) {
+        return Decision::LateStart;
     }
     if r.epoch != job.attempt && !SKIP_FENCING_CHECK {
         return Decision::Reject(RejectReason::StaleEpoch);
@@ -490,6 +520,46 @@ mod tests {
             decide(&done, &report(&done, 1, "s1", crash), Utc::now()),
             Decision::Reject(RejectReason::IllegalTransition)
         );
+    }
+
+    #[test]
+    fn a_start_applied_after_its_end_is_late_not_rejected() {
+        let j = running(1, "s1");
+        let started = |j: &Job| report(j, 1, "s1", ReportKind::Started { resource: None });
+        // The end overtook the start (two replicas): the start is late,
+        // whether the attempt finished or crashed and was leased again.
+        let Decision::Apply(done) = decide(&j, &report(&j, 1, "s1", finished()), Utc::now()) else {
+            panic!()
+        };
+        assert_eq!(
+            decide(&done, &started(&done), Utc::now()),
+            Decision::LateStart
+        );
+        let crash = ReportKind::Crashed {
+            crash: CrashInfo::default(),
+            fault: None,
+        };
+        let Decision::Apply(mut crashed) = decide(&j, &report(&j, 1, "s1", crash), Utc::now())
+        else {
+            panic!()
+        };
+        crashed.attempt = 2;
+        crashed.state = JobState::Running;
+        assert_eq!(
+            decide(&crashed, &started(&crashed), Utc::now()),
+            Decision::LateStart
+        );
+        // Another session's start of that attempt is still refused, and a
+        // start before any end is applied.
+        let other = report(&done, 1, "s2", ReportKind::Started { resource: None });
+        assert!(matches!(
+            decide(&done, &other, Utc::now()),
+            Decision::Reject(_)
+        ));
+        assert!(matches!(
+            decide(&j, &started(&j), Utc::now()),
+            Decision::Apply(_)
+        ));
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub struct Metrics {
 /// `kind` of `warden_scheduler_reports_total` (`ReportKind::name`).
 pub const REPORT_KINDS: [&str; 5] = ["started", "finished", "crashed", "released", "stopped"];
 /// `result` of `warden_scheduler_reports_total` ([`ReportOutcome::label`]).
-pub const REPORT_RESULTS: [&str; 4] = ReportOutcome::LABELS;
+pub const REPORT_RESULTS: [&str; 5] = ReportOutcome::LABELS;
 /// `reason` of `warden_scheduler_shelved_total`.
 pub const SHELVE_REASONS: [Fate; 2] = [Fate::ShelvedRetriesExhausted, Fate::ShelvedPoison];
 /// `party` and `result` of `warden_scheduler_notifications_total` (no

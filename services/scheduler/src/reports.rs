@@ -34,18 +34,28 @@ pub enum ReportOutcome {
     Duplicate,
     /// The cancelled attempt's own worker saying how it ended.
     AfterCancel,
+    /// A start applied after its attempt's end ([`Decision::LateStart`]):
+    /// nothing to write.
+    LateStart,
     /// Not applied, recorded in the history.
     Rejected(Rejection),
 }
 
 impl ReportOutcome {
-    pub const LABELS: [&'static str; 4] = ["applied", "duplicate", "after_cancel", "rejected"];
+    pub const LABELS: [&'static str; 5] = [
+        "applied",
+        "duplicate",
+        "after_cancel",
+        "late_start",
+        "rejected",
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             ReportOutcome::Applied { .. } => "applied",
             ReportOutcome::Duplicate => "duplicate",
             ReportOutcome::AfterCancel => "after_cancel",
+            ReportOutcome::LateStart => "late_start",
             ReportOutcome::Rejected(_) => "rejected",
         }
     }
@@ -258,11 +268,12 @@ pub struct Fold<'a> {
 }
 
 impl Fold<'_> {
-    /// Nothing to write: every report was already applied.
+    /// Nothing to write: every report was already applied (or is a
+    /// start whose end was).
     pub fn all_duplicates(&self) -> bool {
         self.outcomes
             .iter()
-            .all(|(_, o)| *o == ReportOutcome::Duplicate)
+            .all(|(_, o)| matches!(o, ReportOutcome::Duplicate | ReportOutcome::LateStart))
     }
 }
 
@@ -297,6 +308,7 @@ pub fn fold<'a>(
                 out.duplicates.push(*r);
                 (None, ReportOutcome::Duplicate)
             }
+            Decision::LateStart => (None, ReportOutcome::LateStart),
             Decision::Apply(mut next) => {
                 let from = job.state;
                 if from == JobState::Running && ENDED.contains(&next.state) {
@@ -530,7 +542,13 @@ mod tests {
     fn outcome_and_rejection_labels_are_the_exported_ones() {
         assert_eq!(
             ReportOutcome::LABELS,
-            ["applied", "duplicate", "after_cancel", "rejected"]
+            [
+                "applied",
+                "duplicate",
+                "after_cancel",
+                "late_start",
+                "rejected"
+            ]
         );
         assert_eq!(Rejection::UnknownJob.label(), "unknown_job");
         assert_eq!(Rejection::CorruptJob.label(), "corrupt_job");

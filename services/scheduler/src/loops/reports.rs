@@ -380,7 +380,7 @@ fn count_outcome(job_id: uuid::Uuid, r: &Report, outcome: ReportOutcome) {
                 .inc();
             debug!(job.id = %job_id, state = %to, "report applied");
         }
-        ReportOutcome::Duplicate | ReportOutcome::AfterCancel => m
+        ReportOutcome::Duplicate | ReportOutcome::AfterCancel | ReportOutcome::LateStart => m
             .reports
             .with_label_values(&[r.kind.name(), outcome.label()])
             .inc(),
