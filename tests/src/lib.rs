@@ -1139,3 +1139,38 @@ pub async fn ensure_topology(nats_url: &str) {
         .await
         .expect("streams and buckets");
 }
+
+/// The acquirers' sessions `session-0..n` of `bot-0..n`, as the fencing
+/// service would have written them: the scheduler leases only to a
+/// session it knows to be active.
+pub async fn write_sessions(handles: &warden_shared::subjects::Handles, n: usize, capacity: u32) {
+    for i in 0..n {
+        let now = chrono::Utc::now();
+        let s = warden_shared::session::Session {
+            version: 1,
+            name: format!("session-{i}"),
+            bot_id: format!("bot-{i}"),
+            resource: None,
+            resources: Vec::new(),
+            agent_instance: String::new(),
+            pools: vec!["default".into()],
+            capacity,
+            agent_version: String::new(),
+            timeout_ms: None,
+            state: warden_shared::session::SessionState::Active,
+            created_at: now,
+            last_heartbeat: now,
+            superseded_by: None,
+            ended_at: None,
+            leases: Vec::new(),
+        };
+        handles
+            .sessions
+            .put(
+                warden_shared::session::session_key(&s.name),
+                serde_json::to_vec(&s).expect("a session encodes").into(),
+            )
+            .await
+            .expect("the session is written");
+    }
+}

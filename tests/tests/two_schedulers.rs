@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use uuid::Uuid;
-use warden_e2e::{eventually, InProcess};
+use warden_e2e::{eventually, write_sessions, InProcess};
 use warden_shared::job::Job;
 use warden_shared::messages::{AcquireReply, AcquireRequest, LeaseGrant, Report, ReportKind};
-use warden_shared::session::{session_key, Session, SessionState};
 use warden_shared::{subjects, Action, JobState};
 
 const JOBS: usize = 600;
@@ -101,38 +100,6 @@ async fn two_replicas_never_dispatch_one_job_twice() {
             .await
             .expect("replica stops on shutdown");
         res.unwrap().unwrap();
-    }
-}
-
-/// The acquirers' sessions `session-0..n` of `bot-0..n`, as the fencing
-/// service would have written them: the scheduler leases only to a
-/// session it knows to be active.
-async fn write_sessions(handles: &warden_shared::subjects::Handles, n: usize, capacity: u32) {
-    for i in 0..n {
-        let now = Utc::now();
-        let s = Session {
-            version: 1,
-            name: format!("session-{i}"),
-            bot_id: format!("bot-{i}"),
-            resource: None,
-            resources: Vec::new(),
-            agent_instance: String::new(),
-            pools: vec!["default".into()],
-            capacity,
-            agent_version: String::new(),
-            timeout_ms: None,
-            state: SessionState::Active,
-            created_at: now,
-            last_heartbeat: now,
-            superseded_by: None,
-            ended_at: None,
-            leases: Vec::new(),
-        };
-        handles
-            .sessions
-            .put(session_key(&s.name), serde_json::to_vec(&s).unwrap().into())
-            .await
-            .unwrap();
     }
 }
 

@@ -361,7 +361,17 @@ impl Services {
             let (running, finished, notify) = (running.clone(), finished.clone(), notify.clone());
             let mut watch = handles.jobs.watch(">").await.context("cannot watch jobs")?;
             tokio::spawn(async move {
-                while let Some(Ok(entry)) = watch.next().await {
+                while let Some(entry) = watch.next().await {
+                    // A watch error (a node lost, a missed heartbeat) is
+                    // not the end of the watch: stopping here would show
+                    // every later job as never ended.
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bench watch of jobs: error; going on");
+                            continue;
+                        }
+                    };
                     let Ok(job) = store::decode(&entry.key, &entry.value) else {
                         continue;
                     };
@@ -386,6 +396,59 @@ impl Services {
             notify,
             watcher,
         })
+    }
+
+    /// Waits until every job of `ids` has ended; if some have not by
+    /// `timeout`, says where (up to ten of) them are, read from the bucket
+    /// itself, so a stranded job and a watch that missed an end can be
+    /// told apart.
+    async fn wait_all(&self, ids: &[Uuid], timeout: Duration) -> anyhow::Result<()> {
+        let Err(e) = wait_all(&self.finished, &self.notify, ids, timeout).await else {
+            return Ok(());
+        };
+        let missing: Vec<Uuid> = {
+            let f = lock(&self.finished);
+            ids.iter()
+                .filter(|id| !f.contains_key(id))
+                .take(10)
+                .copied()
+                .collect()
+        };
+        for id in missing {
+            match self.store.get(&id).await {
+                Ok(Some(v)) => eprintln!(
+                    "  not seen ending: {id} {:?} attempt {} revision {} lease {:?} updated {}",
+                    v.job.state, v.job.attempt, v.revision, v.job.lease, v.job.updated_at
+                ),
+                Ok(None) => eprintln!("  not seen ending: {id} is not in the bucket"),
+                Err(e) => eprintln!("  not seen ending: {id} cannot be read: {e}"),
+            }
+        }
+        // Whether the scheduler holds them: in its queue and not handed
+        // out, or not in it at all.
+        match self
+            .client
+            .request(warden_shared::subjects::SCHED_QUEUE, Vec::new().into())
+            .await
+        {
+            Ok(reply) => eprintln!(
+                "  the scheduler's queue: {}",
+                String::from_utf8_lossy(&reply.payload)
+            ),
+            Err(e) => eprintln!("  the scheduler's queue cannot be read: {e}"),
+        }
+        for family in warden_shared::metrics::registry().gather() {
+            let name = family.name();
+            if name.contains("conflict") || name.contains("dispatch") || name.contains("orphan") {
+                let total: f64 = family
+                    .get_metric()
+                    .iter()
+                    .map(|m| m.get_counter().get_value())
+                    .sum();
+                eprintln!("  {name} {total}");
+            }
+        }
+        Err(e)
     }
 
     /// Every job of `ids` ended FINISHED, as far as a sample of 2,000 of
@@ -440,7 +503,7 @@ async fn phase(
     sequential: bool,
 ) -> anyhow::Result<PhaseFigures> {
     let services = Services::start(config, args, executor).await?;
-    let (store, finished, notify) = (&services.store, &services.finished, &services.notify);
+    let (store, finished) = (&services.store, &services.finished);
     let usage = Usage::start(nats_pids);
 
     // Burst.
@@ -464,13 +527,9 @@ async fn phase(
         .into_iter()
         .collect::<Result<_, _>>()
         .context("cannot submit")?;
-    wait_all(
-        finished,
-        notify,
-        &ids,
-        Duration::from_secs(60 + n as u64 / 100),
-    )
-    .await?;
+    services
+        .wait_all(&ids, Duration::from_secs(60 + n as u64 / 100))
+        .await?;
     let total = start.elapsed();
     let burst = n as f64 / total.as_secs_f64();
     let lat = latencies(&submitted, finished, &ids);
@@ -494,7 +553,9 @@ async fn phase(
         let job = noop_job();
         lock(&submitted).insert(job.id, Instant::now());
         store.create(&job).await.context("cannot submit")?;
-        wait_all(finished, notify, &[job.id], Duration::from_secs(30)).await?;
+        services
+            .wait_all(&[job.id], Duration::from_secs(30))
+            .await?;
         seq.push(job.id);
     }
     let usage = usage.finish(n + m);
@@ -564,13 +625,9 @@ async fn steady(
     while let Some(r) = submits.join_next().await {
         ids.push(r.context("a submit panicked")?.context("cannot submit")?);
     }
-    wait_all(
-        &services.finished,
-        &services.notify,
-        &ids,
-        Duration::from_secs(60 + total as u64 / 100),
-    )
-    .await?;
+    services
+        .wait_all(&ids, Duration::from_secs(60 + total as u64 / 100))
+        .await?;
     let took = start.elapsed();
     let usage = usage.finish(total);
     let running = latencies(&submitted, &services.running, &ids);
