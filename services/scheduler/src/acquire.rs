@@ -298,6 +298,26 @@ pub fn read_back(
     }
 }
 
+/// What goes back into the queue after a dispatch lost its
+/// compare-and-set, given the record read back (`None`: it could not be
+/// read; `Some(None)`: no such job). A lost race does not prove that the
+/// job moved on: a clustered stream also refuses a write of a key whose
+/// previous write it is still applying (10164), with nobody else writing.
+/// Taking that for a move left the job out of the queue, SCHEDULED, with
+/// no new version coming to bring it back. So the newer of the read and
+/// the dispatched-from version is observed again (a replica lagging
+/// behind cannot take the job back in time); nothing when it is gone.
+pub fn after_lost_dispatch(
+    original: Versioned,
+    read: Option<Option<Versioned>>,
+) -> Option<Versioned> {
+    match read {
+        Some(None) => None,
+        Some(Some(v)) if v.revision >= original.revision => Some(v),
+        _ => Some(original),
+    }
+}
+
 /// The lease handed to the worker, with the secret whose hash its record
 /// keeps.
 pub fn grant(job: &Job, secret: &str) -> LeaseGrant {
@@ -317,6 +337,41 @@ mod tests {
     use super::*;
     use crate::testing::{acquire_req as req, at, running, scheduled, session};
     use warden_shared::JobState;
+
+    #[test]
+    fn a_lost_dispatch_puts_back_what_the_bucket_holds_never_an_older_version() {
+        let original = Versioned {
+            job: scheduled(),
+            revision: 7,
+        };
+        // Refused though unchanged (a clustered write still in flight):
+        // the job stays queued.
+        let same = after_lost_dispatch(original.clone(), Some(Some(original.clone())));
+        assert_eq!(same.map(|v| v.revision), Some(7));
+        // Moved on: its newer version, whatever its state.
+        let mut moved = original.clone();
+        moved.revision = 9;
+        moved.job.state = JobState::Running;
+        let newer = after_lost_dispatch(original.clone(), Some(Some(moved)));
+        assert_eq!(
+            newer.map(|v| (v.revision, v.job.state)),
+            Some((9, JobState::Running))
+        );
+        // A lagging read does not take it back in time; an unreadable
+        // one keeps what we had.
+        let mut lagging = original.clone();
+        lagging.revision = 5;
+        assert_eq!(
+            after_lost_dispatch(original.clone(), Some(Some(lagging))).map(|v| v.revision),
+            Some(7)
+        );
+        assert_eq!(
+            after_lost_dispatch(original.clone(), None).map(|v| v.revision),
+            Some(7)
+        );
+        // Gone: nothing to queue.
+        assert!(after_lost_dispatch(original, Some(None)).is_none());
+    }
 
     #[test]
     fn only_an_active_session_of_the_subjects_bot_is_served() {

@@ -18,8 +18,8 @@ use warden_shared::store::{StoreError, Versioned};
 use warden_shared::{lease_secret, subjects};
 
 use crate::acquire::{
-    dead_session, dispatched, finish, grant, invalid, limits, read_back, request_resources,
-    session_unreadable, session_verdict, AcquireResult, ReadBack,
+    after_lost_dispatch, dead_session, dispatched, finish, grant, invalid, limits, read_back,
+    request_resources, session_unreadable, session_verdict, AcquireResult, ReadBack,
 };
 use crate::metrics::metrics;
 use crate::requeue::fresh_lease_limit;
@@ -177,6 +177,11 @@ async fn dispatch(shared: &Shared, v: Versioned, req: &AcquireRequest) -> Option
         }
         Err(StoreError::Conflict(_)) => {
             metrics().dispatch_conflicts.inc();
+            let read = shared.store.get(&job.id).await.ok();
+            if let Some(v) = after_lost_dispatch(original, read) {
+                shared.queue().observe(v);
+                shared.ready.notify_waiters();
+            }
             None
         }
         Err(e) => {
