@@ -178,8 +178,21 @@ async fn dispatch(
                     let Ok(running) = value(job.id, Step::Running) else {
                         return;
                     };
-                    let Ok(revision) = kv.update(entry.key, running, entry.revision).await else {
-                        return;
+                    // A clustered stream refuses a write of a key whose
+                    // previous write (the create) it is still applying
+                    // (10164); the same compare-and-set again is safe (it
+                    // fails again if anyone else wrote) and needed, or the
+                    // job is stranded and the run never ends.
+                    let mut tries = 0;
+                    let revision = loop {
+                        match kv.update(&entry.key, running.clone(), entry.revision).await {
+                            Ok(revision) => break revision,
+                            Err(_) if tries < 20 => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            Err(_) => return,
+                        }
                     };
                     let subject = format!("{PREFIX}.{}", job.id);
                     for finished in [false, true] {
